@@ -1,0 +1,72 @@
+/**
+ * Snapshot directories: `manifest.json` describes the machine shape and the files, with the
+ * device state's size and SHA-256. A snapshot is checked before every restore, so a truncated or
+ * corrupted one is refused with `snapshot_corrupt` instead of being restored into a broken VM.
+ */
+import { createHash } from 'node:crypto';
+import fs from 'node:fs';
+import path from 'node:path';
+import { CocoonError } from '../common/errors.ts';
+import type { SnapshotManifest } from './types.ts';
+
+const MAX_MANIFEST_BYTES = 64 * 1024;
+const FILE_NAME = /^[a-z0-9][a-z0-9._-]{0,63}$/;
+
+function corrupt(dir: string, why: string): CocoonError {
+  return new CocoonError('snapshot_corrupt', `snapshot ${dir} is unusable: ${why}`, { status: 422 });
+}
+
+export async function readSnapshotManifest(dir: string): Promise<SnapshotManifest> {
+  let text: string;
+  try {
+    const file = path.join(dir, 'manifest.json');
+    if ((await fs.promises.stat(file)).size > MAX_MANIFEST_BYTES) throw corrupt(dir, 'manifest.json is too large');
+    text = await fs.promises.readFile(file, 'utf8');
+  } catch (error) {
+    if (error instanceof CocoonError) throw error;
+    throw new CocoonError('snapshot_not_found', `no snapshot in ${dir} (manifest.json is missing)`, { status: 404, cause: error });
+  }
+  let manifest: SnapshotManifest;
+  try {
+    manifest = JSON.parse(text) as SnapshotManifest;
+  } catch {
+    throw corrupt(dir, 'manifest.json is not valid JSON');
+  }
+  if (manifest?.formatVersion !== 1) throw corrupt(dir, `unknown format version ${String(manifest?.formatVersion)}`);
+  const { files, shape } = manifest;
+  const names = [files?.state?.name, files?.mem?.name, files?.disk?.name];
+  if (!names.every((name) => typeof name === 'string' && FILE_NAME.test(name))) {
+    throw corrupt(dir, 'manifest.json names files outside the snapshot');
+  }
+  if (!shape || typeof shape.vcpus !== 'number' || typeof shape.memoryMiB !== 'number' || typeof manifest.cmdline !== 'string') {
+    throw corrupt(dir, 'manifest.json lacks the machine shape');
+  }
+  return manifest;
+}
+
+/** Checks that every file is there with the recorded size, and the device state's checksum. */
+export async function verifySnapshot(dir: string, manifest: SnapshotManifest): Promise<void> {
+  const { state, mem, disk } = manifest.files;
+  for (const file of [state, mem, disk]) {
+    let size: number;
+    try {
+      size = (await fs.promises.stat(path.join(dir, file.name))).size;
+    } catch {
+      throw corrupt(dir, `${file.name} is missing`);
+    }
+    if (size !== file.sizeBytes) throw corrupt(dir, `${file.name} is ${size} bytes, expected ${file.sizeBytes}`);
+  }
+  const hash = createHash('sha256');
+  for await (const chunk of fs.createReadStream(path.join(dir, state.name))) hash.update(chunk as Buffer);
+  if (hash.digest('hex') !== state.sha256) throw corrupt(dir, `${state.name} does not match its checksum`);
+}
+
+export async function writeSnapshotManifest(dir: string, manifest: SnapshotManifest, durable: boolean): Promise<void> {
+  const handle = await fs.promises.open(path.join(dir, 'manifest.json'), 'wx', 0o600);
+  try {
+    await handle.writeFile(JSON.stringify(manifest, null, 2));
+    if (durable) await handle.sync();
+  } finally {
+    await handle.close();
+  }
+}

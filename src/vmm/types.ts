@@ -1,0 +1,96 @@
+/**
+ * The vmm role's vocabulary. The rest of Cocoon speaks to hypervisors only through these types
+ * (and the driver in qemu.ts); nothing outside src/vmm/ builds a QEMU command line.
+ */
+
+export type Accelerator = 'tcg' | 'kvm';
+export type AcceleratorChoice = Accelerator | 'auto';
+
+/** Platform limits (DESIGN.md): a request outside them is refused with `invalid_resources`. */
+export const LIMITS = {
+  minVcpus: 1,
+  maxVcpus: 16,
+  minMemoryMiB: 128,
+  maxMemoryMiB: 32 * 1024,
+  maxDiskMiB: 32 * 1024,
+} as const;
+
+/** What a guest boots: kernel, initramfs, and the kernel command line. */
+export interface GuestKernel {
+  kernel: string;
+  initramfs: string;
+  /** Appended to Cocoon's own command line (console, panic behaviour, cocoon.* parameters). */
+  extraCmdline?: string;
+}
+
+/** The parts of a VM that must be identical between a snapshot and every restore of it. */
+export interface MachineShape {
+  vcpus: number;
+  memoryMiB: number;
+  accel: Accelerator;
+  guest: GuestKernel;
+}
+
+export interface DiskSpec {
+  path: string;
+  format: 'raw' | 'qcow2';
+  readOnly?: boolean;
+}
+
+/** A guest TCP port made reachable on the host's loopback. */
+export interface PortForward {
+  guestPort: number;
+  /** A fixed host port; when omitted a free one is picked. */
+  hostPort?: number;
+}
+
+export interface VmNetwork {
+  /** Guest egress is off unless asked for (user-mode networking with restrict=on). */
+  egress?: boolean;
+  forwards: PortForward[];
+}
+
+export interface CommonVmOptions {
+  /** Short id, [a-z0-9-], used in file names and the guest hostname. */
+  id: string;
+  /** A directory owned by this VM: sockets, RAM file, disk layer, serial log. Created if missing. */
+  runDir: string;
+  network: VmNetwork;
+  /** Bound on the serial console log kept on disk (two files of half this size at most). */
+  serialLogMaxBytes?: number;
+  signal?: AbortSignal;
+}
+
+export interface BootOptions extends CommonVmOptions, MachineShape {
+  disk: DiskSpec;
+}
+
+export interface RestoreOptions extends CommonVmOptions {
+  /** A directory written by `snapshot()`. */
+  snapshotDir: string;
+}
+
+/** A snapshot on disk: `manifest.json`, `state` (device state), `mem` (guest RAM), `disk`. */
+export interface SnapshotManifest {
+  formatVersion: 1;
+  createdAt: string;
+  shape: MachineShape;
+  /** The kernel command line the guest booted with; every restore passes the same. */
+  cmdline: string;
+  /** File names inside the snapshot directory. */
+  files: {
+    state: { name: string; sizeBytes: number; sha256: string };
+    mem: { name: string; sizeBytes: number };
+    disk: { name: string; format: 'raw' | 'qcow2'; sizeBytes: number };
+  };
+  /** Guest ports the VM forwarded when it was snapshotted (a restore forwards the same by default). */
+  guestPorts: number[];
+}
+
+export interface VmStats {
+  pid: number;
+  /** Resident memory of the QEMU process, bytes. */
+  rssBytes: number;
+  /** CPU time used by the QEMU process since it started, milliseconds. */
+  cpuMs: number;
+}
