@@ -5,7 +5,7 @@
  *   /cgi-bin/count   a counter kept in /tmp/count, advanced by every request
  *   /cgi-bin/random  32 bytes read from /dev/urandom, hex
  *   /cgi-bin/time    the guest's wall clock, seconds since the epoch
- *   /cgi-bin/bg      the counter of a background loop started before the web server, and its pid
+ *   /cgi-bin/bg      `running <pid> <ticks>` of a background loop started before the web server
  *   /cgi-bin/file    the content of /data/file (written by /cgi-bin/write)
  */
 import { execFileSync } from 'node:child_process';
@@ -16,7 +16,7 @@ const SCRIPTS: Record<string, string> = {
   count: 'n=$(cat /tmp/count 2>/dev/null || echo 0); n=$((n+1)); echo $n > /tmp/count; echo "$n"',
   random: "head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo",
   time: 'date +%s',
-  bg: 'pid=$(cat /tmp/bg.pid); if kill -0 "$pid" 2>/dev/null; then echo "running $(cat /tmp/bg.count)"; else echo "gone"; fi',
+  bg: 'pid=$(cat /tmp/bg.pid); if kill -0 "$pid" 2>/dev/null; then echo "running $pid $(cat /tmp/bg.count)"; else echo "gone"; fi',
   write: 'echo "$QUERY_STRING" > /data/file; sync; echo written',
   file: 'cat /data/file 2>/dev/null || echo none',
 };

@@ -1,0 +1,129 @@
+/**
+ * The VM core with real QEMU: boot, snapshot, clones, clock and RNG after restore, suspend and
+ * resume. One VM is booted and snapshotted once; the later tests restore that snapshot.
+ */
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import path from 'node:path';
+import { after, before, describe, test } from 'node:test';
+import { loadGuestArtifacts } from '../../src/guest/artifacts.ts';
+import { QemuVm } from '../../src/vmm/qemu.ts';
+import type { SnapshotManifest } from '../../src/vmm/types.ts';
+import { makeTestRootDisk } from '../support/rootfs.ts';
+import { cleanupDir, httpGet, qemuProcessesMentioning, tempDir } from '../support/vm.ts';
+
+const APP_PORT = 8080;
+
+function parseBackground(answer: string): { pid: number; ticks: number } {
+  const match = /^running (\d+) (\d+)$/.exec(answer);
+  assert.ok(match, `the background loop is not running: ${answer}`);
+  return { pid: Number(match[1]), ticks: Number(match[2]) };
+}
+const network = { forwards: [{ guestPort: APP_PORT }] };
+
+describe('VM core with real QEMU', () => {
+  const dir = tempDir('cocoon-vmcore-');
+  const guest = loadGuestArtifacts();
+  const snapshotDir = path.join(dir, 'snapshot');
+  let snapshotTakenAt = 0;
+  let manifest: SnapshotManifest | undefined;
+  const url = (vm: QemuVm, route: string) => `http://127.0.0.1:${vm.hostPort(APP_PORT)}${route}`;
+
+  before(() => makeTestRootDisk(path.join(dir, 'root.raw')));
+  after(() => {
+    const leaked = cleanupDir(dir);
+    assert.deepEqual(leaked, [], 'a test left QEMU processes running');
+  });
+
+  test('a VM boots from a minimal root disk and its HTTP app answers through the forwarded port', async () => {
+    const vm = await QemuVm.boot({
+      id: 'base',
+      runDir: path.join(dir, 'base'),
+      vcpus: 1,
+      memoryMiB: 256,
+      accel: 'tcg',
+      guest,
+      disk: { path: path.join(dir, 'root.raw'), format: 'raw' },
+      network,
+    });
+    try {
+      assert.equal(await httpGet(url(vm, '/')), 'hello from cocoon');
+      assert.equal(await httpGet(url(vm, '/cgi-bin/count')), '1');
+      manifest = await vm.snapshot(snapshotDir, { compact: true });
+      snapshotTakenAt = Date.now();
+    } finally {
+      await vm.destroy();
+    }
+    assert.equal(vm.exited, true, 'snapshot ends the QEMU process');
+    assert.deepEqual(qemuProcessesMentioning(path.join(dir, 'base')), []);
+    assert.equal(manifest.shape.memoryMiB, 256);
+    assert.ok(manifest.files.state.sizeBytes < 1024 * 1024, 'device state only: guest RAM is not in the stream');
+    for (const file of ['manifest.json', 'state', 'mem', 'disk.raw']) assert.ok(fs.existsSync(path.join(snapshotDir, file)), file);
+  });
+
+  test('a snapshot restores into two clones at once, each with its own state and its own randomness', async () => {
+    assert.ok(manifest, 'needs the snapshot of the first test');
+    const memBefore = fs.statSync(path.join(snapshotDir, 'mem'));
+    const clones = await Promise.all(
+      ['clone-a', 'clone-b'].map((id) => QemuVm.restore({ id, runDir: path.join(dir, id), snapshotDir, network })),
+    );
+    try {
+      const [a, b] = clones as [QemuVm, QemuVm];
+      // Read right after restore: the kernel RNG was reseeded with host bytes before restore returned.
+      const [randomA, randomB] = await Promise.all([httpGet(url(a, '/cgi-bin/random')), httpGet(url(b, '/cgi-bin/random'))]);
+      assert.match(randomA, /^[0-9a-f]{64}$/);
+      assert.notEqual(randomA, randomB, 'clones of one snapshot must not produce the same random bytes');
+      // The snapshot was taken after one request: both clones continue from 1, independently.
+      assert.equal(await httpGet(url(a, '/cgi-bin/count')), '2');
+      assert.equal(await httpGet(url(a, '/cgi-bin/count')), '3');
+      assert.equal(await httpGet(url(b, '/cgi-bin/count')), '2', 'a counter advanced in one clone is not advanced in the other');
+      assert.notEqual(a.ramPath, b.ramPath);
+    } finally {
+      await Promise.all(clones.map((clone) => clone.destroy()));
+    }
+    const memAfter = fs.statSync(path.join(snapshotDir, 'mem'));
+    assert.equal(memAfter.mtimeMs, memBefore.mtimeMs, "the snapshot's memory file is never written by clones");
+    assert.deepEqual(qemuProcessesMentioning(path.join(dir, 'clone-')), []);
+    assert.equal(fs.existsSync(path.join(dir, 'clone-a')), false);
+  });
+
+  test("after a snapshot left 10 s, a restored guest's wall clock is within 2 s of the host's", async () => {
+    assert.ok(snapshotTakenAt > 0, 'needs the snapshot of the first test');
+    const wait = snapshotTakenAt + 10_500 - Date.now();
+    if (wait > 0) await new Promise((resolve) => setTimeout(resolve, wait));
+    const vm = await QemuVm.restore({ id: 'clock', runDir: path.join(dir, 'clock'), snapshotDir, network });
+    try {
+      const guestSeconds = Number(await httpGet(url(vm, '/cgi-bin/time')));
+      assert.ok(Math.abs(guestSeconds - Date.now() / 1000) <= 2, `guest clock ${guestSeconds} vs host ${Date.now() / 1000}`);
+    } finally {
+      await vm.destroy();
+    }
+  });
+
+  test('suspend (snapshot, QEMU gone) then resume keeps background processes, their state and files', async () => {
+    const vm = await QemuVm.restore({ id: 'sleeper', runDir: path.join(dir, 'sleeper'), snapshotDir, network });
+    const suspended = path.join(dir, 'sleeper-suspended');
+    let resumed: QemuVm | undefined;
+    try {
+      assert.equal(await httpGet(url(vm, '/cgi-bin/write?kept-across-suspend')), 'written');
+      const before = parseBackground(await httpGet(url(vm, '/cgi-bin/bg')));
+      const pid = vm.pid;
+      await vm.snapshot(suspended);
+      assert.equal(vm.exited, true);
+      assert.throws(() => process.kill(pid, 0), 'the QEMU process is gone while suspended');
+      assert.deepEqual(qemuProcessesMentioning(path.join(dir, 'sleeper')), []);
+
+      resumed = await QemuVm.restore({ id: 'sleeper2', runDir: path.join(dir, 'sleeper2'), snapshotDir: suspended, network });
+      const justAfter = parseBackground(await httpGet(url(resumed, '/cgi-bin/bg')));
+      assert.equal(justAfter.pid, before.pid, 'the same background process, not a new one');
+      assert.ok(justAfter.ticks >= before.ticks, `its counter continued (${before.ticks} then ${justAfter.ticks})`);
+      assert.equal(await httpGet(url(resumed, '/cgi-bin/file')), 'kept-across-suspend');
+      await new Promise((resolve) => setTimeout(resolve, 1000));
+      const later = parseBackground(await httpGet(url(resumed, '/cgi-bin/bg')));
+      assert.ok(later.ticks > justAfter.ticks, 'and it is still running');
+    } finally {
+      await vm.destroy();
+      await resumed?.destroy();
+    }
+  });
+});
