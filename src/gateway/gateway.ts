@@ -26,7 +26,7 @@ import {
 } from './credentials.ts';
 import { clientAddress, upstreamRequestHeaders } from './headers.ts';
 import { DEFAULT_GATEWAY_DOMAIN, normalizeDomain, parsePortHeader, resolveMicroVM } from './routing.ts';
-import type { MicroVMDirectory, MicroVMRoute, TokenFailureReason, TokenVerification, TokenVerifier } from './types.ts';
+import { isPromiseLike, type MicroVMDirectory, type MicroVMRoute, type TokenFailureReason, type TokenVerification, type TokenVerifier } from './types.ts';
 import { NodeUpstreamClient, UndiciUpstreamClient, UpstreamFailure, type UpstreamClient } from './upstream.ts';
 import { WakeCoalescer } from './wake.ts';
 import { proxyWebSocket, rawResponse } from './websocket.ts';
@@ -126,10 +126,6 @@ function reject(status: number, code: string, message: string, headers?: Outgoin
   return headers === undefined ? { kind: 'reject', status, code, message } : { kind: 'reject', status, code, message, headers };
 }
 
-function isPromiseLike<T>(v: T | Promise<T>): v is Promise<T> {
-  return typeof (v as { then?: unknown } | null)?.then === 'function';
-}
-
 /** The path of a request target without its query (for logs: the query may hold a token). */
 function pathOnly(target: string | undefined): string {
   if (target === undefined) return '';
@@ -176,6 +172,7 @@ export function createGateway(options: GatewayOptions): Gateway {
   const inFlight = new Map<string, number>();
   const webSockets = new Map<string, number>();
   const tunnels = new Set<{ abort(): void }>();
+  const expectsContinue = new WeakSet<IncomingMessage>();
   let closing = false;
 
   // ---- admission: everything before any backend is touched -------------------------------
@@ -192,7 +189,8 @@ export function createGateway(options: GatewayOptions): Gateway {
   async function verifyCandidates(microvmId: string, candidates: readonly string[]): Promise<TokenVerification> {
     let first: TokenVerification | undefined;
     for (const c of candidates.slice(0, MAX_COOKIE_CANDIDATES)) {
-      const v = await tokens.verify(microvmId, c);
+      const r = tokens.verify(microvmId, c);
+      const v = isPromiseLike(r) ? await r : r;
       if (v.ok) return v;
       first ??= v;
     }
@@ -227,7 +225,8 @@ export function createGateway(options: GatewayOptions): Gateway {
       return reject(401, 'token_malformed', 'the URL carries more than one cocoon_token parameter');
     }
     if (query.tokens.length === 1) {
-      verification = await tokens.verify(microvmId, query.tokens[0]);
+      const r = tokens.verify(microvmId, query.tokens[0]);
+      verification = isPromiseLike(r) ? await r : r;
       if (verification.ok && !upgrade) {
         const maxAge = Math.min(3600, Math.floor((verification.expiresAt.getTime() - Date.now()) / 1000));
         const method = req.method ?? 'GET';
@@ -243,7 +242,8 @@ export function createGateway(options: GatewayOptions): Gateway {
     } else {
       const header = req.headers[TOKEN_HEADER];
       if (header !== undefined) {
-        verification = await tokens.verify(microvmId, Array.isArray(header) ? header.join(', ') : header);
+        const r = tokens.verify(microvmId, Array.isArray(header) ? header.join(', ') : header);
+        verification = isPromiseLike(r) ? await r : r;
       } else {
         const cookies = readCookies(req.headers.cookie, TOKEN_COOKIE);
         fromCookie = cookies.length > 0;
@@ -429,6 +429,8 @@ export function createGateway(options: GatewayOptions): Gateway {
       upgrade: false,
       trustForwarded,
     });
+    // `Expect: 100-continue`: the client sends its body only now that the request is admitted.
+    if (expectsContinue.has(req)) res.writeContinue();
     const meter = requestHasBody(req) ? new BodyMeter(req, maxBodyBytes, bodyIdleTimeoutMs) : null;
     try {
       await upstream.forward({
@@ -558,12 +560,18 @@ export function createGateway(options: GatewayOptions): Gateway {
     noDelay: true,
     shouldUpgradeCallback: (req) => /(^|,)\s*websocket\s*(,|$)/i.test(req.headers.upgrade ?? ''),
   });
-  server.on('request', (req: IncomingMessage, res: ServerResponse) => {
+  const handle = (req: IncomingMessage, res: ServerResponse): void => {
     res.on('error', () => {});
     onRequest(req, res).catch((error: unknown) => {
       logger.error({ err: error, path: pathOnly(req.url) }, 'gateway request handler failed');
       sendError(req, res, reject(500, 'internal_error', 'the gateway failed to handle the request'));
     });
+  };
+  server.on('request', handle);
+  // Without this listener Node would answer 100 Continue before the token is checked.
+  server.on('checkContinue', (req: IncomingMessage, res: ServerResponse) => {
+    expectsContinue.add(req);
+    handle(req, res);
   });
   server.on('upgrade', (req: IncomingMessage, socket: Duplex, head: Buffer) => {
     onUpgrade(req, socket, head).catch((error: unknown) => {

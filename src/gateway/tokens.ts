@@ -10,9 +10,9 @@
  * hash as strong as an HMAC here (nothing to brute-force), and keeps the store free of keys.
  * Tokens live at most 60 minutes.
  */
-import { createHash, randomBytes, timingSafeEqual } from 'node:crypto';
+import { hash, randomBytes, timingSafeEqual } from 'node:crypto';
 import { CocoonError } from '../common/errors.ts';
-import type { AllowedPorts, MaybePromise, TokenVerification, TokenVerifier } from './types.ts';
+import { isPromiseLike, type AllowedPorts, type MaybePromise, type TokenVerification, type TokenVerifier } from './types.ts';
 
 export const TOKEN_PREFIX = 'cct_';
 export const TOKEN_ID_LENGTH = 16;
@@ -64,7 +64,7 @@ export function generateToken(): GeneratedToken {
 
 /** Lowercase hex SHA-256 of the token string. */
 export function hashToken(token: string): string {
-  return createHash('sha256').update(token, 'utf8').digest('hex');
+  return hash('sha256', token, 'hex');
 }
 
 /**
@@ -152,27 +152,33 @@ export interface TokenVerifierOptions {
   now?: () => number;
 }
 
-/** A TokenVerifier backed by a TokenStore. */
+/**
+ * A TokenVerifier backed by a TokenStore. It answers synchronously when the store does (the
+ * gateway then spends no extra turn on it), with a promise when the store is asynchronous.
+ */
 export function createTokenVerifier(store: TokenStore, options: TokenVerifierOptions = {}): TokenVerifier {
   const now = options.now ?? Date.now;
+  const decide = (microvmId: string, presented: string, record: TokenRecord | null): TokenVerification => {
+    const presentedHash = hash('sha256', presented, 'buffer');
+    // Compare even when the id is unknown, so both paths cost the same.
+    const storedHash = record !== null && record.secretHash.length === 64 ? Buffer.from(record.secretHash, 'hex') : DUMMY_HASH;
+    const matches = storedHash.length === 32 && timingSafeEqual(presentedHash, storedHash);
+    if (record === null || !matches) return { ok: false, reason: 'unknown' };
+    // Only a holder of the secret learns more than "unknown".
+    if (record.revokedAt !== null) return { ok: false, reason: 'revoked' };
+    if (now() >= record.expiresAt.getTime()) return { ok: false, reason: 'expired' };
+    if (record.microvmId !== microvmId) return { ok: false, reason: 'other_microvm' };
+    return { ok: true, tokenId: record.id, allowedPorts: record.allowedPorts, expiresAt: record.expiresAt };
+  };
   return {
-    async verify(microvmId: string, presented: string | undefined): Promise<TokenVerification> {
+    verify(microvmId: string, presented: string | undefined): MaybePromise<TokenVerification> {
       if (presented === undefined || presented === '') return { ok: false, reason: 'missing' };
       const parsed = parseToken(presented);
       if (parsed === null) return { ok: false, reason: 'malformed' };
-      const record = await store.get(parsed.tokenId);
-      const presentedHash = createHash('sha256').update(presented, 'utf8').digest();
-      // Compare even when the id is unknown, so both paths cost the same.
-      const storedHash = record !== null && /^[0-9a-f]{64}$/.test(record.secretHash)
-        ? Buffer.from(record.secretHash, 'hex')
-        : DUMMY_HASH;
-      const matches = timingSafeEqual(presentedHash, storedHash);
-      if (record === null || !matches) return { ok: false, reason: 'unknown' };
-      // Only a holder of the secret learns more than "unknown".
-      if (record.revokedAt !== null) return { ok: false, reason: 'revoked' };
-      if (now() >= record.expiresAt.getTime()) return { ok: false, reason: 'expired' };
-      if (record.microvmId !== microvmId) return { ok: false, reason: 'other_microvm' };
-      return { ok: true, tokenId: record.id, allowedPorts: record.allowedPorts, expiresAt: record.expiresAt };
+      const record = store.get(parsed.tokenId);
+      return isPromiseLike(record)
+        ? record.then((r) => decide(microvmId, presented, r))
+        : decide(microvmId, presented, record);
     },
   };
 }

@@ -7,6 +7,10 @@
 /** A value or a promise of it: in-memory implementations answer synchronously, SQL ones may not. */
 export type MaybePromise<T> = T | Promise<T>;
 
+export function isPromiseLike<T>(v: MaybePromise<T>): v is Promise<T> {
+  return typeof (v as { then?: unknown } | null)?.then === 'function';
+}
+
 export type MicroVMState =
   | 'PENDING'
   | 'RUNNING'

@@ -183,3 +183,31 @@ test('upstream connections are kept alive and reused', async (t) => {
     assert.equal(connections, 1, `${upstreamClient}: 20 sequential requests used one upstream connection`);
   }
 });
+
+test('Expect: 100-continue is answered only after the token check', async (t) => {
+  const guest = await startGuest(t);
+  const f = await startGateway(t);
+  f.directory.add({ id: 'vm1', ports: new Map([[8080, guest.port]]) });
+  const { token } = await f.token('vm1');
+  const refused = await rawExchange(f.port, 'PUT / HTTP/1.1\r\nHost: vm1.vm.localhost\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n');
+  assert.match(refused, /^HTTP\/1.1 401 /, 'no 100 Continue for a request without a token');
+  assert.match(refused, /connection: close/i);
+
+  const answer = await new Promise<{ continued: boolean; status: number; body: string }>((resolve, reject) => {
+    let continued = false;
+    const req = http.request({ host: '127.0.0.1', port: f.port, method: 'PUT', agent: false, headers: { host: 'vm1.vm.localhost', 'x-cocoon-token': token, expect: '100-continue', 'content-length': '5' } }, (res) => {
+      let body = '';
+      res.on('data', (c: Buffer) => (body += c.toString()));
+      res.on('end', () => resolve({ continued, status: res.statusCode ?? 0, body }));
+    });
+    req.on('continue', () => {
+      continued = true;
+      req.end('hello');
+    });
+    req.on('error', reject);
+  });
+  assert.ok(answer.continued);
+  assert.equal(answer.status, 200);
+  assert.equal(JSON.parse(answer.body).bodyBytes, 5);
+  assert.equal(guest.received[0]!.headers.expect, undefined, 'Expect is hop-by-hop here: the gateway handled it');
+});
