@@ -66,11 +66,13 @@ export interface MicroVMRoute {
 
 /**
  * Activity reports for the idle timer. The gateway calls `requestStarted` once a request has
- * passed the token check and before it looks the microVM up (so the idle timer cannot suspend
- * the microVM between lookup and proxying), and `requestFinished` exactly once per
- * `requestStarted`, when the response has been sent or the exchange failed or was abandoned.
- * A WebSocket counts as a request during its handshake, then `webSocketOpened` /
- * `webSocketClosed` bracket its life. Implementations must ignore unknown ids and must not throw.
+ * passed the token check, the lookup and the port check, right before it wakes the microVM or
+ * proxies (with a synchronous `lookup` there is no turn of the event loop between the lookup's
+ * answer and this call, so the idle timer cannot slip in between), and `requestFinished`
+ * exactly once per `requestStarted`, when the response has been sent or the exchange failed or
+ * was abandoned. A WebSocket counts as a request during its handshake, then `webSocketOpened` /
+ * `webSocketClosed` bracket its life. Requests refused before that (bad token, 404, 409, 410)
+ * are not activity. Implementations must ignore unknown ids and must not throw.
  */
 export interface GatewayActivity {
   requestStarted(microvmId: string): void;
