@@ -1,0 +1,267 @@
+/**
+ * Sending one proxied HTTP exchange to a guest over pooled keep-alive connections, streaming
+ * both bodies with backpressure. Two interchangeable clients: undici's Agent (default) and
+ * node:http's keep-alive Agent; bench/gateway-overhead.ts measures both (see docs/gateway.md).
+ */
+import http, { type ServerResponse } from 'node:http';
+import type { Readable } from 'node:stream';
+import { Agent, type Dispatcher } from 'undici';
+import { clientResponseHeaders } from './headers.ts';
+
+export interface ForwardRequest {
+  readonly host: string;
+  readonly port: number;
+  readonly method: string;
+  /** Origin-form request target. */
+  readonly path: string;
+  /** Flat [name, value, ...] request headers (already rewritten). */
+  readonly headers: string[];
+  readonly body: Readable | null;
+  readonly res: ServerResponse;
+}
+
+/** Why an exchange failed; `headersSent` says whether the client already has a status line. */
+export class UpstreamFailure extends Error {
+  readonly headersSent: boolean;
+  /** The upstream did not answer in time (→ 504), the client went away, or anything else (→ 502). */
+  readonly kind: 'timeout' | 'client_gone' | 'error';
+
+  constructor(message: string, kind: UpstreamFailure['kind'], headersSent: boolean, cause?: unknown) {
+    super(message, { cause });
+    this.name = 'UpstreamFailure';
+    this.kind = kind;
+    this.headersSent = headersSent;
+  }
+}
+
+export interface UpstreamClient {
+  /**
+   * Sends the request and streams the response into `res`. Resolves once the response is
+   * complete; rejects with UpstreamFailure (the caller answers 502/504 or destroys `res`).
+   */
+  forward(request: ForwardRequest): Promise<void>;
+  close(): Promise<void>;
+}
+
+export interface UpstreamClientOptions {
+  /** Connections kept per upstream (host:port). */
+  connectionsPerUpstream: number;
+  connectTimeoutMs: number;
+  /** Time to the response head. */
+  headersTimeoutMs: number;
+  /** Longest silence inside a response body; 0 = none. */
+  bodyTimeoutMs: number;
+  /** Idle pooled connections are closed after this long (guests often close at 5 s). */
+  keepAliveTimeoutMs: number;
+}
+
+const TIMEOUT_CODES = new Set(['UND_ERR_HEADERS_TIMEOUT', 'UND_ERR_BODY_TIMEOUT', 'UND_ERR_CONNECT_TIMEOUT', 'ETIMEDOUT']);
+
+function classify(error: unknown, res: ServerResponse): UpstreamFailure {
+  if (error instanceof UpstreamFailure) return error;
+  const code = (error as { code?: unknown } | null)?.code;
+  const kind = typeof code === 'string' && TIMEOUT_CODES.has(code) ? 'timeout' : 'error';
+  const message = error instanceof Error ? error.message : String(error);
+  return new UpstreamFailure(message, kind, res.headersSent, error);
+}
+
+function hostForUrl(host: string): string {
+  return host.includes(':') ? `[${host}]` : host;
+}
+
+/** Streams an undici response into a ServerResponse, pausing the upstream on backpressure. */
+class ForwardHandler implements Dispatcher.DispatchHandler {
+  readonly #res: ServerResponse;
+  readonly #resolve: () => void;
+  readonly #reject: (e: UpstreamFailure) => void;
+  #controller: Dispatcher.DispatchController | undefined;
+  #settled = false;
+
+  constructor(res: ServerResponse, resolve: () => void, reject: (e: UpstreamFailure) => void) {
+    this.#res = res;
+    this.#resolve = resolve;
+    this.#reject = reject;
+    res.on('drain', () => this.#controller?.resume());
+    res.once('close', () => {
+      if (!this.#settled && !res.writableFinished) {
+        this.#fail(new UpstreamFailure('the client closed the connection', 'client_gone', res.headersSent));
+        this.#controller?.abort(new Error('the client closed the connection'));
+      }
+    });
+  }
+
+  onRequestStart(controller: Dispatcher.DispatchController): void {
+    this.#controller = controller;
+    if (this.#settled) controller.abort(new Error('the client closed the connection'));
+  }
+
+  onResponseStart(controller: Dispatcher.DispatchController, statusCode: number, headers: Record<string, string | string[] | undefined>): void {
+    if (statusCode < 200) return; // 1xx: informational, not forwarded
+    try {
+      this.#res.writeHead(statusCode, clientResponseHeaders(headers));
+    } catch (error) {
+      controller.abort(error instanceof Error ? error : new Error(String(error)));
+    }
+  }
+
+  onResponseData(controller: Dispatcher.DispatchController, chunk: Buffer): void {
+    if (!this.#res.write(chunk)) controller.pause();
+  }
+
+  onResponseEnd(): void {
+    this.#res.end();
+    if (!this.#settled) {
+      this.#settled = true;
+      this.#resolve();
+    }
+  }
+
+  onResponseError(_controller: Dispatcher.DispatchController, error: Error): void {
+    this.#fail(classify(error, this.#res));
+  }
+
+  #fail(failure: UpstreamFailure): void {
+    if (this.#settled) return;
+    this.#settled = true;
+    this.#reject(failure);
+  }
+}
+
+/** undici Agent: one keep-alive Pool per upstream origin. */
+export class UndiciUpstreamClient implements UpstreamClient {
+  readonly #agent: Agent;
+  readonly #o: UpstreamClientOptions;
+
+  constructor(options: UpstreamClientOptions) {
+    this.#o = options;
+    this.#agent = new Agent({
+      connections: options.connectionsPerUpstream,
+      pipelining: 1,
+      keepAliveTimeout: options.keepAliveTimeoutMs,
+      keepAliveMaxTimeout: options.keepAliveTimeoutMs,
+      headersTimeout: options.headersTimeoutMs,
+      bodyTimeout: options.bodyTimeoutMs,
+      connectTimeout: options.connectTimeoutMs,
+    });
+  }
+
+  forward(r: ForwardRequest): Promise<void> {
+    return new Promise<void>((resolve, reject) => {
+      const handler = new ForwardHandler(r.res, resolve, reject);
+      try {
+        this.#agent.dispatch(
+          {
+            origin: `http://${hostForUrl(r.host)}:${r.port}`,
+            path: r.path,
+            method: r.method as Dispatcher.HttpMethod,
+            headers: r.headers,
+            body: r.body,
+            headersTimeout: this.#o.headersTimeoutMs,
+            bodyTimeout: this.#o.bodyTimeoutMs,
+          },
+          handler,
+        );
+      } catch (error) {
+        reject(classify(error, r.res));
+      }
+    });
+  }
+
+  async close(): Promise<void> {
+    await this.#agent.destroy();
+  }
+}
+
+/** node:http with a keep-alive Agent (LIFO socket reuse). */
+export class NodeUpstreamClient implements UpstreamClient {
+  readonly #agent: http.Agent;
+  readonly #o: UpstreamClientOptions;
+
+  constructor(options: UpstreamClientOptions) {
+    this.#o = options;
+    this.#agent = new http.Agent({
+      keepAlive: true,
+      keepAliveMsecs: 1000,
+      maxSockets: options.connectionsPerUpstream,
+      maxFreeSockets: options.connectionsPerUpstream,
+      scheduling: 'lifo',
+      timeout: options.keepAliveTimeoutMs,
+    });
+  }
+
+  forward(r: ForwardRequest): Promise<void> {
+    const { res } = r;
+    return new Promise<void>((resolve, reject) => {
+      let settled = false;
+      const fail = (failure: UpstreamFailure): void => {
+        if (settled) return;
+        settled = true;
+        reject(failure);
+      };
+      let upReq: http.ClientRequest;
+      try {
+        upReq = http.request({
+          host: r.host,
+          port: r.port,
+          method: r.method,
+          path: r.path,
+          headers: r.headers,
+          agent: this.#agent,
+          setHost: false,
+        });
+      } catch (error) {
+        fail(classify(error, res));
+        return;
+      }
+      const headTimer = setTimeout(() => {
+        upReq.destroy(Object.assign(new Error('the guest did not answer in time'), { code: 'ETIMEDOUT' }));
+      }, this.#o.headersTimeoutMs);
+      headTimer.unref();
+      upReq.on('error', (error) => {
+        clearTimeout(headTimer);
+        fail(classify(error, res));
+      });
+      res.once('close', () => {
+        if (!settled && !res.writableFinished) {
+          fail(new UpstreamFailure('the client closed the connection', 'client_gone', res.headersSent));
+          upReq.destroy();
+        }
+      });
+      upReq.on('response', (upRes) => {
+        clearTimeout(headTimer);
+        try {
+          res.writeHead(upRes.statusCode ?? 502, clientResponseHeaders(upRes.headers));
+        } catch (error) {
+          upRes.destroy();
+          fail(classify(error, res));
+          return;
+        }
+        if (this.#o.bodyTimeoutMs > 0) {
+          upRes.setTimeout(this.#o.bodyTimeoutMs, () => {
+            upRes.destroy(Object.assign(new Error('the guest stopped sending the response body'), { code: 'ETIMEDOUT' }));
+          });
+        }
+        upRes.on('error', (error) => fail(classify(error, res)));
+        upRes.on('end', () => {
+          if (!upRes.complete) return;
+          res.end();
+          if (!settled) {
+            settled = true;
+            resolve();
+          }
+        });
+        upRes.on('aborted', () => fail(new UpstreamFailure('the guest closed the connection mid-response', 'error', true)));
+        upRes.pipe(res, { end: false });
+      });
+      if (r.body === null) upReq.end();
+      else {
+        r.body.on('error', (error) => upReq.destroy(error));
+        r.body.pipe(upReq);
+      }
+    });
+  }
+
+  async close(): Promise<void> {
+    this.#agent.destroy();
+  }
+}
