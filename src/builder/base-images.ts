@@ -17,11 +17,11 @@
 import { spawn } from 'node:child_process';
 import { constants } from 'node:fs';
 import { chmod, copyFile, lstat, mkdir, mkdtemp, open, readdir, readFile, rename, rm, symlink, writeFile } from 'node:fs/promises';
-import { dirname, join, resolve } from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { dirname, join } from 'node:path';
 import { CocoonError, errorMessage } from '../common/errors.ts';
 import { buildah, imageExists, inspectImage, removeContainer, unmountUnder } from './buildah.ts';
 import { exec } from './exec.ts';
+import { builderCacheDir } from './paths.ts';
 
 export const BUSYBOX_IMAGE = 'docker.io/library/busybox:latest';
 export const DEBIAN_IMAGE = 'docker.io/library/debian:bookworm-slim';
@@ -32,12 +32,11 @@ const BUSYBOX_RECIPE = 'busybox-1';
 const DEBIAN_RECIPE = 'debian-bookworm-slim-1';
 
 const DEFAULT_PATH = '/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin';
-const REPO_ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '..', '..');
 
 export type BaseImageName = 'busybox' | 'debian';
 
 export interface SeedOptions {
-  /** Where the debootstrap tarball and the lock live (default `<repo>/.cache/base-images`). */
+  /** Where the debootstrap tarball and the lock live (default `<repo>/.cache/builder/base-images`). */
   cacheDir?: string;
   /** Which images (default both). */
   only?: BaseImageName[];
@@ -55,7 +54,7 @@ export interface SeedResult {
 }
 
 export function defaultCacheDir(): string {
-  return process.env.COCOON_CACHE_DIR ? join(process.env.COCOON_CACHE_DIR, 'base-images') : join(REPO_ROOT, '.cache', 'base-images');
+  return join(builderCacheDir(), 'base-images');
 }
 
 let inFlight: Promise<SeedResult[]> | undefined;

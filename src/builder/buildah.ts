@@ -2,17 +2,19 @@
  * Dockerfile builds with buildah (Debian's 1.28), and the few storage operations around them.
  *
  * Builds run `buildah bud` with runc and OCI isolation (crun refuses on these hosts' hybrid
- * cgroup v1), without layer caching, tagged with a unique name. The log streams line by line.
+ * cgroup v1), RUN steps on a private bridge network, without layer caching, tagged with a
+ * unique name. The log streams line by line.
  * A cancelled build leaves no process, container, or image behind: buildah cleans up after
  * SIGTERM itself; should it have to be killed, the leftovers are swept here.
  */
 import { randomBytes } from 'node:crypto';
-import { mkdtemp, readFile, rm } from 'node:fs/promises';
+import { mkdir, mkdtemp, readdir, readFile, rename, rm, unlink, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { CocoonError, errorMessage } from '../common/errors.ts';
 import { log } from '../common/log.ts';
 import { abortReason, exec, tail, type ExecOptions } from './exec.ts';
+import { builderCacheDir } from './paths.ts';
 
 const BUILDAH = process.env.COCOON_BUILDAH ?? 'buildah';
 const RUNC = process.env.COCOON_RUNC ?? 'runc';
@@ -117,8 +119,10 @@ export interface BuildOptions {
   /** Name for the result; default a unique `localhost/cocoon-build/<random>:latest`. */
   tag?: string;
   /**
-   * Network of RUN steps. `host` (default) is what works on these machines for
-   * `apt-get install` and the like; `private` (CNI bridge) has no egress here; `none` none.
+   * Network of RUN steps (default `$COCOON_BUILD_NETWORK`, else `private`). `private`: a CNI
+   * bridge with NAT, so `apt-get install` works but the host's loopback services (the API,
+   * other microVMs' forwarded ports) are out of reach; `host`: the host's network, loopback
+   * included (only for trusted Dockerfiles); `none`: no network.
    */
   network?: BuildNetwork;
   /** Target stage of a multi-stage Dockerfile (default: the last). */
@@ -137,6 +141,12 @@ export interface BuildResult {
   /** The whole build log (bounded: the oldest lines go first beyond a few MiB). */
   log: string[];
   durationMs: number;
+}
+
+function defaultNetwork(): BuildNetwork {
+  const env = process.env.COCOON_BUILD_NETWORK;
+  if (env === 'host' || env === 'private' || env === 'none') return env;
+  return 'private';
 }
 
 const MAX_LOG_BYTES = 4 * 1024 * 1024;
@@ -185,7 +195,7 @@ export async function buildImage(options: BuildOptions): Promise<BuildResult> {
     '--pull=false', // use a local image when there is one (seeded bases), pull only if missing
     '--runtime', RUNC,
     '--isolation', 'oci',
-    '--network', options.network ?? 'host',
+    '--network', options.network ?? defaultNetwork(),
     '--format', 'docker', // keeps SHELL, HEALTHCHECK, ONBUILD, which the OCI format drops
     '--rm', '--force-rm',
     '--identity-label=false',
@@ -197,6 +207,7 @@ export async function buildImage(options: BuildOptions): Promise<BuildResult> {
   for (const [k, v] of Object.entries(options.buildArgs ?? {})) args.push('--build-arg', `${k}=${v}`);
   args.push(contextDir);
 
+  const registries = await registriesConfEnv();
   const before = await Promise.all([listContainerIds(), listImageIds()]);
   const startedAlone = buildsInFlight === 0;
   const myNumber = ++buildsStarted;
@@ -204,7 +215,7 @@ export async function buildImage(options: BuildOptions): Promise<BuildResult> {
   try {
     const result = await exec(BUILDAH, args, {
       cwd: contextDir,
-      env: { TMPDIR: tmp, BUILDAH_LAYERS: 'false' },
+      env: { TMPDIR: tmp, BUILDAH_LAYERS: 'false', ...registries },
       onLine: emit,
       discardOutput: true,
       signal: options.signal,
@@ -244,17 +255,44 @@ export async function buildImage(options: BuildOptions): Promise<BuildResult> {
   }
 }
 
+const SYSTEM_REGISTRIES_CONF = '/etc/containers/registries.conf';
+
+/**
+ * Short names (`FROM golang:1.22`) resolve to Docker Hub, as with Docker, unless the host's
+ * registries.conf says otherwise. Done with a copy of that file plus the setting, given to
+ * buildah through CONTAINERS_REGISTRIES_CONF (drop-ins such as shortnames.conf still apply), so
+ * the host's own configuration is never edited.
+ */
+async function registriesConfEnv(): Promise<Record<string, string>> {
+  const system = await readFile(SYSTEM_REGISTRIES_CONF, 'utf8').catch(() => '');
+  if (/^\s*unqualified-search-registries\s*=/m.test(system)) return {};
+  const text = '# Written by Cocoon: the host\'s registries.conf, with short names resolved on Docker Hub.\n' +
+    'unqualified-search-registries = ["docker.io"]\n\n' + system;
+  const dir = builderCacheDir();
+  const path = join(dir, 'registries.conf');
+  if ((await readFile(path, 'utf8').catch(() => undefined)) !== text) {
+    await mkdir(dir, { recursive: true });
+    const partial = `${path}.${process.pid}.partial`;
+    await writeFile(partial, text, { mode: 0o644 });
+    await rename(partial, path);
+  }
+  return { CONTAINERS_REGISTRIES_CONF: path };
+}
+
 /**
  * Removes what a stopped build may have left: runc containers of its RUN steps (found by their
  * bundle under the build's TMPDIR), its tagged image, and, when `before` is given (no other build
  * ran meanwhile), working containers and images that appeared during the build.
  */
 async function sweep(what: { tmp: string; tag: string; before: { containers: string[]; images: string[] } | undefined }): Promise<void> {
+  // buildah names the runc container of a RUN step `buildah-<bundle dir name>`.
+  const runIds = new Set((await readdir(what.tmp).catch(() => [] as string[])).filter((n) => n.startsWith('buildah')).map((n) => `buildah-${n}`));
   try {
     const r = await exec(RUNC, ['--root', RUNC_ROOT, 'list', '--format', 'json'], { allowFailure: true });
     const list = r.code === 0 ? (JSON.parse(r.stdout.trim() || '[]') as Array<{ id: string; bundle: string }> | null) : [];
     for (const c of list ?? []) {
       if (!c.bundle.startsWith(what.tmp + '/')) continue;
+      runIds.add(c.id);
       log.warn({ container: c.id }, 'removing a runc container left by a stopped build');
       await exec(RUNC, ['--root', RUNC_ROOT, 'kill', c.id, 'KILL'], { allowFailure: true });
       await exec(RUNC, ['--root', RUNC_ROOT, 'delete', '--force', c.id], { allowFailure: true });
@@ -262,6 +300,8 @@ async function sweep(what: { tmp: string; tag: string; before: { containers: str
   } catch (e) {
     log.warn({ err: errorMessage(e) }, 'could not list runc containers');
   }
+  // A killed buildah does not tear down the bridge network of a RUN step: do it here.
+  for (const id of runIds) await releaseCniNetwork(id).catch((e: unknown) => log.warn({ err: errorMessage(e), container: id }, 'could not release a build network'));
   // Mounts buildah may have left under the build's TMPDIR (RUN step rootfs binds).
   await unmountUnder(what.tmp);
   if (await imageExists(what.tag)) await removeImage(what.tag).catch(() => {});
@@ -280,6 +320,84 @@ async function sweep(what: { tmp: string; tag: string; before: { containers: str
       }
     }
   }
+}
+
+const CNI_IPAM_DIR = '/var/lib/cni/networks';
+
+/**
+ * Undoes what the CNI plugins (bridge, host-local IPAM, firewall, NAT) set up for one container
+ * when nobody ran their DEL: the address lease, the NAT chain and its POSTROUTING jump (both
+ * carry the container id in a comment), the firewall's FORWARD rules for the address.
+ */
+export async function releaseCniNetwork(containerId: string): Promise<boolean> {
+  const ips: string[] = [];
+  for (const network of await readdir(CNI_IPAM_DIR).catch(() => [] as string[])) {
+    const dir = join(CNI_IPAM_DIR, network);
+    for (const name of await readdir(dir).catch(() => [] as string[])) {
+      if (name === 'lock' || name.startsWith('last_reserved_ip')) continue;
+      const owner = (await readFile(join(dir, name), 'utf8').catch(() => '')).split('\n')[0]?.trim();
+      if (owner === containerId) {
+        ips.push(name);
+        await unlink(join(dir, name)).catch(() => {});
+      }
+    }
+  }
+  const marker = `id: \\"${containerId}\\"`;
+  const nat = (await exec('iptables', ['-t', 'nat', '-S'], { allowFailure: true })).stdout.split('\n');
+  const chains = new Set<string>();
+  let found = ips.length > 0;
+  for (const line of nat) {
+    if (!line.startsWith('-A ') || !line.includes(marker)) continue;
+    found = true;
+    const words = splitIptablesRule(line);
+    const chain = words[1]!;
+    if (chain.startsWith('CNI-')) {
+      chains.add(chain);
+    } else {
+      await exec('iptables', ['-t', 'nat', '-D', ...words.slice(1)], { allowFailure: true });
+      const target = words[words.indexOf('-j') + 1];
+      if (target?.startsWith('CNI-')) chains.add(target);
+    }
+  }
+  for (const chain of chains) {
+    await exec('iptables', ['-t', 'nat', '-F', chain], { allowFailure: true });
+    await exec('iptables', ['-t', 'nat', '-X', chain], { allowFailure: true });
+  }
+  if (ips.length) {
+    const filter = (await exec('iptables', ['-t', 'filter', '-S', 'CNI-FORWARD'], { allowFailure: true })).stdout.split('\n');
+    for (const line of filter) {
+      if (line.startsWith('-A ') && ips.some((ip) => line.includes(` ${ip}/32 `))) {
+        await exec('iptables', ['-t', 'filter', '-D', ...splitIptablesRule(line).slice(1)], { allowFailure: true });
+      }
+    }
+  }
+  if (found) log.warn({ container: containerId, ips }, 'released the network of a killed build step');
+  return found;
+}
+
+/** Splits an `iptables -S` line into words (double quotes with backslash escapes). */
+export function splitIptablesRule(line: string): string[] {
+  const words: string[] = [];
+  let i = 0;
+  while (i < line.length) {
+    while (line[i] === ' ') i++;
+    if (i >= line.length) break;
+    let word = '';
+    while (i < line.length && line[i] !== ' ') {
+      if (line[i] === '"') {
+        i++;
+        while (i < line.length && line[i] !== '"') {
+          if (line[i] === '\\' && i + 1 < line.length) i++;
+          word += line[i++];
+        }
+        i++;
+      } else {
+        word += line[i++];
+      }
+    }
+    words.push(word);
+  }
+  return words;
 }
 
 /** Lazily unmounts every mount point at or below `dir`, deepest first. */
