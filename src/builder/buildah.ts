@@ -64,8 +64,7 @@ interface RawConfig {
 /** The image configuration from `buildah inspect` output (Docker format first, then OCI). */
 export function parseInspect(json: string): ImageConfig {
   const info = JSON.parse(json) as { Docker?: { config?: RawConfig }; OCIv1?: { config?: RawConfig } };
-  const docker = info.Docker?.config;
-  const c: RawConfig = docker && (docker.Cmd || docker.Entrypoint || docker.Env) ? docker : (info.OCIv1?.config ?? {});
+  const c: RawConfig = info.Docker?.config ?? info.OCIv1?.config ?? {};
   return {
     entrypoint: c.Entrypoint ?? [],
     cmd: c.Cmd ?? [],
