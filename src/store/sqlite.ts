@@ -1,0 +1,232 @@
+import { AsyncLocalStorage } from 'node:async_hooks';
+import { closeSync, mkdirSync, openSync } from 'node:fs';
+import { dirname } from 'node:path';
+import { DatabaseSync, type SQLInputValue, type StatementSync } from 'node:sqlite';
+import type { Db, RunResult, SqlParam } from './sql.ts';
+
+const STATEMENT_CACHE_SIZE = 256;
+
+/**
+ * `node:sqlite` behind the async `Db` interface. One connection per process: SQLite allows one
+ * writer at a time anyway, and WAL mode lets the CLI or a backup read alongside.
+ *
+ * A single connection means a transaction would see every statement issued while it is open,
+ * including those of unrelated requests interleaved at an `await`. So statements and
+ * transactions take turns through a FIFO lock: a transaction runs alone from BEGIN to COMMIT.
+ */
+export class SqliteDb implements Db {
+  readonly dialect = 'sqlite' as const;
+  readonly path: string;
+  readonly #db: DatabaseSync;
+  readonly #statements = new Map<string, StatementSync>();
+  readonly #lock = new FifoLock();
+  readonly #insideTransaction = new AsyncLocalStorage<true>();
+
+  private constructor(path: string, db: DatabaseSync) {
+    this.path = path;
+    this.#db = db;
+  }
+
+  /** Opens (creating with mode 0600 if needed) the database file and sets the pragmas. */
+  static open(path: string, options: { busyTimeoutMs?: number } = {}): SqliteDb {
+    if (path !== ':memory:') {
+      mkdirSync(dirname(path), { recursive: true, mode: 0o700 });
+      // Create the file ourselves so it is private from the first byte; an empty file is a
+      // valid empty database. SQLite gives the -wal and -shm files the same mode.
+      closeSync(openSync(path, 'a', 0o600));
+    }
+    const db = new DatabaseSync(path, {
+      enableForeignKeyConstraints: true,
+      timeout: options.busyTimeoutMs ?? 5000,
+    });
+    try {
+      db.exec('PRAGMA journal_mode = WAL');
+      // NORMAL is durable across application crashes in WAL mode; only an OS crash or power
+      // loss can lose the last transactions, never corrupt the database.
+      db.exec('PRAGMA synchronous = NORMAL');
+      db.exec('PRAGMA foreign_keys = ON');
+    } catch (error) {
+      db.close();
+      throw error;
+    }
+    return new SqliteDb(path, db);
+  }
+
+  close(): void {
+    this.#statements.clear();
+    if (this.#db.isOpen) this.#db.close();
+  }
+
+  /** A pragma's value, for tests and diagnostics. */
+  pragma(name: 'journal_mode' | 'foreign_keys' | 'synchronous'): unknown {
+    const row = this.#db.prepare(`PRAGMA ${name}`).get() as Record<string, unknown> | undefined;
+    return row === undefined ? undefined : Object.values(row)[0];
+  }
+
+  get<T>(sql: string, params: readonly SqlParam[] = []): Promise<T | undefined> {
+    return this.#outside(() => this.getNow<T>(sql, params));
+  }
+
+  all<T>(sql: string, params: readonly SqlParam[] = []): Promise<T[]> {
+    return this.#outside(() => this.allNow<T>(sql, params));
+  }
+
+  run(sql: string, params: readonly SqlParam[] = []): Promise<RunResult> {
+    return this.#outside(() => this.runNow(sql, params));
+  }
+
+  async transaction<T>(fn: (tx: Db) => Promise<T>): Promise<T> {
+    this.#refuseInsideTransaction();
+    const release = await this.#lock.acquire();
+    const tx = new SqliteTransaction(this, 0);
+    try {
+      this.#db.exec('BEGIN IMMEDIATE');
+      try {
+        const result = await this.#insideTransaction.run(true, () => fn(tx));
+        this.#db.exec('COMMIT');
+        return result;
+      } catch (error) {
+        if (this.#db.isTransaction) this.#db.exec('ROLLBACK');
+        throw error;
+      }
+    } finally {
+      tx.finish();
+      release();
+    }
+  }
+
+  /** Raw multi-statement SQL (migrations), without the lock: the caller holds it. */
+  execNow(sql: string): void {
+    this.#db.exec(sql);
+  }
+
+  getNow<T>(sql: string, params: readonly SqlParam[]): T | undefined {
+    return this.#statement(sql).get(...bind(params)) as T | undefined;
+  }
+
+  allNow<T>(sql: string, params: readonly SqlParam[]): T[] {
+    return this.#statement(sql).all(...bind(params)) as T[];
+  }
+
+  runNow(sql: string, params: readonly SqlParam[]): RunResult {
+    const result = this.#statement(sql).run(...bind(params));
+    return { changes: Number(result.changes) };
+  }
+
+  async #outside<T>(fn: () => T): Promise<T> {
+    this.#refuseInsideTransaction();
+    if (this.#lock.idle) return fn();
+    const release = await this.#lock.acquire();
+    try {
+      return fn();
+    } finally {
+      release();
+    }
+  }
+
+  /** Using the outer handle inside a transaction would wait for that very transaction: say so. */
+  #refuseInsideTransaction(): void {
+    if (this.#insideTransaction.getStore() === true && this.#db.isTransaction) {
+      throw new Error('inside db.transaction(), use the transaction handle it passes, not the database handle');
+    }
+  }
+
+  #statement(sql: string): StatementSync {
+    let statement = this.#statements.get(sql);
+    if (statement === undefined) {
+      statement = this.#db.prepare(sql);
+      if (this.#statements.size >= STATEMENT_CACHE_SIZE) this.#statements.clear();
+      this.#statements.set(sql, statement);
+    }
+    return statement;
+  }
+}
+
+/** The handle a transaction callback gets; dead once the transaction ended. */
+class SqliteTransaction implements Db {
+  readonly dialect = 'sqlite' as const;
+  readonly #owner: SqliteDb;
+  readonly #depth: number;
+  #open = true;
+
+  constructor(owner: SqliteDb, depth: number) {
+    this.#owner = owner;
+    this.#depth = depth;
+  }
+
+  finish(): void {
+    this.#open = false;
+  }
+
+  async get<T>(sql: string, params: readonly SqlParam[] = []): Promise<T | undefined> {
+    this.#check();
+    return this.#owner.getNow<T>(sql, params);
+  }
+
+  async all<T>(sql: string, params: readonly SqlParam[] = []): Promise<T[]> {
+    this.#check();
+    return this.#owner.allNow<T>(sql, params);
+  }
+
+  async run(sql: string, params: readonly SqlParam[] = []): Promise<RunResult> {
+    this.#check();
+    return this.#owner.runNow(sql, params);
+  }
+
+  async transaction<T>(fn: (tx: Db) => Promise<T>): Promise<T> {
+    this.#check();
+    const name = `sp${this.#depth + 1}`;
+    const inner = new SqliteTransaction(this.#owner, this.#depth + 1);
+    this.#owner.execNow(`SAVEPOINT ${name}`);
+    try {
+      const result = await fn(inner);
+      this.#owner.execNow(`RELEASE ${name}`);
+      return result;
+    } catch (error) {
+      this.#owner.execNow(`ROLLBACK TO ${name}`);
+      this.#owner.execNow(`RELEASE ${name}`);
+      throw error;
+    } finally {
+      inner.finish();
+    }
+  }
+
+  #check(): void {
+    if (!this.#open) throw new Error('this transaction has already ended');
+  }
+}
+
+function bind(params: readonly SqlParam[]): SQLInputValue[] {
+  return params.map((value) => {
+    if (value === undefined) return null;
+    if (typeof value === 'boolean') return value ? 1 : 0;
+    return value;
+  });
+}
+
+/** A FIFO mutex: `acquire` resolves with a release function once every earlier holder released. */
+class FifoLock {
+  #tail: Promise<void> = Promise.resolve();
+  #holders = 0;
+
+  /** No one holds or waits for the lock. */
+  get idle(): boolean {
+    return this.#holders === 0;
+  }
+
+  async acquire(): Promise<() => void> {
+    this.#holders += 1;
+    let release!: () => void;
+    const released = new Promise<void>((resolve) => { release = resolve; });
+    const previous = this.#tail;
+    this.#tail = previous.then(() => released);
+    await previous;
+    let done = false;
+    return () => {
+      if (done) return;
+      done = true;
+      this.#holders -= 1;
+      release();
+    };
+  }
+}

@@ -1,0 +1,137 @@
+import { CocoonError } from '../common/errors.ts';
+import { newId } from './ids.ts';
+import type { Db } from './sql.ts';
+import { hashSecret, isPlausibleSecret, newSecret, TOKEN_PREFIX } from './secrets.ts';
+import { invalid, iso } from './values.ts';
+
+/**
+ * Short-lived secrets for web requests to one microVM (the gateway checks them). The secret is
+ * returned once; only its SHA-256 is stored.
+ */
+export interface Token {
+  id: string;
+  microvmId: string;
+  tenantId: string;
+  /** null: every port. */
+  allowedPorts: number[] | null;
+  createdAt: string;
+  expiresAt: string;
+  revokedAt: string | null;
+}
+
+export const MAX_TOKEN_MINUTES = 60;
+
+interface TokenRow {
+  id: string;
+  microvm_id: string;
+  tenant_id: string;
+  token_hash: string;
+  allowed_ports: string | null;
+  created_at: string;
+  expires_at: string;
+  revoked_at: string | null;
+}
+
+function toToken(row: TokenRow): Token {
+  return {
+    id: row.id,
+    microvmId: row.microvm_id,
+    tenantId: row.tenant_id,
+    allowedPorts: row.allowed_ports === null ? null : (JSON.parse(row.allowed_ports) as number[]),
+    createdAt: row.created_at,
+    expiresAt: row.expires_at,
+    revokedAt: row.revoked_at,
+  };
+}
+
+export interface NewToken {
+  microvmId: string;
+  /** The owner; the microVM must belong to it. */
+  tenantId: string;
+  /** 1–60 minutes (default 60). */
+  expirationMinutes?: number;
+  allowedPorts?: number[] | null;
+  now?: Date;
+}
+
+export async function createToken(db: Db, input: NewToken): Promise<{ token: Token; secret: string }> {
+  const minutes = input.expirationMinutes ?? MAX_TOKEN_MINUTES;
+  if (!Number.isInteger(minutes) || minutes < 1 || minutes > MAX_TOKEN_MINUTES) {
+    throw invalid(`expirationMinutes must be an integer from 1 to ${MAX_TOKEN_MINUTES}`);
+  }
+  let ports: number[] | null = null;
+  if (input.allowedPorts != null) {
+    if (!Array.isArray(input.allowedPorts) || input.allowedPorts.length === 0 || input.allowedPorts.length > 64) {
+      throw invalid('allowedPorts must be a list of 1 to 64 ports');
+    }
+    for (const port of input.allowedPorts) {
+      if (!Number.isInteger(port) || port < 1 || port > 65535) throw invalid(`allowedPorts: ${String(port)} is not a port`);
+    }
+    ports = [...new Set(input.allowedPorts)].sort((a, b) => a - b);
+  }
+  const now = input.now ?? new Date();
+  return db.transaction(async (tx) => {
+    const microvm = await tx.get<{ state: string }>('SELECT state FROM microvms WHERE id = ? AND tenant_id = ?', [
+      input.microvmId, input.tenantId,
+    ]);
+    if (microvm === undefined) throw new CocoonError('microvm_not_found', `no microVM '${input.microvmId}'`, { status: 404 });
+    if (microvm.state === 'TERMINATED' || microvm.state === 'FAILED' || microvm.state === 'TERMINATING') {
+      throw new CocoonError('microvm_terminated', `microVM ${input.microvmId} is ${microvm.state}; it takes no new tokens`, { status: 409 });
+    }
+    const secret = newSecret(TOKEN_PREFIX);
+    const row: TokenRow = {
+      id: newId('token', now.getTime()),
+      microvm_id: input.microvmId,
+      tenant_id: input.tenantId,
+      token_hash: hashSecret(secret),
+      allowed_ports: ports === null ? null : JSON.stringify(ports),
+      created_at: iso(now),
+      expires_at: iso(new Date(now.getTime() + minutes * 60_000)),
+      revoked_at: null,
+    };
+    await tx.run(
+      `INSERT INTO tokens (id, microvm_id, tenant_id, token_hash, allowed_ports, created_at, expires_at)
+       VALUES (?, ?, ?, ?, ?, ?, ?)`,
+      [row.id, row.microvm_id, row.tenant_id, row.token_hash, row.allowed_ports, row.created_at, row.expires_at],
+    );
+    return { token: toToken(row), secret };
+  });
+}
+
+/** The token record for a presented secret (revoked and expired ones too: see `checkToken`). */
+export async function findTokenBySecret(db: Db, secret: unknown): Promise<Token | undefined> {
+  if (!isPlausibleSecret(secret, TOKEN_PREFIX)) return undefined;
+  const row = await db.get<TokenRow>('SELECT * FROM tokens WHERE token_hash = ?', [hashSecret(secret)]);
+  return row && toToken(row);
+}
+
+export type TokenVerdict = 'ok' | 'expired' | 'revoked' | 'wrong_microvm' | 'port_not_allowed';
+
+/** Whether a token admits a request to `microvmId` on `port` at `now`; the gateway maps the verdict to 401/403. */
+export function checkToken(token: Token, request: { microvmId: string; port: number; now?: Date }): TokenVerdict {
+  if (token.revokedAt !== null) return 'revoked';
+  if (Date.parse(token.expiresAt) <= (request.now ?? new Date()).getTime()) return 'expired';
+  if (token.microvmId !== request.microvmId) return 'wrong_microvm';
+  if (token.allowedPorts !== null && !token.allowedPorts.includes(request.port)) return 'port_not_allowed';
+  return 'ok';
+}
+
+export async function listTokens(db: Db, microvmId: string): Promise<Token[]> {
+  const rows = await db.all<TokenRow>('SELECT * FROM tokens WHERE microvm_id = ? ORDER BY id', [microvmId]);
+  return rows.map(toToken);
+}
+
+/** Revokes at once; true if the token existed, belonged to the microVM and was active. */
+export async function revokeToken(db: Db, microvmId: string, tokenId: string, now: Date = new Date()): Promise<boolean> {
+  const result = await db.run(
+    'UPDATE tokens SET revoked_at = ? WHERE id = ? AND microvm_id = ? AND revoked_at IS NULL',
+    [iso(now), tokenId, microvmId],
+  );
+  return result.changes === 1;
+}
+
+/** Drops tokens that expired before `before` (housekeeping); returns how many. */
+export async function deleteExpiredTokens(db: Db, before: Date = new Date()): Promise<number> {
+  const result = await db.run('DELETE FROM tokens WHERE expires_at < ?', [iso(before)]);
+  return result.changes;
+}
