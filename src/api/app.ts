@@ -1,0 +1,63 @@
+/**
+ * The control-plane HTTP server: Fastify with TypeBox schemas, from which both request
+ * validation and the OpenAPI 3.1 document come. Routes live in `routes/`, one plugin per
+ * resource; each receives the platform's services through `ApiContext`.
+ */
+import swagger from '@fastify/swagger';
+import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox';
+import Fastify, { type FastifyInstance } from 'fastify';
+import type { CocoonConfig } from '../config/config.ts';
+import type { ObjectStore } from '../objectstore/object-store.ts';
+import type { Db } from '../store/sql.ts';
+import { registerAuth } from './auth.ts';
+import { handleError } from './errors.ts';
+import { healthRoutes } from './routes/health.ts';
+import { tenantRoutes } from './routes/tenants.ts';
+
+/** What route plugins get. Services are added here as the platform grows. */
+export interface ApiContext {
+  config: CocoonConfig;
+  db: Db;
+  objects: ObjectStore;
+  /** Set once the server accepts work (health answers 503 before). */
+  ready: () => boolean;
+}
+
+export type ApiRoutes = (app: FastifyInstance, context: ApiContext) => Promise<void> | void;
+
+export const API_PREFIX = '/api/v1';
+
+/** Limits at the boundary: JSON bodies are small; uploads use their own streamed routes. */
+const JSON_BODY_LIMIT = 1024 * 1024;
+
+export async function buildApiServer(context: ApiContext, extraRoutes: ApiRoutes[] = []): Promise<FastifyInstance> {
+  const app = Fastify({
+    logger: { level: process.env.COCOON_LOG_LEVEL ?? (process.env.NODE_ENV === 'test' ? 'warn' : 'info'), redact: ['req.headers.authorization'] },
+    bodyLimit: JSON_BODY_LIMIT,
+    routerOptions: { maxParamLength: 300 },
+    ajv: { customOptions: { removeAdditional: false, coerceTypes: 'array', allErrors: false } },
+  }).withTypeProvider<TypeBoxTypeProvider>();
+
+  await app.register(swagger, {
+    openapi: {
+      openapi: '3.1.0',
+      info: { title: 'Cocoon API', version: '1.0.0', description: 'Stateful, isolated microVMs: images, microVMs, tokens.' },
+      components: { securitySchemes: { apiKey: { type: 'http', scheme: 'bearer' } } },
+      security: [{ apiKey: [] }],
+    },
+  });
+  app.setErrorHandler(handleError);
+  app.setNotFoundHandler((request, reply) => {
+    void reply.status(404).send({ error: { code: 'not_found', message: `no route ${request.method} ${request.url.split('?')[0]}` } });
+  });
+  registerAuth(app, context.db);
+
+  await app.register(
+    async (api) => {
+      for (const routes of [healthRoutes, tenantRoutes, ...extraRoutes]) await routes(api, context);
+      api.get('/openapi.json', { config: { public: true }, schema: { hide: true } }, async () => app.swagger());
+    },
+    { prefix: API_PREFIX },
+  );
+  return app;
+}

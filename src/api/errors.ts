@@ -1,0 +1,38 @@
+/**
+ * One error shape for the whole API: `{"error": {"code", "message"}}` with the right status.
+ * CocoonErrors carry their own code and status; schema validation failures become 400
+ * `invalid_request`; anything else is a 500 whose details stay in the server log.
+ */
+import type { FastifyError, FastifyReply, FastifyRequest } from 'fastify';
+import { CocoonError } from '../common/errors.ts';
+
+export interface ErrorBody {
+  error: { code: string; message: string };
+}
+
+export function errorBody(code: string, message: string): ErrorBody {
+  return { error: { code, message } };
+}
+
+export function handleError(error: FastifyError | Error, request: FastifyRequest, reply: FastifyReply): void {
+  if (error instanceof CocoonError) {
+    if (error.status >= 500) request.log.error({ err: error }, error.message);
+    void reply.status(error.status).send(errorBody(error.code, error.message));
+    return;
+  }
+  const fastifyError = error as FastifyError;
+  if (fastifyError.validation) {
+    void reply.status(400).send(errorBody('invalid_request', `${fastifyError.validationContext ?? 'request'} ${fastifyError.message}`));
+    return;
+  }
+  const status = fastifyError.statusCode ?? 500;
+  if (status >= 400 && status < 500) {
+    const code = fastifyError.code === 'FST_ERR_CTP_BODY_TOO_LARGE' ? 'payload_too_large'
+      : fastifyError.code === 'FST_ERR_CTP_INVALID_MEDIA_TYPE' ? 'unsupported_media_type'
+      : 'invalid_request';
+    void reply.status(status).send(errorBody(code, fastifyError.message));
+    return;
+  }
+  request.log.error({ err: error }, 'unhandled error');
+  void reply.status(500).send(errorBody('internal', 'internal error; see the server log'));
+}

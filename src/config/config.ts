@@ -1,0 +1,46 @@
+/**
+ * Cocoon's configuration, from the environment (CONTRACT.md names the public variables).
+ * Parsed and validated once at start-up; a bad value stops the server with a clear message.
+ */
+import path from 'node:path';
+import { CocoonError } from '../common/errors.ts';
+import { parseAcceleratorChoice } from '../vmm/accel.ts';
+import type { AcceleratorChoice } from '../vmm/types.ts';
+import { dataDir } from './paths.ts';
+
+export interface CocoonConfig {
+  dataDir: string;
+  host: string;
+  apiPort: number;
+  gatewayPort: number;
+  /** `<microvm id>.<gatewayDomain>` picks a microVM at the gateway. */
+  gatewayDomain: string;
+  /** The region field of ARNs. */
+  region: string;
+  accel: AcceleratorChoice;
+}
+
+function port(name: string, value: string | undefined, fallback: number): number {
+  if (value === undefined || value === '') return fallback;
+  const parsed = Number(value);
+  if (!Number.isInteger(parsed) || parsed < 0 || parsed > 65535) {
+    throw new CocoonError('invalid_config', `${name} must be a TCP port (0-65535), got ${JSON.stringify(value)}`);
+  }
+  return parsed;
+}
+
+export function loadConfig(env: NodeJS.ProcessEnv = process.env): CocoonConfig {
+  const region = env.COCOON_REGION ?? 'local-1';
+  if (!/^[a-z0-9-]{1,32}$/.test(region)) {
+    throw new CocoonError('invalid_config', `COCOON_REGION must be 1-32 of [a-z0-9-], got ${JSON.stringify(region)}`);
+  }
+  return {
+    dataDir: env.COCOON_DATA_DIR ? path.resolve(env.COCOON_DATA_DIR) : dataDir(),
+    host: env.COCOON_HOST ?? '127.0.0.1',
+    apiPort: port('COCOON_API_PORT', env.COCOON_API_PORT, 7070),
+    gatewayPort: port('COCOON_GATEWAY_PORT', env.COCOON_GATEWAY_PORT, 7071),
+    gatewayDomain: env.COCOON_GATEWAY_DOMAIN ?? 'vm.localhost',
+    region,
+    accel: parseAcceleratorChoice(env.COCOON_ACCEL),
+  };
+}

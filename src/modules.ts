@@ -1,0 +1,9 @@
+/**
+ * The subsystems a default server runs. Each role of DESIGN.md plugs in here with its routes
+ * and its start/stop.
+ */
+import type { ServerModule } from './server.ts';
+
+export function defaultModules(): ServerModule[] {
+  return [];
+}

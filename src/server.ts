@@ -1,0 +1,94 @@
+/**
+ * The composition root: one process runs every role (api, builder, lifecycle, gateway) by
+ * default. It opens the data directory, the metadata store and the object store, makes sure an
+ * admin API key exists, and starts the API and the gateway.
+ */
+import fs from 'node:fs';
+import path from 'node:path';
+import type { FastifyInstance } from 'fastify';
+import { type ApiContext, type ApiRoutes, buildApiServer } from './api/app.ts';
+import { log } from './common/log.ts';
+import type { CocoonConfig } from './config/config.ts';
+import { objectStoreFromEnv } from './objectstore/factory.ts';
+import { createApiKey } from './store/api-keys.ts';
+import { openMetadataStore } from './store/open.ts';
+import type { SqliteDb } from './store/sqlite.ts';
+import { createTenant, findTenantByName } from './store/tenants.ts';
+
+export const ADMIN_KEY_FILE = 'admin-api-key';
+const ADMIN_TENANT = 'admin';
+
+export interface RunningServer {
+  config: CocoonConfig;
+  db: SqliteDb;
+  api: FastifyInstance;
+  apiUrl: string;
+  /** Present only on the first start: the admin key, also written to `$COCOON_DATA_DIR/admin-api-key`. */
+  newAdminKey: string | undefined;
+  close(): Promise<void>;
+}
+
+/** Subsystems add their routes and start/stop work here (images, microVMs, gateway...). */
+export interface ServerModule {
+  routes?: ApiRoutes;
+  start?(context: ApiContext): Promise<void>;
+  stop?(): Promise<void>;
+}
+
+export async function startServer(config: CocoonConfig, modules: ServerModule[] = []): Promise<RunningServer> {
+  fs.mkdirSync(config.dataDir, { recursive: true, mode: 0o700 });
+  const { db } = await openMetadataStore(config.dataDir);
+  let ready = false;
+  const context: ApiContext = {
+    config,
+    db,
+    objects: objectStoreFromEnv({ ...process.env, COCOON_DATA_DIR: config.dataDir }),
+    ready: () => ready,
+  };
+  const newAdminKey = await ensureAdminKey(db, config.dataDir);
+  const api = await buildApiServer(
+    context,
+    modules.flatMap((m) => (m.routes ? [m.routes] : [])),
+  );
+  const started: ServerModule[] = [];
+  try {
+    for (const module of modules) {
+      await module.start?.(context);
+      started.push(module);
+    }
+    await api.listen({ port: config.apiPort, host: config.host });
+  } catch (error) {
+    for (const module of started.reverse()) await module.stop?.();
+    await api.close();
+    db.close();
+    throw error;
+  }
+  ready = true;
+  const address = api.server.address();
+  const port = typeof address === 'object' && address ? address.port : config.apiPort;
+  const apiUrl = `http://${config.host.includes(':') ? `[${config.host}]` : config.host}:${port}`;
+  log.info({ api: apiUrl, dataDir: config.dataDir }, 'cocoon is up');
+  return {
+    config,
+    db,
+    api,
+    apiUrl,
+    newAdminKey,
+    async close() {
+      ready = false;
+      await api.close();
+      for (const module of [...modules].reverse()) await module.stop?.();
+      db.close();
+    },
+  };
+}
+
+/** Creates the admin tenant and key on first start; the key goes to a 0600 file. */
+async function ensureAdminKey(db: SqliteDb, dataDir: string): Promise<string | undefined> {
+  const keyFile = path.join(dataDir, ADMIN_KEY_FILE);
+  if (await findTenantByName(db, ADMIN_TENANT)) return undefined;
+  const tenant = await createTenant(db, { name: ADMIN_TENANT, isAdmin: true });
+  const { secret } = await createApiKey(db, tenant.id, { name: 'admin' });
+  fs.writeFileSync(keyFile, secret + '\n', { mode: 0o600 });
+  return secret;
+}
