@@ -21,7 +21,7 @@ const SCRIPTS: Record<string, string> = {
   file: 'cat /data/file 2>/dev/null || echo none',
 };
 
-const APPLETS = ['sh', 'httpd', 'cat', 'echo', 'sleep', 'head', 'od', 'tr', 'date', 'kill', 'sync', 'ls', 'ps'];
+const APPLETS = ['sh', 'httpd', 'cat', 'echo', 'sleep', 'head', 'od', 'tr', 'date', 'kill', 'sync', 'ls', 'ps', 'mv'];
 
 export function makeTestRootDisk(file: string, sizeMiB = 64): void {
   const root = `${file}.root`;
@@ -37,7 +37,8 @@ export function makeTestRootDisk(file: string, sizeMiB = 64): void {
       path.join(root, 'app/start.sh'),
       [
         '#!/bin/sh',
-        '(i=0; while true; do i=$((i+1)); echo $i > /tmp/bg.count; sleep 0.2; done) &',
+        // Written aside and renamed: a reader never sees the file empty.
+        '(i=0; while true; do i=$((i+1)); echo $i > /tmp/bg.count.new; mv /tmp/bg.count.new /tmp/bg.count; sleep 0.2; done) &',
         'echo $! > /tmp/bg.pid',
         'exec httpd -f -p 8080 -h /www',
         '',
