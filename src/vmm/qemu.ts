@@ -169,12 +169,18 @@ export class QemuVm {
     try {
       await this.qmp.execute('stop', {});
       const state = await saveDeviceState(this.qmp, path.join(this.runDir, 'migrate.sock'), path.join(partial, 'state'));
-      await this.kill();
+      // Once migration completed, the vCPUs are stopped and the disk flushed and inactivated:
+      // QEMU writes neither file again, so its exit and our fsyncs can overlap.
+      const killed = this.kill();
       const diskName = this.disk.format === 'qcow2' ? 'disk.qcow2' : 'disk.raw';
       await moveFile(this.ramPath, path.join(partial, 'mem'));
       await moveFile(this.disk.path, path.join(partial, diskName));
-      if (options.compact) await digHoles(path.join(partial, 'mem'));
+      if (options.compact) {
+        await killed;
+        await digHoles(path.join(partial, 'mem'));
+      }
       if (durable) await Promise.all([fsyncFile(path.join(partial, 'mem')), fsyncFile(path.join(partial, diskName))]);
+      await killed;
       const manifest: SnapshotManifest = {
         formatVersion: 1,
         createdAt: new Date().toISOString(),
@@ -284,6 +290,9 @@ export class QemuVm {
         }),
       ]);
       log.info({ vm: options.id, pid: child.pid, accel: shape.accel, restore: launch.incoming }, 'vm started');
+      // Start writing the RAM file back now, while the guest runs, so that the fsync of the next
+      // snapshot only has the pages dirtied since (a fresh clone's pages are all dirty).
+      fsyncFile(ramPath).catch(() => undefined);
       return vm;
     } catch (error) {
       if (vm) await vm.kill();
