@@ -387,6 +387,11 @@ function qemuStartError(runDir: string, launch: QemuLaunch, vm?: QemuVm): Cocoon
     const ports = launch.forwards.map((f) => f.hostPort).join(', ');
     return new CocoonError('port_in_use', `QEMU could not listen on host port(s) ${ports}: ${output}`, { status: 409 });
   }
+  if (launch.incoming && /migration|load of/i.test(output)) {
+    return new CocoonError('snapshot_corrupt', `QEMU could not load the snapshot (damaged, or made for another machine shape): ${output}`, {
+      status: 422,
+    });
+  }
   const console = vm ? `\nlast console lines:\n${vm.serialTail(20)}` : '';
   return new CocoonError('vm_start_failed', `QEMU exited while starting: ${output || '(no output)'}${console}`);
 }
