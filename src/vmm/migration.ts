@@ -46,12 +46,22 @@ export async function saveDeviceState(
   const hash = createHash('sha256');
   let sizeBytes = 0;
   const out = fs.createWriteStream(file, { flags: 'wx', mode: 0o600 });
+  const sockets = new Set<net.Socket>();
+  let writeError: Error | undefined;
   const written = new Promise<void>((resolve, reject) => {
     out.once('finish', resolve);
-    out.once('error', reject);
+    out.once('error', (error) => {
+      // A full disk: stop the migration at once (QEMU sees its socket close) and report this.
+      writeError = error;
+      for (const socket of sockets) socket.destroy();
+      reject(error);
+    });
   });
+  written.catch(() => undefined); // reported below, not as an unhandled rejection
   const server = net.createServer((socket) => {
+    sockets.add(socket);
     socket.on('data', (chunk: Buffer) => {
+      if (writeError) return;
       hash.update(chunk);
       sizeBytes += chunk.length;
       if (!out.write(chunk)) socket.pause();
@@ -61,14 +71,20 @@ export async function saveDeviceState(
     socket.once('error', (error) => out.destroy(error));
   });
   try {
+    await fs.promises.rm(socketPath, { force: true }); // left by a process that died mid-snapshot
     await new Promise<void>((resolve, reject) => {
       server.once('error', reject);
       server.listen(socketPath, resolve);
     });
+    // QEMU may run as another user: connecting takes write permission on the socket. Only
+    // QEMU and root can reach it anyway (its directory is QEMU's, 0700).
+    await fs.promises.chmod(socketPath, 0o666);
     await qmp.execute('migrate-set-capabilities', { capabilities: CAPABILITIES });
     const finished = migrationFinished(timeoutMs, qmp);
+    finished.catch(() => undefined); // if `migrate` fails first, its error is the one reported
     await qmp.execute('migrate', { uri: `unix:${socketPath}` });
     const event = await finished;
+    if (writeError) throw writeError;
     if (event.data?.status !== 'completed') {
       throw new CocoonError('snapshot_failed', `QEMU could not save the VM state: ${await failureReason(qmp)}`);
     }
@@ -100,6 +116,7 @@ export async function loadDeviceState(
 ): Promise<void> {
   await qmp.execute('migrate-set-capabilities', { capabilities: CAPABILITIES });
   const finished = migrationFinished(timeoutMs, qmp);
+  finished.catch(() => undefined); // if a step below fails first (QEMU gone), its error is the one reported
   await qmp.execute('migrate-incoming', { uri: `unix:${socketPath}` });
   const socket = await connectUnix(socketPath, 5000);
   const sent = pipeline(fs.createReadStream(file), socket).catch(() => undefined); // QEMU may close early on a bad stream

@@ -17,12 +17,16 @@ import { loadDeviceState, saveDeviceState } from './migration.ts';
 import { type QemuLaunch, hostTscKhz, kernelCmdline, qemuArgs } from './qemu-args.ts';
 import { QmpClient } from './qmp.ts';
 import { assertPortFree, freeLoopbackPort } from './ports.ts';
-import { cloneRamFile, createRamFile, digHoles } from './ram-file.ts';
+import { cloneRamFile, createRamFile, digHoles, releaseUnusedRam } from './ram-file.ts';
+import { type VmCgroup, createVmCgroup, defaultLimits, joinCgroupScript, removeVmCgroup } from './cgroups.ts';
+import { type QemuIdentity, dropPrivilegesArgv, qemuIdentity } from './sandbox.ts';
 import { SerialLog, tailSerialLog } from './serial-log.ts';
-import { readSnapshotManifest, verifySnapshot, writeSnapshotManifest } from './snapshot.ts';
+import { grantQemuAccess, isNoSpace, qemuDirOf, sealSnapshotFiles, snapshotFailure, takeBackSnapshotFiles } from './snapshot-safety.ts';
+import { dataChecksums, readSnapshotManifest, verifySnapshot, verifySnapshotData, writeSnapshotManifest } from './snapshot.ts';
 import {
   type BootOptions,
   type CommonVmOptions,
+  type DataChecksum,
   type DiskSpec,
   LIMITS,
   type MachineShape,
@@ -63,6 +67,8 @@ export class QemuVm {
   private readonly serial: SerialLog;
   private readonly exitPromise: Promise<void>;
   private gone = false;
+  /** An fsync of this VM's files failed once: what is on disk may lack pages, so no more snapshots. */
+  private storageFailed: string | undefined;
 
   private constructor(parts: {
     launch: QemuLaunch;
@@ -128,6 +134,9 @@ export class QemuVm {
   static async restore(options: RestoreOptions): Promise<QemuVm> {
     const manifest = await readSnapshotManifest(options.snapshotDir);
     await verifySnapshot(options.snapshotDir, manifest);
+    // The memory file and disk are checked while QEMU starts, and before it loads anything.
+    const dataChecked = verifySnapshotData(options.snapshotDir, manifest);
+    dataChecked.catch(() => undefined); // awaited below; a launch that fails earlier never asks
     const ramPath = path.join(options.runDir, 'mem');
     const disk: DiskSpec = { path: path.join(options.runDir, 'disk.qcow2'), format: 'qcow2' };
     const snapshotDisk = path.join(options.snapshotDir, manifest.files.disk.name);
@@ -141,8 +150,9 @@ export class QemuVm {
         ]);
       },
       start: async (vm) => {
+        await dataChecked;
         try {
-          await loadDeviceState(vm.qmp, path.join(options.runDir, 'incoming.sock'), stateFile);
+          await loadDeviceState(vm.qmp, path.join(qemuDirOf(options.runDir), 'incoming.sock'), stateFile);
         } catch (error) {
           if (error instanceof CocoonError && error.code === 'snapshot_corrupt') throw error;
           throw new CocoonError('snapshot_corrupt', `the snapshot in ${options.snapshotDir} cannot be restored: ${errorMessage(error)}`, {
@@ -158,51 +168,124 @@ export class QemuVm {
 
   /**
    * Takes a snapshot into `targetDir` (which must not exist) and ends the VM: its RAM file and disk
-   * layer become the snapshot's. The directory appears whole or not at all.
+   * layer become the snapshot's. The directory appears whole or not at all: files are written
+   * and fsynced, the manifest (with the files' checksums) last, then the directory is renamed
+   * into place and its parent fsynced. QEMU stays alive, paused, until that commit: whatever
+   * fails before it (a full disk: `no_space`; an fsync error: `snapshot_failed`, never retried,
+   * since a second fsync can succeed with the data lost) abandons the snapshot, gives the VM its
+   * files back and lets it run on as before (`details.vmRunning`). If QEMU itself dies on the
+   * way, the error is `vm_gone`. Earlier snapshots are never touched.
    */
   async snapshot(targetDir: string, options: SnapshotOptions = {}): Promise<SnapshotManifest> {
     const durable = options.durable ?? true;
     const partial = `${targetDir}.partial`;
     if (fs.existsSync(targetDir)) throw new CocoonError('snapshot_exists', `snapshot ${targetDir} already exists`, { status: 409 });
-    await fs.promises.rm(partial, { recursive: true, force: true });
-    await fs.promises.mkdir(partial, { recursive: true });
+    if (this.storageFailed) {
+      throw new CocoonError(
+        'snapshot_failed',
+        `${this.id} is not snapshotted again: an earlier fsync of its files failed (${this.storageFailed}), so its memory on disk may lack pages the kernel dropped; it runs on until it is terminated`,
+        { details: { vmAlive: !this.exited } },
+      );
+    }
+    const diskName = this.disk.format === 'qcow2' ? 'disk.qcow2' : 'disk.raw';
+    const progress = { wasRunning: false, stopped: false, moved: [] as Array<{ from: string; to: string }>, killed: false, committed: false };
+    let manifest: SnapshotManifest;
+    const handles: fs.promises.FileHandle[] = [];
     try {
+      progress.wasRunning = (await this.qmp.execute('query-status', {})).running;
+      await fs.promises.rm(partial, { recursive: true, force: true });
+      await fs.promises.mkdir(partial, { recursive: true, mode: 0o700 });
+      progress.stopped = true;
       await this.qmp.execute('stop', {});
-      const state = await saveDeviceState(this.qmp, path.join(this.runDir, 'migrate.sock'), path.join(partial, 'state'));
-      // Once migration completed, the vCPUs are stopped and the disk flushed and inactivated:
-      // QEMU writes neither file again, so its exit and our fsyncs can overlap.
-      const killed = this.kill();
-      const diskName = this.disk.format === 'qcow2' ? 'disk.qcow2' : 'disk.raw';
-      await moveFile(this.ramPath, path.join(partial, 'mem'));
-      await moveFile(this.disk.path, path.join(partial, diskName));
-      if (options.compact) {
-        await killed;
-        await digHoles(path.join(partial, 'mem'));
+      // With the vCPUs stopped (and the disk drained), guest RAM and disk do not change any
+      // more: their checksums and fsyncs start now, on open files, while the device state is
+      // saved and the files are renamed. (A compacted snapshot punches zeros out first.)
+      let sealed: Promise<[DataChecksum[], unknown]> | undefined;
+      if (!options.compact) {
+        for (const file of [this.ramPath, this.disk.path]) handles.push(await fs.promises.open(file, 'r'));
+        sealed = sealData(handles, durable);
+        sealed.catch(() => undefined); // awaited below unless something fails first
       }
-      if (durable) await Promise.all([fsyncFile(path.join(partial, 'mem')), fsyncFile(path.join(partial, diskName))]);
-      await killed;
-      const manifest: SnapshotManifest = {
+      const state = await saveDeviceState(this.qmp, path.join(qemuDirOf(this.runDir), 'migrate.sock'), path.join(partial, 'state'));
+      // Renaming the files does not disturb QEMU's open files and mapping.
+      const mem = path.join(partial, 'mem');
+      const disk = path.join(partial, diskName);
+      for (const [from, to] of [[this.ramPath, mem], [this.disk.path, disk]] as const) {
+        await moveFile(from, to);
+        progress.moved.push({ from, to });
+      }
+      if (options.compact) {
+        progress.killed = true;
+        await this.kill(); // zero pages are punched out of a file no process maps any more
+        await digHoles(mem);
+        for (const file of [mem, disk]) handles.push(await fs.promises.open(file, 'r'));
+        sealed = sealData(handles, durable);
+      }
+      const [checksums] = await (sealed as Promise<[DataChecksum[], unknown]>);
+      await sealSnapshotFiles(this.runDir, { mem, disk });
+      manifest = {
         formatVersion: 1,
         createdAt: new Date().toISOString(),
         shape: this.shape,
         cmdline: this.cmdline,
         files: {
           state: { name: 'state', ...state },
-          mem: { name: 'mem', sizeBytes: this.shape.memoryMiB * 1024 * 1024 },
-          disk: { name: diskName, format: this.disk.format, sizeBytes: fs.statSync(path.join(partial, diskName)).size },
+          mem: { name: 'mem', sizeBytes: this.shape.memoryMiB * 1024 * 1024, checksum: checksums[0] },
+          disk: { name: diskName, format: this.disk.format, sizeBytes: (await fs.promises.stat(disk)).size, checksum: checksums[1] },
         },
         guestPorts: [...this.hostPorts.keys()],
       };
       await writeSnapshotManifest(partial, manifest, durable);
       await fs.promises.rename(partial, targetDir);
+      progress.committed = true;
       if (durable) await fsyncDir(path.dirname(targetDir));
-      return manifest;
     } catch (error) {
-      await this.kill();
-      await fs.promises.rm(partial, { recursive: true, force: true });
-      if (error instanceof CocoonError) throw error;
-      throw new CocoonError('snapshot_failed', `snapshot of ${this.id} failed: ${errorMessage(error)}`, { cause: error });
+      throw await this.abandonSnapshot(error, partial, targetDir, progress);
+    } finally {
+      for (const handle of handles) await handle.close().catch(() => undefined);
     }
+    await this.kill();
+    // The RAM file's blocks that were reserved and never written go back to the filesystem, in
+    // the background (the content does not change; restores read only written extents).
+    releaseUnusedRam(path.join(targetDir, 'mem')).catch((error: unknown) =>
+      log.debug({ vm: this.id, error: errorMessage(error) }, 'cannot give back the unused blocks of a snapshot\'s memory file'),
+    );
+    return manifest;
+  }
+
+  /** Undoes a snapshot that cannot be committed: files back to the VM, the VM running as before. */
+  private async abandonSnapshot(
+    error: unknown,
+    partial: string,
+    targetDir: string,
+    progress: { wasRunning: boolean; stopped: boolean; moved: Array<{ from: string; to: string }>; killed: boolean; committed: boolean },
+  ): Promise<CocoonError> {
+    const gone = !progress.killed && (this.exited || isCocoonError(error, 'vm_gone') || (await exitedWithin(this.exitPromise, 100)));
+    // A failed fsync is not retried, ever: the kernel may have dropped the pages it could not
+    // write, and a second fsync would then succeed over a file with holes in its history.
+    const fsyncError = fsyncFailure(error);
+    if (fsyncError) this.storageFailed = fsyncError;
+    for (const { from, to } of progress.moved.reverse()) {
+      const now = progress.committed ? path.join(targetDir, path.basename(to)) : to;
+      await moveFile(now, from).catch((moveError: unknown) =>
+        log.error({ vm: this.id, file: now, error: errorMessage(moveError) }, 'cannot give a file back to the VM after a failed snapshot'),
+      );
+    }
+    await takeBackSnapshotFiles(this.runDir, [this.ramPath, this.disk.path]).catch(() => undefined);
+    await fs.promises.rm(partial, { recursive: true, force: true });
+    if (progress.committed) await fs.promises.rm(targetDir, { recursive: true, force: true });
+    let running = false;
+    if (!this.exited && !gone && !progress.killed) {
+      try {
+        if (progress.wasRunning && progress.stopped) await this.qmp.execute('cont', {});
+        running = progress.wasRunning;
+      } catch {
+        await this.kill();
+      }
+    }
+    const failure = snapshotFailure(error, this.id, gone, { running, alive: !this.exited });
+    log.warn({ vm: this.id, code: failure.code, vmRunning: running, vmAlive: !this.exited, error: errorMessage(error) }, 'snapshot abandoned');
+    return failure;
   }
 
   /** Stops the VM at once (SIGKILL) and waits for the process to be gone. Idempotent. */
@@ -247,22 +330,29 @@ export class QemuVm {
   ): Promise<QemuVm> {
     validateId(options.id);
     const runDirExisted = fs.existsSync(options.runDir);
-    await fs.promises.mkdir(options.runDir, { recursive: true, mode: 0o700 });
+    await fs.promises.mkdir(options.runDir, { recursive: true, mode: 0o700 }).catch((error: unknown) => {
+      throw noSpaceError(error, options.id) ?? error;
+    });
+    // QEMU's sockets and pid file: a directory of its own (sandbox.ts: the run directory is root's).
+    const qemuDir = qemuDirOf(options.runDir);
     const sockets = {
-      qmp: path.join(options.runDir, 'qmp.sock'),
-      guest: path.join(options.runDir, 'guest.sock'),
-      serial: path.join(options.runDir, 'serial.sock'),
+      qmp: path.join(qemuDir, 'qmp.sock'),
+      guest: path.join(qemuDir, 'guest.sock'),
+      serial: path.join(qemuDir, 'serial.sock'),
     };
     let vm: QemuVm | undefined;
     let started: { child: ChildProcess; exit: Promise<void> } | undefined;
     let launch: QemuLaunch | undefined;
     try {
-      for (const socket of [...Object.values(sockets), path.join(options.runDir, 'incoming.sock')]) {
+      for (const socket of [...Object.values(sockets), path.join(qemuDir, 'incoming.sock'), path.join(qemuDir, 'migrate.sock')]) {
         if (Buffer.byteLength(socket) > MAX_SOCKET_PATH) {
           throw new CocoonError('path_too_long', `run directory ${options.runDir} is too long for unix sockets; use a shorter data directory`);
         }
       }
+      await fs.promises.mkdir(qemuDir, { recursive: true, mode: 0o700 });
+      const identity = await qemuIdentity(options.runDir);
       await steps.prepare();
+      if (identity) await grantQemuAccess(identity, { runDir: options.runDir, qemuDir, ramPath, disk, guest: shape.guest });
       launch = {
         shape,
         cmdline,
@@ -271,11 +361,12 @@ export class QemuVm {
         forwards: await resolveForwards(options.network.forwards),
         egress: options.network.egress ?? false,
         sockets,
-        pidFile: path.join(options.runDir, 'qemu.pid'),
+        pidFile: path.join(qemuDir, 'qemu.pid'),
         incoming: steps.incoming ?? false,
         sandbox: process.env.COCOON_QEMU_SANDBOX !== '0',
       };
-      started = startQemu(launch, options.runDir);
+      const cgroup = createVmCgroup(options.id, { ...defaultLimits(shape), ...options.limits });
+      started = startQemu(launch, options.runDir, identity, cgroup);
       const { child, exit } = started;
       const launched = launch;
       const [qmp, guest, serial] = await Promise.race([
@@ -299,10 +390,13 @@ export class QemuVm {
     } catch (caught) {
       let error = caught;
       // QEMU dying makes its sockets close too: whichever the caller noticed first, QEMU's own
-      // words (in qemu.log) say best what went wrong.
-      if (started && !isCocoonError(error, 'snapshot_corrupt') && (await exitedWithin(started.exit, 500))) {
-        error = qemuStartError(options.runDir, launch ?? undefined, vm);
+      // words (in qemu.log) say best what went wrong. A QEMU killed by a signal (nothing here has
+      // sent one yet) was killed from outside: that says nothing about the snapshot.
+      if (started && (await exitedWithin(started.exit, 500))) {
+        if (started.child.signalCode) error = qemuKilledError(options.id, started.child.signalCode, launch?.incoming ?? false);
+        else if (!isCocoonError(error, 'snapshot_corrupt')) error = qemuStartError(options.runDir, launch ?? undefined, vm);
       }
+      error = noSpaceError(error, options.id) ?? error;
       if (vm) await vm.kill();
       else if (started) await killAndWait(started);
       if (runDirExisted) await removeLaunchFiles(options.runDir, disk, ramPath);
@@ -348,10 +442,20 @@ async function resolveForwards(forwards: PortForward[]): Promise<Required<PortFo
   return resolved;
 }
 
-function startQemu(launch: QemuLaunch, runDir: string): { child: ChildProcess; exit: Promise<void> } {
+/**
+ * Starts QEMU through `sh`, which joins the VM's cgroups, then `setpriv`, which drops root
+ * (sandbox.ts); both exec, so the pid is QEMU's. The cgroups go when QEMU does.
+ */
+function startQemu(
+  launch: QemuLaunch,
+  runDir: string,
+  identity: QemuIdentity | undefined,
+  cgroup: VmCgroup | undefined,
+): { child: ChildProcess; exit: Promise<void> } {
   const logFd = fs.openSync(path.join(runDir, 'qemu.log'), 'w', 0o600);
   try {
-    const child = spawn(QEMU_BINARY, qemuArgs(launch), {
+    const argv = dropPrivilegesArgv(identity, QEMU_BINARY, qemuArgs(launch));
+    const child = spawn('/bin/sh', ['-c', joinCgroupScript(cgroup), 'cocoon-qemu-start', ...argv], {
       stdio: ['ignore', logFd, logFd],
       detached: true, // own process group: a Ctrl-C to the daemon does not kill guests
     });
@@ -359,7 +463,7 @@ function startQemu(launch: QemuLaunch, runDir: string): { child: ChildProcess; e
     const exit = new Promise<void>((resolve) => {
       child.once('exit', () => resolve());
       child.once('error', () => resolve());
-    });
+    }).then(() => removeVmCgroup(cgroup));
     return { child, exit };
   } finally {
     fs.closeSync(logFd);
@@ -414,6 +518,24 @@ function qemuStartError(runDir: string, launch: QemuLaunch | undefined, vm?: Qem
   return new CocoonError('vm_start_failed', `QEMU exited while starting: ${output || '(no output)'}${console}`);
 }
 
+/** `no_space` for an error that says the disk is full (a raw ENOSPC from a file operation). */
+function noSpaceError(error: unknown, id: string): CocoonError | undefined {
+  if (isCocoonError(error, 'no_space') || !isNoSpace(error)) return undefined;
+  return new CocoonError('no_space', `no space left on the data directory's disk to start ${id}: ${errorMessage(error)}`, {
+    status: 507,
+    cause: error,
+  });
+}
+
+function qemuKilledError(id: string, signal: string, restoring: boolean): CocoonError {
+  return new CocoonError(
+    'vm_killed',
+    `QEMU of ${id} was killed by ${signal} while ${restoring ? 'restoring' : 'booting'} (from outside Cocoon: the OOM killer, an operator); ` +
+      (restoring ? 'the snapshot is untouched and can be restored again' : 'try again'),
+    { status: 503 },
+  );
+}
+
 async function killAndWait(started: { child: ChildProcess; exit: Promise<void> }): Promise<void> {
   started.child.ref();
   try {
@@ -428,6 +550,7 @@ async function removeLaunchFiles(runDir: string, disk: DiskSpec, ramPath: string
   const names = ['qmp.sock', 'guest.sock', 'serial.sock', 'incoming.sock', 'migrate.sock', 'qemu.pid'];
   await Promise.all([
     ...names.map((name) => fs.promises.rm(path.join(runDir, name), { force: true })),
+    fs.promises.rm(qemuDirOf(runDir), { recursive: true, force: true }),
     fs.promises.rm(ramPath, { force: true }),
     disk.path.startsWith(runDir + path.sep) ? fs.promises.rm(disk.path, { force: true }) : Promise.resolve(),
   ]);
@@ -440,6 +563,23 @@ export async function createDiskLayer(backing: string, backingFormat: 'raw' | 'q
   } catch (error) {
     throw new CocoonError('disk_layer_failed', `cannot create a disk layer over ${backing}: ${errorMessage(error)}`, { cause: error });
   }
+}
+
+/** The failed fsync behind an error, if that is what it is (`fsync: EIO`). */
+function fsyncFailure(error: unknown): string | undefined {
+  for (let e = error, depth = 0; e && depth < 8; e = (e as { cause?: unknown }).cause, depth++) {
+    const { syscall, code } = e as NodeJS.ErrnoException;
+    if (syscall === 'fsync' || syscall === 'fdatasync') return `${syscall}: ${code ?? 'error'}`;
+  }
+  return undefined;
+}
+
+/** Checksums of the RAM file and disk (open files), and their fsyncs when durable, side by side. */
+function sealData(handles: fs.promises.FileHandle[], durable: boolean): Promise<[DataChecksum[], unknown]> {
+  return Promise.all([
+    dataChecksums(handles.map((handle) => handle.fd)),
+    durable ? Promise.all(handles.map((handle) => handle.datasync())) : undefined,
+  ]);
 }
 
 async function moveFile(from: string, to: string): Promise<void> {

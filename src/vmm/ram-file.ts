@@ -4,18 +4,26 @@
  * A restore gets its own RAM file, cloned from the snapshot's:
  *
  * - by reflink (FICLONE) where the filesystem supports it (XFS, btrfs): no copy at all;
- * - else by a sparse copy of the allocated extents only (`cp --sparse=always`, which uses
- *   SEEK_DATA/copy_file_range). Snapshots of images have their zero pages punched out first
+ * - else by a sparse copy of the data extents only (`cocoon-sparse copy`: FIEMAP and
+ *   copy_file_range; `cp --sparse` would copy the zeros a guest once read from reserved,
+ *   unwritten extents). Snapshots of images have their zero pages punched out first
  *   (`digHoles`) so that this copies only what the guest really holds.
  *
  * Copy-on-write mappings (MAP_PRIVATE) would avoid even that copy, but QEMU 7.2 then has to write
  * the whole RAM on every later suspend (measured: ~450 ms for 256 MiB against ~6 ms), so they
  * are not used.
+ *
+ * A running VM's RAM file has all its blocks reserved (`reserveRamFile`): a guest touching a page
+ * of a sparse file on a full disk would make QEMU die of SIGBUS (seen: a full data directory
+ * killed running VMs at their next request). With the blocks reserved, a full disk refuses new
+ * VMs (`no_space`) and leaves running ones alone. Snapshots give the unused reservation back
+ * (`releaseUnusedRam`). On tmpfs a reservation would cost RAM up front, so it is skipped there.
  */
 import { execFile } from 'node:child_process';
 import fs from 'node:fs';
 import { promisify } from 'node:util';
-import { CocoonError } from '../common/errors.ts';
+import { CocoonError, isCocoonError } from '../common/errors.ts';
+import { runSparseHelper } from './native/helper.ts';
 
 const run = promisify(execFile);
 
@@ -26,19 +34,36 @@ export async function createRamFile(path: string, memoryMiB: number): Promise<vo
   } finally {
     await handle.close();
   }
+  try {
+    await reserveRamFile(path);
+  } catch (error) {
+    await fs.promises.rm(path, { force: true });
+    throw error;
+  }
 }
 
 export async function cloneRamFile(source: string, target: string): Promise<void> {
   try {
-    // --reflink=auto: a clone where the filesystem can, else a copy of the data extents only.
-    await run('cp', ['--reflink=auto', '--sparse=always', '--', source, target]);
-    await fs.promises.chmod(target, 0o600);
+    // A reflink where the filesystem can, else a copy of the data extents only; then the rest
+    // of the file is reserved.
+    await runSparseHelper(['copy', source, target, 'reserve']);
   } catch (error) {
     await fs.promises.rm(target, { force: true });
+    if (isCocoonError(error, 'no_space') || isCocoonError(error, 'helper_missing')) throw error;
     throw new CocoonError('ram_clone_failed', `cannot clone guest memory ${source}: ${(error as Error).message}`, {
       cause: error,
     });
   }
+}
+
+/** Reserves every block of a RAM file (fallocate; data stays as it is). `no_space` on a full disk. */
+export async function reserveRamFile(path: string): Promise<void> {
+  await runSparseHelper(['alloc', path]);
+}
+
+/** Gives back the blocks a RAM file reserved and never used (its content does not change). */
+export async function releaseUnusedRam(path: string): Promise<void> {
+  await runSparseHelper(['trim', path]);
 }
 
 /** Punches holes where the file holds only zeros, so that later clones copy less. */

@@ -1,13 +1,15 @@
 /**
  * Snapshot directories: `manifest.json` describes the machine shape and the files, with the
- * device state's size and SHA-256. A snapshot is checked before every restore, so a truncated or
+ * device state's size and SHA-256 and a checksum of the memory file and the disk over their
+ * data (types.ts `DataChecksum`). A snapshot is checked before every restore, so a truncated or
  * corrupted one is refused with `snapshot_corrupt` instead of being restored into a broken VM.
  */
 import { createHash } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { CocoonError } from '../common/errors.ts';
-import type { SnapshotManifest } from './types.ts';
+import { runSparseHelper } from './native/helper.ts';
+import type { DataChecksum, SnapshotManifest } from './types.ts';
 
 const MAX_MANIFEST_BYTES = 64 * 1024;
 const FILE_NAME = /^[a-z0-9][a-z0-9._-]{0,63}$/;
@@ -61,7 +63,56 @@ export async function verifySnapshot(dir: string, manifest: SnapshotManifest): P
   if (hash.digest('hex') !== state.sha256) throw corrupt(dir, `${state.name} does not match its checksum`);
 }
 
+/**
+ * Checksums of files' content over their non-zero pages, one helper run for all of them. Files
+ * are paths or open file descriptors (read through /dev/fd: a rename meanwhile does not matter).
+ */
+export async function dataChecksums(files: Array<string | number>): Promise<DataChecksum[]> {
+  const fds = files.filter((file): file is number => typeof file === 'number');
+  let next = 3;
+  const names = files.map((file) => (typeof file === 'number' ? `/dev/fd/${next++}` : file));
+  const out = await runSparseHelper(['sum', ...names], fds);
+  const lines = out.trim().split('\n');
+  if (lines.length !== files.length) throw new Error(`the checksum helper answered ${lines.length} lines for ${files.length} files`);
+  return lines.map((line) => {
+    const value = /^([0-9a-f]{16}) \d+ \d+$/.exec(line)?.[1];
+    if (!value) throw new Error(`the checksum helper answered ${JSON.stringify(line)}`);
+    return { algorithm: 'xxh64-pages', value };
+  });
+}
+
+/**
+ * Checks the memory file and the disk against the checksums in the manifest (both are read:
+ * their data extents only). A snapshot without them is refused: it cannot be checked.
+ */
+export async function verifySnapshotData(dir: string, manifest: SnapshotManifest): Promise<void> {
+  const { mem, disk } = manifest.files;
+  for (const file of [mem, disk]) {
+    if (file.checksum?.algorithm !== 'xxh64-pages' || !/^[0-9a-f]{16}$/.test(file.checksum.value)) {
+      throw corrupt(dir, `manifest.json has no checksum for ${file.name} (made by an older Cocoon?)`);
+    }
+  }
+  let actual: DataChecksum[];
+  try {
+    actual = await dataChecksums([path.join(dir, mem.name), path.join(dir, disk.name)]);
+  } catch (error) {
+    if (error instanceof CocoonError && error.code === 'helper_missing') throw error;
+    throw corrupt(dir, `its files cannot be read: ${(error as Error).message}`);
+  }
+  for (const [index, file] of [mem, disk].entries()) {
+    if (actual[index]?.value !== file.checksum?.value) throw corrupt(dir, `${file.name} does not match its checksum`);
+  }
+}
+
+/**
+ * Writes `manifest.json` (fsynced when durable). The memory file's and disk's checksums are
+ * computed here unless the caller already has them.
+ */
 export async function writeSnapshotManifest(dir: string, manifest: SnapshotManifest, durable: boolean): Promise<void> {
+  const { mem, disk } = manifest.files;
+  if (!mem.checksum || !disk.checksum) {
+    [mem.checksum, disk.checksum] = await dataChecksums([path.join(dir, mem.name), path.join(dir, disk.name)]);
+  }
   const handle = await fs.promises.open(path.join(dir, 'manifest.json'), 'wx', 0o600);
   try {
     await handle.writeFile(JSON.stringify(manifest, null, 2));

@@ -58,7 +58,19 @@ export interface CommonVmOptions {
   network: VmNetwork;
   /** Bound on the serial console log kept on disk (two files of half this size at most). */
   serialLogMaxBytes?: number;
+  /** CPU, memory and process limits of the QEMU process (cgroups.ts; defaults from the shape). */
+  limits?: VmLimits;
   signal?: AbortSignal;
+}
+
+/** Per-VM limits enforced with cgroups where the host allows (src/vmm/cgroups.ts). */
+export interface VmLimits {
+  /** CPU time per wall time, in cores (e.g. 1.5); default: the VM's vCPU count. */
+  cpus?: number;
+  /** Memory of the QEMU process (guest RAM pages in the page cache included), bytes. */
+  memoryBytes?: number;
+  /** Processes and threads in the group. */
+  pids?: number;
 }
 
 export interface BootOptions extends CommonVmOptions, MachineShape {
@@ -80,11 +92,24 @@ export interface SnapshotManifest {
   /** File names inside the snapshot directory. */
   files: {
     state: { name: string; sizeBytes: number; sha256: string };
-    mem: { name: string; sizeBytes: number };
-    disk: { name: string; format: 'raw' | 'qcow2'; sizeBytes: number };
+    /** `checksum` is filled in when the manifest is written, and required by every restore. */
+    mem: { name: string; sizeBytes: number; checksum?: DataChecksum };
+    disk: { name: string; format: 'raw' | 'qcow2'; sizeBytes: number; checksum?: DataChecksum };
   };
   /** Guest ports the VM forwarded when it was snapshotted (a restore forwards the same by default). */
   guestPorts: number[];
+}
+
+/**
+ * A checksum of a big, sparse file's content (guest RAM, disk), cheap enough for every suspend
+ * and restore: XXH64 over its non-zero pages with their offsets (src/vmm/native/cocoon-sparse.c).
+ * It detects corruption (truncation, torn or misplaced writes, bit flips); it is not a defence
+ * against someone who can rewrite the snapshot's files, who could rewrite the manifest too.
+ */
+export interface DataChecksum {
+  algorithm: 'xxh64-pages';
+  /** 16 hex digits. */
+  value: string;
 }
 
 export interface VmStats {

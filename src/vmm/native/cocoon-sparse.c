@@ -1,0 +1,372 @@
+/*
+ * cocoon-sparse: the few things about sparse files that Node cannot do (it has no lseek with
+ * SEEK_DATA, no fallocate, no FIEMAP). Built on the host by src/vmm/native.ts; no dependencies.
+ *
+ *   cocoon-sparse sum FILE...     one line per file: "<xxh64 hex> <non-zero pages> <size>"
+ *   cocoon-sparse copy SRC DST [reserve]
+ *                                 a new DST with SRC's content: a reflink where the filesystem
+ *                                 can, else a copy of SRC's data extents only (DST is sparse);
+ *                                 with `reserve`, then allocate the rest as `alloc` does
+ *   cocoon-sparse alloc FILE      allocate every hole of FILE (fallocate mode 0, size kept);
+ *                                 nothing on tmpfs, where that would take RAM at once
+ *   cocoon-sparse trim FILE       sync FILE, then punch out its unwritten (allocated, never
+ *                                 written) extents: the space `alloc` reserved and nobody used
+ *
+ * Where the data is comes from FIEMAP after a sync (unwritten extents then hold only zeros and
+ * are skipped), else from SEEK_DATA/SEEK_HOLE (tmpfs). SEEK_DATA alone would not do on a file
+ * with unwritten extents: ext4 reports every page cached there (zeros a guest once read) as data.
+ *
+ * The checksum of `sum` is defined on the file's content, not its layout: XXH64 (seed 0) over,
+ * for every 4096-byte page that holds a non-zero byte, the page's index as 8 little-endian
+ * bytes followed by the page (the last one padded with zeros), then the file size as 8
+ * little-endian bytes. Holes and all-zero pages contribute nothing, so a sparse copy, a
+ * reflink and the original have the same checksum, and only the data extents are read.
+ *
+ * Exit status: 0 ok, 28 (ENOSPC) no space, 1 any other error (message on stderr).
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/falloc.h>
+#include <linux/fiemap.h>
+#include <linux/fs.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/vfs.h>
+#include <unistd.h>
+
+#define TMPFS_MAGIC 0x01021994
+
+#define PAGE 4096u
+#define MAP_CHUNK ((size_t)64 << 20)
+
+/* ---- XXH64 (Yann Collet's algorithm, written from its specification) ---- */
+static const uint64_t P1 = 0x9E3779B185EBCA87ULL, P2 = 0xC2B2AE3D27D4EB4FULL, P3 = 0x165667B19E3779F9ULL,
+                      P4 = 0x85EBCA77C2B2AE63ULL, P5 = 0x27D4EB2F165667C5ULL;
+
+static inline uint64_t rotl(uint64_t x, int r) { return (x << r) | (x >> (64 - r)); }
+static inline uint64_t read64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return v; } /* x86: little-endian */
+static inline uint32_t read32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
+static inline uint64_t round64(uint64_t acc, uint64_t input) { acc += input * P2; acc = rotl(acc, 31); return acc * P1; }
+static inline uint64_t merge64(uint64_t acc, uint64_t val) { acc ^= round64(0, val); return acc * P1 + P4; }
+
+typedef struct {
+  uint64_t total, v[4];
+  uint8_t buf[32];
+  unsigned buffered;
+} xxh64_t;
+
+static void xxh64_init(xxh64_t *s) {
+  memset(s, 0, sizeof *s);
+  s->v[0] = P1 + P2; s->v[1] = P2; s->v[2] = 0; s->v[3] = -P1;
+}
+
+static void xxh64_stripes(xxh64_t *s, const uint8_t *p, size_t n) { /* n is a multiple of 32 */
+  uint64_t a = s->v[0], b = s->v[1], c = s->v[2], d = s->v[3];
+  for (const uint8_t *end = p + n; p < end; p += 32) {
+    a = round64(a, read64(p)); b = round64(b, read64(p + 8)); c = round64(c, read64(p + 16)); d = round64(d, read64(p + 24));
+  }
+  s->v[0] = a; s->v[1] = b; s->v[2] = c; s->v[3] = d;
+}
+
+static void xxh64_update(xxh64_t *s, const void *data, size_t n) {
+  const uint8_t *p = data;
+  s->total += n;
+  if (s->buffered) {
+    size_t take = 32 - s->buffered < n ? 32 - s->buffered : n;
+    memcpy(s->buf + s->buffered, p, take);
+    s->buffered += take; p += take; n -= take;
+    if (s->buffered < 32) return;
+    xxh64_stripes(s, s->buf, 32);
+    s->buffered = 0;
+  }
+  size_t whole = n & ~(size_t)31;
+  xxh64_stripes(s, p, whole);
+  memcpy(s->buf, p + whole, n - whole);
+  s->buffered = n - whole;
+}
+
+static uint64_t xxh64_digest(const xxh64_t *s) {
+  uint64_t h;
+  if (s->total >= 32) {
+    h = rotl(s->v[0], 1) + rotl(s->v[1], 7) + rotl(s->v[2], 12) + rotl(s->v[3], 18);
+    for (int i = 0; i < 4; i++) h = merge64(h, s->v[i]);
+  } else {
+    h = s->v[2] + P5; /* seed + P5 */
+  }
+  h += s->total;
+  const uint8_t *p = s->buf, *end = s->buf + s->buffered;
+  for (; p + 8 <= end; p += 8) h = rotl(h ^ round64(0, read64(p)), 27) * P1 + P4;
+  if (p + 4 <= end) { h = rotl(h ^ ((uint64_t)read32(p) * P1), 23) * P2 + P3; p += 4; }
+  for (; p < end; p++) h = rotl(h ^ (*p * P5), 11) * P1;
+  h ^= h >> 33; h *= P2; h ^= h >> 29; h *= P3; h ^= h >> 32;
+  return h;
+}
+/* ---- end of XXH64 ---- */
+
+static int fail(const char *what, const char *file) {
+  int code = errno == ENOSPC || errno == EDQUOT ? 28 : 1;
+  fprintf(stderr, "cocoon-sparse: %s %s: %s\n", what, file, strerror(errno));
+  return code;
+}
+
+static int all_zero(const uint8_t *p, size_t n) {
+  const uint64_t *w = (const uint64_t *)p;
+  for (size_t i = 0; i < n / 8; i++) if (w[i]) return 0;
+  return 1;
+}
+
+static void put_le64(uint8_t out[8], uint64_t v) { for (int i = 0; i < 8; i++) out[i] = (uint8_t)(v >> (8 * i)); }
+
+/* The data ranges of a file, in order: from FIEMAP (unwritten extents skipped), else SEEK_DATA. */
+typedef struct {
+  int fd;
+  uint64_t size, next;
+  int mode; /* 0: not started, 1: fiemap, 2: seek_data, 3: whole file */
+  struct fiemap *map;
+  unsigned index;
+  int last;
+} ranges_t;
+
+enum { MAP_EXTENTS = 512 };
+
+static int ranges_init(ranges_t *r, int fd, uint64_t size) {
+  memset(r, 0, sizeof *r);
+  r->fd = fd;
+  r->size = size;
+  r->map = calloc(1, sizeof(struct fiemap) + MAP_EXTENTS * sizeof(struct fiemap_extent));
+  return r->map ? 0 : -1;
+}
+
+static int fiemap_fill(ranges_t *r) {
+  memset(r->map, 0, sizeof(struct fiemap));
+  r->map->fm_start = r->next;
+  r->map->fm_length = r->size - r->next;
+  r->map->fm_flags = FIEMAP_FLAG_SYNC; /* dirty pages are written first: unwritten then means zeros */
+  r->map->fm_extent_count = MAP_EXTENTS;
+  r->index = 0;
+  return ioctl(r->fd, FS_IOC_FIEMAP, r->map);
+}
+
+/* Next data range [*start, *end), page-aligned (end clamped to the size). 1: got one, 0: done, -1: error. */
+static int ranges_next(ranges_t *r, uint64_t *start, uint64_t *end) {
+  for (;;) {
+    if (r->next >= r->size) return 0;
+    if (r->mode == 0) {
+      if (fiemap_fill(r) == 0) r->mode = 1;
+      else if (errno == EOPNOTSUPP || errno == ENOTTY || errno == EINVAL) r->mode = 2;
+      else return -1;
+    }
+    if (r->mode == 1) {
+      if (r->index >= r->map->fm_mapped_extents) {
+        if (r->last || r->map->fm_mapped_extents == 0) { r->next = r->size; return 0; }
+        if (fiemap_fill(r) < 0) return -1;
+        if (r->map->fm_mapped_extents == 0) { r->next = r->size; return 0; }
+      }
+      struct fiemap_extent *e = &r->map->fm_extents[r->index++];
+      if (e->fe_flags & FIEMAP_EXTENT_LAST) r->last = 1;
+      uint64_t from = e->fe_logical & ~(uint64_t)(PAGE - 1), to = (e->fe_logical + e->fe_length + PAGE - 1) & ~(uint64_t)(PAGE - 1);
+      if (to > r->size) to = r->size;
+      if (from < r->next) from = r->next;
+      if (to > r->next) r->next = to;
+      if (e->fe_flags & FIEMAP_EXTENT_UNWRITTEN || from >= to) continue;
+      *start = from;
+      *end = to;
+      return 1;
+    }
+    if (r->mode == 2) {
+      off_t data = lseek(r->fd, (off_t)r->next, SEEK_DATA);
+      if (data < 0 && errno == ENXIO) { r->next = r->size; return 0; }
+      if (data < 0 && (errno == EINVAL || errno == EOPNOTSUPP)) { r->mode = 3; continue; }
+      if (data < 0) return -1;
+      off_t hole = lseek(r->fd, data, SEEK_HOLE);
+      if (hole < 0) return -1;
+      uint64_t from = (uint64_t)data & ~(uint64_t)(PAGE - 1), to = ((uint64_t)hole + PAGE - 1) & ~(uint64_t)(PAGE - 1);
+      if (from < r->next) from = r->next;
+      if (to > r->size) to = r->size;
+      r->next = to;
+      *start = from;
+      *end = to;
+      return 1;
+    }
+    *start = r->next; /* mode 3: no way to find holes, read it all */
+    *end = r->size;
+    r->next = r->size;
+    return 1;
+  }
+}
+
+/* Hashes one page-aligned range of the file, read through a mapping (no copy). */
+static int sum_range(int fd, uint64_t start, uint64_t end, xxh64_t *s, uint64_t *pages) {
+  for (uint64_t at = start; at < end;) {
+    size_t len = end - at < MAP_CHUNK ? (size_t)(end - at) : MAP_CHUNK;
+    const uint8_t *map = mmap(NULL, len, PROT_READ, MAP_SHARED | MAP_POPULATE, fd, (off_t)at);
+    if (map == MAP_FAILED) return -1;
+    madvise((void *)map, len, MADV_SEQUENTIAL);
+    /* The file's last page may be partial: the mapping reads zeros past the end. */
+    for (size_t off = 0; off < len; off += PAGE) {
+      const size_t n = len - off < PAGE ? len - off : PAGE;
+      uint8_t page[PAGE];
+      const uint8_t *p = map + off;
+      if (n < PAGE) { memset(page, 0, PAGE); memcpy(page, p, n); p = page; }
+      if (all_zero(p, PAGE)) continue;
+      uint8_t index[8];
+      put_le64(index, (at + off) / PAGE);
+      xxh64_update(s, index, 8);
+      xxh64_update(s, p, PAGE);
+      (*pages)++;
+    }
+    munmap((void *)map, len);
+    at += len;
+  }
+  return 0;
+}
+
+static int sum_file(const char *file) {
+  int fd = open(file, O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return fail("cannot open", file);
+  struct stat st;
+  if (fstat(fd, &st) < 0) { int r = fail("cannot stat", file); close(fd); return r; }
+  const uint64_t size = (uint64_t)st.st_size;
+  xxh64_t s;
+  xxh64_init(&s);
+  uint64_t pages = 0, start, end;
+  ranges_t ranges;
+  if (ranges_init(&ranges, fd, size) < 0) { close(fd); return fail("out of memory for", file); }
+  int got_range;
+  while ((got_range = ranges_next(&ranges, &start, &end)) == 1) {
+    if (sum_range(fd, start, end, &s, &pages) < 0) { int r = fail("cannot read", file); free(ranges.map); close(fd); return r; }
+  }
+  free(ranges.map);
+  if (got_range < 0) { int r = fail("cannot find the data of", file); close(fd); return r; }
+  uint8_t tail[8];
+  put_le64(tail, size);
+  xxh64_update(&s, tail, 8);
+  printf("%016llx %llu %llu\n", (unsigned long long)xxh64_digest(&s), (unsigned long long)pages, (unsigned long long)size);
+  close(fd);
+  return 0;
+}
+
+/* fallocate mode 0 over the whole file: holes become unwritten extents, data stays. */
+static int reserve_fd(int fd, const char *file) {
+  struct stat st;
+  struct statfs fs;
+  if (fstat(fd, &st) < 0) return fail("cannot stat", file);
+  if (fstatfs(fd, &fs) < 0) return fail("cannot stat the filesystem of", file);
+  if (fs.f_type == TMPFS_MAGIC || st.st_size == 0) return 0;
+  if (fallocate(fd, 0, 0, st.st_size) < 0) return fail("cannot allocate", file);
+  return 0;
+}
+
+static int copy_file(const char *source, const char *target, int reserve) {
+  int in = open(source, O_RDONLY | O_CLOEXEC);
+  if (in < 0) return fail("cannot open", source);
+  int out = open(target, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+  if (out < 0) { int r = fail("cannot create", target); close(in); return r; }
+  struct stat st;
+  int r = 0;
+  if (fstat(in, &st) < 0) { r = fail("cannot stat", source); goto done; }
+  if (ioctl(out, FICLONE, in) == 0) goto done; /* a reflink: no data copied at all */
+  if (ftruncate(out, st.st_size) < 0) { r = fail("cannot size", target); goto done; }
+  ranges_t ranges;
+  if (ranges_init(&ranges, in, (uint64_t)st.st_size) < 0) { r = fail("out of memory for", source); goto done; }
+  uint64_t start, end;
+  int got_range, use_read = 0;
+  static uint8_t buffer[1u << 20];
+  while ((got_range = ranges_next(&ranges, &start, &end)) == 1) {
+    loff_t from = (loff_t)start, to = (loff_t)start;
+    while ((uint64_t)from < end) {
+      ssize_t n = use_read ? -1 : copy_file_range(in, &from, out, &to, end - (uint64_t)from, 0);
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0 && !use_read && (errno == EXDEV || errno == EINVAL || errno == EOPNOTSUPP || errno == ENOSYS)) use_read = 1;
+      if (use_read) { /* another filesystem: through a buffer */
+        size_t want = end - (uint64_t)from < (1u << 20) ? (size_t)(end - (uint64_t)from) : (1u << 20);
+        n = pread(in, buffer, want, from);
+        if (n > 0 && pwrite(out, buffer, (size_t)n, from) != n) n = -1;
+        if (n > 0) { from += n; to += n; }
+      }
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) { if (n == 0) errno = EIO; r = fail("cannot copy into", target); free(ranges.map); goto done; }
+    }
+  }
+  free(ranges.map);
+  if (got_range < 0) r = fail("cannot find the data of", source);
+done:
+  if (r == 0 && reserve) r = reserve_fd(out, target);
+  close(in);
+  if (close(out) < 0 && r == 0) r = fail("cannot write", target);
+  if (r) unlink(target);
+  return r;
+}
+
+static int alloc_file(const char *file) {
+  int fd = open(file, O_RDWR | O_CLOEXEC);
+  if (fd < 0) return fail("cannot open", file);
+  int r = reserve_fd(fd, file);
+  close(fd);
+  return r;
+}
+
+static int trim_file(const char *file) {
+  int fd = open(file, O_RDWR | O_CLOEXEC);
+  if (fd < 0) return fail("cannot open", file);
+  struct stat st;
+  if (fstat(fd, &st) < 0) { int r = fail("cannot stat", file); close(fd); return r; }
+  /* Written pages must reach their extents first: an unwritten extent may still have dirty
+   * pages in the page cache, and punching it would drop them. */
+  if (fdatasync(fd) < 0) { int r = fail("cannot sync", file); close(fd); return r; }
+  enum { N = 256 };
+  struct fiemap *map = calloc(1, sizeof(struct fiemap) + N * sizeof(struct fiemap_extent));
+  if (!map) { close(fd); return fail("out of memory for", file); }
+  uint64_t at = 0, trimmed = 0;
+  for (int last = 0; !last && at < (uint64_t)st.st_size;) {
+    memset(map, 0, sizeof(struct fiemap));
+    map->fm_start = at;
+    map->fm_length = (uint64_t)st.st_size - at;
+    map->fm_flags = FIEMAP_FLAG_SYNC;
+    map->fm_extent_count = N;
+    if (ioctl(fd, FS_IOC_FIEMAP, map) < 0) {
+      if (errno == EOPNOTSUPP || errno == ENOTTY) break; /* no extent map (tmpfs): nothing to trim */
+      int r = fail("cannot map extents of", file); free(map); close(fd); return r;
+    }
+    if (map->fm_mapped_extents == 0) break;
+    for (unsigned i = 0; i < map->fm_mapped_extents; i++) {
+      struct fiemap_extent *e = &map->fm_extents[i];
+      if (e->fe_flags & FIEMAP_EXTENT_LAST) last = 1;
+      at = e->fe_logical + e->fe_length;
+      if (!(e->fe_flags & FIEMAP_EXTENT_UNWRITTEN)) continue;
+      uint64_t end = at < (uint64_t)st.st_size ? at : (uint64_t)st.st_size;
+      if (end <= e->fe_logical) continue;
+      if (fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)e->fe_logical, (off_t)(end - e->fe_logical)) < 0) {
+        int r = fail("cannot punch", file); free(map); close(fd); return r;
+      }
+      trimmed += end - e->fe_logical;
+    }
+  }
+  free(map);
+  close(fd);
+  printf("%llu\n", (unsigned long long)trimmed);
+  return 0;
+}
+
+int main(int argc, char **argv) {
+  if (argc >= 3 && strcmp(argv[1], "sum") == 0) {
+    for (int i = 2; i < argc; i++) {
+      int r = sum_file(argv[i]);
+      if (r) return r;
+    }
+    return fflush(stdout) == 0 ? 0 : 1;
+  }
+  if ((argc == 4 || (argc == 5 && strcmp(argv[4], "reserve") == 0)) && strcmp(argv[1], "copy") == 0) {
+    return copy_file(argv[2], argv[3], argc == 5);
+  }
+  if (argc == 3 && strcmp(argv[1], "alloc") == 0) return alloc_file(argv[2]);
+  if (argc == 3 && strcmp(argv[1], "trim") == 0) return trim_file(argv[2]);
+  fprintf(stderr, "usage: cocoon-sparse sum FILE... | copy SRC DST | alloc FILE | trim FILE\n");
+  return 2;
+}
