@@ -19,6 +19,7 @@ import { QmpClient } from './qmp.ts';
 import { assertPortFree, freeLoopbackPort } from './ports.ts';
 import { cloneRamFile, createRamFile, digHoles, releaseUnusedRam } from './ram-file.ts';
 import { type VmCgroup, createVmCgroup, defaultLimits, joinCgroupScript, removeVmCgroup } from './cgroups.ts';
+import { ensureEgressGuard } from './egress-guard.ts';
 import { type QemuIdentity, dropPrivilegesArgv, qemuIdentity } from './sandbox.ts';
 import { SerialLog, tailSerialLog } from './serial-log.ts';
 import { grantQemuAccess, isNoSpace, qemuDirOf, sealSnapshotFiles, snapshotFailure, takeBackSnapshotFiles } from './snapshot-safety.ts';
@@ -351,6 +352,7 @@ export class QemuVm {
       }
       await fs.promises.mkdir(qemuDir, { recursive: true, mode: 0o700 });
       const identity = await qemuIdentity(options.runDir);
+      if (options.network.egress) await ensureEgressGuard(identity);
       await steps.prepare();
       if (identity) await grantQemuAccess(identity, { runDir: options.runDir, qemuDir, ramPath, disk, guest: shape.guest });
       launch = {

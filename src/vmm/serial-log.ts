@@ -2,12 +2,18 @@
  * The guest's serial console, kept on disk within a bound. QEMU writes it to a unix socket that
  * we read; we append to `serial.log` and, when that reaches half the bound, rotate it to
  * `serial.log.1`. A guest that floods its console costs at most `maxBytes` of disk.
+ *
+ * It is also read at a bounded rate (`DEFAULT_SERIAL_BYTES_PER_SECOND`): past it, reading pauses
+ * until the next tenth of a second. QEMU then cannot hand the guest's UART bytes on, so the
+ * guest's console writes wait: a flooding guest slows itself down instead of the daemon.
  */
 import fs from 'node:fs';
 import type net from 'node:net';
 import { connectUnix } from './qmp.ts';
 
 export const DEFAULT_SERIAL_LOG_MAX_BYTES = 4 * 1024 * 1024;
+export const DEFAULT_SERIAL_BYTES_PER_SECOND = 512 * 1024;
+const WINDOW_MS = 100;
 
 export class SerialLog {
   readonly path: string;
@@ -15,9 +21,14 @@ export class SerialLog {
   private fd: number;
   private size: number;
   private socket: net.Socket | undefined;
+  private readonly windowBudget: number;
+  private windowStart = 0;
+  private windowBytes = 0;
+  private resumeTimer: NodeJS.Timeout | undefined;
 
-  constructor(path: string, maxBytes = DEFAULT_SERIAL_LOG_MAX_BYTES) {
+  constructor(path: string, maxBytes = DEFAULT_SERIAL_LOG_MAX_BYTES, bytesPerSecond = DEFAULT_SERIAL_BYTES_PER_SECOND) {
     this.path = path;
+    this.windowBudget = Math.max(1024, Math.floor((bytesPerSecond * WINDOW_MS) / 1000));
     this.halfBound = Math.max(4096, Math.floor(maxBytes / 2));
     this.fd = fs.openSync(path, 'a');
     this.size = fs.fstatSync(this.fd).size;
@@ -27,7 +38,10 @@ export class SerialLog {
   async attach(socketPath: string, timeoutMs = 5000, signal?: AbortSignal): Promise<void> {
     const socket = await connectUnix(socketPath, timeoutMs, signal);
     this.socket = socket;
-    socket.on('data', (chunk: Buffer) => this.append(chunk));
+    socket.on('data', (chunk: Buffer) => {
+      this.throttle(socket, chunk.length);
+      this.append(chunk);
+    });
     socket.on('error', () => undefined); // QEMU exiting closes it; nothing to report
   }
 
@@ -39,7 +53,28 @@ export class SerialLog {
     this.size += bounded.length;
   }
 
+  /** Counts `bytes` read; pauses reading once this window's budget is spent, until the window ends. */
+  private throttle(socket: net.Socket, bytes: number): void {
+    const now = Date.now();
+    if (now - this.windowStart >= WINDOW_MS) {
+      this.windowStart = now;
+      this.windowBytes = 0;
+    }
+    this.windowBytes += bytes;
+    if (this.resumeTimer || this.windowBytes < this.windowBudget) return;
+    socket.pause();
+    this.resumeTimer = setTimeout(() => {
+      this.resumeTimer = undefined;
+      this.windowStart = Date.now();
+      this.windowBytes = 0;
+      if (!socket.destroyed) socket.resume();
+    }, WINDOW_MS - (now - this.windowStart));
+    this.resumeTimer.unref();
+  }
+
   close(): void {
+    if (this.resumeTimer) clearTimeout(this.resumeTimer);
+    this.resumeTimer = undefined;
     this.socket?.destroy();
     if (this.fd >= 0) fs.closeSync(this.fd);
     this.fd = -1;
