@@ -4,7 +4,8 @@
  *
  *   /cgi-bin/count             a counter in /tmp/count (state that must survive)
  *   /cgi-bin/start?<attack>    starts an attack in the background, answers `started <attack>`
- *   /cgi-bin/result?<attack>   what the attack left in /tmp/<attack>.result (or `none`)
+ *   /cgi-bin/result?<attack>   what the attack left in /run/<attack>.result (or `none`; /run is
+ *                              a tmpfs, so results survive a full root disk)
  *   /cgi-bin/probe?<h:p>,...   TCP connects from inside the guest: `<h:p> open|closed` per line
  *   /cgi-bin/touch?<MiB>       fills that much of fresh guest memory (a tmpfs file), `touched`
  *
@@ -19,9 +20,9 @@ const ATTACKS: Record<string, string> = {
   // The console is the serial port: every byte is a trap into QEMU and a write to the host.
   flood: 'line=FLOOD-0123456789abcdefghijklmnopqrstuvwxyz-0123456789abcdefghijklmnopqrstuvwxyz-FLOOD; while :; do echo "$line$line$line"; done > /dev/console 2>&1',
   // /dev/urandom: QEMU turns written zeros into holes (detect-zeroes=unmap), random data it must store.
-  fill: 'dd if=/dev/urandom of=/data/fill bs=1M > /tmp/fill.out 2>&1; echo "exit=$?" > /tmp/fill.result; cat /tmp/fill.out >> /tmp/fill.result; df -k /data >> /tmp/fill.result; sync',
+  fill: 'dd if=/dev/urandom of=/data/fill bs=1M > /run/fill.out 2>&1; echo "exit=$?" > /run/fill.result; cat /run/fill.out >> /run/fill.result; df -k /data >> /run/fill.result; sync',
   forkbomb: 'bomb() { bomb | bomb & }; bomb',
-  spin: 'n=$(nproc); i=0; while [ $i -lt $n ]; do (while :; do :; done) & i=$((i+1)); done; echo "spinning $n" > /tmp/spin.result',
+  spin: 'n=$(nproc); i=0; while [ $i -lt $n ]; do (while :; do :; done) & i=$((i+1)); done; echo "spinning $n" > /run/spin.result',
 };
 
 const SCRIPTS: Record<string, string> = {
@@ -32,7 +33,7 @@ const SCRIPTS: Record<string, string> = {
     '  *) echo "unknown attack" ;;',
     'esac',
   ].join('\n'),
-  result: 'case "$QUERY_STRING" in *[!a-z]*|"") echo bad ;; *) cat "/tmp/$QUERY_STRING.result" 2>/dev/null || echo none ;; esac',
+  result: 'case "$QUERY_STRING" in *[!a-z]*|"") echo bad ;; *) cat "/run/$QUERY_STRING.result" 2>/dev/null || echo none ;; esac',
   probe: [
     'for target in $(echo "$QUERY_STRING" | tr "," " "); do',
     '  host=${target%:*}; port=${target##*:}',
@@ -58,13 +59,15 @@ export function makeHostileRootDisk(file: string, sizeMiB = 32): void {
   const root = `${file}.root`;
   fs.rmSync(root, { recursive: true, force: true });
   try {
-    for (const dir of ['bin', 'www/cgi-bin', 'app', '.cocoon', 'tmp', 'data', 'dev', 'proc', 'sys', 'etc', 'mnt']) {
+    for (const dir of ['bin', 'www/cgi-bin', 'app', '.cocoon', 'tmp', 'data', 'dev', 'proc', 'sys', 'etc', 'mnt', 'run']) {
       fs.mkdirSync(path.join(root, dir), { recursive: true });
     }
     fs.copyFileSync('/bin/busybox', path.join(root, 'bin/busybox'));
     fs.chmodSync(path.join(root, 'bin/busybox'), 0o755);
     for (const applet of APPLETS) fs.symlinkSync('busybox', path.join(root, 'bin', applet));
-    fs.writeFileSync(path.join(root, 'app/start.sh'), '#!/bin/sh\nexec httpd -f -p 8080 -h /www\n', { mode: 0o755 });
+    fs.writeFileSync(path.join(root, 'app/start.sh'), '#!/bin/sh\nmount -t tmpfs -o size=4m tmpfs /run\nexec httpd -f -p 8080 -h /www\n', {
+      mode: 0o755,
+    });
     for (const [name, body] of Object.entries(ATTACKS)) {
       fs.writeFileSync(path.join(root, `app/attack-${name}.sh`), `#!/bin/sh\n${body}\n`, { mode: 0o755 });
     }
