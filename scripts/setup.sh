@@ -2,7 +2,8 @@
 # Installs everything Cocoon needs, idempotently, and quickly when it is all there already:
 # Debian packages (QEMU, buildah, the guest build toolchain), npm packages (which bring the
 # Node 24 that Cocoon runs on, whatever the machine's Node is), the guest kernel and
-# cocoon-init, and the builder's offline base images.
+# cocoon-init, the host's sparse-file helper, the system user QEMU runs as (when root), and
+# the builder's offline base images.
 #
 #   bash scripts/setup.sh            # everything
 #   COCOON_SKIP_BASE_IMAGES=1 ...    # not the base images (they take ~25 s once per machine)
@@ -30,6 +31,9 @@ packages=(
   debootstrap:/usr/sbin/debootstrap
   uidmap:/usr/bin/newuidmap
   ca-certificates:/etc/ssl/certs/ca-certificates.crt
+  zip:/usr/bin/zip
+  gcc:/usr/bin/gcc
+  passwd:/usr/sbin/useradd
 )
 
 install_system_packages() {
@@ -66,6 +70,13 @@ install_npm_packages() {
 install_system_packages
 install_npm_packages
 bash scripts/build-guest.sh
+# The sparse-file helper for snapshot checksums and RAM files (src/vmm/native), built once.
+node_modules/.bin/node --disable-warning=ExperimentalWarning src/vmm/native/helper.ts >/dev/null
+# QEMU runs unprivileged, in the group of this system user (src/vmm/sandbox.ts).
+if [ "$(id -u)" = 0 ] && ! getent passwd cocoon-qemu >/dev/null; then
+  say "creating the system user cocoon-qemu (QEMU's group)"
+  useradd --system --user-group --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin cocoon-qemu
+fi
 if [ -z "${COCOON_SKIP_BASE_IMAGES:-}" ]; then
   node_modules/.bin/node --disable-warning=ExperimentalWarning src/builder/setup.ts >&2
 fi

@@ -16,9 +16,11 @@
  * Replies of forwarded ports (host to guest) are not new connections and pass. With egress
  * off (the default) slirp's `restrict=on` drops all of it inside QEMU already.
  *
- * The rules are put in place once per process, the first time a VM with egress starts, and
- * stay (they match Cocoon's QEMU uids only). Where they cannot be (no iptables, not root), a
- * VM with egress is refused (`egress_unguarded`) unless `COCOON_EGRESS_GUARD=off`.
+ * The rules are put in place once per process, when the first VM starts, and stay (they match
+ * Cocoon's QEMU uids only). They hold for every QEMU: slirp's `restrict=on` is QEMU's own
+ * policy, and a QEMU that escaped its guest would not keep to it. Where they cannot be put in
+ * place (no iptables, not root), a VM with egress is refused (`egress_unguarded`) unless
+ * `COCOON_EGRESS_GUARD=off`; one without egress starts, relying on `restrict=on` alone.
  */
 import { execFile } from 'node:child_process';
 import { promisify } from 'node:util';
@@ -59,13 +61,22 @@ async function install(binary: 'iptables' | 'ip6tables', family: 4 | 6, owners: 
 }
 
 let guarded: Promise<void> | undefined;
+let failedOnce = false;
 
 /**
  * Puts the guard in place (once per process) for QEMU running as `identity`; throws
  * `egress_unguarded` where it cannot be (no iptables; QEMU not running as a Cocoon uid).
  */
-export function ensureEgressGuard(identity: QemuIdentity | undefined): Promise<void> {
+export function ensureEgressGuard(identity: QemuIdentity | undefined, options: { bestEffort?: boolean } = {}): Promise<void> {
   if (process.env.COCOON_EGRESS_GUARD === 'off') return Promise.resolve();
+  if (options.bestEffort) {
+    // For VMs without egress: tried once, a failure logged once, never in the way.
+    if (failedOnce || !identity) return Promise.resolve();
+    return ensureEgressGuard(identity).catch((error: unknown) => {
+      failedOnce = true;
+      log.warn({ error: errorMessage(error) }, 'no egress guard: a QEMU that escaped its guest could reach the host\'s services');
+    });
+  }
   if (!identity) {
     return Promise.reject(
       new CocoonError(

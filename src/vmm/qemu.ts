@@ -352,7 +352,10 @@ export class QemuVm {
       }
       await fs.promises.mkdir(qemuDir, { recursive: true, mode: 0o700 });
       const identity = await qemuIdentity(options.runDir);
+      // The guard also keeps a QEMU that escaped its guest (egress or not: slirp's restrict is
+      // QEMU's own policy) from the host's services; only a VM with egress needs it in place.
       if (options.network.egress) await ensureEgressGuard(identity);
+      else await ensureEgressGuard(identity, { bestEffort: true });
       await steps.prepare();
       if (identity) await grantQemuAccess(identity, { runDir: options.runDir, qemuDir, ramPath, disk, guest: shape.guest });
       launch = {

@@ -5,7 +5,9 @@
  * cgroups with their CPU and memory limits enforced.
  */
 import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
 import fs from 'node:fs';
+import net from 'node:net';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { loadConfig } from '../../src/config/config.ts';
@@ -136,6 +138,26 @@ describe('least privilege for QEMU', { skip: isRoot ? false : 'needs root (the d
     assert.equal(await qemuOpens(a, path.join(base, 'disk.raw')), 'opened');
     assert.equal(await qemuOpens(a, guest.kernel), 'opened');
     assert.equal(await qemuOpens(a, a.ramPath), 'opened');
+  });
+
+  test('a process with a QEMU uid (a QEMU that escaped its guest) cannot connect to the host\'s loopback services; root can', { timeout: 60_000 }, async () => {
+    const listener = net.createServer((socket) => socket.end('hello\n'));
+    await new Promise<void>((resolve) => listener.listen(0, '127.0.0.1', resolve));
+    const port = (listener.address() as net.AddressInfo).port;
+    const account = await ensureQemuAccount('cocoon-qemu');
+    const connect = (asQemu: boolean) =>
+      new Promise<number | null>((resolve) => {
+        const argv = ['busybox', 'nc', '-w', '3', '127.0.0.1', String(port)];
+        const command = asQemu ? ['setpriv', `--reuid=${QEMU_UID_BASE + 4242}`, `--regid=${account.gid}`, '--clear-groups', ...argv] : argv;
+        const child = spawn(command[0] as string, command.slice(1), { stdio: ['ignore', 'ignore', 'ignore'] });
+        child.once('exit', (code) => resolve(code));
+      });
+    try {
+      assert.equal(await connect(false), 0, 'control: root reaches the service');
+      assert.notEqual(await connect(true), 0, 'a QEMU uid is refused');
+    } finally {
+      listener.close();
+    }
   });
 
   test('QEMU may not spawn processes: a migration to `exec:` runs nothing', { timeout: 120_000 }, async () => {

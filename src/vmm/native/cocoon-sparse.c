@@ -43,7 +43,6 @@
 #define TMPFS_MAGIC 0x01021994
 
 #define PAGE 4096u
-#define MAP_CHUNK ((size_t)64 << 20)
 
 /* ---- XXH64 (Yann Collet's algorithm, written from its specification) ---- */
 static const uint64_t P1 = 0x9E3779B185EBCA87ULL, P2 = 0xC2B2AE3D27D4EB4FULL, P3 = 0x165667B19E3779F9ULL,
@@ -201,30 +200,23 @@ static int ranges_next(ranges_t *r, uint64_t *start, uint64_t *end) {
   }
 }
 
-/* Hashes one page-aligned range of the file, read through a mapping (no copy). */
-static int sum_range(int fd, uint64_t start, uint64_t end, xxh64_t *s, uint64_t *pages) {
-  for (uint64_t at = start; at < end;) {
-    size_t len = end - at < MAP_CHUNK ? (size_t)(end - at) : MAP_CHUNK;
-    const uint8_t *map = mmap(NULL, len, PROT_READ, MAP_SHARED | MAP_POPULATE, fd, (off_t)at);
-    if (map == MAP_FAILED) return -1;
-    madvise((void *)map, len, MADV_SEQUENTIAL);
-    /* The file's last page may be partial: the mapping reads zeros past the end. */
-    for (size_t off = 0; off < len; off += PAGE) {
-      const size_t n = len - off < PAGE ? len - off : PAGE;
-      uint8_t page[PAGE];
-      const uint8_t *p = map + off;
-      if (n < PAGE) { memset(page, 0, PAGE); memcpy(page, p, n); p = page; }
-      if (all_zero(p, PAGE)) continue;
-      uint8_t index[8];
-      put_le64(index, (at + off) / PAGE);
-      xxh64_update(s, index, 8);
-      xxh64_update(s, p, PAGE);
-      (*pages)++;
+/* Hashes one page-aligned range of the file through the file's mapping (no copy). */
+static void sum_range(const uint8_t *map, uint64_t size, uint64_t start, uint64_t end, xxh64_t *s, uint64_t *pages) {
+  for (uint64_t at = start; at < end; at += PAGE) {
+    const uint8_t *p = map + at;
+    uint8_t page[PAGE];
+    if (size - at < PAGE) { /* the file's last, partial page: padded with zeros */
+      memset(page, 0, PAGE);
+      memcpy(page, p, size - at);
+      p = page;
     }
-    munmap((void *)map, len);
-    at += len;
+    if (all_zero(p, PAGE)) continue;
+    uint8_t index[8];
+    put_le64(index, at / PAGE);
+    xxh64_update(s, index, 8);
+    xxh64_update(s, p, PAGE);
+    (*pages)++;
   }
-  return 0;
 }
 
 static int sum_file(const char *file) {
@@ -238,10 +230,12 @@ static int sum_file(const char *file) {
   uint64_t pages = 0, start, end;
   ranges_t ranges;
   if (ranges_init(&ranges, fd, size) < 0) { close(fd); return fail("out of memory for", file); }
+  /* One mapping of the whole file: pages are mapped as they are read, only where data is. */
+  const uint8_t *map = size ? mmap(NULL, size, PROT_READ, MAP_SHARED, fd, 0) : NULL;
+  if (map == MAP_FAILED) { int r = fail("cannot map", file); free(ranges.map); close(fd); return r; }
   int got_range;
-  while ((got_range = ranges_next(&ranges, &start, &end)) == 1) {
-    if (sum_range(fd, start, end, &s, &pages) < 0) { int r = fail("cannot read", file); free(ranges.map); close(fd); return r; }
-  }
+  while ((got_range = ranges_next(&ranges, &start, &end)) == 1) sum_range(map, size, start, end, &s, &pages);
+  if (map) munmap((void *)map, size);
   free(ranges.map);
   if (got_range < 0) { int r = fail("cannot find the data of", file); close(fd); return r; }
   uint8_t tail[8];
