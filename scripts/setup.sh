@@ -30,6 +30,7 @@ packages=(
   debootstrap:/usr/sbin/debootstrap
   uidmap:/usr/bin/newuidmap
   ca-certificates:/etc/ssl/certs/ca-certificates.crt
+  zip:/usr/bin/zip
 )
 
 install_system_packages() {
