@@ -351,13 +351,23 @@ export class QemuVm {
         }
       }
       await fs.promises.mkdir(qemuDir, { recursive: true, mode: 0o700 });
-      const identity = await qemuIdentity(options.runDir);
+      let identity = await qemuIdentity(options.runDir);
       // The guard also keeps a QEMU that escaped its guest (egress or not: slirp's restrict is
       // QEMU's own policy) from the host's services; only a VM with egress needs it in place.
       if (options.network.egress) await ensureEgressGuard(identity);
       else await ensureEgressGuard(identity, { bestEffort: true });
       await steps.prepare();
-      if (identity) await grantQemuAccess(identity, { runDir: options.runDir, qemuDir, ramPath, disk, guest: shape.guest });
+      if (identity) {
+        try {
+          await grantQemuAccess(identity, { runDir: options.runDir, qemuDir, ramPath, disk, guest: shape.guest });
+        } catch (error) {
+          // A layout QEMU's user cannot reach (a data directory under a private home): run this
+          // QEMU as root, as before, and say how to get the sandbox back; or refuse, if asked to.
+          if (!isCocoonError(error, 'qemu_no_access') || process.env.COCOON_QEMU_USER_REQUIRED === '1' || options.network.egress) throw error;
+          warnRootFallback(error.message);
+          identity = undefined;
+        }
+      }
       launch = {
         shape,
         cmdline,
@@ -458,10 +468,18 @@ function startQemu(
   cgroup: VmCgroup | undefined,
 ): { child: ChildProcess; exit: Promise<void> } {
   const logFd = fs.openSync(path.join(runDir, 'qemu.log'), 'w', 0o600);
+  const guestFds: number[] = [];
   try {
-    const argv = dropPrivilegesArgv(identity, QEMU_BINARY, qemuArgs(launch));
+    let args = qemuArgs(launch);
+    if (identity) {
+      // Kernel and initramfs as open files: QEMU's user need not search the directories they are in.
+      const { kernel, initramfs } = launch.shape.guest;
+      guestFds.push(fs.openSync(kernel, 'r'), fs.openSync(initramfs, 'r'));
+      args = qemuArgs({ ...launch, shape: { ...launch.shape, guest: { ...launch.shape.guest, kernel: '/dev/fd/3', initramfs: '/dev/fd/4' } } });
+    }
+    const argv = dropPrivilegesArgv(identity, QEMU_BINARY, args);
     const child = spawn('/bin/sh', ['-c', joinCgroupScript(cgroup), 'cocoon-qemu-start', ...argv], {
-      stdio: ['ignore', logFd, logFd],
+      stdio: ['ignore', logFd, logFd, ...guestFds],
       detached: true, // own process group: a Ctrl-C to the daemon does not kill guests
     });
     child.unref();
@@ -472,7 +490,16 @@ function startQemu(
     return { child, exit };
   } finally {
     fs.closeSync(logFd);
+    for (const fd of guestFds) fs.closeSync(fd);
   }
+}
+
+const rootFallbackWarned = new Set<string>();
+
+function warnRootFallback(why: string): void {
+  if (rootFallbackWarned.has(why)) return;
+  rootFallbackWarned.add(why);
+  log.warn({ why }, 'QEMU runs as root for this VM: its files are out of reach of an unprivileged user (COCOON_QEMU_USER_REQUIRED=1 refuses instead)');
 }
 
 async function connectChannels(

@@ -108,8 +108,13 @@ export async function grantQemuAccess(
     await grantSearch(backing, identity);
     await assertReadable(backing, identity);
   }
-  await assertReadable(paths.guest.kernel, identity);
-  await assertReadable(paths.guest.initramfs, identity);
+  // The kernel and initramfs reach QEMU as open files (/dev/fd/3, /dev/fd/4: startQemu), so
+  // only the files' own permissions matter, not their directories'.
+  for (const file of [paths.guest.kernel, paths.guest.initramfs]) {
+    if ((fs.statSync(file).mode & 0o004) === 0) {
+      throw new CocoonError('qemu_no_access', `QEMU runs as an unprivileged user and cannot read ${file}: make it readable by all (chmod a+r)`);
+    }
+  }
 }
 
 export const QEMU_SUBDIR = 'qemu';

@@ -1,0 +1,94 @@
+/**
+ * What durable snapshots cost (docs/reliability.md): the data checksums of a 256 MiB guest's
+ * memory file and disk, as a suspend computes them and as a restore checks them, and the
+ * restore's check on its own.
+ *
+ *   node bench/reliability.ts [--runs N]
+ */
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { loadGuestArtifacts } from '../src/guest/artifacts.ts';
+import { chooseAccelerator, parseAcceleratorChoice } from '../src/vmm/accel.ts';
+import { QemuVm } from '../src/vmm/qemu.ts';
+import { dataChecksums, readSnapshotManifest, verifySnapshotData } from '../src/vmm/snapshot.ts';
+import type { Accelerator } from '../src/vmm/types.ts';
+import { makeTestRootDisk } from '../test/support/rootfs.ts';
+import { elapsedMs, type Metrics, single, summarize } from './stats.ts';
+
+const APP_PORT = 8080;
+const network = { forwards: [{ guestPort: APP_PORT }] };
+
+async function firstByte(vm: QemuVm): Promise<void> {
+  for (let i = 0; i < 60_000; i++) {
+    try {
+      const response = await fetch(`http://127.0.0.1:${vm.hostPort(APP_PORT)}/`);
+      await response.arrayBuffer();
+      if (response.ok) return;
+    } catch {
+      // not up yet
+    }
+    await new Promise((resolve) => setTimeout(resolve, 2));
+  }
+  throw new Error(`no answer from ${vm.id}`);
+}
+
+export async function runReliabilityBench(options: { runs?: number; accel?: Accelerator; log?: (line: string) => void } = {}): Promise<Metrics> {
+  const runs = options.runs ?? 10;
+  const say = options.log ?? (() => undefined);
+  const guest = loadGuestArtifacts();
+  const accel = options.accel ?? (await chooseAccelerator(parseAcceleratorChoice(process.env.COCOON_ACCEL), guest));
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'cocoon-bench-rel-'));
+  try {
+    makeTestRootDisk(path.join(dir, 'root.raw'));
+    const boot = await QemuVm.boot({
+      id: 'rel-base',
+      runDir: path.join(dir, 'rel-base'),
+      vcpus: 1,
+      memoryMiB: 256,
+      accel,
+      guest,
+      disk: { path: path.join(dir, 'root.raw'), format: 'raw' },
+      network,
+    });
+    await firstByte(boot);
+    const base = path.join(dir, 'base');
+    await boot.snapshot(base, { compact: true });
+    const vm = await QemuVm.restore({ id: 'rel-vm', runDir: path.join(dir, 'rel-vm'), snapshotDir: base, network });
+    await firstByte(vm);
+    const suspended = path.join(dir, 'suspended');
+    await vm.snapshot(suspended);
+
+    const measure = async (what: string, fn: () => Promise<unknown>) => {
+      const samples: number[] = [];
+      await fn(); // page cache warm, helper built
+      for (let i = 0; i < runs; i++) {
+        const start = performance.now();
+        await fn();
+        samples.push(elapsedMs(start));
+      }
+      say(`${what}: p50 ${summarize(samples).p50} ms`);
+      return summarize(samples);
+    };
+    const files = (snapshot: string, disk: string) => [path.join(snapshot, 'mem'), path.join(snapshot, disk)];
+    const baseManifest = await readSnapshotManifest(base);
+    const suspendedManifest = await readSnapshotManifest(suspended);
+    const dataMiB = (file: string) => (fs.statSync(file).blocks * 512) / 1024 / 1024;
+    return {
+      'reliability.checksum_image_snapshot_ms': await measure('checksums, image snapshot', () => dataChecksums(files(base, 'disk.raw'))),
+      'reliability.checksum_suspended_ms': await measure('checksums, suspended VM', () => dataChecksums(files(suspended, 'disk.qcow2'))),
+      'reliability.verify_restore_ms': await measure('restore check', () => verifySnapshotData(base, baseManifest)),
+      'reliability.verify_resume_ms': await measure('resume check', () => verifySnapshotData(suspended, suspendedManifest)),
+      'reliability.image_mem_data_mib': single(+dataMiB(path.join(base, 'mem')).toFixed(1), 'count'),
+      'reliability.suspended_mem_data_mib': single(+dataMiB(path.join(suspended, 'mem')).toFixed(1), 'count'),
+    };
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+if (import.meta.main) {
+  const runsFlag = process.argv.indexOf('--runs');
+  const runs = runsFlag > 0 ? Number(process.argv[runsFlag + 1]) : 10;
+  console.log(JSON.stringify(await runReliabilityBench({ runs, log: (line) => console.error(line) }), null, 2));
+}
