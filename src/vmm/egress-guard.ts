@@ -51,8 +51,16 @@ function rules(family: 4 | 6, uids: string): string[][] {
 async function install(binary: 'iptables' | 'ip6tables', family: 4 | 6, owners: string[]): Promise<void> {
   const ipt = (...args: string[]) => run(binary, ['-w', '5', ...args]);
   await ipt('-N', EGRESS_CHAIN).catch(() => undefined); // exists already
-  await ipt('-F', EGRESS_CHAIN);
-  for (const uids of owners) for (const rule of rules(family, uids)) await ipt('-A', EGRESS_CHAIN, ...rule);
+  // Added where missing, never flushed: other Cocoon processes' VMs stay guarded meanwhile.
+  for (const uids of owners) {
+    for (const rule of rules(family, uids)) {
+      const present = await ipt('-C', EGRESS_CHAIN, ...rule).then(
+        () => true,
+        () => false,
+      );
+      if (!present) await ipt('-A', EGRESS_CHAIN, ...rule);
+    }
+  }
   const jumps = await ipt('-C', 'OUTPUT', '-j', EGRESS_CHAIN).then(
     () => true,
     () => false,
@@ -70,12 +78,14 @@ let failedOnce = false;
 export function ensureEgressGuard(identity: QemuIdentity | undefined, options: { bestEffort?: boolean } = {}): Promise<void> {
   if (process.env.COCOON_EGRESS_GUARD === 'off') return Promise.resolve();
   if (options.bestEffort) {
-    // For VMs without egress: tried once, a failure logged once, never in the way.
-    if (failedOnce || !identity) return Promise.resolve();
-    return ensureEgressGuard(identity).catch((error: unknown) => {
-      failedOnce = true;
-      log.warn({ error: errorMessage(error) }, 'no egress guard: a QEMU that escaped its guest could reach the host\'s services');
-    });
+    // For VMs without egress: tried once in the background, a failure logged once, never in the way.
+    if (!failedOnce && identity) {
+      ensureEgressGuard(identity).catch((error: unknown) => {
+        failedOnce = true;
+        log.warn({ error: errorMessage(error) }, 'no egress guard: a QEMU that escaped its guest could reach the host\'s services');
+      });
+    }
+    return Promise.resolve();
   }
   if (!identity) {
     return Promise.reject(

@@ -119,8 +119,9 @@ export async function loadDeviceState(
   finished.catch(() => undefined); // if a step below fails first (QEMU gone), its error is the one reported
   await qmp.execute('migrate-incoming', { uri: `unix:${socketPath}` });
   const socket = await connectUnix(socketPath, 5000);
+  socket.on('error', () => undefined); // QEMU going away resets it, also after the pipeline is done with it
   const sent = pipeline(fs.createReadStream(file), socket).catch(() => undefined); // QEMU may close early on a bad stream
-  const event = await finished;
+  const event = await finished.finally(() => socket.destroy());
   await sent;
   await fs.promises.rm(socketPath, { force: true });
   if (event.data?.status !== 'completed') {

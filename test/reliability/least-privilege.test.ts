@@ -16,6 +16,7 @@ import { loadGuestArtifacts } from '../../src/guest/artifacts.ts';
 import { ADMIN_KEY_FILE, type RunningServer, startServer } from '../../src/server.ts';
 import { DATABASE_FILE } from '../../src/store/open.ts';
 import { cgroupSupport } from '../../src/vmm/cgroups.ts';
+import { ensureEgressGuard } from '../../src/vmm/egress-guard.ts';
 import { QemuVm } from '../../src/vmm/qemu.ts';
 import { QEMU_UID_BASE, QEMU_UID_COUNT, ensureQemuAccount } from '../../src/vmm/sandbox.ts';
 import { makeHostileRootDisk } from '../support/hostile-rootfs.ts';
@@ -146,6 +147,7 @@ describe('least privilege for QEMU', { skip: isRoot ? false : 'needs root (the d
     await new Promise<void>((resolve) => listener.listen(0, '127.0.0.1', resolve));
     const port = (listener.address() as net.AddressInfo).port;
     const account = await ensureQemuAccount('cocoon-qemu');
+    await ensureEgressGuard({ uid: QEMU_UID_BASE + 4242, gid: account.gid, group: 'cocoon-qemu' }); // in place since the first VM; waits if still going
     const connect = (asQemu: boolean) =>
       new Promise<number | null>((resolve) => {
         const argv = ['busybox', 'nc', '-w', '3', '127.0.0.1', String(port)];
@@ -305,6 +307,7 @@ describe('least privilege for QEMU', { skip: isRoot ? false : 'needs root (the d
       });
       try {
         const memory = groupDir(vm.pid, 'memory');
+        assert.equal(await httpGet(`http://127.0.0.1:${vm.hostPort(APP_PORT)}/`), 'hostile');
         // One request with a long deadline (a retried one would start filling again): under the
         // limit the kernel writes guest pages back to the RAM file to make room, which takes time.
         const response = await fetch(`http://127.0.0.1:${vm.hostPort(APP_PORT)}/cgi-bin/touch?160`, { signal: AbortSignal.timeout(150_000) });
