@@ -23,7 +23,14 @@ import { ensureEgressGuard } from './egress-guard.ts';
 import { type QemuIdentity, dropPrivilegesArgv, qemuIdentity } from './sandbox.ts';
 import { SerialLog, tailSerialLog } from './serial-log.ts';
 import { grantQemuAccess, isNoSpace, qemuDirOf, sealSnapshotFiles, snapshotFailure, takeBackSnapshotFiles } from './snapshot-safety.ts';
-import { dataChecksums, readSnapshotManifest, verifySnapshot, verifySnapshotData, writeSnapshotManifest } from './snapshot.ts';
+import {
+  assertDataChecksums,
+  checkDataChecksum,
+  dataChecksums,
+  readSnapshotManifest,
+  verifySnapshot,
+  writeSnapshotManifest,
+} from './snapshot.ts';
 import {
   type BootOptions,
   type CommonVmOptions,
@@ -135,9 +142,9 @@ export class QemuVm {
   static async restore(options: RestoreOptions): Promise<QemuVm> {
     const manifest = await readSnapshotManifest(options.snapshotDir);
     await verifySnapshot(options.snapshotDir, manifest);
-    // The memory file and disk are checked while QEMU starts, and before it loads anything.
-    const dataChecked = verifySnapshotData(options.snapshotDir, manifest);
-    dataChecked.catch(() => undefined); // awaited below; a launch that fails earlier never asks
+    // The memory file is checked as it is copied for the new VM, and the disk along with it
+    // (one helper run), before QEMU starts: the guest runs only on what matches the checksums.
+    assertDataChecksums(options.snapshotDir, manifest);
     const ramPath = path.join(options.runDir, 'mem');
     const disk: DiskSpec = { path: path.join(options.runDir, 'disk.qcow2'), format: 'qcow2' };
     const snapshotDisk = path.join(options.snapshotDir, manifest.files.disk.name);
@@ -145,13 +152,14 @@ export class QemuVm {
     return QemuVm.launch(options, manifest.shape, manifest.cmdline, disk, ramPath, {
       incoming: true,
       prepare: async () => {
-        await Promise.all([
-          cloneRamFile(path.join(options.snapshotDir, manifest.files.mem.name), ramPath),
+        const [[memChecksum, diskChecksum]] = await Promise.all([
+          cloneRamFile(path.join(options.snapshotDir, manifest.files.mem.name), ramPath, { checksum: true, alsoChecksum: [snapshotDisk] }),
           createDiskLayer(snapshotDisk, manifest.files.disk.format, disk.path),
         ]);
+        checkDataChecksum(options.snapshotDir, manifest, 'mem', memChecksum);
+        checkDataChecksum(options.snapshotDir, manifest, 'disk', diskChecksum);
       },
       start: async (vm) => {
-        await dataChecked;
         try {
           await loadDeviceState(vm.qmp, path.join(qemuDirOf(options.runDir), 'incoming.sock'), stateFile);
         } catch (error) {
@@ -247,10 +255,13 @@ export class QemuVm {
     }
     await this.kill();
     // The RAM file's blocks that were reserved and never written go back to the filesystem, in
-    // the background (the content does not change; restores read only written extents).
-    releaseUnusedRam(path.join(targetDir, 'mem')).catch((error: unknown) =>
-      log.debug({ vm: this.id, error: errorMessage(error) }, 'cannot give back the unused blocks of a snapshot\'s memory file'),
-    );
+    // the background (the content does not change; restores read only written extents), and
+    // after this returns: starting the helper takes the event loop a few milliseconds.
+    setTimeout(() => {
+      releaseUnusedRam(path.join(targetDir, 'mem')).catch((error: unknown) =>
+        log.debug({ vm: this.id, error: errorMessage(error) }, 'cannot give back the unused blocks of a snapshot\'s memory file'),
+      );
+    }, 0);
     return manifest;
   }
 

@@ -24,6 +24,8 @@ import fs from 'node:fs';
 import { promisify } from 'node:util';
 import { CocoonError, isCocoonError } from '../common/errors.ts';
 import { runSparseHelper } from './native/helper.ts';
+import { parseChecksumLine } from './snapshot.ts';
+import type { DataChecksum } from './types.ts';
 
 const run = promisify(execFile);
 
@@ -42,11 +44,24 @@ export async function createRamFile(path: string, memoryMiB: number): Promise<vo
   }
 }
 
-export async function cloneRamFile(source: string, target: string): Promise<void> {
+/**
+ * Clones `source` into a new `target` with all its blocks reserved. With `checksum`, the data is
+ * checksummed as it is copied, and so are the files of `alsoChecksum` (one helper run); the
+ * checksums come back in that order (`checkDataChecksum` compares them with a manifest's).
+ */
+export async function cloneRamFile(source: string, target: string): Promise<void>;
+export async function cloneRamFile(source: string, target: string, options: { checksum: true; alsoChecksum?: string[] }): Promise<DataChecksum[]>;
+export async function cloneRamFile(
+  source: string,
+  target: string,
+  options: { checksum?: boolean; alsoChecksum?: string[] } = {},
+): Promise<DataChecksum[] | void> {
   try {
     // A reflink where the filesystem can, else a copy of the data extents only; then the rest
     // of the file is reserved.
-    await runSparseHelper(['copy', source, target, 'reserve']);
+    const extra = options.checksum && options.alsoChecksum?.length ? ['--', ...options.alsoChecksum] : [];
+    const out = await runSparseHelper(['copy', source, target, 'reserve', ...(options.checksum ? ['sum'] : []), ...extra]);
+    if (options.checksum) return out.trim().split('\n').map(parseChecksumLine);
   } catch (error) {
     await fs.promises.rm(target, { force: true });
     if (isCocoonError(error, 'no_space') || isCocoonError(error, 'helper_missing')) throw error;

@@ -74,34 +74,47 @@ export async function dataChecksums(files: Array<string | number>): Promise<Data
   const out = await runSparseHelper(['sum', ...names], fds);
   const lines = out.trim().split('\n');
   if (lines.length !== files.length) throw new Error(`the checksum helper answered ${lines.length} lines for ${files.length} files`);
-  return lines.map((line) => {
-    const value = /^([0-9a-f]{16}) \d+ \d+$/.exec(line)?.[1];
-    if (!value) throw new Error(`the checksum helper answered ${JSON.stringify(line)}`);
-    return { algorithm: 'xxh64-pages', value };
-  });
+  return lines.map(parseChecksumLine);
 }
 
-/**
- * Checks the memory file and the disk against the checksums in the manifest (both are read:
- * their data extents only). A snapshot without them is refused: it cannot be checked.
- */
-export async function verifySnapshotData(dir: string, manifest: SnapshotManifest): Promise<void> {
-  const { mem, disk } = manifest.files;
-  for (const file of [mem, disk]) {
+type DataFile = 'mem' | 'disk';
+
+/** Fails unless the manifest has checksums for the memory file and the disk. */
+export function assertDataChecksums(dir: string, manifest: SnapshotManifest): void {
+  for (const file of [manifest.files.mem, manifest.files.disk]) {
     if (file.checksum?.algorithm !== 'xxh64-pages' || !/^[0-9a-f]{16}$/.test(file.checksum.value)) {
       throw corrupt(dir, `manifest.json has no checksum for ${file.name} (made by an older Cocoon?)`);
     }
   }
+}
+
+/** Compares a checksum taken of one of the snapshot's files with the manifest's. */
+export function checkDataChecksum(dir: string, manifest: SnapshotManifest, which: DataFile, actual: DataChecksum | undefined): void {
+  const file = manifest.files[which];
+  if (!actual || actual.value !== file.checksum?.value) throw corrupt(dir, `${file.name} does not match its checksum`);
+}
+
+/**
+ * Checks the memory file and the disk (or those named) against the checksums in the manifest:
+ * their data extents are read. A snapshot without checksums is refused: it cannot be checked.
+ */
+export async function verifySnapshotData(dir: string, manifest: SnapshotManifest, which: DataFile[] = ['mem', 'disk']): Promise<void> {
+  assertDataChecksums(dir, manifest);
   let actual: DataChecksum[];
   try {
-    actual = await dataChecksums([path.join(dir, mem.name), path.join(dir, disk.name)]);
+    actual = await dataChecksums(which.map((name) => path.join(dir, manifest.files[name].name)));
   } catch (error) {
     if (error instanceof CocoonError && error.code === 'helper_missing') throw error;
     throw corrupt(dir, `its files cannot be read: ${(error as Error).message}`);
   }
-  for (const [index, file] of [mem, disk].entries()) {
-    if (actual[index]?.value !== file.checksum?.value) throw corrupt(dir, `${file.name} does not match its checksum`);
-  }
+  for (const [index, name] of which.entries()) checkDataChecksum(dir, manifest, name, actual[index]);
+}
+
+/** Parses the helper's checksum line (`<hex> <pages> <size>`). */
+export function parseChecksumLine(line: string): DataChecksum {
+  const value = /^([0-9a-f]{16}) \d+ \d+$/.exec(line.trim())?.[1];
+  if (!value) throw new Error(`the checksum helper answered ${JSON.stringify(line)}`);
+  return { algorithm: 'xxh64-pages', value };
 }
 
 /**

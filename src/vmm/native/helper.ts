@@ -39,7 +39,7 @@ async function build(): Promise<string> {
   await fs.promises.mkdir(dir, { recursive: true });
   const temp = `${binary}.${process.pid}.tmp`;
   try {
-    await run(COMPILER, ['-O2', '-Wall', '-Wextra', '-o', temp, SOURCE]);
+    await run(COMPILER, ['-O2', '-Wall', '-Wextra', '-pthread', '-o', temp, SOURCE]);
     await fs.promises.chmod(temp, 0o755);
     await fs.promises.rename(temp, binary); // atomic: concurrent builders each rename a whole file
   } catch (error) {
