@@ -142,13 +142,13 @@ static void log_request(const char *method, const char *target, char *head) {
 
 /* ---- request bodies ---- */
 
-static uint64_t fnv = 1469598103934665603ULL;
+static uint64_t fnv = 0xcbf29ce484222325ULL;
 static uint64_t body_bytes;
 
 static void hash_bytes(const char *p, size_t n) {
   for (size_t i = 0; i < n; i++) {
     fnv ^= (unsigned char)p[i];
-    fnv *= 1099511628211ULL;
+    fnv *= 0x100000001b3ULL;
   }
   body_bytes += n;
 }
@@ -341,7 +341,7 @@ static void serve(void) {
     int keep = !(conn && !strncasecmp(conn, "close", 5));
     const char *cl = header(head, "Content-Length");
     const char *te = header(head, "Transfer-Encoding");
-    fnv = 1469598103934665603ULL;
+    fnv = 0xcbf29ce484222325ULL;
     body_bytes = 0;
     if (te && !strncasecmp(te, "chunked", 7)) {
       if (read_chunked() < 0) return;

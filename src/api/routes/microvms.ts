@@ -308,13 +308,17 @@ export function microvmRoutes(app: FastifyInstance, { db, config }: ApiContext, 
       schema: {
         summary: 'Issue a gateway token for this microVM (≤ 60 minutes, optionally only some ports)',
         params: IdParams,
-        body: Type.Optional(IssueToken),
+        body: IssueToken,
         response: { 201: IssuedToken, ...errors },
+      },
+      // No body at all means every default.
+      preValidation: async (request) => {
+        request.body ??= {};
       },
     },
     async (request, reply) => {
       const microvm = await find(request, request.params.id);
-      const body = request.body ?? {};
+      const body = request.body;
       const { token, secret } = await createToken(db, {
         microvmId: microvm.id,
         tenantId: request.tenant.id,
