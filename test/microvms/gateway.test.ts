@@ -12,6 +12,8 @@ import { after, before, describe, test } from 'node:test';
 import { setFlagsFromString } from 'node:v8';
 import { runInNewContext } from 'node:vm';
 import { WebSocket } from 'ws';
+import { createGateway } from '../../src/gateway/gateway.ts';
+import { createTokenVerifier } from '../../src/gateway/tokens.ts';
 import { microvmDir } from '../../src/lifecycle/paths.ts';
 import { listEvents } from '../../src/store/events.ts';
 import type { Image } from '../../src/store/images.ts';
@@ -147,6 +149,27 @@ describe('the gateway in front of real microVMs', () => {
       assert.ok(Date.now() < deadline, 'suspended once the WebSocket closed');
       await sleep(100);
     }
+    assert.equal((await s.api('DELETE', `/microvms/${id}`)).status, 204);
+  });
+
+  test('a wake that cannot finish within its bound answers 503 with Retry-After; the resume goes on and the retry is answered', async (t) => {
+    const { id, token } = await start();
+    assert.equal(await s.get(id, token, '/'), 'hello from cocoon');
+    assert.equal((await s.api('POST', `/microvms/${id}/suspend`)).body.state, 'SUSPENDED');
+    // A second gateway on the same lifecycle, with a wake bound no restore can meet.
+    const impatient = createGateway({ directory: s.module.engine, tokens: createTokenVerifier(s.server.db), wakeTimeoutMs: 1, retryAfterSeconds: 1 });
+    const { port } = await impatient.listen(0);
+    t.after(() => impatient.close());
+    const answer = await gatewayRequest(port, id, token, '/');
+    assert.equal(answer.status, 503);
+    assert.equal(JSON.parse(answer.body).error.code, 'wake_timeout');
+    assert.equal(answer.headers['retry-after'], '1');
+    const deadline = Date.now() + 30_000;
+    while ((await s.api('GET', `/microvms/${id}`)).body.state !== 'RUNNING') {
+      assert.ok(Date.now() < deadline, 'the resume went on');
+      await sleep(50);
+    }
+    assert.equal((await gatewayRequest(port, id, token, '/')).status, 200, 'the retry is answered');
     assert.equal((await s.api('DELETE', `/microvms/${id}`)).status, 204);
   });
 

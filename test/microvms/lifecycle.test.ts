@@ -33,7 +33,11 @@ describe('microVM lifecycle through the gateway', () => {
       db: s.server.db,
       dataDir,
       tenantId: s.adminTenantId,
-      hooks: { resume: { command: 'echo "resumed $(date +%s)" >> /tmp/hooks.log', timeoutSeconds: 10 } },
+      hooks: {
+        run: { command: 'echo run >> /tmp/hooks.log', timeoutSeconds: 10 },
+        suspend: { command: 'echo suspending >> /tmp/hooks.log', timeoutSeconds: 10 },
+        resume: { command: 'echo "resumed $(date +%s)" >> /tmp/hooks.log', timeoutSeconds: 10 },
+      },
     });
   });
   after(async () => {
@@ -98,8 +102,10 @@ describe('microVM lifecycle through the gateway', () => {
     await sleep(1000);
     assert.ok(parseBackground(await s.get(id, token, '/cgi-bin/bg')).ticks > after.ticks, 'and it is running');
 
-    // The image's resume hook ran inside the guest after the restore.
-    assert.match(await s.get(id, token, '/hooks', { port: TESTAPP_PORT }), /^resumed \d+$/m);
+    // The image's hooks ran inside the guest: run at the start, suspend before the snapshot, resume after the restore.
+    const hooks = (await s.get(id, token, '/hooks', { port: TESTAPP_PORT })).split('\n');
+    assert.deepEqual(hooks.slice(0, 2), ['run', 'suspending']);
+    assert.match(hooks[2] ?? '', /^resumed \d+$/);
     const log = await s.api('GET', `/microvms/${id}/logs`);
     assert.equal(log.status, 200);
     assert.match(String(log.body), /hook resume ended: 0/);
@@ -109,6 +115,18 @@ describe('microVM lifecycle through the gateway', () => {
     await waitForState(id, 'SUSPENDED');
     assert.equal(await s.get(id, token, '/cgi-bin/count'), '3');
     assert.equal(await s.get(id, token, '/cgi-bin/file'), 'kept-across-suspend');
+    assert.equal((await s.api('DELETE', `/microvms/${id}`)).status, 204);
+  });
+
+  test('a request in flight holds off the idle suspend; the suspend follows once it ends', async () => {
+    const { id, token } = await start({ idlePolicy: { maxIdleDurationSeconds: 1 } });
+    assert.equal(await s.get(id, token, '/'), 'hello from cocoon');
+    // A 3 s request against a 1 s idle policy: the microVM stays RUNNING while it is in flight.
+    const slow = gatewayRequest(s.gatewayPort, id, token, '/sleep?ms=3000', { port: TESTAPP_PORT });
+    await sleep(2000);
+    assert.equal((await s.api('GET', `/microvms/${id}`)).body.state, 'RUNNING');
+    assert.equal((await slow).body.trim(), 'slept');
+    await waitForState(id, 'SUSPENDED');
     assert.equal((await s.api('DELETE', `/microvms/${id}`)).status, 204);
   });
 
