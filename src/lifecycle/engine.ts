@@ -218,12 +218,21 @@ export class LifecycleEngine implements MicroVMDirectory {
   }
 
   async #restore(instance: Instance, snapshotDir: string): Promise<QemuVm> {
-    const vm = await QemuVm.restore({
+    const options = {
       id: instance.id,
       runDir: runDir(this.dataDir, instance.id),
       snapshotDir,
       network: { forwards: await this.#forwards(snapshotDir, instance.appPort), egress: instance.egress },
-    });
+    };
+    let vm: QemuVm;
+    try {
+      vm = await QemuVm.restore(options);
+    } catch (error) {
+      // A free port picked for the forward can be taken by someone else before QEMU binds it: once more.
+      if (!isCocoonError(error, 'port_in_use')) throw error;
+      this.#log.warn({ microvm: instance.id }, 'a forwarded port was taken meanwhile; restoring again');
+      vm = await QemuVm.restore(options);
+    }
     this.#attach(instance, vm);
     return vm;
   }

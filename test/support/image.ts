@@ -26,6 +26,8 @@ export interface TestImageOptions {
   memoryMiB?: number;
   /** Hooks: their commands go into the root disk's workload file, their timeouts into the image row. */
   hooks?: ImageHooks;
+  /** Without the test app's background loop (benchmarks of idle microVMs). */
+  idle?: boolean;
 }
 
 export async function createTestImage(options: TestImageOptions): Promise<Image> {
@@ -48,7 +50,11 @@ export async function createTestImage(options: TestImageOptions): Promise<Image>
   fs.mkdirSync(buildDir, { recursive: true });
   const rootDisk = path.join(buildDir, 'root.raw');
   const hookCommands = Object.fromEntries(Object.entries(options.hooks ?? {}).map(([name, hook]) => [name, hook.command]));
-  makeTestRootDisk(rootDisk, 64, { testApp: buildTestApp(path.join(dataDir, 'testapp-build')), hooks: hookCommands });
+  makeTestRootDisk(rootDisk, 64, {
+    testApp: buildTestApp(path.join(dataDir, 'testapp-build')),
+    hooks: hookCommands,
+    backgroundLoop: !options.idle,
+  });
   await transitionImage(db, image.id, 'BUILDING', 'BOOTING');
   const vm = await QemuVm.boot({
     id: image.id,

@@ -28,6 +28,8 @@ export interface TestRootDiskOptions {
   testApp?: string;
   /** Image hooks for the workload file: `hook.<name> <command>`. */
   hooks?: Record<string, string>;
+  /** The background loop behind /cgi-bin/bg (default true); without it an idle guest is really idle. */
+  backgroundLoop?: boolean;
 }
 
 export function makeTestRootDisk(file: string, sizeMiB = 64, options: TestRootDiskOptions = {}): void {
@@ -45,8 +47,12 @@ export function makeTestRootDisk(file: string, sizeMiB = 64, options: TestRootDi
       [
         '#!/bin/sh',
         // Written aside and renamed: a reader never sees the file empty.
-        '(i=0; while true; do i=$((i+1)); echo $i > /tmp/bg.count.new; mv /tmp/bg.count.new /tmp/bg.count; sleep 0.2; done) &',
-        'echo $! > /tmp/bg.pid',
+        ...(options.backgroundLoop === false
+          ? []
+          : [
+              '(i=0; while true; do i=$((i+1)); echo $i > /tmp/bg.count.new; mv /tmp/bg.count.new /tmp/bg.count; sleep 0.2; done) &',
+              'echo $! > /tmp/bg.pid',
+            ]),
         ...(options.testApp ? ['/bin/testapp 8081 &'] : []),
         'exec httpd -f -p 8080 -h /www',
         '',
