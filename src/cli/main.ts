@@ -15,11 +15,17 @@ export function buildCli(): Command {
     .description('run the Cocoon server (API, builder, lifecycle, gateway) with embedded defaults')
     .action(async () => {
       const config = loadConfig();
-      const server = await startServer(config, defaultModules());
+      const modules = defaultModules();
+      const server = await startServer(config, modules);
       if (server.newAdminKey) {
         console.log(`Admin API key (shown once, also in ${config.dataDir}/${ADMIN_KEY_FILE}):\n  ${server.newAdminKey}\n`);
       }
       console.log(`Cocoon API on ${server.apiUrl}/api/v1 (health: ${server.apiUrl}/api/v1/health)`);
+      for (const module of modules) {
+        if ('gatewayPort' in module && typeof module.gatewayPort === 'number') {
+          console.log(`Gateway on http://${config.host}:${module.gatewayPort} (microVMs at http://<id>.${config.gatewayDomain}:${module.gatewayPort})`);
+        }
+      }
       const stop = async () => {
         await server.close();
         process.exit(0);
