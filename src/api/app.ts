@@ -11,7 +11,10 @@ import type { ObjectStore } from '../objectstore/object-store.ts';
 import type { Db } from '../store/sql.ts';
 import { registerAuth } from './auth.ts';
 import { handleError } from './errors.ts';
+import { apiKeyRoutes } from './routes/api-keys.ts';
+import { dashboardRoutes } from './routes/dashboard.ts';
 import { healthRoutes } from './routes/health.ts';
+import { infoRoutes } from './routes/info.ts';
 import { tenantRoutes } from './routes/tenants.ts';
 
 /** What route plugins get. Services are added here as the platform grows. */
@@ -21,6 +24,8 @@ export interface ApiContext {
   objects: ObjectStore;
   /** Set once the server accepts work (health answers 503 before). */
   ready: () => boolean;
+  /** The gateway's bound port once it listens (null: no gateway runs). */
+  gatewayPort?: () => number | null;
 }
 
 export type ApiRoutes = (app: FastifyInstance, context: ApiContext) => Promise<void> | void;
@@ -54,10 +59,23 @@ export async function buildApiServer(context: ApiContext, extraRoutes: ApiRoutes
 
   await app.register(
     async (api) => {
-      for (const routes of [healthRoutes, tenantRoutes, ...extraRoutes]) await routes(api, context);
-      api.get('/openapi.json', { config: { public: true }, schema: { hide: true } }, async () => app.swagger());
+      for (const routes of [healthRoutes, infoRoutes, tenantRoutes, apiKeyRoutes, ...extraRoutes]) await routes(api, context);
+      api.get(
+        '/openapi.json',
+        {
+          config: { public: true },
+          schema: {
+            summary: 'This OpenAPI 3.1 document',
+            security: [],
+            response: { 200: { description: 'The OpenAPI document', type: 'object', additionalProperties: true } },
+          },
+        },
+        async () => app.swagger(),
+      );
     },
     { prefix: API_PREFIX },
   );
+  // The web dashboard at `/` (public assets; the API key stays in the browser).
+  await app.register(async (root) => dashboardRoutes(root, context));
   return app;
 }
