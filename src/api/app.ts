@@ -32,6 +32,21 @@ export type ApiRoutes = (app: FastifyInstance, context: ApiContext) => Promise<v
 
 export const API_PREFIX = '/api/v1';
 
+/** A route as registered, for checks such as "every route is in the OpenAPI document". */
+export interface RegisteredRoute {
+  method: string;
+  url: string;
+  hidden: boolean;
+  public: boolean;
+}
+
+const registered = new WeakMap<FastifyInstance, RegisteredRoute[]>();
+
+/** Every route `app` registered (collected with the onRoute hook). */
+export function registeredRoutes(app: FastifyInstance): RegisteredRoute[] {
+  return [...(registered.get(app) ?? [])];
+}
+
 /** Limits at the boundary: JSON bodies are small; uploads use their own streamed routes. */
 const JSON_BODY_LIMIT = 1024 * 1024;
 
@@ -42,6 +57,18 @@ export async function buildApiServer(context: ApiContext, extraRoutes: ApiRoutes
     routerOptions: { maxParamLength: 300 },
     ajv: { customOptions: { removeAdditional: false, coerceTypes: 'array', allErrors: false } },
   }).withTypeProvider<TypeBoxTypeProvider>();
+  const routes: RegisteredRoute[] = [];
+  registered.set(app, routes);
+  app.addHook('onRoute', (route) => {
+    for (const method of [route.method].flat()) {
+      routes.push({
+        method: String(method).toUpperCase(),
+        url: route.url,
+        hidden: Boolean((route.schema as { hide?: boolean } | undefined)?.hide),
+        public: Boolean((route.config as { public?: boolean } | undefined)?.public),
+      });
+    }
+  });
 
   await app.register(swagger, {
     openapi: {

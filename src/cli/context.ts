@@ -14,6 +14,7 @@ import {
   CocoonConnectionError,
   CocoonTimeoutError,
   ImageBuildFailedError,
+  InvalidArgumentError,
   MicroVMStateError,
 } from '../../packages/sdk/src/index.ts';
 import { CliError, EXIT, exitCodeFor, UsageError } from './exit-codes.ts';
@@ -138,7 +139,7 @@ function hintFor(error: unknown, settings: Resolved | undefined): string | undef
 
 function codeFor(error: unknown): string {
   if (error instanceof CliError) return error.code;
-  if (error instanceof UsageError) return 'usage';
+  if (error instanceof UsageError || error instanceof InvalidArgumentError) return 'usage';
   if (error instanceof CocoonApiError) return error.code;
   if (error instanceof CocoonConnectionError) return 'unreachable';
   if (error instanceof CocoonTimeoutError) return 'timeout';

@@ -5,6 +5,7 @@ import {
   CocoonApiError,
   CocoonConnectionError,
   CocoonTimeoutError,
+  InvalidArgumentError,
 } from '../../packages/sdk/src/index.ts';
 
 export const EXIT = {
@@ -50,7 +51,7 @@ export class CliError extends Error {
 
 export function exitCodeFor(error: unknown): number {
   if (error instanceof CliError) return error.exitCode;
-  if (error instanceof UsageError) return EXIT.usage;
+  if (error instanceof UsageError || error instanceof InvalidArgumentError) return EXIT.usage;
   if (error instanceof CocoonApiError) {
     switch (error.kind) {
       case 'invalid_request': return EXIT.usage;

@@ -1,4 +1,4 @@
-import { CocoonError } from './errors.ts';
+import { InvalidArgumentError } from './errors.ts';
 import type { CallOptions, Transport } from './http.ts';
 import type { Bundle } from './types.ts';
 
@@ -69,18 +69,18 @@ export class Bundles {
     } else if (typeof Blob !== 'undefined' && source instanceof Blob) {
       body = source;
       contentType ??= sniff(new Uint8Array(await source.slice(0, 4).arrayBuffer()));
-      if (!contentType) throw new CocoonError(`${(source as File).name ?? 'the file'} is not a .tar.gz or .zip archive`);
+      if (!contentType) throw new InvalidArgumentError(`${(source as File).name ?? 'the file'} is not a .tar.gz or .zip archive`);
     } else if (source instanceof Uint8Array || source instanceof ArrayBuffer) {
       const bytes = source instanceof ArrayBuffer ? new Uint8Array(source) : source;
       body = new Blob([bytes as Uint8Array<ArrayBuffer>]);
       contentType ??= sniff(bytes);
-      if (!contentType) throw new CocoonError('the bundle is not a .tar.gz or .zip archive');
+      if (!contentType) throw new InvalidArgumentError('the bundle is not a .tar.gz or .zip archive');
     } else if (typeof ReadableStream !== 'undefined' && source instanceof ReadableStream) {
       body = source;
     } else if (source && typeof (source as AsyncIterable<Uint8Array>)[Symbol.asyncIterator] === 'function') {
       body = toStream(source as AsyncIterable<Uint8Array>);
     } else {
-      throw new CocoonError('bundles.push takes a path, a Blob, bytes or a stream');
+      throw new InvalidArgumentError('bundles.push takes a path, a Blob, bytes or a stream');
     }
     return this.#http.json<Bundle>({
       method: 'POST',

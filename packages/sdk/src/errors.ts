@@ -41,6 +41,14 @@ export class CocoonError extends Error {
   }
 }
 
+/** A call's arguments are wrong (a path that is no bundle, a bad URL…): nothing was sent. */
+export class InvalidArgumentError extends CocoonError {
+  constructor(message: string, options?: { cause?: unknown }) {
+    super(message, options);
+    this.name = 'InvalidArgumentError';
+  }
+}
+
 /** The API answered with an error: `{"error": {"code", "message"}}` and a 4xx/5xx status. */
 export class CocoonApiError extends CocoonError {
   /** The server's stable code, e.g. `image_not_found`, `invalid_request`, `image_in_use`. */

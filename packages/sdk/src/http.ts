@@ -3,7 +3,7 @@
  * token, a timeout per request combined with the caller's AbortSignal, and error answers turned
  * into typed exceptions.
  */
-import { apiError, CocoonConnectionError, CocoonError, CocoonTimeoutError } from './errors.ts';
+import { apiError, CocoonConnectionError, CocoonError, CocoonTimeoutError, InvalidArgumentError } from './errors.ts';
 
 export const API_PREFIX = '/api/v1';
 export const DEFAULT_TIMEOUT_MS = 60_000;
@@ -48,10 +48,10 @@ export function normalizeApiUrl(url: string): string {
   try {
     parsed = new URL(url);
   } catch {
-    throw new CocoonError(`the API URL ${JSON.stringify(url)} is not a URL; expected e.g. http://127.0.0.1:7070`);
+    throw new InvalidArgumentError(`the API URL ${JSON.stringify(url)} is not a URL; expected e.g. http://127.0.0.1:7070`);
   }
   if (parsed.protocol !== 'http:' && parsed.protocol !== 'https:') {
-    throw new CocoonError(`the API URL must be http:// or https://, got ${JSON.stringify(url)}`);
+    throw new InvalidArgumentError(`the API URL must be http:// or https://, got ${JSON.stringify(url)}`);
   }
   let path = parsed.pathname.replace(/\/+$/, '');
   if (path.endsWith(API_PREFIX)) path = path.slice(0, -API_PREFIX.length);
@@ -72,7 +72,7 @@ export function buildQuery(query: Query | undefined): string {
 
 /** A path segment for an id or an ARN (ARNs hold ':' and '/'). */
 export function segment(id: string): string {
-  if (typeof id !== 'string' || id === '') throw new CocoonError('an id is required');
+  if (typeof id !== 'string' || id === '') throw new InvalidArgumentError('an id is required');
   return encodeURIComponent(id);
 }
 
@@ -144,6 +144,11 @@ export class Transport {
       } finally {
         done();
       }
+    }
+    if (response.status === 204 || response.status === 205) {
+      done();
+      await response.body?.cancel().catch(() => undefined);
+      return new Response(null, { status: response.status, headers: response.headers });
     }
     if (!spec.stream) {
       // Read the whole body under the same timeout and signal.

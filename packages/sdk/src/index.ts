@@ -14,6 +14,7 @@ export {
   errorKind,
   GoneError,
   ImageBuildFailedError,
+  InvalidArgumentError,
   InvalidRequestError,
   isCocoonApiError,
   MicroVMStateError,

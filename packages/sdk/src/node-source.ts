@@ -4,7 +4,7 @@
  */
 import fs from 'node:fs';
 import path from 'node:path';
-import { CocoonError } from './errors.ts';
+import { InvalidArgumentError } from './errors.ts';
 import { gzip, tarStream, type TarEntry } from './tar.ts';
 
 export interface BundleBody {
@@ -28,18 +28,18 @@ export async function openBundlePath(source: string): Promise<BundleBody> {
   try {
     stat = await fs.promises.stat(source);
   } catch (error) {
-    throw new CocoonError(`cannot read ${source}: ${(error as NodeJS.ErrnoException).code ?? String(error)}`, { cause: error });
+    throw new InvalidArgumentError(`cannot read ${source}: ${(error as NodeJS.ErrnoException).code ?? String(error)}`, { cause: error });
   }
   if (stat.isDirectory()) {
     if (!fs.existsSync(path.join(source, 'Dockerfile'))) {
-      throw new CocoonError(`${source} has no Dockerfile at its root; a bundle is a folder with a Dockerfile`);
+      throw new InvalidArgumentError(`${source} has no Dockerfile at its root; a bundle is a folder with a Dockerfile`);
     }
     return { body: gzip(tarStream(walk(path.resolve(source)))), contentType: 'application/gzip', description: `folder ${source}` };
   }
-  if (!stat.isFile()) throw new CocoonError(`${source} is neither a folder nor a file`);
+  if (!stat.isFile()) throw new InvalidArgumentError(`${source} is neither a folder nor a file`);
   const blob = await fs.openAsBlob(source);
   const type = sniffArchive(new Uint8Array(await blob.slice(0, 4).arrayBuffer()));
-  if (!type) throw new CocoonError(`${source} is not a .tar.gz or .zip archive (nor a folder)`);
+  if (!type) throw new InvalidArgumentError(`${source} is not a .tar.gz or .zip archive (nor a folder)`);
   return { body: blob, contentType: type, description: `file ${source}` };
 }
 
