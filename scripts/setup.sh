@@ -31,6 +31,7 @@ packages=(
   uidmap:/usr/bin/newuidmap
   ca-certificates:/etc/ssl/certs/ca-certificates.crt
   zip:/usr/bin/zip
+  chromium:/usr/bin/chromium
 )
 
 install_system_packages() {

@@ -259,3 +259,22 @@ export function vmRoutesMissing(server: TestServer): string | undefined {
 export function sleep(ms: number): Promise<void> {
   return new Promise((resolve) => setTimeout(resolve, ms));
 }
+
+/** Debian's chromium, headless, driven by playwright-core (which downloads no browser). */
+export const CHROMIUM = '/usr/bin/chromium';
+
+export async function launchBrowser() {
+  const { chromium } = await import('playwright-core');
+  return chromium.launch({
+    executablePath: CHROMIUM,
+    headless: true,
+    args: ['--no-sandbox', '--disable-gpu', '--disable-background-networking', '--disable-component-update', '--disable-sync', '--no-first-run', '--disable-dev-shm-usage'],
+  });
+}
+
+/** Where a test's screenshots go (test-artifacts/<name>/, gitignored, kept after the run). */
+export function artifactDir(name: string): string {
+  const dir = path.join(artifacts, name);
+  fs.mkdirSync(dir, { recursive: true });
+  return dir;
+}
