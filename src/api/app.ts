@@ -5,12 +5,13 @@
  */
 import swagger from '@fastify/swagger';
 import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox';
-import Fastify, { type FastifyInstance } from 'fastify';
+import Fastify, { type FastifyInstance, type FastifySchema, type RouteOptions } from 'fastify';
 import type { CocoonConfig } from '../config/config.ts';
 import type { ObjectStore } from '../objectstore/object-store.ts';
 import type { Db } from '../store/sql.ts';
 import { registerAuth } from './auth.ts';
 import { handleError } from './errors.ts';
+import { ErrorSchema } from './schemas.ts';
 import { apiKeyRoutes } from './routes/api-keys.ts';
 import { dashboardRoutes } from './routes/dashboard.ts';
 import { healthRoutes } from './routes/health.ts';
@@ -50,6 +51,24 @@ export function registeredRoutes(app: FastifyInstance): RegisteredRoute[] {
 /** Limits at the boundary: JSON bodies are small; uploads use their own streamed routes. */
 const JSON_BODY_LIMIT = 1024 * 1024;
 
+/**
+ * Every route answers errors in the one shape; this documents the ones any route can give, so
+ * that no route's OpenAPI entry misses them: 400 where something is validated, 401 unless
+ * public, 404 where the path names a resource, 500 everywhere.
+ */
+function documentErrors(route: RouteOptions): void {
+  const schema = route.schema as (FastifySchema & { hide?: boolean; response?: Record<string, unknown> }) | undefined;
+  if (!schema || schema.hide) return;
+  const response = (schema.response ??= {});
+  const add = (status: number, when: boolean) => {
+    if (when && response[status] === undefined && response[String(status)] === undefined) response[status] = ErrorSchema;
+  };
+  add(400, Boolean(schema.body || schema.querystring || schema.params));
+  add(401, !(route.config as { public?: boolean } | undefined)?.public);
+  add(404, Boolean(schema.params));
+  add(500, true);
+}
+
 export async function buildApiServer(context: ApiContext, extraRoutes: ApiRoutes[] = []): Promise<FastifyInstance> {
   const app = Fastify({
     logger: { level: process.env.COCOON_LOG_LEVEL ?? (process.env.NODE_ENV === 'test' ? 'warn' : 'info'), redact: ['req.headers.authorization'] },
@@ -60,6 +79,7 @@ export async function buildApiServer(context: ApiContext, extraRoutes: ApiRoutes
   const routes: RegisteredRoute[] = [];
   registered.set(app, routes);
   app.addHook('onRoute', (route) => {
+    documentErrors(route);
     for (const method of [route.method].flat()) {
       routes.push({
         method: String(method).toUpperCase(),
