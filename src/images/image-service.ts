@@ -102,6 +102,9 @@ export class ImageService {
   async start(): Promise<void> {
     await fs.promises.mkdir(imagesDir(this.dataDir), { recursive: true, mode: 0o700 });
     await this.recover();
+    // Find the kernel and choose the accelerator now (the KVM probe takes seconds), not in the
+    // first build; a failure here is reported by the build that needs them.
+    this.resolveVmm().catch(() => undefined);
     this.accepting = true;
     this.pump();
   }

@@ -134,6 +134,21 @@ describe('images through the API (real buildah and QEMU)', () => {
     assert.equal((await api.get('/images')).body.items.length, 0, 'no image was created by a refused request');
   });
 
+  test('the OpenAPI document describes the bundle and image routes', async () => {
+    const doc = await (await fetch(`${t.url}/api/v1/openapi.json`)).json() as { paths: Record<string, Record<string, any>> };
+    assert.ok(doc.paths['/api/v1/bundles']?.post?.requestBody?.content?.['application/gzip'], 'POST /bundles takes application/gzip');
+    assert.ok(doc.paths['/api/v1/bundles']?.post?.requestBody?.content?.['application/zip'], 'and application/zip');
+    const create = doc.paths['/api/v1/images']?.post;
+    assert.ok(create?.responses?.['202'], 'POST /images answers 202');
+    const body = create.requestBody.content['application/json'].schema;
+    assert.deepEqual(body.required, ['name', 'bundle']);
+    assert.equal(body.properties.vcpus.maximum, 16);
+    assert.equal(body.properties.memoryMiB.minimum, 128);
+    assert.equal(body.properties.readiness.properties.timeoutSeconds.maximum, 3600);
+    for (const route of ['/api/v1/images', '/api/v1/images/{id}', '/api/v1/images/{id}/logs']) assert.ok(doc.paths[route]?.get, `GET ${route}`);
+    assert.ok(doc.paths['/api/v1/images/{id}']?.delete?.responses?.['409'], 'DELETE documents 409');
+  });
+
   test('a busybox bundle (.tar.gz) becomes READY; its log streams; its snapshot restores and answers HTTP', BUILD, async () => {
     const created = await api.post('/images', { name: 'busybox', bundle: busyboxUri, readiness: { httpPath: '/cgi-bin/hello', timeoutSeconds: 300 } });
     assert.equal(created.status, 202, created.text);
