@@ -36,6 +36,8 @@ export const MIN_DISK_MIB = 16;
 export interface ImageServiceOptions {
   /** Builds at a time (`COCOON_IMAGE_BUILDS`, default 1). */
   concurrency: number;
+  /** Images waiting for a builder at most (`COCOON_IMAGE_QUEUE_MAX`, default 100); beyond, 429. */
+  maxQueued: number;
   /** Bounds on bundles (`COCOON_BUNDLE_MAX_BYTES` sets the archive size bound). */
   bundleLimits: Partial<BundleLimits>;
   /** Wait for cocoon-init's hello when booting a build VM. */
@@ -55,6 +57,7 @@ export function imageServiceOptionsFromEnv(env: NodeJS.ProcessEnv = process.env)
   const maxBytes = env.COCOON_BUNDLE_MAX_BYTES;
   return {
     concurrency: int('COCOON_IMAGE_BUILDS', 1, 1, 64),
+    maxQueued: int('COCOON_IMAGE_QUEUE_MAX', 100, 0, 100_000),
     bundleLimits: maxBytes ? { maxCompressedBytes: int('COCOON_BUNDLE_MAX_BYTES', 0, 1, Number.MAX_SAFE_INTEGER) } : {},
     bootTimeoutMs: 120_000,
   };
@@ -138,6 +141,13 @@ export class ImageService {
       throw new CocoonError('invalid_request', `diskMiB must be at least ${MIN_DISK_MIB}`, { status: 400 });
     }
     if (!this.accepting) throw new CocoonError('unavailable', 'the image service is not running', { status: 503 });
+    if (this.queue.length >= this.options.maxQueued && this.running.size >= this.options.concurrency) {
+      throw new CocoonError(
+        'build_queue_full',
+        `${this.queue.length} images are already waiting for a builder; try again once some are built`,
+        { status: 429 },
+      );
+    }
     const image = await this.db.transaction(async (tx) => {
       const created = await createImage(tx, {
         tenantId,

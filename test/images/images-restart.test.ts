@@ -127,13 +127,25 @@ describe('a daemon restart mid-build', () => {
   test('closed normally during a build: the build is cancelled, FAILED with the reason, nothing left', BUILD, async () => {
     const dataDir = tempDir('cocoon-img-');
     dataDirs.push(dataDir);
-    let t = await startTestServer({}, dataDir);
+    let t = await startTestServer({ concurrency: 1, maxQueued: 1 }, dataDir);
     let id: string;
     try {
       const api = client(t.url, t.adminKey);
       const upload = await api.uploadBundle(await makeBundle({ Dockerfile: 'FROM busybox\nRUN echo slow-step-4723 && sleep 900\nCMD ["sh"]\n' }));
       id = (await api.post('/images', { name: 'stopped', bundle: upload.body.uri })).body.id;
       await waitForLog(api, id, 'slow-step-4723');
+      // The queue is bounded: one building, one waiting, the next is refused.
+      const waiting = await api.post('/images', { name: 'waiting', bundle: upload.body.uri });
+      assert.equal(waiting.status, 202, waiting.text);
+      const refused = await api.post('/images', { name: 'refused', bundle: upload.body.uri });
+      assert.equal(refused.status, 429, refused.text);
+      assert.equal(refused.body.error.code, 'build_queue_full');
+      assert.equal((await api.delete(`/images/${waiting.body.id}`)).status, 204, 'a queued image can be deleted');
+      // Someone follows the log: closing the server ends the stream instead of waiting for it.
+      const followed = await fetch(`${t.url}/api/v1/images/${id}/logs?follow=1`, { headers: { authorization: `Bearer ${t.adminKey}` } });
+      const text = followed.text();
+      await t.close();
+      assert.match(await text, /slow-step-4723/);
     } finally {
       await t.close();
     }

@@ -125,13 +125,18 @@ async function lookup(context: ApiContext, request: FastifyRequest, id: string):
 
 export function imageRoutes(service: () => ImageService): ApiRoutes {
   return (app: FastifyInstance, context: ApiContext) => {
+    // Followed logs end when the server closes (else closing would wait for builds to end).
+    const followers = new Set<AbortController>();
+    app.addHook('preClose', async () => {
+      for (const follower of followers) follower.abort();
+    });
     app.post<{ Body: Static<typeof CreateImage> }>(
       '/images',
       {
         schema: {
           summary: 'Create an image from a bundle; builds in the background (poll GET /images/{id} or follow its logs)',
           body: CreateImage,
-          response: { 202: ImageSchema, 400: ErrorSchema, 401: ErrorSchema, 404: ErrorSchema },
+          response: { 202: ImageSchema, 400: ErrorSchema, 401: ErrorSchema, 404: ErrorSchema, 429: ErrorSchema, 503: ErrorSchema },
         },
       },
       async (request, reply) => {
@@ -192,12 +197,16 @@ export function imageRoutes(service: () => ImageService): ApiRoutes {
         const image = await lookup(context, request, request.params.id);
         const follow = request.query.follow === '1' || request.query.follow === 'true';
         const stop = new AbortController();
+        followers.add(stop);
+        stop.signal.addEventListener('abort', () => followers.delete(stop), { once: true });
         request.raw.once('close', () => stop.abort());
         reply.raw.once('close', () => stop.abort());
         const stream = Readable.from(service().logChunks(image.id, follow, stop.signal), { objectMode: false });
         stream.once('close', () => stop.abort());
         reply.header('cache-control', 'no-store');
-        if (follow) reply.header('x-content-type-options', 'nosniff');
+        // A followed log is one long answer: the connection ends with it (a kept-alive one
+        // would hold a closing server for the keep-alive timeout).
+        if (follow) reply.header('x-content-type-options', 'nosniff').header('connection', 'close');
         return reply.type('text/plain; charset=utf-8').send(stream);
       },
     );
