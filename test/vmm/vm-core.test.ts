@@ -100,6 +100,35 @@ describe('VM core with real QEMU', () => {
     }
   });
 
+  test("the host hears the workload's exit code, and the guest powers off by itself", async () => {
+    const disk = path.join(dir, 'exits.raw');
+    makeTestRootDisk(disk, { workload: ['arg /bin/sh', 'arg -c', 'arg sleep 0.5; exit 7'] });
+    const vm = await QemuVm.boot({ id: 'exits', runDir: path.join(dir, 'exits'), vcpus: 1, memoryMiB: 128, accel: 'tcg', guest, disk: { path: disk, format: 'raw' }, network: { forwards: [] } });
+    try {
+      const code = new Promise<number>((resolve) => vm.guest.once('exit', resolve));
+      assert.equal(await code, 7);
+      await vm.waitForExit();
+      assert.equal(vm.exited, true);
+    } finally {
+      await vm.destroy();
+    }
+  });
+
+  test('a shutdown request sends SIGTERM to the workload, then the guest powers off', async () => {
+    const disk = path.join(dir, 'stops.raw');
+    // exec: the shell becomes the sleeping process, so SIGTERM reaches it directly.
+    makeTestRootDisk(disk, { workload: ['arg /bin/sh', 'arg -c', 'arg exec sleep 600'] });
+    const vm = await QemuVm.boot({ id: 'stops', runDir: path.join(dir, 'stops'), vcpus: 1, memoryMiB: 128, accel: 'tcg', guest, disk: { path: disk, format: 'raw' }, network: { forwards: [] } });
+    try {
+      const code = new Promise<number>((resolve) => vm.guest.once('exit', resolve));
+      vm.guest.shutdown(30_000);
+      assert.equal(await code, 128 + 15, 'the workload ended by SIGTERM, before the grace period ran out');
+      await vm.waitForExit();
+    } finally {
+      await vm.destroy();
+    }
+  });
+
   test('suspend (snapshot, QEMU gone) then resume keeps background processes, their state and files', async () => {
     const vm = await QemuVm.restore({ id: 'sleeper', runDir: path.join(dir, 'sleeper'), snapshotDir, network });
     const suspended = path.join(dir, 'sleeper-suspended');
