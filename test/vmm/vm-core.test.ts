@@ -49,6 +49,11 @@ describe('VM core with real QEMU', () => {
     try {
       assert.equal(await httpGet(url(vm, '/')), 'hello from cocoon');
       assert.equal(await httpGet(url(vm, '/cgi-bin/count')), '1');
+      const stats = vm.stats();
+      assert.equal(stats.pid, vm.pid);
+      assert.ok(stats.rssBytes > 10 * 1024 * 1024, `QEMU's resident memory: ${stats.rssBytes}`);
+      assert.ok(stats.cpuMs > 0, 'booting used CPU time');
+      assert.match(vm.serialTail(), /cocoon-init: started \/bin\/sh/, 'the console is kept');
       manifest = await vm.snapshot(snapshotDir, { compact: true });
       snapshotTakenAt = Date.now();
     } finally {
@@ -116,8 +121,8 @@ describe('VM core with real QEMU', () => {
 
   test('a shutdown request sends SIGTERM to the workload, then the guest powers off', async () => {
     const disk = path.join(dir, 'stops.raw');
-    // exec: the shell becomes the sleeping process, so SIGTERM reaches it directly.
-    makeTestRootDisk(disk, { workload: ['arg /bin/sh', 'arg -c', 'arg exec sleep 600'] });
+    // The workload is the program itself, not a shell (busybox ash may ignore SIGTERM while it starts).
+    makeTestRootDisk(disk, { workload: ['arg /bin/sleep', 'arg 600'] });
     const vm = await QemuVm.boot({ id: 'stops', runDir: path.join(dir, 'stops'), vcpus: 1, memoryMiB: 128, accel: 'tcg', guest, disk: { path: disk, format: 'raw' }, network: { forwards: [] } });
     try {
       const code = new Promise<number>((resolve) => vm.guest.once('exit', resolve));
