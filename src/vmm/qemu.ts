@@ -10,7 +10,7 @@ import { type ChildProcess, execFile, spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { promisify } from 'node:util';
-import { CocoonError, errorMessage } from '../common/errors.ts';
+import { CocoonError, errorMessage, isCocoonError } from '../common/errors.ts';
 import { log } from '../common/log.ts';
 import { GuestChannel } from './guest-channel.ts';
 import { loadDeviceState, saveDeviceState } from './migration.ts';
@@ -169,12 +169,18 @@ export class QemuVm {
     try {
       await this.qmp.execute('stop', {});
       const state = await saveDeviceState(this.qmp, path.join(this.runDir, 'migrate.sock'), path.join(partial, 'state'));
-      await this.kill();
+      // Once migration completed, the vCPUs are stopped and the disk flushed and inactivated:
+      // QEMU writes neither file again, so its exit and our fsyncs can overlap.
+      const killed = this.kill();
       const diskName = this.disk.format === 'qcow2' ? 'disk.qcow2' : 'disk.raw';
       await moveFile(this.ramPath, path.join(partial, 'mem'));
       await moveFile(this.disk.path, path.join(partial, diskName));
-      if (options.compact) await digHoles(path.join(partial, 'mem'));
+      if (options.compact) {
+        await killed;
+        await digHoles(path.join(partial, 'mem'));
+      }
       if (durable) await Promise.all([fsyncFile(path.join(partial, 'mem')), fsyncFile(path.join(partial, diskName))]);
+      await killed;
       const manifest: SnapshotManifest = {
         formatVersion: 1,
         createdAt: new Date().toISOString(),
@@ -249,6 +255,7 @@ export class QemuVm {
     };
     let vm: QemuVm | undefined;
     let started: { child: ChildProcess; exit: Promise<void> } | undefined;
+    let launch: QemuLaunch | undefined;
     try {
       for (const socket of [...Object.values(sockets), path.join(options.runDir, 'incoming.sock')]) {
         if (Buffer.byteLength(socket) > MAX_SOCKET_PATH) {
@@ -256,7 +263,7 @@ export class QemuVm {
         }
       }
       await steps.prepare();
-      const launch: QemuLaunch = {
+      launch = {
         shape,
         cmdline,
         ram: { path: ramPath, share: true },
@@ -270,22 +277,32 @@ export class QemuVm {
       };
       started = startQemu(launch, options.runDir);
       const { child, exit } = started;
+      const launched = launch;
       const [qmp, guest, serial] = await Promise.race([
-        connectChannels(launch, options),
+        connectChannels(launched, options),
         exit.then(() => {
-          throw qemuStartError(options.runDir, launch);
+          throw qemuStartError(options.runDir, launched);
         }),
       ]);
-      vm = new QemuVm({ launch, options, child, exit, qmp, guest, serial });
+      vm = new QemuVm({ launch: launched, options, child, exit, qmp, guest, serial });
       await Promise.race([
         steps.start(vm),
         exit.then(() => {
-          throw qemuStartError(options.runDir, launch, vm);
+          throw qemuStartError(options.runDir, launched, vm);
         }),
       ]);
-      log.info({ vm: options.id, pid: child.pid, accel: shape.accel, restore: launch.incoming }, 'vm started');
+      log.info({ vm: options.id, pid: child.pid, accel: shape.accel, restore: launched.incoming }, 'vm started');
+      // Start writing the RAM file back now, while the guest runs, so that the fsync of the next
+      // snapshot only has the pages dirtied since (a fresh clone's pages are all dirty).
+      fsyncFile(ramPath).catch(() => undefined);
       return vm;
-    } catch (error) {
+    } catch (caught) {
+      let error = caught;
+      // QEMU dying makes its sockets close too: whichever the caller noticed first, QEMU's own
+      // words (in qemu.log) say best what went wrong.
+      if (started && !isCocoonError(error, 'snapshot_corrupt') && (await exitedWithin(started.exit, 500))) {
+        error = qemuStartError(options.runDir, launch ?? undefined, vm);
+      }
       if (vm) await vm.kill();
       else if (started) await killAndWait(started);
       if (runDirExisted) await removeLaunchFiles(options.runDir, disk, ramPath);
@@ -367,7 +384,17 @@ async function connectChannels(
   }
 }
 
-function qemuStartError(runDir: string, launch: QemuLaunch, vm?: QemuVm): CocoonError {
+async function exitedWithin(exit: Promise<void>, ms: number): Promise<boolean> {
+  let timer: NodeJS.Timeout | undefined;
+  const timeout = new Promise<boolean>((resolve) => {
+    timer = setTimeout(() => resolve(false), ms);
+  });
+  const result = await Promise.race([exit.then(() => true), timeout]);
+  clearTimeout(timer);
+  return result;
+}
+
+function qemuStartError(runDir: string, launch: QemuLaunch | undefined, vm?: QemuVm): CocoonError {
   let output = '';
   try {
     output = fs.readFileSync(path.join(runDir, 'qemu.log'), 'utf8').trim().slice(-2000);
@@ -375,8 +402,13 @@ function qemuStartError(runDir: string, launch: QemuLaunch, vm?: QemuVm): Cocoon
     // no log
   }
   if (/hostfwd|host forwarding rule/i.test(output)) {
-    const ports = launch.forwards.map((f) => f.hostPort).join(', ');
+    const ports = launch?.forwards.map((f) => f.hostPort).join(', ') ?? '';
     return new CocoonError('port_in_use', `QEMU could not listen on host port(s) ${ports}: ${output}`, { status: 409 });
+  }
+  if (launch?.incoming && /migration|load of/i.test(output)) {
+    return new CocoonError('snapshot_corrupt', `QEMU could not load the snapshot (damaged, or made for another machine shape): ${output}`, {
+      status: 422,
+    });
   }
   const console = vm ? `\nlast console lines:\n${vm.serialTail(20)}` : '';
   return new CocoonError('vm_start_failed', `QEMU exited while starting: ${output || '(no output)'}${console}`);

@@ -1,0 +1,52 @@
+/**
+ * `npm run bench -- [--json] [--runs N] [suite ...]`: runs the benchmark suites side by side in
+ * one process and prints a table; with --json the last line is one JSON object
+ * `{"machine": {"accel", "cpus"}, "metrics": {...}}` (CONTRACT.md). Without suites, all run.
+ */
+import os from 'node:os';
+import { loadGuestArtifacts } from '../src/guest/artifacts.ts';
+import { chooseAccelerator, parseAcceleratorChoice } from '../src/vmm/accel.ts';
+import type { Accelerator } from '../src/vmm/types.ts';
+import type { Metrics } from './stats.ts';
+
+interface SuiteOptions {
+  runs?: number;
+  accel: Accelerator;
+  log: (line: string) => void;
+}
+
+/** Suites by name. Each is loaded only when asked for. */
+const SUITES: Record<string, (options: SuiteOptions) => Promise<Metrics>> = {
+  vm: async (o) => (await import('./vm.ts')).runVmBench(o),
+};
+
+function parseArgs(argv: string[]): { json: boolean; runs: number | undefined; suites: string[] } {
+  let json = false;
+  let runs: number | undefined;
+  const suites: string[] = [];
+  for (let i = 0; i < argv.length; i++) {
+    const arg = argv[i] as string;
+    if (arg === '--json') json = true;
+    else if (arg === '--runs') runs = Number(argv[++i]);
+    else if (arg in SUITES) suites.push(arg);
+    else throw new Error(`unknown argument ${arg}; suites: ${Object.keys(SUITES).join(', ')}`);
+  }
+  if (runs !== undefined && (!Number.isInteger(runs) || runs < 1)) throw new Error('--runs takes a positive integer');
+  return { json, runs, suites: suites.length ? suites : Object.keys(SUITES) };
+}
+
+const args = parseArgs(process.argv.slice(2));
+const accel = await chooseAccelerator(parseAcceleratorChoice(process.env.COCOON_ACCEL), loadGuestArtifacts());
+const metrics: Metrics = {};
+for (const suite of args.suites) {
+  console.error(`bench: ${suite} (accel ${accel})`);
+  const started = performance.now();
+  Object.assign(metrics, await SUITES[suite]!({ runs: args.runs, accel, log: (line) => console.error(`  ${line}`) }));
+  console.error(`bench: ${suite} done in ${((performance.now() - started) / 1000).toFixed(1)} s`);
+}
+
+console.error('\nmetric                                   p50        p95  unit   n');
+for (const [name, m] of Object.entries(metrics)) {
+  console.error(`${name.padEnd(38)} ${String(m.p50).padStart(9)} ${String(m.p95).padStart(10)}  ${m.unit.padEnd(5)} ${m.n}`);
+}
+if (args.json) console.log(JSON.stringify({ machine: { accel, cpus: os.cpus().length }, metrics }));

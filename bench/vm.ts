@@ -1,0 +1,148 @@
+/**
+ * The VM core benchmark (issue 2): cold boot, snapshot, restore (one clone, and eight started
+ * together), suspend and resume, each to the first HTTP byte from the guest's app, measured
+ * side by side in one run on real QEMU.
+ *
+ *   node bench/vm.ts [--runs N]
+ */
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { loadGuestArtifacts } from '../src/guest/artifacts.ts';
+import { chooseAccelerator, parseAcceleratorChoice } from '../src/vmm/accel.ts';
+import { QemuVm } from '../src/vmm/qemu.ts';
+import type { Accelerator } from '../src/vmm/types.ts';
+import { makeTestRootDisk } from '../test/support/rootfs.ts';
+import { elapsedMs, type Metrics, single, summarize } from './stats.ts';
+
+const APP_PORT = 8080;
+const network = { forwards: [{ guestPort: APP_PORT }] };
+
+/** Polls the app until it answers 200; the first byte of a real HTTP answer is the signal. */
+async function firstByte(vm: QemuVm, timeoutMs = 120_000): Promise<void> {
+  const url = `http://127.0.0.1:${vm.hostPort(APP_PORT)}/`;
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    try {
+      const response = await fetch(url);
+      await response.arrayBuffer();
+      if (response.ok) return;
+    } catch {
+      // not up yet
+    }
+    if (Date.now() > deadline) throw new Error(`no HTTP answer from ${vm.id} within ${timeoutMs} ms`);
+    await new Promise((resolve) => setTimeout(resolve, 2));
+  }
+}
+
+export async function runVmBench(options: { runs?: number; accel?: Accelerator; log?: (line: string) => void } = {}): Promise<Metrics> {
+  const runs = options.runs ?? 10;
+  const say = options.log ?? (() => undefined);
+  const guest = loadGuestArtifacts();
+  const accel = options.accel ?? (await chooseAccelerator(parseAcceleratorChoice(process.env.COCOON_ACCEL), guest));
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'cocoon-bench-vm-'));
+  const running = new Set<QemuVm>();
+  const track = (vm: QemuVm) => (running.add(vm), vm);
+  try {
+    const rootDisk = path.join(dir, 'root.raw');
+    makeTestRootDisk(rootDisk);
+    const boot = (id: string) => {
+      const disk = path.join(dir, `${id}.raw`);
+      fs.copyFileSync(rootDisk, disk);
+      return QemuVm.boot({ id, runDir: path.join(dir, id), vcpus: 1, memoryMiB: 256, accel, guest, disk: { path: disk, format: 'raw' }, network });
+    };
+    const restore = (id: string, snapshotDir: string) => QemuVm.restore({ id, runDir: path.join(dir, id), snapshotDir, network });
+
+    const cold: number[] = [];
+    const snapshot: number[] = [];
+    for (let i = 0; i < runs; i++) {
+      const start = performance.now();
+      const vm = track(await boot(`cold-${i}`));
+      await firstByte(vm);
+      cold.push(elapsedMs(start));
+      const snapStart = performance.now();
+      await vm.snapshot(path.join(dir, `cold-${i}-snap`));
+      snapshot.push(elapsedMs(snapStart));
+      await vm.destroy();
+      running.delete(vm);
+      fs.rmSync(path.join(dir, `cold-${i}-snap`), { recursive: true, force: true });
+      say(`cold boot ${i + 1}/${runs}: ${cold.at(-1)?.toFixed(0)} ms, snapshot ${snapshot.at(-1)?.toFixed(1)} ms`);
+    }
+
+    // The image-like base: booted once, snapshotted compacted, restored many times.
+    const base = track(await boot('base'));
+    await firstByte(base);
+    const baseSnapshot = path.join(dir, 'base-snap');
+    await base.snapshot(baseSnapshot, { compact: true });
+    running.delete(base);
+
+    const restoreOne: number[] = [];
+    for (let i = 0; i < runs; i++) {
+      const start = performance.now();
+      const vm = track(await restore(`r1-${i}`, baseSnapshot));
+      await firstByte(vm);
+      restoreOne.push(elapsedMs(start));
+      await vm.destroy();
+      running.delete(vm);
+    }
+    say(`restore, one clone: p50 ${summarize(restoreOne).p50} ms`);
+
+    const restoreEight: number[] = [];
+    for (let i = 0; i < runs; i++) {
+      const start = performance.now();
+      const clones = await Promise.all(
+        Array.from({ length: 8 }, async (_, k) => {
+          const vm = track(await restore(`r8-${i}-${k}`, baseSnapshot));
+          await firstByte(vm);
+          restoreEight.push(elapsedMs(start));
+          return vm;
+        }),
+      );
+      for (const vm of clones) {
+        await vm.destroy();
+        running.delete(vm);
+      }
+    }
+    say(`restore, eight together: p50 ${summarize(restoreEight).p50} ms`);
+
+    const suspend: number[] = [];
+    const resume: number[] = [];
+    let vm = track(await restore('cycle-0', baseSnapshot));
+    await firstByte(vm);
+    for (let i = 0; i < runs; i++) {
+      const suspended = path.join(dir, `cycle-${i}-suspended`);
+      const suspendStart = performance.now();
+      await vm.snapshot(suspended);
+      suspend.push(elapsedMs(suspendStart));
+      running.delete(vm);
+      const resumeStart = performance.now();
+      vm = track(await restore(`cycle-${i + 1}`, suspended));
+      await firstByte(vm);
+      resume.push(elapsedMs(resumeStart));
+    }
+    await vm.destroy();
+    running.delete(vm);
+    say(`suspend p50 ${summarize(suspend).p50} ms, resume p50 ${summarize(resume).p50} ms`);
+
+    const coldSummary = summarize(cold);
+    const restoreSummary = summarize(restoreOne);
+    return {
+      'vm.cold_boot_first_byte_ms': coldSummary,
+      'vm.snapshot_ms': summarize(snapshot),
+      'vm.restore_first_byte_ms': restoreSummary,
+      'vm.restore8_first_byte_ms': summarize(restoreEight),
+      'vm.suspend_ms': summarize(suspend),
+      'vm.resume_first_byte_ms': summarize(resume),
+      'vm.restore_speedup_ratio': single(coldSummary.p50 / restoreSummary.p50, 'ratio'),
+    };
+  } finally {
+    for (const vm of running) await vm.destroy().catch(() => undefined);
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+if (import.meta.main) {
+  const runsFlag = process.argv.indexOf('--runs');
+  const runs = runsFlag > 0 ? Number(process.argv[runsFlag + 1]) : 10;
+  console.log(JSON.stringify(await runVmBench({ runs, log: (line) => console.error(line) }), null, 2));
+}

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Installs everything Cocoon needs, idempotently, and quickly when it is all there already:
+# Debian packages (QEMU, buildah, the guest build toolchain), npm packages (which bring the
+# Node 24 that Cocoon runs on, whatever the machine's Node is), the guest kernel and
+# cocoon-init, and the builder's offline base images.
+#
+#   bash scripts/setup.sh            # everything
+#   COCOON_SKIP_BASE_IMAGES=1 ...    # not the base images (they take ~25 s once per machine)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+say() { echo "setup: $*" >&2; }
+
+# Debian packages, by the command or file that proves each is installed.
+packages=(
+  qemu-system-x86:/usr/bin/qemu-system-x86_64
+  qemu-utils:/usr/bin/qemu-img
+  e2fsprogs:/usr/sbin/mkfs.ext4
+  busybox-static:/bin/busybox
+  kmod:/usr/bin/kmod
+  lz4:/usr/bin/lz4
+  musl-tools:/usr/bin/musl-gcc
+  binutils:/usr/bin/readelf
+  cpio:/usr/bin/cpio
+  util-linux:/usr/bin/fallocate
+  buildah:/usr/bin/buildah
+  runc:/usr/sbin/runc
+  containernetworking-plugins:/usr/lib/cni/bridge
+  iptables:/usr/sbin/iptables
+  debootstrap:/usr/sbin/debootstrap
+  uidmap:/usr/bin/newuidmap
+  ca-certificates:/etc/ssl/certs/ca-certificates.crt
+  zip:/usr/bin/zip
+)
+
+install_system_packages() {
+  local missing=() entry
+  for entry in "${packages[@]}"; do
+    [ -e "${entry#*:}" ] || missing+=("${entry%%:*}")
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  if [ "$(id -u)" != 0 ]; then
+    say "missing Debian packages: ${missing[*]}; run this as root or install them with apt-get"
+    exit 1
+  fi
+  say "installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  if ! apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null 2>&1; then
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  fi
+}
+
+install_npm_packages() {
+  # The stamp records which package-lock.json the installed node_modules match.
+  local stamp=node_modules/.cocoon-lock-hash want
+  want=$(sha256sum package-lock.json | cut -d' ' -f1)
+  if [ -x node_modules/.bin/node ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+    return 0
+  fi
+  say "installing npm packages (this brings Node 24 as node_modules/.bin/node)"
+  npm ci --no-audit --no-fund --loglevel=error >&2
+  node_modules/.bin/node --version >/dev/null
+  echo "$want" > "$stamp"
+}
+
+install_system_packages
+install_npm_packages
+bash scripts/build-guest.sh
+if [ -z "${COCOON_SKIP_BASE_IMAGES:-}" ]; then
+  node_modules/.bin/node --disable-warning=ExperimentalWarning src/builder/setup.ts >&2
+fi
