@@ -20,19 +20,16 @@ import { cleanupAbandonedBuild } from '../src/images/cleanup.ts';
 import { imagesModule } from '../src/images/module.ts';
 import { loadConfig } from '../src/config/config.ts';
 import { startServer } from '../src/server.ts';
+import type { Accelerator } from '../src/vmm/types.ts';
+import { summarize, type Metrics } from './stats.ts';
 
 const run = promisify(execFile);
 
-export interface Metric {
-  p50: number;
-  p95: number;
-  unit: 'ms';
-  n: number;
-}
-
 export interface ImageBenchOptions {
   /** Images to build (default 3). */
-  runs?: number;
+  runs?: number | undefined;
+  /** Accelerator of the build VMs (default: COCOON_ACCEL, else auto). */
+  accel?: Accelerator;
   /** Progress lines (default: none). */
   log?: (line: string) => void;
 }
@@ -46,23 +43,10 @@ const SAMPLE: Record<string, { text: string; mode: number }> = {
   'www/index.html': { text: 'hello from the cocoon image benchmark\n', mode: 0o644 },
 };
 
-/** Linear-interpolated percentile of a sorted copy of `values`. */
-export function percentile(values: number[], p: number): number {
-  const sorted = [...values].sort((a, b) => a - b);
-  if (sorted.length === 0) return NaN;
-  const rank = (p / 100) * (sorted.length - 1);
-  const lo = Math.floor(rank);
-  const hi = Math.ceil(rank);
-  const value = (sorted[lo] as number) + ((sorted[hi] as number) - (sorted[lo] as number)) * (rank - lo);
-  return Math.round(value * 10) / 10;
-}
-
-function metric(values: number[]): Metric {
-  return { p50: percentile(values, 50), p95: percentile(values, 95), unit: 'ms', n: values.length };
-}
-
-export async function runImageBench(options: ImageBenchOptions = {}): Promise<Record<string, Metric>> {
+export async function runImageBench(options: ImageBenchOptions = {}): Promise<Metrics> {
   const runs = options.runs ?? 3;
+  // The server's request log would drown the benchmark's own lines.
+  process.env.COCOON_LOG_LEVEL ??= 'warn';
   const say = options.log ?? (() => undefined);
   await ensureBaseImages({ only: ['busybox'] });
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'cocoon-bench-img-'));
@@ -75,7 +59,11 @@ export async function runImageBench(options: ImageBenchOptions = {}): Promise<Re
   await run('tar', ['-czf', bundlePath, '-C', root, '.']);
 
   const dataDir = path.join(dir, 'data');
-  const config = { ...loadConfig({ ...process.env, COCOON_DATA_DIR: dataDir }), apiPort: 0, gatewayPort: 0, host: '127.0.0.1' };
+  const config = {
+    ...loadConfig({ ...process.env, COCOON_DATA_DIR: dataDir }),
+    apiPort: 0, gatewayPort: 0, host: '127.0.0.1',
+    ...(options.accel ? { accel: options.accel } : {}),
+  };
   const server = await startServer(config, [imagesModule({ concurrency: 1 })]);
   const key = fs.readFileSync(path.join(dataDir, 'admin-api-key'), 'utf8').trim();
   const api = async (method: string, route: string, body?: Buffer | object, type?: string): Promise<any> => {
@@ -121,7 +109,7 @@ export async function runImageBench(options: ImageBenchOptions = {}): Promise<Re
     for (const id of ids) await cleanupAbandonedBuild(dataDir, id, 2000).catch(() => undefined);
     fs.rmSync(dir, { recursive: true, force: true });
   }
-  return Object.fromEntries(Object.entries(series).map(([name, values]) => [name, metric(values)]));
+  return Object.fromEntries(Object.entries(series).map(([name, values]) => [name, summarize(values)]));
 }
 
 if (import.meta.main) {
