@@ -32,6 +32,11 @@ export function bundleTooLarge(maxBytes: number): CocoonError {
   });
 }
 
+/** Where uploads are spooled and checked: `$COCOON_DATA_DIR/tmp/uploads`. */
+export function uploadsDir(dataDir: string): string {
+  return path.join(dataDir, 'tmp', 'uploads');
+}
+
 /** Counts, hashes and bounds the bytes that pass. */
 class Spooler extends Transform {
   readonly hash = createHash('sha256');
@@ -66,7 +71,7 @@ export async function storeUploadedBundle(
   body: Readable,
 ): Promise<UploadResult> {
   const limits = { ...DEFAULT_BUNDLE_LIMITS, ...deps.limits };
-  const scratch = path.join(deps.dataDir, 'tmp', 'uploads');
+  const scratch = uploadsDir(deps.dataDir);
   await fs.promises.mkdir(scratch, { recursive: true, mode: 0o700 });
   const id = randomBytes(12).toString('hex');
   const spool = path.join(scratch, `${id}.bundle`);

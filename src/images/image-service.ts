@@ -20,6 +20,7 @@ import { chooseAccelerator } from '../vmm/accel.ts';
 import type { Accelerator } from '../vmm/types.ts';
 import type { BundleLimits } from '../builder/bundle.ts';
 import { BuildLog, BuildLogEvents, readFrom } from './build-log.ts';
+import { uploadsDir } from './bundle-upload.ts';
 import { cleanupAbandonedBuild } from './cleanup.ts';
 import { imageBuildPaths, imageDir, imagesDir } from './paths.ts';
 import { DEFAULT_PORT, removeTree, runImageBuild, s3NotConfigured, s3StoreFor, type PipelineContext } from './pipeline.ts';
@@ -104,6 +105,8 @@ export class ImageService {
   /** Recovers what a previous process left in flight, then starts building. */
   async start(): Promise<void> {
     await fs.promises.mkdir(imagesDir(this.dataDir), { recursive: true, mode: 0o700 });
+    // Uploads that a previous process was receiving when it stopped (none is in flight yet).
+    await fs.promises.rm(uploadsDir(this.dataDir), { recursive: true, force: true });
     await this.recover();
     // Find the kernel and choose the accelerator now (the KVM probe takes seconds), not in the
     // first build; a failure here is reported by the build that needs them.

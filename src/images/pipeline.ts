@@ -302,7 +302,8 @@ async function waitUntilReady(vm: QemuVm, image: Image, port: number, signal: Ab
       }
       try {
         const response = await fetch(url, { signal: AbortSignal.any([stop, AbortSignal.timeout(Math.min(5000, left))]), redirect: 'manual' });
-        await response.arrayBuffer().catch(() => undefined);
+        // The guest is not trusted: never read its body, only its status.
+        await response.body?.cancel().catch(() => undefined);
         if (response.status >= 200 && response.status < 300) return;
         lastHttp = `HTTP ${response.status}`;
       } catch (error) {
