@@ -23,7 +23,16 @@ const SCRIPTS: Record<string, string> = {
 
 const APPLETS = ['sh', 'httpd', 'cat', 'echo', 'sleep', 'head', 'od', 'tr', 'date', 'kill', 'sync', 'ls', 'ps', 'mv'];
 
-export function makeTestRootDisk(file: string, sizeMiB = 64): void {
+export interface TestRootDiskOptions {
+  sizeMiB?: number;
+  /** Lines of /.cocoon/workload (docs/guest-protocol.md); default: the web app above. */
+  workload?: string[];
+}
+
+const DEFAULT_WORKLOAD = ['arg /bin/sh', 'arg /app/start.sh', 'cwd /app', 'env APP=test'];
+
+export function makeTestRootDisk(file: string, options: TestRootDiskOptions = {}): void {
+  const sizeMiB = options.sizeMiB ?? 64;
   const root = `${file}.root`;
   fs.rmSync(root, { recursive: true, force: true });
   try {
@@ -54,7 +63,7 @@ export function makeTestRootDisk(file: string, sizeMiB = 64): void {
     }
     fs.writeFileSync(path.join(root, 'www/index.html'), 'hello from cocoon\n');
     fs.writeFileSync(path.join(root, 'etc/passwd'), 'root:x:0:0:root:/root:/bin/sh\n');
-    fs.writeFileSync(path.join(root, '.cocoon/workload'), 'arg /bin/sh\narg /app/start.sh\ncwd /app\nenv APP=test\n');
+    fs.writeFileSync(path.join(root, '.cocoon/workload'), (options.workload ?? DEFAULT_WORKLOAD).join('\n') + '\n');
     fs.rmSync(file, { force: true });
     execFileSync('truncate', ['-s', `${sizeMiB}M`, file]);
     execFileSync('mkfs.ext4', ['-q', '-F', '-E', 'root_owner=0:0', '-d', root, file]);
