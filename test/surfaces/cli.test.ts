@@ -8,7 +8,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { after, before, describe, it } from 'node:test';
-import { busyboxFolder, closedPort, cocoon, startTestServer, tempDir, vmRoutesMissing, type TestServer } from './helpers.ts';
+import { busyboxFolder, closedPort, cocoon, imageRoutesMissing, startTestServer, tempDir, type TestServer } from './helpers.ts';
 
 let server: TestServer;
 let flags: string[];
@@ -200,7 +200,7 @@ describe('cocoon CLI: error exits', () => {
 describe('cocoon CLI: bundles', () => {
   it('pushes a folder and a .tar.gz, printing the URI for `image create`', async (t) => {
     if (!server.has('POST', '/api/v1/bundles')) {
-      t.skip(vmRoutesMissing(server) ?? 'no POST /bundles');
+      t.skip(imageRoutesMissing(server) ?? 'no POST /bundles');
       return;
     }
     const folder = busyboxFolder();

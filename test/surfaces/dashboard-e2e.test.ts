@@ -3,32 +3,37 @@
  * QEMU): sign in, upload the busybox app's .tar.gz, watch the build log live until READY,
  * start a microVM with a lifecycle form, copy a token, open the app in a new tab through the
  * gateway's cookie flow and see its page; suspend, resume, terminate. Screenshots of every
- * step go to test-artifacts/dashboard-e2e/. Needs the images and microvms modules.
+ * step go to test-artifacts/dashboard-e2e/. The upload needs the images module, the rest also
+ * the microvms module.
  */
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { after, before, describe, it } from 'node:test';
-import type { Browser } from 'playwright-core';
+import type { Browser, BrowserContext, Page } from 'playwright-core';
 import { Cocoon } from '../../packages/sdk/src/index.ts';
-import { artifactDir, busyboxTarGz, launchBrowser, startTestServer, tempDir, vmRoutesMissing, type TestServer } from './helpers.ts';
+import { artifactDir, busyboxTarGz, imageRoutesMissing, launchBrowser, startTestServer, tempDir, vmRoutesMissing, type TestServer } from './helpers.ts';
 
 declare const document: any;
 declare const sessionStorage: any;
 
 let server: TestServer | undefined;
 let browser: Browser | undefined;
-let skip: string | undefined;
+let noImages: string | undefined;
+let noVms: string | undefined;
+/** The signed-in page the first test leaves for the second. */
+let session: { context: BrowserContext; page: Page; errors: string[]; apiKey: string } | undefined;
 const shots = artifactDir('dashboard-e2e');
 const scratch = tempDir();
 
 before(async () => {
   server = await startTestServer();
-  skip = vmRoutesMissing(server);
+  noImages = imageRoutesMissing(server);
+  noVms = vmRoutesMissing(server);
 });
 after(async () => {
   await browser?.close().catch(() => undefined);
-  if (server && !skip) {
+  if (server && !noVms) {
     const admin = new Cocoon({ apiUrl: server.url, apiKey: server.adminKey });
     for await (const vm of admin.microvms.iterate({ state: ['PENDING', 'RUNNING', 'SUSPENDING', 'SUSPENDED', 'RESUMING'] })) {
       await admin.microvms.terminate(vm.id).catch(() => undefined);
@@ -41,8 +46,8 @@ after(async () => {
 const LONG = 15 * 60_000;
 
 describe('dashboard end to end', { timeout: 60 * 60_000 }, () => {
-  it('signs in, uploads a bundle, watches the build, starts a microVM and opens its app', async (t) => {
-    if (skip) return t.skip(skip);
+  it('signs in, uploads a bundle and watches the build log live until the image is READY', async (t) => {
+    if (noImages) return t.skip(noImages);
     const bundle = path.join(scratch, 'busybox-app.tar.gz');
     fs.writeFileSync(bundle, await busyboxTarGz());
     // A tenant of its own, as a user would get from `cocoon tenant create`.
@@ -80,6 +85,15 @@ describe('dashboard end to end', { timeout: 60 * 60_000 }, () => {
     assert.equal(await row.locator('.badge').innerText(), 'READY', 'the list updated itself');
     assert.ok(['PENDING', 'BUILDING', 'BOOTING', 'SNAPSHOTTING', 'READY'].includes(during), during);
     await shot('03-image-ready');
+    session = { context, page, errors, apiKey: tenant.apiKey };
+  });
+
+  it('starts a microVM with a lifecycle form, copies a token, opens the app in a new tab, suspends, resumes, terminates', async (t) => {
+    if (noImages || noVms) return t.skip(noImages ?? noVms);
+    assert.ok(session, 'the upload test ran first');
+    const { context, page, errors } = session;
+    const tenant = { apiKey: session.apiKey };
+    const shot = (name: string) => page.screenshot({ path: path.join(shots, `${name}.png`), fullPage: true });
 
     // 3. Start a microVM with the lifecycle form.
     const imagePicker = page.getByLabel('Image', { exact: true });

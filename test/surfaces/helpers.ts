@@ -243,17 +243,20 @@ export async function busyboxTarGz(): Promise<Buffer> {
   }
 }
 
-/** Whether the routes the VM flows need are in this build (they arrive with the images and microvms branches). */
-export function vmRoutesMissing(server: TestServer): string | undefined {
-  const wanted: Array<[string, string]> = [
-    ['POST', '/api/v1/bundles'],
-    ['POST', '/api/v1/images'],
-    ['GET', '/api/v1/images/:id/logs'],
-    ['POST', '/api/v1/microvms'],
-    ['POST', '/api/v1/microvms/:id/tokens'],
-  ];
+function routesMissing(server: TestServer, wanted: Array<[string, string]>, branch: string): string | undefined {
   const missing = wanted.filter(([m, u]) => !server.has(m, u)).map(([m, u]) => `${m} ${u}`);
-  return missing.length ? `waiting on the images and microvms branches: no ${missing.join(', ')}` : undefined;
+  return missing.length ? `waiting on the ${branch} branch: no ${missing.join(', ')}` : undefined;
+}
+
+/** Why image flows cannot run in this build (undefined: they can). */
+export function imageRoutesMissing(server: TestServer): string | undefined {
+  return routesMissing(server, [['POST', '/api/v1/bundles'], ['POST', '/api/v1/images'], ['GET', '/api/v1/images/:id/logs']], 'images');
+}
+
+/** Why flows that start microVMs cannot run in this build (undefined: they can). */
+export function vmRoutesMissing(server: TestServer): string | undefined {
+  return imageRoutesMissing(server)
+    ?? routesMissing(server, [['POST', '/api/v1/microvms'], ['POST', '/api/v1/microvms/:id/tokens']], 'microvms');
 }
 
 export function sleep(ms: number): Promise<void> {
