@@ -12,6 +12,9 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { registeredRoutes, type RegisteredRoute } from '../../src/api/app.ts';
+import { unmountUnder } from '../../src/builder/buildah.ts';
+import { cleanupAbandonedBuild } from '../../src/images/cleanup.ts';
+import { isId } from '../../src/store/ids.ts';
 import type { CocoonConfig } from '../../src/config/config.ts';
 import { defaultModules } from '../../src/modules.ts';
 import { parseAcceleratorChoice } from '../../src/vmm/accel.ts';
@@ -91,8 +94,16 @@ export function processesUnder(dir: string): number[] {
   return found;
 }
 
-/** Removes a server's data directory after killing what still runs from it and unmounting. */
+/**
+ * Removes a server's data directory, also after a test that failed half-way: every image's
+ * build leftovers first (processes, buildah containers and images, mounts: the images module's
+ * own cleanup), then whatever still runs from the directory (QEMU), then the files.
+ */
 export async function removeDataDir(dir: string): Promise<void> {
+  const images = path.join(dir, 'images');
+  for (const id of fs.existsSync(images) ? fs.readdirSync(images) : []) {
+    if (isId(id, 'image')) await cleanupAbandonedBuild(dir, id, 2000).catch(() => undefined);
+  }
   for (const pid of processesUnder(dir)) {
     try {
       process.kill(pid, 'SIGKILL');
@@ -104,6 +115,7 @@ export async function removeDataDir(dir: string): Promise<void> {
     ? fs.readFileSync('/proc/mounts', 'utf8').split('\n').map((l) => l.split(' ')[1] ?? '').filter((m) => m.startsWith(dir)).sort().reverse()
     : [];
   for (const mount of mounts) await run('umount', ['-l', mount]).catch(() => undefined);
+  await unmountUnder(dir).catch(() => undefined);
   fs.rmSync(dir, { recursive: true, force: true, maxRetries: 3 });
 }
 
