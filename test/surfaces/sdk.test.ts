@@ -28,7 +28,7 @@ import {
   type CreatedApiKey,
 } from '../../packages/sdk/src/index.ts';
 import { gzip, tarStream } from '../../packages/sdk/src/tar.ts';
-import { closedPort, fakeServer, startTestServer, tempDir, writeTree, type TestServer } from './helpers.ts';
+import { closedPort, fakeServer, repo, run, startTestServer, tempDir, writeTree, type TestServer } from './helpers.ts';
 
 let server: TestServer;
 let admin: Cocoon;
@@ -369,5 +369,25 @@ describe('SDK bundles', () => {
     assert.match(listing, /-rw-r--r-- root\/root +3 .* a\/b\.txt/);
     const shrunk = [{ type: 'file' as const, name: 'x', mode: 0o644, mtime: 0, size: 5, content: Readable.from([Buffer.from('abc')]) }];
     await assert.rejects(collect(tarStream(shrunk)), /changed while it was being packed/);
+  });
+});
+
+describe('SDK package', () => {
+  it('compiles on its own into JavaScript and declarations that work without TypeScript', async () => {
+    const out = tempDir();
+    try {
+      const pkg = JSON.parse(fs.readFileSync(path.join(repo, 'packages/sdk/package.json'), 'utf8'));
+      assert.equal(pkg.name, '@cocoon/sdk');
+      assert.deepEqual(Object.keys(pkg.dependencies ?? {}), [], 'no runtime dependencies');
+      await run(path.join(repo, 'node_modules/.bin/tsc'), ['-p', path.join(repo, 'packages/sdk/tsconfig.json'), '--outDir', out]);
+      assert.ok(fs.existsSync(path.join(out, 'index.d.ts')));
+      fs.writeFileSync(path.join(out, 'package.json'), JSON.stringify({ type: 'module' }));
+      const built = await import(path.join(out, 'index.js'));
+      const client = new built.Cocoon({ apiUrl: `${server.url}/api/v1` });
+      assert.deepEqual(await client.health(), { status: 'ok' });
+      assert.match(fs.readFileSync(path.join(out, 'bundles.js'), 'utf8'), /import\("\.\/node-source\.js"\)/, 'relative imports point at .js');
+    } finally {
+      fs.rmSync(out, { recursive: true, force: true });
+    }
   });
 });
