@@ -19,6 +19,9 @@ interface SuiteOptions {
 const SUITES: Record<string, (options: SuiteOptions) => Promise<Metrics>> = {
   vm: async (o) => (await import('./vm.ts')).runVmBench(o),
   image: async (o) => (await import('./image.ts')).runImageBench(o),
+  microvm: async (o) => (await import('./microvm.ts')).runMicrovmBench({ ...o, parts: ['launch'] }),
+  gateway: async (o) => (await import('./microvm.ts')).runMicrovmBench({ ...o, parts: ['gateway'] }),
+  density: async (o) => (await import('./microvm.ts')).runMicrovmBench({ ...o, parts: ['density'] }),
 };
 
 function parseArgs(argv: string[]): { json: boolean; runs: number | undefined; suites: string[] } {

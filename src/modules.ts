@@ -3,8 +3,9 @@
  * and its start/stop.
  */
 import { imagesModule } from './images/module.ts';
+import { microvmModule } from './lifecycle/module.ts';
 import type { ServerModule } from './server.ts';
 
 export function defaultModules(): ServerModule[] {
-  return [imagesModule()];
+  return [imagesModule(), microvmModule()];
 }

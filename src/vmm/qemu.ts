@@ -18,8 +18,16 @@ import { type QemuLaunch, hostTscKhz, kernelCmdline, qemuArgs } from './qemu-arg
 import { QmpClient } from './qmp.ts';
 import { assertPortFree, freeLoopbackPort } from './ports.ts';
 import { cloneRamFile, createRamFile, digHoles } from './ram-file.ts';
+import { killQemuProcesses, processAlive, processCmdline, processStartTime, waitForProcessExit } from './processes.ts';
 import { SerialLog, tailSerialLog } from './serial-log.ts';
-import { readSnapshotManifest, verifySnapshot, writeSnapshotManifest } from './snapshot.ts';
+import {
+  type PendingSnapshot,
+  readPendingSnapshot,
+  readSnapshotManifest,
+  verifySnapshot,
+  writePendingSnapshot,
+  writeSnapshotManifest,
+} from './snapshot.ts';
 import {
   type BootOptions,
   type CommonVmOptions,
@@ -45,7 +53,37 @@ export interface SnapshotOptions {
   compact?: boolean;
   /** fsync RAM, disk and state before the snapshot counts as taken (default true). */
   durable?: boolean;
+  /**
+   * Called once the device state is saved (and the snapshot can be completed by
+   * `recoverSnapshot` should this process die), before QEMU is killed. For crash tests.
+   */
+  onStateSaved?: () => Promise<void>;
 }
+
+/** What `launch.json` in a run directory records, so that a restarted daemon can adopt the VM. */
+interface LaunchRecord {
+  formatVersion: 1;
+  id: string;
+  pid: number;
+  /** /proc start time of the pid: a reused pid is not our QEMU. */
+  startTime: number | undefined;
+  shape: MachineShape;
+  cmdline: string;
+  disk: DiskSpec;
+  ramPath: string;
+  forwards: Required<PortForward>[];
+  sockets: QemuLaunch['sockets'];
+}
+
+/** The QEMU process: our child, or one adopted from a previous daemon (then polled for its exit). */
+interface VmProcess {
+  readonly pid: number;
+  readonly exit: Promise<void>;
+  /** Keep the event loop alive until the exit is seen (while we wait for a kill). */
+  hold(): void;
+}
+
+const LAUNCH_FILE = 'launch.json';
 
 export class QemuVm {
   readonly id: string;
@@ -59,16 +97,15 @@ export class QemuVm {
   readonly qmp: QmpClient;
   readonly guest: GuestChannel;
   readonly serialLogPath: string;
-  private readonly child: ChildProcess;
+  private readonly proc: VmProcess;
   private readonly serial: SerialLog;
   private readonly exitPromise: Promise<void>;
   private gone = false;
 
   private constructor(parts: {
-    launch: QemuLaunch;
-    options: CommonVmOptions;
-    child: ChildProcess;
-    exit: Promise<void>;
+    launch: Pick<QemuLaunch, 'shape' | 'cmdline' | 'disk' | 'ram' | 'forwards'>;
+    options: Pick<CommonVmOptions, 'id' | 'runDir'>;
+    proc: VmProcess;
     qmp: QmpClient;
     guest: GuestChannel;
     serial: SerialLog;
@@ -80,8 +117,8 @@ export class QemuVm {
     this.disk = parts.launch.disk;
     this.ramPath = parts.launch.ram.path;
     this.hostPorts = new Map(parts.launch.forwards.map((f) => [f.guestPort, f.hostPort]));
-    this.child = parts.child;
-    this.exitPromise = parts.exit.then(() => {
+    this.proc = parts.proc;
+    this.exitPromise = parts.proc.exit.then(() => {
       this.gone = true;
     });
     this.qmp = parts.qmp;
@@ -91,7 +128,7 @@ export class QemuVm {
   }
 
   get pid(): number {
-    return this.child.pid ?? -1;
+    return this.proc.pid;
   }
 
   get exited(): boolean {
@@ -169,34 +206,37 @@ export class QemuVm {
     try {
       await this.qmp.execute('stop', {});
       const state = await saveDeviceState(this.qmp, path.join(this.runDir, 'migrate.sock'), path.join(partial, 'state'));
-      // Once migration completed, the vCPUs are stopped and the disk flushed and inactivated:
-      // QEMU writes neither file again, so its exit and our fsyncs can overlap.
-      const killed = this.kill();
       const diskName = this.disk.format === 'qcow2' ? 'disk.qcow2' : 'disk.raw';
-      await moveFile(this.ramPath, path.join(partial, 'mem'));
-      await moveFile(this.disk.path, path.join(partial, diskName));
-      if (options.compact) {
-        await killed;
-        await digHoles(path.join(partial, 'mem'));
-      }
-      if (durable) await Promise.all([fsyncFile(path.join(partial, 'mem')), fsyncFile(path.join(partial, diskName))]);
-      await killed;
-      const manifest: SnapshotManifest = {
+      // From here on the paused VM's RAM and disk files match the saved state: should this
+      // process die, `recoverSnapshot` can complete the snapshot from what the pending record says.
+      const pending: PendingSnapshot = {
         formatVersion: 1,
-        createdAt: new Date().toISOString(),
-        shape: this.shape,
-        cmdline: this.cmdline,
-        files: {
-          state: { name: 'state', ...state },
-          mem: { name: 'mem', sizeBytes: this.shape.memoryMiB * 1024 * 1024 },
-          disk: { name: diskName, format: this.disk.format, sizeBytes: fs.statSync(path.join(partial, diskName)).size },
+        runDir: this.runDir,
+        ramPath: this.ramPath,
+        diskPath: this.disk.path,
+        manifest: {
+          formatVersion: 1,
+          createdAt: new Date().toISOString(),
+          shape: this.shape,
+          cmdline: this.cmdline,
+          files: {
+            state: { name: 'state', ...state },
+            mem: { name: 'mem', sizeBytes: this.shape.memoryMiB * 1024 * 1024 },
+            disk: { name: diskName, format: this.disk.format, sizeBytes: 0 },
+          },
+          guestPorts: [...this.hostPorts.keys()],
         },
-        guestPorts: [...this.hostPorts.keys()],
       };
-      await writeSnapshotManifest(partial, manifest, durable);
-      await fs.promises.rename(partial, targetDir);
-      if (durable) await fsyncDir(path.dirname(targetDir));
-      return manifest;
+      await writePendingSnapshot(partial, pending, durable);
+      await options.onStateSaved?.();
+      // Once migration completed, the vCPUs are stopped and the disk flushed and inactivated:
+      // QEMU writes neither file again, so its exit and the moves and fsyncs can overlap.
+      const killed = this.kill();
+      try {
+        return await completeSnapshot(partial, targetDir, pending, { compact: options.compact ?? false, durable });
+      } finally {
+        await killed;
+      }
     } catch (error) {
       await this.kill();
       await fs.promises.rm(partial, { recursive: true, force: true });
@@ -205,10 +245,102 @@ export class QemuVm {
     }
   }
 
+  /**
+   * Re-attaches to a QEMU started by an earlier process (a daemon that crashed or restarted):
+   * reads the run directory's launch record, checks that the pid is still that QEMU, and
+   * reconnects QMP, the guest channel and the serial console. Throws `vm_gone` when the QEMU
+   * is not running any more (nothing is killed or removed then).
+   */
+  static async adopt(options: { id: string; runDir: string; serialLogMaxBytes?: number; signal?: AbortSignal }): Promise<QemuVm> {
+    validateId(options.id);
+    let record: LaunchRecord;
+    try {
+      record = JSON.parse(await fs.promises.readFile(path.join(options.runDir, LAUNCH_FILE), 'utf8')) as LaunchRecord;
+    } catch (error) {
+      throw new CocoonError('vm_gone', `no launch record in ${options.runDir}: the VM is not running`, { cause: error });
+    }
+    if (record.formatVersion !== 1 || record.id !== options.id || !processAlive(record.pid, record.startTime)) {
+      throw new CocoonError('vm_gone', `QEMU of ${options.id} (pid ${record.pid}) is not running any more`);
+    }
+    if (!processCmdline(record.pid).includes(options.runDir)) {
+      throw new CocoonError('vm_gone', `pid ${record.pid} is not the QEMU of ${options.id}`);
+    }
+    // Sockets a dead daemon served (migration) would block the next snapshot.
+    await Promise.all(['migrate.sock', 'incoming.sock'].map((name) => fs.promises.rm(path.join(options.runDir, name), { force: true })));
+    let held = false;
+    const proc: VmProcess = {
+      pid: record.pid,
+      exit: waitForProcessExit(record.pid, record.startTime, { intervalMs: 100, keepAlive: () => held }),
+      hold: () => {
+        held = true;
+      },
+    };
+    const launch = {
+      shape: record.shape,
+      cmdline: record.cmdline,
+      disk: record.disk,
+      ram: { path: record.ramPath, share: true },
+      forwards: record.forwards,
+      egress: false,
+      sockets: record.sockets,
+      pidFile: path.join(options.runDir, 'qemu.pid'),
+      incoming: false,
+      sandbox: true,
+    } satisfies QemuLaunch;
+    let channels: [QmpClient, GuestChannel, SerialLog];
+    try {
+      channels = await Promise.race([
+        connectChannels(launch, options),
+        proc.exit.then(() => {
+          throw new CocoonError('vm_gone', `QEMU of ${options.id} exited while being adopted`);
+        }),
+      ]);
+    } catch (error) {
+      if (isCocoonErrorCode(error, 'vm_gone')) throw error;
+      throw new CocoonError('vm_adopt_failed', `cannot reconnect to QEMU of ${options.id}: ${errorMessage(error)}`, { cause: error });
+    }
+    const [qmp, guest, serial] = channels;
+    guest.helloSeen = true;
+    const vm = new QemuVm({ launch, options, proc, qmp, guest, serial });
+    log.info({ vm: options.id, pid: record.pid }, 'vm adopted');
+    return vm;
+  }
+
+  /**
+   * Finishes what a snapshot into `targetDir` left when its process died: answers `committed`
+   * when the snapshot is complete, `completed` when it had saved the device state (the paused
+   * QEMU is killed, its RAM and disk files move into the snapshot), and `none` when there was
+   * nothing to complete (a partial directory is removed; the VM's files stay where they are).
+   */
+  static async recoverSnapshot(targetDir: string, options: { durable?: boolean } = {}): Promise<'committed' | 'completed' | 'none'> {
+    const partial = `${targetDir}.partial`;
+    if (fs.existsSync(path.join(targetDir, 'manifest.json'))) {
+      await fs.promises.rm(partial, { recursive: true, force: true });
+      return 'committed';
+    }
+    const pending = await readPendingSnapshot(partial);
+    if (pending === undefined) {
+      await fs.promises.rm(partial, { recursive: true, force: true });
+      return 'none';
+    }
+    await killQemuProcesses(pending.runDir);
+    const stateFile = path.join(partial, pending.manifest.files.state.name);
+    const stateOk = fs.existsSync(stateFile) && fs.statSync(stateFile).size === pending.manifest.files.state.sizeBytes;
+    const memThere = fs.existsSync(pending.ramPath) || fs.existsSync(path.join(partial, pending.manifest.files.mem.name));
+    const diskThere = fs.existsSync(pending.diskPath) || fs.existsSync(path.join(partial, pending.manifest.files.disk.name));
+    if (!stateOk || !memThere || !diskThere) {
+      await fs.promises.rm(partial, { recursive: true, force: true });
+      return 'none';
+    }
+    await completeSnapshot(partial, targetDir, pending, { compact: false, durable: options.durable ?? true });
+    await fs.promises.rm(path.join(pending.runDir, LAUNCH_FILE), { force: true });
+    return 'completed';
+  }
+
   /** Stops the VM at once (SIGKILL) and waits for the process to be gone. Idempotent. */
   async kill(): Promise<void> {
     if (!this.gone) {
-      this.child.ref(); // keep the event loop alive until the exit is seen
+      this.proc.hold(); // keep the event loop alive until the exit is seen
       try {
         process.kill(this.pid, 'SIGKILL');
       } catch {
@@ -216,6 +348,16 @@ export class QemuVm {
       }
       await this.exitPromise;
     }
+    this.qmp.close();
+    this.guest.close();
+    this.serial.close();
+  }
+
+  /**
+   * Lets go of the VM without stopping it: closes QMP, the guest channel and the serial log.
+   * QEMU keeps running in its own process group; `QemuVm.adopt` re-attaches to it later.
+   */
+  detach(): void {
     this.qmp.close();
     this.guest.close();
     this.serial.close();
@@ -278,13 +420,26 @@ export class QemuVm {
       started = startQemu(launch, options.runDir);
       const { child, exit } = started;
       const launched = launch;
+      await writeLaunchRecord(options.runDir, {
+        formatVersion: 1,
+        id: options.id,
+        pid: child.pid ?? -1,
+        startTime: child.pid ? processStartTime(child.pid) : undefined,
+        shape,
+        cmdline,
+        disk,
+        ramPath,
+        forwards: launch.forwards,
+        sockets,
+      });
       const [qmp, guest, serial] = await Promise.race([
         connectChannels(launched, options),
         exit.then(() => {
           throw qemuStartError(options.runDir, launched);
         }),
       ]);
-      vm = new QemuVm({ launch: launched, options, child, exit, qmp, guest, serial });
+      const proc: VmProcess = { pid: child.pid ?? -1, exit, hold: () => child.ref() };
+      vm = new QemuVm({ launch: launched, options, proc, qmp, guest, serial });
       await Promise.race([
         steps.start(vm),
         exit.then(() => {
@@ -367,8 +522,8 @@ function startQemu(launch: QemuLaunch, runDir: string): { child: ChildProcess; e
 }
 
 async function connectChannels(
-  launch: QemuLaunch,
-  options: CommonVmOptions,
+  launch: Pick<QemuLaunch, 'sockets'>,
+  options: Pick<CommonVmOptions, 'runDir' | 'serialLogMaxBytes' | 'signal'>,
 ): Promise<[QmpClient, GuestChannel, SerialLog]> {
   const serial = new SerialLog(path.join(options.runDir, 'serial.log'), options.serialLogMaxBytes);
   try {
@@ -424,8 +579,49 @@ async function killAndWait(started: { child: ChildProcess; exit: Promise<void> }
   await started.exit;
 }
 
+function isCocoonErrorCode(error: unknown, code: string): boolean {
+  return error instanceof CocoonError && error.code === code;
+}
+
+async function writeLaunchRecord(runDir: string, record: LaunchRecord): Promise<void> {
+  const file = path.join(runDir, LAUNCH_FILE);
+  await fs.promises.writeFile(`${file}.tmp`, JSON.stringify(record), { mode: 0o600 });
+  await fs.promises.rename(`${file}.tmp`, file);
+}
+
+/**
+ * The second half of a snapshot, shared by `snapshot` and `recoverSnapshot`: move the stopped
+ * VM's RAM and disk files into the partial directory (each move is a rename, so a crash leaves
+ * every file in one place or the other), fsync, write the manifest, rename into place.
+ */
+async function completeSnapshot(
+  partial: string,
+  targetDir: string,
+  pending: PendingSnapshot,
+  options: { compact: boolean; durable: boolean },
+): Promise<SnapshotManifest> {
+  const { files } = pending.manifest;
+  const memFile = path.join(partial, files.mem.name);
+  const diskFile = path.join(partial, files.disk.name);
+  if (!fs.existsSync(memFile)) await moveFile(pending.ramPath, memFile);
+  if (!fs.existsSync(diskFile)) await moveFile(pending.diskPath, diskFile);
+  if (options.compact) await digHoles(memFile);
+  if (options.durable) await Promise.all([fsyncFile(memFile), fsyncFile(diskFile)]);
+  const manifest: SnapshotManifest = {
+    ...pending.manifest,
+    files: { ...files, disk: { ...files.disk, sizeBytes: fs.statSync(diskFile).size } },
+  };
+  await fs.promises.rm(path.join(partial, 'manifest.json'), { force: true });
+  await writeSnapshotManifest(partial, manifest, options.durable);
+  await fs.promises.rm(path.join(partial, 'pending.json'), { force: true });
+  await fs.promises.rename(partial, targetDir);
+  if (options.durable) await fsyncDir(path.dirname(targetDir));
+  await fs.promises.rm(path.join(pending.runDir, LAUNCH_FILE), { force: true });
+  return manifest;
+}
+
 async function removeLaunchFiles(runDir: string, disk: DiskSpec, ramPath: string): Promise<void> {
-  const names = ['qmp.sock', 'guest.sock', 'serial.sock', 'incoming.sock', 'migrate.sock', 'qemu.pid'];
+  const names = ['qmp.sock', 'guest.sock', 'serial.sock', 'incoming.sock', 'migrate.sock', 'qemu.pid', LAUNCH_FILE];
   await Promise.all([
     ...names.map((name) => fs.promises.rm(path.join(runDir, name), { force: true })),
     fs.promises.rm(ramPath, { force: true }),
