@@ -18,6 +18,7 @@ interface SuiteOptions {
 /** Suites by name. Each is loaded only when asked for. */
 const SUITES: Record<string, (options: SuiteOptions) => Promise<Metrics>> = {
   vm: async (o) => (await import('./vm.ts')).runVmBench(o),
+  image: async (o) => (await import('./image.ts')).runImageBench(o),
   microvm: async (o) => (await import('./microvm.ts')).runMicrovmBench({ ...o, parts: ['launch'] }),
   gateway: async (o) => (await import('./microvm.ts')).runMicrovmBench({ ...o, parts: ['gateway'] }),
   density: async (o) => (await import('./microvm.ts')).runMicrovmBench({ ...o, parts: ['density'] }),

@@ -30,6 +30,8 @@ packages=(
   debootstrap:/usr/sbin/debootstrap
   uidmap:/usr/bin/newuidmap
   ca-certificates:/etc/ssl/certs/ca-certificates.crt
+  zip:/usr/bin/zip
+  chromium:/usr/bin/chromium
 )
 
 install_system_packages() {

@@ -1,6 +1,6 @@
 import { randomBytes } from 'node:crypto';
 import { constants as fsConstants } from 'node:fs';
-import { mkdir, open, rename, stat, unlink } from 'node:fs/promises';
+import { mkdir, open, readdir, rename, stat, unlink } from 'node:fs/promises';
 import { isAbsolute, join, dirname, relative, resolve, sep } from 'node:path';
 import type { Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
@@ -115,6 +115,25 @@ export class LocalObjectStore implements ObjectStore {
     } catch (error) {
       if (!isMissing(error)) throw error;
     }
+  }
+
+  /**
+   * Removes temp files left by puts that never finished (the process died mid-upload). Call at
+   * startup; files younger than `olderThanMs` may belong to a put still running.
+   */
+  async sweepTemp(olderThanMs = 60 * 60 * 1000, now: number = Date.now()): Promise<number> {
+    const tempDir = join(this.root, TEMP_DIR);
+    const names = await readdir(tempDir).catch(() => [] as string[]);
+    let removed = 0;
+    for (const name of names) {
+      const path = join(tempDir, name);
+      const info = await stat(path).catch(() => undefined);
+      if (info?.isFile() && now - info.mtimeMs >= olderThanMs) {
+        await unlink(path).catch(() => {});
+        removed += 1;
+      }
+    }
+    return removed;
   }
 
   async move(fromKey: string, toKey: string): Promise<void> {

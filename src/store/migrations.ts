@@ -1,6 +1,11 @@
 import { CocoonError } from '../common/errors.ts';
 import type { SqliteDb } from './sqlite.ts';
 
+/**
+ * One schema step. Steps run inside a transaction with foreign keys on; a step that must
+ * rebuild a table (SQLite's way to change a column) needs `PRAGMA foreign_keys` off, which
+ * SQLite ignores inside a transaction: give `migrate` a way to run such a step when one comes.
+ */
 export interface Migration {
   /** 1, 2, 3… in order; never renumber or edit one that has shipped, add a new one. */
   version: number;

@@ -10,7 +10,7 @@ import { type ChildProcess, execFile, spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { promisify } from 'node:util';
-import { CocoonError, errorMessage } from '../common/errors.ts';
+import { CocoonError, errorMessage, isCocoonError } from '../common/errors.ts';
 import { log } from '../common/log.ts';
 import { GuestChannel } from './guest-channel.ts';
 import { loadDeviceState, saveDeviceState } from './migration.ts';
@@ -229,8 +229,14 @@ export class QemuVm {
       };
       await writePendingSnapshot(partial, pending, durable);
       await options.onStateSaved?.();
-      await this.kill();
-      return await completeSnapshot(partial, targetDir, pending, { compact: options.compact ?? false, durable });
+      // Once migration completed, the vCPUs are stopped and the disk flushed and inactivated:
+      // QEMU writes neither file again, so its exit and the moves and fsyncs can overlap.
+      const killed = this.kill();
+      try {
+        return await completeSnapshot(partial, targetDir, pending, { compact: options.compact ?? false, durable });
+      } finally {
+        await killed;
+      }
     } catch (error) {
       await this.kill();
       await fs.promises.rm(partial, { recursive: true, force: true });
@@ -391,6 +397,7 @@ export class QemuVm {
     };
     let vm: QemuVm | undefined;
     let started: { child: ChildProcess; exit: Promise<void> } | undefined;
+    let launch: QemuLaunch | undefined;
     try {
       for (const socket of [...Object.values(sockets), path.join(options.runDir, 'incoming.sock')]) {
         if (Buffer.byteLength(socket) > MAX_SOCKET_PATH) {
@@ -398,7 +405,7 @@ export class QemuVm {
         }
       }
       await steps.prepare();
-      const launch: QemuLaunch = {
+      launch = {
         shape,
         cmdline,
         ram: { path: ramPath, share: true },
@@ -412,6 +419,7 @@ export class QemuVm {
       };
       started = startQemu(launch, options.runDir);
       const { child, exit } = started;
+      const launched = launch;
       await writeLaunchRecord(options.runDir, {
         formatVersion: 1,
         id: options.id,
@@ -425,22 +433,31 @@ export class QemuVm {
         sockets,
       });
       const [qmp, guest, serial] = await Promise.race([
-        connectChannels(launch, options),
+        connectChannels(launched, options),
         exit.then(() => {
-          throw qemuStartError(options.runDir, launch);
+          throw qemuStartError(options.runDir, launched);
         }),
       ]);
       const proc: VmProcess = { pid: child.pid ?? -1, exit, hold: () => child.ref() };
-      vm = new QemuVm({ launch, options, proc, qmp, guest, serial });
+      vm = new QemuVm({ launch: launched, options, proc, qmp, guest, serial });
       await Promise.race([
         steps.start(vm),
         exit.then(() => {
-          throw qemuStartError(options.runDir, launch, vm);
+          throw qemuStartError(options.runDir, launched, vm);
         }),
       ]);
-      log.info({ vm: options.id, pid: child.pid, accel: shape.accel, restore: launch.incoming }, 'vm started');
+      log.info({ vm: options.id, pid: child.pid, accel: shape.accel, restore: launched.incoming }, 'vm started');
+      // Start writing the RAM file back now, while the guest runs, so that the fsync of the next
+      // snapshot only has the pages dirtied since (a fresh clone's pages are all dirty).
+      fsyncFile(ramPath).catch(() => undefined);
       return vm;
-    } catch (error) {
+    } catch (caught) {
+      let error = caught;
+      // QEMU dying makes its sockets close too: whichever the caller noticed first, QEMU's own
+      // words (in qemu.log) say best what went wrong.
+      if (started && !isCocoonError(error, 'snapshot_corrupt') && (await exitedWithin(started.exit, 500))) {
+        error = qemuStartError(options.runDir, launch ?? undefined, vm);
+      }
       if (vm) await vm.kill();
       else if (started) await killAndWait(started);
       if (runDirExisted) await removeLaunchFiles(options.runDir, disk, ramPath);
@@ -522,7 +539,17 @@ async function connectChannels(
   }
 }
 
-function qemuStartError(runDir: string, launch: QemuLaunch, vm?: QemuVm): CocoonError {
+async function exitedWithin(exit: Promise<void>, ms: number): Promise<boolean> {
+  let timer: NodeJS.Timeout | undefined;
+  const timeout = new Promise<boolean>((resolve) => {
+    timer = setTimeout(() => resolve(false), ms);
+  });
+  const result = await Promise.race([exit.then(() => true), timeout]);
+  clearTimeout(timer);
+  return result;
+}
+
+function qemuStartError(runDir: string, launch: QemuLaunch | undefined, vm?: QemuVm): CocoonError {
   let output = '';
   try {
     output = fs.readFileSync(path.join(runDir, 'qemu.log'), 'utf8').trim().slice(-2000);
@@ -530,8 +557,13 @@ function qemuStartError(runDir: string, launch: QemuLaunch, vm?: QemuVm): Cocoon
     // no log
   }
   if (/hostfwd|host forwarding rule/i.test(output)) {
-    const ports = launch.forwards.map((f) => f.hostPort).join(', ');
+    const ports = launch?.forwards.map((f) => f.hostPort).join(', ') ?? '';
     return new CocoonError('port_in_use', `QEMU could not listen on host port(s) ${ports}: ${output}`, { status: 409 });
+  }
+  if (launch?.incoming && /migration|load of/i.test(output)) {
+    return new CocoonError('snapshot_corrupt', `QEMU could not load the snapshot (damaged, or made for another machine shape): ${output}`, {
+      status: 422,
+    });
   }
   const console = vm ? `\nlast console lines:\n${vm.serialTail(20)}` : '';
   return new CocoonError('vm_start_failed', `QEMU exited while starting: ${output || '(no output)'}${console}`);

@@ -7,7 +7,9 @@ import { test } from 'node:test';
 import fc from 'fast-check';
 import { isCocoonError } from '../../src/common/errors.ts';
 import { isValidObjectKey } from '../../src/objectstore/keys.ts';
+import { objectStoreFromEnv } from '../../src/objectstore/factory.ts';
 import { LocalObjectStore } from '../../src/objectstore/local.ts';
+import { S3ObjectStore } from '../../src/objectstore/s3.ts';
 import { chunked, failingAfter, readAll, sha256 } from './stream-helpers.ts';
 
 async function tempStore(t: { after: (fn: () => Promise<void>) => void }): Promise<LocalObjectStore> {
@@ -140,4 +142,27 @@ test('get refuses a symlink planted under the root', async (t) => {
   const { symlink } = await import('node:fs/promises');
   await symlink('/etc/hostname', join(store.root, 'link'));
   await assert.rejects(store.get('link'), (e) => isCocoonError(e, 'object_not_found'));
+});
+
+test('sweepTemp removes only stale temp files', async (t) => {
+  const store = await tempStore(t);
+  await mkdir(join(store.root, '.tmp'), { recursive: true });
+  await writeFile(join(store.root, '.tmp', 'old.part'), 'x');
+  const { utimes } = await import('node:fs/promises');
+  await utimes(join(store.root, '.tmp', 'old.part'), new Date(Date.now() - 2 * 3600_000), new Date(Date.now() - 2 * 3600_000));
+  await writeFile(join(store.root, '.tmp', 'fresh.part'), 'y');
+  assert.equal(await store.sweepTemp(), 1);
+  assert.deepEqual(await readdir(join(store.root, '.tmp')), ['fresh.part']);
+});
+
+test('objectStoreFromEnv picks S3 when a bucket is configured, else the data directory', async (t) => {
+  const dir = await mkdtemp(join(tmpdir(), 'cocoon-objects-'));
+  t.after(() => rm(dir, { recursive: true, force: true }));
+  const local = objectStoreFromEnv({ COCOON_DATA_DIR: dir });
+  assert.ok(local instanceof LocalObjectStore);
+  assert.equal(local.root, join(dir, 'objects'));
+  const s3 = objectStoreFromEnv({ COCOON_S3_BUCKET: 'bucket-1', COCOON_S3_ENDPOINT: 'http://127.0.0.1:1' });
+  assert.ok(s3 instanceof S3ObjectStore);
+  assert.equal(s3.describe('k'), 's3://bucket-1/k');
+  s3.destroy();
 });

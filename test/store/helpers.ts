@@ -2,10 +2,14 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createImage, transitionImage, type Image, type NewImage } from '../../src/store/images.ts';
+import { log } from '../../src/common/log.ts';
 import { openMetadataStore } from '../../src/store/open.ts';
 import type { Db } from '../../src/store/sql.ts';
 import type { SqliteDb } from '../../src/store/sqlite.ts';
 import { createTenant, type Tenant } from '../../src/store/tenants.ts';
+
+/** Keeps test output clean; migrations log at info. */
+export const quiet = log.child({}, { level: 'warn' });
 
 interface HasAfter {
   after: (fn: () => Promise<void> | void) => void;
@@ -21,7 +25,7 @@ export async function tempDataDir(t: HasAfter): Promise<string> {
 /** A migrated database in a temp directory, closed and removed after the test. */
 export async function tempDb(t: HasAfter): Promise<{ db: SqliteDb; dir: string }> {
   const dir = await tempDataDir(t);
-  const { db } = await openMetadataStore(dir);
+  const { db } = await openMetadataStore(dir, { logger: quiet });
   t.after(() => db.close());
   return { db, dir };
 }

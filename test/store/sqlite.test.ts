@@ -6,11 +6,11 @@ import { isCocoonError } from '../../src/common/errors.ts';
 import { migrate, MIGRATIONS, type Migration } from '../../src/store/migrations.ts';
 import { openMetadataStore } from '../../src/store/open.ts';
 import { SqliteDb } from '../../src/store/sqlite.ts';
-import { someTenant, tempDataDir, tempDb } from './helpers.ts';
+import { quiet, someTenant, tempDataDir, tempDb } from './helpers.ts';
 
 test('a new database is private, in WAL mode, with foreign keys on and the schema applied', async (t) => {
   const dir = await tempDataDir(t);
-  const { db, migrations } = await openMetadataStore(dir);
+  const { db, migrations } = await openMetadataStore(dir, { logger: quiet });
   t.after(() => db.close());
   assert.deepEqual(migrations, { applied: MIGRATIONS.map((m) => m.version), version: MIGRATIONS.length });
   assert.equal(db.path, join(dir, 'cocoon.db'));
@@ -25,11 +25,11 @@ test('a new database is private, in WAL mode, with foreign keys on and the schem
 
 test('reopening an existing database keeps its data and applies nothing twice', async (t) => {
   const dir = await tempDataDir(t);
-  const first = await openMetadataStore(dir);
+  const first = await openMetadataStore(dir, { logger: quiet });
   const tenant = await someTenant(first.db, 'kept');
   first.db.close();
 
-  const second = await openMetadataStore(dir);
+  const second = await openMetadataStore(dir, { logger: quiet });
   t.after(() => second.db.close());
   assert.deepEqual(second.migrations.applied, []);
   assert.equal(second.migrations.version, MIGRATIONS.length);

@@ -50,7 +50,8 @@ export async function createTestImage(options: TestImageOptions): Promise<Image>
   fs.mkdirSync(buildDir, { recursive: true });
   const rootDisk = path.join(buildDir, 'root.raw');
   const hookCommands = Object.fromEntries(Object.entries(options.hooks ?? {}).map(([name, hook]) => [name, hook.command]));
-  makeTestRootDisk(rootDisk, 64, {
+  makeTestRootDisk(rootDisk, {
+    sizeMiB: 64,
     testApp: buildTestApp(path.join(dataDir, 'testapp-build')),
     hooks: hookCommands,
     backgroundLoop: !options.idle,

@@ -24,6 +24,9 @@ const SCRIPTS: Record<string, string> = {
 const APPLETS = ['sh', 'httpd', 'cat', 'echo', 'sleep', 'head', 'od', 'tr', 'date', 'kill', 'sync', 'ls', 'ps', 'mv'];
 
 export interface TestRootDiskOptions {
+  sizeMiB?: number;
+  /** Lines of /.cocoon/workload (docs/guest-protocol.md); default: the web app above (plus `hooks`). */
+  workload?: string[];
   /** A static binary (test/support/testapp.c, see testapp.ts) started as `/bin/testapp 8081` before httpd. */
   testApp?: string;
   /** Image hooks for the workload file: `hook.<name> <command>`. */
@@ -32,7 +35,10 @@ export interface TestRootDiskOptions {
   backgroundLoop?: boolean;
 }
 
-export function makeTestRootDisk(file: string, sizeMiB = 64, options: TestRootDiskOptions = {}): void {
+const DEFAULT_WORKLOAD = ['arg /bin/sh', 'arg /app/start.sh', 'cwd /app', 'env APP=test'];
+
+export function makeTestRootDisk(file: string, options: TestRootDiskOptions = {}): void {
+  const sizeMiB = options.sizeMiB ?? 64;
   const root = `${file}.root`;
   fs.rmSync(root, { recursive: true, force: true });
   try {
@@ -72,8 +78,8 @@ export function makeTestRootDisk(file: string, sizeMiB = 64, options: TestRootDi
       fs.copyFileSync(options.testApp, path.join(root, 'bin/testapp'));
       fs.chmodSync(path.join(root, 'bin/testapp'), 0o755);
     }
-    const hooks = Object.entries(options.hooks ?? {}).map(([name, command]) => `hook.${name} ${command}\n`);
-    fs.writeFileSync(path.join(root, '.cocoon/workload'), ['arg /bin/sh\narg /app/start.sh\ncwd /app\nenv APP=test\n', ...hooks].join(''));
+    const hooks = Object.entries(options.hooks ?? {}).map(([name, command]) => `hook.${name} ${command}`);
+    fs.writeFileSync(path.join(root, '.cocoon/workload'), [...(options.workload ?? DEFAULT_WORKLOAD), ...hooks].join('\n') + '\n');
     fs.rmSync(file, { force: true });
     execFileSync('truncate', ['-s', `${sizeMiB}M`, file]);
     execFileSync('mkfs.ext4', ['-q', '-F', '-E', 'root_owner=0:0', '-d', root, file]);

@@ -293,7 +293,10 @@ export function microvmRoutes(app: FastifyInstance, { db, config }: ApiContext, 
       schema: {
         summary: "The microVM's log: its console (workload output, hook output) and lifecycle notes, last 256 KiB",
         params: IdParams,
-        produces: ['text/plain'],
+        response: {
+          200: { description: "The microVM's log", content: { 'text/plain': { schema: { type: 'string' } } } },
+          ...errors,
+        },
       },
     },
     async (request, reply) => {
