@@ -12,6 +12,7 @@
  * suspend commits memory and that layer together as generation n+1.
  */
 import path from 'node:path';
+import { imageSnapshotDir } from '../images/paths.ts';
 
 export function microvmsRoot(dataDir: string): string {
   return path.join(dataDir, 'microvms');
@@ -29,10 +30,8 @@ export function generationDir(dataDir: string, id: string, generation: number): 
   return path.join(microvmDir(dataDir, id), `gen-${generation}`);
 }
 
-/** A READY image's snapshot (written by the image pipeline). */
-export function imageSnapshotDir(dataDir: string, imageId: string): string {
-  return path.join(dataDir, 'images', imageId, 'snapshot');
-}
+/** A READY image's snapshot (written by the image pipeline: src/images/paths.ts). */
+export { imageSnapshotDir };
 
 /** The snapshot a microVM's state is in at `generation`. */
 export function snapshotDirFor(dataDir: string, microvm: { id: string; imageId: string | null }, generation: number): string {
