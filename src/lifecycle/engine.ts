@@ -396,7 +396,15 @@ export class LifecycleEngine implements MicroVMDirectory {
   }
 
   async #terminate(instance: Instance, reason: string): Promise<void> {
-    if (instance.state === 'TERMINATED' || instance.state === 'FAILED') return;
+    if (instance.state === 'TERMINATED') return;
+    if (instance.state === 'FAILED') {
+      // FAILED is final; terminating it only removes what is left of it.
+      this.#clearTimers(instance);
+      await killQemuProcesses(microvmDir(this.dataDir, instance.id));
+      await fs.promises.rm(microvmDir(this.dataDir, instance.id), { recursive: true, force: true });
+      this.#instances.delete(instance.id);
+      return;
+    }
     instance.terminating = true;
     this.#clearTimers(instance);
     const wasRunning = instance.state === 'RUNNING';
