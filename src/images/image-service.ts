@@ -14,6 +14,7 @@ import { findBundle } from '../store/bundles.ts';
 import {
   createImage, deleteImage, getImage, listImagesInStates, setImageBuildLogPath, transitionImage,
   type DeleteImageResult, type Image, type ImageState,
+  type HookName,
 } from '../store/images.ts';
 import type { Db } from '../store/sql.ts';
 import { chooseAccelerator } from '../vmm/accel.ts';
@@ -73,7 +74,11 @@ export interface CreateImageInput {
   diskMiB?: number | undefined;
   readiness?: { httpPath?: string | undefined; timeoutSeconds?: number | undefined } | undefined;
   networkEgress?: boolean | undefined;
+  hooks?: Partial<Record<HookName, { command: string; timeoutSeconds?: number | undefined }>> | undefined;
 }
+
+/** A hook's timeout when the request names none. */
+const DEFAULT_HOOK_TIMEOUT_SECONDS = 10;
 
 interface RunningBuild {
   controller: AbortController;
@@ -167,6 +172,12 @@ export class ImageService {
           timeoutSeconds: input.readiness?.timeoutSeconds ?? DEFAULT_READINESS_TIMEOUT_SECONDS,
         },
         networkEgress: input.networkEgress ?? false,
+        hooks: Object.fromEntries(
+          Object.entries(input.hooks ?? {}).map(([name, hook]) => [
+            name,
+            { command: hook.command, timeoutSeconds: hook.timeoutSeconds ?? DEFAULT_HOOK_TIMEOUT_SECONDS },
+          ]),
+        ),
       });
       const logPath = imageBuildPaths(this.dataDir, created.id).log;
       await setImageBuildLogPath(tx, created.id, logPath);

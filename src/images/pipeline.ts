@@ -169,6 +169,8 @@ export async function runImageBuild(ctx: PipelineContext, imageId: string, build
       workDir: paths.disk,
       diskMiB: image.diskMiB,
       ...(requestedPort !== undefined ? { port: requestedPort } : {}),
+      // cocoon-init finds the hooks in the workload file; the lifecycle runs them with their timeouts.
+      hooks: Object.fromEntries(Object.entries(image.hooks).map(([name, hook]) => [name, hook.command])),
       onLog: (line) => buildLog.line(line),
       signal,
       tag: buildTag(imageId),

@@ -5,6 +5,7 @@
  * leaving nothing behind. One server for the whole file; builds run one at a time.
  */
 import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
@@ -210,12 +211,21 @@ describe('images through the API (real buildah and QEMU)', () => {
     const upload = await api.uploadBundle(await makeBundle(BUSYBOX_APP, 'zip'), 'application/zip');
     assert.equal(upload.status, 201, upload.text);
     assert.match(upload.body.uri, /\.zip$/);
-    const created = await api.post('/images', { name: 'busybox', bundle: upload.body.uri });
+    const hooks = { resume: { command: 'date +%s > /tmp/resumed-at', timeoutSeconds: 5 }, suspend: { command: 'sync' } };
+    const created = await api.post('/images', { name: 'busybox', bundle: upload.body.uri, hooks });
     assert.equal(created.status, 202, created.text);
     assert.match(created.body.arn, /:microvm-image\/busybox:2$/);
     const image = await api.waitForState(created.body.id, ['READY', 'FAILED']);
     assert.equal(image.state, 'READY', image.error);
     assert.equal(image.port, 8080, 'the port comes from EXPOSE');
+    assert.deepEqual(image.hooks, { resume: hooks.resume, suspend: { command: 'sync', timeoutSeconds: 10 } });
+    // The hooks reach cocoon-init through the workload file on the image's disk.
+    const workload = execFileSync('debugfs', ['-R', 'cat /.cocoon/workload', path.join(imageSnapshotDir(t.dataDir, image.id), 'disk.raw')], {
+      encoding: 'utf8',
+      stdio: ['ignore', 'pipe', 'ignore'],
+    });
+    assert.match(workload, /^hook\.resume date \+%s > \/tmp\/resumed-at$/m);
+    assert.match(workload, /^hook\.suspend sync$/m);
     console.log(`# busybox zip: ${JSON.stringify(image.timings)}`);
     await assertNoLeftovers(t.dataDir, image.id);
   });

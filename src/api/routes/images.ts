@@ -22,6 +22,24 @@ const ReadinessInput = Type.Object(
   { additionalProperties: false },
 );
 
+const HookInput = Type.Object(
+  {
+    command: Type.String({ minLength: 1, maxLength: 4000, pattern: '^[^\\n\\r]+$', description: 'Run with /bin/sh -c inside the guest, as the workload user' }),
+    timeoutSeconds: Type.Optional(Type.Integer({ minimum: 1, maximum: 60, description: 'default 10' })),
+  },
+  { additionalProperties: false },
+);
+
+const HooksInput = Type.Object(
+  {
+    run: Type.Optional(HookInput),
+    suspend: Type.Optional(HookInput),
+    resume: Type.Optional(HookInput),
+    terminate: Type.Optional(HookInput),
+  },
+  { additionalProperties: false, description: 'Guest hooks: commands cocoon-init runs after launch, before a suspend, after a resume, before termination' },
+);
+
 const CreateImage = Type.Object(
   {
     name: Type.String({ pattern: IMAGE_NAME.source, maxLength: 64, description: 'Letters, digits, ".", "_", "-"; part of the ARN' }),
@@ -32,6 +50,7 @@ const CreateImage = Type.Object(
     diskMiB: Type.Optional(Type.Integer({ minimum: MIN_DISK_MIB, maximum: 32768, description: `default ${DEFAULT_DISK_MIB}` })),
     readiness: Type.Optional(ReadinessInput),
     networkEgress: Type.Optional(Type.Boolean({ description: 'Let the guest reach the network (default false)' })),
+    hooks: Type.Optional(HooksInput),
   },
   { additionalProperties: false },
 );
@@ -68,6 +87,7 @@ export const ImageSchema = Type.Object(
     port: Type.Integer(),
     readiness: Type.Object({ httpPath: Nullable(Type.String()), timeoutSeconds: Type.Integer() }),
     networkEgress: Type.Boolean(),
+    hooks: Type.Record(Type.String(), Type.Object({ command: Type.String(), timeoutSeconds: Type.Integer() })),
     timings: TimingsSchema,
     createdAt: Type.String({ format: 'date-time' }),
     updatedAt: Type.String({ format: 'date-time' }),
@@ -93,6 +113,7 @@ export function imageView(image: Image): ImageView {
     port: image.port,
     readiness: { httpPath: image.readiness.httpPath, timeoutSeconds: image.readiness.timeoutSeconds },
     networkEgress: image.networkEgress,
+    hooks: image.hooks,
     timings: imageTimings(image),
     createdAt: image.createdAt,
     updatedAt: image.updatedAt,
