@@ -17,6 +17,7 @@ import { cleanupAbandonedBuild, processesUnder } from '../../src/images/cleanup.
 import { isId } from '../../src/store/ids.ts';
 import { startServer, type RunningServer } from '../../src/server.ts';
 import { cleanupDir, tempDir } from '../support/vm.ts';
+import { type Tree as BundleFiles, writeTree } from '../support/tree.ts';
 
 const run = promisify(execFile);
 
@@ -107,18 +108,7 @@ export function client(url: string, key: string) {
 }
 export type Client = ReturnType<typeof client>;
 
-export type BundleFiles = Record<string, string | { content: string; mode?: number } | { symlink: string }>;
-
-/** Writes `files` into a fresh directory. */
-export function writeTree(dir: string, files: BundleFiles): void {
-  for (const [name, spec] of Object.entries(files)) {
-    const file = path.join(dir, name);
-    fs.mkdirSync(path.dirname(file), { recursive: true });
-    if (typeof spec === 'string') fs.writeFileSync(file, spec);
-    else if ('symlink' in spec) fs.symlinkSync(spec.symlink, file);
-    else fs.writeFileSync(file, spec.content, { mode: spec.mode ?? 0o644 });
-  }
-}
+export type { BundleFiles };
 
 /** A .tar.gz or .zip of `files` (made with tar and zip, as a user would). */
 export async function makeBundle(files: BundleFiles, format: 'tar.gz' | 'zip' = 'tar.gz'): Promise<Buffer> {

@@ -19,6 +19,7 @@ import type { CocoonConfig } from '../../src/config/config.ts';
 import { defaultModules } from '../../src/modules.ts';
 import { parseAcceleratorChoice } from '../../src/vmm/accel.ts';
 import { startServer, type RunningServer, type ServerModule } from '../../src/server.ts';
+import { type Tree, writeTree } from '../support/tree.ts';
 
 export const repo = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
 export const artifacts = path.join(repo, 'test-artifacts');
@@ -205,18 +206,7 @@ export async function closedPort(): Promise<number> {
   return port;
 }
 
-/** Files of a folder to write with `writeTree`. */
-export type Tree = Record<string, string | { content: string; mode?: number } | { symlink: string }>;
-
-export function writeTree(dir: string, files: Tree): void {
-  for (const [name, spec] of Object.entries(files)) {
-    const file = path.join(dir, name);
-    fs.mkdirSync(path.dirname(file), { recursive: true });
-    if (typeof spec === 'string') fs.writeFileSync(file, spec);
-    else if ('symlink' in spec) fs.symlinkSync(spec.symlink, file);
-    else fs.writeFileSync(file, spec.content, { mode: spec.mode ?? 0o644 });
-  }
-}
+export { type Tree, writeTree };
 
 /** The busybox sample: busybox httpd serving a page and a CGI script, EXPOSE 8080. */
 export const BUSYBOX_APP: Tree = {
