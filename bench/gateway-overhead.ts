@@ -11,9 +11,11 @@
  * request). With --json the last line is {"machine", "metrics"} as CONTRACT.md's benchmarks.
  */
 import { fork, type ChildProcess } from 'node:child_process';
+import fs from 'node:fs';
 import http from 'node:http';
 import type { AddressInfo } from 'node:net';
 import os from 'node:os';
+import path from 'node:path';
 import { parseArgs } from 'node:util';
 import { Pool } from 'undici';
 
@@ -57,9 +59,31 @@ async function runUpstream(): Promise<void> {
 
 async function runGateway(): Promise<void> {
   const { createGateway } = await import('../src/gateway/gateway.ts');
-  const { InMemoryTokenStore, createTokenVerifier, issueToken } = await import('../src/gateway/tokens.ts');
+  const { createTokenVerifier } = await import('../src/gateway/tokens.ts');
+  const { openMetadataStore } = await import('../src/store/open.ts');
+  const { createTenant } = await import('../src/store/tenants.ts');
+  const { createImage, transitionImage } = await import('../src/store/images.ts');
+  const { createMicrovm } = await import('../src/store/microvms.ts');
+  const { createToken } = await import('../src/store/tokens.ts');
   const upstreamPort = Number(args['upstream-port']);
-  const store = new InMemoryTokenStore();
+  // Tokens live in the metadata store: a throwaway one, with one microVM renamed 'bench'.
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'cocoon-bench-gw-'));
+  process.once('exit', () => fs.rmSync(dir, { recursive: true, force: true }));
+  process.once('disconnect', () => process.exit(0));
+  const { db } = await openMetadataStore(dir);
+  const tenant = await createTenant(db, { name: 'bench' });
+  const image = await createImage(db, {
+    tenantId: tenant.id, region: 'local', name: 'bench', bundleUri: 'cocoon://bench', vcpus: 1, memoryMiB: 256, diskMiB: 64, port: 8080,
+    readiness: { httpPath: null, timeoutSeconds: 60 },
+  });
+  for (const [from, to] of [['PENDING', 'BUILDING'], ['BUILDING', 'BOOTING'], ['BOOTING', 'SNAPSHOTTING'], ['SNAPSHOTTING', 'READY']] as const) {
+    await transitionImage(db, image.id, from, to);
+  }
+  const { microvm } = await createMicrovm(db, {
+    tenantId: tenant.id, region: 'local', imageId: image.id, maximumDurationSeconds: 3600,
+    idlePolicy: { autoResumeEnabled: true, maxIdleDurationSeconds: 300, suspendedDurationSeconds: null },
+  });
+  await db.run("UPDATE microvms SET id = 'bench' WHERE id = ?", [microvm.id]);
   const route = {
     id: 'bench',
     state: 'RUNNING' as const,
@@ -77,10 +101,10 @@ async function runGateway(): Promise<void> {
       webSocketOpened() {},
       webSocketClosed() {},
     },
-    tokens: createTokenVerifier(store),
+    tokens: createTokenVerifier(db),
     upstreamClient: args.client === 'node' ? 'node' : 'undici',
   });
-  const { token } = await issueToken(store, { microvmId: 'bench' });
+  const { secret: token } = await createToken(db, { microvmId: 'bench', tenantId: tenant.id });
   const { port } = await gateway.listen(0, '127.0.0.1');
   process.send!({ port, token } satisfies Ready);
 }

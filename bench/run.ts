@@ -3,7 +3,10 @@
  * one process and prints a table; with --json the last line is one JSON object
  * `{"machine": {"accel", "cpus"}, "metrics": {...}}` (CONTRACT.md). Without suites, all run.
  */
+import { spawnSync } from 'node:child_process';
+import fs from 'node:fs';
 import os from 'node:os';
+import path from 'node:path';
 import { loadGuestArtifacts } from '../src/guest/artifacts.ts';
 import { chooseAccelerator, parseAcceleratorChoice } from '../src/vmm/accel.ts';
 import type { Accelerator } from '../src/vmm/types.ts';
@@ -19,6 +22,10 @@ interface SuiteOptions {
 const SUITES: Record<string, (options: SuiteOptions) => Promise<Metrics>> = {
   vm: async (o) => (await import('./vm.ts')).runVmBench(o),
   reliability: async (o) => (await import('./reliability.ts')).runReliabilityBench(o),
+  image: async (o) => (await import('./image.ts')).runImageBench(o),
+  microvm: async (o) => (await import('./microvm.ts')).runMicrovmBench({ ...o, parts: ['launch'] }),
+  gateway: async (o) => (await import('./microvm.ts')).runMicrovmBench({ ...o, parts: ['gateway'] }),
+  density: async (o) => (await import('./microvm.ts')).runMicrovmBench({ ...o, parts: ['density'] }),
 };
 
 function parseArgs(argv: string[]): { json: boolean; runs: number | undefined; suites: string[] } {
@@ -36,6 +43,23 @@ function parseArgs(argv: string[]): { json: boolean; runs: number | undefined; s
   return { json, runs, suites: suites.length ? suites : Object.keys(SUITES) };
 }
 
+/**
+ * A benchmark stopped by a signal (Ctrl-C, a timeout) must not leave guests running: QEMU runs in
+ * its own process group, so it outlives us unless we end it. Every suite works under
+ * `$TMPDIR/cocoon-bench-*`, which names the processes and files to remove.
+ */
+function cleanUpOnSignal(): void {
+  const stop = (signal: NodeJS.Signals) => {
+    spawnSync('pkill', ['-KILL', '-f', `qemu-system.*${os.tmpdir()}/cocoon-bench-`]);
+    for (const entry of fs.readdirSync(os.tmpdir())) {
+      if (entry.startsWith('cocoon-bench-')) fs.rmSync(path.join(os.tmpdir(), entry), { recursive: true, force: true });
+    }
+    process.kill(process.pid, signal);
+  };
+  for (const signal of ['SIGINT', 'SIGTERM'] as const) process.once(signal, () => stop(signal));
+}
+
+cleanUpOnSignal();
 const args = parseArgs(process.argv.slice(2));
 const accel = await chooseAccelerator(parseAcceleratorChoice(process.env.COCOON_ACCEL), loadGuestArtifacts());
 const metrics: Metrics = {};

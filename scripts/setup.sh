@@ -34,6 +34,7 @@ packages=(
   zip:/usr/bin/zip
   gcc:/usr/bin/gcc
   passwd:/usr/sbin/useradd
+  chromium:/usr/bin/chromium
 )
 
 install_system_packages() {

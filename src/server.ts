@@ -16,6 +16,8 @@ import type { SqliteDb } from './store/sqlite.ts';
 import { createTenant, findTenantByName } from './store/tenants.ts';
 
 export const ADMIN_KEY_FILE = 'admin-api-key';
+/** Where a running server says its API listens, so that `cocoon` finds it from the data directory. */
+export const API_URL_FILE = 'api-url';
 const ADMIN_TENANT = 'admin';
 
 export interface RunningServer {
@@ -44,6 +46,14 @@ export async function startServer(config: CocoonConfig, modules: ServerModule[] 
     db,
     objects: objectStoreFromEnv({ ...process.env, COCOON_DATA_DIR: config.dataDir }),
     ready: () => ready,
+    // A module that runs the gateway says where (the microVM module exposes `gatewayPort`).
+    gatewayPort: () => {
+      for (const module of modules) {
+        const port = (module as { gatewayPort?: unknown }).gatewayPort;
+        if (typeof port === 'number' && port > 0) return port;
+      }
+      return null;
+    },
   };
   const newAdminKey = await ensureAdminKey(db, config.dataDir);
   const api = await buildApiServer(
@@ -67,6 +77,8 @@ export async function startServer(config: CocoonConfig, modules: ServerModule[] 
   const address = api.server.address();
   const port = typeof address === 'object' && address ? address.port : config.apiPort;
   const apiUrl = `http://${config.host.includes(':') ? `[${config.host}]` : config.host}:${port}`;
+  const urlFile = path.join(config.dataDir, API_URL_FILE);
+  fs.writeFileSync(urlFile, apiUrl + '\n', { mode: 0o644 });
   log.info({ api: apiUrl, dataDir: config.dataDir }, 'cocoon is up');
   return {
     config,
@@ -76,6 +88,11 @@ export async function startServer(config: CocoonConfig, modules: ServerModule[] 
     newAdminKey,
     async close() {
       ready = false;
+      try {
+        if (fs.readFileSync(urlFile, 'utf8').trim() === apiUrl) fs.rmSync(urlFile, { force: true });
+      } catch {
+        // already gone
+      }
       await api.close();
       for (const module of [...modules].reverse()) await module.stop?.();
       db.close();

@@ -5,13 +5,17 @@
  */
 import swagger from '@fastify/swagger';
 import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox';
-import Fastify, { type FastifyInstance } from 'fastify';
+import Fastify, { type FastifyInstance, type FastifySchema, type RouteOptions } from 'fastify';
 import type { CocoonConfig } from '../config/config.ts';
 import type { ObjectStore } from '../objectstore/object-store.ts';
 import type { Db } from '../store/sql.ts';
 import { registerAuth } from './auth.ts';
 import { handleError } from './errors.ts';
+import { ErrorSchema } from './schemas.ts';
+import { apiKeyRoutes } from './routes/api-keys.ts';
+import { dashboardRoutes } from './routes/dashboard.ts';
 import { healthRoutes } from './routes/health.ts';
+import { infoRoutes } from './routes/info.ts';
 import { tenantRoutes } from './routes/tenants.ts';
 
 /** What route plugins get. Services are added here as the platform grows. */
@@ -21,14 +25,49 @@ export interface ApiContext {
   objects: ObjectStore;
   /** Set once the server accepts work (health answers 503 before). */
   ready: () => boolean;
+  /** The gateway's bound port once it listens (null: no gateway runs). */
+  gatewayPort?: () => number | null;
 }
 
 export type ApiRoutes = (app: FastifyInstance, context: ApiContext) => Promise<void> | void;
 
 export const API_PREFIX = '/api/v1';
 
+/** A route as registered, for checks such as "every route is in the OpenAPI document". */
+export interface RegisteredRoute {
+  method: string;
+  url: string;
+  hidden: boolean;
+  public: boolean;
+}
+
+const registered = new WeakMap<FastifyInstance, RegisteredRoute[]>();
+
+/** Every route `app` registered (collected with the onRoute hook). */
+export function registeredRoutes(app: FastifyInstance): RegisteredRoute[] {
+  return [...(registered.get(app) ?? [])];
+}
+
 /** Limits at the boundary: JSON bodies are small; uploads use their own streamed routes. */
 const JSON_BODY_LIMIT = 1024 * 1024;
+
+/**
+ * Every route answers errors in the one shape; this documents the ones any route can give, so
+ * that no route's OpenAPI entry misses them: 400 where something is validated, 401 unless
+ * public, 404 where the path names a resource, 500 everywhere.
+ */
+function documentErrors(route: RouteOptions): void {
+  const schema = route.schema as (FastifySchema & { hide?: boolean; response?: Record<string, unknown> }) | undefined;
+  if (!schema || schema.hide) return;
+  const response = (schema.response ??= {});
+  const add = (status: number, when: boolean) => {
+    if (when && response[status] === undefined && response[String(status)] === undefined) response[status] = ErrorSchema;
+  };
+  add(400, Boolean(schema.body || schema.querystring || schema.params));
+  add(401, !(route.config as { public?: boolean } | undefined)?.public);
+  add(404, Boolean(schema.params));
+  add(500, true);
+}
 
 export async function buildApiServer(context: ApiContext, extraRoutes: ApiRoutes[] = []): Promise<FastifyInstance> {
   const app = Fastify({
@@ -37,6 +76,19 @@ export async function buildApiServer(context: ApiContext, extraRoutes: ApiRoutes
     routerOptions: { maxParamLength: 300 },
     ajv: { customOptions: { removeAdditional: false, coerceTypes: 'array', allErrors: false } },
   }).withTypeProvider<TypeBoxTypeProvider>();
+  const routes: RegisteredRoute[] = [];
+  registered.set(app, routes);
+  app.addHook('onRoute', (route) => {
+    documentErrors(route);
+    for (const method of [route.method].flat()) {
+      routes.push({
+        method: String(method).toUpperCase(),
+        url: route.url,
+        hidden: Boolean((route.schema as { hide?: boolean } | undefined)?.hide),
+        public: Boolean((route.config as { public?: boolean } | undefined)?.public),
+      });
+    }
+  });
 
   await app.register(swagger, {
     openapi: {
@@ -54,10 +106,23 @@ export async function buildApiServer(context: ApiContext, extraRoutes: ApiRoutes
 
   await app.register(
     async (api) => {
-      for (const routes of [healthRoutes, tenantRoutes, ...extraRoutes]) await routes(api, context);
-      api.get('/openapi.json', { config: { public: true }, schema: { hide: true } }, async () => app.swagger());
+      for (const routes of [healthRoutes, infoRoutes, tenantRoutes, apiKeyRoutes, ...extraRoutes]) await routes(api, context);
+      api.get(
+        '/openapi.json',
+        {
+          config: { public: true },
+          schema: {
+            summary: 'This OpenAPI 3.1 document',
+            security: [],
+            response: { 200: { description: 'The OpenAPI document', type: 'object', additionalProperties: true } },
+          },
+        },
+        async () => app.swagger(),
+      );
     },
     { prefix: API_PREFIX },
   );
+  // The web dashboard at `/` (public assets; the API key stays in the browser).
+  await app.register(async (root) => dashboardRoutes(root, context));
   return app;
 }

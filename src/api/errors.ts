@@ -22,7 +22,12 @@ export function handleError(error: FastifyError | Error, request: FastifyRequest
   }
   const fastifyError = error as FastifyError;
   if (fastifyError.validation) {
-    void reply.status(400).send(errorBody('invalid_request', `${fastifyError.validationContext ?? 'request'} ${fastifyError.message}`));
+    const context = fastifyError.validationContext ?? 'request';
+    let message = fastifyError.message.startsWith(`${context} `) || fastifyError.message.startsWith(`${context}/`)
+      ? fastifyError.message
+      : `${context} ${fastifyError.message}`;
+    if (context === 'body' && request.body === undefined) message = 'send a JSON object as the body (at least {}) with content-type application/json';
+    void reply.status(400).send(errorBody('invalid_request', message));
     return;
   }
   const status = fastifyError.statusCode ?? 500;

@@ -126,6 +126,12 @@ export interface BuildOptions {
   network?: BuildNetwork;
   /** Target stage of a multi-stage Dockerfile (default: the last). */
   target?: string;
+  /**
+   * Directory under which the build's private TMPDIR is made (default the system temp dir).
+   * A caller that may have to clean up after a crash puts it in its own scratch directory:
+   * the runc containers of RUN steps are then recognisable by their bundle path.
+   */
+  tmpParent?: string;
   /** Each line of the build log as it comes. */
   onLog?: (line: string) => void;
   signal?: AbortSignal;
@@ -177,7 +183,8 @@ export async function buildImage(options: BuildOptions): Promise<BuildResult> {
 
   // A private TMPDIR for buildah: the runc bundles of this build's RUN steps land there, which
   // tells this build's containers from those of concurrent builds.
-  const tmp = await mkdtemp(join(tmpdir(), 'cocoon-build-'));
+  if (options.tmpParent) await mkdir(options.tmpParent, { recursive: true });
+  const tmp = await mkdtemp(join(options.tmpParent ?? tmpdir(), 'cocoon-build-'));
   const logLines = new BoundedLog(MAX_LOG_BYTES);
   const emit = (line: string): void => {
     logLines.push(line);
@@ -470,8 +477,8 @@ export interface MountedImage {
  * Mounts an image's root filesystem through a throwaway working container: a zero-copy export
  * that tools like `mkfs.ext4 -d` read directly.
  */
-export async function mountImage(ref: string): Promise<MountedImage> {
-  const name = `cocoon-export-${randomBytes(6).toString('hex')}`;
+export async function mountImage(ref: string, containerName?: string): Promise<MountedImage> {
+  const name = containerName ?? `cocoon-export-${randomBytes(6).toString('hex')}`;
   await buildah(['from', '--pull=never', '--quiet', '--name', name, ref]);
   try {
     const { stdout } = await buildah(['mount', name]);

@@ -31,6 +31,12 @@ export interface BuildRootDiskOptions {
   onLog?: (line: string) => void;
   /** Cancels the build; then nothing of it remains (process, container, image, disk). */
   signal?: AbortSignal;
+  /** Name of the built (temporary) image; default a unique `localhost/cocoon-build/<random>:latest`. */
+  tag?: string;
+  /** Parent of the build's private TMPDIR (see BuildOptions.tmpParent). */
+  tmpParent?: string;
+  /** Name of the throwaway container the image is mounted through (default `cocoon-export-<random>`). */
+  exportContainer?: string;
 }
 
 export interface RootDiskConfig {
@@ -100,7 +106,11 @@ export async function buildRootDisk(options: BuildRootDiskOptions): Promise<Root
 
   // 2. Build.
   say('[cocoon] building the Dockerfile');
-  const built = await buildImage({ contextDir, buildArgs: options.buildArgs, network: options.network, onLog: say, signal });
+  const built = await buildImage({
+    contextDir, buildArgs: options.buildArgs, network: options.network, onLog: say, signal,
+    ...(options.tag ? { tag: options.tag } : {}),
+    ...(options.tmpParent ? { tmpParent: options.tmpParent } : {}),
+  });
   const tBuild = performance.now();
 
   const diskPath = join(resolve(options.workDir), 'rootfs.ext4');
@@ -109,7 +119,7 @@ export async function buildRootDisk(options: BuildRootDiskOptions): Promise<Root
   try {
     checkCancel();
     // 3. "Export": mount the image through a throwaway container (zero copy) and ready it.
-    mounted = await mountImage(built.imageId);
+    mounted = await mountImage(built.imageId, options.exportContainer);
     const prepared = await prepareRootfs(mounted.dir, built.config, { hooks: options.hooks });
     const tExport = performance.now();
     checkCancel();

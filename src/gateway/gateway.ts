@@ -115,7 +115,7 @@ const AUTH_FAILURES: Record<TokenFailureReason, { status: number; code: string; 
     code: 'token_missing',
     message: 'this microVM needs a token: send it in X-Cocoon-Token, or open the URL once with ?cocoon_token=<token>',
   },
-  malformed: { status: 401, code: 'token_malformed', message: 'the token is not a well-formed Cocoon token (cct_...)' },
+  malformed: { status: 401, code: 'token_malformed', message: 'the token is not a well-formed Cocoon token (cocoon_tk_...)' },
   unknown: { status: 401, code: 'token_invalid', message: 'the token is not valid; create one with POST /api/v1/microvms/{id}/tokens' },
   expired: { status: 401, code: 'token_expired', message: 'the token has expired; create a new one with POST /api/v1/microvms/{id}/tokens' },
   revoked: { status: 401, code: 'token_revoked', message: 'the token was revoked; create a new one with POST /api/v1/microvms/{id}/tokens' },

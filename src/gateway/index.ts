@@ -10,19 +10,6 @@ export type {
   TokenVerification,
   TokenVerifier,
 } from './types.ts';
-export {
-  InMemoryTokenStore,
-  TOKEN_MAX_MINUTES,
-  createTokenVerifier,
-  generateToken,
-  hashToken,
-  issueToken,
-  normalizeAllowedPorts,
-  parseToken,
-  type IssueTokenOptions,
-  type IssuedToken,
-  type TokenRecord,
-  type TokenStore,
-} from './tokens.ts';
+export { createTokenVerifier, hashToken, parseToken, type TokenVerifierOptions } from './tokens.ts';
 export { DEFAULT_GATEWAY_DOMAIN, MICROVM_ID_PATTERN, isValidMicroVMId } from './routing.ts';
 export { TOKEN_COOKIE, TOKEN_HEADER, PORT_HEADER, MICROVM_HEADER, TOKEN_QUERY_PARAM } from './credentials.ts';

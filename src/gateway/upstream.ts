@@ -5,7 +5,7 @@
  */
 import http, { type ServerResponse } from 'node:http';
 import type { Readable } from 'node:stream';
-import { Agent, type Dispatcher } from 'undici';
+import { Agent, buildConnector, type Dispatcher } from 'undici';
 import { clientResponseHeaders } from './headers.ts';
 
 export interface ForwardRequest {
@@ -127,6 +127,33 @@ class ForwardHandler implements Dispatcher.DispatchHandler {
   }
 }
 
+/**
+ * A connector that opens connections to one upstream (host:port) one at a time. Guests are
+ * reached through QEMU's user-mode networking, whose forwarded ports listen with a backlog of 1
+ * (libslirp's `listen(s, 1)`): a burst of connects overflows the accept queue, the kernel drops
+ * the SYNs, and those clients stall for 1, 2, 4… s of SYN retransmission (measured: 16
+ * simultaneous connects, several answered after ~1 s). One connect in flight per upstream
+ * keeps the queue short; pooled keep-alive connections make connects rare anyway.
+ */
+export function serialConnector(options: buildConnector.BuildOptions): buildConnector.connector {
+  const connect = buildConnector(options);
+  const tails = new Map<string, Promise<void>>();
+  return (opts, callback) => {
+    const key = `${opts.hostname}:${opts.port}`;
+    const previous = tails.get(key) ?? Promise.resolve();
+    let finished!: () => void;
+    const tail = previous.then(() => new Promise<void>((resolve) => (finished = resolve)));
+    tails.set(key, tail);
+    void previous.then(() => {
+      connect(opts, (...args: [null, import('node:net').Socket] | [Error, null]) => {
+        finished();
+        if (tails.get(key) === tail) tails.delete(key);
+        (callback as (...a: typeof args) => void)(...args);
+      });
+    });
+  };
+}
+
 /** undici Agent: one keep-alive Pool per upstream origin. */
 export class UndiciUpstreamClient implements UpstreamClient {
   readonly #agent: Agent;
@@ -141,7 +168,7 @@ export class UndiciUpstreamClient implements UpstreamClient {
       keepAliveMaxTimeout: options.keepAliveTimeoutMs,
       headersTimeout: options.headersTimeoutMs,
       bodyTimeout: options.bodyTimeoutMs,
-      connectTimeout: options.connectTimeoutMs,
+      connect: serialConnector({ timeout: options.connectTimeoutMs }),
     });
   }
 

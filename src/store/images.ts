@@ -12,6 +12,20 @@ export type ImageState = (typeof IMAGE_STATES)[number];
 /** Image names become part of ARNs: no ':' or '/', and short. */
 export const IMAGE_NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
 
+/** Guest hooks, as AWS Lambda MicroVMs names them; cocoon-init runs them inside the guest. */
+export const HOOK_NAMES = ['run', 'suspend', 'resume', 'terminate'] as const;
+export type HookName = (typeof HOOK_NAMES)[number];
+export const MAX_HOOK_TIMEOUT_SECONDS = 60;
+
+export interface ImageHook {
+  /** A shell command (`/bin/sh -c`), written into the image's workload file by the builder. */
+  command: string;
+  /** 1–60 seconds; the lifecycle waits at most this long for the hook. */
+  timeoutSeconds: number;
+}
+
+export type ImageHooks = Partial<Record<HookName, ImageHook>>;
+
 export interface Readiness {
   /** Path of an HTTP GET that must answer 2xx; null: any complete HTTP answer on the port. */
   httpPath: string | null;
@@ -36,6 +50,8 @@ export interface Image {
   port: number;
   readiness: Readiness;
   networkEgress: boolean;
+  /** Guest hooks by name ({} when the image defines none). */
+  hooks: ImageHooks;
   buildLogPath: string | null;
   /** Where the builder put what it made (root disk, snapshot…): object keys or paths by name. */
   artifacts: Record<string, string>;
@@ -56,6 +72,8 @@ export interface NewImage {
   port: number;
   readiness: Readiness;
   networkEgress?: boolean;
+  /** Optional guest hooks (commands ≤ 4000 characters without newlines, timeouts 1–60 s). */
+  hooks?: ImageHooks;
   now?: Date;
 }
 
@@ -76,6 +94,7 @@ interface ImageRow {
   readiness_http_path: string | null;
   readiness_timeout_seconds: number;
   network_egress: number;
+  hooks: string;
   build_log_path: string | null;
   artifacts: string;
   created_at: string;
@@ -99,6 +118,7 @@ function toImage(row: ImageRow): Image {
     port: row.port,
     readiness: { httpPath: row.readiness_http_path, timeoutSeconds: row.readiness_timeout_seconds },
     networkEgress: bool(row.network_egress),
+    hooks: jsonObject(row.hooks) as ImageHooks,
     buildLogPath: row.build_log_path,
     artifacts: jsonObject(row.artifacts) as Record<string, string>,
     createdAt: row.created_at,
@@ -128,6 +148,20 @@ function checkNewImage(input: NewImage): void {
   const path = input.readiness.httpPath;
   if (path !== null && (typeof path !== 'string' || !/^\/[\x21-\x7e]{0,1023}$/.test(path))) {
     throw invalid('readiness.httpPath must start with "/" and hold only visible ASCII characters');
+  }
+  checkHooks(input.hooks);
+}
+
+export function checkHooks(hooks: unknown): void {
+  if (hooks === undefined) return;
+  if (typeof hooks !== 'object' || hooks === null || Array.isArray(hooks)) throw invalid('hooks must be an object');
+  for (const [name, hook] of Object.entries(hooks)) {
+    if (!(HOOK_NAMES as readonly string[]).includes(name)) throw invalid(`unknown hook '${name}'; hooks are ${HOOK_NAMES.join(', ')}`);
+    const { command, timeoutSeconds } = (hook ?? {}) as Partial<ImageHook>;
+    if (typeof command !== 'string' || command.length === 0 || command.length > 4000 || /[\n\r\0]/.test(command)) {
+      throw invalid(`hooks.${name}.command must be 1–4000 characters on one line`);
+    }
+    checkInt(timeoutSeconds, 1, MAX_HOOK_TIMEOUT_SECONDS, `hooks.${name}.timeoutSeconds`);
   }
 }
 
@@ -165,6 +199,7 @@ export async function createImage(db: Db, input: NewImage): Promise<Image> {
       readiness_http_path: input.readiness.httpPath,
       readiness_timeout_seconds: input.readiness.timeoutSeconds,
       network_egress: input.networkEgress ? 1 : 0,
+      hooks: JSON.stringify(input.hooks ?? {}),
       build_log_path: null,
       artifacts: '{}',
       created_at: iso(now),

@@ -252,6 +252,8 @@ export interface MicrovmQuery extends PageRequest {
   state?: MicrovmState | readonly MicrovmState[];
   /** Image id. */
   imageId?: string;
+  /** Image ARN (still matches once the image was deleted). */
+  imageArn?: string;
 }
 
 /** A tenant's microVMs, newest first, with keyset pagination. */
@@ -263,6 +265,7 @@ export async function listMicrovms(db: Db, query: MicrovmQuery): Promise<Page<Mi
   const params: SqlParam[] = [query.tenantId];
   if (states) { where.push(`state IN ${placeholders(states.length)}`); params.push(...states); }
   if (query.imageId !== undefined) { where.push('image_id = ?'); params.push(query.imageId); }
+  if (query.imageArn !== undefined) { where.push('image_arn = ?'); params.push(query.imageArn); }
   if (cursor) { where.push('id < ?'); params.push(cursor); }
   const rows = await db.all<MicrovmRow>(
     `SELECT * FROM microvms WHERE ${where.join(' AND ')} ORDER BY id DESC LIMIT ?`,
@@ -342,6 +345,20 @@ export async function transitionMicrovm(
 export async function touchMicrovmActivity(db: Db, id: string, at: Date = new Date()): Promise<boolean> {
   const result = await db.run('UPDATE microvms SET last_activity_at = ? WHERE id = ? AND last_activity_at < ?', [
     iso(at), id, iso(at),
+  ]);
+  return result.changes === 1;
+}
+
+/** Replaces the runtime record only while the microVM is in `state` (compare-and-set); answers whether it did. */
+export async function setMicrovmRuntimeIf(
+  db: Db,
+  id: string,
+  state: MicrovmState,
+  runtime: Record<string, unknown>,
+  now: Date = new Date(),
+): Promise<boolean> {
+  const result = await db.run('UPDATE microvms SET runtime = ?, updated_at = ? WHERE id = ? AND state = ?', [
+    JSON.stringify(runtime), iso(now), id, state,
   ]);
   return result.changes === 1;
 }

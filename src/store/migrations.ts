@@ -157,6 +157,12 @@ export const MIGRATIONS: readonly Migration[] = [
       CREATE INDEX events_by_tenant ON events (tenant_id, id);
     `,
   },
+  {
+    version: 2,
+    name: 'image hooks',
+    // Guest hooks of an image (run, suspend, resume, terminate): {"<name>": {"command", "timeoutSeconds"}}.
+    sql: `ALTER TABLE images ADD COLUMN hooks TEXT NOT NULL DEFAULT '{}';`,
+  },
 ];
 
 export interface MigrationReport {

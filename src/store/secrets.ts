@@ -3,8 +3,9 @@ import { createHash, randomBytes } from 'node:crypto';
 /**
  * API keys and microVM tokens: 256 random bits, base64url, behind a recognisable prefix (so
  * secret scanners and humans can tell what leaked). Only the SHA-256 of a secret is stored. A
- * plain hash is enough for a 256-bit random secret (no dictionary to attack), and lookups by
- * hash need no constant-time comparison: timing can reveal at most bits of the hash of a guess.
+ * plain hash is enough for a 256-bit random secret (no dictionary to attack). API keys are
+ * looked up by hash (timing can reveal at most bits of the hash of a guess); tokens carry their
+ * id and are compared in constant time (see tokens.ts).
  */
 export const API_KEY_PREFIX = 'cocoon_ak_';
 export const TOKEN_PREFIX = 'cocoon_tk_';

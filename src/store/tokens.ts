@@ -1,13 +1,47 @@
+import { createHash, randomBytes, timingSafeEqual } from 'node:crypto';
 import { CocoonError } from '../common/errors.ts';
-import { newId } from './ids.ts';
+import { ID_PREFIXES, newId } from './ids.ts';
 import type { Db } from './sql.ts';
-import { hashSecret, isPlausibleSecret, newSecret, TOKEN_PREFIX } from './secrets.ts';
+import { TOKEN_PREFIX } from './secrets.ts';
 import { invalid, iso } from './values.ts';
 
 /**
- * Short-lived secrets for web requests to one microVM (the gateway checks them). The secret is
- * returned once; only its SHA-256 is stored.
+ * Short-lived secrets for web requests to one microVM (the gateway checks them). The one token
+ * implementation of the platform: the API issues and revokes, the gateway verifies.
+ *
+ * Format: `cocoon_tk_<id>_<secret>`
+ *   - `cocoon_tk_` a fixed prefix, so secret scanners and humans recognise a leaked token;
+ *   - id           the token's id without its `tok-` prefix (26 characters, public): the lookup key;
+ *   - secret       43 base64url characters = 32 random bytes (256 bits), canonical encoding.
+ * The secret is returned once; only the SHA-256 of the whole token string is stored. A presented
+ * token is looked up by its id and its hash compared with `crypto.timingSafeEqual` (against a
+ * dummy when the id is unknown, so both paths cost the same). A plain hash is as strong as an
+ * HMAC for a 256-bit random secret (nothing to brute-force) and needs no key management.
  */
+const TOKEN_PATTERN = /^cocoon_tk_([0-9a-hjkmnp-tv-z]{26})_([A-Za-z0-9_-]{43})$/;
+const TOKEN_LENGTH = TOKEN_PREFIX.length + 26 + 1 + 43;
+const DUMMY_HASH = Buffer.alloc(32);
+
+/** The token id a presented string names, or undefined when it is not a well-formed token. */
+export function parseToken(presented: unknown): string | undefined {
+  if (typeof presented !== 'string' || presented.length !== TOKEN_LENGTH) return undefined;
+  const match = TOKEN_PATTERN.exec(presented);
+  if (match === null) return undefined;
+  const secret = match[2] as string;
+  // 43 base64url characters carry 258 bits: the last 2 must be zero for the canonical 32 bytes.
+  if (Buffer.from(secret, 'base64url').toString('base64url') !== secret) return undefined;
+  return `${ID_PREFIXES.token}-${match[1] as string}`;
+}
+
+/** Lowercase hex SHA-256 of a token string (what the tokens table keeps). */
+export function hashToken(token: string): string {
+  return createHash('sha256').update(token, 'utf8').digest('hex');
+}
+
+function newTokenSecret(id: string): string {
+  return `${TOKEN_PREFIX}${id.slice(ID_PREFIXES.token.length + 1)}_${randomBytes(32).toString('base64url')}`;
+}
+
 export interface Token {
   id: string;
   microvmId: string;
@@ -78,12 +112,13 @@ export async function createToken(db: Db, input: NewToken): Promise<{ token: Tok
     if (microvm.state === 'TERMINATED' || microvm.state === 'FAILED' || microvm.state === 'TERMINATING') {
       throw new CocoonError('microvm_terminated', `microVM ${input.microvmId} is ${microvm.state}; it takes no new tokens`, { status: 409 });
     }
-    const secret = newSecret(TOKEN_PREFIX);
+    const id = newId('token', now.getTime());
+    const secret = newTokenSecret(id);
     const row: TokenRow = {
-      id: newId('token', now.getTime()),
+      id,
       microvm_id: input.microvmId,
       tenant_id: input.tenantId,
-      token_hash: hashSecret(secret),
+      token_hash: hashToken(secret),
       allowed_ports: ports === null ? null : JSON.stringify(ports),
       created_at: iso(now),
       expires_at: iso(new Date(now.getTime() + minutes * 60_000)),
@@ -98,10 +133,23 @@ export async function createToken(db: Db, input: NewToken): Promise<{ token: Tok
   });
 }
 
-/** The token record for a presented secret (revoked and expired ones too: see `checkToken`). */
+/**
+ * The token record for a presented secret (revoked and expired ones too: see `checkToken`), or
+ * undefined when the string is not a token or its secret does not match (compared in constant time).
+ */
 export async function findTokenBySecret(db: Db, secret: unknown): Promise<Token | undefined> {
-  if (!isPlausibleSecret(secret, TOKEN_PREFIX)) return undefined;
-  const row = await db.get<TokenRow>('SELECT * FROM tokens WHERE token_hash = ?', [hashSecret(secret)]);
+  const id = parseToken(secret);
+  if (id === undefined) return undefined;
+  const row = await db.get<TokenRow>('SELECT * FROM tokens WHERE id = ?', [id]);
+  const presented = createHash('sha256').update(secret as string, 'utf8').digest();
+  const stored = row !== undefined && /^[0-9a-f]{64}$/.test(row.token_hash) ? Buffer.from(row.token_hash, 'hex') : DUMMY_HASH;
+  const matches = timingSafeEqual(presented, stored);
+  return row !== undefined && matches ? toToken(row) : undefined;
+}
+
+/** A token by id (no secret needed: for listing and revocation). */
+export async function getToken(db: Db, id: string): Promise<Token | undefined> {
+  const row = await db.get<TokenRow>('SELECT * FROM tokens WHERE id = ?', [id]);
   return row && toToken(row);
 }
 

@@ -20,15 +20,19 @@ import { assertPortFree, freeLoopbackPort } from './ports.ts';
 import { cloneRamFile, createRamFile, digHoles, releaseUnusedRam } from './ram-file.ts';
 import { type VmCgroup, createVmCgroup, defaultLimits, joinCgroupScript, removeVmCgroup } from './cgroups.ts';
 import { ensureEgressGuard } from './egress-guard.ts';
+import { killQemuProcesses, processAlive, processCmdline, processStartTime, waitForProcessExit } from './processes.ts';
 import { type QemuIdentity, dropPrivilegesArgv, qemuIdentity } from './sandbox.ts';
 import { SerialLog, tailSerialLog } from './serial-log.ts';
 import { grantQemuAccess, isNoSpace, qemuDirOf, sealSnapshotFiles, snapshotFailure, takeBackSnapshotFiles } from './snapshot-safety.ts';
 import {
+  type PendingSnapshot,
   assertDataChecksums,
   checkDataChecksum,
   dataChecksums,
+  readPendingSnapshot,
   readSnapshotManifest,
   verifySnapshot,
+  writePendingSnapshot,
   writeSnapshotManifest,
 } from './snapshot.ts';
 import {
@@ -57,7 +61,39 @@ export interface SnapshotOptions {
   compact?: boolean;
   /** fsync RAM, disk and state before the snapshot counts as taken (default true). */
   durable?: boolean;
+  /**
+   * Called once the device state is saved (and the snapshot can be completed by
+   * `recoverSnapshot` should this process die), before QEMU is killed. For crash tests.
+   */
+  onStateSaved?: () => Promise<void>;
 }
+
+/** What `launch.json` in a run directory records, so that a restarted daemon can adopt the VM. */
+interface LaunchRecord {
+  formatVersion: 1;
+  id: string;
+  pid: number;
+  /** /proc start time of the pid: a reused pid is not our QEMU. */
+  startTime: number | undefined;
+  shape: MachineShape;
+  cmdline: string;
+  disk: DiskSpec;
+  ramPath: string;
+  forwards: Required<PortForward>[];
+  sockets: QemuLaunch['sockets'];
+  /** The VM's cgroups, removed once an adopted QEMU is gone. */
+  cgroup?: VmCgroup;
+}
+
+/** The QEMU process: our child, or one adopted from a previous daemon (then polled for its exit). */
+interface VmProcess {
+  readonly pid: number;
+  readonly exit: Promise<void>;
+  /** Keep the event loop alive until the exit is seen (while we wait for a kill). */
+  hold(): void;
+}
+
+const LAUNCH_FILE = 'launch.json';
 
 export class QemuVm {
   readonly id: string;
@@ -71,7 +107,7 @@ export class QemuVm {
   readonly qmp: QmpClient;
   readonly guest: GuestChannel;
   readonly serialLogPath: string;
-  private readonly child: ChildProcess;
+  private readonly proc: VmProcess;
   private readonly serial: SerialLog;
   private readonly exitPromise: Promise<void>;
   private gone = false;
@@ -79,10 +115,9 @@ export class QemuVm {
   private storageFailed: string | undefined;
 
   private constructor(parts: {
-    launch: QemuLaunch;
-    options: CommonVmOptions;
-    child: ChildProcess;
-    exit: Promise<void>;
+    launch: Pick<QemuLaunch, 'shape' | 'cmdline' | 'disk' | 'ram' | 'forwards'>;
+    options: Pick<CommonVmOptions, 'id' | 'runDir'>;
+    proc: VmProcess;
     qmp: QmpClient;
     guest: GuestChannel;
     serial: SerialLog;
@@ -94,8 +129,8 @@ export class QemuVm {
     this.disk = parts.launch.disk;
     this.ramPath = parts.launch.ram.path;
     this.hostPorts = new Map(parts.launch.forwards.map((f) => [f.guestPort, f.hostPort]));
-    this.child = parts.child;
-    this.exitPromise = parts.exit.then(() => {
+    this.proc = parts.proc;
+    this.exitPromise = parts.proc.exit.then(() => {
       this.gone = true;
     });
     this.qmp = parts.qmp;
@@ -105,7 +140,7 @@ export class QemuVm {
   }
 
   get pid(): number {
-    return this.child.pid ?? -1;
+    return this.proc.pid;
   }
 
   get exited(): boolean {
@@ -216,6 +251,28 @@ export class QemuVm {
         sealed.catch(() => undefined); // awaited below unless something fails first
       }
       const state = await saveDeviceState(this.qmp, path.join(qemuDirOf(this.runDir), 'migrate.sock'), path.join(partial, 'state'));
+      // From here on the paused VM's RAM and disk files match the saved state: should this
+      // process die, `recoverSnapshot` can complete the snapshot from what the pending record says.
+      const pending: PendingSnapshot = {
+        formatVersion: 1,
+        runDir: this.runDir,
+        ramPath: this.ramPath,
+        diskPath: this.disk.path,
+        manifest: {
+          formatVersion: 1,
+          createdAt: new Date().toISOString(),
+          shape: this.shape,
+          cmdline: this.cmdline,
+          files: {
+            state: { name: 'state', ...state },
+            mem: { name: 'mem', sizeBytes: this.shape.memoryMiB * 1024 * 1024 },
+            disk: { name: diskName, format: this.disk.format, sizeBytes: 0 },
+          },
+          guestPorts: [...this.hostPorts.keys()],
+        },
+      };
+      await writePendingSnapshot(partial, pending, durable);
+      await options.onStateSaved?.();
       // Renaming the files does not disturb QEMU's open files and mapping.
       const mem = path.join(partial, 'mem');
       const disk = path.join(partial, diskName);
@@ -233,19 +290,14 @@ export class QemuVm {
       const [checksums] = await (sealed as Promise<[DataChecksum[], unknown]>);
       await sealSnapshotFiles(this.runDir, { mem, disk });
       manifest = {
-        formatVersion: 1,
-        createdAt: new Date().toISOString(),
-        shape: this.shape,
-        cmdline: this.cmdline,
+        ...pending.manifest,
         files: {
-          state: { name: 'state', ...state },
-          mem: { name: 'mem', sizeBytes: this.shape.memoryMiB * 1024 * 1024, checksum: checksums[0] },
-          disk: { name: diskName, format: this.disk.format, sizeBytes: (await fs.promises.stat(disk)).size, checksum: checksums[1] },
+          state: pending.manifest.files.state,
+          mem: { ...pending.manifest.files.mem, checksum: checksums[0] },
+          disk: { ...pending.manifest.files.disk, sizeBytes: (await fs.promises.stat(disk)).size, checksum: checksums[1] },
         },
-        guestPorts: [...this.hostPorts.keys()],
       };
-      await writeSnapshotManifest(partial, manifest, durable);
-      await fs.promises.rename(partial, targetDir);
+      await commitSnapshot(partial, targetDir, manifest, durable);
       progress.committed = true;
       if (durable) await fsyncDir(path.dirname(targetDir));
     } catch (error) {
@@ -254,6 +306,7 @@ export class QemuVm {
       for (const handle of handles) await handle.close().catch(() => undefined);
     }
     await this.kill();
+    await fs.promises.rm(path.join(this.runDir, LAUNCH_FILE), { force: true });
     // The RAM file's blocks that were reserved and never written go back to the filesystem, in
     // the background (the content does not change; restores read only written extents), and
     // after this returns: starting the helper takes the event loop a few milliseconds.
@@ -300,10 +353,102 @@ export class QemuVm {
     return failure;
   }
 
+  /**
+   * Re-attaches to a QEMU started by an earlier process (a daemon that crashed or restarted):
+   * reads the run directory's launch record, checks that the pid is still that QEMU, and
+   * reconnects QMP, the guest channel and the serial console. Throws `vm_gone` when the QEMU
+   * is not running any more (nothing is killed or removed then).
+   */
+  static async adopt(options: { id: string; runDir: string; serialLogMaxBytes?: number; signal?: AbortSignal }): Promise<QemuVm> {
+    validateId(options.id);
+    let record: LaunchRecord;
+    try {
+      record = JSON.parse(await fs.promises.readFile(path.join(options.runDir, LAUNCH_FILE), 'utf8')) as LaunchRecord;
+    } catch (error) {
+      throw new CocoonError('vm_gone', `no launch record in ${options.runDir}: the VM is not running`, { cause: error });
+    }
+    if (record.formatVersion !== 1 || record.id !== options.id || !processAlive(record.pid, record.startTime)) {
+      throw new CocoonError('vm_gone', `QEMU of ${options.id} (pid ${record.pid}) is not running any more`);
+    }
+    if (!processCmdline(record.pid).includes(options.runDir)) {
+      throw new CocoonError('vm_gone', `pid ${record.pid} is not the QEMU of ${options.id}`);
+    }
+    // Sockets a dead daemon served (migration) would block the next snapshot.
+    const qemuDir = qemuDirOf(options.runDir);
+    await Promise.all(['migrate.sock', 'incoming.sock'].map((name) => fs.promises.rm(path.join(qemuDir, name), { force: true })));
+    let held = false;
+    const proc: VmProcess = {
+      pid: record.pid,
+      exit: waitForProcessExit(record.pid, record.startTime, { intervalMs: 100, keepAlive: () => held }).then(() => removeVmCgroup(record.cgroup)),
+      hold: () => {
+        held = true;
+      },
+    };
+    const launch = {
+      shape: record.shape,
+      cmdline: record.cmdline,
+      disk: record.disk,
+      ram: { path: record.ramPath, share: true },
+      forwards: record.forwards,
+      egress: false,
+      sockets: record.sockets,
+      pidFile: path.join(qemuDir, 'qemu.pid'),
+      incoming: false,
+      sandbox: true,
+    } satisfies QemuLaunch;
+    let channels: [QmpClient, GuestChannel, SerialLog];
+    try {
+      channels = await Promise.race([
+        connectChannels(launch, options),
+        proc.exit.then(() => {
+          throw new CocoonError('vm_gone', `QEMU of ${options.id} exited while being adopted`);
+        }),
+      ]);
+    } catch (error) {
+      if (isCocoonErrorCode(error, 'vm_gone')) throw error;
+      throw new CocoonError('vm_adopt_failed', `cannot reconnect to QEMU of ${options.id}: ${errorMessage(error)}`, { cause: error });
+    }
+    const [qmp, guest, serial] = channels;
+    guest.helloSeen = true;
+    const vm = new QemuVm({ launch, options, proc, qmp, guest, serial });
+    log.info({ vm: options.id, pid: record.pid }, 'vm adopted');
+    return vm;
+  }
+
+  /**
+   * Finishes what a snapshot into `targetDir` left when its process died: answers `committed`
+   * when the snapshot is complete, `completed` when it had saved the device state (the paused
+   * QEMU is killed, its RAM and disk files move into the snapshot), and `none` when there was
+   * nothing to complete (a partial directory is removed; the VM's files stay where they are).
+   */
+  static async recoverSnapshot(targetDir: string, options: { durable?: boolean } = {}): Promise<'committed' | 'completed' | 'none'> {
+    const partial = `${targetDir}.partial`;
+    if (fs.existsSync(path.join(targetDir, 'manifest.json'))) {
+      await fs.promises.rm(partial, { recursive: true, force: true });
+      return 'committed';
+    }
+    const pending = await readPendingSnapshot(partial);
+    if (pending === undefined) {
+      await fs.promises.rm(partial, { recursive: true, force: true });
+      return 'none';
+    }
+    await killQemuProcesses(pending.runDir);
+    const stateFile = path.join(partial, pending.manifest.files.state.name);
+    const stateOk = fs.existsSync(stateFile) && fs.statSync(stateFile).size === pending.manifest.files.state.sizeBytes;
+    const memThere = fs.existsSync(pending.ramPath) || fs.existsSync(path.join(partial, pending.manifest.files.mem.name));
+    const diskThere = fs.existsSync(pending.diskPath) || fs.existsSync(path.join(partial, pending.manifest.files.disk.name));
+    if (!stateOk || !memThere || !diskThere) {
+      await fs.promises.rm(partial, { recursive: true, force: true });
+      return 'none';
+    }
+    await completeSnapshot(partial, targetDir, pending, options.durable ?? true);
+    return 'completed';
+  }
+
   /** Stops the VM at once (SIGKILL) and waits for the process to be gone. Idempotent. */
   async kill(): Promise<void> {
     if (!this.gone) {
-      this.child.ref(); // keep the event loop alive until the exit is seen
+      this.proc.hold(); // keep the event loop alive until the exit is seen
       try {
         process.kill(this.pid, 'SIGKILL');
       } catch {
@@ -311,6 +456,16 @@ export class QemuVm {
       }
       await this.exitPromise;
     }
+    this.qmp.close();
+    this.guest.close();
+    this.serial.close();
+  }
+
+  /**
+   * Lets go of the VM without stopping it: closes QMP, the guest channel and the serial log.
+   * QEMU keeps running in its own process group; `QemuVm.adopt` re-attaches to it later.
+   */
+  detach(): void {
     this.qmp.close();
     this.guest.close();
     this.serial.close();
@@ -395,13 +550,27 @@ export class QemuVm {
       started = startQemu(launch, options.runDir, identity, cgroup);
       const { child, exit } = started;
       const launched = launch;
+      await writeLaunchRecord(options.runDir, {
+        formatVersion: 1,
+        id: options.id,
+        pid: child.pid ?? -1,
+        startTime: child.pid ? processStartTime(child.pid) : undefined,
+        shape,
+        cmdline,
+        disk,
+        ramPath,
+        forwards: launch.forwards,
+        sockets,
+        cgroup,
+      });
       const [qmp, guest, serial] = await Promise.race([
         connectChannels(launched, options),
         exit.then(() => {
           throw qemuStartError(options.runDir, launched);
         }),
       ]);
-      vm = new QemuVm({ launch: launched, options, child, exit, qmp, guest, serial });
+      const proc: VmProcess = { pid: child.pid ?? -1, exit, hold: () => child.ref() };
+      vm = new QemuVm({ launch: launched, options, proc, qmp, guest, serial });
       await Promise.race([
         steps.start(vm),
         exit.then(() => {
@@ -514,8 +683,8 @@ function warnRootFallback(why: string): void {
 }
 
 async function connectChannels(
-  launch: QemuLaunch,
-  options: CommonVmOptions,
+  launch: Pick<QemuLaunch, 'sockets'>,
+  options: Pick<CommonVmOptions, 'runDir' | 'serialLogMaxBytes' | 'signal'>,
 ): Promise<[QmpClient, GuestChannel, SerialLog]> {
   const serial = new SerialLog(path.join(options.runDir, 'serial.log'), options.serialLogMaxBytes);
   try {
@@ -589,8 +758,63 @@ async function killAndWait(started: { child: ChildProcess; exit: Promise<void> }
   await started.exit;
 }
 
+function isCocoonErrorCode(error: unknown, code: string): boolean {
+  return error instanceof CocoonError && error.code === code;
+}
+
+async function writeLaunchRecord(runDir: string, record: LaunchRecord): Promise<void> {
+  const file = path.join(runDir, LAUNCH_FILE);
+  await fs.promises.writeFile(`${file}.tmp`, JSON.stringify(record), { mode: 0o600 });
+  await fs.promises.rename(`${file}.tmp`, file);
+}
+
+/**
+ * Completes a snapshot whose process died after saving the device state (`recoverSnapshot`):
+ * the QEMU is gone, so its RAM and disk files move into the partial directory (each move is a
+ * rename: a crash leaves every file in one place or the other), are checksummed and fsynced,
+ * and the snapshot is committed.
+ */
+async function completeSnapshot(partial: string, targetDir: string, pending: PendingSnapshot, durable: boolean): Promise<SnapshotManifest> {
+  const { files } = pending.manifest;
+  const mem = path.join(partial, files.mem.name);
+  const disk = path.join(partial, files.disk.name);
+  if (!fs.existsSync(mem)) await moveFile(pending.ramPath, mem);
+  if (!fs.existsSync(disk)) await moveFile(pending.diskPath, disk);
+  const handles = [await fs.promises.open(mem, 'r'), await fs.promises.open(disk, 'r')];
+  let checksums: DataChecksum[];
+  try {
+    [checksums] = await sealData(handles, durable);
+  } finally {
+    for (const handle of handles) await handle.close().catch(() => undefined);
+  }
+  await sealSnapshotFiles(pending.runDir, { mem, disk });
+  const manifest: SnapshotManifest = {
+    ...pending.manifest,
+    files: {
+      state: files.state,
+      mem: { ...files.mem, checksum: checksums[0] },
+      disk: { ...files.disk, sizeBytes: fs.statSync(disk).size, checksum: checksums[1] },
+    },
+  };
+  await commitSnapshot(partial, targetDir, manifest, durable);
+  if (durable) await fsyncDir(path.dirname(targetDir));
+  await fs.promises.rm(path.join(pending.runDir, LAUNCH_FILE), { force: true });
+  return manifest;
+}
+
+/**
+ * The commit point of a snapshot: the manifest (the files' sizes and checksums) is written and
+ * fsynced last, the pending record goes, and one rename makes the directory appear whole.
+ */
+async function commitSnapshot(partial: string, targetDir: string, manifest: SnapshotManifest, durable: boolean): Promise<void> {
+  await fs.promises.rm(path.join(partial, 'manifest.json'), { force: true });
+  await writeSnapshotManifest(partial, manifest, durable);
+  await fs.promises.rm(path.join(partial, 'pending.json'), { force: true });
+  await fs.promises.rename(partial, targetDir);
+}
+
 async function removeLaunchFiles(runDir: string, disk: DiskSpec, ramPath: string): Promise<void> {
-  const names = ['qmp.sock', 'guest.sock', 'serial.sock', 'incoming.sock', 'migrate.sock', 'qemu.pid'];
+  const names = ['qmp.sock', 'guest.sock', 'serial.sock', 'incoming.sock', 'migrate.sock', 'qemu.pid', LAUNCH_FILE];
   await Promise.all([
     ...names.map((name) => fs.promises.rm(path.join(runDir, name), { force: true })),
     fs.promises.rm(qemuDirOf(runDir), { recursive: true, force: true }),

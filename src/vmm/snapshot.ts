@@ -134,3 +134,44 @@ export async function writeSnapshotManifest(dir: string, manifest: SnapshotManif
     await handle.close();
   }
 }
+
+/**
+ * A snapshot whose device state is saved but whose files are not all in place yet: written
+ * (atomically) into the partial directory before QEMU is killed, so that a process dying in
+ * between leaves enough to complete the snapshot (`QemuVm.recoverSnapshot`).
+ */
+export interface PendingSnapshot {
+  formatVersion: 1;
+  /** The VM's run directory (its QEMU, if still alive, mentions it on its command line). */
+  runDir: string;
+  ramPath: string;
+  diskPath: string;
+  /** The manifest to write; the disk's size is filled in once the disk is moved. */
+  manifest: SnapshotManifest;
+}
+
+export async function writePendingSnapshot(dir: string, pending: PendingSnapshot, durable: boolean): Promise<void> {
+  const file = path.join(dir, 'pending.json');
+  const handle = await fs.promises.open(`${file}.tmp`, 'w', 0o600);
+  try {
+    await handle.writeFile(JSON.stringify(pending));
+    if (durable) await handle.sync();
+  } finally {
+    await handle.close();
+  }
+  await fs.promises.rename(`${file}.tmp`, file);
+}
+
+/** The pending record of a partial snapshot directory, or undefined when there is none (or it is unreadable). */
+export async function readPendingSnapshot(dir: string): Promise<PendingSnapshot | undefined> {
+  try {
+    const pending = JSON.parse(await fs.promises.readFile(path.join(dir, 'pending.json'), 'utf8')) as PendingSnapshot;
+    const files = pending?.manifest?.files;
+    if (pending.formatVersion !== 1 || typeof pending.runDir !== 'string' || typeof pending.ramPath !== 'string') return undefined;
+    if (typeof pending.diskPath !== 'string' || !files) return undefined;
+    if (![files.state?.name, files.mem?.name, files.disk?.name].every((name) => typeof name === 'string' && FILE_NAME.test(name))) return undefined;
+    return pending;
+  } catch {
+    return undefined;
+  }
+}

@@ -9,8 +9,12 @@ import { Writable } from 'node:stream';
 import { pino } from 'pino';
 import type { TestContext } from 'node:test';
 import { createGateway, type Gateway, type GatewayOptions } from '../../src/gateway/gateway.ts';
-import { InMemoryTokenStore, createTokenVerifier, issueToken } from '../../src/gateway/tokens.ts';
+import { createTokenVerifier } from '../../src/gateway/tokens.ts';
 import type { AllowedPorts, MicroVMDirectory, MicroVMRoute, MicroVMState } from '../../src/gateway/types.ts';
+import { createMicrovm } from '../../src/store/microvms.ts';
+import type { SqliteDb } from '../../src/store/sqlite.ts';
+import { createToken, revokeToken } from '../../src/store/tokens.ts';
+import { readyImage, someTenant, tempDb } from '../store/helpers.ts';
 
 export interface Received {
   method: string;
@@ -146,15 +150,35 @@ export interface Fixture {
   gateway: Gateway;
   port: number;
   directory: FakeDirectory;
-  store: InMemoryTokenStore;
+  /** The real token store (SQLite in a temp directory). */
+  db: SqliteDb;
   now: { ms: number | undefined };
   /** Everything the gateway logged (at debug level). */
   logLines: string[];
   token(microvmId: string, opts?: { allowedPorts?: AllowedPorts; expirationMinutes?: number }): Promise<{ id: string; token: string }>;
+  revoke(microvmId: string, tokenId: string): Promise<void>;
+}
+
+/**
+ * The directory double names microVMs freely ('vm1'); tokens reference microVM rows, so a row
+ * is made under that id (a real microVM renamed) the first time a token is issued for it.
+ */
+async function microvmRow(db: SqliteDb, id: string): Promise<string> {
+  if (await db.get('SELECT 1 FROM microvms WHERE id = ?', [id])) return id;
+  let tenant = await db.get<{ id: string }>("SELECT id FROM tenants WHERE name = 'gateway-tests'");
+  tenant ??= await someTenant(db, 'gateway-tests');
+  let image = await db.get<{ id: string }>("SELECT id FROM images WHERE tenant_id = ? AND state = 'READY'", [tenant.id]);
+  image ??= await readyImage(db, tenant.id);
+  const { microvm } = await createMicrovm(db, {
+    tenantId: tenant.id, region: 'local', imageId: image.id, maximumDurationSeconds: 3600,
+    idlePolicy: { autoResumeEnabled: true, maxIdleDurationSeconds: 300, suspendedDurationSeconds: null },
+  });
+  await db.run('UPDATE microvms SET id = ? WHERE id = ?', [id, microvm.id]);
+  return id;
 }
 
 export async function startGateway(t: TestContext, options: Partial<GatewayOptions> = {}): Promise<Fixture> {
-  const store = new InMemoryTokenStore();
+  const { db } = await tempDb(t);
   const now: { ms: number | undefined } = { ms: undefined };
   const directory = new FakeDirectory();
   const logLines: string[] = [];
@@ -167,7 +191,7 @@ export async function startGateway(t: TestContext, options: Partial<GatewayOptio
   const gateway = createGateway({
     logger: pino({ level: 'debug' }, sink),
     directory,
-    tokens: createTokenVerifier(store, { now: () => now.ms ?? Date.now() }),
+    tokens: createTokenVerifier(db, { now: () => now.ms ?? Date.now() }),
     ...options,
   });
   const { port } = await gateway.listen(0, '127.0.0.1');
@@ -180,11 +204,17 @@ export async function startGateway(t: TestContext, options: Partial<GatewayOptio
     port,
     logLines,
     directory,
-    store,
+    db,
     now,
     async token(microvmId, opts = {}) {
-      const issued = await issueToken(store, { microvmId, ...opts });
-      return { id: issued.id, token: issued.token };
+      await microvmRow(db, microvmId);
+      const tenant = (await db.get<{ tenant_id: string }>('SELECT tenant_id FROM microvms WHERE id = ?', [microvmId]))!;
+      const allowedPorts = opts.allowedPorts === undefined || opts.allowedPorts === 'all' ? null : [...opts.allowedPorts];
+      const issued = await createToken(db, { microvmId, tenantId: tenant.tenant_id, allowedPorts, expirationMinutes: opts.expirationMinutes });
+      return { id: issued.token.id, token: issued.secret };
+    },
+    async revoke(microvmId, tokenId) {
+      await revokeToken(db, microvmId, tokenId);
     },
   };
 }

@@ -1,97 +1,94 @@
+/**
+ * Tokens as the gateway sees them: the one implementation (src/store/tokens.ts, SQL-backed,
+ * hash only, constant-time) behind the gateway's TokenVerifier.
+ */
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import fc from 'fast-check';
-import { isCocoonError } from '../../src/common/errors.ts';
-import {
-  InMemoryTokenStore,
-  createTokenVerifier,
-  generateToken,
-  hashToken,
-  issueToken,
-  normalizeAllowedPorts,
-  parseToken,
-} from '../../src/gateway/tokens.ts';
+import { createTokenVerifier, hashToken, parseToken } from '../../src/gateway/tokens.ts';
+import { createMicrovm } from '../../src/store/microvms.ts';
+import { createToken, revokeToken } from '../../src/store/tokens.ts';
+import { readyImage, someTenant, tempDb } from '../store/helpers.ts';
 
-test('generated tokens: format, ≥128-bit secret, only a hash is kept', () => {
+const POLICY = { autoResumeEnabled: true, maxIdleDurationSeconds: 300, suspendedDurationSeconds: null };
+const SECRET_AT = 'cocoon_tk_'.length + 26 + 1;
+
+async function setup(t: Parameters<typeof tempDb>[0]) {
+  const { db } = await tempDb(t);
+  const tenant = await someTenant(db);
+  const image = await readyImage(db, tenant.id);
+  const start = { tenantId: tenant.id, region: 'local', imageId: image.id, idlePolicy: POLICY, maximumDurationSeconds: 3600 };
+  const vm1 = (await createMicrovm(db, start)).microvm.id;
+  const vm2 = (await createMicrovm(db, start)).microvm.id;
+  const issue = async (microvmId: string, opts: { allowedPorts?: number[]; expirationMinutes?: number; now?: Date } = {}) => {
+    const { token, secret } = await createToken(db, { microvmId, tenantId: tenant.id, ...opts });
+    return { id: token.id, token: secret, expiresAt: new Date(token.expiresAt) };
+  };
+  return { db, vm1, vm2, issue };
+}
+
+/** Another well-formed secret (43 base64url characters, canonical). */
+function otherSecret(): string {
+  return Buffer.from(crypto.getRandomValues(new Uint8Array(32))).toString('base64url');
+}
+
+test('issued tokens: format, ≥128-bit secret, only a hash is kept', async (t) => {
+  const { db, vm1, issue } = await setup(t);
   const seen = new Set<string>();
-  for (let i = 0; i < 200; i++) {
-    const g = generateToken();
-    assert.match(g.token, /^cct_[0-9a-f]{16}_[A-Za-z0-9_-]{43}$/);
-    assert.equal(Buffer.from(g.token.slice(21), 'base64url').length, 32, '256-bit secret');
-    assert.equal(g.secretHash, hashToken(g.token));
-    assert.match(g.secretHash, /^[0-9a-f]{64}$/);
-    assert.ok(!g.secretHash.includes(g.token.slice(21)));
-    assert.deepEqual(parseToken(g.token), { tokenId: g.tokenId });
-    assert.ok(!seen.has(g.token));
-    seen.add(g.token);
+  for (let i = 0; i < 50; i++) {
+    const { id, token } = await issue(vm1);
+    assert.match(token, /^cocoon_tk_[0-9a-z]{26}_[A-Za-z0-9_-]{43}$/);
+    assert.equal(Buffer.from(token.slice(SECRET_AT), 'base64url').length, 32, '256-bit secret');
+    assert.equal(parseToken(token), id);
+    assert.ok(!seen.has(token));
+    seen.add(token);
+    const row = await db.get<Record<string, unknown>>('SELECT * FROM tokens WHERE id = ?', [id]);
+    assert.equal(row?.token_hash, hashToken(token));
+    assert.ok(!JSON.stringify(row).includes(token.slice(SECRET_AT)), 'the store never holds the secret');
   }
 });
 
 test('parseToken rejects anything not exactly a token, and never throws', () => {
-  const g = generateToken();
-  for (const bad of ['', 'cct_', g.token + 'x', g.token.slice(1), g.token.toUpperCase(), ` ${g.token}`, g.token.replace('cct_', 'cct-'), 'cct_' + 'g'.repeat(16) + '_' + 'A'.repeat(43)]) {
-    assert.equal(parseToken(bad), null, JSON.stringify(bad));
+  const good = `cocoon_tk_${'0'.repeat(26)}_${'A'.repeat(43)}`;
+  assert.equal(parseToken(good), `tok-${'0'.repeat(26)}`);
+  for (const bad of ['', 'cocoon_tk_', good + 'x', good.slice(1), good.toUpperCase(), ` ${good}`, good.replace('cocoon_tk_', 'cocoon-tk-'),
+    `cocoon_tk_${'u'.repeat(26)}_${'A'.repeat(43)}`, `cct_0123456789abcdef_${'A'.repeat(43)}`]) {
+    assert.equal(parseToken(bad), undefined, JSON.stringify(bad));
   }
   // Non-canonical base64url: the last character's unused low bits must be zero.
-  const canonical = 'cct_0123456789abcdef_' + 'A'.repeat(42) + 'A';
-  assert.notEqual(parseToken(canonical), null);
-  assert.equal(parseToken('cct_0123456789abcdef_' + 'A'.repeat(42) + 'B'), null);
+  assert.equal(parseToken(`cocoon_tk_${'0'.repeat(26)}_${'A'.repeat(42)}B`), undefined);
   fc.assert(
     fc.property(fc.string({ maxLength: 100 }), (s) => {
       const r = parseToken(s);
-      return r === null || /^[0-9a-f]{16}$/.test(r.tokenId);
+      return r === undefined || /^tok-[0-9a-z]{26}$/.test(r);
     }),
   );
 });
 
-test('issueToken validates expiry (1-60 min) and ports', async () => {
-  const store = new InMemoryTokenStore();
-  const now = new Date('2030-01-01T00:00:00Z');
-  const t = await issueToken(store, { microvmId: 'vm1', now });
-  assert.equal(t.expiresAt.getTime() - now.getTime(), 60 * 60_000, 'default 60 minutes');
-  assert.equal(t.allowedPorts, 'all');
-  const stored = store.get(t.id)!;
-  assert.equal(stored.secretHash, hashToken(t.token));
-  assert.ok(!JSON.stringify(stored).includes(t.token.slice(21)), 'the store never holds the secret');
+test('verify: every failure reason, and details only for holders of the secret', async (t) => {
+  const { db, vm1, vm2, issue } = await setup(t);
+  let clock = Date.now();
+  const verifier = createTokenVerifier(db, { now: () => clock });
+  const good = await issue(vm1, { allowedPorts: [8080], expirationMinutes: 5, now: new Date(clock) });
+  const revoked = await issue(vm1);
+  assert.equal(await revokeToken(db, vm1, revoked.id), true);
 
-  for (const expirationMinutes of [0, 61, 1.5, -1]) {
-    await assert.rejects(issueToken(store, { microvmId: 'vm1', expirationMinutes }), (e) => isCocoonError(e, 'invalid_token_expiration') && e.status === 400);
-  }
-  for (const allowedPorts of [[], [0], [65536], [80.5]] as number[][]) {
-    await assert.rejects(issueToken(store, { microvmId: 'vm1', allowedPorts }), (e) => isCocoonError(e, 'invalid_allowed_ports'));
-  }
-  assert.deepEqual(normalizeAllowedPorts([9000, 80, 80]), [80, 9000]);
-});
-
-test('verify: every failure reason, and details only for holders of the secret', async () => {
-  const store = new InMemoryTokenStore();
-  let clock = Date.parse('2030-01-01T00:00:00Z');
-  const verifier = createTokenVerifier(store, { now: () => clock });
-  const now = new Date(clock);
-  const good = await issueToken(store, { microvmId: 'vm1', allowedPorts: [8080], expirationMinutes: 5, now });
-  const revoked = await issueToken(store, { microvmId: 'vm1', now });
-  store.revoke(revoked.id, now);
-
-  const ok = await verifier.verify('vm1', good.token);
-  assert.deepEqual(ok, { ok: true, tokenId: good.id, allowedPorts: [8080], expiresAt: good.expiresAt });
-  assert.deepEqual(await verifier.verify('vm1', undefined), { ok: false, reason: 'missing' });
-  assert.deepEqual(await verifier.verify('vm1', ''), { ok: false, reason: 'missing' });
-  assert.deepEqual(await verifier.verify('vm1', 'Bearer x'), { ok: false, reason: 'malformed' });
-  assert.deepEqual(await verifier.verify('vm1', generateToken().token), { ok: false, reason: 'unknown' });
-  assert.deepEqual(await verifier.verify('vm2', good.token), { ok: false, reason: 'other_microvm' });
-  assert.deepEqual(await verifier.verify('vm1', revoked.token), { ok: false, reason: 'revoked' });
+  assert.deepEqual(await verifier.verify(vm1, good.token), { ok: true, tokenId: good.id, allowedPorts: [8080], expiresAt: good.expiresAt });
+  const all = await verifier.verify(vm1, (await issue(vm1)).token);
+  assert.equal(all.ok && all.allowedPorts, 'all');
+  assert.deepEqual(await verifier.verify(vm1, undefined), { ok: false, reason: 'missing' });
+  assert.deepEqual(await verifier.verify(vm1, ''), { ok: false, reason: 'missing' });
+  assert.deepEqual(await verifier.verify(vm1, 'Bearer x'), { ok: false, reason: 'malformed' });
+  assert.deepEqual(await verifier.verify(vm1, `cocoon_tk_${'0'.repeat(26)}_${otherSecret()}`), { ok: false, reason: 'unknown' });
+  assert.deepEqual(await verifier.verify(vm2, good.token), { ok: false, reason: 'other_microvm' });
+  assert.deepEqual(await verifier.verify(vm1, revoked.token), { ok: false, reason: 'revoked' });
 
   // Right id, wrong secret: "unknown", not "revoked"/"other_microvm"/"expired".
-  const forged = `cct_${revoked.id}_${generateToken().token.slice(21)}`;
-  assert.deepEqual(await verifier.verify('vm1', forged), { ok: false, reason: 'unknown' });
-  assert.deepEqual(await verifier.verify('vm2', `cct_${good.id}_${generateToken().token.slice(21)}`), { ok: false, reason: 'unknown' });
+  assert.deepEqual(await verifier.verify(vm1, revoked.token.slice(0, SECRET_AT) + otherSecret()), { ok: false, reason: 'unknown' });
+  assert.deepEqual(await verifier.verify(vm2, good.token.slice(0, SECRET_AT) + otherSecret()), { ok: false, reason: 'unknown' });
 
-  clock += 5 * 60_000 - 1;
-  assert.equal((await verifier.verify('vm1', good.token)).ok, true, 'valid until the last millisecond');
+  clock = good.expiresAt.getTime() - 1;
+  assert.equal((await verifier.verify(vm1, good.token)).ok, true, 'valid until the last millisecond');
   clock += 1;
-  assert.deepEqual(await verifier.verify('vm1', good.token), { ok: false, reason: 'expired' });
-
-  assert.equal(store.revokeAllForMicroVM('vm1', now), 1);
-  assert.equal(store.deleteExpired(new Date(clock + 3600_000)), 2);
-  assert.equal(store.size, 0);
+  assert.deepEqual(await verifier.verify(vm1, good.token), { ok: false, reason: 'expired' });
 });

@@ -23,7 +23,8 @@ test('a token is found by its secret and admits only its microVM, ports and life
   const { db, tenant, microvm, other } = await setup(t);
   const now = new Date('2026-01-01T00:00:00.000Z');
   const { token, secret } = await createToken(db, { microvmId: microvm.id, tenantId: tenant.id, expirationMinutes: 15, allowedPorts: [8080, 3000, 8080], now });
-  assert.match(secret, /^cocoon_tk_[A-Za-z0-9_-]{43}$/);
+  assert.match(secret, /^cocoon_tk_[0-9a-z]{26}_[A-Za-z0-9_-]{43}$/);
+  assert.equal(secret.slice(10, 36), token.id.slice(4), 'the token names its id');
   assert.deepEqual(token.allowedPorts, [3000, 8080]);
   assert.equal(token.expiresAt, '2026-01-01T00:15:00.000Z');
 
@@ -35,7 +36,8 @@ test('a token is found by its secret and admits only its microVM, ports and life
   assert.equal(checkToken(token, { microvmId: other.id, port: 8080, now: at(1) }), 'wrong_microvm');
   assert.equal(checkToken(token, { microvmId: microvm.id, port: 8080, now: at(15) }), 'expired');
 
-  for (const wrong of [undefined, '', 'cocoon_tk_x', secret.toUpperCase(), `${secret} `, 'y'.repeat(5000)]) {
+  const forged = `${secret.slice(0, 37)}${'A'.repeat(42)}A`; // the right id, another secret
+  for (const wrong of [undefined, '', 'cocoon_tk_x', secret.toUpperCase(), `${secret} `, 'y'.repeat(5000), forged, 42]) {
     assert.equal(await findTokenBySecret(db, wrong), undefined);
   }
 

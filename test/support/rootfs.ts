@@ -23,7 +23,22 @@ const SCRIPTS: Record<string, string> = {
 
 const APPLETS = ['sh', 'httpd', 'cat', 'echo', 'sleep', 'head', 'od', 'tr', 'date', 'kill', 'sync', 'ls', 'ps', 'mv'];
 
-export function makeTestRootDisk(file: string, sizeMiB = 64): void {
+export interface TestRootDiskOptions {
+  sizeMiB?: number;
+  /** Lines of /.cocoon/workload (docs/guest-protocol.md); default: the web app above (plus `hooks`). */
+  workload?: string[];
+  /** A static binary (test/support/testapp.c, see testapp.ts) started as `/bin/testapp 8081` before httpd. */
+  testApp?: string;
+  /** Image hooks for the workload file: `hook.<name> <command>`. */
+  hooks?: Record<string, string>;
+  /** The background loop behind /cgi-bin/bg (default true); without it an idle guest is really idle. */
+  backgroundLoop?: boolean;
+}
+
+const DEFAULT_WORKLOAD = ['arg /bin/sh', 'arg /app/start.sh', 'cwd /app', 'env APP=test'];
+
+export function makeTestRootDisk(file: string, options: TestRootDiskOptions = {}): void {
+  const sizeMiB = options.sizeMiB ?? 64;
   const root = `${file}.root`;
   fs.rmSync(root, { recursive: true, force: true });
   try {
@@ -38,8 +53,13 @@ export function makeTestRootDisk(file: string, sizeMiB = 64): void {
       [
         '#!/bin/sh',
         // Written aside and renamed: a reader never sees the file empty.
-        '(i=0; while true; do i=$((i+1)); echo $i > /tmp/bg.count.new; mv /tmp/bg.count.new /tmp/bg.count; sleep 0.2; done) &',
-        'echo $! > /tmp/bg.pid',
+        ...(options.backgroundLoop === false
+          ? []
+          : [
+              '(i=0; while true; do i=$((i+1)); echo $i > /tmp/bg.count.new; mv /tmp/bg.count.new /tmp/bg.count; sleep 0.2; done) &',
+              'echo $! > /tmp/bg.pid',
+            ]),
+        ...(options.testApp ? ['/bin/testapp 8081 &'] : []),
         'exec httpd -f -p 8080 -h /www',
         '',
       ].join('\n'),
@@ -54,7 +74,12 @@ export function makeTestRootDisk(file: string, sizeMiB = 64): void {
     }
     fs.writeFileSync(path.join(root, 'www/index.html'), 'hello from cocoon\n');
     fs.writeFileSync(path.join(root, 'etc/passwd'), 'root:x:0:0:root:/root:/bin/sh\n');
-    fs.writeFileSync(path.join(root, '.cocoon/workload'), 'arg /bin/sh\narg /app/start.sh\ncwd /app\nenv APP=test\n');
+    if (options.testApp) {
+      fs.copyFileSync(options.testApp, path.join(root, 'bin/testapp'));
+      fs.chmodSync(path.join(root, 'bin/testapp'), 0o755);
+    }
+    const hooks = Object.entries(options.hooks ?? {}).map(([name, command]) => `hook.${name} ${command}`);
+    fs.writeFileSync(path.join(root, '.cocoon/workload'), [...(options.workload ?? DEFAULT_WORKLOAD), ...hooks].join('\n') + '\n');
     fs.rmSync(file, { force: true });
     execFileSync('truncate', ['-s', `${sizeMiB}M`, file]);
     execFileSync('mkfs.ext4', ['-q', '-F', '-E', 'root_owner=0:0', '-d', root, file]);

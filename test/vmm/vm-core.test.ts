@@ -49,6 +49,11 @@ describe('VM core with real QEMU', () => {
     try {
       assert.equal(await httpGet(url(vm, '/')), 'hello from cocoon');
       assert.equal(await httpGet(url(vm, '/cgi-bin/count')), '1');
+      const stats = vm.stats();
+      assert.equal(stats.pid, vm.pid);
+      assert.ok(stats.rssBytes > 10 * 1024 * 1024, `QEMU's resident memory: ${stats.rssBytes}`);
+      assert.ok(stats.cpuMs > 0, 'booting used CPU time');
+      assert.match(vm.serialTail(), /cocoon-init: started \/bin\/sh/, 'the console is kept');
       manifest = await vm.snapshot(snapshotDir, { compact: true });
       snapshotTakenAt = Date.now();
     } finally {
@@ -95,6 +100,35 @@ describe('VM core with real QEMU', () => {
     try {
       const guestSeconds = Number(await httpGet(url(vm, '/cgi-bin/time')));
       assert.ok(Math.abs(guestSeconds - Date.now() / 1000) <= 2, `guest clock ${guestSeconds} vs host ${Date.now() / 1000}`);
+    } finally {
+      await vm.destroy();
+    }
+  });
+
+  test("the host hears the workload's exit code, and the guest powers off by itself", async () => {
+    const disk = path.join(dir, 'exits.raw');
+    makeTestRootDisk(disk, { workload: ['arg /bin/sh', 'arg -c', 'arg sleep 0.5; exit 7'] });
+    const vm = await QemuVm.boot({ id: 'exits', runDir: path.join(dir, 'exits'), vcpus: 1, memoryMiB: 128, accel: 'tcg', guest, disk: { path: disk, format: 'raw' }, network: { forwards: [] } });
+    try {
+      const code = new Promise<number>((resolve) => vm.guest.once('exit', resolve));
+      assert.equal(await code, 7);
+      await vm.waitForExit();
+      assert.equal(vm.exited, true);
+    } finally {
+      await vm.destroy();
+    }
+  });
+
+  test('a shutdown request sends SIGTERM to the workload, then the guest powers off', async () => {
+    const disk = path.join(dir, 'stops.raw');
+    // The workload is the program itself, not a shell (busybox ash may ignore SIGTERM while it starts).
+    makeTestRootDisk(disk, { workload: ['arg /bin/sleep', 'arg 600'] });
+    const vm = await QemuVm.boot({ id: 'stops', runDir: path.join(dir, 'stops'), vcpus: 1, memoryMiB: 128, accel: 'tcg', guest, disk: { path: disk, format: 'raw' }, network: { forwards: [] } });
+    try {
+      const code = new Promise<number>((resolve) => vm.guest.once('exit', resolve));
+      vm.guest.shutdown(30_000);
+      assert.equal(await code, 128 + 15, 'the workload ended by SIGTERM, before the grace period ran out');
+      await vm.waitForExit();
     } finally {
       await vm.destroy();
     }

@@ -653,6 +653,7 @@ static void start_workload(void) {
   workload_pid = fork();
   if (workload_pid == 0) exec_as_workload(workload.argv);
   if (workload_pid < 0) fatal("fork workload");
+  logf_("started %s (pid %d)", workload.argv[0], workload_pid);
   send_line("started %d", workload_pid);
 }
 

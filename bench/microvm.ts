@@ -1,0 +1,366 @@
+/**
+ * MicroVM benchmarks (issue 4) against a real daemon (a child process, so the load generator's
+ * own CPU and memory stay apart) with real QEMU, measured side by side in one run:
+ *
+ *   microvm.launch_first_byte_ms   POST /microvms → first answer through the gateway (a restore of the image)
+ *   gateway.resume_on_request_ms   a request to a SUSPENDED microVM → its answer (the wake included)
+ *   gateway.added_latency_c1_ms    gateway minus direct (127.0.0.1:<forwarded port>) latency, one request at a time
+ *   gateway.throughput_ratio_c32   requests/s through the gateway ÷ direct, 32 concurrent keep-alive connections
+ *   density.idle_running           idle RUNNING microVMs held while a request to any still answers within 1 s
+ *   density.suspended              SUSPENDED microVMs held while a request to any (a wake) still answers within 1 s
+ *
+ * The density searches are bounded (counts, time budgets of 3 and 4 minutes, free memory and
+ * disk), so the whole suite stays within ~10 minutes; the log says which bound stopped a count.
+ * The guests run the test app without its background loop: idle means idle.
+ *
+ *   node bench/microvm.ts [--runs N] [--parts launch,gateway,density] [--running-max 100] [--suspended-max 500]
+ */
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { parseArgs } from 'node:util';
+import { Pool } from 'undici';
+import { getMicrovm } from '../src/store/microvms.ts';
+import { openMetadataStore } from '../src/store/open.ts';
+import type { SqliteDb } from '../src/store/sqlite.ts';
+import { findTenantByName } from '../src/store/tenants.ts';
+import { spawnDaemon, type Daemon } from '../test/support/daemon.ts';
+import { createTestImage, TESTAPP_PORT } from '../test/support/image.ts';
+import { apiClient, gatewayRequest, type ApiClient } from '../test/support/server.ts';
+import { serialConnector } from '../src/gateway/upstream.ts';
+import { findQemuProcesses } from '../src/vmm/processes.ts';
+import { elapsedMs, type Metrics, single, summarize } from './stats.ts';
+
+export type MicrovmBenchPart = 'launch' | 'gateway' | 'density';
+
+export interface MicrovmBenchOptions {
+  runs?: number;
+  parts?: MicrovmBenchPart[];
+  /** Upper bounds of the density searches. */
+  runningMax?: number;
+  suspendedMax?: number;
+  /** Time budgets of the RUNNING and the SUSPENDED density searches (default 3 and 4 minutes). */
+  runningBudgetMs?: number;
+  suspendedBudgetMs?: number;
+  /** Requests per target for the c=1 latency, and seconds per target for c=32. */
+  latencyRequests?: number;
+  throughputSeconds?: number;
+  log?: (line: string) => void;
+}
+
+const PROBE_LIMIT_MS = 1000;
+const MiB = 1024 * 1024;
+
+interface Vm {
+  id: string;
+  token: string;
+}
+
+export async function runMicrovmBench(options: MicrovmBenchOptions = {}): Promise<Metrics> {
+  const runs = options.runs ?? 10;
+  const parts = new Set(options.parts ?? ['launch', 'gateway', 'density']);
+  const say = options.log ?? (() => undefined);
+  const dataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'cocoon-bench-mvm-'));
+  let daemon: Daemon | undefined;
+  let db: SqliteDb | undefined;
+  const metrics: Metrics = {};
+  try {
+    daemon = await spawnDaemon(dataDir);
+    const adminKey = fs.readFileSync(path.join(dataDir, 'admin-api-key'), 'utf8').trim();
+    const api = apiClient(daemon.info.apiUrl, adminKey);
+    const gatewayPort = daemon.info.gatewayPort;
+    db = (await openMetadataStore(dataDir)).db;
+    const admin = await findTenantByName(db, 'admin');
+    // An idle guest (no background loop): idle microVMs should cost no CPU.
+    const image = await createTestImage({ db, dataDir, tenantId: admin!.id, idle: true });
+    say(`image ${image.arn} ready`);
+
+    const start = async (idle = 3600): Promise<Vm> => {
+      const answer = await api('POST', '/microvms', { image: image.id, idlePolicy: { maxIdleDurationSeconds: idle } });
+      if (answer.status !== 201) throw new Error(`start: ${answer.status} ${JSON.stringify(answer.body)}`);
+      return { id: answer.body.id, token: answer.body.token };
+    };
+    const get = async (vm: Vm, route = '/', port?: number): Promise<void> => {
+      const answer = await gatewayRequest(gatewayPort, vm.id, vm.token, route, port ? { port } : {});
+      if (answer.status !== 200) {
+        const state = await api('GET', `/microvms/${vm.id}`);
+        throw new Error(`GET ${route} of ${vm.id}: ${answer.status} ${answer.body}; the microVM is ${state.body?.state}: ${state.body?.error ?? ''}`);
+      }
+    };
+    const suspend = async (vm: Vm): Promise<void> => {
+      const answer = await api('POST', `/microvms/${vm.id}/suspend`);
+      if (answer.body?.state !== 'SUSPENDED') throw new Error(`suspend of ${vm.id}: ${answer.status} ${JSON.stringify(answer.body)}`);
+    };
+    const terminate = async (vms: Vm[]) => {
+      for (const vm of vms) await api('DELETE', `/microvms/${vm.id}`);
+    };
+
+    if (parts.has('launch')) {
+      const launch: number[] = [];
+      const made: Vm[] = [];
+      for (let i = 0; i < runs; i++) {
+        const started = performance.now();
+        const vm = await start();
+        await get(vm, '/');
+        launch.push(elapsedMs(started));
+        made.push(vm);
+      }
+      await terminate(made);
+      metrics['microvm.launch_first_byte_ms'] = summarize(launch);
+      say(`launch to first byte: p50 ${metrics['microvm.launch_first_byte_ms'].p50} ms`);
+    }
+
+    if (parts.has('gateway')) {
+      const vm = await start();
+      await get(vm, '/');
+      const resume: number[] = [];
+      for (let i = 0; i < runs; i++) {
+        await suspend(vm);
+        const started = performance.now();
+        await get(vm, '/');
+        resume.push(elapsedMs(started));
+      }
+      metrics['gateway.resume_on_request_ms'] = summarize(resume);
+      say(`resume on request: p50 ${metrics['gateway.resume_on_request_ms'].p50} ms`);
+      Object.assign(metrics, await overhead(db, vm, gatewayPort, options, say));
+      await terminate([vm]);
+    }
+
+    if (parts.has('density')) {
+      Object.assign(metrics, await density(dataDir, { start, get, suspend, terminate }, options, say));
+    }
+    return metrics;
+  } catch (error) {
+    if (daemon) console.error(`the daemon's last words:\n${daemon.output().slice(-4000)}`);
+    throw error;
+  } finally {
+    await daemon?.kill();
+    db?.close();
+    for (const pid of findQemuProcesses(dataDir)) {
+      try {
+        process.kill(pid, 'SIGKILL');
+      } catch {
+        // gone
+      }
+    }
+    fs.rmSync(dataDir, { recursive: true, force: true });
+  }
+}
+
+/** Gateway vs direct to the same guest app (the C test app, keep-alive), rounds interleaved. */
+async function overhead(
+  db: SqliteDb,
+  vm: Vm,
+  gatewayPort: number,
+  options: MicrovmBenchOptions,
+  say: (line: string) => void,
+): Promise<Metrics> {
+  // Make sure it is RUNNING and learn its forwarded port.
+  await gatewayRequest(gatewayPort, vm.id, vm.token, '/', { port: TESTAPP_PORT });
+  const microvm = await getMicrovm(db, vm.id);
+  const hostPort = (microvm?.runtime.ports as Record<string, number> | undefined)?.[String(TESTAPP_PORT)];
+  if (!hostPort) throw new Error(`no forwarded port for ${vm.id}: ${JSON.stringify(microvm?.runtime)}`);
+  // Direct connects are serialized like the gateway's own (QEMU's forwarded ports listen with a
+  // backlog of 1: see serialConnector); both are warmed up at c=32 before anything is measured.
+  const pool = (url: string, serial: boolean) =>
+    new Pool(url, { connections: 32, keepAliveTimeout: 60_000, ...(serial ? { connect: serialConnector({ timeout: 10_000 }) } : {}) });
+  const targets = [
+    { name: 'direct', pool: pool(`http://127.0.0.1:${hostPort}`, true), headers: {} as Record<string, string> },
+    {
+      name: 'gateway',
+      pool: pool(`http://127.0.0.1:${gatewayPort}`, false),
+      headers: { host: `${vm.id}.vm.localhost`, 'x-cocoon-token': vm.token, 'x-cocoon-port': String(TESTAPP_PORT) },
+    },
+  ];
+  const once = async (t: (typeof targets)[number]) => {
+    const { statusCode, body } = await t.pool.request({ path: '/', method: 'GET', headers: t.headers });
+    await body.dump();
+    if (statusCode !== 200) throw new Error(`${t.name}: ${statusCode}`);
+  };
+  const requests = options.latencyRequests ?? 500;
+  const seconds = options.throughputSeconds ?? 3;
+  const rounds = 3;
+  const lat = new Map(targets.map((t) => [t.name, [] as number[]]));
+  const rps = new Map(targets.map((t) => [t.name, [] as number[]]));
+  const load = async (t: (typeof targets)[number], ms: number): Promise<number> => {
+    const end = Date.now() + ms;
+    let done = 0;
+    await Promise.all(
+      Array.from({ length: 32 }, async () => {
+        while (Date.now() < end) {
+          await once(t);
+          done++;
+        }
+      }),
+    );
+    return done / (ms / 1000);
+  };
+  for (const t of targets) await load(t, 3000); // open and warm every connection
+  for (let round = 0; round < rounds; round++) {
+    for (const t of round % 2 === 0 ? targets : [...targets].reverse()) {
+      for (let i = 0; i < 50; i++) await once(t);
+      for (let i = 0; i < requests; i++) {
+        const started = performance.now();
+        await once(t);
+        lat.get(t.name)!.push(elapsedMs(started));
+      }
+      await load(t, 1000);
+      rps.get(t.name)!.push(await load(t, seconds * 1000));
+    }
+  }
+  for (const t of targets) await t.pool.close();
+  const direct = summarize(lat.get('direct')!);
+  const gateway = summarize(lat.get('gateway')!);
+  const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
+  const ratio = median(rps.get('gateway')!) / median(rps.get('direct')!);
+  say(`c=1 latency p50: direct ${direct.p50} ms, gateway ${gateway.p50} ms; c=32: direct ${median(rps.get('direct')!).toFixed(0)} req/s, gateway ${median(rps.get('gateway')!).toFixed(0)} req/s`);
+  return {
+    'gateway.added_latency_c1_ms': {
+      p50: Math.round((gateway.p50 - direct.p50) * 1000) / 1000,
+      p95: Math.round((gateway.p95 - direct.p95) * 1000) / 1000,
+      unit: 'ms',
+      n: direct.n,
+    },
+    'gateway.throughput_ratio_c32': { ...single(ratio, 'ratio'), n: rounds },
+    'gateway.direct_latency_c1_ms': direct,
+    'gateway.gateway_latency_c1_ms': gateway,
+    'gateway.direct_rps_c32': single(median(rps.get('direct')!), 'rps'),
+    'gateway.gateway_rps_c32': single(median(rps.get('gateway')!), 'rps'),
+  };
+}
+
+function memAvailableBytes(): number {
+  const match = /MemAvailable:\s+(\d+) kB/.exec(fs.readFileSync('/proc/meminfo', 'utf8'));
+  return match ? Number(match[1]) * 1024 : os.freemem();
+}
+
+function diskFreeBytes(dir: string): number {
+  const stats = fs.statfsSync(dir);
+  return stats.bavail * stats.bsize;
+}
+
+/**
+ * How many idle RUNNING, then SUSPENDED, microVMs this host holds while a request to a random
+ * one still answers within 1 s (the answer is the last count whose probes passed). RUNNING: add
+ * one at a time (launched, answered once, then idle), probe after every 5. SUSPENDED: the
+ * RUNNING ones are suspended, more are launched and suspended, probe (a wake through the
+ * gateway, then suspend it again) after every 10.
+ */
+async function density(
+  dataDir: string,
+  vms: {
+    start: (idle?: number) => Promise<Vm>;
+    get: (vm: Vm, route?: string) => Promise<void>;
+    suspend: (vm: Vm) => Promise<void>;
+    terminate: (vms: Vm[]) => Promise<void>;
+  },
+  options: MicrovmBenchOptions,
+  say: (line: string) => void,
+): Promise<Metrics> {
+  const runningMax = options.runningMax ?? 100;
+  const suspendedMax = options.suspendedMax ?? 500;
+  let deadline = Date.now() + (options.runningBudgetMs ?? 3 * 60_000);
+  const all: Vm[] = [];
+  /** The slower of two requests to random microVMs (a wake when `wake`, suspended again after). */
+  const probe = async (wake: boolean): Promise<number> => {
+    let worst = 0;
+    for (let i = 0; i < 2; i++) {
+      const vm = all[Math.floor(Math.random() * all.length)]!;
+      const started = performance.now();
+      try {
+        await vms.get(vm, '/');
+      } catch {
+        return Number.POSITIVE_INFINITY;
+      }
+      worst = Math.max(worst, elapsedMs(started));
+      if (wake) await vms.suspend(vm);
+    }
+    return worst;
+  };
+  const bound = (what: string): string | undefined => {
+    if (Date.now() > deadline) return 'the time budget';
+    if (what === 'running' && memAvailableBytes() < 3 * 1024 * MiB) return 'host memory below 3 GiB available';
+    if (diskFreeBytes(dataDir) < 8 * 1024 * MiB) return 'less than 8 GiB of free disk';
+    return undefined;
+  };
+  try {
+    let running = 0;
+    let stop: string | undefined;
+    const probesRunning: number[] = [];
+    while (all.length < runningMax && !(stop = bound('running'))) {
+      const vm = await vms.start(3600);
+      await vms.get(vm, '/');
+      all.push(vm);
+      if (all.length % 5 !== 0 && all.length !== runningMax) continue;
+      const worst = await probe(false);
+      probesRunning.push(worst);
+      say(`  ${all.length} idle RUNNING: a request answers in ${worst.toFixed(0)} ms (${(memAvailableBytes() / 1024 / MiB).toFixed(1)} GiB available)`);
+      if (worst > PROBE_LIMIT_MS) {
+        stop = `a request that took ${worst.toFixed(0)} ms`;
+        break;
+      }
+      running = all.length;
+    }
+    say(`density.idle_running: ${running} (stopped by ${stop ?? `the bound of ${runningMax}`})`);
+
+    for (const vm of all) await vms.suspend(vm);
+    deadline = Date.now() + (options.suspendedBudgetMs ?? 4 * 60_000);
+    let suspended = 0;
+    stop = undefined;
+    const probesSuspended: number[] = [];
+    while (all.length < suspendedMax && !(stop = bound('suspended'))) {
+      // Two at a time (two cores): launch, answer once, suspend.
+      const batch = await Promise.all(
+        Array.from({ length: Math.min(2, suspendedMax - all.length) }, async () => {
+          const vm = await vms.start(3600);
+          await vms.get(vm, '/');
+          await vms.suspend(vm);
+          return vm;
+        }),
+      );
+      all.push(...batch);
+      if (all.length % 10 !== 0 && all.length !== suspendedMax) continue;
+      const worst = await probe(true);
+      probesSuspended.push(worst);
+      say(`  ${all.length} SUSPENDED: a wake answers in ${worst.toFixed(0)} ms (${(diskFreeBytes(dataDir) / 1024 / MiB).toFixed(1)} GiB disk free)`);
+      if (worst > PROBE_LIMIT_MS) {
+        stop = `a wake that took ${worst.toFixed(0)} ms`;
+        break;
+      }
+      suspended = all.length;
+    }
+    say(`density.suspended: ${suspended} (stopped by ${stop ?? `the bound of ${suspendedMax}`}; ${findQemuProcesses(dataDir).length} QEMU processes running)`);
+    const metrics: Metrics = {
+      'density.idle_running': single(running, 'count'),
+      'density.suspended': single(suspended, 'count'),
+    };
+    const finite = (xs: number[]) => xs.filter(Number.isFinite);
+    if (finite(probesRunning).length) metrics['density.running_probe_ms'] = summarize(finite(probesRunning));
+    if (finite(probesSuspended).length) metrics['density.suspended_probe_ms'] = summarize(finite(probesSuspended));
+    return metrics;
+  } finally {
+    say(`  terminating ${all.length} microVMs`);
+    await vms.terminate(all);
+  }
+}
+
+if (import.meta.main) {
+  const { values } = parseArgs({
+    options: {
+      runs: { type: 'string', default: '10' },
+      parts: { type: 'string', default: 'launch,gateway,density' },
+      'running-max': { type: 'string', default: '100' },
+      'suspended-max': { type: 'string', default: '500' },
+      json: { type: 'boolean', default: false },
+    },
+  });
+  const metrics = await runMicrovmBench({
+    runs: Number(values.runs),
+    parts: String(values.parts).split(',') as MicrovmBenchPart[],
+    runningMax: Number(values['running-max']),
+    suspendedMax: Number(values['suspended-max']),
+    log: (line) => console.error(line),
+  });
+  for (const [name, m] of Object.entries(metrics)) console.error(`${name.padEnd(34)} p50 ${String(m.p50).padStart(9)}  p95 ${String(m.p95).padStart(9)}  ${m.unit}  n=${m.n}`);
+  if (values.json) console.log(JSON.stringify({ machine: { accel: 'tcg', cpus: os.cpus().length }, metrics }));
+}

@@ -1,0 +1,727 @@
+/**
+ * The lifecycle: one state machine per microVM, and the gateway's directory of microVMs.
+ *
+ *   PENDING → RUNNING ⇄ (SUSPENDING → SUSPENDED → RESUMING) → … → TERMINATING → TERMINATED,
+ *   and FAILED with a reason.
+ *
+ * Rules that make it crash-safe (see docs/microvms.md):
+ * - Every transition is written to the store (compare-and-set) before its side effects; the
+ *   in-memory state follows the store, except that a decision to suspend or terminate is visible
+ *   to the gateway at once (synchronously), so that no request slips into a VM being stopped.
+ * - Operations on one microVM run one at a time (a per-microVM queue); different microVMs are
+ *   independent.
+ * - Memory and disk are one pair: a suspend commits both as a new snapshot generation (an
+ *   atomic directory rename) before the store says SUSPENDED; a resumed VM writes to a new disk
+ *   layer, and the generation it came from stays untouched until the next suspend commits.
+ * - `recover()` (at start) finishes or rolls back whatever a killed daemon left in flight.
+ */
+import fs from 'node:fs';
+import { CocoonError, errorMessage, isCocoonError } from '../common/errors.ts';
+import { log as rootLog, type Logger } from '../common/log.ts';
+import type { MicroVMDirectory, MicroVMRoute } from '../gateway/types.ts';
+import { appendEvent } from '../store/events.ts';
+import { getImage, type ImageHooks, type HookName } from '../store/images.ts';
+import {
+  getMicrovm,
+  touchMicrovmActivity,
+  transitionMicrovm,
+  setMicrovmRuntimeIf,
+  type Microvm,
+  type MicrovmState,
+} from '../store/microvms.ts';
+import type { Db } from '../store/sql.ts';
+import { killQemuProcesses } from '../vmm/processes.ts';
+import { QemuVm } from '../vmm/qemu.ts';
+import { readSnapshotManifest } from '../vmm/snapshot.ts';
+import { generationDir, imageSnapshotDir, microvmDir, runDir, snapshotDirFor } from './paths.ts';
+import { appendLog, clearRunFiles, collectGarbage, compactGeneration, parseRuntime, runtimeRecord, type Runtime } from './storage.ts';
+
+/** Points where crash tests stop the daemon (see `LifecycleOptions.pauseAt`). */
+export type PausePoint =
+  | 'launch:restored'
+  | 'suspend:persisted'
+  | 'suspend:state-saved'
+  | 'suspend:committed'
+  | 'resume:persisted'
+  | 'resume:restored';
+
+export interface LifecycleOptions {
+  db: Db;
+  dataDir: string;
+  logger?: Logger;
+  /** fsync snapshots (default true: a suspended microVM survives a host crash). */
+  durable?: boolean;
+  /** Fold disk layers into one once a microVM's chain is longer than this (default 8). */
+  maxDiskChain?: number;
+  /** What a graceful stop does with RUNNING microVMs: suspend them (default) or leave them running for the next start to adopt. */
+  onStop?: 'suspend' | 'leave';
+  /** How often gateway activity is written to `lastActivityAt` (default 1000 ms). */
+  activityFlushMs?: number;
+  /** For crash tests: awaited at each point (a test makes it hang, then kills the process). */
+  pauseAt?: (point: PausePoint, microvmId: string) => Promise<void>;
+}
+
+type Operation = 'launch' | 'suspend' | 'resume' | 'terminate';
+
+interface Instance {
+  readonly id: string;
+  readonly tenantId: string;
+  readonly imageId: string | null;
+  state: MicrovmState;
+  /** A termination was asked for: the gateway answers 410 from now on. */
+  terminating: boolean;
+  readonly appPort: number;
+  readonly autoResume: boolean;
+  readonly maxIdleMs: number;
+  readonly suspendedMs: number | null;
+  readonly expiresAt: number;
+  readonly egress: boolean;
+  readonly hooks: ImageHooks;
+  runtime: Runtime;
+  suspendedAt: number;
+  vm: QemuVm | undefined;
+  /** Guest port → host port of the running VM. */
+  ports: Map<number, number>;
+  inFlight: number;
+  webSockets: number;
+  lastActivity: number;
+  activityDirty: boolean;
+  idleTimer: NodeJS.Timeout | undefined;
+  suspendedTimer: NodeJS.Timeout | undefined;
+  expiryTimer: NodeJS.Timeout | undefined;
+  /** Tail of this microVM's operation queue. */
+  queue: Promise<void>;
+  busy: Operation | undefined;
+}
+
+const ACTIVE_FROM: MicrovmState[] = ['PENDING', 'RUNNING', 'SUSPENDING', 'SUSPENDED', 'RESUMING', 'TERMINATING'];
+
+export class LifecycleEngine implements MicroVMDirectory {
+  readonly db: Db;
+  readonly dataDir: string;
+  readonly #log: Logger;
+  readonly #durable: boolean;
+  readonly #maxChain: number;
+  readonly #onStop: 'suspend' | 'leave';
+  readonly #pauseAt: LifecycleOptions['pauseAt'];
+  readonly #instances = new Map<string, Instance>();
+  /** VMs this engine is stopping on purpose: their exit is no surprise. */
+  readonly #stopping = new WeakSet<QemuVm>();
+  readonly #activityTimer: NodeJS.Timeout;
+  #closed = false;
+
+  constructor(options: LifecycleOptions) {
+    this.db = options.db;
+    this.dataDir = options.dataDir;
+    this.#log = (options.logger ?? rootLog).child({ component: 'lifecycle' });
+    this.#durable = options.durable ?? true;
+    this.#maxChain = options.maxDiskChain ?? 8;
+    this.#onStop = options.onStop ?? 'suspend';
+    this.#pauseAt = options.pauseAt;
+    this.#activityTimer = setInterval(() => void this.#flushActivity(), options.activityFlushMs ?? 1000);
+    this.#activityTimer.unref();
+  }
+
+  // ---- loading ------------------------------------------------------------------------------
+
+  /** Starts managing a microVM the store knows (a new one, or one found at start-up). */
+  async #load(microvm: Microvm): Promise<Instance> {
+    const existing = this.#instances.get(microvm.id);
+    if (existing) return existing;
+    const image = microvm.imageId === null ? undefined : await getImage(this.db, microvm.imageId);
+    const instance: Instance = {
+      id: microvm.id,
+      tenantId: microvm.tenantId,
+      imageId: microvm.imageId,
+      state: microvm.state,
+      terminating: microvm.state === 'TERMINATING',
+      appPort: microvm.port,
+      autoResume: microvm.idlePolicy.autoResumeEnabled,
+      maxIdleMs: microvm.idlePolicy.maxIdleDurationSeconds * 1000,
+      suspendedMs: microvm.idlePolicy.suspendedDurationSeconds === null ? null : microvm.idlePolicy.suspendedDurationSeconds * 1000,
+      expiresAt: Date.parse(microvm.expiresAt),
+      egress: microvm.networkEgress,
+      hooks: image?.hooks ?? {},
+      runtime: parseRuntime(microvm.runtime),
+      suspendedAt: microvm.suspendedAt ? Date.parse(microvm.suspendedAt) : Date.now(),
+      vm: undefined,
+      ports: new Map(),
+      inFlight: 0,
+      webSockets: 0,
+      lastActivity: Date.parse(microvm.lastActivityAt),
+      activityDirty: false,
+      idleTimer: undefined,
+      suspendedTimer: undefined,
+      expiryTimer: undefined,
+      queue: Promise.resolve(),
+      busy: undefined,
+    };
+    this.#instances.set(microvm.id, instance);
+    this.#armExpiry(instance);
+    return instance;
+  }
+
+  /** A microVM just created in the store (PENDING): launch it in the background. */
+  async launch(microvm: Microvm): Promise<void> {
+    const instance = await this.#load(microvm);
+    void this.#enqueue(instance, 'launch', () => this.#launch(instance)).catch(() => undefined);
+  }
+
+  // ---- the operation queue -------------------------------------------------------------------
+
+  #enqueue<T>(instance: Instance, operation: Operation, fn: () => Promise<T>): Promise<T> {
+    const result = instance.queue.then(async () => {
+      instance.busy = operation;
+      try {
+        return await fn();
+      } finally {
+        instance.busy = undefined;
+      }
+    });
+    instance.queue = result.then(
+      () => undefined,
+      () => undefined,
+    );
+    return result;
+  }
+
+  async #pause(point: PausePoint, id: string): Promise<void> {
+    if (this.#pauseAt) await this.#pauseAt(point, id);
+  }
+
+  /** Compare-and-set in the store, then in memory. */
+  async #transition(instance: Instance, from: MicrovmState | MicrovmState[], to: MicrovmState, patch: { runtime?: Runtime; error?: string } = {}): Promise<boolean> {
+    const moved = await transitionMicrovm(this.db, instance.id, from, to, {
+      ...(patch.runtime ? { runtime: runtimeRecord(patch.runtime) } : {}),
+      ...(patch.error !== undefined ? { error: patch.error } : {}),
+    });
+    if (moved) {
+      instance.state = to;
+      if (patch.runtime) instance.runtime = patch.runtime;
+      if (to === 'SUSPENDED') instance.suspendedAt = Date.now();
+    } else {
+      const current = await getMicrovm(this.db, instance.id);
+      if (current) instance.state = current.state;
+    }
+    return moved;
+  }
+
+  async #event(instance: Instance, type: string, message: string, data?: Record<string, unknown>): Promise<void> {
+    await appendEvent(this.db, { tenantId: instance.tenantId, resourceType: 'microvm', resourceId: instance.id, type, message, ...(data ? { data } : {}) });
+  }
+
+  // ---- operations ----------------------------------------------------------------------------
+
+  async #forwards(snapshotDir: string, appPort: number): Promise<{ guestPort: number }[]> {
+    const manifest = await readSnapshotManifest(snapshotDir);
+    return [...new Set([appPort, ...manifest.guestPorts])].map((guestPort) => ({ guestPort }));
+  }
+
+  async #restore(instance: Instance, snapshotDir: string): Promise<QemuVm> {
+    const options = {
+      id: instance.id,
+      runDir: runDir(this.dataDir, instance.id),
+      snapshotDir,
+      network: { forwards: await this.#forwards(snapshotDir, instance.appPort), egress: instance.egress },
+    };
+    let vm: QemuVm;
+    try {
+      vm = await QemuVm.restore(options);
+    } catch (error) {
+      // A free port picked for the forward can be taken by someone else before QEMU binds it: once more.
+      if (!isCocoonError(error, 'port_in_use')) throw error;
+      this.#log.warn({ microvm: instance.id }, 'a forwarded port was taken meanwhile; restoring again');
+      vm = await QemuVm.restore(options);
+    }
+    this.#attach(instance, vm);
+    return vm;
+  }
+
+  #attach(instance: Instance, vm: QemuVm): void {
+    instance.vm = vm;
+    instance.ports = new Map(vm.hostPorts);
+    void vm.waitForExit().then(() => this.#vmExited(instance, vm));
+  }
+
+  /** A QEMU ended that nobody asked to stop: the guest powered off or crashed. */
+  #vmExited(instance: Instance, vm: QemuVm): void {
+    if (this.#stopping.has(vm) || instance.vm !== vm || this.#closed) return;
+    const console = vm.serialTail(10);
+    void this.#enqueue(instance, 'terminate', async () => {
+      if (instance.vm !== vm) return;
+      await vm.kill();
+      instance.vm = undefined;
+      instance.ports = new Map();
+      const reason = `the VM stopped unexpectedly (its workload exited or the guest crashed); last console lines:\n${console}`;
+      await appendLog(this.dataDir, instance.id, 'the VM stopped unexpectedly');
+      await this.#fail(instance, reason);
+    }).catch((error: unknown) => this.#log.error({ err: error, microvm: instance.id }, 'handling a VM exit failed'));
+  }
+
+  async #fail(instance: Instance, reason: string): Promise<void> {
+    this.#clearTimers(instance);
+    if (instance.vm) {
+      this.#stopping.add(instance.vm);
+      await instance.vm.kill();
+      instance.vm = undefined;
+    }
+    await killQemuProcesses(runDir(this.dataDir, instance.id));
+    await this.#transition(instance, ACTIVE_FROM, 'FAILED', { error: reason.slice(0, 2000) });
+    await clearRunFiles(this.dataDir, instance.id);
+    this.#log.warn({ microvm: instance.id, reason }, 'microVM failed');
+  }
+
+  async #launch(instance: Instance): Promise<void> {
+    if (instance.state !== 'PENDING' || instance.terminating) return;
+    let vm: QemuVm;
+    try {
+      vm = await this.#restore(instance, snapshotDirFor(this.dataDir, instance, 0));
+    } catch (error) {
+      await this.#fail(instance, `the microVM could not start from its image: ${errorMessage(error)}`);
+      throw error;
+    }
+    await this.#pause('launch:restored', instance.id);
+    await this.#hook(instance, vm, 'run');
+    const runtime: Runtime = { generation: 0, chain: [], pid: vm.pid, ports: Object.fromEntries(vm.hostPorts) };
+    if (!(await this.#transition(instance, 'PENDING', 'RUNNING', { runtime }))) {
+      await this.#discard(instance);
+      return;
+    }
+    instance.lastActivity = Date.now();
+    this.#armIdle(instance);
+    await appendLog(this.dataDir, instance.id, `started from its image (pid ${vm.pid})`);
+  }
+
+  /** Stops a VM that must not go on (its microVM moved on meanwhile), keeping the log. */
+  async #discard(instance: Instance): Promise<void> {
+    const vm = instance.vm;
+    if (vm) {
+      this.#stopping.add(vm);
+      await vm.kill();
+    }
+    instance.vm = undefined;
+    instance.ports = new Map();
+    await clearRunFiles(this.dataDir, instance.id);
+  }
+
+  /** Whether the idle policy says: suspend now. */
+  #idle(instance: Instance): boolean {
+    return instance.inFlight === 0 && instance.webSockets === 0 && Date.now() - instance.lastActivity >= instance.maxIdleMs;
+  }
+
+  async #suspend(instance: Instance, reason: 'idle' | 'api' | 'shutdown'): Promise<void> {
+    if (instance.state !== 'RUNNING' || instance.terminating || !instance.vm) return;
+    if (reason === 'idle' && !this.#idle(instance)) {
+      this.#armIdle(instance);
+      return;
+    }
+    // Decided: from here on the gateway sees SUSPENDING and holds new requests for the resume.
+    instance.state = 'SUSPENDING';
+    this.#clearIdle(instance);
+    if (!(await this.#transition(instance, 'RUNNING', 'SUSPENDING'))) return;
+    const vm = instance.vm;
+    await this.#pause('suspend:persisted', instance.id);
+    await this.#flushOne(instance);
+    await this.#hook(instance, vm, 'suspend');
+    const next = instance.runtime.generation + 1;
+    const target = generationDir(this.dataDir, instance.id, next);
+    // Anything at the target is an unreferenced leftover (an interrupted compaction).
+    await fs.promises.rm(target, { recursive: true, force: true });
+    this.#stopping.add(vm);
+    const started = performance.now();
+    try {
+      await vm.snapshot(target, { durable: this.#durable, onStateSaved: () => this.#pause('suspend:state-saved', instance.id) });
+    } catch (error) {
+      if (isCocoonError(error) && error.details?.vmRunning === true && !vm.exited) {
+        await this.#keepRunning(instance, vm, error);
+        throw error;
+      }
+      instance.vm = undefined;
+      await this.#fail(instance, `the microVM could not be suspended (its memory could not be saved): ${errorMessage(error)}`);
+      throw error;
+    }
+    const snapshotMs = performance.now() - started;
+    instance.vm = undefined;
+    instance.ports = new Map();
+    await this.#pause('suspend:committed', instance.id);
+    const runtime: Runtime = { generation: next, chain: [...instance.runtime.chain, next] };
+    if (!(await this.#transition(instance, 'SUSPENDING', 'SUSPENDED', { runtime }))) return;
+    await appendLog(this.dataDir, instance.id, `suspended (${reason}) as generation ${next} in ${snapshotMs.toFixed(0)} ms`);
+    await collectGarbage(this.dataDir, instance.id, instance.runtime);
+    await this.#compactIfLong(instance);
+    this.#armSuspended(instance);
+  }
+
+  /**
+   * A suspend whose snapshot was abandoned while the VM runs on (a full data disk, a failed
+   * fsync): nothing was committed and the previous generation is untouched, so the microVM
+   * goes back to RUNNING, with its resume hook, and the error says why.
+   */
+  async #keepRunning(instance: Instance, vm: QemuVm, error: CocoonError): Promise<void> {
+    this.#stopping.delete(vm);
+    if (!(await this.#transition(instance, 'SUSPENDING', 'RUNNING'))) return;
+    await appendLog(this.dataDir, instance.id, `suspend abandoned, still running: ${error.message}`);
+    this.#log.warn({ microvm: instance.id, code: error.code }, 'suspend abandoned; the microVM runs on');
+    await this.#hook(instance, vm, 'resume');
+    instance.lastActivity = Date.now();
+    this.#armIdle(instance);
+  }
+
+  async #compactIfLong(instance: Instance): Promise<void> {
+    if (instance.runtime.chain.length <= this.#maxChain || instance.imageId === null) return;
+    try {
+      const runtime = await compactGeneration(this.dataDir, instance.id, imageSnapshotDir(this.dataDir, instance.imageId), instance.runtime, this.#durable);
+      if (await setMicrovmRuntimeIf(this.db, instance.id, 'SUSPENDED', runtimeRecord(runtime))) {
+        instance.runtime = runtime;
+        await collectGarbage(this.dataDir, instance.id, runtime);
+      }
+    } catch (error) {
+      // Not fatal: the chain stays as it was and works, only longer.
+      this.#log.warn({ err: error, microvm: instance.id }, 'folding disk layers failed');
+    }
+  }
+
+  async #resume(instance: Instance, reason: 'request' | 'api'): Promise<void> {
+    if (instance.state !== 'SUSPENDED' || instance.terminating) return;
+    instance.state = 'RESUMING';
+    this.#clearSuspended(instance);
+    if (!(await this.#transition(instance, 'SUSPENDED', 'RESUMING'))) return;
+    await this.#pause('resume:persisted', instance.id);
+    const generation = instance.runtime.generation;
+    const started = performance.now();
+    let vm: QemuVm;
+    try {
+      vm = await this.#restore(instance, snapshotDirFor(this.dataDir, instance, generation));
+    } catch (error) {
+      if (isCocoonError(error, 'snapshot_corrupt') || isCocoonError(error, 'snapshot_not_found')) {
+        await this.#fail(instance, `the microVM's saved state cannot be restored: ${errorMessage(error)}`);
+      } else {
+        // Generation `generation` is untouched: back to SUSPENDED, a later wake tries again.
+        await this.#transition(instance, 'RESUMING', 'SUSPENDED');
+        this.#armSuspended(instance);
+      }
+      throw new CocoonError('resume_failed', `microVM ${instance.id} could not be resumed: ${errorMessage(error)}`, { status: 503, cause: error });
+    }
+    await this.#hook(instance, vm, 'resume');
+    await this.#pause('resume:restored', instance.id);
+    const runtime: Runtime = { ...instance.runtime, pid: vm.pid, ports: Object.fromEntries(vm.hostPorts) };
+    if (!(await this.#transition(instance, 'RESUMING', 'RUNNING', { runtime }))) {
+      await this.#discard(instance);
+      return;
+    }
+    instance.lastActivity = Date.now();
+    this.#armIdle(instance);
+    await appendLog(this.dataDir, instance.id, `resumed (${reason}) from generation ${generation} in ${(performance.now() - started).toFixed(0)} ms (pid ${vm.pid})`);
+  }
+
+  async #terminate(instance: Instance, reason: string): Promise<void> {
+    if (instance.state === 'TERMINATED') return;
+    if (instance.state === 'FAILED') {
+      // FAILED is final; terminating it only removes what is left of it.
+      this.#clearTimers(instance);
+      await killQemuProcesses(microvmDir(this.dataDir, instance.id));
+      await fs.promises.rm(microvmDir(this.dataDir, instance.id), { recursive: true, force: true });
+      this.#instances.delete(instance.id);
+      return;
+    }
+    instance.terminating = true;
+    this.#clearTimers(instance);
+    const wasRunning = instance.state === 'RUNNING';
+    if (!(await this.#transition(instance, ACTIVE_FROM, 'TERMINATING'))) return;
+    const vm = instance.vm;
+    if (vm) {
+      if (wasRunning) await this.#hook(instance, vm, 'terminate');
+      this.#stopping.add(vm);
+      await vm.kill();
+      instance.vm = undefined;
+      instance.ports = new Map();
+    }
+    await killQemuProcesses(microvmDir(this.dataDir, instance.id));
+    await fs.promises.rm(microvmDir(this.dataDir, instance.id), { recursive: true, force: true });
+    await this.#transition(instance, 'TERMINATING', 'TERMINATED');
+    await this.#event(instance, 'terminated', reason);
+    this.#instances.delete(instance.id);
+    this.#log.info({ microvm: instance.id, reason }, 'microVM terminated');
+  }
+
+  async #hook(instance: Instance, vm: QemuVm, name: HookName): Promise<void> {
+    const hook = instance.hooks[name];
+    if (!hook) return;
+    const started = performance.now();
+    let status: string;
+    try {
+      status = await vm.guest.runHook(name, hook.timeoutSeconds * 1000);
+    } catch (error) {
+      status = `error (${errorMessage(error)})`;
+    }
+    const ms = Math.round(performance.now() - started);
+    const line = status === 'timeout' ? `hook ${name} timed out after ${hook.timeoutSeconds} s` : `hook ${name} ended: ${status} after ${ms} ms`;
+    await appendLog(this.dataDir, instance.id, line);
+    await this.#event(instance, 'hook', line, { hook: name, status, ms });
+  }
+
+  // ---- timers --------------------------------------------------------------------------------
+
+  #armIdle(instance: Instance): void {
+    this.#clearIdle(instance);
+    if (this.#closed || instance.state !== 'RUNNING' || instance.terminating || instance.inFlight > 0 || instance.webSockets > 0) return;
+    const wait = Math.max(0, instance.lastActivity + instance.maxIdleMs - Date.now());
+    instance.idleTimer = setTimeout(() => {
+      instance.idleTimer = undefined;
+      if (!this.#idle(instance)) return this.#armIdle(instance);
+      void this.#enqueue(instance, 'suspend', () => this.#suspend(instance, 'idle')).catch((error: unknown) =>
+        this.#log.error({ err: error, microvm: instance.id }, 'idle suspend failed'),
+      );
+    }, wait);
+    instance.idleTimer.unref();
+  }
+
+  #clearIdle(instance: Instance): void {
+    if (instance.idleTimer) clearTimeout(instance.idleTimer);
+    instance.idleTimer = undefined;
+  }
+
+  #armSuspended(instance: Instance): void {
+    this.#clearSuspended(instance);
+    if (this.#closed || instance.suspendedMs === null || instance.state !== 'SUSPENDED') return;
+    const wait = Math.max(0, instance.suspendedAt + instance.suspendedMs - Date.now());
+    instance.suspendedTimer = setTimeout(() => {
+      instance.suspendedTimer = undefined;
+      void this.terminate(instance.id, 'suspended longer than suspendedDurationSeconds').catch(() => undefined);
+    }, wait);
+    instance.suspendedTimer.unref();
+  }
+
+  #clearSuspended(instance: Instance): void {
+    if (instance.suspendedTimer) clearTimeout(instance.suspendedTimer);
+    instance.suspendedTimer = undefined;
+  }
+
+  #armExpiry(instance: Instance): void {
+    if (instance.expiryTimer) clearTimeout(instance.expiryTimer);
+    if (this.#closed) return;
+    const wait = Math.max(0, instance.expiresAt - Date.now());
+    // setTimeout takes at most 2^31-1 ms; sessions are at most 8 hours.
+    instance.expiryTimer = setTimeout(() => {
+      instance.expiryTimer = undefined;
+      void this.terminate(instance.id, 'the session ended (maximumDurationSeconds)').catch(() => undefined);
+    }, Math.min(wait, 2 ** 31 - 1));
+    instance.expiryTimer.unref();
+  }
+
+  #clearTimers(instance: Instance): void {
+    this.#clearIdle(instance);
+    this.#clearSuspended(instance);
+    if (instance.expiryTimer) clearTimeout(instance.expiryTimer);
+    instance.expiryTimer = undefined;
+  }
+
+  // ---- activity (the gateway's reports) --------------------------------------------------------
+
+  requestStarted(microvmId: string): void {
+    const instance = this.#instances.get(microvmId);
+    if (!instance) return;
+    instance.inFlight++;
+    instance.lastActivity = Date.now();
+    instance.activityDirty = true;
+    this.#clearIdle(instance);
+  }
+
+  requestFinished(microvmId: string): void {
+    const instance = this.#instances.get(microvmId);
+    if (!instance) return;
+    instance.inFlight = Math.max(0, instance.inFlight - 1);
+    instance.lastActivity = Date.now();
+    instance.activityDirty = true;
+    this.#armIdle(instance);
+  }
+
+  webSocketOpened(microvmId: string): void {
+    const instance = this.#instances.get(microvmId);
+    if (!instance) return;
+    instance.webSockets++;
+    instance.lastActivity = Date.now();
+    this.#clearIdle(instance);
+  }
+
+  webSocketClosed(microvmId: string): void {
+    const instance = this.#instances.get(microvmId);
+    if (!instance) return;
+    instance.webSockets = Math.max(0, instance.webSockets - 1);
+    instance.lastActivity = Date.now();
+    instance.activityDirty = true;
+    this.#armIdle(instance);
+  }
+
+  async #flushOne(instance: Instance): Promise<void> {
+    if (!instance.activityDirty) return;
+    instance.activityDirty = false;
+    await touchMicrovmActivity(this.db, instance.id, new Date(instance.lastActivity));
+  }
+
+  async #flushActivity(): Promise<void> {
+    for (const instance of this.#instances.values()) {
+      try {
+        await this.#flushOne(instance);
+      } catch {
+        // the store is closing; try again next time
+      }
+    }
+  }
+
+  // ---- the gateway's directory ------------------------------------------------------------------
+
+  #route(instance: Instance): MicroVMRoute {
+    const ports = instance.ports;
+    return {
+      id: instance.id,
+      state: instance.terminating ? 'TERMINATING' : instance.state,
+      appPort: instance.appPort,
+      autoResumeEnabled: instance.autoResume,
+      upstreamHost: '127.0.0.1',
+      upstreamPortFor: (guestPort) => ports.get(guestPort) ?? null,
+    };
+  }
+
+  lookup(microvmId: string): MicroVMRoute | null | Promise<MicroVMRoute | null> {
+    const instance = this.#instances.get(microvmId);
+    if (instance) return this.#route(instance);
+    return getMicrovm(this.db, microvmId).then((microvm) =>
+      microvm === undefined
+        ? null
+        : {
+            id: microvm.id,
+            state: microvm.state,
+            appPort: microvm.port,
+            autoResumeEnabled: microvm.idlePolicy.autoResumeEnabled,
+            upstreamHost: '127.0.0.1',
+            upstreamPortFor: () => null,
+          },
+    );
+  }
+
+  async ensureRunning(microvmId: string, signal: AbortSignal): Promise<MicroVMRoute> {
+    for (let round = 0; ; round++) {
+      signal.throwIfAborted();
+      const instance = this.#instances.get(microvmId);
+      if (!instance) throw await this.#goneError(microvmId);
+      if (instance.terminating) throw terminatedError(microvmId);
+      switch (instance.state) {
+        case 'RUNNING':
+          if (instance.vm) return this.#route(instance);
+          await instance.queue;
+          break;
+        case 'SUSPENDED':
+          if (!instance.autoResume) {
+            throw new CocoonError('microvm_suspended', `microVM ${microvmId} is suspended and autoResumeEnabled is false: resume it with POST /api/v1/microvms/${microvmId}/resume`, { status: 409 });
+          }
+          await this.#enqueue(instance, 'resume', () => this.#resume(instance, 'request'));
+          break;
+        case 'TERMINATING':
+        case 'TERMINATED':
+          throw terminatedError(microvmId);
+        case 'FAILED':
+          throw new CocoonError('microvm_failed', `microVM ${microvmId} has failed; see its state through the API`, { status: 502 });
+        default:
+          // PENDING, RESUMING, SUSPENDING: wait for the operation in flight.
+          await instance.queue;
+      }
+      if (round > 20) throw new CocoonError('wake_failed', `microVM ${microvmId} did not settle`, { status: 503 });
+    }
+  }
+
+  async #goneError(microvmId: string): Promise<CocoonError> {
+    const microvm = await getMicrovm(this.db, microvmId);
+    if (microvm === undefined) return new CocoonError('microvm_not_found', `microVM ${microvmId} does not exist`, { status: 404 });
+    if (microvm.state === 'FAILED') return new CocoonError('microvm_failed', `microVM ${microvmId} has failed`, { status: 502 });
+    return terminatedError(microvmId);
+  }
+
+  // ---- the API's operations ---------------------------------------------------------------------
+
+  /** Suspends a RUNNING microVM (waits out PENDING/RESUMING first); no-op when already SUSPENDED. */
+  async suspend(microvmId: string): Promise<void> {
+    const instance = this.#require(microvmId);
+    await instance.queue;
+    if (instance.state === 'FAILED') throw new CocoonError('microvm_failed', `microVM ${microvmId} has failed`, { status: 409 });
+    await this.#enqueue(instance, 'suspend', () => this.#suspend(instance, 'api'));
+  }
+
+  /** Resumes a SUSPENDED microVM (whatever autoResumeEnabled says); no-op when RUNNING. */
+  async resume(microvmId: string): Promise<void> {
+    const instance = this.#require(microvmId);
+    await instance.queue;
+    if (instance.state === 'FAILED') throw new CocoonError('microvm_failed', `microVM ${microvmId} has failed`, { status: 409 });
+    await this.#enqueue(instance, 'resume', () => this.#resume(instance, 'api'));
+  }
+
+  /** Terminates whatever the state; resolves once its files are gone. No-op for unknown or ended microVMs. */
+  async terminate(microvmId: string, reason = 'terminated through the API'): Promise<void> {
+    const instance = this.#instances.get(microvmId);
+    if (!instance) return;
+    instance.terminating = true;
+    this.#clearTimers(instance);
+    await this.#enqueue(instance, 'terminate', () => this.#terminate(instance, reason));
+  }
+
+  #require(microvmId: string): Instance {
+    const instance = this.#instances.get(microvmId);
+    if (!instance || instance.terminating) throw terminatedError(microvmId, 409);
+    return instance;
+  }
+
+  /** What is known in memory about a microVM (for tests and the API: in-flight counts, operation). */
+  inspect(microvmId: string): { state: MicrovmState; inFlight: number; webSockets: number; busy: Operation | undefined; pid: number | undefined } | undefined {
+    const instance = this.#instances.get(microvmId);
+    return instance && { state: instance.state, inFlight: instance.inFlight, webSockets: instance.webSockets, busy: instance.busy, pid: instance.vm?.pid };
+  }
+
+  // ---- start and stop --------------------------------------------------------------------------
+
+  /** Used by recovery (recovery.ts): registers an instance, with the VM it adopted if any. */
+  async adoptLoaded(microvm: Microvm, vm: QemuVm | undefined): Promise<void> {
+    const instance = await this.#load(microvm);
+    if (vm) this.#attach(instance, vm);
+    if (instance.state === 'RUNNING') {
+      instance.lastActivity = Math.max(instance.lastActivity, Date.now() - instance.maxIdleMs / 2);
+      this.#armIdle(instance);
+    }
+    if (instance.state === 'SUSPENDED') this.#armSuspended(instance);
+    if (instance.state === 'PENDING') void this.#enqueue(instance, 'launch', () => this.#launch(instance)).catch(() => undefined);
+  }
+
+  get instanceCount(): number {
+    return this.#instances.size;
+  }
+
+  /** Stops timers; suspends RUNNING microVMs (or leaves them running for the next start to adopt). */
+  async close(): Promise<void> {
+    if (this.#closed) return;
+    this.#closed = true;
+    clearInterval(this.#activityTimer);
+    const instances = [...this.#instances.values()];
+    for (const instance of instances) {
+      this.#clearIdle(instance);
+      this.#clearSuspended(instance);
+      if (instance.expiryTimer) clearTimeout(instance.expiryTimer);
+    }
+    await Promise.all(instances.map((instance) => instance.queue));
+    await this.#flushActivity();
+    for (const instance of instances) {
+      if (instance.state !== 'RUNNING' || !instance.vm) continue;
+      if (this.#onStop === 'suspend') {
+        await this.#enqueue(instance, 'suspend', () => this.#suspend(instance, 'shutdown')).catch((error: unknown) =>
+          this.#log.error({ err: error, microvm: instance.id }, 'suspend at shutdown failed'),
+        );
+      } else {
+        this.#stopping.add(instance.vm);
+        instance.vm.detach();
+      }
+    }
+    this.#instances.clear();
+  }
+}
+
+function terminatedError(microvmId: string, status = 410): CocoonError {
+  return new CocoonError('microvm_terminated', `microVM ${microvmId} has been terminated`, { status });
+}

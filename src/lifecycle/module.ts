@@ -1,0 +1,82 @@
+/**
+ * The microVM subsystem as a server module: the lifecycle engine (with start-up recovery), the
+ * gateway on its own port (`config.gatewayPort`, 0 = any free port), and the API routes for
+ * microVMs and their tokens.
+ */
+import type { ApiContext } from '../api/app.ts';
+import { microvmRoutes } from '../api/routes/microvms.ts';
+import { CocoonError } from '../common/errors.ts';
+import { log } from '../common/log.ts';
+import { createGateway, type Gateway, type GatewayOptions } from '../gateway/gateway.ts';
+import { createTokenVerifier } from '../gateway/tokens.ts';
+import type { ServerModule } from '../server.ts';
+import { LifecycleEngine, type LifecycleOptions } from './engine.ts';
+import { recoverMicrovms, type RecoveryReport } from './recovery.ts';
+
+export interface MicrovmModuleOptions {
+  /** Gateway settings (limits, wake timeout…); directory, tokens and domain come from the platform. */
+  gateway?: Omit<Partial<GatewayOptions>, 'directory' | 'tokens'>;
+  lifecycle?: Omit<Partial<LifecycleOptions>, 'db' | 'dataDir'>;
+}
+
+export interface MicrovmModule extends ServerModule {
+  /** The gateway's bound port (0 before start). */
+  readonly gatewayPort: number;
+  /** A microVM's URL through the gateway. */
+  urlFor(microvmId: string): string;
+  readonly engine: LifecycleEngine;
+  readonly gateway: Gateway | undefined;
+  /** What start-up recovery did (undefined before start). */
+  readonly recovery: RecoveryReport | undefined;
+}
+
+export function microvmModule(options: MicrovmModuleOptions = {}): MicrovmModule {
+  let engine: LifecycleEngine | undefined;
+  let gateway: Gateway | undefined;
+  let gatewayPort = 0;
+  let domain = 'vm.localhost';
+  let recovery: RecoveryReport | undefined;
+  const requireEngine = (): LifecycleEngine => {
+    if (!engine) throw new CocoonError('not_ready', 'the microVM subsystem is not started', { status: 503 });
+    return engine;
+  };
+  const module: MicrovmModule = {
+    get gatewayPort() {
+      return gatewayPort;
+    },
+    get engine() {
+      return requireEngine();
+    },
+    get gateway() {
+      return gateway;
+    },
+    get recovery() {
+      return recovery;
+    },
+    urlFor(microvmId: string): string {
+      return `http://${microvmId}.${domain}:${gatewayPort}`;
+    },
+    routes: (app, context) => microvmRoutes(app, context, { engine: requireEngine, urlFor: (id) => module.urlFor(id) }),
+    async start(context: ApiContext) {
+      const { config, db } = context;
+      domain = config.gatewayDomain;
+      engine = new LifecycleEngine({ ...options.lifecycle, db, dataDir: config.dataDir });
+      try {
+        recovery = await recoverMicrovms(engine, db, config.dataDir, log.child({ component: 'lifecycle' }));
+        gateway = createGateway({ ...options.gateway, directory: engine, tokens: createTokenVerifier(db), domain: config.gatewayDomain });
+        const address = await gateway.listen(config.gatewayPort, config.host);
+        gatewayPort = address.port;
+        log.info({ gateway: `http://${config.host}:${gatewayPort}`, domain }, 'gateway listening');
+      } catch (error) {
+        await gateway?.close();
+        await engine.close();
+        throw error;
+      }
+    },
+    async stop() {
+      await gateway?.close();
+      await engine?.close();
+    },
+  };
+  return module;
+}

@@ -1,0 +1,181 @@
+/**
+ * Start-up recovery: whatever a previous daemon left (it may have been SIGKILLed at any
+ * instruction), bring every microVM to a consistent state before the gateway takes traffic.
+ *
+ * | store says | found | becomes |
+ * | --- | --- | --- |
+ * | PENDING | anything | QEMU killed, files cleared, launched again |
+ * | RUNNING | its QEMU alive | adopted (QMP, guest channel, console reconnected) |
+ * | RUNNING | no QEMU | FAILED (its memory since the last suspend is gone) |
+ * | SUSPENDING | next generation committed, or its device state saved | the snapshot completed → SUSPENDED |
+ * | SUSPENDING | nothing saved, QEMU alive | adopted, RUNNING, then suspended again (the suspend is finished) |
+ * | SUSPENDING | nothing saved, no QEMU | FAILED |
+ * | RESUMING | anything | QEMU killed, the new layer dropped → SUSPENDED (its generation was never touched) |
+ * | SUSPENDED | its generation | kept; stray QEMU killed, stray files removed |
+ * | TERMINATING | anything | finished → TERMINATED |
+ *
+ * Afterwards every QEMU under `microvms/` that no RUNNING microVM owns is killed, and the
+ * directories of microVMs that ended are removed.
+ */
+import fs from 'node:fs';
+import path from 'node:path';
+import { errorMessage } from '../common/errors.ts';
+import type { Logger } from '../common/log.ts';
+import { ACTIVE_MICROVM_STATES, getMicrovm, listMicrovmsInStates, transitionMicrovm, type Microvm } from '../store/microvms.ts';
+import type { Db } from '../store/sql.ts';
+import { findQemuProcesses, killQemuProcesses } from '../vmm/processes.ts';
+import { QemuVm } from '../vmm/qemu.ts';
+import { readSnapshotManifest } from '../vmm/snapshot.ts';
+import type { LifecycleEngine } from './engine.ts';
+import { generationDir, microvmDir, microvmsRoot, runDir, snapshotDirFor } from './paths.ts';
+import { appendLog, clearRunFiles, collectGarbage, parseRuntime, runtimeRecord } from './storage.ts';
+
+export interface RecoveryReport {
+  adopted: string[];
+  relaunched: string[];
+  suspendsCompleted: string[];
+  suspendsRolledBack: string[];
+  resumesRolledBack: string[];
+  terminated: string[];
+  failed: string[];
+  orphansKilled: number[];
+}
+
+export async function recoverMicrovms(engine: LifecycleEngine, db: Db, dataDir: string, log: Logger): Promise<RecoveryReport> {
+  const report: RecoveryReport = {
+    adopted: [], relaunched: [], suspendsCompleted: [], suspendsRolledBack: [], resumesRolledBack: [], terminated: [], failed: [], orphansKilled: [],
+  };
+  const owned = new Set<number>();
+  const toSuspend: string[] = [];
+
+  const fail = async (microvm: Microvm, reason: string) => {
+    await killQemuProcesses(runDir(dataDir, microvm.id));
+    await transitionMicrovm(db, microvm.id, microvm.state, 'FAILED', { error: reason });
+    await clearRunFiles(dataDir, microvm.id);
+    await appendLog(dataDir, microvm.id, `failed at start-up: ${reason}`);
+    report.failed.push(microvm.id);
+  };
+  const adopt = async (microvm: Microvm): Promise<QemuVm | undefined> => {
+    try {
+      const vm = await QemuVm.adopt({ id: microvm.id, runDir: runDir(dataDir, microvm.id) });
+      const status = await vm.qmp.execute('query-status', {});
+      if (!status.running) await vm.qmp.execute('cont', {});
+      owned.add(vm.pid);
+      return vm;
+    } catch (error) {
+      log.warn({ microvm: microvm.id, err: errorMessage(error) }, 'could not adopt the VM');
+      return undefined;
+    }
+  };
+
+  for (const found of await listMicrovmsInStates(db, ACTIVE_MICROVM_STATES)) {
+    const id = found.id;
+    const run = runDir(dataDir, id);
+    const runtime = parseRuntime(found.runtime);
+    try {
+      switch (found.state) {
+        case 'PENDING':
+          await killQemuProcesses(run);
+          await clearRunFiles(dataDir, id);
+          report.relaunched.push(id);
+          break;
+        case 'RUNNING': {
+          const vm = await adopt(found);
+          if (!vm) {
+            await fail(found, 'the VM was not running any more when the daemon restarted; its state since the last suspend is lost');
+            continue;
+          }
+          await engine.adoptLoaded(found, vm);
+          await appendLog(dataDir, id, `adopted after a daemon restart (pid ${vm.pid})`);
+          report.adopted.push(id);
+          continue;
+        }
+        case 'SUSPENDING': {
+          const next = runtime.generation + 1;
+          const outcome = await QemuVm.recoverSnapshot(generationDir(dataDir, id, next));
+          if (outcome !== 'none') {
+            await killQemuProcesses(run);
+            const done = { generation: next, chain: [...runtime.chain, next] };
+            await transitionMicrovm(db, id, 'SUSPENDING', 'SUSPENDED', { runtime: runtimeRecord(done) });
+            await clearRunFiles(dataDir, id);
+            await collectGarbage(dataDir, id, done);
+            await appendLog(dataDir, id, `suspend completed after a daemon restart (${outcome})`);
+            report.suspendsCompleted.push(id);
+            break;
+          }
+          const vm = await adopt(found);
+          if (!vm) {
+            await fail(found, 'the VM ended while being suspended, before its memory was saved');
+            continue;
+          }
+          await transitionMicrovm(db, id, 'SUSPENDING', 'RUNNING');
+          await engine.adoptLoaded((await getMicrovm(db, id))!, vm);
+          await appendLog(dataDir, id, 'suspend interrupted by a daemon restart: adopted again, suspending anew');
+          toSuspend.push(id);
+          report.suspendsRolledBack.push(id);
+          continue;
+        }
+        case 'RESUMING':
+          await killQemuProcesses(run);
+          await clearRunFiles(dataDir, id);
+          await transitionMicrovm(db, id, 'RESUMING', 'SUSPENDED');
+          await appendLog(dataDir, id, 'resume interrupted by a daemon restart: back to SUSPENDED');
+          report.resumesRolledBack.push(id);
+          break;
+        case 'SUSPENDED':
+          await killQemuProcesses(run);
+          await clearRunFiles(dataDir, id);
+          break;
+        case 'TERMINATING':
+          await killQemuProcesses(microvmDir(dataDir, id));
+          await fs.promises.rm(microvmDir(dataDir, id), { recursive: true, force: true });
+          await transitionMicrovm(db, id, 'TERMINATING', 'TERMINATED');
+          report.terminated.push(id);
+          continue;
+        default:
+          continue;
+      }
+      const current = (await getMicrovm(db, id))!;
+      if (current.state === 'SUSPENDED') {
+        const currentRuntime = parseRuntime(current.runtime);
+        try {
+          await readSnapshotManifest(snapshotDirFor(dataDir, current, currentRuntime.generation));
+        } catch (error) {
+          await fail(current, `its saved state is missing: ${errorMessage(error)}`);
+          continue;
+        }
+        await collectGarbage(dataDir, id, currentRuntime);
+      }
+      await engine.adoptLoaded(current, undefined);
+    } catch (error) {
+      log.error({ microvm: id, err: error }, 'recovery of a microVM failed');
+      await fail((await getMicrovm(db, id)) ?? found, `recovery failed: ${errorMessage(error)}`).catch(() => undefined);
+    }
+  }
+
+  // No QEMU under microvms/ that no microVM owns; no directory of a microVM that ended.
+  const root = microvmsRoot(dataDir);
+  for (const pid of findQemuProcesses(root + path.sep)) {
+    if (owned.has(pid)) continue;
+    try {
+      process.kill(pid, 'SIGKILL');
+      report.orphansKilled.push(pid);
+    } catch {
+      // gone
+    }
+  }
+  const active = new Set((await listMicrovmsInStates(db, ACTIVE_MICROVM_STATES)).map((m) => m.id));
+  let entries: string[] = [];
+  try {
+    entries = await fs.promises.readdir(root);
+  } catch {
+    // no microVMs yet
+  }
+  for (const entry of entries) {
+    if (!active.has(entry)) await fs.promises.rm(path.join(root, entry), { recursive: true, force: true });
+  }
+  for (const id of toSuspend) void engine.suspend(id).catch((error: unknown) => log.error({ microvm: id, err: error }, 'suspend after recovery failed'));
+  const changed = Object.entries(report).filter(([, list]) => list.length > 0);
+  if (changed.length > 0) log.info(Object.fromEntries(changed), 'recovered microVMs after a restart');
+  return report;
+}

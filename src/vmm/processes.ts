@@ -1,0 +1,77 @@
+/**
+ * QEMU processes seen from /proc: finding those that belong to a directory (orphans after a
+ * daemon crash), telling whether a pid is still the process we started (pids are reused), and
+ * killing and waiting for processes that are not our children (adopted after a restart).
+ */
+import fs from 'node:fs';
+
+/** Start time of a process in clock ticks since boot (field 22 of /proc/<pid>/stat), or undefined when gone. */
+export function processStartTime(pid: number): number | undefined {
+  const fields = statFields(pid);
+  if (fields === undefined || fields[0] === 'Z' || fields[0] === 'X') return undefined;
+  const start = Number(fields[19]);
+  return Number.isFinite(start) ? start : undefined;
+}
+
+/** Fields of /proc/<pid>/stat after the command name: [state, ppid, ...]. */
+function statFields(pid: number): string[] | undefined {
+  try {
+    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+    return stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+  } catch {
+    return undefined;
+  }
+}
+
+/** Whether `pid` is alive (not a zombie) and, when given, started at `startTime`. */
+export function processAlive(pid: number, startTime?: number): boolean {
+  if (!Number.isInteger(pid) || pid <= 0) return false;
+  const start = processStartTime(pid);
+  return start !== undefined && (startTime === undefined || start === startTime);
+}
+
+export function processCmdline(pid: number): string {
+  try {
+    return fs.readFileSync(`/proc/${pid}/cmdline`, 'utf8').replaceAll('\0', ' ');
+  } catch {
+    return '';
+  }
+}
+
+/** PIDs of live QEMU processes whose command line mentions `marker` (a run directory). */
+export function findQemuProcesses(marker: string): number[] {
+  const pids: number[] = [];
+  for (const entry of fs.readdirSync('/proc')) {
+    if (!/^\d+$/.test(entry)) continue;
+    const cmdline = processCmdline(Number(entry));
+    if (cmdline.includes('qemu-system') && cmdline.includes(marker) && processAlive(Number(entry))) pids.push(Number(entry));
+  }
+  return pids;
+}
+
+/** Resolves once `pid` (started at `startTime`) is gone; polls, since it need not be our child. */
+export function waitForProcessExit(pid: number, startTime: number | undefined, options: { intervalMs?: number; keepAlive?: () => boolean } = {}): Promise<void> {
+  const interval = options.intervalMs ?? 100;
+  return new Promise((resolve) => {
+    const check = () => {
+      if (!processAlive(pid, startTime)) return resolve();
+      const timer = setTimeout(check, interval);
+      if (!(options.keepAlive?.() ?? false)) timer.unref();
+    };
+    check();
+  });
+}
+
+/** SIGKILLs every QEMU mentioning `marker` and waits until they are gone; answers their pids. */
+export async function killQemuProcesses(marker: string): Promise<number[]> {
+  const pids = findQemuProcesses(marker);
+  for (const pid of pids) {
+    try {
+      process.kill(pid, 'SIGKILL');
+    } catch {
+      // gone meanwhile
+    }
+  }
+  await Promise.all(pids.map((pid) => waitForProcessExit(pid, undefined, { intervalMs: 10, keepAlive: () => true })));
+  return pids;
+}
