@@ -8,7 +8,8 @@ import path from 'node:path';
 import { promisify } from 'node:util';
 import { CocoonError, errorMessage } from '../common/errors.ts';
 import { fsyncDir } from '../vmm/qemu.ts';
-import { readSnapshotManifest, writeSnapshotManifest } from '../vmm/snapshot.ts';
+import { sealSnapshotFiles } from '../vmm/snapshot-safety.ts';
+import { dataChecksums, readSnapshotManifest, writeSnapshotManifest } from '../vmm/snapshot.ts';
 import { GENERATION_DIR, generationDir, logPath, microvmDir, runDir } from './paths.ts';
 
 const run = promisify(execFile);
@@ -103,7 +104,11 @@ export async function compactGeneration(dataDir: string, id: string, imageSnapsh
       }
     }
     const size = (await fs.promises.stat(disk)).size;
-    await writeSnapshotManifest(partial, { ...manifest, files: { ...files, disk: { ...files.disk, sizeBytes: size } } }, durable);
+    // The rebase rewrote the disk's file: it gets its own checksum, and is sealed (root's,
+    // readable by QEMU's group) like every snapshot disk.
+    const [checksum] = await dataChecksums([disk]);
+    await sealSnapshotFiles(partial, { mem: path.join(partial, files.mem.name), disk });
+    await writeSnapshotManifest(partial, { ...manifest, files: { ...files, disk: { ...files.disk, sizeBytes: size, checksum } } }, durable);
     await fs.promises.rename(partial, target);
     if (durable) await fsyncDir(path.dirname(target));
     return { generation: next, chain: [next] };
