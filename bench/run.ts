@@ -14,6 +14,8 @@ import type { Metrics } from './stats.ts';
 
 interface SuiteOptions {
   runs?: number;
+  /** How long a timed suite (soak) runs. */
+  seconds?: number;
   accel: Accelerator;
   log: (line: string) => void;
 }
@@ -26,21 +28,28 @@ const SUITES: Record<string, (options: SuiteOptions) => Promise<Metrics>> = {
   microvm: async (o) => (await import('./microvm.ts')).runMicrovmBench({ ...o, parts: ['launch'] }),
   gateway: async (o) => (await import('./microvm.ts')).runMicrovmBench({ ...o, parts: ['gateway'] }),
   density: async (o) => (await import('./microvm.ts')).runMicrovmBench({ ...o, parts: ['density'] }),
+  soak: async (o) => (await import('./soak.ts')).runSoakBench(o),
 };
 
-function parseArgs(argv: string[]): { json: boolean; runs: number | undefined; suites: string[] } {
+/** Run only when named: minutes of load, not a side-by-side figure. */
+const OPT_IN = new Set(['soak']);
+
+function parseArgs(argv: string[]): { json: boolean; runs: number | undefined; seconds: number | undefined; suites: string[] } {
   let json = false;
   let runs: number | undefined;
+  let seconds: number | undefined;
   const suites: string[] = [];
   for (let i = 0; i < argv.length; i++) {
     const arg = argv[i] as string;
     if (arg === '--json') json = true;
     else if (arg === '--runs') runs = Number(argv[++i]);
+    else if (arg === '--seconds') seconds = Number(argv[++i]);
     else if (arg in SUITES) suites.push(arg);
     else throw new Error(`unknown argument ${arg}; suites: ${Object.keys(SUITES).join(', ')}`);
   }
   if (runs !== undefined && (!Number.isInteger(runs) || runs < 1)) throw new Error('--runs takes a positive integer');
-  return { json, runs, suites: suites.length ? suites : Object.keys(SUITES) };
+  if (seconds !== undefined && (!Number.isInteger(seconds) || seconds < 1)) throw new Error('--seconds takes a positive integer');
+  return { json, runs, seconds, suites: suites.length ? suites : Object.keys(SUITES).filter((name) => !OPT_IN.has(name)) };
 }
 
 /**
@@ -66,7 +75,7 @@ const metrics: Metrics = {};
 for (const suite of args.suites) {
   console.error(`bench: ${suite} (accel ${accel})`);
   const started = performance.now();
-  Object.assign(metrics, await SUITES[suite]!({ runs: args.runs, accel, log: (line) => console.error(`  ${line}`) }));
+  Object.assign(metrics, await SUITES[suite]!({ runs: args.runs, seconds: args.seconds, accel, log: (line) => console.error(`  ${line}`) }));
   console.error(`bench: ${suite} done in ${((performance.now() - started) / 1000).toFixed(1)} s`);
 }
 
