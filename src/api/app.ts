@@ -6,11 +6,12 @@
 import swagger from '@fastify/swagger';
 import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox';
 import Fastify, { type FastifyInstance, type FastifySchema, type RouteOptions } from 'fastify';
+import { CocoonError } from '../common/errors.ts';
 import type { CocoonConfig } from '../config/config.ts';
 import type { ObjectStore } from '../objectstore/object-store.ts';
 import type { Db } from '../store/sql.ts';
 import { registerAuth } from './auth.ts';
-import { handleError } from './errors.ts';
+import { clientErrorResponse, handleError } from './errors.ts';
 import { ErrorSchema } from './schemas.ts';
 import { apiKeyRoutes } from './routes/api-keys.ts';
 import { dashboardRoutes } from './routes/dashboard.ts';
@@ -75,6 +76,17 @@ export async function buildApiServer(context: ApiContext, extraRoutes: ApiRoutes
     bodyLimit: JSON_BODY_LIMIT,
     routerOptions: { maxParamLength: 300 },
     ajv: { customOptions: { removeAdditional: false, coerceTypes: 'array', allErrors: false } },
+    // A request without Host is refused below, in the one error shape (Node's own refusal has
+    // an empty body).
+    http: { requireHostHeader: false },
+    // Errors found before routing (a URL that does not decode, a path parameter over
+    // maxParamLength) and HTTP that does not parse: the same error shape as everything else.
+    frameworkErrors: (error, request, reply) => handleError(error, request, reply),
+    clientErrorHandler: (error, socket) => {
+      if ((error as NodeJS.ErrnoException).code === 'ECONNRESET' || socket.destroyed) return;
+      if (socket.writable) socket.write(clientErrorResponse(error));
+      socket.destroy();
+    },
   }).withTypeProvider<TypeBoxTypeProvider>();
   const routes: RegisteredRoute[] = [];
   registered.set(app, routes);
@@ -101,6 +113,11 @@ export async function buildApiServer(context: ApiContext, extraRoutes: ApiRoutes
   app.setErrorHandler(handleError);
   app.setNotFoundHandler((request, reply) => {
     void reply.status(404).send({ error: { code: 'not_found', message: `no route ${request.method} ${request.url.split('?')[0]}` } });
+  });
+  app.addHook('onRequest', async (request) => {
+    if (request.raw.httpVersionMajor === 1 && request.raw.httpVersionMinor >= 1 && request.headers.host === undefined) {
+      throw new CocoonError('invalid_request', 'an HTTP/1.1 request needs a Host header', { status: 400 });
+    }
   });
   registerAuth(app, context.db);
 

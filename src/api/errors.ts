@@ -33,6 +33,7 @@ export function handleError(error: FastifyError | Error, request: FastifyRequest
   const status = fastifyError.statusCode ?? 500;
   if (status >= 400 && status < 500) {
     const code = fastifyError.code === 'FST_ERR_CTP_BODY_TOO_LARGE' ? 'payload_too_large'
+      : fastifyError.code === 'FST_ERR_MAX_PARAM_LENGTH' ? 'uri_too_long'
       : fastifyError.code === 'FST_ERR_CTP_INVALID_MEDIA_TYPE' ? 'unsupported_media_type'
       : 'invalid_request';
     void reply.status(status).send(errorBody(code, fastifyError.message));
@@ -40,4 +41,18 @@ export function handleError(error: FastifyError | Error, request: FastifyRequest
   }
   request.log.error({ err: error }, 'unhandled error');
   void reply.status(500).send(errorBody('internal', 'internal error; see the server log'));
+}
+
+/**
+ * The raw answer to a request that is not valid HTTP (or too large, or too slow to arrive):
+ * written on the socket before Fastify sees a request, in the one error shape.
+ */
+export function clientErrorResponse(error: Error): string {
+  const code = (error as NodeJS.ErrnoException).code;
+  const [status, reason, errorCode, message] =
+    code === 'HPE_HEADER_OVERFLOW' ? [431, 'Request Header Fields Too Large', 'headers_too_large', 'the request head is larger than the server accepts']
+    : code === 'ERR_HTTP_REQUEST_TIMEOUT' ? [408, 'Request Timeout', 'request_timeout', 'the request did not arrive in time']
+    : [400, 'Bad Request', 'invalid_request', 'the request is not valid HTTP/1.1'];
+  const body = JSON.stringify(errorBody(errorCode, message));
+  return `HTTP/1.1 ${status} ${reason}\r\nContent-Type: application/json; charset=utf-8\r\nContent-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`;
 }

@@ -314,9 +314,9 @@ export function microvmRoutes(app: FastifyInstance, { db, config }: ApiContext, 
         body: IssueToken,
         response: { 201: IssuedToken, ...errors },
       },
-      // No body at all means every default.
+      // No body at all means every default (a JSON `null` is a body, and not an object).
       preValidation: async (request) => {
-        request.body ??= {};
+        if (request.body === undefined) request.body = {};
       },
     },
     async (request, reply) => {
