@@ -115,8 +115,8 @@ export async function runSoakBench(options: SoakOptions = {}): Promise<Metrics> 
       'soak.resumes': single(Math.max(0, suspends - (await suspendedNow(db, targets))), 'count'),
       'soak.request_ms': summarize(tally.latency),
       'soak.wake_request_ms': summarize(tally.wakeLatency),
-      'soak.daemon_rss_mib': summarize(rss, 'count'),
-      'soak.daemon_rss_growth_mib': single(rss.at(-1)! - rss[0]!, 'count'),
+      'soak.daemon_rss_mib': summarize(rss, 'MiB'),
+      'soak.daemon_rss_growth_mib': single(rss.at(-1)! - rss[0]!, 'MiB'),
     };
     say(
       `${tally.requests} requests, ${tally.failed} failed, ${tally.retried} retried after 503, ${lost.length} microVMs lost state; ` +
