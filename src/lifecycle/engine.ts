@@ -32,6 +32,7 @@ import {
 import type { Db } from '../store/sql.ts';
 import { killQemuProcesses } from '../vmm/processes.ts';
 import { QemuVm } from '../vmm/qemu.ts';
+import { watchDiskSpace } from '../vmm/space-watch.ts';
 import { readSnapshotManifest } from '../vmm/snapshot.ts';
 import { generationDir, imageSnapshotDir, microvmDir, runDir, snapshotDirFor } from './paths.ts';
 import { appendLog, clearRunFiles, collectGarbage, compactGeneration, parseRuntime, runtimeRecord, type Runtime } from './storage.ts';
@@ -241,6 +242,12 @@ export class LifecycleEngine implements MicroVMDirectory {
     instance.vm = vm;
     instance.ports = new Map(vm.hostPorts);
     void vm.waitForExit().then(() => this.#vmExited(instance, vm));
+    // A guest paused by QEMU for lack of space on the data directory continues once there is room.
+    watchDiskSpace(vm, {
+      path: runDir(this.dataDir, instance.id),
+      onPaused: () => void appendLog(this.dataDir, instance.id, 'paused by QEMU: no space left on the data directory for its disk'),
+      onContinued: () => void appendLog(this.dataDir, instance.id, 'continued: the data directory has space again'),
+    });
   }
 
   /** A QEMU ended that nobody asked to stop: the guest powered off or crashed. */
@@ -332,7 +339,7 @@ export class LifecycleEngine implements MicroVMDirectory {
     try {
       await vm.snapshot(target, { durable: this.#durable, onStateSaved: () => this.#pause('suspend:state-saved', instance.id) });
     } catch (error) {
-      if (isCocoonError(error) && error.details?.vmRunning === true && !vm.exited) {
+      if (isCocoonError(error) && error.details?.vmAlive === true && !vm.exited) {
         await this.#keepRunning(instance, vm, error);
         throw error;
       }
@@ -353,16 +360,17 @@ export class LifecycleEngine implements MicroVMDirectory {
   }
 
   /**
-   * A suspend whose snapshot was abandoned while the VM runs on (a full data disk, a failed
+   * A suspend whose snapshot was abandoned while the VM lives on (a full data disk, a failed
    * fsync): nothing was committed and the previous generation is untouched, so the microVM
-   * goes back to RUNNING, with its resume hook, and the error says why.
+   * goes back to RUNNING, with its resume hook when its guest runs (one that QEMU had paused for
+   * lack of space stays so until the space watcher continues it), and the error says why.
    */
   async #keepRunning(instance: Instance, vm: QemuVm, error: CocoonError): Promise<void> {
     this.#stopping.delete(vm);
     if (!(await this.#transition(instance, 'SUSPENDING', 'RUNNING'))) return;
     await appendLog(this.dataDir, instance.id, `suspend abandoned, still running: ${error.message}`);
     this.#log.warn({ microvm: instance.id, code: error.code }, 'suspend abandoned; the microVM runs on');
-    await this.#hook(instance, vm, 'resume');
+    if (error.details?.vmRunning === true) await this.#hook(instance, vm, 'resume');
     instance.lastActivity = Date.now();
     this.#armIdle(instance);
   }

@@ -10,6 +10,7 @@ import { after, before, describe, test } from 'node:test';
 import { isCocoonError } from '../../src/common/errors.ts';
 import { loadGuestArtifacts } from '../../src/guest/artifacts.ts';
 import { QemuVm } from '../../src/vmm/qemu.ts';
+import { watchDiskSpace } from '../../src/vmm/space-watch.ts';
 import { dataChecksums } from '../../src/vmm/snapshot.ts';
 import { fillFilesystem, killQemuWhenItAppears, useFaultDir, waitUntil } from '../support/faults.ts';
 import { makeTestRootDisk } from '../support/rootfs.ts';
@@ -261,11 +262,17 @@ describe("the data directory's disk full", () => {
     }
   });
 
-  test('while a guest writes its disk: QEMU pauses it (no space for its disk layer), nothing is lost, it resumes with space', { timeout: 300_000 }, async () => {
+  test('while a guest writes its disk: QEMU pauses it (no space for its disk layer), nothing is lost, the space watcher continues it once there is room', { timeout: 300_000 }, async () => {
     const data = fault.ext4('data-disk', 512);
     const vm = await QemuVm.restore({ id: 'full-disk', runDir: path.join(data, 'vm'), snapshotDir: base, network });
     try {
       assert.equal(await httpGet(url(vm, '/cgi-bin/count')), '1');
+      // The space watcher (what the lifecycle attaches to every microVM) continues the guest
+      // once there is room again; nothing else does.
+      let pausedSeen = false;
+      const continued = new Promise<void>((resolve) =>
+        watchDiskSpace(vm, { path: data, intervalMs: 200, onPaused: () => (pausedSeen = true), onContinued: resolve }),
+      );
       const stopped = vm.qmp.waitForEvent('BLOCK_IO_ERROR', 60_000, (event) => event.data?.nospace === true);
       const filler = fillFilesystem(data);
       // The guest writes and syncs its disk: the qcow2 layer needs space that is not there.
@@ -274,8 +281,11 @@ describe("the data directory's disk full", () => {
       const status = await vm.qmp.execute('query-status', {});
       assert.equal(status.status, 'io-error', 'paused by QEMU, not dead');
       assert.equal(vm.exited, false);
+      await new Promise((resolve) => setTimeout(resolve, 600)); // a few checks of the watcher
+      assert.equal(pausedSeen, true);
+      assert.equal((await vm.qmp.execute('query-status', {})).status, 'io-error', 'still paused while the disk is full');
       fs.rmSync(filler);
-      await vm.qmp.execute('cont', {});
+      await continued;
       assert.equal(await write, 'written', 'the write completes once there is space');
       assert.equal(await httpGet(url(vm, '/cgi-bin/file')), 'survives-a-full-disk');
       assert.equal(await httpGet(url(vm, '/cgi-bin/count')), '2');
