@@ -38,12 +38,14 @@ import { appendLog, clearRunFiles, collectGarbage, compactGeneration, parseRunti
 
 /** Points where crash tests stop the daemon (see `LifecycleOptions.pauseAt`). */
 export type PausePoint =
+  | 'launch:starting'
   | 'launch:restored'
   | 'suspend:persisted'
   | 'suspend:state-saved'
   | 'suspend:committed'
   | 'resume:persisted'
-  | 'resume:restored';
+  | 'resume:restored'
+  | 'terminate:persisted';
 
 export interface LifecycleOptions {
   db: Db;
@@ -273,6 +275,7 @@ export class LifecycleEngine implements MicroVMDirectory {
 
   async #launch(instance: Instance): Promise<void> {
     if (instance.state !== 'PENDING' || instance.terminating) return;
+    await this.#pause('launch:starting', instance.id);
     let vm: QemuVm;
     try {
       vm = await this.#restore(instance, snapshotDirFor(this.dataDir, instance, 0));
@@ -337,8 +340,10 @@ export class LifecycleEngine implements MicroVMDirectory {
         throw error;
       }
       instance.vm = undefined;
-      await this.#fail(instance, `the microVM could not be suspended (its memory could not be saved): ${errorMessage(error)}`);
-      throw error;
+      const reason = `the microVM could not be suspended (its memory could not be saved): ${errorMessage(error)}`;
+      await this.#fail(instance, reason);
+      // The caller learns that the microVM is FAILED, not only what the VM layer saw.
+      throw new CocoonError('microvm_failed', `microVM ${instance.id} has failed: ${reason}; earlier snapshots are untouched`, { status: 409, cause: error });
     }
     const snapshotMs = performance.now() - started;
     instance.vm = undefined;
@@ -428,6 +433,7 @@ export class LifecycleEngine implements MicroVMDirectory {
     this.#clearTimers(instance);
     const wasRunning = instance.state === 'RUNNING';
     if (!(await this.#transition(instance, ACTIVE_FROM, 'TERMINATING'))) return;
+    await this.#pause('terminate:persisted', instance.id);
     const vm = instance.vm;
     if (vm) {
       if (wasRunning) await this.#hook(instance, vm, 'terminate');
@@ -678,7 +684,7 @@ export class LifecycleEngine implements MicroVMDirectory {
 
   // ---- start and stop --------------------------------------------------------------------------
 
-  /** Used by recovery (recovery.ts): registers an instance, with the VM it adopted if any. */
+  /** Used by recovery (recovery.ts): registers an instance, with the VM it adopted if any (PENDING ones are then `launch`ed). */
   async adoptLoaded(microvm: Microvm, vm: QemuVm | undefined): Promise<void> {
     const instance = await this.#load(microvm);
     if (vm) this.#attach(instance, vm);
@@ -687,7 +693,8 @@ export class LifecycleEngine implements MicroVMDirectory {
       this.#armIdle(instance);
     }
     if (instance.state === 'SUSPENDED') this.#armSuspended(instance);
-    if (instance.state === 'PENDING') void this.#enqueue(instance, 'launch', () => this.#launch(instance)).catch(() => undefined);
+    // A PENDING microVM is launched by recovery (`launch`) once it has swept orphaned QEMUs:
+    // launched here, its new QEMU could be taken for an orphan and killed.
   }
 
   get instanceCount(): number {
