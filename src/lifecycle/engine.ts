@@ -321,7 +321,17 @@ export class LifecycleEngine implements MicroVMDirectory {
     // Decided: from here on the gateway sees SUSPENDING and holds new requests for the resume.
     instance.state = 'SUSPENDING';
     this.#clearIdle(instance);
-    if (!(await this.#transition(instance, 'RUNNING', 'SUSPENDING'))) return;
+    let persisted: boolean;
+    try {
+      persisted = await this.#transition(instance, 'RUNNING', 'SUSPENDING');
+    } catch (error) {
+      // The store could not record the decision (its disk is full…): nothing happened, the
+      // microVM stays RUNNING, in memory too (else the gateway would hold its requests forever).
+      instance.state = 'RUNNING';
+      this.#armIdle(instance);
+      throw error;
+    }
+    if (!persisted) return;
     const vm = instance.vm;
     await this.#pause('suspend:persisted', instance.id);
     await this.#flushOne(instance);
