@@ -7,7 +7,7 @@
  * (symlinks included, as a chroot would), never on the host.
  */
 import { constants } from 'node:fs';
-import { chown, lstat, mkdir, open, readlink, rm, stat, chmod } from 'node:fs/promises';
+import { chown, lstat, mkdir, open, readlink, rm, stat, statfs, chmod } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
 import { CocoonError } from '../common/errors.ts';
 import type { ImageConfig } from './buildah.ts';
@@ -268,6 +268,9 @@ export async function makeExt4Disk(options: DiskOptions): Promise<DiskResult> {
 
   await mkdir(dirname(diskPath), { recursive: true });
   await rm(diskPath, { force: true });
+  // The disk is sparse, but its files take at least their own size on the host's filesystem.
+  const hostFree = await freeBytes(dirname(diskPath));
+  if (hostFree !== undefined && hostFree < contentBytes) throw noSpace(diskPath, `${Math.ceil(contentBytes / MIB)} MiB of files, ${Math.floor(hostFree / MIB)} MiB free`);
   const fh = await open(diskPath, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL, 0o600);
   try {
     await fh.truncate(sizeMiB * MIB); // sparse: blocks are allocated only where mkfs writes
@@ -292,8 +295,30 @@ export async function makeExt4Disk(options: DiskOptions): Promise<DiskResult> {
   } catch (e) {
     await rm(diskPath, { force: true });
     const text = e instanceof CocoonError ? `${e.message} ${String(e.details?.stderr ?? '')}` : '';
-    if (/could not allocate|no space left|not enough space|allocating inode|ENOSPC/i.test(text)) throw tooSmall();
+    // ENOSPC ("No space left on device") comes from the host's filesystem, where the disk file
+    // is written; a filesystem inside the disk that is too small says "Could not allocate".
+    if (/no space left on device|ENOSPC/i.test(text)) throw noSpace(diskPath, 'mkfs.ext4 could not write the disk file', e);
+    if (/could not allocate|not enough space|allocating inode/i.test(text)) throw tooSmall();
     throw e;
   }
   return { diskPath, sizeMiB, contentBytes, contentInodes };
+}
+
+/** Free bytes on the filesystem holding `dir` for this process (root may use the reserved blocks; undefined if unknown). */
+async function freeBytes(dir: string): Promise<number | undefined> {
+  try {
+    const fs = await statfs(dir);
+    return (process.getuid?.() === 0 ? fs.bfree : fs.bavail) * fs.bsize;
+  } catch {
+    return undefined;
+  }
+}
+
+/** The host's disk (the data directory's) is full: not the image's fault, nothing to change in the request. */
+function noSpace(diskPath: string, what: string, cause?: unknown): CocoonError {
+  return new CocoonError(
+    'no_space',
+    `no space left on the data directory's disk for the root disk (${diskPath}): ${what}. Free space there (or remove unused images), then build again.`,
+    { status: 507, ...(cause ? { cause } : {}) },
+  );
 }

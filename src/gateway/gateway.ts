@@ -333,7 +333,9 @@ export function createGateway(options: GatewayOptions): Gateway {
           };
         case 'failed':
           if (isCocoonError(outcome.error)) {
-            return { ok: false, rejection: reject(outcome.error.status, outcome.error.code, outcome.error.message) };
+            // A 503 (a resume that failed and left the microVM SUSPENDED) is worth retrying.
+            const headers = outcome.error.status === 503 ? { 'retry-after': retryAfter } : undefined;
+            return { ok: false, rejection: reject(outcome.error.status, outcome.error.code, outcome.error.message, headers) };
           }
           logger.warn({ microvmId: a.microvmId, err: outcome.error }, 'waking a microVM failed');
           return { ok: false, rejection: reject(502, 'wake_failed', `microVM ${a.microvmId} could not be woken`) };

@@ -39,12 +39,14 @@ import { appendLog, clearRunFiles, collectGarbage, compactGeneration, parseRunti
 
 /** Points where crash tests stop the daemon (see `LifecycleOptions.pauseAt`). */
 export type PausePoint =
+  | 'launch:starting'
   | 'launch:restored'
   | 'suspend:persisted'
   | 'suspend:state-saved'
   | 'suspend:committed'
   | 'resume:persisted'
-  | 'resume:restored';
+  | 'resume:restored'
+  | 'terminate:persisted';
 
 export interface LifecycleOptions {
   db: Db;
@@ -280,6 +282,7 @@ export class LifecycleEngine implements MicroVMDirectory {
 
   async #launch(instance: Instance): Promise<void> {
     if (instance.state !== 'PENDING' || instance.terminating) return;
+    await this.#pause('launch:starting', instance.id);
     let vm: QemuVm;
     try {
       vm = await this.#restore(instance, snapshotDirFor(this.dataDir, instance, 0));
@@ -325,7 +328,17 @@ export class LifecycleEngine implements MicroVMDirectory {
     // Decided: from here on the gateway sees SUSPENDING and holds new requests for the resume.
     instance.state = 'SUSPENDING';
     this.#clearIdle(instance);
-    if (!(await this.#transition(instance, 'RUNNING', 'SUSPENDING'))) return;
+    let persisted: boolean;
+    try {
+      persisted = await this.#transition(instance, 'RUNNING', 'SUSPENDING');
+    } catch (error) {
+      // The store could not record the decision (its disk is full…): nothing happened, the
+      // microVM stays RUNNING, in memory too (else the gateway would hold its requests forever).
+      instance.state = 'RUNNING';
+      this.#armIdle(instance);
+      throw error;
+    }
+    if (!persisted) return;
     const vm = instance.vm;
     await this.#pause('suspend:persisted', instance.id);
     await this.#flushOne(instance);
@@ -344,8 +357,10 @@ export class LifecycleEngine implements MicroVMDirectory {
         throw error;
       }
       instance.vm = undefined;
-      await this.#fail(instance, `the microVM could not be suspended (its memory could not be saved): ${errorMessage(error)}`);
-      throw error;
+      const reason = `the microVM could not be suspended (its memory could not be saved): ${errorMessage(error)}`;
+      await this.#fail(instance, reason);
+      // The caller learns that the microVM is FAILED, not only what the VM layer saw.
+      throw new CocoonError('microvm_failed', `microVM ${instance.id} has failed: ${reason}; earlier snapshots are untouched`, { status: 409, cause: error });
     }
     const snapshotMs = performance.now() - started;
     instance.vm = undefined;
@@ -436,6 +451,7 @@ export class LifecycleEngine implements MicroVMDirectory {
     this.#clearTimers(instance);
     const wasRunning = instance.state === 'RUNNING';
     if (!(await this.#transition(instance, ACTIVE_FROM, 'TERMINATING'))) return;
+    await this.#pause('terminate:persisted', instance.id);
     const vm = instance.vm;
     if (vm) {
       if (wasRunning) await this.#hook(instance, vm, 'terminate');
@@ -686,7 +702,7 @@ export class LifecycleEngine implements MicroVMDirectory {
 
   // ---- start and stop --------------------------------------------------------------------------
 
-  /** Used by recovery (recovery.ts): registers an instance, with the VM it adopted if any. */
+  /** Used by recovery (recovery.ts): registers an instance, with the VM it adopted if any (PENDING ones are then `launch`ed). */
   async adoptLoaded(microvm: Microvm, vm: QemuVm | undefined): Promise<void> {
     const instance = await this.#load(microvm);
     if (vm) this.#attach(instance, vm);
@@ -695,7 +711,8 @@ export class LifecycleEngine implements MicroVMDirectory {
       this.#armIdle(instance);
     }
     if (instance.state === 'SUSPENDED') this.#armSuspended(instance);
-    if (instance.state === 'PENDING') void this.#enqueue(instance, 'launch', () => this.#launch(instance)).catch(() => undefined);
+    // A PENDING microVM is launched by recovery (`launch`) once it has swept orphaned QEMUs:
+    // launched here, its new QEMU could be taken for an orphan and killed.
   }
 
   get instanceCount(): number {

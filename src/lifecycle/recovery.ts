@@ -47,6 +47,8 @@ export async function recoverMicrovms(engine: LifecycleEngine, db: Db, dataDir: 
   };
   const owned = new Set<number>();
   const toSuspend: string[] = [];
+  /** PENDING microVMs, launched after the sweep of orphaned QEMUs (which would take theirs for one). */
+  const toLaunch: string[] = [];
 
   const fail = async (microvm: Microvm, reason: string) => {
     await killQemuProcesses(runDir(dataDir, microvm.id));
@@ -77,6 +79,7 @@ export async function recoverMicrovms(engine: LifecycleEngine, db: Db, dataDir: 
         case 'PENDING':
           await killQemuProcesses(run);
           await clearRunFiles(dataDir, id);
+          toLaunch.push(id);
           report.relaunched.push(id);
           break;
         case 'RUNNING': {
@@ -173,6 +176,10 @@ export async function recoverMicrovms(engine: LifecycleEngine, db: Db, dataDir: 
   }
   for (const entry of entries) {
     if (!active.has(entry)) await fs.promises.rm(path.join(root, entry), { recursive: true, force: true });
+  }
+  for (const id of toLaunch) {
+    const microvm = await getMicrovm(db, id);
+    if (microvm?.state === 'PENDING') await engine.launch(microvm);
   }
   for (const id of toSuspend) void engine.suspend(id).catch((error: unknown) => log.error({ microvm: id, err: error }, 'suspend after recovery failed'));
   const changed = Object.entries(report).filter(([, list]) => list.length > 0);

@@ -1,10 +1,12 @@
 import { AsyncLocalStorage } from 'node:async_hooks';
-import { closeSync, mkdirSync, openSync } from 'node:fs';
+import { closeSync, fstatSync as fstat, mkdirSync, openSync, rmSync, writeSync } from 'node:fs';
 import { dirname } from 'node:path';
 import { DatabaseSync, type SQLInputValue, type StatementSync } from 'node:sqlite';
 import type { Db, RunResult, SqlParam } from './sql.ts';
 
 const STATEMENT_CACHE_SIZE = 256;
+/** Space kept beside the database for its own writes when the disk fills up (see `#withReserve`). */
+const RESERVE_BYTES = 4 * 1024 * 1024;
 
 /**
  * `node:sqlite` behind the async `Db` interface. One connection per process: SQLite allows one
@@ -21,10 +23,14 @@ export class SqliteDb implements Db {
   readonly #statements = new Map<string, StatementSync>();
   readonly #lock = new FifoLock();
   readonly #insideTransaction = new AsyncLocalStorage<true>();
+  /** `<db>.reserve`: a file of zeros whose space the database's writes get when the disk is full. */
+  readonly #reserve: string | undefined;
 
   private constructor(path: string, db: DatabaseSync) {
     this.path = path;
     this.#db = db;
+    this.#reserve = path === ':memory:' ? undefined : `${path}.reserve`;
+    if (this.#reserve) takeReserve(this.#reserve);
   }
 
   /** Opens (creating with mode 0600 if needed) the database file and sets the pragmas. */
@@ -72,10 +78,40 @@ export class SqliteDb implements Db {
   }
 
   run(sql: string, params: readonly SqlParam[] = []): Promise<RunResult> {
-    return this.#outside(() => this.runNow(sql, params));
+    return this.#withReserve(() => this.#outside(() => this.runNow(sql, params)));
   }
 
-  async transaction<T>(fn: (tx: Db) => Promise<T>): Promise<T> {
+  transaction<T>(fn: (tx: Db) => Promise<T>): Promise<T> {
+    return this.#withReserve(() => this.#transaction(fn));
+  }
+
+  /**
+   * A write that fails because the disk is full (SQLITE_FULL) is tried once more with the
+   * reserve's space given back; the reserve is then taken again as far as it fits. So the
+   * store can still record what happens when the data directory's disk fills up (a suspend
+   * abandoned for lack of space, a build that failed for it), while everything else that
+   * writes there still meets the full disk. Transactions here only touch the database, so
+   * running one again is safe.
+   */
+  async #withReserve<T>(write: () => Promise<T>): Promise<T> {
+    try {
+      return await write();
+    } catch (error) {
+      if (!this.#reserve || !isDiskFull(error)) throw error;
+      try {
+        rmSync(this.#reserve, { force: true });
+      } catch {
+        throw error;
+      }
+      try {
+        return await write();
+      } finally {
+        takeReserve(this.#reserve);
+      }
+    }
+  }
+
+  async #transaction<T>(fn: (tx: Db) => Promise<T>): Promise<T> {
     this.#refuseInsideTransaction();
     const release = await this.#lock.acquire();
     const tx = new SqliteTransaction(this, 0);
@@ -228,5 +264,26 @@ class FifoLock {
       this.#holders -= 1;
       release();
     };
+  }
+}
+
+/** SQLITE_FULL: "database or disk is full". */
+function isDiskFull(error: unknown): boolean {
+  const { errcode, errstr } = error as { errcode?: number; errstr?: string };
+  return (typeof errcode === 'number' && (errcode & 0xff) === 13) || errstr === 'database or disk is full';
+}
+
+/** (Re)writes the reserve file up to RESERVE_BYTES, as far as the disk lets it (best effort). */
+function takeReserve(file: string): void {
+  let fd: number | undefined;
+  try {
+    fd = openSync(file, 'a', 0o600);
+    const chunk = Buffer.alloc(64 * 1024);
+    const { size } = fstat(fd);
+    for (let written = size; written < RESERVE_BYTES; written += chunk.length) writeSync(fd, chunk);
+  } catch {
+    // the disk is full: keep what fits
+  } finally {
+    if (fd !== undefined) closeSync(fd);
   }
 }

@@ -397,14 +397,16 @@ export class QemuVm {
       sandbox: true,
     } satisfies QemuLaunch;
     let channels: [QmpClient, GuestChannel, SerialLog];
+    const giveUp = new AbortController();
     try {
       channels = await Promise.race([
-        connectChannels(launch, options),
+        connectChannels(launch, options, giveUp.signal),
         proc.exit.then(() => {
           throw new CocoonError('vm_gone', `QEMU of ${options.id} exited while being adopted`);
         }),
       ]);
     } catch (error) {
+      giveUp.abort(error);
       if (isCocoonErrorCode(error, 'vm_gone')) throw error;
       throw new CocoonError('vm_adopt_failed', `cannot reconnect to QEMU of ${options.id}: ${errorMessage(error)}`, { cause: error });
     }
@@ -510,6 +512,7 @@ export class QemuVm {
     let vm: QemuVm | undefined;
     let started: { child: ChildProcess; exit: Promise<void> } | undefined;
     let launch: QemuLaunch | undefined;
+    const giveUp = new AbortController();
     try {
       for (const socket of [...Object.values(sockets), path.join(qemuDir, 'incoming.sock'), path.join(qemuDir, 'migrate.sock')]) {
         if (Buffer.byteLength(socket) > MAX_SOCKET_PATH) {
@@ -564,7 +567,7 @@ export class QemuVm {
         cgroup,
       });
       const [qmp, guest, serial] = await Promise.race([
-        connectChannels(launched, options),
+        connectChannels(launched, options, giveUp.signal),
         exit.then(() => {
           throw qemuStartError(options.runDir, launched);
         }),
@@ -583,6 +586,7 @@ export class QemuVm {
       fsyncFile(ramPath).catch(() => undefined);
       return vm;
     } catch (caught) {
+      giveUp.abort(new CocoonError('vm_start_failed', `the start of ${options.id} was given up`));
       let error = caught;
       // QEMU dying makes its sockets close too: whichever the caller noticed first, QEMU's own
       // words (in qemu.log) say best what went wrong. A QEMU killed by a signal (nothing here has
@@ -682,20 +686,31 @@ function warnRootFallback(why: string): void {
   log.warn({ why }, 'QEMU runs as root for this VM: its files are out of reach of an unprivileged user (COCOON_QEMU_USER_REQUIRED=1 refuses instead)');
 }
 
+/**
+ * Connects QMP, the guest channel and the serial console. Whoever gives up on the VM (its QEMU
+ * exited first) aborts `giveUp`: the connects that are still polling for their sockets must
+ * stop, or one would connect to the next QEMU started in the same run directory and take its
+ * only QMP, guest or serial connection (a retried restore then hangs without a greeting).
+ * Nothing stays connected when this rejects.
+ */
 async function connectChannels(
   launch: Pick<QemuLaunch, 'sockets'>,
   options: Pick<CommonVmOptions, 'runDir' | 'serialLogMaxBytes' | 'signal'>,
+  giveUp: AbortSignal,
 ): Promise<[QmpClient, GuestChannel, SerialLog]> {
+  const signal = options.signal ? AbortSignal.any([options.signal, giveUp]) : giveUp;
   const serial = new SerialLog(path.join(options.runDir, 'serial.log'), options.serialLogMaxBytes);
+  const qmp = QmpClient.connect(launch.sockets.qmp, { timeoutMs: 10_000, signal });
+  const guest = GuestChannel.connect(launch.sockets.guest, 10_000, signal);
+  const attached = serial.attach(launch.sockets.serial, 10_000, signal);
   try {
-    const [qmp, guest] = await Promise.all([
-      QmpClient.connect(launch.sockets.qmp, { timeoutMs: 10_000, signal: options.signal }),
-      GuestChannel.connect(launch.sockets.guest, 10_000, options.signal),
-      serial.attach(launch.sockets.serial, 10_000, options.signal),
-    ]);
-    return [qmp, guest, serial];
+    await Promise.all([qmp, guest, attached]);
+    if (giveUp.aborted) throw giveUp.reason;
+    return [await qmp, await guest, serial];
   } catch (error) {
     serial.close();
+    void qmp.then((client) => client.close(), () => undefined);
+    void guest.then((channel) => channel.close(), () => undefined);
     throw error;
   }
 }
