@@ -352,7 +352,7 @@ export class LifecycleEngine implements MicroVMDirectory {
     try {
       await vm.snapshot(target, { durable: this.#durable, onStateSaved: () => this.#pause('suspend:state-saved', instance.id) });
     } catch (error) {
-      if (isCocoonError(error) && error.details?.vmAlive === true && !vm.exited) {
+      if (isCocoonError(error) && error.code !== 'vm_gone' && error.details?.vmAlive === true && !vm.exited) {
         await this.#keepRunning(instance, vm, error);
         throw error;
       }

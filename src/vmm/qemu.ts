@@ -348,8 +348,10 @@ export class QemuVm {
         await this.kill();
       }
     }
-    const failure = snapshotFailure(error, this.id, gone, { running, alive: !this.exited });
-    log.warn({ vm: this.id, code: failure.code, vmRunning: running, vmAlive: !this.exited, error: errorMessage(error) }, 'snapshot abandoned');
+    // A QEMU that went away may not have been reaped yet: it is not alive all the same.
+    const alive = !gone && !this.exited;
+    const failure = snapshotFailure(error, this.id, gone, { running, alive });
+    log.warn({ vm: this.id, code: failure.code, vmRunning: running, vmAlive: alive, error: errorMessage(error) }, 'snapshot abandoned');
     return failure;
   }
 
