@@ -29,6 +29,7 @@ import { createTestImage, TESTAPP_PORT } from '../test/support/image.ts';
 import { apiClient, gatewayRequest, type ApiClient } from '../test/support/server.ts';
 import { serialConnector } from '../src/gateway/upstream.ts';
 import { findQemuProcesses } from '../src/vmm/processes.ts';
+import { endDaemonRun } from './cleanup.ts';
 import { elapsedMs, type Metrics, single, summarize } from './stats.ts';
 
 export type MicrovmBenchPart = 'launch' | 'gateway' | 'density';
@@ -134,16 +135,7 @@ export async function runMicrovmBench(options: MicrovmBenchOptions = {}): Promis
     if (daemon) console.error(`the daemon's last words:\n${daemon.output().slice(-4000)}`);
     throw error;
   } finally {
-    await daemon?.kill();
-    db?.close();
-    for (const pid of findQemuProcesses(dataDir)) {
-      try {
-        process.kill(pid, 'SIGKILL');
-      } catch {
-        // gone
-      }
-    }
-    fs.rmSync(dataDir, { recursive: true, force: true });
+    await endDaemonRun({ daemon, db, dataDir });
   }
 }
 

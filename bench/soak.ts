@@ -29,10 +29,10 @@ import { getMicrovm } from '../src/store/microvms.ts';
 import { openMetadataStore } from '../src/store/open.ts';
 import type { SqliteDb } from '../src/store/sqlite.ts';
 import { findTenantByName } from '../src/store/tenants.ts';
-import { findQemuProcesses } from '../src/vmm/processes.ts';
 import { spawnDaemon, type Daemon } from '../test/support/daemon.ts';
 import { createTestImage, TESTAPP_PORT } from '../test/support/image.ts';
 import { apiClient } from '../test/support/server.ts';
+import { endDaemonRun } from './cleanup.ts';
 import { type Metrics, elapsedMs, single, summarize } from './stats.ts';
 
 export interface SoakOptions {
@@ -129,16 +129,7 @@ export async function runSoakBench(options: SoakOptions = {}): Promise<Metrics> 
     throw error;
   } finally {
     await pool?.close();
-    await daemon?.kill();
-    db?.close();
-    for (const pid of findQemuProcesses(dataDir)) {
-      try {
-        process.kill(pid, 'SIGKILL');
-      } catch {
-        // gone
-      }
-    }
-    fs.rmSync(dataDir, { recursive: true, force: true });
+    await endDaemonRun({ daemon, db, dataDir });
   }
 }
 
