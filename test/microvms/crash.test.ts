@@ -4,55 +4,35 @@
  * memory, processes and files intact, and no QEMU process that nobody owns.
  */
 import assert from 'node:assert/strict';
-import fs from 'node:fs';
-import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { microvmDir, microvmsRoot } from '../../src/lifecycle/paths.ts';
 import type { Image } from '../../src/store/images.ts';
-import { openMetadataStore } from '../../src/store/open.ts';
 import type { SqliteDb } from '../../src/store/sqlite.ts';
-import { findTenantByName } from '../../src/store/tenants.ts';
-import { spawnDaemon, waitForPause, type Daemon } from '../support/daemon.ts';
-import { createTestImage, TESTAPP_PORT } from '../support/image.ts';
-import { apiClient, gatewayRequest, type ApiClient } from '../support/server.ts';
+import { waitForPause } from '../support/daemon.ts';
+import { TESTAPP_PORT } from '../support/image.ts';
+import { RestartableDaemon } from '../support/restartable-daemon.ts';
+import { gatewayRequest, type ApiClient } from '../support/server.ts';
 import { cleanupDir, qemuProcessesMentioning, tempDir } from '../support/vm.ts';
 
 const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
 
 describe('the daemon killed at any moment, then restarted', () => {
   const dataDir = tempDir('cocoon-crash-');
-  let daemon: Daemon | undefined;
+  let daemons: RestartableDaemon | undefined;
   let db: SqliteDb;
   let image: Image;
-  let adminKey: string;
 
   before(async () => {
-    // A first daemon creates the admin key; the image is made beside it through the same database.
-    daemon = await spawnDaemon(dataDir);
-    adminKey = fs.readFileSync(path.join(dataDir, 'admin-api-key'), 'utf8').trim();
-    db = (await openMetadataStore(dataDir)).db;
-    const admin = await findTenantByName(db, 'admin');
-    image = await createTestImage({ db, dataDir, tenantId: admin!.id });
-    await daemon.stop();
-    daemon = undefined;
+    daemons = await RestartableDaemon.prepare(dataDir);
+    ({ db, image } = daemons);
   });
   after(async () => {
-    await daemon?.kill();
-    db?.close();
-    const leaked = cleanupDir(dataDir);
+    const leaked = daemons ? await daemons.close() : cleanupDir(dataDir);
     assert.deepEqual(leaked, [], 'a test left QEMU processes running');
   });
 
-  async function up(env: Record<string, string> = {}): Promise<{ api: ApiClient; d: Daemon }> {
-    const d = await spawnDaemon(dataDir, env);
-    daemon = d;
-    return { api: apiClient(d.info.apiUrl, adminKey), d };
-  }
-
-  async function down(how: 'kill' | 'stop'): Promise<void> {
-    await (how === 'kill' ? daemon?.kill() : daemon?.stop());
-    daemon = undefined;
-  }
+  const up = (env: Record<string, string> = {}) => daemons!.up(env);
+  const down = (how: 'kill' | 'stop') => daemons!.down(how);
 
   async function state(id: string): Promise<string> {
     return (await db.get<{ state: string }>('SELECT state FROM microvms WHERE id = ?', [id]))!.state;

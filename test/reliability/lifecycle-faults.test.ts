@@ -17,15 +17,14 @@ import { isCocoonError } from '../../src/common/errors.ts';
 import type { PausePoint } from '../../src/lifecycle/engine.ts';
 import { generationDir, microvmDir, microvmsRoot, runDir } from '../../src/lifecycle/paths.ts';
 import type { Image } from '../../src/store/images.ts';
-import { openMetadataStore } from '../../src/store/open.ts';
 import type { SqliteDb } from '../../src/store/sqlite.ts';
-import { findTenantByName } from '../../src/store/tenants.ts';
 import { dataChecksums } from '../../src/vmm/snapshot.ts';
 import * as imageHelpers from '../images/helpers.ts';
-import { spawnDaemon, waitForPause, type Daemon } from '../support/daemon.ts';
+import { waitForPause } from '../support/daemon.ts';
 import { fillFilesystem, freeBytes, killQemuWhenItAppears, useFaultDir, waitUntil } from '../support/faults.ts';
 import { createTestImage, TESTAPP_PORT } from '../support/image.ts';
-import { apiClient, gatewayRequest, startTestServer, type ApiClient, type TestServer } from '../support/server.ts';
+import { RestartableDaemon } from '../support/restartable-daemon.ts';
+import { gatewayRequest, startTestServer, type ApiClient, type TestServer } from '../support/server.ts';
 import { cleanupDir, qemuProcessesMentioning, tempDir } from '../support/vm.ts';
 
 const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
@@ -65,40 +64,24 @@ async function generationSums(dataDir: string, id: string, generation: number): 
 describe('the daemon killed during a launch and during a terminate, QEMU killed during a suspend and a resume', () => {
   // Made in `before`: a run filtered to other suites runs no `after` here, and must leave nothing.
   let dataDir = '';
-  let daemon: Daemon | undefined;
+  let daemons: RestartableDaemon | undefined;
   let server: TestServer | undefined;
   let db: SqliteDb;
   let image: Image;
-  let adminKey: string;
 
   before(async () => {
     dataDir = tempDir('cocoon-lfault-');
-    daemon = await spawnDaemon(dataDir);
-    adminKey = fs.readFileSync(path.join(dataDir, 'admin-api-key'), 'utf8').trim();
-    db = (await openMetadataStore(dataDir)).db;
-    const admin = await findTenantByName(db, 'admin');
-    image = await createTestImage({ db, dataDir, tenantId: admin!.id });
-    await daemon.stop();
-    daemon = undefined;
+    daemons = await RestartableDaemon.prepare(dataDir);
+    ({ db, image } = daemons);
   });
   after(async () => {
-    await daemon?.kill();
     await server?.close().catch(() => undefined);
-    db?.close();
-    const leaked = dataDir ? cleanupDir(dataDir) : [];
+    const leaked = daemons ? await daemons.close() : dataDir ? cleanupDir(dataDir) : [];
     assert.deepEqual(leaked, [], 'a test left QEMU processes running');
   });
 
-  async function up(env: Record<string, string> = {}): Promise<{ api: ApiClient; d: Daemon }> {
-    const d = await spawnDaemon(dataDir, env);
-    daemon = d;
-    return { api: apiClient(d.info.apiUrl, adminKey), d };
-  }
-
-  async function down(how: 'kill' | 'stop'): Promise<void> {
-    await (how === 'kill' ? daemon?.kill() : daemon?.stop());
-    daemon = undefined;
-  }
+  const up = (env: Record<string, string> = {}) => daemons!.up(env);
+  const down = (how: 'kill' | 'stop') => daemons!.down(how);
 
   async function create(api: ApiClient): Promise<{ id: string; token: string }> {
     const started = await api('POST', '/microvms', { image: image.id, idlePolicy: { maxIdleDurationSeconds: 600 } });
