@@ -35,6 +35,8 @@ packages=(
   gcc:/usr/bin/gcc
   passwd:/usr/sbin/useradd
   chromium:/usr/bin/chromium
+  nginx-light:/usr/sbin/nginx
+  wrk:/usr/bin/wrk
 )
 
 install_system_packages() {
