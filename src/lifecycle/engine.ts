@@ -111,6 +111,8 @@ export class LifecycleEngine implements MicroVMDirectory {
   /** VMs this engine is stopping on purpose: their exit is no surprise. */
   readonly #stopping = new WeakSet<QemuVm>();
   readonly #activityTimer: NodeJS.Timeout;
+  /** Told when a microVM's VM is about to stop (exec sessions end with this reason). */
+  readonly #stopListeners = new Set<(microvmId: string, reason: 'suspended' | 'terminated' | 'failed') => void>();
   #closed = false;
 
   constructor(options: LifecycleOptions) {
@@ -269,6 +271,7 @@ export class LifecycleEngine implements MicroVMDirectory {
 
   async #fail(instance: Instance, reason: string): Promise<void> {
     this.#clearTimers(instance);
+    this.#stopping_(instance.id, 'failed');
     if (instance.vm) {
       this.#stopping.add(instance.vm);
       await instance.vm.kill();
@@ -328,6 +331,7 @@ export class LifecycleEngine implements MicroVMDirectory {
     // Decided: from here on the gateway sees SUSPENDING and holds new requests for the resume.
     instance.state = 'SUSPENDING';
     this.#clearIdle(instance);
+    this.#stopping_(instance.id, 'suspended');
     let persisted: boolean;
     try {
       persisted = await this.#transition(instance, 'RUNNING', 'SUSPENDING');
@@ -449,6 +453,7 @@ export class LifecycleEngine implements MicroVMDirectory {
     }
     instance.terminating = true;
     this.#clearTimers(instance);
+    this.#stopping_(instance.id, 'terminated');
     const wasRunning = instance.state === 'RUNNING';
     if (!(await this.#transition(instance, ACTIVE_FROM, 'TERMINATING'))) return;
     await this.#pause('terminate:persisted', instance.id);
@@ -538,6 +543,29 @@ export class LifecycleEngine implements MicroVMDirectory {
     this.#clearSuspended(instance);
     if (instance.expiryTimer) clearTimeout(instance.expiryTimer);
     instance.expiryTimer = undefined;
+  }
+
+  // ---- sessions inside the guest (src/exec/) ------------------------------------------------------
+
+  /** Listens for microVMs whose VM is about to stop; returns the unsubscribe function. */
+  onVmStopping(listener: (microvmId: string, reason: 'suspended' | 'terminated' | 'failed') => void): () => void {
+    this.#stopListeners.add(listener);
+    return () => this.#stopListeners.delete(listener);
+  }
+
+  #stopping_(microvmId: string, reason: 'suspended' | 'terminated' | 'failed'): void {
+    for (const listener of this.#stopListeners) {
+      try {
+        listener(microvmId, reason);
+      } catch (error) {
+        this.#log.error({ err: error, microvm: microvmId }, 'a stop listener failed');
+      }
+    }
+  }
+
+  /** The guest agent's socket of a RUNNING microVM's VM (undefined when it has none running). */
+  agentSocketPath(microvmId: string): string | undefined {
+    return this.#instances.get(microvmId)?.vm?.agentSocketPath;
   }
 
   // ---- activity (the gateway's reports) --------------------------------------------------------
