@@ -74,6 +74,8 @@ interface Instance {
   /** A termination was asked for: the gateway answers 410 from now on. */
   terminating: boolean;
   readonly appPort: number;
+  /** false: its image has no app port (nothing forwarded for it; gateway HTTP → 409 no_app_port). */
+  readonly hasAppPort: boolean;
   readonly autoResume: boolean;
   readonly maxIdleMs: number;
   readonly suspendedMs: number | null;
@@ -141,6 +143,7 @@ export class LifecycleEngine implements MicroVMDirectory {
       state: microvm.state,
       terminating: microvm.state === 'TERMINATING',
       appPort: microvm.port,
+      hasAppPort: microvm.hasAppPort,
       autoResume: microvm.idlePolicy.autoResumeEnabled,
       maxIdleMs: microvm.idlePolicy.maxIdleDurationSeconds * 1000,
       suspendedMs: microvm.idlePolicy.suspendedDurationSeconds === null ? null : microvm.idlePolicy.suspendedDurationSeconds * 1000,
@@ -217,9 +220,9 @@ export class LifecycleEngine implements MicroVMDirectory {
 
   // ---- operations ----------------------------------------------------------------------------
 
-  async #forwards(snapshotDir: string, appPort: number): Promise<{ guestPort: number }[]> {
+  async #forwards(snapshotDir: string, appPort: number | undefined): Promise<{ guestPort: number }[]> {
     const manifest = await readSnapshotManifest(snapshotDir);
-    return [...new Set([appPort, ...manifest.guestPorts])].map((guestPort) => ({ guestPort }));
+    return [...new Set([...(appPort === undefined ? [] : [appPort]), ...manifest.guestPorts])].map((guestPort) => ({ guestPort }));
   }
 
   async #restore(instance: Instance, snapshotDir: string): Promise<QemuVm> {
@@ -227,7 +230,7 @@ export class LifecycleEngine implements MicroVMDirectory {
       id: instance.id,
       runDir: runDir(this.dataDir, instance.id),
       snapshotDir,
-      network: { forwards: await this.#forwards(snapshotDir, instance.appPort), egress: instance.egress },
+      network: { forwards: await this.#forwards(snapshotDir, instance.hasAppPort ? instance.appPort : undefined), egress: instance.egress },
     };
     let vm: QemuVm;
     try {
@@ -629,6 +632,7 @@ export class LifecycleEngine implements MicroVMDirectory {
       id: instance.id,
       state: instance.terminating ? 'TERMINATING' : instance.state,
       appPort: instance.appPort,
+      hasAppPort: instance.hasAppPort,
       autoResumeEnabled: instance.autoResume,
       upstreamHost: '127.0.0.1',
       upstreamPortFor: (guestPort) => ports.get(guestPort) ?? null,
@@ -645,6 +649,7 @@ export class LifecycleEngine implements MicroVMDirectory {
             id: microvm.id,
             state: microvm.state,
             appPort: microvm.port,
+            hasAppPort: microvm.hasAppPort,
             autoResumeEnabled: microvm.idlePolicy.autoResumeEnabled,
             upstreamHost: '127.0.0.1',
             upstreamPortFor: () => null,

@@ -9,6 +9,7 @@ import { microvmRoutes } from '../api/routes/microvms.ts';
 import { CocoonError } from '../common/errors.ts';
 import { log } from '../common/log.ts';
 import { AgentExecService } from '../exec/service.ts';
+import { createShellHandler } from '../exec/shell-handler.ts';
 import type { ExecService } from '../exec/types.ts';
 import { createGateway, type Gateway, type GatewayOptions } from '../gateway/gateway.ts';
 import { createTokenVerifier } from '../gateway/tokens.ts';
@@ -42,6 +43,7 @@ export function microvmModule(options: MicrovmModuleOptions = {}): MicrovmModule
   let domain = 'vm.localhost';
   let recovery: RecoveryReport | undefined;
   let exec: ExecService | undefined;
+  let shell: ReturnType<typeof createShellHandler> | undefined;
   const requireExec = (): ExecService => {
     if (!exec) throw new CocoonError('not_ready', 'the microVM subsystem is not started', { status: 503 });
     return exec;
@@ -80,7 +82,14 @@ export function microvmModule(options: MicrovmModuleOptions = {}): MicrovmModule
       exec = new AgentExecService({ db, engine: requireEngine });
       try {
         recovery = await recoverMicrovms(engine, db, config.dataDir, log.child({ component: 'lifecycle' }));
-        gateway = createGateway({ ...options.gateway, directory: engine, tokens: createTokenVerifier(db), domain: config.gatewayDomain });
+        shell = createShellHandler(db, requireExec);
+        gateway = createGateway({
+          ...options.gateway,
+          directory: engine,
+          tokens: createTokenVerifier(db),
+          domain: config.gatewayDomain,
+          shell: shell.handler,
+        });
         const address = await gateway.listen(config.gatewayPort, config.host);
         gatewayPort = address.port;
         log.info({ gateway: `http://${config.host}:${gatewayPort}`, domain }, 'gateway listening');
@@ -92,6 +101,7 @@ export function microvmModule(options: MicrovmModuleOptions = {}): MicrovmModule
       }
     },
     async stop() {
+      shell?.close();
       await gateway?.close();
       await exec?.close();
       await engine?.close();
