@@ -7,7 +7,7 @@ import os from 'node:os';
 import { Readable } from 'node:stream';
 import { CocoonError } from '../common/errors.ts';
 import { log } from '../common/log.ts';
-import { AgentClient, type AgentStream, guestError } from '../guest/agent/client.ts';
+import { AgentClient, type AgentStream, type OpenKind, guestError } from '../guest/agent/client.ts';
 import { type Fields, FrameType, decodeFields, field, fieldsAll } from '../guest/agent/wire.ts';
 import type { LifecycleEngine } from '../lifecycle/engine.ts';
 import { findTenantMicrovm } from '../store/microvms.ts';
@@ -94,6 +94,31 @@ export function toStat(fields: Fields): FileStat {
   const link = field(fields, 'link');
   if (link !== undefined) stat.linkTarget = link;
   return stat;
+}
+
+/** How long the guest agent may take to answer an open (STARTED, a stat…) before the call fails. */
+const ANSWER_TIMEOUT_MS = 30_000;
+/** Streams (sessions, transfers, requests) one microVM's agent connection may have open. */
+const MAX_STREAMS_PER_MICROVM = 100;
+
+/** The first frame of a stream, or a clear error when the guest ends it or does not answer in time. */
+async function firstFrame(stream: AgentStream, what: string): Promise<{ type: number; fields: Fields; payload: Buffer }> {
+  const timer = setTimeout(
+    () => stream.fail(new CocoonError('agent_timeout', `the guest agent did not answer ${what} within ${ANSWER_TIMEOUT_MS / 1000} s`, { status: 504 })),
+    ANSWER_TIMEOUT_MS,
+  );
+  try {
+    const frame = await stream.next();
+    if (frame === null) throw stream.error ?? new CocoonError('agent_gone', `the guest agent ended ${what}`, { status: 503 });
+    const fields = decodeFields(frame.payload) ?? [];
+    if (frame.type === FrameType.ERROR) throw guestError(fields);
+    return { type: frame.type, fields, payload: frame.payload };
+  } catch (error) {
+    stream.close();
+    throw error;
+  } finally {
+    clearTimeout(timer);
+  }
 }
 
 interface Agent {
@@ -246,6 +271,26 @@ export class AgentExecService implements ExecService {
     }
   }
 
+  /** Opens a stream within the per-microVM bound. */
+  #open(client: AgentClient, kind: OpenKind, fields: Fields): AgentStream {
+    if (client.openStreams >= MAX_STREAMS_PER_MICROVM) {
+      throw new CocoonError('too_many_sessions', `this microVM has ${MAX_STREAMS_PER_MICROVM} sessions and transfers open already; retry once some end`, { status: 429 });
+    }
+    return client.open(kind, fields);
+  }
+
+  /** Marks work in flight on the microVM (idle suspend waits); returns its release, safe to call twice. */
+  #busy(id: string): () => void {
+    const engine = this.#engine();
+    engine.requestStarted(id);
+    let done = false;
+    return () => {
+      if (done) return;
+      done = true;
+      engine.requestFinished(id);
+    };
+  }
+
   #count(id: string): Set<Session> {
     let set = this.#sessions.get(id);
     if (!set) this.#sessions.set(id, (set = new Set()));
@@ -260,11 +305,9 @@ export class AgentExecService implements ExecService {
 
   async #openSession(id: string, client: AgentClient, kind: typeof FrameType.EXEC | typeof FrameType.ATTACH, fields: Fields, tty: boolean): Promise<Session> {
     this.#admit(id);
-    const stream = client.open(kind, fields);
-    const first = await stream.next();
-    if (first === null) throw stream.error ?? new CocoonError('agent_gone', 'the guest agent ended the stream', { status: 503 });
-    const decoded = decodeFields(first.payload) ?? [];
-    if (first.type === FrameType.ERROR) throw guestError(decoded);
+    const stream = this.#open(client, kind, fields);
+    const first = await firstFrame(stream, 'the start of the process');
+    const decoded = first.fields;
     if (first.type !== FrameType.STARTED) {
       stream.close();
       throw new CocoonError('agent_protocol_error', 'the guest agent answered an exec with something else than STARTED', { status: 502 });
@@ -292,13 +335,10 @@ export class AgentExecService implements ExecService {
   async start(tenantId: string, microvmId: string, request: ExecRequest): Promise<{ pid: number }> {
     const fields = execFields(request, true);
     const { client } = await this.#agent(tenantId, microvmId);
-    const stream = client.open(FrameType.EXEC, fields);
+    const stream = this.#open(client, FrameType.EXEC, fields);
     try {
-      const first = await stream.next();
-      if (first === null) throw stream.error ?? new CocoonError('agent_gone', 'the guest agent ended the stream', { status: 503 });
-      const decoded = decodeFields(first.payload) ?? [];
-      if (first.type === FrameType.ERROR) throw guestError(decoded);
-      return { pid: Number(field(decoded, 'pid')) };
+      const first = await firstFrame(stream, 'the start of the process');
+      return { pid: Number(field(first.fields, 'pid')) };
     } finally {
       stream.close(); // a background process keeps running: only the stream goes
     }
@@ -322,11 +362,9 @@ export class AgentExecService implements ExecService {
 
   async writeStdin(tenantId: string, microvmId: string, pid: number, data: Readable | Buffer, options: { eof?: boolean } = {}): Promise<void> {
     const { client } = await this.#agent(tenantId, microvmId);
-    const stream = client.open(FrameType.ATTACH, [['pid', String(pid)], ['output', '0']]);
+    const stream = this.#open(client, FrameType.ATTACH, [['pid', String(pid)], ['output', '0']]);
     try {
-      const first = await stream.next();
-      if (first === null) throw stream.error ?? new CocoonError('agent_gone', 'the guest agent ended the stream', { status: 503 });
-      if (first.type === FrameType.ERROR) throw guestError(decodeFields(first.payload) ?? []);
+      await firstFrame(stream, 'the attach');
       for await (const chunk of Buffer.isBuffer(data) ? [data] : data) await stream.write(chunk as Buffer);
       if (options.eof) stream.control(FrameType.EOF);
       // Make sure the guest has the bytes before answering: a no-op request behind them.
@@ -349,13 +387,12 @@ export class AgentExecService implements ExecService {
 
   async readFile(tenantId: string, microvmId: string, path: string): Promise<{ stat: FileStat; body: Readable }> {
     checkGuestPath(path);
-    const { client } = await this.#agent(tenantId, microvmId);
-    const stream = client.open(FrameType.READ, [['path', path]]);
-    const first = await stream.next();
-    if (first === null) throw stream.error ?? new CocoonError('agent_gone', 'the guest agent ended the stream', { status: 503 });
-    const decoded = decodeFields(first.payload) ?? [];
-    if (first.type === FrameType.ERROR) throw guestError(decoded);
-    const stat = toStat(decoded);
+    const { id, client } = await this.#agent(tenantId, microvmId);
+    const stream = this.#open(client, FrameType.READ, [['path', path]]);
+    const first = await firstFrame(stream, 'the download');
+    const stat = toStat(first.fields);
+    // A transfer is activity: the idle timer waits for it, as for a gateway request.
+    const release = this.#busy(id);
     async function* chunks(): AsyncGenerator<Buffer> {
       try {
         for (;;) {
@@ -367,6 +404,7 @@ export class AgentExecService implements ExecService {
         }
       } finally {
         stream.close();
+        release();
       }
     }
     return { stat, body: Readable.from(chunks(), { objectMode: false, highWaterMark: 64 * 1024 }) };
@@ -375,8 +413,9 @@ export class AgentExecService implements ExecService {
   async writeFile(tenantId: string, microvmId: string, path: string, body: Readable | Buffer, options: { mode?: string } = {}): Promise<FileStat> {
     checkGuestPath(path);
     const mode = checkMode(options.mode);
-    const { client } = await this.#agent(tenantId, microvmId);
-    const stream = client.open(FrameType.WRITE, [['path', path], ...(mode ? [['mode', mode] as [string, string]] : [])]);
+    const { id, client } = await this.#agent(tenantId, microvmId);
+    const stream = this.#open(client, FrameType.WRITE, [['path', path], ...(mode ? [['mode', mode] as [string, string]] : [])]);
+    const release = this.#busy(id);
     try {
       try {
         for await (const chunk of Buffer.isBuffer(body) ? [body] : body) await stream.write(chunk as Buffer);
@@ -385,6 +424,11 @@ export class AgentExecService implements ExecService {
         // The guest ended the upload (disk full, no such directory…): its answer says why.
       }
       stream.control(FrameType.EOF);
+      const timer = setTimeout(
+        () => stream.fail(new CocoonError('agent_timeout', 'the guest agent did not confirm the upload in time', { status: 504 })),
+        ANSWER_TIMEOUT_MS,
+      );
+      timer.unref();
       for (;;) {
         const frame = await stream.next();
         if (frame === null) throw stream.error ?? new CocoonError('agent_gone', 'the guest agent ended the upload', { status: 503 });
@@ -394,6 +438,7 @@ export class AgentExecService implements ExecService {
       }
     } finally {
       stream.close();
+      release();
     }
   }
 
