@@ -955,6 +955,7 @@ static void handle_frame(const struct agent_frame *fr) {
       if (s->kind == S_WRITE) write_done(s);
       else if ((s->kind == S_PROC || s->kind == S_INPUT) && s->proc) {
         s->proc->in_eof = 1;
+        if (s->proc->tty && !s->proc->inbuf) s->proc->inbuf = malloc(4 * STDIN_WINDOW);
         if (s->proc->tty && s->proc->in_fd >= 0 && s->proc->inbuf && s->proc->inlen < 4 * STDIN_WINDOW) {
           s->proc->inbuf[s->proc->inlen++] = 4; /* Ctrl-D: a PTY's end of input */
         }
