@@ -7,6 +7,7 @@
  */
 import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
+import http from 'node:http';
 import { after, before, describe, test } from 'node:test';
 import type { Image } from '../../src/store/images.ts';
 import { createToken } from '../../src/store/tokens.ts';
@@ -171,6 +172,48 @@ describe('exec, files and shell in a microVM', () => {
       const r = await s.api('GET', `/microvms/${vm}/files/stat?path=${encodeURIComponent(bad)}`);
       assert.equal(r.status, 400, bad.slice(0, 20));
     }
+  });
+
+  test('a directory watch reports changes as they happen', async () => {
+    assert.equal((await s.api('POST', `/microvms/${vm}/files/mkdir`, { path: '/tmp/watched' })).status, 201);
+    const res = await new Promise<import('node:http').IncomingMessage>((resolve, reject) => {
+      const req = http.request({ host: '127.0.0.1', port, path: `/api/v1/microvms/${vm}/files/watch?path=/tmp/watched`, headers: { authorization: `Bearer ${s.adminKey}` }, agent: false }, resolve);
+      req.on('error', reject);
+      req.end();
+    });
+    assert.equal(res.statusCode, 200);
+    const events: Array<{ type: string; name?: string }> = [];
+    let buffer = '';
+    const seen = (type: string, name: string) => events.some((e) => e.type === type && e.name === name);
+    const until = (type: string, name: string) => new Promise<void>((resolve, reject) => {
+      const timer = setTimeout(() => reject(new Error(`no ${type} ${name}: ${JSON.stringify(events)}`)), 30_000);
+      const check = () => {
+        if (seen(type, name)) {
+          clearTimeout(timer);
+          res.off('data', onData);
+          resolve();
+        }
+      };
+      const onData = (chunk: Buffer) => {
+        buffer += chunk.toString();
+        let nl: number;
+        while ((nl = buffer.indexOf('\n')) >= 0) {
+          events.push(JSON.parse(buffer.slice(0, nl)));
+          buffer = buffer.slice(nl + 1);
+        }
+        check();
+      };
+      res.on('data', onData);
+      check();
+    });
+    await new Promise((r) => setTimeout(r, 200));
+    assert.equal((await upload(port, s.adminKey, vm, '/tmp/watched/f.txt', Buffer.from('x'))).status, 201);
+    await until('rename_to', 'f.txt');
+    await run({ command: 'rm /tmp/watched/f.txt; mkdir /tmp/watched/sub' });
+    await until('remove', 'f.txt');
+    await until('create', 'sub');
+    assert.ok(events.some((e) => e.type === 'create' && e.name === 'sub' && (e as { isDir?: boolean }).isDir));
+    res.destroy();
   });
 
   test("another tenant's microVM answers 404 to exec, files and the WebSocket", async () => {
