@@ -79,6 +79,7 @@ function sendError(ws: WebSocket, error: unknown): void {
   const code = error instanceof CocoonError ? error.code : 'internal_error';
   const message = error instanceof CocoonError ? error.message : errorMessage(error);
   sendJson(ws, { type: 'error', error: { code, message } });
+  ws.resume(); // the close handshake needs the client's close frame read
   ws.close(1011, code.slice(0, 100));
 }
 
@@ -103,7 +104,7 @@ export function serveExecWebSocket(
   ws.on('message', (data, isBinary) => {
     const bytes = Array.isArray(data) ? Buffer.concat(data) : Buffer.isBuffer(data) ? data : Buffer.from(data);
     if (session === undefined) {
-      if (isBinary || timer === undefined) return;
+      if (isBinary) return;
       clearTimeout(timer);
       let start: StartMessage;
       try {

@@ -921,7 +921,12 @@ static void request(uint32_t id, const struct agent_fields *f) {
 
 /* ---------- the host's frames ---------- */
 
+/* The host went (a suspend, a daemon restart) or greeted anew: its streams are gone. A foreground
+   process whose session ended is over too, as when its client leaves; background ones run on,
+   their output read and dropped. */
 static void reset_streams(void) {
+  for (int i = 0; i < MAX_PROCS; i++)
+    if (procs[i].used && !procs[i].keep && find_stream(procs[i].stream) && !procs[i].exited) signal_proc(procs[i].pid, SIGKILL);
   for (int i = 0; i < MAX_STREAMS; i++)
     if (streams[i].kind != S_FREE) free_stream(&streams[i]);
   for (int i = 0; i < MAX_PROCS; i++) {
