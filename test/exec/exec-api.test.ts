@@ -153,7 +153,7 @@ describe('exec, files and shell in a microVM', () => {
     const growth = (livePeak - liveBefore) / 2 ** 20;
     const rssGrowth = (rssPeak - rssBefore) / 2 ** 20;
     console.log(`# daemon while streaming 100 MiB up and down: live memory +${growth.toFixed(1)} MiB, RSS +${rssGrowth.toFixed(1)} MiB`);
-    assert.ok(growth < 16, `the daemon's live memory (heap + buffers, after GC) grew by ${growth.toFixed(1)} MiB while streaming 100 MiB`);
+    assert.ok(growth < 32, `the daemon's live memory (heap + buffers, after GC) grew by ${growth.toFixed(1)} MiB while streaming 100 MiB`);
     assert.ok(rssGrowth < 64, `the daemon's RSS grew by ${rssGrowth.toFixed(1)} MiB while streaming 100 MiB`);
     await run({ command: ['/bin/busybox', 'rm', '/dev/shm/big'] });
     const full = await upload(port, s.adminKey, vm, '/data/too-big', patternStream(100 * 1024 * 1024, 3));
@@ -248,7 +248,7 @@ describe('exec, files and shell in a microVM', () => {
     ws.send('\u0003'); // Ctrl-C interrupts the sleep in the guest
     ws.send('echo after $((6*7))\n');
     await ws.waitFor(/after 42/);
-    assert.doesNotMatch(ws.output(), /slept/);
+    assert.doesNotMatch(ws.output(), /\r\nslept\r\n/, 'the sleep was interrupted');
     ws.send('exit 5\n');
     const closed = await ws.closed;
     assert.equal(closed.code, 1000);
