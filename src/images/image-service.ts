@@ -23,7 +23,7 @@ import type { BundleLimits } from '../builder/bundle.ts';
 import { BuildLog, BuildLogEvents, readFrom } from './build-log.ts';
 import { uploadsDir } from './bundle-upload.ts';
 import { cleanupAbandonedBuild } from './cleanup.ts';
-import { imageBuildPaths, imageDir, imagesDir } from './paths.ts';
+import { imageBaseDisk, imageBuildPaths, imageDir, imagesDir } from './paths.ts';
 import { DEFAULT_PORT, removeTree, runImageBuild, s3NotConfigured, s3StoreFor, type PipelineContext } from './pipeline.ts';
 import { updateImageBuildInfo } from './records.ts';
 
@@ -332,6 +332,7 @@ export class ImageService {
           continue;
         }
         await removeTree(paths.snapshot);
+        await fs.promises.rm(imageBaseDisk(this.dataDir, image.id), { force: true }); // a checkpoint's
         const message = `server_restarted: the server restarted during the build (the image was ${image.state}); ` +
           'nothing of the build was kept. Create the image again.';
         buildLog.say(`FAILED: ${message}`);
