@@ -139,14 +139,15 @@ async function takeSourcePoint(
   target: string,
   rebaseOnto: (DiskSpec & { sameContent?: boolean }) | undefined,
   pausePoint: 'fork:paused' | 'checkpoint:paused',
+  durable: boolean,
 ): Promise<number> {
-  const durable = engine.durable;
   if (source.state === 'RUNNING' && source.vm) {
     const point = await takeForkPoint(source.vm, target, {
       durable,
       ...(rebaseOnto ? { rebaseOnto } : {}),
       onPaused: () => engine.pausePoint(pausePoint, source.id),
     });
+    log.info({ microvm: source.id, pausedMs: Math.round(point.pausedMs * 10) / 10, steps: point.steps }, 'fork point taken');
     return point.pausedMs;
   }
   if (source.state === 'SUSPENDED' && source.runtime.generation > 0) {
@@ -169,6 +170,27 @@ function layersBelow(source: OperationSource): number {
   return source.state === 'RUNNING' ? source.runtime.chain.length : Math.max(0, source.runtime.chain.length - 1);
 }
 
+/** fsyncs the forks' generation 1 (shared files once) and their directories; failures are logged. */
+async function writeBack(dataDir: string, ids: string[]): Promise<void> {
+  try {
+    const first = generationDir(dataDir, ids[0] as string, 1);
+    for (const name of await fs.promises.readdir(first)) {
+      const handle = await fs.promises.open(path.join(first, name), 'r');
+      try {
+        await handle.datasync();
+      } finally {
+        await handle.close();
+      }
+    }
+    for (const id of ids) {
+      await fsyncDir(generationDir(dataDir, id, 1));
+      await fsyncDir(microvmDir(dataDir, id));
+    }
+  } catch (error) {
+    log.warn({ forks: ids, err: errorMessage(error) }, 'cannot write the fork point back to disk');
+  }
+}
+
 /**
  * Forks a microVM `count` times. Resolves with the forks once each is RUNNING (or failed, or
  * after a minute with the state so far).
@@ -185,9 +207,11 @@ export async function forkMicrovm(engine: LifecycleEngine, db: Db, region: strin
     try {
       await Promise.all(ids.map((id) => fs.promises.mkdir(microvmDir(dataDir, id), { recursive: true, mode: 0o700 })));
       const rebaseOnto = layersBelow(current) > 0 ? await imageDisk(dataDir, current.imageId) : undefined;
-      const pausedMs = await takeSourcePoint(engine, current, first, rebaseOnto, 'fork:paused');
+      // Not fsynced on the way (the forks start from the page cache at once): written back
+      // below, in the background, before anything can depend on it for long (a RUNNING
+      // microVM whose host crashed is FAILED anyway; its first suspend comes later).
+      const pausedMs = await takeSourcePoint(engine, current, first, rebaseOnto, 'fork:paused', false);
       await Promise.all(ids.slice(1).map((id) => snapshotFrom(first, generationDir(dataDir, id, 1), { durable: false, runDir: runDir(dataDir, source.id) })));
-      if (engine.durable) await Promise.all(ids.map((id) => fsyncDir(microvmDir(dataDir, id))));
       await engine.pausePoint('fork:linked', source.id);
       const forks = await createForks(db, {
         source,
@@ -204,14 +228,19 @@ export async function forkMicrovm(engine: LifecycleEngine, db: Db, region: strin
     }
   });
   await appendLog(dataDir, source.id, `forked ${ids.length}× (${ids.join(', ')}); paused ${pausedMs.toFixed(1)} ms`);
-  log.info({ microvm: source.id, forks: ids, pausedMs: Math.round(pausedMs * 10) / 10, ms: Math.round(performance.now() - started) }, 'microVM forked');
+  const forked = performance.now();
   for (const fork of forks) await engine.launch(fork);
+  if (engine.durable) void writeBack(dataDir, ids);
   let timer: NodeJS.Timeout | undefined;
   const late = new Promise<void>((resolve) => {
     timer = setTimeout(resolve, FORK_WAIT_MS);
   });
   await Promise.race([Promise.all(forks.map((fork) => engine.settled(fork.id))), late]);
   clearTimeout(timer);
+  log.info(
+    { microvm: source.id, forks: ids, pausedMs: Math.round(pausedMs * 10) / 10, forkMs: Math.round(forked - started), launchMs: Math.round(performance.now() - forked) },
+    'microVM forked',
+  );
   return { forks, pausedMs };
 }
 
@@ -269,7 +298,7 @@ export async function checkpointMicrovm(engine: LifecycleEngine, db: Db, region:
         await fs.promises.rm(base, { force: true });
         await fs.promises.link(await imageRawDisk(dataDir, parent.id), base);
         const sameContent = layersBelow(current) === 0 && parentDisk.format === 'raw';
-        return takeSourcePoint(engine, current, snapshot, { path: base, format: 'raw', sameContent }, 'checkpoint:paused');
+        return takeSourcePoint(engine, current, snapshot, { path: base, format: 'raw', sameContent }, 'checkpoint:paused', engine.durable);
       });
       if (!(await transitionImage(db, image.id, 'SNAPSHOTTING', 'READY', { artifacts: { snapshot } }))) {
         throw new CocoonError('image_deleted', 'the image was deleted during the checkpoint', { status: 409 });

@@ -8,6 +8,8 @@
  *   stop vCPUs (QEMU drains and flushes the disk) → in parallel: save the device state, copy
  *   the RAM file's data and the disk layer (a consistent qcow2 file once flushed) → cont
  *
+ * (the copier is started before the stop and waits for a signal; nothing is fsynced during it).
+ *
  * Nothing of the source changes: it keeps its RAM file and disk layer and runs on from exactly
  * where it stopped; the copies are the fork point's own. The copies find their data with
  * SEEK_DATA (no writeback of the RAM file first, which a FIEMAP would need): pages the guest
@@ -25,7 +27,7 @@ import { promisify } from 'node:util';
 import { CocoonError, errorMessage } from '../common/errors.ts';
 import { log } from '../common/log.ts';
 import { saveDeviceState } from './migration.ts';
-import { runSparseHelper } from './native/helper.ts';
+import { prepareSnapCopy } from './native/helper.ts';
 import type { QemuVm } from './qemu.ts';
 import { fsyncDir } from './qemu.ts';
 import { qemuDirOf, sealSnapshotFiles } from './snapshot-safety.ts';
@@ -54,6 +56,8 @@ export interface ForkPoint {
   manifest: SnapshotManifest;
   /** How long the source's vCPUs were stopped. */
   pausedMs: number;
+  /** Milliseconds of each step, for the log. */
+  steps: Record<string, number>;
 }
 
 /** Points a qcow2 layer at another backing file (`sameContent`: the header only, else qemu-img's safe rebase). */
@@ -84,27 +88,44 @@ export async function takeForkPoint(vm: QemuVm, targetDir: string, options: Fork
   const disk = path.join(partial, diskName);
   let stopped = false;
   let pausedMs = 0;
+  // The copier is started (and has opened nothing yet) before the vCPUs stop: the pause holds
+  // the copies, not a process start.
+  const copier = await prepareSnapCopy([
+    [vm.ramPath, mem],
+    [vm.disk.path, disk],
+  ]).catch(async (error: unknown) => {
+    await fs.promises.rm(partial, { recursive: true, force: true });
+    throw error;
+  });
   try {
     const started = performance.now();
+    const steps: Record<string, number> = {};
+    const step = (name: string, since: number) => {
+      steps[name] = Math.round((performance.now() - since) * 10) / 10;
+    };
     stopped = true;
     await vm.qmp.execute('stop', {});
+    step('stop', started);
     // With the vCPUs stopped (QEMU drained and flushed the disk), RAM file and disk layer do
-    // not change: the copies and the device state are taken side by side.
+    // not change: the copies and the device state are taken side by side; fsyncs come later.
+    const paused = performance.now();
     const [state] = await Promise.all([
-      saveDeviceState(vm.qmp, path.join(qemuDirOf(vm.runDir), 'migrate.sock'), path.join(partial, 'state')),
-      runSparseHelper(['copy', vm.ramPath, mem, 'nosync']),
-      runSparseHelper(['copy', vm.disk.path, disk, 'nosync']),
+      saveDeviceState(vm.qmp, path.join(qemuDirOf(vm.runDir), 'migrate.sock'), path.join(partial, 'state'), undefined, { fsync: false }).finally(() =>
+        step('state', paused),
+      ),
+      copier.go().finally(() => step('copies', paused)),
     ]);
     await options.onPaused?.();
     await vm.qmp.execute('cont', {});
     stopped = false;
     pausedMs = performance.now() - started;
+    const after = performance.now();
     if (options.rebaseOnto) await rebaseDisk(disk, options.rebaseOnto);
-    const handles = [await fs.promises.open(mem, 'r'), await fs.promises.open(disk, 'r')];
+    const handles = [await fs.promises.open(mem, 'r'), await fs.promises.open(disk, 'r'), await fs.promises.open(path.join(partial, 'state'), 'r')];
     let checksums;
     try {
       [checksums] = await Promise.all([
-        dataChecksums(handles.map((handle) => handle.fd)),
+        dataChecksums(handles.slice(0, 2).map((handle) => handle.fd)),
         durable ? Promise.all(handles.map((handle) => handle.datasync())) : undefined,
       ]);
     } finally {
@@ -126,8 +147,10 @@ export async function takeForkPoint(vm: QemuVm, targetDir: string, options: Fork
     await writeSnapshotManifest(partial, manifest, durable);
     await fs.promises.rename(partial, targetDir);
     if (durable) await fsyncDir(path.dirname(targetDir));
-    return { manifest, pausedMs };
+    step('seal', after);
+    return { manifest, pausedMs, steps };
   } catch (error) {
+    copier.cancel();
     if (stopped && !vm.exited) {
       await vm.qmp.execute('cont', {}).catch((contError: unknown) =>
         log.error({ vm: vm.id, error: errorMessage(contError) }, 'cannot continue the VM after a failed fork point'),

@@ -12,6 +12,11 @@
  *                                 the data is found with SEEK_DATA instead of a synced FIEMAP
  *                                 (no writeback first: a fork copies a paused VM's RAM this way;
  *                                 pages cached over unwritten extents are copied too, zeros or not)
+ *   cocoon-sparse snap SRC DST [SRC DST...]
+ *                                 prints "ready", waits for a byte on stdin, then copies each SRC
+ *                                 to a new DST as `copy SRC DST nosync` does and prints "done":
+ *                                 started before a VM is paused, so that the pause holds the
+ *                                 copies and not the helper's start
  *   cocoon-sparse alloc FILE      allocate every hole of FILE (fallocate mode 0, size kept);
  *                                 nothing on tmpfs, where that would take RAM at once
  *   cocoon-sparse trim FILE       sync FILE, then punch out its unwritten (allocated, never
@@ -528,6 +533,17 @@ int main(int argc, char **argv) {
     int r = copy_file(argv[2], argv[3], reserve, hash, nosync);
     for (i++; r == 0 && i < argc; i++) r = sum_file(argv[i]); /* after `--`: more files to sum */
     return r ? r : (fflush(stdout) == 0 ? 0 : 1);
+  }
+  if (argc >= 4 && argc % 2 == 0 && strcmp(argv[1], "snap") == 0) {
+    char go;
+    if (printf("ready\n") < 0 || fflush(stdout) != 0) return 1;
+    if (read(0, &go, 1) != 1) { fprintf(stderr, "cocoon-sparse: snap: no go on stdin\n"); return 1; }
+    for (int i = 2; i < argc; i += 2) {
+      int r = copy_file(argv[i], argv[i + 1], 0, 0, 1);
+      if (r) return r;
+    }
+    printf("done\n");
+    return fflush(stdout) == 0 ? 0 : 1;
   }
   if (argc == 3 && strcmp(argv[1], "alloc") == 0) return alloc_file(argv[2]);
   if (argc == 3 && strcmp(argv[1], "trim") == 0) return trim_file(argv[2]);
