@@ -307,7 +307,8 @@ export class ImageService {
    * PENDING images are queued again.
    */
   private async recover(): Promise<void> {
-    const stale = await listImagesInStates(this.db, IN_FLIGHT_STATES);
+    // Checkpoints of microVMs are the lifecycle's to recover (lifecycle/fork.ts), not builds.
+    const stale = (await listImagesInStates(this.db, IN_FLIGHT_STATES)).filter((image) => typeof image.artifacts.checkpointOf !== 'string');
     for (const image of stale) {
       const paths = imageBuildPaths(this.dataDir, image.id);
       const buildLog = this.openLog(image.id);

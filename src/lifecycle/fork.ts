@@ -31,9 +31,9 @@ import path from 'node:path';
 import { execFile } from 'node:child_process';
 import { promisify } from 'node:util';
 import { CocoonError, errorMessage } from '../common/errors.ts';
-import { log as rootLog } from '../common/log.ts';
+import { log as rootLog, type Logger } from '../common/log.ts';
 import { imageBaseDisk, imageBuildLogPath, imageDir } from '../images/paths.ts';
-import { createImage, getImage, setImageBuildLogPath, transitionImage, type Image } from '../store/images.ts';
+import { createImage, getImage, listImagesInStates, setImageBuildLogPath, transitionImage, type Image } from '../store/images.ts';
 import { newId } from '../store/ids.ts';
 import { createForks, type IdlePolicy, type Microvm } from '../store/microvms.ts';
 import type { Db } from '../store/sql.ts';
@@ -315,4 +315,36 @@ export async function checkpointMicrovm(engine: LifecycleEngine, db: Db, region:
     }
   })();
   return { image, done };
+}
+
+/**
+ * At start: checkpoint images a previous process left SNAPSHOTTING. A committed snapshot makes
+ * the image READY; anything else is removed and the image FAILED (create the checkpoint again).
+ */
+export async function recoverCheckpoints(db: Db, dataDir: string, logger: Logger): Promise<{ checkpointsCompleted: string[]; checkpointsFailed: string[] }> {
+  const checkpointsCompleted: string[] = [];
+  const checkpointsFailed: string[] = [];
+  for (const image of await listImagesInStates(db, ['SNAPSHOTTING'])) {
+    if (!isCheckpoint(image)) continue;
+    const snapshot = imageSnapshotDir(dataDir, image.id);
+    const say = (line: string) => fs.promises.appendFile(imageBuildLogPath(dataDir, image.id), `[cocoon ${new Date().toISOString()}] ${line}\n`).catch(() => undefined);
+    if (fs.existsSync(path.join(snapshot, 'manifest.json'))) {
+      if (await transitionImage(db, image.id, 'SNAPSHOTTING', 'READY', { artifacts: { snapshot } })) checkpointsCompleted.push(image.id);
+      await say('the server restarted after the checkpoint was committed: READY');
+      continue;
+    }
+    await fs.promises.rm(`${snapshot}.partial`, { recursive: true, force: true });
+    await fs.promises.rm(snapshot, { recursive: true, force: true });
+    await fs.promises.rm(imageBaseDisk(dataDir, image.id), { force: true });
+    const message = 'server_restarted: the server restarted during the checkpoint; nothing of it was kept. Create the checkpoint again.';
+    if (await transitionImage(db, image.id, 'SNAPSHOTTING', 'FAILED', { error: message })) checkpointsFailed.push(image.id);
+    await say(`FAILED: ${message}`);
+  }
+  if (checkpointsCompleted.length + checkpointsFailed.length > 0) logger.warn({ checkpointsCompleted, checkpointsFailed }, 'recovered checkpoints');
+  return { checkpointsCompleted, checkpointsFailed };
+}
+
+/** Whether an image is a checkpoint of a microVM (its artifacts say so). */
+export function isCheckpoint(image: Pick<Image, 'artifacts'>): boolean {
+  return typeof image.artifacts.checkpointOf === 'string';
 }
