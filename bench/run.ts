@@ -30,6 +30,7 @@ const SUITES: Record<string, (options: SuiteOptions) => Promise<Metrics>> = {
   density: async (o) => (await import('./microvm.ts')).runMicrovmBench({ ...o, parts: ['density'] }),
   fork: async (o) => (await import('./fork.ts')).runForkBench(o),
   soak: async (o) => (await import('./soak.ts')).runSoakBench(o),
+  exec: async (o) => (await import('./exec.ts')).runExecBench(o),
 };
 
 /** Run only when named: minutes of load, not a side-by-side figure. */
