@@ -273,8 +273,10 @@ export function createGateway(options: GatewayOptions): Gateway {
     }
 
     const portHeader = req.headers[PORT_HEADER];
-    const requestedPort = parsePortHeader(Array.isArray(portHeader) ? portHeader.join(', ') : portHeader);
-    if (requestedPort === null) return reject(400, 'invalid_port', 'X-Cocoon-Port must be one port number, 1-65535');
+    const headerPort = parsePortHeader(Array.isArray(portHeader) ? portHeader.join(', ') : portHeader);
+    if (headerPort === null) return reject(400, 'invalid_port', 'X-Cocoon-Port must be one port number, 1-65535');
+    // A port named by the host (`<port>-<id>.<domain>`, E2B's getHost) unless the header names one.
+    const requestedPort = headerPort ?? resolved.hostPort;
     const allowed = verification.allowedPorts;
     if (requestedPort !== undefined && allowed !== 'all' && !allowed.includes(requestedPort)) {
       return reject(403, 'port_not_allowed', `the token does not allow port ${requestedPort}`);

@@ -590,14 +590,17 @@ export function createEnvdSurface(options: EnvdOptions): GatewaySurface & { clos
   };
 
   return {
+    // E2B's headers always; the host form only for envd's port (other ports are app traffic,
+    // which the gateway routes itself from `<port>-<id>.<domain>`, with a Cocoon token).
     claims(req) {
-      return target(req) !== undefined;
+      const t = target(req);
+      return t !== undefined && (typeof req.headers['e2b-sandbox-id'] === 'string' || t.port === ENVD_PORT);
     },
     handle(req, res) {
       const t = target(req)!;
       void (async () => {
         if (t.port !== ENVD_PORT) {
-          send(res, 502, { code: 502, message: `port ${t.port}: only envd (port ${ENVD_PORT}) is served through E2B's headers here; reach other ports through Cocoon's gateway with a token` });
+          send(res, 502, { code: 502, message: `port ${t.port}: only envd (port ${ENVD_PORT}) is served through E2B's headers; reach app ports at <port>-<id>.<domain> with a Cocoon token (X-Cocoon-Token)` });
           return;
         }
         const token = req.headers['x-access-token'];
