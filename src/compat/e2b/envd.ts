@@ -603,17 +603,21 @@ export function createEnvdSurface(options: EnvdOptions): GatewaySurface & { clos
           send(res, 502, { code: 502, message: `port ${t.port}: only envd (port ${ENVD_PORT}) is served through E2B's headers; reach app ports at <port>-<id>.<domain> with a Cocoon token (X-Cocoon-Token)` });
           return;
         }
+        const url = new URL(req.url ?? '/', 'http://envd');
+        // Refusals in the caller's protocol: Connect's error JSON on Connect paths, E2B's elsewhere.
+        const connectPath = /^\/[a-z]+\.[A-Za-z]+\//.test(url.pathname);
+        const refuse = (status: number, code: ConnectCode, message: string) =>
+          send(res, status, connectPath ? { code, message } : { code: status, message });
         const token = req.headers['x-access-token'];
         if (!options.sandboxes().checkAccessToken(t.sandboxId, typeof token === 'string' ? token : undefined)) {
-          send(res, 401, { code: 401, message: 'missing or wrong X-Access-Token for this sandbox' });
+          refuse(401, 'unauthenticated', 'missing or wrong X-Access-Token for this sandbox');
           return;
         }
         const view = await options.sandboxes().find(t.sandboxId);
         if (!view || !(await options.sandboxes().admitTraffic(view))) {
-          send(res, 502, { code: 502, message: view ? `sandbox ${t.sandboxId} is paused` : `sandbox ${t.sandboxId} was not found` });
+          refuse(502, 'unavailable', view ? `sandbox ${t.sandboxId} is paused` : `sandbox ${t.sandboxId} was not found`);
           return;
         }
-        const url = new URL(req.url ?? '/', 'http://envd');
         const call: Call = {
           view,
           tenantId: view.sandbox.tenantId,
