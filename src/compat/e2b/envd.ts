@@ -19,7 +19,7 @@ import { PassThrough, Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import zlib from 'node:zlib';
 import Busboy from 'busboy';
-import { isCocoonError } from '../../common/errors.ts';
+import { CocoonError, isCocoonError } from '../../common/errors.ts';
 import { log as rootLog } from '../../common/log.ts';
 import type { ExecEvent, ExecService, ExecSession, FileStat } from '../../exec/types.ts';
 import type { GatewaySurface } from '../../gateway/surfaces.ts';
@@ -260,7 +260,7 @@ export function createEnvdSurface(options: EnvdOptions): GatewaySurface & { clos
           await send({ event: { end: exitStatus(event) } });
           return;
         } else if (event.type === 'error') {
-          throw connectError(Object.assign(new Error(event.error.message), { code: event.error.code }));
+          throw connectError(new CocoonError(event.error.code, event.error.message, { status: 400 }));
         }
       }
     } finally {
