@@ -228,8 +228,12 @@ export function createEnvdSurface(options: EnvdOptions): GatewaySurface & { clos
     };
   };
 
-  /** Files and directories envd creates belong to the calling user. */
-  const own = async (call: Call, p: string): Promise<FileStat> => {
+  /**
+   * Files and directories envd creates belong to the calling user. The guest agent already gives
+   * what it creates to the image's USER (the default user): only a named user needs a chown.
+   */
+  const own = async (call: Call, p: string, stat?: FileStat): Promise<FileStat> => {
+    if (call.user === undefined) return stat ?? options.exec().stat(call.tenantId, call.id, p);
     const user = await users.user(call.tenantId, call.id, call.user);
     return options.exec().chmod(call.tenantId, call.id, p, { uid: user.uid, gid: user.gid });
   };
@@ -366,7 +370,6 @@ export function createEnvdSurface(options: EnvdOptions): GatewaySurface & { clos
             if (!(isCocoonError(error) && error.code === 'file_not_found')) throw error;
           }
           // envd creates missing parents too, owned by the user.
-          const user = await users.user(call.tenantId, call.id, call.user);
           const missing: string[] = [];
           for (let dir = p; dir !== '/'; dir = path.posix.dirname(dir)) {
             try {
@@ -378,10 +381,7 @@ export function createEnvdSurface(options: EnvdOptions): GatewaySurface & { clos
             }
           }
           let stat: FileStat | undefined;
-          for (const dir of missing) {
-            await exec().mkdir(call.tenantId, call.id, dir, { mode: '0755' });
-            stat = await exec().chmod(call.tenantId, call.id, dir, { uid: user.uid, gid: user.gid });
-          }
+          for (const dir of missing) stat = await own(call, dir, await exec().mkdir(call.tenantId, call.id, dir, { mode: '0755' }));
           return { entry: await entry(call, stat ?? (await exec().stat(call.tenantId, call.id, p))) };
         },
         Move: async (request) => {
@@ -489,7 +489,7 @@ export function createEnvdSurface(options: EnvdOptions): GatewaySurface & { clos
 
   const writeOne = async (call: Call, target: string, body: Readable): Promise<Message> => {
     const stat = await options.exec().writeFile(call.tenantId, call.id, target, body);
-    const owned = await own(call, stat.path).catch(() => stat);
+    const owned = await own(call, stat.path, stat);
     return { name: owned.name, type: 'file', path: owned.path };
   };
 
