@@ -238,41 +238,108 @@ export function createEnvdSurface(options: EnvdOptions): GatewaySurface & { clos
     return options.exec().chmod(call.tenantId, call.id, p, { uid: user.uid, gid: user.gid });
   };
 
-  /** Streams a session's events as envd ProcessEvents (start first, then data, then end). */
-  const relay = async (session: ExecSession, context: CallContext, send: (m: Message) => Promise<void>, killOnDeadline: boolean) => {
-    open.add(session);
-    let keepalive: NodeJS.Timeout | undefined;
-    const onAbort = () => {
-      if (context.deadlineExceeded() && killOnDeadline) session.kill('SIGKILL');
-      session.close();
-    };
-    context.signal.addEventListener('abort', onAbort, { once: true });
+  /**
+   * One agent session per process, fanned out to every envd stream on it (Start's and any
+   * Connect's): the guest agent lets one client read a process's output at a time, envd lets
+   * many. A hub pulls events at the pace of its slowest stream; when the last stream leaves,
+   * the session closes (the process, started in the background, keeps running).
+   */
+  interface Sub {
+    send(message: Message): Promise<void>;
+    resolve(): void;
+    reject(error: unknown): void;
+  }
+  interface Hub {
+    session: ExecSession;
+    subs: Set<Sub>;
+    pumping: boolean;
+    done: boolean;
+  }
+  const hubs = new Map<string, Hub>();
+
+  const toMessage = (session: ExecSession, event: ExecEvent): Message | undefined => {
+    if (event.type === 'stdout') return { event: { data: session.tty ? { pty: event.data.toString('base64') } : { stdout: event.data.toString('base64') } } };
+    if (event.type === 'stderr') return { event: { data: { stderr: event.data.toString('base64') } } };
+    return undefined;
+  };
+
+  const pump = async (key: string, hub: Hub): Promise<void> => {
+    let failure: unknown;
+    let last: Message | undefined;
     try {
-      await send({ event: { start: { pid: session.pid } } });
-      if (context.keepaliveSeconds) {
-        keepalive = setInterval(() => void send({ event: { keepalive: {} } }).catch(() => undefined), context.keepaliveSeconds * 1000);
-        keepalive.unref();
-      }
-      for await (const event of session.events()) {
-        if (context.signal.aborted) break;
-        if (event.type === 'stdout') await send({ event: { data: session.tty ? { pty: event.data.toString('base64') } : { stdout: event.data.toString('base64') } } });
-        else if (event.type === 'stderr') await send({ event: { data: { stderr: event.data.toString('base64') } } });
-        else if (event.type === 'exit') {
+      for await (const event of hub.session.events()) {
+        if (event.type === 'exit') {
           // Paused, killed or failed under the stream: the connection ends as envd's would (the
           // process itself survives a pause and can be connected to again).
-          if (event.reason) throw new ConnectError('unavailable', `the sandbox was ${event.reason}`);
-          await send({ event: { end: exitStatus(event) } });
-          return;
-        } else if (event.type === 'error') {
-          throw connectError(new CocoonError(event.error.code, event.error.message, { status: 400 }));
+          if (event.reason) failure = new ConnectError('unavailable', `the sandbox was ${event.reason}`);
+          else last = { event: { end: exitStatus(event) } };
+          break;
         }
+        if (event.type === 'error') {
+          failure = connectError(new CocoonError(event.error.code, event.error.message, { status: 400 }));
+          break;
+        }
+        const message = toMessage(hub.session, event);
+        if (message) await Promise.all([...hub.subs].map((sub) => sub.send(message).catch(() => hub.subs.delete(sub))));
+        if (hub.subs.size === 0) break;
       }
-    } finally {
-      clearInterval(keepalive);
-      context.signal.removeEventListener('abort', onAbort);
-      session.close();
-      open.delete(session);
+    } catch (error) {
+      failure = connectError(error);
     }
+    hub.done = true;
+    if (hubs.get(key) === hub) hubs.delete(key);
+    hub.session.close();
+    open.delete(hub.session);
+    for (const sub of hub.subs) {
+      if (last) sub.send(last).then(() => sub.resolve(), (error: unknown) => sub.reject(error));
+      else sub.reject(failure ?? new ConnectError('unavailable', 'the process stream ended'));
+    }
+    hub.subs.clear();
+  };
+
+  /** Streams a process's events to one envd stream (start first, then data, then end). */
+  const relay = (key: string, hub: Hub, context: CallContext, send: (m: Message) => Promise<void>, killOnDeadline: boolean): Promise<void> =>
+    new Promise<void>((resolve, reject) => {
+      let keepalive: NodeJS.Timeout | undefined;
+      const finish = () => {
+        clearInterval(keepalive);
+        context.signal.removeEventListener('abort', onAbort);
+      };
+      const sub: Sub = {
+        send,
+        resolve: () => (finish(), resolve()),
+        reject: (error) => (finish(), reject(error)),
+      };
+      const onAbort = () => {
+        if (context.deadlineExceeded() && killOnDeadline) hub.session.kill('SIGKILL');
+        hub.subs.delete(sub);
+        if (hub.subs.size === 0) hub.session.close();
+        sub.resolve();
+      };
+      send({ event: { start: { pid: hub.session.pid } } }).then(() => {
+        if (context.signal.aborted) return onAbort();
+        if (hub.done) return sub.reject(new ConnectError('not_found', `process ${hub.session.pid} has exited`));
+        hub.subs.add(sub);
+        context.signal.addEventListener('abort', onAbort, { once: true });
+        if (context.keepaliveSeconds) {
+          keepalive = setInterval(() => void send({ event: { keepalive: {} } }).catch(() => undefined), context.keepaliveSeconds * 1000);
+          keepalive.unref();
+        }
+        if (!hub.pumping) {
+          hub.pumping = true;
+          void pump(key, hub);
+        }
+      }, (error: unknown) => {
+        if (hub.subs.size === 0 && !hub.pumping) hub.session.close();
+        sub.reject(error);
+      });
+    });
+
+  const newHub = (key: string, session: ExecSession): Hub => {
+    const hub: Hub = { session, subs: new Set(), pumping: false, done: false };
+    hubs.set(key, hub);
+    open.add(session);
+    return hub;
   };
 
   const withCall = (call: Call) => {
@@ -343,13 +410,15 @@ export function createEnvdSurface(options: EnvdOptions): GatewaySurface & { clos
             background: true,
           });
           remember(call.id, session.pid, { cmd, args, envs, cwd, tag });
+          const key = `${call.id}:${session.pid}`;
           // The process lives as long as the call's deadline (Connect-Timeout-Ms), as in envd.
-          await relay(session, context, send, true);
+          await relay(key, newHub(key, session), context, send, true);
         },
         Connect: async (request, context, send) => {
           const pid = selectPid(call, request);
-          const session = await exec().attach(call.tenantId, call.id, pid);
-          await relay(session, context, send, false);
+          const key = `${call.id}:${pid}`;
+          const hub = hubs.get(key) ?? newHub(key, await exec().attach(call.tenantId, call.id, pid));
+          await relay(key, hub, context, send, false);
         },
       },
     };
@@ -542,7 +611,7 @@ export function createEnvdSurface(options: EnvdOptions): GatewaySurface & { clos
     const queryPath = url.searchParams.get('path');
     const results: Message[] = [];
     await new Promise<void>((resolve, reject) => {
-      const parser = Busboy({ headers: req.headers, limits: { files: 1000, fileSize: MAX_UPLOAD_BYTES, fields: 100 } });
+      const parser = Busboy({ headers: req.headers, preservePath: true, limits: { files: 1000, fileSize: MAX_UPLOAD_BYTES, fields: 100 } });
       let chain = Promise.resolve();
       let failed = false;
       parser.on('file', (field, stream, info) => {
