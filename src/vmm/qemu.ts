@@ -193,7 +193,8 @@ export class QemuVm {
       incoming: true,
       prepare: async () => {
         if (!verify) {
-          await Promise.all([cloneRamFile(path.join(options.snapshotDir, manifest.files.mem.name), ramPath), createDiskLayer(snapshotDisk, manifest.files.disk.format, disk.path)]);
+          // Unverified means made moments ago: still in the page cache, not yet written back.
+          await Promise.all([cloneRamFile(path.join(options.snapshotDir, manifest.files.mem.name), ramPath, { nosync: true }), createDiskLayer(snapshotDisk, manifest.files.disk.format, disk.path)]);
           return;
         }
         const [[memChecksum, diskChecksum]] = await Promise.all([
