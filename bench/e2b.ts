@@ -6,6 +6,8 @@
  *                                   (time to interactive, as the outside leaderboards quote it)
  *   e2b.connect_paused_first_command_ms
  *                                   Sandbox.connect of a paused sandbox → first commands.run result
+ *   e2b.command_roundtrip_ms        commands.run('true') on a RUNNING sandbox (what the command
+ *                                   itself costs: envd on the agent, `bash -l -c`)
  *
  * Goal under TCG: both p50 ≤ 400 ms. The image build is not timed.
  */
@@ -52,12 +54,19 @@ export async function runE2bBench(options: { runs?: number; log?: (line: string)
 
     const create: number[] = [];
     const connect: number[] = [];
+    const roundtrip: number[] = [];
     for (let i = 0; i < runs; i++) {
       let t = performance.now();
       const sandbox = await Sandbox.create('base', opts);
       sandboxes.push(sandbox);
       await sandbox.commands.run('true');
       create.push(elapsedMs(t));
+      // On the running sandbox: what one command costs by itself (envd over the agent, bash -l).
+      for (let j = 0; j < 3; j++) {
+        t = performance.now();
+        await sandbox.commands.run('true');
+        roundtrip.push(elapsedMs(t));
+      }
 
       await sandbox.pause();
       t = performance.now();
@@ -70,9 +79,11 @@ export async function runE2bBench(options: { runs?: number; log?: (line: string)
     const metrics: Metrics = {
       'e2b.create_first_command_ms': summarize(create),
       'e2b.connect_paused_first_command_ms': summarize(connect),
+      'e2b.command_roundtrip_ms': summarize(roundtrip),
     };
     say(`Sandbox.create → first command: p50 ${metrics['e2b.create_first_command_ms']!.p50} ms`);
     say(`connect of a paused sandbox → first command: p50 ${metrics['e2b.connect_paused_first_command_ms']!.p50} ms`);
+    say(`commands.run('true') on a running sandbox: p50 ${metrics['e2b.command_roundtrip_ms']!.p50} ms`);
     return metrics;
   } finally {
     for (const sandbox of sandboxes) await sandbox.kill().catch(() => undefined);

@@ -216,6 +216,26 @@ describe('the e2b SDK drives Cocoon', () => {
     assert.equal(await Sandbox.kill(sandbox.sandboxId), false);
   });
 
+  test('fork and snapshot map onto Cocoon\'s fork and checkpoint', SLOW, async () => {
+    const sandbox = await create();
+    await sandbox.files.write('/home/user/state.txt', 'before');
+    const [fork] = await sandbox.fork({ count: 1 });
+    assert.ok(fork instanceof Sandbox, String(fork));
+    created.push(fork);
+    assert.notEqual(fork.sandboxId, sandbox.sandboxId);
+    assert.equal(await fork.files.read('/home/user/state.txt'), 'before');
+    await fork.files.write('/home/user/state.txt', 'fork');
+    assert.equal(await sandbox.files.read('/home/user/state.txt'), 'before', 'the fork is independent');
+
+    const snapshot = await sandbox.createSnapshot({ name: 'e2b-snap' });
+    assert.deepEqual(snapshot.names, ['e2b-snap']);
+    const restored = await create();
+    const fromSnapshot = await Sandbox.create('e2b-snap');
+    created.push(fromSnapshot);
+    assert.equal(await fromSnapshot.files.read('/home/user/state.txt'), 'before');
+    assert.equal(await restored.files.exists('/home/user/state.txt'), false, 'the base template is unchanged');
+  });
+
   test('refused: a wrong API key, a wrong access token, another tenant\'s sandbox', SLOW, async () => {
     await assert.rejects(Sandbox.create(TEMPLATE, { apiKey: 'not-a-key' }), (error: unknown) => error instanceof AuthenticationError);
     const sandbox = await create();
