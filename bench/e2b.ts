@@ -26,6 +26,8 @@ export async function runE2bBench(options: { runs?: number; log?: (line: string)
   const runs = options.runs ?? 10;
   const say = options.log ?? (() => undefined);
   const dataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'cocoon-bench-e2b-'));
+  // The server runs in this process: its request log would drown the figures.
+  process.env.COCOON_LOG_LEVEL ??= 'warn';
   let server: RunningServer | undefined;
   const sandboxes: Sandbox[] = [];
   try {

@@ -19,7 +19,7 @@ import { PassThrough, Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import zlib from 'node:zlib';
 import Busboy from 'busboy';
-import { isCocoonError } from '../../common/errors.ts';
+import { CocoonError, isCocoonError } from '../../common/errors.ts';
 import { log as rootLog } from '../../common/log.ts';
 import type { ExecEvent, ExecService, ExecSession, FileStat } from '../../exec/types.ts';
 import type { GatewaySurface } from '../../gateway/surfaces.ts';
@@ -228,47 +228,118 @@ export function createEnvdSurface(options: EnvdOptions): GatewaySurface & { clos
     };
   };
 
-  /** Files and directories envd creates belong to the calling user. */
-  const own = async (call: Call, p: string): Promise<FileStat> => {
+  /**
+   * Files and directories envd creates belong to the calling user. The guest agent already gives
+   * what it creates to the image's USER (the default user): only a named user needs a chown.
+   */
+  const own = async (call: Call, p: string, stat?: FileStat): Promise<FileStat> => {
+    if (call.user === undefined) return stat ?? options.exec().stat(call.tenantId, call.id, p);
     const user = await users.user(call.tenantId, call.id, call.user);
     return options.exec().chmod(call.tenantId, call.id, p, { uid: user.uid, gid: user.gid });
   };
 
-  /** Streams a session's events as envd ProcessEvents (start first, then data, then end). */
-  const relay = async (session: ExecSession, context: CallContext, send: (m: Message) => Promise<void>, killOnDeadline: boolean) => {
-    open.add(session);
-    let keepalive: NodeJS.Timeout | undefined;
-    const onAbort = () => {
-      if (context.deadlineExceeded() && killOnDeadline) session.kill('SIGKILL');
-      session.close();
-    };
-    context.signal.addEventListener('abort', onAbort, { once: true });
+  /**
+   * One agent session per process, fanned out to every envd stream on it (Start's and any
+   * Connect's): the guest agent lets one client read a process's output at a time, envd lets
+   * many. A hub pulls events at the pace of its slowest stream; when the last stream leaves,
+   * the session closes (the process, started in the background, keeps running).
+   */
+  interface Sub {
+    send(message: Message): Promise<void>;
+    resolve(): void;
+    reject(error: unknown): void;
+  }
+  interface Hub {
+    session: ExecSession;
+    subs: Set<Sub>;
+    pumping: boolean;
+    done: boolean;
+  }
+  const hubs = new Map<string, Hub>();
+
+  const toMessage = (session: ExecSession, event: ExecEvent): Message | undefined => {
+    if (event.type === 'stdout') return { event: { data: session.tty ? { pty: event.data.toString('base64') } : { stdout: event.data.toString('base64') } } };
+    if (event.type === 'stderr') return { event: { data: { stderr: event.data.toString('base64') } } };
+    return undefined;
+  };
+
+  const pump = async (key: string, hub: Hub): Promise<void> => {
+    let failure: unknown;
+    let last: Message | undefined;
     try {
-      await send({ event: { start: { pid: session.pid } } });
-      if (context.keepaliveSeconds) {
-        keepalive = setInterval(() => void send({ event: { keepalive: {} } }).catch(() => undefined), context.keepaliveSeconds * 1000);
-        keepalive.unref();
-      }
-      for await (const event of session.events()) {
-        if (context.signal.aborted) break;
-        if (event.type === 'stdout') await send({ event: { data: session.tty ? { pty: event.data.toString('base64') } : { stdout: event.data.toString('base64') } } });
-        else if (event.type === 'stderr') await send({ event: { data: { stderr: event.data.toString('base64') } } });
-        else if (event.type === 'exit') {
+      for await (const event of hub.session.events()) {
+        if (event.type === 'exit') {
           // Paused, killed or failed under the stream: the connection ends as envd's would (the
           // process itself survives a pause and can be connected to again).
-          if (event.reason) throw new ConnectError('unavailable', `the sandbox was ${event.reason}`);
-          await send({ event: { end: exitStatus(event) } });
-          return;
-        } else if (event.type === 'error') {
-          throw connectError(Object.assign(new Error(event.error.message), { code: event.error.code }));
+          if (event.reason) failure = new ConnectError('unavailable', `the sandbox was ${event.reason}`);
+          else last = { event: { end: exitStatus(event) } };
+          break;
         }
+        if (event.type === 'error') {
+          failure = connectError(new CocoonError(event.error.code, event.error.message, { status: 400 }));
+          break;
+        }
+        const message = toMessage(hub.session, event);
+        if (message) await Promise.all([...hub.subs].map((sub) => sub.send(message).catch(() => hub.subs.delete(sub))));
+        if (hub.subs.size === 0) break;
       }
-    } finally {
-      clearInterval(keepalive);
-      context.signal.removeEventListener('abort', onAbort);
-      session.close();
-      open.delete(session);
+    } catch (error) {
+      failure = connectError(error);
     }
+    hub.done = true;
+    if (hubs.get(key) === hub) hubs.delete(key);
+    hub.session.close();
+    open.delete(hub.session);
+    for (const sub of hub.subs) {
+      if (last) sub.send(last).then(() => sub.resolve(), (error: unknown) => sub.reject(error));
+      else sub.reject(failure ?? new ConnectError('unavailable', 'the process stream ended'));
+    }
+    hub.subs.clear();
+  };
+
+  /** Streams a process's events to one envd stream (start first, then data, then end). */
+  const relay = (key: string, hub: Hub, context: CallContext, send: (m: Message) => Promise<void>, killOnDeadline: boolean): Promise<void> =>
+    new Promise<void>((resolve, reject) => {
+      let keepalive: NodeJS.Timeout | undefined;
+      const finish = () => {
+        clearInterval(keepalive);
+        context.signal.removeEventListener('abort', onAbort);
+      };
+      const sub: Sub = {
+        send,
+        resolve: () => (finish(), resolve()),
+        reject: (error) => (finish(), reject(error)),
+      };
+      const onAbort = () => {
+        if (context.deadlineExceeded() && killOnDeadline) hub.session.kill('SIGKILL');
+        hub.subs.delete(sub);
+        if (hub.subs.size === 0) hub.session.close();
+        sub.resolve();
+      };
+      send({ event: { start: { pid: hub.session.pid } } }).then(() => {
+        if (context.signal.aborted) return onAbort();
+        if (hub.done) return sub.reject(new ConnectError('not_found', `process ${hub.session.pid} has exited`));
+        hub.subs.add(sub);
+        context.signal.addEventListener('abort', onAbort, { once: true });
+        if (context.keepaliveSeconds) {
+          keepalive = setInterval(() => void send({ event: { keepalive: {} } }).catch(() => undefined), context.keepaliveSeconds * 1000);
+          keepalive.unref();
+        }
+        if (!hub.pumping) {
+          hub.pumping = true;
+          void pump(key, hub);
+        }
+      }, (error: unknown) => {
+        if (hub.subs.size === 0 && !hub.pumping) hub.session.close();
+        sub.reject(error);
+      });
+    });
+
+  const newHub = (key: string, session: ExecSession): Hub => {
+    const hub: Hub = { session, subs: new Set(), pumping: false, done: false };
+    hubs.set(key, hub);
+    open.add(session);
+    return hub;
   };
 
   const withCall = (call: Call) => {
@@ -339,13 +410,15 @@ export function createEnvdSurface(options: EnvdOptions): GatewaySurface & { clos
             background: true,
           });
           remember(call.id, session.pid, { cmd, args, envs, cwd, tag });
+          const key = `${call.id}:${session.pid}`;
           // The process lives as long as the call's deadline (Connect-Timeout-Ms), as in envd.
-          await relay(session, context, send, true);
+          await relay(key, newHub(key, session), context, send, true);
         },
         Connect: async (request, context, send) => {
           const pid = selectPid(call, request);
-          const session = await exec().attach(call.tenantId, call.id, pid);
-          await relay(session, context, send, false);
+          const key = `${call.id}:${pid}`;
+          const hub = hubs.get(key) ?? newHub(key, await exec().attach(call.tenantId, call.id, pid));
+          await relay(key, hub, context, send, false);
         },
       },
     };
@@ -366,7 +439,6 @@ export function createEnvdSurface(options: EnvdOptions): GatewaySurface & { clos
             if (!(isCocoonError(error) && error.code === 'file_not_found')) throw error;
           }
           // envd creates missing parents too, owned by the user.
-          const user = await users.user(call.tenantId, call.id, call.user);
           const missing: string[] = [];
           for (let dir = p; dir !== '/'; dir = path.posix.dirname(dir)) {
             try {
@@ -378,10 +450,7 @@ export function createEnvdSurface(options: EnvdOptions): GatewaySurface & { clos
             }
           }
           let stat: FileStat | undefined;
-          for (const dir of missing) {
-            await exec().mkdir(call.tenantId, call.id, dir, { mode: '0755' });
-            stat = await exec().chmod(call.tenantId, call.id, dir, { uid: user.uid, gid: user.gid });
-          }
+          for (const dir of missing) stat = await own(call, dir, await exec().mkdir(call.tenantId, call.id, dir, { mode: '0755' }));
           return { entry: await entry(call, stat ?? (await exec().stat(call.tenantId, call.id, p))) };
         },
         Move: async (request) => {
@@ -489,7 +558,7 @@ export function createEnvdSurface(options: EnvdOptions): GatewaySurface & { clos
 
   const writeOne = async (call: Call, target: string, body: Readable): Promise<Message> => {
     const stat = await options.exec().writeFile(call.tenantId, call.id, target, body);
-    const owned = await own(call, stat.path).catch(() => stat);
+    const owned = await own(call, stat.path, stat);
     return { name: owned.name, type: 'file', path: owned.path };
   };
 
@@ -542,7 +611,7 @@ export function createEnvdSurface(options: EnvdOptions): GatewaySurface & { clos
     const queryPath = url.searchParams.get('path');
     const results: Message[] = [];
     await new Promise<void>((resolve, reject) => {
-      const parser = Busboy({ headers: req.headers, limits: { files: 1000, fileSize: MAX_UPLOAD_BYTES, fields: 100 } });
+      const parser = Busboy({ headers: req.headers, preservePath: true, limits: { files: 1000, fileSize: MAX_UPLOAD_BYTES, fields: 100 } });
       let chain = Promise.resolve();
       let failed = false;
       parser.on('file', (field, stream, info) => {
@@ -603,17 +672,21 @@ export function createEnvdSurface(options: EnvdOptions): GatewaySurface & { clos
           send(res, 502, { code: 502, message: `port ${t.port}: only envd (port ${ENVD_PORT}) is served through E2B's headers; reach app ports at <port>-<id>.<domain> with a Cocoon token (X-Cocoon-Token)` });
           return;
         }
+        const url = new URL(req.url ?? '/', 'http://envd');
+        // Refusals in the caller's protocol: Connect's error JSON on Connect paths, E2B's elsewhere.
+        const connectPath = /^\/[a-z]+\.[A-Za-z]+\//.test(url.pathname);
+        const refuse = (status: number, code: ConnectCode, message: string) =>
+          send(res, status, connectPath ? { code, message } : { code: status, message });
         const token = req.headers['x-access-token'];
         if (!options.sandboxes().checkAccessToken(t.sandboxId, typeof token === 'string' ? token : undefined)) {
-          send(res, 401, { code: 401, message: 'missing or wrong X-Access-Token for this sandbox' });
+          refuse(401, 'unauthenticated', 'missing or wrong X-Access-Token for this sandbox');
           return;
         }
         const view = await options.sandboxes().find(t.sandboxId);
         if (!view || !(await options.sandboxes().admitTraffic(view))) {
-          send(res, 502, { code: 502, message: view ? `sandbox ${t.sandboxId} is paused` : `sandbox ${t.sandboxId} was not found` });
+          refuse(502, 'unavailable', view ? `sandbox ${t.sandboxId} is paused` : `sandbox ${t.sandboxId} was not found`);
           return;
         }
-        const url = new URL(req.url ?? '/', 'http://envd');
         const call: Call = {
           view,
           tenantId: view.sandbox.tenantId,
