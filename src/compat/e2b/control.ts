@@ -130,10 +130,19 @@ export async function e2bControlRoutes(app: FastifyInstance, context: ApiContext
         const limit = query.limit === undefined ? MAX_PAGE : Number(query.limit);
         if (!Number.isInteger(limit) || limit < 1 || limit > MAX_PAGE) throw new E2bError(400, `limit must be from 1 to ${MAX_PAGE}`);
         let views = await list(request, true);
-        // Newest first by id (ids sort by creation time); the next token is the last id handed out.
+        if (typeof query.startedAfter === 'string' && query.startedAfter) {
+          const after = Date.parse(query.startedAfter);
+          if (Number.isNaN(after)) throw new E2bError(400, 'startedAfter must be an RFC 3339 time');
+          views = views.filter((v) => Date.parse(v.sandbox.startedAt) >= after);
+        }
+        if (query.order !== undefined && query.order !== 'asc' && query.order !== 'desc') throw new E2bError(400, 'order must be asc or desc');
+        const asc = query.order === 'asc';
+        // By id, which sorts by creation time (newest first unless asc); the next token is the
+        // last id handed out.
+        views.sort((a, b) => (a.sandbox.microvmId < b.sandbox.microvmId ? -1 : 1) * (asc ? 1 : -1));
         if (typeof query.nextToken === 'string' && query.nextToken) {
           const after = query.nextToken;
-          views = views.filter((v) => v.sandbox.microvmId < after);
+          views = views.filter((v) => (asc ? v.sandbox.microvmId > after : v.sandbox.microvmId < after));
         }
         const page = views.slice(0, limit);
         if (views.length > limit) void reply.header('x-next-token', page[page.length - 1]!.sandbox.microvmId);
