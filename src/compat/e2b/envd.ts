@@ -136,12 +136,14 @@ const FILE_TYPES: Record<FileStat['type'], string> = {
   other: 'FILE_TYPE_UNSPECIFIED',
 };
 
+/** The guest agent's temporary name for an upload in progress (src/guest/init/agent.c). */
+const UPLOAD_TEMP = /^\..+\.cocoon-upload-[0-9]+$/;
+
 const WATCH_TYPES: Record<string, string> = {
   create: 'EVENT_TYPE_CREATE',
   write: 'EVENT_TYPE_WRITE',
   remove: 'EVENT_TYPE_REMOVE',
   rename_from: 'EVENT_TYPE_RENAME',
-  rename_to: 'EVENT_TYPE_CREATE',
   chmod: 'EVENT_TYPE_CHMOD',
 };
 
@@ -502,6 +504,15 @@ export function createEnvdSurface(options: EnvdOptions): GatewaySurface & { clos
             for await (const event of watch.events()) {
               if (context.signal.aborted) break;
               if (event.type === 'gone') break;
+              // The guest agent writes uploads aside (`.<name>.cocoon-upload-<n>`) and renames them
+              // into place; envd writes in place. Watchers see envd's events: the temporary file
+              // stays hidden and its arrival under the real name is a create and a write.
+              if (UPLOAD_TEMP.test(event.name)) continue;
+              if (event.type === 'rename_to') {
+                await send({ filesystem: { name: event.name, type: 'EVENT_TYPE_CREATE' } });
+                await send({ filesystem: { name: event.name, type: 'EVENT_TYPE_WRITE' } });
+                continue;
+              }
               const type = WATCH_TYPES[event.type];
               if (type) await send({ filesystem: { name: event.name, type } });
             }
