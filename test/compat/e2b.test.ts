@@ -160,9 +160,12 @@ describe('the e2b SDK drives Cocoon', () => {
     const events: string[] = [];
     const watcher = await sandbox.files.watchDir('/tmp/m', (event) => void events.push(`${event.type}:${event.name}`));
     await sandbox.commands.run('echo x > /tmp/m/new.txt');
-    for (let i = 0; i < 100 && !events.some((e) => e.endsWith(':new.txt')); i++) await new Promise((r) => setTimeout(r, 50));
+    await sandbox.files.write('/tmp/m/c.txt', 'overwritten through envd');
+    for (let i = 0; i < 100 && !(events.includes('create:new.txt') && events.includes('write:c.txt')); i++) await new Promise((r) => setTimeout(r, 50));
     await watcher.stop();
     assert.ok(events.includes('create:new.txt'), events.join(','));
+    assert.ok(events.includes('write:c.txt'), `an upload is seen as a write: ${events.join(',')}`);
+    assert.ok(!events.some((e) => e.includes('cocoon-upload')), 'no temporary upload file is seen');
   });
 
   test('PTY: create, sendInput, resize, kill', SLOW, async () => {
