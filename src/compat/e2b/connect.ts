@@ -36,6 +36,12 @@ export class ConnectError extends Error {
   }
 }
 
+/**
+ * Ends a stream by dropping the connection instead of an end-of-stream message: what a client
+ * sees when the sandbox under it goes away (the SDK then asks /health and says so).
+ */
+export class DropConnection extends Error {}
+
 /** A JSON message (proto3 JSON mapping). */
 export type Message = Record<string, unknown>;
 
@@ -211,6 +217,11 @@ export function serveConnect(
   })().then(
     () => end(deadlinePassed ? new ConnectError('deadline_exceeded', 'the deadline (Connect-Timeout-Ms) passed') : undefined),
     (error: unknown) => {
+      if (error instanceof DropConnection) {
+        clearTimeout(timer);
+        res.destroy();
+        return;
+      }
       if (deadlinePassed) return end(new ConnectError('deadline_exceeded', 'the deadline (Connect-Timeout-Ms) passed'));
       if (!(error instanceof ConnectError)) onError(error);
       end(error);

@@ -23,7 +23,7 @@ import { CocoonError, isCocoonError } from '../../common/errors.ts';
 import { log as rootLog } from '../../common/log.ts';
 import type { ExecEvent, ExecService, ExecSession, FileStat } from '../../exec/types.ts';
 import type { GatewaySurface } from '../../gateway/surfaces.ts';
-import { ConnectError, serveConnect, type CallContext, type ConnectCode, type ConnectService, type Message } from './connect.ts';
+import { ConnectError, DropConnection, serveConnect, type CallContext, type ConnectCode, type ConnectService, type Message } from './connect.ts';
 import type { E2bSandboxes, SandboxView } from './sandboxes.ts';
 import { GuestUsers } from './users.ts';
 
@@ -273,7 +273,7 @@ export function createEnvdSurface(options: EnvdOptions): GatewaySurface & { clos
         if (event.type === 'exit') {
           // Paused, killed or failed under the stream: the connection ends as envd's would (the
           // process itself survives a pause and can be connected to again).
-          if (event.reason) failure = new ConnectError('unavailable', `the sandbox was ${event.reason}`);
+          if (event.reason) failure = new DropConnection(`the sandbox was ${event.reason}`);
           else last = { event: { end: exitStatus(event) } };
           break;
         }
@@ -462,7 +462,12 @@ export function createEnvdSurface(options: EnvdOptions): GatewaySurface & { clos
         },
         Remove: async (request) => {
           const p = await resolvePath(call, request.path);
-          await exec().remove(call.tenantId, call.id, p, { recursive: true });
+          try {
+            await exec().remove(call.tenantId, call.id, p, { recursive: true });
+          } catch (error) {
+            // envd removes like `rm -rf`: a missing path is no error.
+            if (!(isCocoonError(error) && error.code === 'file_not_found')) throw error;
+          }
           return {};
         },
         ListDir: async (request) => {
