@@ -10,6 +10,8 @@ import {
 } from '../../packages/sdk/src/index.ts';
 import { action, collect, collectInt, int } from './args.ts';
 import type { Cli } from './context.ts';
+import { registerCopyCommand } from './cp.ts';
+import { registerExecCommands } from './exec.ts';
 import { CliError, EXIT, UsageError } from './exit-codes.ts';
 import { fields, relative, table } from './format.ts';
 
@@ -283,4 +285,7 @@ export function registerMicrovmCommands(program: Command): void {
       if (cli.json) cli.result({ log }, () => '');
       else process.stdout.write(log);
     }));
+
+  registerExecCommands(vm);
+  registerCopyCommand(vm);
 }
