@@ -201,11 +201,14 @@ export function localSide(): Side {
       const stream = data instanceof Blob ? data.stream() : data;
       const handle = await fs.promises.open(p, flags, mode & 0o777);
       try {
-        await pipeline(Readable.fromWeb(stream as import('node:stream/web').ReadableStream<Uint8Array>), handle.createWriteStream({ autoClose: false }));
+        // An existing file keeps its mode through O_CREAT: set the source's.
         await handle.chmod(mode & 0o777);
-      } finally {
+      } catch (error) {
         await handle.close();
+        throw error;
       }
+      // The write stream owns the handle from here and closes it, also on errors.
+      await pipeline(Readable.fromWeb(stream as import('node:stream/web').ReadableStream<Uint8Array>), handle.createWriteStream());
     },
   };
 }

@@ -120,7 +120,7 @@ export function parseExecEvent(line: string, request = 'exec'): ExecEvent | unde
   } catch (error) {
     throw new CocoonError(`the server sent a line that is not JSON in ${request}`, { cause: error });
   }
-  if (!value || typeof value !== 'object') throw new CocoonError(`the server sent an event that is not an object in ${request}`);
+  if (!value || typeof value !== 'object' || Array.isArray(value)) throw new CocoonError(`the server sent an event that is not an object in ${request}`);
   const event = value as Record<string, unknown>;
   switch (event.type) {
     case 'start':
