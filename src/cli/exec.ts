@@ -7,14 +7,26 @@
  * PTY running the user's login shell that follows the terminal's size.
  */
 import type { Command } from 'commander';
-import { shellStatus, type ExecSession, type ExitStatus, type SessionOptions } from '../../packages/sdk/src/index.ts';
+import { isCocoonApiError, shellStatus, type ExecSession, type ExitStatus, type SessionOptions } from '../../packages/sdk/src/index.ts';
 import { action, collect, int } from './args.ts';
 import type { Cli } from './context.ts';
-import { UsageError } from './exit-codes.ts';
+import { CliError, UsageError } from './exit-codes.ts';
 import { attachTerminal, terminalSize } from './terminal.ts';
 
 /** The status `timeout(1)` uses for a command killed when its time ran out. */
 export const TIMED_OUT_STATUS = 124;
+/** What shells answer for a program that is not there, and for one that cannot be run. */
+export const NOT_FOUND_STATUS = 127;
+export const CANNOT_RUN_STATUS = 126;
+/** The largest terminal the API takes. */
+const MAX_SIZE = 1000;
+
+/** A command that could not start exits as a shell would say (127, 126), with the guest's reason. */
+function startFailure(error: unknown): unknown {
+  if (isCocoonApiError(error) && error.code === 'command_not_found') return new CliError(error.code, error.message, NOT_FOUND_STATUS);
+  if (isCocoonApiError(error) && error.code === 'exec_failed') return new CliError(error.code, error.message, CANNOT_RUN_STATUS);
+  return error;
+}
 
 interface ExecOptions {
   interactive?: boolean;
@@ -70,11 +82,10 @@ function finish(cli: Cli, exit: ExitStatus, timeoutSeconds?: number): number {
 async function interactive(cli: Cli, id: string, spec: SessionOptions, forwardStdin: boolean): Promise<ExitStatus> {
   const client = cli.client();
   const size = terminalSize();
-  let session: ExecSession;
   const pending: Array<Promise<void> | void> = [];
-  session = await client.exec.session(id, {
+  const session: ExecSession = await client.exec.session(id, {
     ...spec,
-    ...(spec.tty ? { cols: size?.cols ?? 80, rows: size?.rows ?? 24 } : {}),
+    ...(spec.tty ? { cols: Math.min(size?.cols ?? 80, MAX_SIZE), rows: Math.min(size?.rows ?? 24, MAX_SIZE) } : {}),
     onStdout: (_text, bytes) => void pending.push(writeTo(process.stdout, bytes)),
     onStderr: (_text, bytes) => void pending.push(writeTo(process.stderr, bytes)),
   });
@@ -120,7 +131,9 @@ cocoon's own failures use its exit codes (3: no such microVM, 6: server unreacha
       if (spec.cwd !== undefined && !spec.cwd.startsWith('/')) throw new UsageError(`--workdir must be an absolute path in the microVM, got ${spec.cwd}`);
       if (options.interactive || options.tty) {
         if (cli.json) throw new UsageError('--json does not go with -i or -t (an interactive session has no single result)');
-        const exit = await interactive(cli, id, { ...spec, command: words, tty: Boolean(options.tty) }, Boolean(options.interactive));
+        const exit = await interactive(cli, id, { ...spec, command: words, tty: Boolean(options.tty) }, Boolean(options.interactive)).catch((error: unknown) => {
+          throw startFailure(error);
+        });
         process.exitCode = finish(cli, exit, options.timeout);
         return;
       }
@@ -144,6 +157,8 @@ cocoon's own failures use its exit codes (3: no such microVM, 6: server unreacha
         });
         if (cli.json) cli.result(result, () => '');
         process.exitCode = finish(cli, result, options.timeout);
+      } catch (error) {
+        throw startFailure(error);
       } finally {
         for (const [signal, handler] of handlers) process.off(signal, handler);
       }

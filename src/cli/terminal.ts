@@ -66,7 +66,7 @@ export function attachTerminal(session: ExecSession, options: AttachOptions): ()
   if (options.tty && process.stdout.isTTY) {
     const onResize = () => {
       const size = terminalSize();
-      if (size && !session.done) session.resize(size.cols, size.rows);
+      if (size && !session.done) session.resize(Math.min(size.cols, 1000), Math.min(size.rows, 1000));
     };
     // Node's TTY stream turns SIGWINCH into 'resize', with columns and rows already updated.
     process.stdout.on('resize', onResize);

@@ -155,6 +155,8 @@ describe('cocoon vm exec and vm cp, on a real microVM', { timeout: 30 * 60_000 }
     const timedOut = await cocoon([...flags, 'vm', 'exec', '--timeout', '1', vm.id, 'sleep', '600']);
     assert.equal(timedOut.code, 124);
     assert.match(timedOut.stderr, /ran out of time/);
+    const noProgram = await cocoon([...flags, 'vm', 'exec', vm.id, '/no/such/program']);
+    assert.equal(noProgram.code, 127, noProgram.stderr);
     const notFound = await cocoon([...flags, 'vm', 'exec', 'mvm-00000000000000000000000000', 'true']);
     assert.equal(notFound.code, 3, notFound.stderr);
   });

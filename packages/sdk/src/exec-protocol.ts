@@ -67,17 +67,47 @@ export function fromBase64(text: string): Uint8Array {
  * so the error's class and `kind`) is inferred from the code, as the API's codes are named.
  */
 export function statusForCode(code: string): number {
-  if (code === 'unauthenticated') return 401;
-  if (code === 'forbidden' || code === 'token_scope') return 403;
-  if (code === 'not_found' || code.endsWith('_not_found')) return 404;
-  if (code === 'gone' || code === 'microvm_terminated') return 410;
-  if (code === 'too_many_sessions' || code === 'rate_limited') return 429;
-  if (code === 'no_space') return 507;
-  if (code === 'invalid_request' || code.startsWith('invalid_') || code === 'no_shell' || code === 'is_a_directory' || code === 'message_too_large') return 400;
-  if (code.endsWith('_conflict') || code === 'conflict' || code.startsWith('microvm_') || code === 'auto_resume_disabled') return 409;
-  if (code === 'unavailable' || code.endsWith('_unavailable') || code === 'agent_unreachable') return 503;
+  const known = CODE_STATUS[code];
+  if (known) return known;
+  if (code.endsWith('_not_found')) return 404;
+  if (code.startsWith('invalid_')) return 400;
+  if (code.startsWith('too_many_')) return 429;
+  if (code.endsWith('_unavailable')) return 503;
   return 500;
 }
+
+/** The statuses of the codes the exec and files API use (and its guest agent reports). */
+const CODE_STATUS: Record<string, number> = {
+  unauthenticated: 401,
+  forbidden: 403,
+  permission_denied: 403,
+  not_found: 404,
+  gone: 410,
+  microvm_terminated: 410,
+  payload_too_large: 413,
+  too_many_items: 413,
+  rate_limited: 429,
+  no_space: 507,
+  no_shell: 400,
+  command_not_found: 400,
+  exec_failed: 400,
+  is_a_directory: 400,
+  not_a_directory: 400,
+  not_a_tty: 400,
+  path_too_long: 400,
+  cross_device: 400,
+  unknown_user: 400,
+  file_exists: 409,
+  directory_not_empty: 409,
+  read_only: 409,
+  detached: 409,
+  process_exited: 409,
+  microvm_not_running: 409,
+  auto_resume_disabled: 409,
+  conflict: 409,
+  unavailable: 503,
+  agent_unreachable: 503,
+};
 
 export function streamError(raw: unknown, request: string): CocoonApiError {
   const error = (raw && typeof raw === 'object' ? raw : {}) as { code?: unknown; message?: unknown; status?: unknown };
@@ -254,10 +284,13 @@ export interface SessionSpec extends ProcessSpec {
   rows?: number;
 }
 
+/** The largest terminal the API takes, in columns and in rows. */
+export const MAX_TERMINAL_SIZE = 1000;
+
 function checkSize(cols: number | undefined, rows: number | undefined): void {
   for (const [name, value] of [['cols', cols], ['rows', rows]] as const) {
-    if (value !== undefined && (!Number.isInteger(value) || value < 1 || value > 65_535)) {
-      throw new InvalidArgumentError(`${name} is a whole number from 1 to 65535`);
+    if (value !== undefined && (!Number.isInteger(value) || value < 1 || value > MAX_TERMINAL_SIZE)) {
+      throw new InvalidArgumentError(`${name} is a whole number from 1 to ${MAX_TERMINAL_SIZE}`);
     }
   }
 }
