@@ -82,19 +82,24 @@ function finish(cli: Cli, exit: ExitStatus, timeoutSeconds?: number): number {
 async function interactive(cli: Cli, id: string, spec: SessionOptions, forwardStdin: boolean): Promise<ExitStatus> {
   const client = cli.client();
   const size = terminalSize();
-  const pending: Array<Promise<void> | void> = [];
+  // Writes are ordered: waiting for the last pending one of each stream waits for all.
+  const pending = { stdout: Promise.resolve(), stderr: Promise.resolve() };
+  const output = (stream: 'stdout' | 'stderr') => (_text: string, bytes: Uint8Array) => {
+    const written = writeTo(process[stream], bytes);
+    if (written) pending[stream] = written;
+  };
   const session: ExecSession = await client.exec.session(id, {
     ...spec,
     ...(spec.tty ? { cols: Math.min(size?.cols ?? 80, MAX_SIZE), rows: Math.min(size?.rows ?? 24, MAX_SIZE) } : {}),
-    onStdout: (_text, bytes) => void pending.push(writeTo(process.stdout, bytes)),
-    onStderr: (_text, bytes) => void pending.push(writeTo(process.stderr, bytes)),
+    onStdout: output('stdout'),
+    onStderr: output('stderr'),
   });
   const detach = attachTerminal(session, { stdin: forwardStdin, tty: Boolean(spec.tty) });
   try {
     return await session.wait();
   } finally {
     detach();
-    await Promise.all(pending);
+    await Promise.all([pending.stdout, pending.stderr]);
   }
 }
 
