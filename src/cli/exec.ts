@@ -7,11 +7,12 @@
  * PTY running the user's login shell that follows the terminal's size.
  */
 import type { Command } from 'commander';
-import { isCocoonApiError, shellStatus, type ExecSession, type ExitStatus, type SessionOptions } from '../../packages/sdk/src/index.ts';
+import { Cocoon, isCocoonApiError, shellStatus, type ExecSession, type ExitStatus, type MicroVM, type SessionOptions } from '../../packages/sdk/src/index.ts';
 import { action, collect, int } from './args.ts';
 import type { Cli } from './context.ts';
 import { CliError, UsageError } from './exit-codes.ts';
 import { attachTerminal, terminalSize } from './terminal.ts';
+import { wsFactory } from './websocket.ts';
 
 /** The status `timeout(1)` uses for a command killed when its time ran out. */
 export const TIMED_OUT_STATUS = 124;
@@ -78,9 +79,11 @@ function finish(cli: Cli, exit: ExitStatus, timeoutSeconds?: number): number {
   return shellStatus(exit);
 }
 
+/** Opens a session with these options (through the API, or through the gateway with a token). */
+type Opener = (options: SessionOptions) => Promise<ExecSession>;
+
 /** Runs an interactive session attached to this terminal; returns how it ended. */
-async function interactive(cli: Cli, id: string, spec: SessionOptions, forwardStdin: boolean): Promise<ExitStatus> {
-  const client = cli.client();
+async function interactive(open: Opener, spec: SessionOptions, forwardStdin: boolean): Promise<ExitStatus> {
   const size = terminalSize();
   // Writes are ordered: waiting for the last pending one of each stream waits for all.
   const pending = { stdout: Promise.resolve(), stderr: Promise.resolve() };
@@ -88,7 +91,7 @@ async function interactive(cli: Cli, id: string, spec: SessionOptions, forwardSt
     const written = writeTo(process[stream], bytes);
     if (written) pending[stream] = written;
   };
-  const session: ExecSession = await client.exec.session(id, {
+  const session = await open({
     ...spec,
     ...(spec.tty ? { cols: Math.min(size?.cols ?? 80, MAX_SIZE), rows: Math.min(size?.rows ?? 24, MAX_SIZE) } : {}),
     onStdout: output('stdout'),
@@ -101,6 +104,28 @@ async function interactive(cli: Cli, id: string, spec: SessionOptions, forwardSt
     detach();
     await Promise.all([pending.stdout, pending.stderr]);
   }
+}
+
+/** Through the API with the API key. */
+function viaApi(cli: Cli, id: string): Opener {
+  const client = cli.client();
+  return (options) => client.exec.session(id, options);
+}
+
+/**
+ * Through the gateway with a shell token (no API key): the gateway's address comes from the
+ * server's public info, on the API's host.
+ */
+async function viaGateway(cli: Cli, id: string, token: string): Promise<Opener> {
+  const client = cli.client({ anonymous: true });
+  const info = await client.info();
+  const host = new URL(cli.settings.apiUrl).hostname;
+  const port = info.gateway.port ?? 7071;
+  const microvm = { id, url: `http://${id}.${info.gateway.domain}:${port}` } as MicroVM;
+  const direct = host === '127.0.0.1' || host === 'localhost' || host === '[::1]';
+  const gateway = direct ? undefined : `http://${host.includes(':') ? `[${host}]` : host}:${port}`;
+  const viaHost = new Cocoon({ apiUrl: cli.settings.apiUrl, webSocket: wsFactory, ...(gateway ? { gatewayUrl: gateway } : {}) });
+  return ({ onStdout, onStderr: _stderr, ...options }) => viaHost.pty.openWithToken(microvm, token, { ...options, onData: onStdout });
 }
 
 export function registerExecCommands(vm: Command): void {
@@ -136,7 +161,7 @@ cocoon's own failures use its exit codes (3: no such microVM, 6: server unreacha
       if (spec.cwd !== undefined && !spec.cwd.startsWith('/')) throw new UsageError(`--workdir must be an absolute path in the microVM, got ${spec.cwd}`);
       if (options.interactive || options.tty) {
         if (cli.json) throw new UsageError('--json does not go with -i or -t (an interactive session has no single result)');
-        const exit = await interactive(cli, id, { ...spec, command: words, tty: Boolean(options.tty) }, Boolean(options.interactive)).catch((error: unknown) => {
+        const exit = await interactive(viaApi(cli, id), { ...spec, command: words, tty: Boolean(options.tty) }, Boolean(options.interactive)).catch((error: unknown) => {
           throw startFailure(error);
         });
         process.exitCode = finish(cli, exit, options.timeout);
@@ -177,12 +202,14 @@ cocoon's own failures use its exit codes (3: no such microVM, 6: server unreacha
     .option('-w, --workdir <dir>', 'start in this folder')
     .option('-e, --env <NAME=value>', 'set an environment variable (repeatable)', collect, [])
     .option('--command <command>', 'run this (by /bin/sh -c) instead of the login shell')
+    .option('--token <token>', 'a shell token (cocoon vm token <id> --scope shell): through the gateway, no API key needed')
     .addHelpText('after', `
 Keys go to the microVM as typed: Ctrl-C interrupts the program there, Ctrl-D ends the shell.`)
-    .action(action<{ user?: string; workdir?: string; env: string[]; command?: string }>(async (cli, [id], options) => {
+    .action(action<{ user?: string; workdir?: string; env: string[]; command?: string; token?: string }>(async (cli, [id], options) => {
       if (cli.json) throw new UsageError('--json does not go with shell');
       const env = parseEnv(options.env);
-      const exit = await interactive(cli, id!, {
+      const open = options.token ? await viaGateway(cli, id!, options.token) : viaApi(cli, id!);
+      const exit = await interactive(open, {
         tty: true,
         ...(options.command !== undefined ? { command: options.command } : {}),
         ...(env ? { env } : {}),

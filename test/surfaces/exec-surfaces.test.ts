@@ -15,6 +15,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { Cocoon, CocoonApiError, type StartedMicroVM } from '../../packages/sdk/src/index.ts';
+import { wsFactory } from '../../src/cli/websocket.ts';
 import { busyboxFolder, cocoon, execRoutesMissing, repo, sleep, startTestServer, tempDir, type TestServer } from './helpers.ts';
 
 let server: TestServer | undefined;
@@ -195,6 +196,26 @@ describe('cocoon vm exec and vm cp, on a real microVM', { timeout: 30 * 60_000 }
     assert.equal(sha(fs.readFileSync(path.join(local, 'big.out'))), sha(big));
     const absent = await cocoon([...flags, 'vm', 'cp', `${vm.id}:/no/such/file`, local]);
     assert.equal(absent.code, 3, absent.stderr);
+  });
+});
+
+describe('a shell token: a terminal through the gateway without an API key', { timeout: 30 * 60_000 }, () => {
+  it('opens a PTY with the SDK and with cocoon vm shell --token; an http token cannot', async (t) => {
+    if (missing) return t.skip(missing);
+    const shell = await sdk.tokens.create(vm.id, { scope: 'shell', expirationMinutes: 5 });
+    const viaGateway = new Cocoon({ apiUrl: server!.url, webSocket: wsFactory });
+    let seen = '';
+    const pty = await viaGateway.pty.openWithToken(vm, shell.token, { command: ['sh'], cols: 90, rows: 20, onData: (text) => (seen += text) });
+    await pty.write('stty size; exit 4\n');
+    assert.equal((await pty.wait()).exitCode, 4);
+    assert.match(seen, /^20 90\r?$/m);
+
+    const cli = await cocoon(['--api-url', server!.url, 'vm', 'shell', vm.id, '--token', shell.token], { input: 'echo sum=$((2+3)); exit 5\n' });
+    assert.equal(cli.code, 5, cli.stderr);
+    assert.match(cli.stdout, /^sum=5\r?$/m);
+
+    const http = await sdk.tokens.create(vm.id, { expirationMinutes: 5 });
+    await assert.rejects(viaGateway.pty.openWithToken(vm, http.token, { command: ['true'] }), CocoonApiError);
   });
 });
 

@@ -78,9 +78,10 @@ export class Cocoon {
     this.microvms = new MicroVMs(this.#http, this.tokens, options.gatewayUrl);
     this.tenants = new Tenants(this.#http);
     this.apiKeys = new ApiKeys(this.#http);
-    this.exec = new Exec({ http: this.#http, webSocket: options.webSocket ?? platformWebSocket });
+    const webSocket = options.webSocket ?? platformWebSocket;
+    this.exec = new Exec({ http: this.#http, webSocket });
     this.files = new Files(this.#http);
-    this.pty = new Pty(this.exec);
+    this.pty = new Pty(this.exec, webSocket, options.gatewayUrl);
   }
 
   /** The server's base URL (without /api/v1). */

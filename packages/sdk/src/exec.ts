@@ -19,6 +19,8 @@ import {
   type ProcessSpec,
 } from './exec-protocol.ts';
 import { lines, segment, type CallOptions, type Transport } from './http.ts';
+import { gatewayTarget } from './microvms.ts';
+import type { MicroVM } from './types.ts';
 import { ExecSession, webSocketUrl, type SessionOptions, type WebSocketFactory } from './session.ts';
 
 export interface OutputCallbacks {
@@ -331,12 +333,50 @@ export class ProcessHandle {
   }
 }
 
+/** Where the gateway serves shells to holders of a `shell` token. */
+export const GATEWAY_SHELL_PATH = '/.cocoon/shell';
+/** Browsers cannot set headers on a WebSocket: the token rides in a subprotocol. */
+export const TOKEN_SUBPROTOCOL_PREFIX = 'cocoon.token.';
+
 /** PTYs (an interactive terminal in the microVM), E2B-style. */
 export class Pty {
   readonly #exec: Exec;
+  readonly #webSocket: WebSocketFactory;
+  readonly #gatewayUrl: string | undefined;
 
-  constructor(exec: Exec) {
+  constructor(exec: Exec, webSocket: WebSocketFactory, gatewayUrl?: string) {
     this.#exec = exec;
+    this.#webSocket = webSocket;
+    this.#gatewayUrl = gatewayUrl;
+  }
+
+  /**
+   * A terminal through the gateway with a token of scope `shell`
+   * (`cocoon.tokens.create(id, { scope: 'shell' })`), no API key needed: for a browser or a
+   * program that was handed only a token. `microvm` is the microVM as the API describes it (its
+   * `url` says where the gateway is). A socket factory that sends headers (Node) reaches
+   * `*.localhost` gateways on 127.0.0.1 with `X-Cocoon-MicroVM`; the platform WebSocket
+   * (browsers) goes to the microVM's own URL with the token as a subprotocol.
+   */
+  async openWithToken(microvm: MicroVM, token: string, options: Omit<SessionOptions, 'tty' | 'onStdout' | 'onStderr'> & { onData?: SessionOptions['onStdout'] } = {}): Promise<ExecSession> {
+    if (typeof token !== 'string' || !/^[\x21-\x7e]+$/.test(token)) throw new InvalidArgumentError('a shell token is required');
+    const { onData, ...rest } = options;
+    const headers: Record<string, string> = {};
+    let url: string;
+    let protocols: string[] | undefined;
+    if (this.#webSocket.sendsHeaders) {
+      const target = gatewayTarget(microvm, GATEWAY_SHELL_PATH, this.#gatewayUrl);
+      url = target.url;
+      headers['x-cocoon-token'] = token;
+      if (target.microvmHeader) headers['x-cocoon-microvm'] = microvm.id;
+    } else {
+      url = `${new URL(microvm.url).origin}${GATEWAY_SHELL_PATH}`;
+      protocols = [`${TOKEN_SUBPROTOCOL_PREFIX}${token}`];
+    }
+    const session = new ExecSession({ url: webSocketUrl(url), headers, protocols, factory: this.#webSocket, label: `shell in ${microvm.id}` },
+      { cols: 80, rows: 24, ...rest, tty: true, onStdout: onData });
+    await session.ready;
+    return session;
   }
 
   /**

@@ -30,7 +30,7 @@ export type { BundleSource, PushOptions } from './bundles.ts';
 export type { LogOptions, WaitOptions } from './images.ts';
 export { gatewayTarget, type GatewayRequestInit, type MicroVMWaitOptions } from './microvms.ts';
 export { collect, paginate } from './pagination.ts';
-export { Exec, ProcessHandle, Pty, type ExecResult, type OutputCallbacks, type ProcessInfo, type RunOptions } from './exec.ts';
+export { Exec, GATEWAY_SHELL_PATH, ProcessHandle, Pty, TOKEN_SUBPROTOCOL_PREFIX, type ExecResult, type OutputCallbacks, type ProcessInfo, type RunOptions } from './exec.ts';
 export {
   decodeOutputFrame,
   encodeOutputFrame,
