@@ -37,7 +37,13 @@ export function attachTerminal(session: ExecSession, options: AttachOptions): ()
     const raw = options.tty && input.isTTY;
     if (raw) {
       input.setRawMode(true);
-      cleanups.push(() => input.setRawMode(false));
+      // Whatever happens, the user's terminal is not left raw.
+      const restore = () => input.setRawMode(false);
+      process.once('exit', restore);
+      cleanups.push(() => {
+        process.off('exit', restore);
+        restore();
+      });
     }
     const onData = (chunk: Buffer) => {
       if (session.done) return;
