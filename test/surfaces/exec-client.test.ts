@@ -266,6 +266,7 @@ describe('SDK and CLI against a stand-in exec server', () => {
     assert.ok(cat.pid > 0);
     assert.ok((await sdk.exec.list(FAKE_VM)).some((p) => p.pid === cat.pid));
     const waiting = cat.wait();
+    await cat.attached;
     await cat.sendStdin('hello ');
     await sdk.exec.writeStdin(FAKE_VM, cat.pid, 'world', { eof: true });
     const done = await waiting;
@@ -273,6 +274,7 @@ describe('SDK and CLI against a stand-in exec server', () => {
     assert.equal(done.stdout, 'hello world');
     const sleeper = await sdk.exec.start(FAKE_VM, ['sleep', '60']);
     const slept = sleeper.wait();
+    await sleeper.attached;
     await sleeper.kill();
     assert.deepEqual({ ...(await slept), stdout: '' }, { exitCode: null, signal: 'SIGKILL', timedOut: false, pid: sleeper.pid, stdout: '', stderr: '', truncated: false });
   });

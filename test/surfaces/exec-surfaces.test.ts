@@ -93,14 +93,14 @@ describe('exec and files through the SDK, on a real microVM', { timeout: 30 * 60
     const reader = await sdk.exec.start(vm.id, ['sh', '-c', 'read -r line; echo "got $line"; exit 4']);
     assert.ok((await sdk.exec.list(vm.id)).some((p) => p.pid === reader.pid), 'listed while it runs');
     const done = reader.wait();
-    await sleep(200);
+    await reader.attached;
     await reader.sendStdin('hello\n');
     const result = await done;
     assert.deepEqual([result.exitCode, result.stdout], [4, 'got hello\n']);
 
     const sleeper = await sdk.exec.start(vm.id, ['sleep', '600']);
     const ended = sleeper.wait();
-    await sleep(200);
+    await sleeper.attached;
     await sleeper.kill();
     const killed = await ended;
     assert.deepEqual([killed.exitCode, killed.signal], [null, 'SIGKILL']);

@@ -130,6 +130,7 @@ export async function startFakeExec(root: string): Promise<FakeExec> {
       if (!entry) return error(res, 404, 'process_not_found', `no process ${proc[1]}`);
       if (proc[2] === 'output') {
         res.writeHead(200, { 'content-type': 'application/x-ndjson' });
+        res.write(`${JSON.stringify({ type: 'start', pid: Number(proc[1]) })}\n`);
         entry.listeners.add((line) => (line ? res.write(line) : res.end()));
         return;
       }

@@ -200,8 +200,11 @@ export class Exec {
     });
     if (!Number.isInteger(answer?.pid)) throw new CocoonError('the server did not say which pid it started');
     const handle = new ProcessHandle(this, microvmId, answer.pid);
-    // Attach at once when the caller wants the output as it comes.
-    if (onStdout || onStderr) handle.attach({ onStdout, onStderr });
+    // Attach at once when the caller wants the output as it comes, and answer once following.
+    if (onStdout || onStderr) {
+      void handle.attach({ onStdout, onStderr });
+      await handle.attached.catch(() => undefined);
+    }
     return handle;
   }
 
@@ -243,8 +246,11 @@ export class Exec {
     await this.#http.send({ method: 'POST', path: `/microvms/${segment(microvmId)}/processes/${pid}/resize`, json: { cols, rows }, ...options });
   }
 
-  /** Streams a process's output from now on until it ends (used by `ProcessHandle.wait`). */
-  async output(microvmId: string, pid: number, callbacks: OutputCallbacks & { signal?: AbortSignal; maxOutputBytes?: number } = {}): Promise<ExecResult> {
+  /**
+   * Streams a process's output from now on until it ends (used by `ProcessHandle.wait`);
+   * `onAttached` is called once the server follows it.
+   */
+  async output(microvmId: string, pid: number, callbacks: OutputCallbacks & { signal?: AbortSignal; maxOutputBytes?: number; onAttached?: () => void } = {}): Promise<ExecResult> {
     const label = `output of process ${pid} in ${microvmId}`;
     const response = await this.#http.send({
       method: 'GET',
@@ -253,6 +259,7 @@ export class Exec {
       stream: true,
       signal: callbacks.signal,
     });
+    callbacks.onAttached?.();
     const limit = callbacks.maxOutputBytes ?? DEFAULT_MAX_OUTPUT;
     const sinks = { stdout: new StreamSink(limit, callbacks.onStdout), stderr: new StreamSink(limit, callbacks.onStderr) };
     const exit = await consume(response.body ?? new ReadableStream(), label, sinks, () => undefined, callbacks.signal);
@@ -295,7 +302,8 @@ export class ProcessHandle {
   readonly microvmId: string;
   readonly pid: number;
   readonly #exec: Exec;
-  #attached: Promise<ExecResult> | undefined;
+  #following: Promise<ExecResult> | undefined;
+  #attached: Promise<void> | undefined;
 
   constructor(exec: Exec, microvmId: string, pid: number) {
     this.#exec = exec;
@@ -303,11 +311,25 @@ export class ProcessHandle {
     this.pid = pid;
   }
 
-  /** Follows the output from now on (once; `wait` reuses it). */
+  /**
+   * Follows the output from now on (once; `wait` reuses it). Resolves when the process ends;
+   * `attached` resolves as soon as the output is followed (what it prints from then on is seen).
+   */
   attach(callbacks: OutputCallbacks = {}): Promise<ExecResult> {
-    this.#attached ??= this.#exec.output(this.microvmId, this.pid, callbacks);
-    this.#attached.catch(() => undefined);
-    return this.#attached;
+    if (!this.#following) {
+      let onAttached!: () => void;
+      this.#attached = new Promise<void>((resolve) => (onAttached = resolve));
+      this.#following = this.#exec.output(this.microvmId, this.pid, { ...callbacks, onAttached });
+      // A failure to attach settles `attached` too (the error is `wait()`'s).
+      this.#following.then(onAttached, onAttached);
+    }
+    return this.#following;
+  }
+
+  /** Resolves once the output is followed (after `attach` or `wait`). */
+  get attached(): Promise<void> {
+    if (!this.#attached) void this.attach().catch(() => undefined);
+    return this.#attached!;
   }
 
   /** Waits until the process ends: its exit and the output seen since attaching. */
