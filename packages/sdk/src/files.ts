@@ -7,9 +7,9 @@
  *   const bytes = await cocoon.files.read(vm.id, '/out/model.bin', { format: 'bytes' })
  *   for (const entry of await cocoon.files.list(vm.id, '/app')) console.log(entry.name, entry.size)
  */
-import { InvalidArgumentError, isCocoonApiError } from './errors.ts';
-import { checkGuestPath } from './exec-protocol.ts';
-import { segment, type CallOptions, type Transport } from './http.ts';
+import { CocoonError, InvalidArgumentError, isCocoonApiError } from './errors.ts';
+import { checkGuestPath, streamError } from './exec-protocol.ts';
+import { lines, segment, type CallOptions, type Transport } from './http.ts';
 
 export interface FileStat {
   path: string;
@@ -24,6 +24,14 @@ export interface FileStat {
   mtime: string;
   /** Where a symlink points. */
   linkTarget?: string;
+}
+
+/** A change in a watched folder. */
+export interface WatchEvent {
+  type: 'create' | 'write' | 'remove' | 'rename_from' | 'rename_to' | 'chmod' | 'gone';
+  /** The entry's name in the folder. */
+  name: string;
+  isDir: boolean;
 }
 
 /** What `write` takes. A Node `Readable` is an AsyncIterable. */
@@ -165,6 +173,69 @@ export class Files {
     checkGuestPath(from, 'source path');
     checkGuestPath(to, 'target path');
     return this.#http.json<FileStat>({ method: 'POST', path: this.#path(microvmId, '/rename'), json: { from, to }, ...options });
+  }
+
+  /**
+   * Watches a folder (not its subfolders): `onEvent` gets each change until `stop()`, `signal`,
+   * or the folder is gone (a last `gone` event). Resolves once the server watches, so that
+   * nothing made after it is missed; `done` settles when the watch ends (rejects if it broke).
+   *
+   *   const watcher = await cocoon.files.watch(vm.id, '/out', (change) => console.log(change.type, change.name))
+   *   …
+   *   watcher.stop()
+   */
+  async watch(microvmId: string, path: string, onEvent: (event: WatchEvent) => void, options: { signal?: AbortSignal } = {}): Promise<{ stop(): void; done: Promise<void> }> {
+    checkGuestPath(path);
+    const controller = new AbortController();
+    const onAbort = () => controller.abort(options.signal?.reason);
+    if (options.signal?.aborted) onAbort();
+    else options.signal?.addEventListener('abort', onAbort, { once: true });
+    const response = await this.#http.send({
+      method: 'GET',
+      path: this.#path(microvmId, '/watch'),
+      query: { path },
+      headers: { accept: 'application/x-ndjson' },
+      stream: true,
+      signal: controller.signal,
+    });
+    const label = `watching ${path} in ${microvmId}`;
+    const events = lines(response.body ?? new ReadableStream(), controller.signal, 64 * 1024)[Symbol.asyncIterator]();
+    const parse = (line: string): Record<string, unknown> => {
+      try {
+        return JSON.parse(line) as Record<string, unknown>;
+      } catch (error) {
+        throw new CocoonError(`the server sent a line that is not JSON while ${label}`, { cause: error });
+      }
+    };
+    // The first event says the watch is in place.
+    const first = await events.next();
+    if (!first.done) {
+      const event = parse(first.value);
+      if (event.type === 'error') throw streamError(event.error, label);
+    }
+    const done = (async () => {
+      try {
+        for (;;) {
+          const { value, done: ended } = await events.next();
+          if (ended) return;
+          if (value.trim() === '') continue;
+          const event = parse(value);
+          if (event.type === 'error') throw streamError(event.error, label);
+          if (typeof event.type !== 'string' || typeof event.name !== 'string') continue;
+          onEvent({ type: event.type as WatchEvent['type'], name: event.name, isDir: event.isDir === true });
+          if (event.type === 'gone') return;
+        }
+      } catch (error) {
+        if (controller.signal.aborted) return;
+        throw error;
+      } finally {
+        options.signal?.removeEventListener('abort', onAbort);
+        controller.abort();
+        await events.return?.(undefined);
+      }
+    })();
+    done.catch(() => undefined);
+    return { stop: () => controller.abort(), done };
   }
 
   /** Changes a file's mode and/or owner. */

@@ -49,7 +49,7 @@ export {
   type SessionSpec,
   type SignalName,
 } from './exec-protocol.ts';
-export { Files, octalMode, type FileData, type FileStat, type ReadFormat } from './files.ts';
+export { Files, octalMode, type FileData, type FileStat, type ReadFormat, type WatchEvent } from './files.ts';
 export {
   ExecSession,
   platformWebSocket,
