@@ -29,6 +29,7 @@ const SUITES: Record<string, (options: SuiteOptions) => Promise<Metrics>> = {
   gateway: async (o) => (await import('./microvm.ts')).runMicrovmBench({ ...o, parts: ['gateway'] }),
   density: async (o) => (await import('./microvm.ts')).runMicrovmBench({ ...o, parts: ['density'] }),
   soak: async (o) => (await import('./soak.ts')).runSoakBench(o),
+  exec: async (o) => (await import('./exec.ts')).runExecBench(o),
 };
 
 /** Run only when named: minutes of load, not a side-by-side figure. */

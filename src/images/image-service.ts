@@ -68,7 +68,8 @@ export function imageServiceOptionsFromEnv(env: NodeJS.ProcessEnv = process.env)
 export interface CreateImageInput {
   name: string;
   bundle: string;
-  port?: number | undefined;
+  /** null: no app port (ready once the workload started; exec-only sandboxes). */
+  port?: number | null | undefined;
   vcpus?: number | undefined;
   memoryMiB?: number | undefined;
   diskMiB?: number | undefined;
@@ -167,6 +168,7 @@ export class ImageService {
         memoryMiB: input.memoryMiB ?? DEFAULT_MEMORY_MIB,
         diskMiB,
         port: input.port ?? DEFAULT_PORT,
+        hasAppPort: input.port !== null,
         readiness: {
           httpPath: input.readiness?.httpPath ?? null,
           timeoutSeconds: input.readiness?.timeoutSeconds ?? DEFAULT_READINESS_TIMEOUT_SECONDS,
@@ -181,7 +183,7 @@ export class ImageService {
       });
       const logPath = imageBuildPaths(this.dataDir, created.id).log;
       await setImageBuildLogPath(tx, created.id, logPath);
-      await updateImageBuildInfo(tx, created.id, { artifacts: { portSource: input.port !== undefined ? 'request' : 'default' } });
+      await updateImageBuildInfo(tx, created.id, { artifacts: { portSource: input.port !== undefined && input.port !== null ? 'request' : 'default' } });
       return (await getImage(tx, created.id)) as Image;
     });
     const buildLog = this.openLog(image.id);

@@ -74,6 +74,8 @@ interface Instance {
   /** A termination was asked for: the gateway answers 410 from now on. */
   terminating: boolean;
   readonly appPort: number;
+  /** false: its image has no app port (nothing forwarded for it; gateway HTTP → 409 no_app_port). */
+  readonly hasAppPort: boolean;
   readonly autoResume: boolean;
   readonly maxIdleMs: number;
   readonly suspendedMs: number | null;
@@ -111,6 +113,8 @@ export class LifecycleEngine implements MicroVMDirectory {
   /** VMs this engine is stopping on purpose: their exit is no surprise. */
   readonly #stopping = new WeakSet<QemuVm>();
   readonly #activityTimer: NodeJS.Timeout;
+  /** Told when a microVM's VM is about to stop (exec sessions end with this reason). */
+  readonly #stopListeners = new Set<(microvmId: string, reason: 'suspended' | 'terminated' | 'failed') => void>();
   #closed = false;
 
   constructor(options: LifecycleOptions) {
@@ -139,6 +143,7 @@ export class LifecycleEngine implements MicroVMDirectory {
       state: microvm.state,
       terminating: microvm.state === 'TERMINATING',
       appPort: microvm.port,
+      hasAppPort: microvm.hasAppPort,
       autoResume: microvm.idlePolicy.autoResumeEnabled,
       maxIdleMs: microvm.idlePolicy.maxIdleDurationSeconds * 1000,
       suspendedMs: microvm.idlePolicy.suspendedDurationSeconds === null ? null : microvm.idlePolicy.suspendedDurationSeconds * 1000,
@@ -215,9 +220,9 @@ export class LifecycleEngine implements MicroVMDirectory {
 
   // ---- operations ----------------------------------------------------------------------------
 
-  async #forwards(snapshotDir: string, appPort: number): Promise<{ guestPort: number }[]> {
+  async #forwards(snapshotDir: string, appPort: number | undefined): Promise<{ guestPort: number }[]> {
     const manifest = await readSnapshotManifest(snapshotDir);
-    return [...new Set([appPort, ...manifest.guestPorts])].map((guestPort) => ({ guestPort }));
+    return [...new Set([...(appPort === undefined ? [] : [appPort]), ...manifest.guestPorts])].map((guestPort) => ({ guestPort }));
   }
 
   async #restore(instance: Instance, snapshotDir: string): Promise<QemuVm> {
@@ -225,7 +230,7 @@ export class LifecycleEngine implements MicroVMDirectory {
       id: instance.id,
       runDir: runDir(this.dataDir, instance.id),
       snapshotDir,
-      network: { forwards: await this.#forwards(snapshotDir, instance.appPort), egress: instance.egress },
+      network: { forwards: await this.#forwards(snapshotDir, instance.hasAppPort ? instance.appPort : undefined), egress: instance.egress },
     };
     let vm: QemuVm;
     try {
@@ -269,6 +274,7 @@ export class LifecycleEngine implements MicroVMDirectory {
 
   async #fail(instance: Instance, reason: string): Promise<void> {
     this.#clearTimers(instance);
+    this.#stopping_(instance.id, 'failed');
     if (instance.vm) {
       this.#stopping.add(instance.vm);
       await instance.vm.kill();
@@ -328,6 +334,7 @@ export class LifecycleEngine implements MicroVMDirectory {
     // Decided: from here on the gateway sees SUSPENDING and holds new requests for the resume.
     instance.state = 'SUSPENDING';
     this.#clearIdle(instance);
+    this.#stopping_(instance.id, 'suspended');
     let persisted: boolean;
     try {
       persisted = await this.#transition(instance, 'RUNNING', 'SUSPENDING');
@@ -449,6 +456,7 @@ export class LifecycleEngine implements MicroVMDirectory {
     }
     instance.terminating = true;
     this.#clearTimers(instance);
+    this.#stopping_(instance.id, 'terminated');
     const wasRunning = instance.state === 'RUNNING';
     if (!(await this.#transition(instance, ACTIVE_FROM, 'TERMINATING'))) return;
     await this.#pause('terminate:persisted', instance.id);
@@ -540,6 +548,29 @@ export class LifecycleEngine implements MicroVMDirectory {
     instance.expiryTimer = undefined;
   }
 
+  // ---- sessions inside the guest (src/exec/) ------------------------------------------------------
+
+  /** Listens for microVMs whose VM is about to stop; returns the unsubscribe function. */
+  onVmStopping(listener: (microvmId: string, reason: 'suspended' | 'terminated' | 'failed') => void): () => void {
+    this.#stopListeners.add(listener);
+    return () => this.#stopListeners.delete(listener);
+  }
+
+  #stopping_(microvmId: string, reason: 'suspended' | 'terminated' | 'failed'): void {
+    for (const listener of this.#stopListeners) {
+      try {
+        listener(microvmId, reason);
+      } catch (error) {
+        this.#log.error({ err: error, microvm: microvmId }, 'a stop listener failed');
+      }
+    }
+  }
+
+  /** The guest agent's socket of a RUNNING microVM's VM (undefined when it has none running). */
+  agentSocketPath(microvmId: string): string | undefined {
+    return this.#instances.get(microvmId)?.vm?.agentSocketPath;
+  }
+
   // ---- activity (the gateway's reports) --------------------------------------------------------
 
   requestStarted(microvmId: string): void {
@@ -601,6 +632,7 @@ export class LifecycleEngine implements MicroVMDirectory {
       id: instance.id,
       state: instance.terminating ? 'TERMINATING' : instance.state,
       appPort: instance.appPort,
+      hasAppPort: instance.hasAppPort,
       autoResumeEnabled: instance.autoResume,
       upstreamHost: '127.0.0.1',
       upstreamPortFor: (guestPort) => ports.get(guestPort) ?? null,
@@ -617,6 +649,7 @@ export class LifecycleEngine implements MicroVMDirectory {
             id: microvm.id,
             state: microvm.state,
             appPort: microvm.port,
+            hasAppPort: microvm.hasAppPort,
             autoResumeEnabled: microvm.idlePolicy.autoResumeEnabled,
             upstreamHost: '127.0.0.1',
             upstreamPortFor: () => null,

@@ -37,6 +37,8 @@ export interface Microvm {
   memoryMiB: number;
   diskMiB: number;
   port: number;
+  /** false: its image has no app port (gateway HTTP answers 409 no_app_port). */
+  hasAppPort: boolean;
   idlePolicy: IdlePolicy;
   maximumDurationSeconds: number;
   networkEgress: boolean;
@@ -82,6 +84,7 @@ interface MicrovmRow {
   memory_mib: number;
   disk_mib: number;
   port: number;
+  has_app_port?: number;
   auto_resume_enabled: number;
   max_idle_duration_seconds: number;
   suspended_duration_seconds: number | null;
@@ -111,6 +114,7 @@ function toMicrovm(row: MicrovmRow): Microvm {
     memoryMiB: row.memory_mib,
     diskMiB: row.disk_mib,
     port: row.port,
+    hasAppPort: row.has_app_port !== 0,
     idlePolicy: {
       autoResumeEnabled: bool(row.auto_resume_enabled),
       maxIdleDurationSeconds: row.max_idle_duration_seconds,
@@ -175,8 +179,8 @@ export async function createMicrovm(db: Db, input: NewMicrovm): Promise<{ microv
         return { microvm: toMicrovm(existing), created: false };
       }
     }
-    const image = await tx.get<{ id: string; arn: string; state: string; vcpus: number; memory_mib: number; disk_mib: number; port: number; network_egress: number; account_id: string }>(
-      `SELECT i.id, i.arn, i.state, i.vcpus, i.memory_mib, i.disk_mib, i.port, i.network_egress, t.account_id
+    const image = await tx.get<{ id: string; arn: string; state: string; vcpus: number; memory_mib: number; disk_mib: number; port: number; has_app_port: number; network_egress: number; account_id: string }>(
+      `SELECT i.id, i.arn, i.state, i.vcpus, i.memory_mib, i.disk_mib, i.port, i.has_app_port, i.network_egress, t.account_id
          FROM images i JOIN tenants t ON t.id = i.tenant_id
         WHERE i.id = ? AND i.tenant_id = ?`,
       [input.imageId, input.tenantId],
@@ -202,6 +206,7 @@ export async function createMicrovm(db: Db, input: NewMicrovm): Promise<{ microv
       memory_mib: image.memory_mib,
       disk_mib: image.disk_mib,
       port: image.port,
+      has_app_port: image.has_app_port,
       auto_resume_enabled: input.idlePolicy.autoResumeEnabled ? 1 : 0,
       max_idle_duration_seconds: input.idlePolicy.maxIdleDurationSeconds,
       suspended_duration_seconds: input.idlePolicy.suspendedDurationSeconds,

@@ -163,6 +163,15 @@ export const MIGRATIONS: readonly Migration[] = [
     // Guest hooks of an image (run, suspend, resume, terminate): {"<name>": {"command", "timeoutSeconds"}}.
     sql: `ALTER TABLE images ADD COLUMN hooks TEXT NOT NULL DEFAULT '{}';`,
   },
+  {
+    version: 3,
+    name: 'shell tokens and images without an app port',
+    // scope: what a token opens through the gateway: 'http' (app requests) or 'shell' (/.cocoon/shell).
+    // has_app_port 0: an image with "port": null (its port column then holds a placeholder).
+    sql: `ALTER TABLE tokens ADD COLUMN scope TEXT NOT NULL DEFAULT 'http' CHECK (scope IN ('http', 'shell'));
+          ALTER TABLE images ADD COLUMN has_app_port INTEGER NOT NULL DEFAULT 1 CHECK (has_app_port IN (0, 1));
+          ALTER TABLE microvms ADD COLUMN has_app_port INTEGER NOT NULL DEFAULT 1 CHECK (has_app_port IN (0, 1));`,
+  },
 ];
 
 export interface MigrationReport {

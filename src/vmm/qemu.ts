@@ -107,6 +107,8 @@ export class QemuVm {
   readonly qmp: QmpClient;
   readonly guest: GuestChannel;
   readonly serialLogPath: string;
+  /** The guest agent's port on the host (a unix socket QEMU serves; src/guest/agent/). */
+  readonly agentSocketPath: string;
   private readonly proc: VmProcess;
   private readonly serial: SerialLog;
   private readonly exitPromise: Promise<void>;
@@ -115,7 +117,7 @@ export class QemuVm {
   private storageFailed: string | undefined;
 
   private constructor(parts: {
-    launch: Pick<QemuLaunch, 'shape' | 'cmdline' | 'disk' | 'ram' | 'forwards'>;
+    launch: Pick<QemuLaunch, 'shape' | 'cmdline' | 'disk' | 'ram' | 'forwards' | 'sockets'>;
     options: Pick<CommonVmOptions, 'id' | 'runDir'>;
     proc: VmProcess;
     qmp: QmpClient;
@@ -137,6 +139,7 @@ export class QemuVm {
     this.guest = parts.guest;
     this.serial = parts.serial;
     this.serialLogPath = parts.serial.path;
+    this.agentSocketPath = parts.launch.sockets.agent ?? path.join(qemuDirOf(parts.options.runDir), 'agent.sock');
   }
 
   get pid(): number {
@@ -510,6 +513,7 @@ export class QemuVm {
       qmp: path.join(qemuDir, 'qmp.sock'),
       guest: path.join(qemuDir, 'guest.sock'),
       serial: path.join(qemuDir, 'serial.sock'),
+      agent: path.join(qemuDir, 'agent.sock'),
     };
     let vm: QemuVm | undefined;
     let started: { child: ChildProcess; exit: Promise<void> } | undefined;
@@ -831,7 +835,7 @@ async function commitSnapshot(partial: string, targetDir: string, manifest: Snap
 }
 
 async function removeLaunchFiles(runDir: string, disk: DiskSpec, ramPath: string): Promise<void> {
-  const names = ['qmp.sock', 'guest.sock', 'serial.sock', 'incoming.sock', 'migrate.sock', 'qemu.pid', LAUNCH_FILE];
+  const names = ['qmp.sock', 'guest.sock', 'serial.sock', 'agent.sock', 'incoming.sock', 'migrate.sock', 'qemu.pid', LAUNCH_FILE];
   await Promise.all([
     ...names.map((name) => fs.promises.rm(path.join(runDir, name), { force: true })),
     fs.promises.rm(qemuDirOf(runDir), { recursive: true, force: true }),

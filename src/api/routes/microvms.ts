@@ -70,7 +70,7 @@ const MicrovmSchema = Type.Object({
   maximumDurationSeconds: Type.Integer(),
   vcpus: Type.Integer(),
   memoryMiB: Type.Integer(),
-  port: Type.Integer(),
+  port: Nullable(Type.Integer({ description: 'The app port; null: its image has none' })),
   url: Type.String({ description: 'The microVM through the gateway (send X-Cocoon-Token with every request)' }),
   createdAt: Type.String(),
   expiresAt: Type.String({ description: 'End of the session' }),
@@ -88,8 +88,10 @@ const StartedMicrovm = Type.Intersect([
   }),
 ]);
 
+const TokenScopeSchema = Type.Union([Type.Literal('http'), Type.Literal('shell')], { description: "What it opens through the gateway: 'http' app requests (default) or 'shell', the PTY WebSocket /.cocoon/shell" });
 const TokenSchema = Type.Object({
   id: Type.String(),
+  scope: TokenScopeSchema,
   expiresAt: Type.String(),
   allowedPorts: Nullable(Type.Array(Port, { description: 'null: every port' })),
   createdAt: Type.String(),
@@ -98,13 +100,15 @@ const TokenSchema = Type.Object({
 const IssuedToken = Type.Object({
   id: Type.String(),
   token: Type.String({ description: 'Send it as X-Cocoon-Token; shown once' }),
+  scope: TokenScopeSchema,
   expiresAt: Type.String(),
   allowedPorts: Nullable(Type.Array(Port)),
 });
 const IssueToken = Type.Object(
   {
     expirationMinutes: Type.Optional(Type.Integer({ minimum: 1, maximum: MAX_TOKEN_MINUTES, description: 'Default 60' })),
-    allowedPorts: Type.Optional(Type.Array(Port, { minItems: 1, maxItems: 64, description: 'Default: every port' })),
+    allowedPorts: Type.Optional(Type.Array(Port, { minItems: 1, maxItems: 64, description: 'Default: every port (http scope only)' })),
+    scope: Type.Optional(TokenScopeSchema),
   },
   { additionalProperties: false },
 );
@@ -126,7 +130,7 @@ function notFound(idOrArn: string): CocoonError {
 }
 
 function tokenView(token: Token) {
-  return { id: token.id, expiresAt: token.expiresAt, allowedPorts: token.allowedPorts, createdAt: token.createdAt, revokedAt: token.revokedAt };
+  return { id: token.id, scope: token.scope, expiresAt: token.expiresAt, allowedPorts: token.allowedPorts, createdAt: token.createdAt, revokedAt: token.revokedAt };
 }
 
 async function withDeadline(work: Promise<void>, ms: number): Promise<void> {
@@ -153,7 +157,7 @@ export function microvmRoutes(app: FastifyInstance, { db, config }: ApiContext, 
     maximumDurationSeconds: m.maximumDurationSeconds,
     vcpus: m.vcpus,
     memoryMiB: m.memoryMiB,
-    port: m.port,
+    port: m.hasAppPort ? m.port : null,
     url: services.urlFor(m.id),
     createdAt: m.createdAt,
     expiresAt: m.expiresAt,
@@ -309,7 +313,7 @@ export function microvmRoutes(app: FastifyInstance, { db, config }: ApiContext, 
     '/microvms/:id/tokens',
     {
       schema: {
-        summary: 'Issue a gateway token for this microVM (≤ 60 minutes, optionally only some ports)',
+        summary: 'Issue a gateway token for this microVM (≤ 60 minutes, optionally only some ports; scope shell: a PTY through the gateway)',
         params: IdParams,
         body: IssueToken,
         response: { 201: IssuedToken, ...errors },
@@ -327,8 +331,9 @@ export function microvmRoutes(app: FastifyInstance, { db, config }: ApiContext, 
         tenantId: request.tenant.id,
         ...(body.expirationMinutes !== undefined ? { expirationMinutes: body.expirationMinutes } : {}),
         allowedPorts: body.allowedPorts ?? null,
+        scope: body.scope ?? 'http',
       });
-      return reply.status(201).send({ id: token.id, token: secret, expiresAt: token.expiresAt, allowedPorts: token.allowedPorts });
+      return reply.status(201).send({ id: token.id, token: secret, scope: token.scope, expiresAt: token.expiresAt, allowedPorts: token.allowedPorts });
     },
   );
 
