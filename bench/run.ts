@@ -28,6 +28,7 @@ const SUITES: Record<string, (options: SuiteOptions) => Promise<Metrics>> = {
   microvm: async (o) => (await import('./microvm.ts')).runMicrovmBench({ ...o, parts: ['launch'] }),
   gateway: async (o) => (await import('./microvm.ts')).runMicrovmBench({ ...o, parts: ['gateway'] }),
   density: async (o) => (await import('./microvm.ts')).runMicrovmBench({ ...o, parts: ['density'] }),
+  fork: async (o) => (await import('./fork.ts')).runForkBench(o),
   soak: async (o) => (await import('./soak.ts')).runSoakBench(o),
   exec: async (o) => (await import('./exec.ts')).runExecBench(o),
 };

@@ -23,7 +23,7 @@ import type { BundleLimits } from '../builder/bundle.ts';
 import { BuildLog, BuildLogEvents, readFrom } from './build-log.ts';
 import { uploadsDir } from './bundle-upload.ts';
 import { cleanupAbandonedBuild } from './cleanup.ts';
-import { imageBuildPaths, imageDir, imagesDir } from './paths.ts';
+import { imageBaseDisk, imageBuildPaths, imageDir, imagesDir } from './paths.ts';
 import { DEFAULT_PORT, removeTree, runImageBuild, s3NotConfigured, s3StoreFor, type PipelineContext } from './pipeline.ts';
 import { updateImageBuildInfo } from './records.ts';
 
@@ -309,7 +309,8 @@ export class ImageService {
    * PENDING images are queued again.
    */
   private async recover(): Promise<void> {
-    const stale = await listImagesInStates(this.db, IN_FLIGHT_STATES);
+    // Checkpoints of microVMs are the lifecycle's to recover (lifecycle/fork.ts), not builds.
+    const stale = (await listImagesInStates(this.db, IN_FLIGHT_STATES)).filter((image) => typeof image.artifacts.checkpointOf !== 'string');
     for (const image of stale) {
       const paths = imageBuildPaths(this.dataDir, image.id);
       const buildLog = this.openLog(image.id);
@@ -334,6 +335,7 @@ export class ImageService {
           continue;
         }
         await removeTree(paths.snapshot);
+        await fs.promises.rm(imageBaseDisk(this.dataDir, image.id), { force: true }); // a checkpoint's
         const message = `server_restarted: the server restarted during the build (the image was ${image.state}); ` +
           'nothing of the build was kept. Create the image again.';
         buildLog.say(`FAILED: ${message}`);

@@ -46,7 +46,10 @@ export type PausePoint =
   | 'suspend:committed'
   | 'resume:persisted'
   | 'resume:restored'
-  | 'terminate:persisted';
+  | 'terminate:persisted'
+  | 'fork:paused'
+  | 'fork:linked'
+  | 'checkpoint:paused';
 
 export interface LifecycleOptions {
   db: Db;
@@ -64,7 +67,18 @@ export interface LifecycleOptions {
   pauseAt?: (point: PausePoint, microvmId: string) => Promise<void>;
 }
 
-type Operation = 'launch' | 'suspend' | 'resume' | 'terminate';
+type Operation = 'launch' | 'suspend' | 'resume' | 'terminate' | 'fork' | 'checkpoint';
+
+/** What a fork or checkpoint sees of its source while it holds the source's operation queue. */
+export interface OperationSource {
+  id: string;
+  tenantId: string;
+  imageId: string | null;
+  state: MicrovmState;
+  /** The running VM (state RUNNING), else undefined. */
+  vm: QemuVm | undefined;
+  runtime: Runtime;
+}
 
 interface Instance {
   readonly id: string;
@@ -289,23 +303,26 @@ export class LifecycleEngine implements MicroVMDirectory {
   async #launch(instance: Instance): Promise<void> {
     if (instance.state !== 'PENDING' || instance.terminating) return;
     await this.#pause('launch:starting', instance.id);
+    // A microVM starts from its image (generation 0), a fork from its own generation 1 (the
+    // fork point): then its workload runs already, so it gets the resume hook, not run.
+    const { generation, chain } = instance.runtime;
     let vm: QemuVm;
     try {
-      vm = await this.#restore(instance, snapshotDirFor(this.dataDir, instance, 0));
+      vm = await this.#restore(instance, snapshotDirFor(this.dataDir, instance, generation));
     } catch (error) {
-      await this.#fail(instance, `the microVM could not start from its image: ${errorMessage(error)}`);
+      await this.#fail(instance, `the microVM could not start from ${generation === 0 ? 'its image' : 'its fork point'}: ${errorMessage(error)}`);
       throw error;
     }
     await this.#pause('launch:restored', instance.id);
-    await this.#hook(instance, vm, 'run');
-    const runtime: Runtime = { generation: 0, chain: [], pid: vm.pid, ports: Object.fromEntries(vm.hostPorts) };
+    await this.#hook(instance, vm, generation === 0 ? 'run' : 'resume');
+    const runtime: Runtime = { generation, chain, pid: vm.pid, ports: Object.fromEntries(vm.hostPorts) };
     if (!(await this.#transition(instance, 'PENDING', 'RUNNING', { runtime }))) {
       await this.#discard(instance);
       return;
     }
     instance.lastActivity = Date.now();
     this.#armIdle(instance);
-    await appendLog(this.dataDir, instance.id, `started from its image (pid ${vm.pid})`);
+    await appendLog(this.dataDir, instance.id, `started from ${generation === 0 ? 'its image' : 'its fork point'} (pid ${vm.pid})`);
   }
 
   /** Stops a VM that must not go on (its microVM moved on meanwhile), keeping the log. */
@@ -719,6 +736,43 @@ export class LifecycleEngine implements MicroVMDirectory {
     instance.terminating = true;
     this.#clearTimers(instance);
     await this.#enqueue(instance, 'terminate', () => this.#terminate(instance, reason));
+  }
+
+  /**
+   * Runs `fn` as an operation of a microVM (after those queued before it; none of its others
+   * run meanwhile), once it has settled: forks and checkpoints take their snapshot this way.
+   */
+  async exclusive<T>(microvmId: string, operation: 'fork' | 'checkpoint', fn: (source: OperationSource) => Promise<T>): Promise<T> {
+    const instance = this.#require(microvmId);
+    return this.#enqueue(instance, operation, async () => {
+      if (instance.terminating) throw terminatedError(microvmId, 409);
+      return fn({
+        id: instance.id,
+        tenantId: instance.tenantId,
+        imageId: instance.imageId,
+        state: instance.state,
+        vm: instance.state === 'RUNNING' ? instance.vm : undefined,
+        runtime: instance.runtime,
+      });
+    });
+  }
+
+  /** Awaited at a crash test's pause point (forks and checkpoints have theirs). */
+  pausePoint(point: PausePoint, microvmId: string): Promise<void> {
+    return this.#pause(point, microvmId);
+  }
+
+  /** Resolves once the operations queued for a microVM so far are done (e.g. a fork's launch). */
+  async settled(microvmId: string): Promise<MicrovmState | undefined> {
+    const instance = this.#instances.get(microvmId);
+    if (!instance) return (await getMicrovm(this.db, microvmId))?.state;
+    await instance.queue;
+    return instance.state;
+  }
+
+  /** Whether snapshots are fsynced (forks and checkpoints follow the lifecycle's choice). */
+  get durable(): boolean {
+    return this.#durable;
   }
 
   #require(microvmId: string): Instance {

@@ -8,7 +8,10 @@ import type { FastifyInstance, FastifyRequest } from 'fastify';
 import { Type, type Static } from 'typebox';
 import { CocoonError } from '../../common/errors.ts';
 import type { LifecycleEngine } from '../../lifecycle/engine.ts';
+import { MAX_FORKS, checkpointMicrovm, forkMicrovm } from '../../lifecycle/fork.ts';
 import { readLogTail } from '../../lifecycle/storage.ts';
+import { IMAGE_NAME } from '../../store/images.ts';
+import { ImageSchema, imageView } from './images.ts';
 import { findTenantImage } from '../../store/images.ts';
 import {
   MAX_SESSION_SECONDS,
@@ -109,6 +112,21 @@ const IssueToken = Type.Object(
     expirationMinutes: Type.Optional(Type.Integer({ minimum: 1, maximum: MAX_TOKEN_MINUTES, description: 'Default 60' })),
     allowedPorts: Type.Optional(Type.Array(Port, { minItems: 1, maxItems: 64, description: 'Default: every port (http scope only)' })),
     scope: Type.Optional(TokenScopeSchema),
+  },
+  { additionalProperties: false },
+);
+
+const ForkBody = Type.Object(
+  {
+    count: Type.Optional(Type.Integer({ minimum: 1, maximum: MAX_FORKS, description: `How many forks (1–${MAX_FORKS}, default 1)` })),
+    idlePolicy: Type.Optional(IdlePolicyInput),
+    maximumDurationSeconds: Type.Optional(Seconds("Each fork's session (default: the source's maximumDurationSeconds, counted from the fork)")),
+  },
+  { additionalProperties: false },
+);
+const CheckpointBody = Type.Object(
+  {
+    name: Type.Optional(Type.String({ pattern: IMAGE_NAME.source, description: "The image's name (default: the source image's name: a new version of it)" })),
   },
   { additionalProperties: false },
 );
@@ -278,6 +296,76 @@ export function microvmRoutes(app: FastifyInstance, { db, config }: ApiContext, 
       const microvm = await find(request, request.params.id);
       await withDeadline(services.engine().resume(microvm.id), OPERATION_WAIT_MS);
       return view(await find(request, microvm.id));
+    },
+  );
+
+  app.post<{ Params: Static<typeof IdParams>; Body: Static<typeof ForkBody> }>(
+    '/microvms/:id/fork',
+    {
+      schema: {
+        summary:
+          "Fork: new microVMs that each continue the source's memory, disk and processes from this moment (copy-on-write), " +
+          'with their own token, session and idle policy; a RUNNING source is paused briefly, a SUSPENDED one stays suspended. ' +
+          'Answers once the forks run (or after 60 s with their state so far)',
+        params: IdParams,
+        body: ForkBody,
+        response: {
+          201: Type.Object({ items: Type.Array(StartedMicrovm), sourcePausedMs: Type.Number({ description: "How long the source's vCPUs were stopped" }) }),
+          ...errors,
+          503: ErrorSchema,
+          507: ErrorSchema,
+        },
+      },
+      preValidation: async (request) => {
+        if (request.body === undefined) request.body = {};
+      },
+    },
+    async (request, reply) => {
+      const microvm = await find(request, request.params.id);
+      const body = request.body;
+      const { forks, pausedMs } = await forkMicrovm(services.engine(), db, config.region, microvm, {
+        count: body.count ?? 1,
+        ...(body.idlePolicy
+          ? {
+              idlePolicy: {
+                autoResumeEnabled: body.idlePolicy.autoResumeEnabled ?? microvm.idlePolicy.autoResumeEnabled,
+                maxIdleDurationSeconds: body.idlePolicy.maxIdleDurationSeconds ?? microvm.idlePolicy.maxIdleDurationSeconds,
+                suspendedDurationSeconds:
+                  body.idlePolicy.suspendedDurationSeconds === undefined ? microvm.idlePolicy.suspendedDurationSeconds : body.idlePolicy.suspendedDurationSeconds,
+              },
+            }
+          : {}),
+        ...(body.maximumDurationSeconds ? { maximumDurationSeconds: body.maximumDurationSeconds } : {}),
+      });
+      const items = [];
+      for (const fork of forks) {
+        const current = (await findTenantMicrovm(db, request.tenant.id, fork.id)) ?? fork;
+        const { token, secret } = await createToken(db, { microvmId: fork.id, tenantId: request.tenant.id });
+        items.push({ ...view(current), token: secret, tokenId: token.id, tokenExpiresAt: token.expiresAt });
+      }
+      return reply.status(201).send({ items, sourcePausedMs: Math.round(pausedMs * 100) / 100 });
+    },
+  );
+
+  app.post<{ Params: Static<typeof IdParams>; Body: Static<typeof CheckpointBody> }>(
+    '/microvms/:id/checkpoint',
+    {
+      schema: {
+        summary:
+          "Checkpoint: a new image (a new version of `name`, default the source image's name) whose snapshot is this microVM's " +
+          'state at this moment; SNAPSHOTTING at once, READY once committed; microVMs started from it begin exactly there',
+        params: IdParams,
+        body: CheckpointBody,
+        response: { 202: ImageSchema, ...errors },
+      },
+      preValidation: async (request) => {
+        if (request.body === undefined) request.body = {};
+      },
+    },
+    async (request, reply) => {
+      const microvm = await find(request, request.params.id);
+      const { image } = await checkpointMicrovm(services.engine(), db, config.region, microvm, request.body.name);
+      return reply.status(202).send(imageView(image));
     },
   );
 
