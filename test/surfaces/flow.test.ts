@@ -328,6 +328,8 @@ describe('through the surfaces, end to end', { timeout: 60 * 60_000 }, () => {
       { route: 'GET /api/v1/microvms/:id', method: 'GET', url: `/microvms/${enc(vm.arn)}` },
       { route: 'POST /api/v1/microvms/:id/suspend', method: 'POST', url: `/microvms/${vm.id}/suspend` },
       { route: 'POST /api/v1/microvms/:id/resume', method: 'POST', url: `/microvms/${vm.id}/resume` },
+      { route: 'POST /api/v1/microvms/:id/fork', method: 'POST', url: `/microvms/${vm.id}/fork`, body: { count: 1 } },
+      { route: 'POST /api/v1/microvms/:id/checkpoint', method: 'POST', url: `/microvms/${vm.id}/checkpoint`, body: {} },
       { route: 'DELETE /api/v1/microvms/:id', method: 'DELETE', url: `/microvms/${vm.id}` },
       { route: 'GET /api/v1/microvms/:id/logs', method: 'GET', url: `/microvms/${vm.id}/logs` },
       { route: 'POST /api/v1/microvms/:id/tokens', method: 'POST', url: `/microvms/${vm.id}/tokens`, body: {} },
