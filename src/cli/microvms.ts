@@ -1,4 +1,4 @@
-/** `cocoon vm start|list|get|suspend|resume|terminate|token|curl|logs`. */
+/** `cocoon vm start|list|get|suspend|resume|fork|checkpoint|terminate|token|curl|logs`. */
 import fs from 'node:fs';
 import type { Command } from 'commander';
 import {
@@ -182,6 +182,40 @@ export function registerMicrovmCommands(program: Command): void {
       cli.progress(`Resuming ${id}: restoring its snapshot…`);
       const done = await settle(cli, await cli.client().microvms.resume(id!), ['RUNNING'], options.waitTimeout);
       cli.result(done, () => `✓ ${done.id} is ${done.state}`);
+    }));
+
+  vm
+    .command('fork')
+    .description("fork a RUNNING or SUSPENDED microVM: new microVMs that each continue its memory, disk and processes from now, on their own")
+    .argument('<microvm>', 'microVM id or ARN')
+    .option('--count <n>', 'how many forks (1-16)', int(1, 16), 1)
+    .action(action<{ count: number }>(async (cli, [id], options) => {
+      cli.progress(`Forking ${id} ${options.count}×…`);
+      const forked = await cli.client().microvms.fork(id!, { count: options.count });
+      cli.result(forked, () => {
+        const lines = [
+          `✓ ${forked.items.length} fork${forked.items.length === 1 ? '' : 's'} of ${id} (the source was paused ${forked.sourcePausedMs} ms)`,
+          table(['ID', 'STATE', 'URL', 'TOKEN'], forked.items.map((f) => [f.id, f.state, f.url, f.token ?? ''])),
+        ];
+        const first = forked.items[0];
+        if (first) lines.push('Next:', `  cocoon vm curl ${first.id} /`);
+        return lines;
+      });
+    }));
+
+  vm
+    .command('checkpoint')
+    .description("save a microVM's state as a new image version; microVMs started from it begin exactly there")
+    .argument('<microvm>', 'microVM id or ARN')
+    .argument('[name]', "the image's name (default: the source image's name, as a new version)")
+    .option('--no-wait', 'answer at once instead of waiting until the image is READY')
+    .option('--wait-timeout <seconds>', 'give up waiting after this long', int(1, 86400), 600)
+    .action(action<{ wait: boolean; waitTimeout: number }>(async (cli, [id, name], options) => {
+      const client = cli.client();
+      cli.progress(`Checkpointing ${id}…`);
+      let image = await client.microvms.checkpoint(id!, name ? { name } : {});
+      if (options.wait && image.state !== 'READY') image = await client.images.waitUntilReady(image.id, { timeoutMs: options.waitTimeout * 1000 });
+      cli.result(image, () => [`${image.state === 'READY' ? '✓ ' : ''}${image.arn} is ${image.state}`, 'Next:', `  cocoon vm start ${image.id}`]);
     }));
 
   vm

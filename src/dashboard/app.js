@@ -254,15 +254,19 @@ function renderVms(items) {
     const copy = button('Copy a token for', 'secondary', 'token', 'Copy token');
     const suspend = button('Suspend', 'secondary', 'suspend', 'Suspend');
     const resume = button('Resume', 'secondary', 'resume', 'Resume');
+    const fork = button('Fork', 'secondary', 'fork', 'Fork');
+    const checkpoint = button('Checkpoint', 'secondary', 'checkpoint', 'Checkpoint');
     const terminate = button('Terminate', 'danger', 'terminate', 'Terminate');
     open.addEventListener('click', () => openApp(vm.id, open));
     terminal.addEventListener('click', () => void openTerminal(cocoon, vm.id, message));
     copy.addEventListener('click', () => copyToken(vm.id, copy));
     suspend.addEventListener('click', () => lifecycle(vm.id, 'suspend', suspend));
     resume.addEventListener('click', () => lifecycle(vm.id, 'resume', resume));
+    fork.addEventListener('click', () => forkVm(vm.id, fork));
+    checkpoint.addEventListener('click', () => checkpointVm(vm.id, checkpoint));
     terminate.addEventListener('click', () => confirmThen(terminate, () => lifecycle(vm.id, 'terminate', terminate)));
     return el('tr', {}, el('th', { scope: 'row' }, el('code', {}, vm.id)), el('td'), el('td'), el('td'), el('td'),
-      el('td', { class: 'row-actions' }, open, terminal, copy, suspend, resume, terminate));
+      el('td', { class: 'row-actions' }, open, terminal, copy, suspend, resume, fork, checkpoint, terminate));
   }, (row, vm) => {
     row.vm = vm;
     const imageName = vm.image.split('/').pop() ?? vm.image;
@@ -278,7 +282,8 @@ function renderVms(items) {
       const action = b.dataset.action;
       b.hidden = ended
         || (action === 'suspend' && vm.state !== 'RUNNING')
-        || (action === 'resume' && !['SUSPENDED', 'SUSPENDING'].includes(vm.state));
+        || (action === 'resume' && !['SUSPENDED', 'SUSPENDING'].includes(vm.state))
+        || ((action === 'fork' || action === 'checkpoint') && !['RUNNING', 'SUSPENDED'].includes(vm.state));
     }
   });
 }
@@ -443,6 +448,37 @@ async function lifecycle(id, action, button) {
       if (action === 'terminate') await cocoon.microvms.terminate(id);
       else await cocoon.microvms[action](id);
       setStatus('vm-status', `${id}: ${action} done.`, 'ok');
+    } catch (error) {
+      if (!handleAuthLoss(error)) setStatus('vm-status', message(error), 'error');
+    }
+    await refresh();
+  });
+}
+
+/** Fork: one new microVM that continues this one from now; its token is shown like a copied one. */
+async function forkVm(id, button) {
+  await busy(button, async () => {
+    try {
+      setStatus('vm-status', `Forking ${id}…`);
+      const { items, sourcePausedMs } = await cocoon.microvms.fork(id, { count: 1 });
+      const fork = items[0];
+      if (fork?.token) showToken(fork.id, fork.token, fork.tokenExpiresAt);
+      setStatus('vm-status', `Forked ${id} into ${fork?.id} (${fork?.state}); ${id} was paused ${sourcePausedMs} ms.`, 'ok');
+    } catch (error) {
+      if (!handleAuthLoss(error)) setStatus('vm-status', message(error), 'error');
+    }
+    await refresh();
+  });
+}
+
+/** Checkpoint: a new version of the microVM's image, READY once its snapshot is committed. */
+async function checkpointVm(id, button) {
+  await busy(button, async () => {
+    try {
+      setStatus('vm-status', `Checkpointing ${id}…`);
+      const image = await cocoon.microvms.checkpoint(id);
+      const ready = await cocoon.images.waitUntilReady(image.id, { timeoutMs: 10 * 60_000 });
+      setStatus('vm-status', `Checkpoint ${ready.name}:${ready.version} of ${id} is READY: start microVMs from it above.`, 'ok');
     } catch (error) {
       if (!handleAuthLoss(error)) setStatus('vm-status', message(error), 'error');
     }

@@ -12,7 +12,8 @@ import { type Fields, FrameType, decodeFields, field, fieldsAll } from '../guest
 import type { LifecycleEngine } from '../lifecycle/engine.ts';
 import { findTenantMicrovm } from '../store/microvms.ts';
 import type { Db } from '../store/sql.ts';
-import type { ExecEvent, ExecRequest, ExecService, ExecSession, ExitReason, FileStat, ProcessInfo } from './types.ts';
+import type { DirWatch, ExecEvent, ExecRequest, ExecService, ExecSession, ExitReason, FileStat, ProcessInfo, WatchEvent } from './types.ts';
+import { STREAM_WINDOW } from '../guest/agent/client.ts';
 
 export interface ExecServiceOptions {
   db: Db;
@@ -216,7 +217,8 @@ export class AgentExecService implements ExecService {
   readonly #maxSessions: number;
   readonly #wakeTimeoutMs: number;
   readonly #agents = new Map<string, Agent>();
-  readonly #sessions = new Map<string, Set<Session>>();
+  /** Open sessions (exec sessions and directory watches) by microVM: a stop ends them. */
+  readonly #sessions = new Map<string, Set<{ end(reason: ExitReason): void }>>();
   #unsubscribe: (() => void) | undefined;
   readonly #shutdown = new AbortController();
 
@@ -292,7 +294,7 @@ export class AgentExecService implements ExecService {
     };
   }
 
-  #count(id: string): Set<Session> {
+  #count(id: string): Set<{ end(reason: ExitReason): void }> {
     let set = this.#sessions.get(id);
     if (!set) this.#sessions.set(id, (set = new Set()));
     return set;
@@ -483,6 +485,53 @@ export class AgentExecService implements ExecService {
     if (options.uid !== undefined) fields.push(['uid', String(options.uid)]);
     if (options.gid !== undefined) fields.push(['gid', String(options.gid)]);
     return this.#one(tenantId, microvmId, fields);
+  }
+
+  async watchDir(tenantId: string, microvmId: string, path: string): Promise<DirWatch> {
+    checkGuestPath(path);
+    const { id, client } = await this.#agent(tenantId, microvmId);
+    this.#admit(id);
+    const stream = this.#open(client, FrameType.REQ, [['op', 'watch'], ['path', path]]);
+    stream.grant(STREAM_WINDOW);
+    await firstFrame(stream, 'the watch');
+    // Counted like an exec session: activity for the idle timer, ended by a suspend.
+    const sessions = this.#count(id);
+    const engine = this.#engine();
+    let closed = false;
+    const handle = {
+      end: (_reason: ExitReason) => stream.fail(undefined),
+      close: () => {
+        stream.close();
+        if (closed) return;
+        closed = true;
+        sessions.delete(handle);
+        if (sessions.size === 0) this.#sessions.delete(id);
+        engine.webSocketClosed(id);
+      },
+    };
+    sessions.add(handle);
+    engine.webSocketOpened(id);
+    return {
+      close: handle.close,
+      async *events(): AsyncIterable<WatchEvent> {
+        try {
+          for (;;) {
+            const frame = await stream.next();
+            if (frame === null || frame.type === FrameType.END) return;
+            if (frame.type === FrameType.ERROR) throw guestError(decodeFields(frame.payload) ?? []);
+            if (frame.type !== FrameType.OUT) continue;
+            const fields = decodeFields(frame.payload);
+            if (!fields) continue;
+            const type = field(fields, 'event') as WatchEvent['type'] | undefined;
+            if (!type) continue;
+            yield { type, name: field(fields, 'name') ?? '', isDir: field(fields, 'dir') === '1' };
+            if (type === 'gone') return;
+          }
+        } finally {
+          handle.close();
+        }
+      },
+    };
   }
 
   sessionCount(microvmId: string): number {

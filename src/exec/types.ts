@@ -77,6 +77,19 @@ export interface FileStat {
   linkTarget?: string;
 }
 
+/** A change in a watched directory (not recursive). `gone`: the directory itself was removed (last event). */
+export interface WatchEvent {
+  type: 'create' | 'write' | 'remove' | 'rename_from' | 'rename_to' | 'chmod' | 'gone';
+  name: string;
+  isDir: boolean;
+}
+
+export interface DirWatch {
+  /** Events as they happen, back-pressured; ends when the directory goes or the watch is closed. */
+  events(): AsyncIterable<WatchEvent>;
+  close(): void;
+}
+
 export interface ExecService {
   /** Starts a process and opens a session on it (a background one survives the session). */
   exec(tenantId: string, microvmId: string, request: ExecRequest): Promise<ExecSession>;
@@ -99,6 +112,9 @@ export interface ExecService {
   remove(tenantId: string, microvmId: string, path: string, options?: { recursive?: boolean }): Promise<void>;
   rename(tenantId: string, microvmId: string, from: string, to: string): Promise<FileStat>;
   chmod(tenantId: string, microvmId: string, path: string, options: { mode?: string; uid?: number; gid?: number }): Promise<FileStat>;
+
+  /** Watches a directory (inotify in the guest); an open watch is a session (it counts as activity). */
+  watchDir(tenantId: string, microvmId: string, path: string): Promise<DirWatch>;
 
   /** Open sessions on a microVM (tests, metrics). */
   sessionCount(microvmId: string): number;

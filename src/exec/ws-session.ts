@@ -100,10 +100,24 @@ export function serveExecWebSocket(
   });
   ws.on('error', () => undefined);
   let inputChain = Promise.resolve();
-  ws.on('message', (data, isBinary) => {
-    const bytes = Array.isArray(data) ? Buffer.concat(data) : Buffer.isBuffer(data) ? data : Buffer.from(data);
+  let starting = false;
+  // Input sent right behind the start message (a client need not wait for "started"): kept,
+  // bounded, and delivered in order once the process runs.
+  const early: Array<[Buffer, boolean]> = [];
+  let earlyBytes = 0;
+  const onMessage = (bytes: Buffer, isBinary: boolean): void => {
     if (session === undefined) {
-      if (isBinary || timer === undefined) return;
+      if (starting) {
+        earlyBytes += bytes.length;
+        if (earlyBytes > MAX_WS_MESSAGE) {
+          sendError(ws, new CocoonError('payload_too_large', 'too much input before the process started', { status: 413 }));
+          return;
+        }
+        early.push([bytes, isBinary]);
+        return;
+      }
+      if (isBinary) return;
+      starting = true;
       clearTimeout(timer);
       let start: StartMessage;
       try {
@@ -112,7 +126,6 @@ export function serveExecWebSocket(
         sendError(ws, error);
         return;
       }
-      ws.pause(); // no input until the process runs
       options.open(start).then(
         (opened) => {
           if (closed) {
@@ -121,8 +134,8 @@ export function serveExecWebSocket(
           }
           session = opened;
           sendJson(ws, { type: 'started', pid: opened.pid });
-          ws.resume();
           void pump(ws, opened);
+          for (const [b, binary] of early.splice(0)) onMessage(b, binary);
         },
         (error: unknown) => sendError(ws, error),
       );
@@ -156,6 +169,9 @@ export function serveExecWebSocket(
     } catch (error) {
       sendJson(ws, { type: 'warning', error: { code: error instanceof CocoonError ? error.code : 'invalid_request', message: errorMessage(error) } });
     }
+  };
+  ws.on('message', (data, isBinary) => {
+    onMessage(Array.isArray(data) ? Buffer.concat(data) : Buffer.isBuffer(data) ? data : Buffer.from(data as ArrayBuffer), isBinary);
   });
 }
 

@@ -124,7 +124,11 @@ export function openWs(url: string, options: { headers?: Record<string, string>;
     const closed = new Promise<{ code: number }>((r) => ws.on('close', (code) => r({ code })));
     ws.on('message', (data, isBinary) => {
       const bytes = data as Buffer;
-      if (isBinary) out += bytes.subarray(1).toString();
+      if (isBinary) {
+        out += bytes.subarray(1).toString();
+        // Answer a cursor position query as a terminal would (busybox's shell waits for it).
+        if (bytes.includes('\x1b[6n')) ws.send(Buffer.from('\x1b[1;1R'), { binary: true });
+      }
       else messages.push(JSON.parse(bytes.toString()) as Record<string, unknown>);
       for (const l of listeners) l();
     });

@@ -105,10 +105,12 @@ describe('dashboard end to end', { timeout: 60 * 60_000 }, () => {
     await page.getByLabel('Terminate after suspended (seconds)').fill('1800');
     await page.getByRole('button', { name: 'Start microVM' }).click();
     await page.locator('#vm-status').filter({ hasText: 'is RUNNING' }).waitFor({ timeout: LONG });
-    const vmRow = page.locator('#vms-table tbody tr').first();
-    await vmRow.locator('.badge', { hasText: 'RUNNING' }).waitFor();
-    const vmId = await vmRow.getAttribute('data-id');
+    const newest = page.locator('#vms-table tbody tr').first();
+    await newest.locator('.badge', { hasText: 'RUNNING' }).waitFor();
+    const vmId = await newest.getAttribute('data-id');
     assert.match(vmId ?? '', /^mvm-/);
+    // Its row by id (a fork made below is newer and comes first).
+    const vmRow = page.locator(`#vms-table tbody tr[data-id="${vmId}"]`);
     assert.match(await vmRow.innerText(), /suspend after 1200s idle, wakes on request/);
     const api = new Cocoon({ apiUrl: server!.url, apiKey: tenant.apiKey });
     const started = await api.microvms.get(vmId!);
@@ -180,6 +182,18 @@ describe('dashboard end to end', { timeout: 60 * 60_000 }, () => {
     await shot('07-suspended');
     await vmRow.getByRole('button', { name: `Resume ${vmId}` }).click();
     await vmRow.locator('.badge', { hasText: 'RUNNING' }).waitFor({ timeout: LONG });
+    // Fork: a new row, RUNNING, its token shown; checkpoint: a new READY image version.
+    await vmRow.getByRole('button', { name: `Fork ${vmId}` }).click();
+    await page.locator('#vm-status').filter({ hasText: `Forked ${vmId} into` }).waitFor({ timeout: LONG });
+    const forkId = /into (mvm-[0-9a-z]+)/.exec(await page.locator('#vm-status').innerText())![1]!;
+    assert.equal(await page.locator('#token-vm').innerText(), forkId, "the fork's token is shown");
+    const forkRow = page.locator(`#vms-table tbody tr[data-id="${forkId}"]`);
+    await forkRow.locator('.badge', { hasText: 'RUNNING' }).waitFor({ timeout: LONG });
+    await vmRow.getByRole('button', { name: `Checkpoint ${vmId}` }).click();
+    await page.locator('#vm-status').filter({ hasText: 'is READY' }).waitFor({ timeout: LONG });
+    await shot('07b-forked-and-checkpointed');
+    assert.equal((await api.microvms.get(forkId)).state, 'RUNNING');
+    await api.microvms.terminate(forkId);
     const terminate = vmRow.getByRole('button', { name: `Terminate ${vmId}` });
     await terminate.click();
     assert.equal(await terminate.innerText(), 'Confirm', 'a destructive action asks once more');

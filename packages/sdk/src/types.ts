@@ -109,6 +109,27 @@ export interface StartMicroVMInput {
   clientToken?: string;
 }
 
+export interface ForkMicroVMInput {
+  /** How many forks (1–16, default 1). */
+  count?: number;
+  /** Default: the source's idle policy. */
+  idlePolicy?: Partial<IdlePolicy>;
+  /** Each fork's session (default: the source's maximumDurationSeconds, counted from the fork). */
+  maximumDurationSeconds?: number;
+}
+
+export interface ForkedMicroVMs {
+  /** The forks, each RUNNING (unless it failed to start) with its own first token. */
+  items: StartedMicroVM[];
+  /** How long the source's vCPUs were stopped (0 when it was SUSPENDED). */
+  sourcePausedMs: number;
+}
+
+export interface CheckpointInput {
+  /** The image's name (default: the source image's name, as a new version of it). */
+  name?: string;
+}
+
 export interface MicroVM {
   id: string;
   /** `arn:cocoon:<region>:<account>:microvm/<id>` */

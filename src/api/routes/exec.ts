@@ -48,6 +48,15 @@ const NdjsonResponse = {
   content: { 'application/x-ndjson': { schema: { type: 'string' } } },
 };
 
+const commands = new WeakMap<object, unknown>();
+
+/** The command as the client sent it (a string or a list of strings), else the validated one. */
+function exactCommand(raw: unknown, validated: string | string[]): string | string[] {
+  if (typeof raw === 'string') return raw;
+  if (Array.isArray(raw) && raw.every((a) => typeof a === 'string')) return [...raw];
+  return validated;
+}
+
 function eventLine(event: ExecEvent): string {
   if (event.type === 'stdout' || event.type === 'stderr') return JSON.stringify({ type: event.type, data: event.data.toString('base64') }) + '\n';
   return JSON.stringify(event) + '\n';
@@ -88,12 +97,19 @@ function execRoutes(app: FastifyInstance, { db }: ApiContext, exec: () => ExecSe
         body: ExecBody,
         response: { 200: NdjsonResponse, 201: Type.Object({ pid: Type.Integer() }), 409: ErrorSchema, 429: ErrorSchema, 503: ErrorSchema },
       },
+      // The validator coerces ["x"] to "x" and back (coerceTypes "array"), which would turn a
+      // one-word argv into a shell string: keep the command as sent.
+      preValidation: async (request) => {
+        const raw = (request.body as { command?: unknown } | undefined)?.command;
+        commands.set(request, raw);
+      },
     },
     async (request, reply) => {
       const body = request.body;
+      const command = exactCommand(commands.get(request), body.command);
       const stdin = body.stdin === undefined ? undefined : Buffer.from(body.stdin, 'base64');
       if (stdin && stdin.length > 1024 * 1024) throw new CocoonError('payload_too_large', 'stdin is limited to 1 MiB; use the WebSocket for more', { status: 413 });
-      const execRequest: ExecRequest = { command: body.command };
+      const execRequest: ExecRequest = { command };
       if (body.env) execRequest.env = body.env;
       if (body.cwd) execRequest.cwd = body.cwd;
       if (body.user) execRequest.user = body.user;

@@ -3,7 +3,7 @@
  * guest's disk: 507 no_space), stat, list, mkdir, remove, rename, chmod. Paths are absolute
  * guest paths; the guest agent does the work (src/exec/).
  */
-import type { Readable } from 'node:stream';
+import { Readable } from 'node:stream';
 import type { FastifyInstance } from 'fastify';
 import { Type, type Static } from 'typebox';
 import type { ExecService } from '../../exec/types.ts';
@@ -92,6 +92,28 @@ export function fileRoutes(app: FastifyInstance, exec: () => ExecService): void 
       },
     },
     async (request) => ({ items: await exec().list(request.tenant.id, request.params.id, request.query.path) }),
+  );
+
+  app.get<{ Params: Static<typeof IdParams>; Querystring: Static<typeof PathQuery> }>(
+    '/microvms/:id/files/watch',
+    {
+      schema: {
+        summary: 'Watch a directory (not recursive): ndjson events {"type":"create"|"write"|"remove"|"rename_from"|"rename_to"|"chmod"|"gone","name","isDir"} until the client leaves',
+        tags: ['files'],
+        params: IdParams,
+        querystring: PathQuery,
+        response: { 200: { description: 'application/x-ndjson', content: { 'application/x-ndjson': { schema: { type: 'string' } } } }, 429: ErrorSchema },
+      },
+    },
+    async (request, reply) => {
+      const watch = await exec().watchDir(request.tenant.id, request.params.id, request.query.path);
+      async function* lines(): AsyncGenerator<string> {
+        yield JSON.stringify({ type: 'watching', path: request.query.path }) + '\n';
+        for await (const event of watch.events()) yield JSON.stringify(event) + '\n';
+      }
+      reply.raw.once('close', () => watch.close());
+      return reply.status(200).header('content-type', 'application/x-ndjson').header('cache-control', 'no-store').send(Readable.from(lines()));
+    },
   );
 
   const Mkdir = Type.Object({ path: GuestPath, mode: Type.Optional(Mode), parents: Type.Optional(Type.Boolean()) }, { additionalProperties: false });

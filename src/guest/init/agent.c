@@ -24,6 +24,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/inotify.h>
 #include <sys/ioctl.h>
 #include <sys/signalfd.h>
 #include <sys/stat.h>
@@ -165,7 +166,7 @@ struct proc {
 
 static struct proc procs[MAX_PROCS];
 
-enum { S_FREE, S_PROC, S_INPUT, S_READ, S_WRITE, S_LIST, S_PS };
+enum { S_FREE, S_PROC, S_INPUT, S_READ, S_WRITE, S_LIST, S_PS, S_WATCH };
 
 struct stream {
   uint32_t id;
@@ -861,6 +862,28 @@ static void request(uint32_t id, const struct agent_fields *f) {
       return;
     }
     send_stat(id, F_RESULT, path);
+  } else if (!strcmp(op, "watch")) {
+    /* Directory events as OUT frames (fields `event`, `name`), within the stream's credit. */
+    if (!valid_path(id, path)) return;
+    int fd = inotify_init1(IN_NONBLOCK | IN_CLOEXEC);
+    if (fd < 0) {
+      send_errno(id, "inotify", errno);
+      return;
+    }
+    if (inotify_add_watch(fd, path, IN_CREATE | IN_DELETE | IN_CLOSE_WRITE | IN_MODIFY | IN_MOVED_FROM | IN_MOVED_TO | IN_ATTRIB | IN_DELETE_SELF | IN_ONLYDIR) < 0) {
+      int e = errno;
+      close(fd);
+      send_errno(id, path, e);
+      return;
+    }
+    struct stream *s = new_stream(id, S_WATCH);
+    if (!s) {
+      close(fd);
+      send_error(id, "too_many_streams", "the guest agent has no free stream (or the id is in use)");
+      return;
+    }
+    s->fd = fd;
+    emit(F_STARTED, id, NULL, 0);
   } else if (!strcmp(op, "ps")) {
     struct stream *s = new_stream(id, S_PS);
     if (!s) send_error(id, "too_many_streams", "the guest agent has no free stream (or the id is in use)");
@@ -898,7 +921,12 @@ static void request(uint32_t id, const struct agent_fields *f) {
 
 /* ---------- the host's frames ---------- */
 
+/* The host went (a suspend, a daemon restart) or greeted anew: its streams are gone. A foreground
+   process whose session ended is over too, as when its client leaves; background ones run on,
+   their output read and dropped. */
 static void reset_streams(void) {
+  for (int i = 0; i < MAX_PROCS; i++)
+    if (procs[i].used && !procs[i].keep && find_stream(procs[i].stream) && !procs[i].exited) signal_proc(procs[i].pid, SIGKILL);
   for (int i = 0; i < MAX_STREAMS; i++)
     if (streams[i].kind != S_FREE) free_stream(&streams[i]);
   for (int i = 0; i < MAX_PROCS; i++) {
@@ -1128,6 +1156,34 @@ static void pump_sources(void) {
         emit(F_END, s->id, NULL, 0);
         free_stream(s);
       }
+    } else if (s->kind == S_WATCH) {
+      while (s->credit > 0 && out_len <= OUTBOX_LOW) {
+        static char events[8192] __attribute__((aligned(__alignof__(struct inotify_event))));
+        ssize_t n = read(s->fd, events, sizeof events);
+        if (n <= 0) break;
+        int gone = 0;
+        for (char *at = events; at < events + n;) {
+          struct inotify_event *ev = (struct inotify_event *)at;
+          at += sizeof *ev + ev->len;
+          const char *what = ev->mask & IN_CREATE ? "create" : ev->mask & IN_DELETE ? "remove"
+                           : ev->mask & (IN_MODIFY | IN_CLOSE_WRITE) ? "write" : ev->mask & IN_MOVED_FROM ? "rename_from"
+                           : ev->mask & IN_MOVED_TO ? "rename_to" : ev->mask & IN_ATTRIB ? "chmod"
+                           : ev->mask & (IN_DELETE_SELF | IN_IGNORED) ? "gone" : NULL;
+          if (!what) continue;
+          if (!strcmp(what, "gone")) gone = 1;
+          struct fb b = {.len = 0};
+          fb_add(&b, "event", what);
+          fb_add(&b, "name", ev->len ? ev->name : "");
+          fb_add(&b, "dir", (ev->mask & IN_ISDIR) ? "1" : "0");
+          emit(F_OUT, s->id, b.buf, b.len);
+          s->credit -= (long long)b.len;
+        }
+        if (gone) {
+          emit(F_END, s->id, NULL, 0);
+          free_stream(s);
+          break;
+        }
+      }
     } else if (s->kind == S_PS) {
       for (int j = 0; j < MAX_PROCS; j++) {
         struct proc *p = &procs[j];
@@ -1210,7 +1266,7 @@ __attribute__((noreturn)) void agent_main(const struct agent_defaults *d) {
   if (sfd < 0) _exit(1);
   for (int i = 0; i < MAX_STREAMS; i++) streams[i].fd = -1;
 
-  static struct pollfd fds[2 + 3 * MAX_PROCS];
+  static struct pollfd fds[2 + 3 * MAX_PROCS + MAX_STREAMS];
   for (;;) {
     int n = 0;
     fds[n++] = (struct pollfd){.fd = sfd, .events = POLLIN};
@@ -1239,6 +1295,8 @@ __attribute__((noreturn)) void agent_main(const struct agent_defaults *d) {
     for (int i = 0; i < MAX_STREAMS; i++) {
       struct stream *s = &streams[i];
       if ((s->kind == S_READ && s->credit > 0) || s->kind == S_LIST || s->kind == S_PS) busy = 1;
+      if (s->kind == S_WATCH && s->credit > 0 && out_len <= OUTBOX_LOW && n < (int)(sizeof fds / sizeof fds[0]))
+        fds[n++] = (struct pollfd){.fd = s->fd, .events = POLLIN};
     }
     if (busy && out_len <= OUTBOX_LOW) timeout = 0;
     else if (busy && (timeout < 0 || timeout > 5)) timeout = 5;
