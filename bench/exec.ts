@@ -96,6 +96,7 @@ export async function runExecBench(options: { runs?: number; log?: (line: string
       const d = await call('GET', `/microvms/${id}/files?path=/dev/shm/bench`);
       if (d.status !== 200 || d.body.length !== size) throw new Error(`download: ${d.status} ${d.body.length}`);
       down.push(size / MiB / (elapsedMs(t) / 1000));
+      await exec(['/bin/busybox', 'rm', '/dev/shm/bench']); // the next upload's temporary file needs the room
     }
     metrics['exec.upload_mib_s'] = summarize(up, 'MiB/s');
     metrics['exec.download_mib_s'] = summarize(down, 'MiB/s');

@@ -269,7 +269,8 @@ export class AgentExecService implements ExecService {
         const client = await agent.client;
         if (!client.closed) return { id, client };
       } catch (error) {
-        if (attempt >= 2) throw error;
+        // A guest that does not greet (or speaks another version) will not on a retry either.
+        if (attempt >= 2 || !(error instanceof CocoonError) || error.code !== 'agent_gone') throw error;
       }
     }
   }

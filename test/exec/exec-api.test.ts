@@ -330,6 +330,28 @@ describe('exec, files and shell in a microVM', () => {
     await waitState(id, 'SUSPENDED');
   });
 
+  test('a guest that kills its agent and floods the channel with garbage loses only its own exec; the daemon and other microVMs go on', async () => {
+    const hostile = await start();
+    // As root in the guest: kill the agent (the parent of this shell) and write random bytes
+    // into the agent's port for as long as the port is held.
+    const script = [
+      'for d in /sys/class/virtio-ports/*; do [ "$(cat $d/name)" = cocoon.agent ] && dev=/dev/${d##*/}; done',
+      'kill -9 $PPID',
+      'exec cat /dev/urandom > $dev',
+    ].join('; ');
+    const flood = await execCall(port, s.adminKey, hostile, { command: script, background: true });
+    assert.equal(flood.status, 201, JSON.stringify(flood));
+    await new Promise((r) => setTimeout(r, 1000));
+    const answer = await execCall(port, s.adminKey, hostile, { command: 'echo hi' });
+    assert.ok(answer.status >= 500 || answer.error !== undefined, `the hostile microVM's exec fails cleanly: ${JSON.stringify(answer)}`);
+    assert.match(answer.error?.code ?? '', /^agent_/);
+    // Everyone else is served as before.
+    const ok = await run({ command: 'echo still here' });
+    assert.equal(ok.stdout, 'still here\n');
+    assert.equal((await s.api('GET', '/health')).status, 200);
+    assert.equal((await s.api('GET', `/microvms/${hostile}`)).body.state, 'RUNNING');
+  });
+
   test('an unknown microVM is a 404', async () => {
     const r = await execCall(port, s.adminKey, 'mvm-nope', { command: 'true' });
     assert.equal(r.status, 404);

@@ -29,8 +29,8 @@ import {
 
 /** Output bytes a stream may have in flight towards us (what it can cost this process). */
 export const STREAM_WINDOW = 256 * 1024;
-/** Credit goes back once this much has been consumed (fewer, larger CREDIT frames). */
-const CREDIT_BATCH = 64 * 1024;
+/** A file download's window: larger, since its throughput is window ÷ round trip through the guest. */
+export const BULK_WINDOW = 2 * 1024 * 1024;
 /** Items (directory entries, processes) one answer may carry. */
 export const MAX_ITEMS = 10_000;
 const HELLO_TIMEOUT_MS = 10_000;
@@ -116,10 +116,11 @@ export class AgentClient {
     if (this.#closed) throw this.#closeReason!;
     const id = this.#nextId;
     this.#nextId = this.#nextId >= 0xffff_fff0 ? 1 : this.#nextId + 1;
-    const stream = new AgentStream(this, id);
+    const window = kind === FrameType.READ ? BULK_WINDOW : STREAM_WINDOW;
+    const stream = new AgentStream(this, id, window);
     this.#streams.set(id, stream);
     this.send(encodeFrame(kind, id, encodeFields(fields)));
-    if (kind !== FrameType.REQ && kind !== FrameType.WRITE) stream.grant(STREAM_WINDOW);
+    if (kind !== FrameType.REQ && kind !== FrameType.WRITE) stream.grant(window);
     return stream;
   }
 
@@ -275,10 +276,13 @@ export class AgentStream {
   #creditWaiter: (() => void) | undefined;
   #ended = false;
   error: CocoonError | undefined;
+  /** Credit goes back once a quarter of the window has been consumed (fewer CREDIT frames). */
+  readonly #batch: number;
 
-  constructor(client: AgentClient, id: number) {
+  constructor(client: AgentClient, id: number, window = STREAM_WINDOW) {
     this.#client = client;
     this.id = id;
+    this.#batch = Math.max(16 * 1024, window / 4);
   }
 
   get ended(): boolean {
@@ -342,7 +346,7 @@ export class AgentStream {
   #taken(frame: Frame): void {
     if (frame.type !== FrameType.OUT && frame.type !== FrameType.ERR) return;
     this.#toReturn += frame.payload.length;
-    if (this.#toReturn >= CREDIT_BATCH && !this.#ended) {
+    if (this.#toReturn >= this.#batch && !this.#ended) {
       const bytes = this.#toReturn;
       this.#toReturn = 0;
       this.grant(bytes);

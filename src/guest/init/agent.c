@@ -43,7 +43,7 @@
 #define OUTBOX_LOW (256 * 1024) /* sources are read only below this mark */
 #define INBOX_CAP (AGENT_HDR + AGENT_MAX_PAYLOAD + 4096)
 #define STDIN_WINDOW (64 * 1024)
-#define WRITE_WINDOW (1024 * 1024)
+#define WRITE_WINDOW (4 * 1024 * 1024) /* written to the file as it comes: costs the guest no memory */
 #define MAX_CREDIT (1LL << 30)
 #define MAX_LIST 100000
 
