@@ -26,6 +26,7 @@ import {
 } from './credentials.ts';
 import { clientAddress, upstreamRequestHeaders } from './headers.ts';
 import { isShellPath, subprotocolToken, type ShellHandler } from './shell.ts';
+import type { GatewaySurface } from './surfaces.ts';
 import { DEFAULT_GATEWAY_DOMAIN, normalizeDomain, parsePortHeader, resolveMicroVM } from './routing.ts';
 import { isPromiseLike, type MicroVMDirectory, type MicroVMRoute, type TokenFailureReason, type TokenVerification, type TokenVerifier } from './types.ts';
 import { NodeUpstreamClient, UndiciUpstreamClient, UpstreamFailure, type UpstreamClient } from './upstream.ts';
@@ -37,6 +38,8 @@ export interface GatewayOptions {
   tokens: TokenVerifier;
   /** Serves `/.cocoon/shell` WebSockets admitted with a shell-scope token (shell.ts); absent: 404. */
   shell?: ShellHandler;
+  /** Other platforms' in-sandbox protocols served by Cocoon itself (surfaces.ts); read per request, so it may grow after start. */
+  surfaces?: readonly GatewaySurface[];
   /** Host names are `<microvm id>.<domain>`. Default `vm.localhost`. */
   domain?: string;
   logger?: Logger;
@@ -270,8 +273,10 @@ export function createGateway(options: GatewayOptions): Gateway {
     }
 
     const portHeader = req.headers[PORT_HEADER];
-    const requestedPort = parsePortHeader(Array.isArray(portHeader) ? portHeader.join(', ') : portHeader);
-    if (requestedPort === null) return reject(400, 'invalid_port', 'X-Cocoon-Port must be one port number, 1-65535');
+    const headerPort = parsePortHeader(Array.isArray(portHeader) ? portHeader.join(', ') : portHeader);
+    if (headerPort === null) return reject(400, 'invalid_port', 'X-Cocoon-Port must be one port number, 1-65535');
+    // A port named by the host (`<port>-<id>.<domain>`, E2B's getHost) unless the header names one.
+    const requestedPort = headerPort ?? resolved.hostPort;
     const allowed = verification.allowedPorts;
     if (requestedPort !== undefined && allowed !== 'all' && !allowed.includes(requestedPort)) {
       return reject(403, 'port_not_allowed', `the token does not allow port ${requestedPort}`);
@@ -583,6 +588,11 @@ export function createGateway(options: GatewayOptions): Gateway {
   });
   const handle = (req: IncomingMessage, res: ServerResponse): void => {
     res.on('error', () => {});
+    const surface = closing ? undefined : options.surfaces?.find((s) => s.claims(req));
+    if (surface) {
+      surface.handle(req, res);
+      return;
+    }
     onRequest(req, res).catch((error: unknown) => {
       logger.error({ err: error, path: pathOnly(req.url) }, 'gateway request handler failed');
       sendError(req, res, reject(500, 'internal_error', 'the gateway failed to handle the request'));

@@ -183,10 +183,15 @@ export class LifecycleEngine implements MicroVMDirectory {
     return instance;
   }
 
-  /** A microVM just created in the store (PENDING): launch it in the background. */
-  async launch(microvm: Microvm): Promise<void> {
+  /**
+   * A microVM just created in the store (PENDING): launch it in the background. `verifyData`:
+   * how its snapshot's data is checked (default: always; a fork whose fork point was taken
+   * moments ago by this process: not at all, its checksums come later).
+   */
+  async launch(microvm: Microvm, options: { verifyData?: boolean | 'if-present' } = {}): Promise<void> {
     const instance = await this.#load(microvm);
-    void this.#enqueue(instance, 'launch', () => this.#launch(instance)).catch(() => undefined);
+    const verifyData = options.verifyData ?? (instance.runtime.generation > 0 ? 'if-present' : true);
+    void this.#enqueue(instance, 'launch', () => this.#launch(instance, verifyData)).catch(() => undefined);
   }
 
   // ---- the operation queue -------------------------------------------------------------------
@@ -239,11 +244,12 @@ export class LifecycleEngine implements MicroVMDirectory {
     return [...new Set([...(appPort === undefined ? [] : [appPort]), ...manifest.guestPorts])].map((guestPort) => ({ guestPort }));
   }
 
-  async #restore(instance: Instance, snapshotDir: string): Promise<QemuVm> {
+  async #restore(instance: Instance, snapshotDir: string, verifyData: boolean | 'if-present' = true): Promise<QemuVm> {
     const options = {
       id: instance.id,
       runDir: runDir(this.dataDir, instance.id),
       snapshotDir,
+      verifyData,
       network: { forwards: await this.#forwards(snapshotDir, instance.hasAppPort ? instance.appPort : undefined), egress: instance.egress },
     };
     let vm: QemuVm;
@@ -300,7 +306,7 @@ export class LifecycleEngine implements MicroVMDirectory {
     this.#log.warn({ microvm: instance.id, reason }, 'microVM failed');
   }
 
-  async #launch(instance: Instance): Promise<void> {
+  async #launch(instance: Instance, verifyData: boolean | 'if-present' = true): Promise<void> {
     if (instance.state !== 'PENDING' || instance.terminating) return;
     await this.#pause('launch:starting', instance.id);
     // A microVM starts from its image (generation 0), a fork from its own generation 1 (the
@@ -308,7 +314,7 @@ export class LifecycleEngine implements MicroVMDirectory {
     const { generation, chain } = instance.runtime;
     let vm: QemuVm;
     try {
-      vm = await this.#restore(instance, snapshotDirFor(this.dataDir, instance, generation));
+      vm = await this.#restore(instance, snapshotDirFor(this.dataDir, instance, generation), verifyData);
     } catch (error) {
       await this.#fail(instance, `the microVM could not start from ${generation === 0 ? 'its image' : 'its fork point'}: ${errorMessage(error)}`);
       throw error;

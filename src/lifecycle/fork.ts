@@ -38,7 +38,7 @@ import { newId } from '../store/ids.ts';
 import { createForks, type IdlePolicy, type Microvm } from '../store/microvms.ts';
 import type { Db } from '../store/sql.ts';
 import { fsyncDir } from '../vmm/qemu.ts';
-import { rebaseDisk, takeForkPoint } from '../vmm/fork-point.ts';
+import { completeForkPoint, rebaseDisk, takeForkPoint } from '../vmm/fork-point.ts';
 import { sealSnapshotFiles } from '../vmm/snapshot-safety.ts';
 import { dataChecksums, readSnapshotManifest, writeSnapshotManifest } from '../vmm/snapshot.ts';
 import type { DiskSpec } from '../vmm/types.ts';
@@ -140,10 +140,12 @@ async function takeSourcePoint(
   rebaseOnto: (DiskSpec & { sameContent?: boolean }) | undefined,
   pausePoint: 'fork:paused' | 'checkpoint:paused',
   durable: boolean,
+  deferChecksums = false,
 ): Promise<number> {
   if (source.state === 'RUNNING' && source.vm) {
     const point = await takeForkPoint(source.vm, target, {
       durable,
+      deferChecksums,
       ...(rebaseOnto ? { rebaseOnto } : {}),
       onPaused: () => engine.pausePoint(pausePoint, source.id),
     });
@@ -170,27 +172,6 @@ function layersBelow(source: OperationSource): number {
   return source.state === 'RUNNING' ? source.runtime.chain.length : Math.max(0, source.runtime.chain.length - 1);
 }
 
-/** fsyncs the forks' generation 1 (shared files once) and their directories; failures are logged. */
-async function writeBack(dataDir: string, ids: string[]): Promise<void> {
-  try {
-    const first = generationDir(dataDir, ids[0] as string, 1);
-    for (const name of await fs.promises.readdir(first)) {
-      const handle = await fs.promises.open(path.join(first, name), 'r');
-      try {
-        await handle.datasync();
-      } finally {
-        await handle.close();
-      }
-    }
-    for (const id of ids) {
-      await fsyncDir(generationDir(dataDir, id, 1));
-      await fsyncDir(microvmDir(dataDir, id));
-    }
-  } catch (error) {
-    log.warn({ forks: ids, err: errorMessage(error) }, 'cannot write the fork point back to disk');
-  }
-}
-
 /**
  * Forks a microVM `count` times. Resolves with the forks once each is RUNNING (or failed, or
  * after a minute with the state so far).
@@ -202,15 +183,17 @@ export async function forkMicrovm(engine: LifecycleEngine, db: Db, region: strin
   const dataDir = engine.dataDir;
   const ids = Array.from({ length: input.count }, () => newId('microvm'));
   const started = performance.now();
-  const { forks, pausedMs } = await engine.exclusive(source.id, 'fork', async (current) => {
+  const { forks, pausedMs, live } = await engine.exclusive(source.id, 'fork', async (current) => {
     const first = generationDir(dataDir, ids[0] as string, 1);
     try {
       await Promise.all(ids.map((id) => fs.promises.mkdir(microvmDir(dataDir, id), { recursive: true, mode: 0o700 })));
       const rebaseOnto = layersBelow(current) > 0 ? await imageDisk(dataDir, current.imageId) : undefined;
-      // Not fsynced on the way (the forks start from the page cache at once): written back
-      // below, in the background, before anything can depend on it for long (a RUNNING
-      // microVM whose host crashed is FAILED anyway; its first suspend comes later).
-      const pausedMs = await takeSourcePoint(engine, current, first, rebaseOnto, 'fork:paused', false);
+      // Neither checksummed nor fsynced on the way (the forks start from the page cache at once,
+      // unverified: this process made the files moments ago): completed below, in the
+      // background, before anything depends on it for long (a RUNNING microVM whose host
+      // crashed is FAILED anyway; its first suspend comes later).
+      const live = current.state === 'RUNNING';
+      const pausedMs = await takeSourcePoint(engine, current, first, rebaseOnto, 'fork:paused', false, live);
       await Promise.all(ids.slice(1).map((id) => snapshotFrom(first, generationDir(dataDir, id, 1), { durable: false, runDir: runDir(dataDir, source.id) })));
       await engine.pausePoint('fork:linked', source.id);
       const forks = await createForks(db, {
@@ -221,7 +204,7 @@ export async function forkMicrovm(engine: LifecycleEngine, db: Db, region: strin
         ...(input.idlePolicy ? { idlePolicy: input.idlePolicy } : {}),
         ...(input.maximumDurationSeconds ? { maximumDurationSeconds: input.maximumDurationSeconds } : {}),
       });
-      return { forks, pausedMs };
+      return { forks, pausedMs, live };
     } catch (error) {
       await Promise.all(ids.map((id) => fs.promises.rm(microvmDir(dataDir, id), { recursive: true, force: true })));
       throw error;
@@ -229,8 +212,11 @@ export async function forkMicrovm(engine: LifecycleEngine, db: Db, region: strin
   });
   await appendLog(dataDir, source.id, `forked ${ids.length}× (${ids.join(', ')}); paused ${pausedMs.toFixed(1)} ms`);
   const forked = performance.now();
-  for (const fork of forks) await engine.launch(fork);
-  if (engine.durable) void writeBack(dataDir, ids);
+  for (const fork of forks) await engine.launch(fork, { verifyData: live ? false : 'if-present' });
+  void completeForkPoint(
+    ids.map((id) => generationDir(dataDir, id, 1)),
+    engine.durable,
+  ).catch((error: unknown) => log.warn({ forks: ids, err: errorMessage(error) }, 'cannot complete the fork point (checksums, write-back)'));
   let timer: NodeJS.Timeout | undefined;
   const late = new Promise<void>((resolve) => {
     timer = setTimeout(resolve, FORK_WAIT_MS);

@@ -12,6 +12,7 @@ import { AgentExecService } from '../exec/service.ts';
 import { createShellHandler } from '../exec/shell-handler.ts';
 import type { ExecService } from '../exec/types.ts';
 import { createGateway, type Gateway, type GatewayOptions } from '../gateway/gateway.ts';
+import type { GatewaySurface } from '../gateway/surfaces.ts';
 import { createTokenVerifier } from '../gateway/tokens.ts';
 import type { ServerModule } from '../server.ts';
 import { LifecycleEngine, type LifecycleOptions } from './engine.ts';
@@ -34,6 +35,8 @@ export interface MicrovmModule extends ServerModule {
   readonly gateway: Gateway | undefined;
   /** What start-up recovery did (undefined before start). */
   readonly recovery: RecoveryReport | undefined;
+  /** Adds a protocol the gateway serves itself (E2B's envd); before or after start. */
+  addGatewaySurface(surface: GatewaySurface): void;
 }
 
 export function microvmModule(options: MicrovmModuleOptions = {}): MicrovmModule {
@@ -44,6 +47,7 @@ export function microvmModule(options: MicrovmModuleOptions = {}): MicrovmModule
   let recovery: RecoveryReport | undefined;
   let exec: ExecService | undefined;
   let shell: ReturnType<typeof createShellHandler> | undefined;
+  const surfaces: GatewaySurface[] = [];
   const requireExec = (): ExecService => {
     if (!exec) throw new CocoonError('not_ready', 'the microVM subsystem is not started', { status: 503 });
     return exec;
@@ -68,6 +72,9 @@ export function microvmModule(options: MicrovmModuleOptions = {}): MicrovmModule
     get recovery() {
       return recovery;
     },
+    addGatewaySurface(surface: GatewaySurface): void {
+      surfaces.push(surface);
+    },
     urlFor(microvmId: string): string {
       return `http://${microvmId}.${domain}:${gatewayPort}`;
     },
@@ -89,6 +96,7 @@ export function microvmModule(options: MicrovmModuleOptions = {}): MicrovmModule
           tokens: createTokenVerifier(db),
           domain: config.gatewayDomain,
           shell: shell.handler,
+          surfaces,
         });
         const address = await gateway.listen(config.gatewayPort, config.host);
         gatewayPort = address.port;

@@ -31,8 +31,8 @@ import { prepareSnapCopy } from './native/helper.ts';
 import type { QemuVm } from './qemu.ts';
 import { fsyncDir } from './qemu.ts';
 import { qemuDirOf, sealSnapshotFiles } from './snapshot-safety.ts';
-import { dataChecksums, writeSnapshotManifest } from './snapshot.ts';
-import type { DiskSpec, SnapshotManifest } from './types.ts';
+import { dataChecksums, readSnapshotManifest, writeSnapshotManifest } from './snapshot.ts';
+import type { DataChecksum, DiskSpec, SnapshotManifest } from './types.ts';
 
 const run = promisify(execFile);
 
@@ -48,6 +48,11 @@ export interface ForkPointOptions {
     /** The new backing file has the same content as the old one (a hard link of it): only the header changes. */
     sameContent?: boolean;
   };
+  /**
+   * Leave the memory's and disk's checksums out of the manifest (and fsync nothing): the fork
+   * point is restored at once with `verifyData: false`; `completeForkPoint` adds them later.
+   */
+  deferChecksums?: boolean;
   /** For crash tests: awaited while the VM is paused, after the device state and copies are made. */
   onPaused?: () => Promise<void>;
 }
@@ -121,15 +126,17 @@ export async function takeForkPoint(vm: QemuVm, targetDir: string, options: Fork
     pausedMs = performance.now() - started;
     const after = performance.now();
     if (options.rebaseOnto) await rebaseDisk(disk, options.rebaseOnto);
-    const handles = [await fs.promises.open(mem, 'r'), await fs.promises.open(disk, 'r'), await fs.promises.open(path.join(partial, 'state'), 'r')];
-    let checksums;
-    try {
-      [checksums] = await Promise.all([
-        dataChecksums(handles.slice(0, 2).map((handle) => handle.fd)),
-        durable ? Promise.all(handles.map((handle) => handle.datasync())) : undefined,
-      ]);
-    } finally {
-      for (const handle of handles) await handle.close().catch(() => undefined);
+    let checksums: DataChecksum[] = [];
+    if (!options.deferChecksums) {
+      const handles = [await fs.promises.open(mem, 'r'), await fs.promises.open(disk, 'r'), await fs.promises.open(path.join(partial, 'state'), 'r')];
+      try {
+        [checksums] = await Promise.all([
+          dataChecksums(handles.slice(0, 2).map((handle) => handle.fd)),
+          durable ? Promise.all(handles.map((handle) => handle.datasync())) : undefined,
+        ]);
+      } finally {
+        for (const handle of handles) await handle.close().catch(() => undefined);
+      }
     }
     await sealSnapshotFiles(vm.runDir, { mem, disk });
     const manifest: SnapshotManifest = {
@@ -139,14 +146,15 @@ export async function takeForkPoint(vm: QemuVm, targetDir: string, options: Fork
       cmdline: vm.cmdline,
       files: {
         state: { name: 'state', ...state },
-        mem: { name: 'mem', sizeBytes: vm.shape.memoryMiB * 1024 * 1024, checksum: checksums[0] },
-        disk: { name: diskName, format: vm.disk.format, sizeBytes: (await fs.promises.stat(disk)).size, checksum: checksums[1] },
+        mem: { name: 'mem', sizeBytes: vm.shape.memoryMiB * 1024 * 1024, ...(checksums[0] ? { checksum: checksums[0] } : {}) },
+        disk: { name: diskName, format: vm.disk.format, sizeBytes: (await fs.promises.stat(disk)).size, ...(checksums[1] ? { checksum: checksums[1] } : {}) },
       },
       guestPorts: [...vm.hostPorts.keys()],
     };
-    await writeSnapshotManifest(partial, manifest, durable);
+    if (options.deferChecksums) await writeManifestFile(partial, manifest, false);
+    else await writeSnapshotManifest(partial, manifest, durable);
     await fs.promises.rename(partial, targetDir);
-    if (durable) await fsyncDir(path.dirname(targetDir));
+    if (durable && !options.deferChecksums) await fsyncDir(path.dirname(targetDir));
     step('seal', after);
     return { manifest, pausedMs, steps };
   } catch (error) {
@@ -162,5 +170,49 @@ export async function takeForkPoint(vm: QemuVm, targetDir: string, options: Fork
       status: vm.exited ? 409 : 500,
       cause: error,
     });
+  }
+}
+
+/** Writes `manifest.json` whole (a temporary file renamed over it), fsynced when durable. */
+async function writeManifestFile(dir: string, manifest: SnapshotManifest, durable: boolean): Promise<void> {
+  const file = path.join(dir, 'manifest.json');
+  const handle = await fs.promises.open(`${file}.tmp`, 'w', 0o600);
+  try {
+    await handle.writeFile(JSON.stringify(manifest, null, 2));
+    if (durable) await handle.sync();
+  } finally {
+    await handle.close();
+  }
+  await fs.promises.rename(`${file}.tmp`, file);
+}
+
+/**
+ * Completes a fork point taken with `deferChecksums` once its users run: the memory's and
+ * disk's checksums go into the manifest of every directory in `dirs` (hard links of one fork
+ * point), and with `durable` its files and the directories are fsynced.
+ */
+export async function completeForkPoint(dirs: string[], durable: boolean): Promise<void> {
+  const [first] = dirs;
+  if (!first) return;
+  const manifest = await readSnapshotManifest(first);
+  const { files } = manifest;
+  const [mem, disk] = await dataChecksums([path.join(first, files.mem.name), path.join(first, files.disk.name)]);
+  if (durable) {
+    for (const name of [files.mem.name, files.disk.name, files.state.name]) {
+      const handle = await fs.promises.open(path.join(first, name), 'r');
+      try {
+        await handle.datasync();
+      } finally {
+        await handle.close();
+      }
+    }
+  }
+  const complete: SnapshotManifest = { ...manifest, files: { ...files, mem: { ...files.mem, checksum: mem! }, disk: { ...files.disk, checksum: disk! } } };
+  for (const dir of dirs) {
+    await writeManifestFile(dir, complete, durable);
+    if (durable) {
+      await fsyncDir(dir);
+      await fsyncDir(path.dirname(dir));
+    }
   }
 }

@@ -180,9 +180,11 @@ export class QemuVm {
   static async restore(options: RestoreOptions): Promise<QemuVm> {
     const manifest = await readSnapshotManifest(options.snapshotDir);
     await verifySnapshot(options.snapshotDir, manifest);
+    const hasChecksums = Boolean(manifest.files.mem.checksum && manifest.files.disk.checksum);
+    const verify = options.verifyData === false ? false : options.verifyData === 'if-present' ? hasChecksums : true;
     // The memory file is checked as it is copied for the new VM, and the disk along with it
     // (one helper run), before QEMU starts: the guest runs only on what matches the checksums.
-    assertDataChecksums(options.snapshotDir, manifest);
+    if (verify) assertDataChecksums(options.snapshotDir, manifest);
     const ramPath = path.join(options.runDir, 'mem');
     const disk: DiskSpec = { path: path.join(options.runDir, 'disk.qcow2'), format: 'qcow2' };
     const snapshotDisk = path.join(options.snapshotDir, manifest.files.disk.name);
@@ -190,6 +192,11 @@ export class QemuVm {
     return QemuVm.launch(options, manifest.shape, manifest.cmdline, disk, ramPath, {
       incoming: true,
       prepare: async () => {
+        if (!verify) {
+          // Unverified means made moments ago: still in the page cache, not yet written back.
+          await Promise.all([cloneRamFile(path.join(options.snapshotDir, manifest.files.mem.name), ramPath, { nosync: true }), createDiskLayer(snapshotDisk, manifest.files.disk.format, disk.path)]);
+          return;
+        }
         const [[memChecksum, diskChecksum]] = await Promise.all([
           cloneRamFile(path.join(options.snapshotDir, manifest.files.mem.name), ramPath, { checksum: true, alsoChecksum: [snapshotDisk] }),
           createDiskLayer(snapshotDisk, manifest.files.disk.format, disk.path),

@@ -85,6 +85,15 @@ describe('fork and checkpoint', () => {
     assert.equal(await counter(forks[1]!), '5');
     assert.equal(await counter(source), '5');
 
+    // The fork point was restored unverified (made moments ago); its checksums follow in the background.
+    for (const f of forks) {
+      const manifest = path.join(microvmDir(dataDir, f.id), 'gen-1', 'manifest.json');
+      let files: Record<string, { checksum?: { value: string } }> = {};
+      for (let i = 0; i < 300 && !files.mem?.checksum; i++, await sleep(100)) files = JSON.parse(fs.readFileSync(manifest, 'utf8')).files;
+      assert.match(files.mem?.checksum?.value ?? '', /^[0-9a-f]{16}$/, `${f.id}: the memory's checksum`);
+      assert.match(files.disk?.checksum?.value ?? '', /^[0-9a-f]{16}$/, `${f.id}: the disk's checksum`);
+    }
+
     // The same background process goes on in every fork (processes were forked, not restarted).
     const pid = /^running (\d+) /.exec(bgBefore)?.[1];
     assert.ok(pid, bgBefore);
