@@ -10,6 +10,8 @@ import {
 } from '../../packages/sdk/src/index.ts';
 import { action, collect, collectInt, int } from './args.ts';
 import type { Cli } from './context.ts';
+import { registerCopyCommand } from './cp.ts';
+import { registerExecCommands } from './exec.ts';
 import { CliError, EXIT, UsageError } from './exit-codes.ts';
 import { fields, relative, table } from './format.ts';
 
@@ -235,9 +237,10 @@ export function registerMicrovmCommands(program: Command): void {
     .argument('<microvm>', 'microVM id or ARN')
     .option('--expiration-minutes <n>', 'valid this long, 1-60 (default 60)', int(1, 60))
     .option('--port <port>', 'allow only this guest port (repeat or comma-separate; default all)', collectInt(1, 65535))
+    .option('--scope <scope>', 'http (web requests to the app, the default) or shell (a terminal through the gateway: cocoon vm shell --token)')
     .option('--list', "list the microVM's tokens instead (never their secrets)")
     .option('--revoke <tokenId>', 'revoke this token instead (at once)')
-    .action(action<{ expirationMinutes?: number; port?: number[]; list?: boolean; revoke?: string }>(async (cli, [id], options) => {
+    .action(action<{ expirationMinutes?: number; port?: number[]; scope?: string; list?: boolean; revoke?: string }>(async (cli, [id], options) => {
       const client = cli.client();
       if (options.list && options.revoke) throw new UsageError('give --list or --revoke, not both');
       if (options.list) {
@@ -253,7 +256,11 @@ export function registerMicrovmCommands(program: Command): void {
         cli.result({ revoked: options.revoke }, () => `Revoked token ${options.revoke}`);
         return;
       }
-      const input: { expirationMinutes?: number; allowedPorts?: number[] } = {};
+      const input: { expirationMinutes?: number; allowedPorts?: number[]; scope?: 'http' | 'shell' } = {};
+      if (options.scope !== undefined) {
+        if (options.scope !== 'http' && options.scope !== 'shell') throw new UsageError(`--scope is http or shell, got ${options.scope}`);
+        input.scope = options.scope;
+      }
       if (options.expirationMinutes !== undefined) input.expirationMinutes = options.expirationMinutes;
       if (options.port?.length) input.allowedPorts = options.port;
       const issued = await client.tokens.create(id!, input);
@@ -317,4 +324,7 @@ export function registerMicrovmCommands(program: Command): void {
       if (cli.json) cli.result({ log }, () => '');
       else process.stdout.write(log);
     }));
+
+  registerExecCommands(vm);
+  registerCopyCommand(vm);
 }

@@ -3,6 +3,7 @@
 // refresh every two seconds while the tab is visible; rows are updated in place so focus and
 // keyboard position survive a refresh. All text goes in with textContent, never as HTML.
 import { Cocoon, isCocoonApiError } from '/sdk/index.ts';
+import { closeTerminal, downloadFile, openTerminal, uploadFile } from '/dashboard/terminal.js';
 
 const KEY_STORAGE = 'cocoon.apiKey';
 const REFRESH_MS = 2000;
@@ -131,6 +132,7 @@ async function signIn(apiKey, { quiet = false } = {}) {
 
 function signOut(reason = '') {
   cocoon = undefined;
+  closeTerminal();
   sessionStorage.removeItem(KEY_STORAGE);
   clearTimeout(refreshTimer);
   logAbort?.abort();
@@ -248,6 +250,7 @@ function renderVms(items) {
       return b;
     };
     const open = button('Open the app of', 'primary', 'open', 'Open app');
+    const terminal = button('Open a terminal on', 'secondary', 'terminal', 'Terminal');
     const copy = button('Copy a token for', 'secondary', 'token', 'Copy token');
     const suspend = button('Suspend', 'secondary', 'suspend', 'Suspend');
     const resume = button('Resume', 'secondary', 'resume', 'Resume');
@@ -255,6 +258,7 @@ function renderVms(items) {
     const checkpoint = button('Checkpoint', 'secondary', 'checkpoint', 'Checkpoint');
     const terminate = button('Terminate', 'danger', 'terminate', 'Terminate');
     open.addEventListener('click', () => openApp(vm.id, open));
+    terminal.addEventListener('click', () => void openTerminal(cocoon, vm.id, message));
     copy.addEventListener('click', () => copyToken(vm.id, copy));
     suspend.addEventListener('click', () => lifecycle(vm.id, 'suspend', suspend));
     resume.addEventListener('click', () => lifecycle(vm.id, 'resume', resume));
@@ -262,7 +266,7 @@ function renderVms(items) {
     checkpoint.addEventListener('click', () => checkpointVm(vm.id, checkpoint));
     terminate.addEventListener('click', () => confirmThen(terminate, () => lifecycle(vm.id, 'terminate', terminate)));
     return el('tr', {}, el('th', { scope: 'row' }, el('code', {}, vm.id)), el('td'), el('td'), el('td'), el('td'),
-      el('td', { class: 'row-actions' }, open, copy, suspend, resume, fork, checkpoint, terminate));
+      el('td', { class: 'row-actions' }, open, terminal, copy, suspend, resume, fork, checkpoint, terminate));
   }, (row, vm) => {
     row.vm = vm;
     const imageName = vm.image.split('/').pop() ?? vm.image;
@@ -556,6 +560,15 @@ $('sign-in-form').addEventListener('submit', async (event) => {
   await busy($('sign-in-button'), () => signIn(key));
 });
 $('sign-out').addEventListener('click', () => signOut());
+$('terminal-close').addEventListener('click', () => closeTerminal());
+$('upload-form').addEventListener('submit', (event) => {
+  event.preventDefault();
+  void busy($('upload-button'), () => uploadFile(cocoon, message));
+});
+$('download-form').addEventListener('submit', (event) => {
+  event.preventDefault();
+  void busy($('download-button'), () => downloadFile(cocoon, message));
+});
 $('image-form').addEventListener('submit', createImage);
 $('vm-form').addEventListener('submit', startVm);
 $('log-close').addEventListener('click', () => {

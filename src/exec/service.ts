@@ -70,7 +70,8 @@ function execFields(request: ExecRequest, background: boolean): Fields {
   if (request.tty) {
     fields.push(['tty', '1'], ['cols', String(request.cols ?? 80)], ['rows', String(request.rows ?? 24)]);
   }
-  if (request.stdin || request.tty) fields.push(['stdin', '1']);
+  // A background process keeps its stdin open for POST /processes/{pid}/stdin (EXEC-API.md, Processes).
+  if (request.stdin || request.tty || background) fields.push(['stdin', '1']);
   if (request.timeoutSeconds !== undefined) fields.push(['timeout_ms', String(Math.round(request.timeoutSeconds * 1000))]);
   if (background) fields.push(['keep', '1']);
   for (const [, v] of fields) if (v.includes('\0')) throw new CocoonError('invalid_request', 'arguments, environment and paths cannot contain NUL bytes', { status: 400 });

@@ -95,7 +95,7 @@ describe('OpenAPI document', () => {
     for (const route of outside) {
       assert.ok(route.hidden && route.public, `${route.method} ${route.url} is a hidden public asset route`);
     }
-    assert.deepEqual(outside.map((r) => r.url).sort(), ['/', '/dashboard/:file', '/sdk/:file']);
+    assert.deepEqual(outside.map((r) => r.url).sort(), ['/', '/dashboard/:file', '/sdk/:file', '/vendor/:file']);
   });
 
   it('describes each operation: summary, path parameters, request bodies, security', () => {

@@ -167,23 +167,30 @@ export interface MicroVMListParams extends PageParams {
   image?: string;
 }
 
+/** `http`: web requests to the app; `shell`: a terminal through the gateway (`pty.openWithToken`), nothing else. */
+export type TokenScope = 'http' | 'shell';
+
 export interface CreateTokenInput {
   /** 1–60, default 60. */
   expirationMinutes?: number;
-  /** Default: every port. */
+  /** Default: every port (http tokens). */
   allowedPorts?: number[];
+  /** Default `http`. */
+  scope?: TokenScope;
 }
 
 /** A new gateway token: send `token` as `X-Cocoon-Token` (shown once). */
 export interface IssuedToken {
   id: string;
   token: string;
+  scope?: TokenScope;
   expiresAt: string;
   allowedPorts: number[] | null;
 }
 
 export interface TokenInfo {
   id: string;
+  scope?: TokenScope;
   expiresAt: string;
   allowedPorts: number[] | null;
   createdAt: string;
