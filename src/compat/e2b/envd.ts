@@ -281,6 +281,7 @@ export function createEnvdSurface(options: EnvdOptions): GatewaySurface & { clos
           failure = connectError(new CocoonError(event.error.code, event.error.message, { status: 400 }));
           break;
         }
+        if (hub.done) break;
         const message = toMessage(hub.session, event);
         if (message) await Promise.all([...hub.subs].map((sub) => sub.send(message).catch(() => hub.subs.delete(sub))));
         if (hub.subs.size === 0) break;
@@ -315,7 +316,13 @@ export function createEnvdSurface(options: EnvdOptions): GatewaySurface & { clos
       const onAbort = () => {
         if (context.deadlineExceeded() && killOnDeadline) hub.session.kill('SIGKILL');
         hub.subs.delete(sub);
-        if (hub.subs.size === 0) hub.session.close();
+        if (hub.subs.size === 0) {
+          // The last reader left: this session is over at once, so that a later Connect attaches
+          // anew instead of joining a session that is closing (and losing what it still holds).
+          hub.done = true;
+          if (hubs.get(key) === hub) hubs.delete(key);
+          hub.session.close();
+        }
         sub.resolve();
       };
       send({ event: { start: { pid: hub.session.pid } } }).then(() => {
