@@ -168,7 +168,7 @@ describe('the e2b SDK drives Cocoon', () => {
     assert.ok(!events.some((e) => e.includes('cocoon-upload')), 'no temporary upload file is seen');
   });
 
-  test('PTY: create, sendInput, resize, kill', SLOW, async () => {
+  test('PTY: create, sendInput, resize, disconnect and connect, kill', SLOW, async () => {
     const sandbox = await create();
     let out = '';
     const decoder = new TextDecoder();
@@ -180,6 +180,14 @@ describe('the e2b SDK drives Cocoon', () => {
     await sandbox.pty.sendInput(terminal.pid, new TextEncoder().encode('stty size\n'));
     for (let i = 0; i < 200 && !out.includes('30 100'); i++) await new Promise((r) => setTimeout(r, 50));
     assert.match(out, /30 100/);
+    // Disconnect, then connect again with a new handler: the terminal lives on.
+    await terminal.disconnect();
+    let again = '';
+    const reconnected = await sandbox.pty.connect(terminal.pid, { onData: (d) => void (again += decoder.decode(d, { stream: true })) });
+    await sandbox.pty.sendInput(terminal.pid, new TextEncoder().encode('echo again-$((1+1))\n'));
+    for (let i = 0; i < 200 && !again.includes('again-2'); i++) await new Promise((r) => setTimeout(r, 50));
+    assert.match(again, /again-2/);
+    assert.equal(reconnected.pid, terminal.pid);
     assert.equal(await sandbox.pty.kill(terminal.pid), true);
   });
 
