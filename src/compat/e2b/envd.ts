@@ -188,7 +188,11 @@ export function createEnvdSurface(options: EnvdOptions): GatewaySurface & { clos
 
   const remember = (id: string, pid: number, info: Started) => {
     let m = started.get(id);
-    if (!m) started.set(id, (m = new Map()));
+    if (!m) {
+      // Bounded: what List reports of long-gone sandboxes is dropped first.
+      if (started.size >= 10_000) started.delete(started.keys().next().value as string);
+      started.set(id, (m = new Map()));
+    }
     if (m.size > 4096) m.delete(m.keys().next().value as number);
     m.set(pid, info);
   };
