@@ -35,6 +35,7 @@ packages=(
   gcc:/usr/bin/gcc
   passwd:/usr/sbin/useradd
   chromium:/usr/bin/chromium
+  tmux:/usr/bin/tmux
 )
 
 install_system_packages() {

@@ -33,6 +33,8 @@ export interface RunningServer {
 /** Subsystems add their routes and start/stop work here (images, microVMs, gateway...). */
 export interface ServerModule {
   routes?: ApiRoutes;
+  /** Routes outside `/api/v1` (compatibility surfaces such as `/e2b`); they do their own auth. */
+  rootRoutes?: ApiRoutes;
   start?(context: ApiContext): Promise<void>;
   stop?(): Promise<void>;
 }
@@ -59,6 +61,7 @@ export async function startServer(config: CocoonConfig, modules: ServerModule[] 
   const api = await buildApiServer(
     context,
     modules.flatMap((m) => (m.routes ? [m.routes] : [])),
+    modules.flatMap((m) => (m.rootRoutes ? [m.rootRoutes] : [])),
   );
   const started: ServerModule[] = [];
   try {
