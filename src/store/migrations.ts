@@ -193,6 +193,14 @@ export const MIGRATIONS: readonly Migration[] = [
           );
           CREATE INDEX e2b_sandboxes_by_tenant ON e2b_sandboxes (tenant_id, microvm_id);`,
   },
+  {
+    version: 5,
+    name: 'sealed api key secrets',
+    // AWS SigV4 (src/compat/aws/) signs with the API key itself: a copy sealed with AES-256-GCM
+    // under the data directory's key file (sealed-secrets.ts). NULL for keys made before this
+    // step: those cannot sign AWS requests (the API says to make a new key).
+    sql: `ALTER TABLE api_keys ADD COLUMN sealed_secret TEXT;`,
+  },
 ];
 
 export interface MigrationReport {
