@@ -28,7 +28,10 @@ const SUITES: Record<string, (options: SuiteOptions) => Promise<Metrics>> = {
   microvm: async (o) => (await import('./microvm.ts')).runMicrovmBench({ ...o, parts: ['launch'] }),
   gateway: async (o) => (await import('./microvm.ts')).runMicrovmBench({ ...o, parts: ['gateway'] }),
   density: async (o) => (await import('./microvm.ts')).runMicrovmBench({ ...o, parts: ['density'] }),
+  fork: async (o) => (await import('./fork.ts')).runForkBench(o),
   soak: async (o) => (await import('./soak.ts')).runSoakBench(o),
+  exec: async (o) => (await import('./exec.ts')).runExecBench(o),
+  e2b: async (o) => (await import('./e2b.ts')).runE2bBench(o),
 };
 
 /** Run only when named: minutes of load, not a side-by-side figure. */

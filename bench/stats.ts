@@ -1,6 +1,6 @@
 /** Shared by every benchmark suite: the metric shape of CONTRACT.md and percentiles. */
 
-export type Unit = 'ms' | 'rps' | 'ratio' | 'count' | 'MiB';
+export type Unit = 'ms' | 'rps' | 'ratio' | 'count' | 'MiB' | 'MiB/s';
 
 export interface Metric {
   p50: number;

@@ -65,11 +65,11 @@ fetch_kernel() {
 }
 
 build_init() {
-  local src=$repo/src/guest/init/cocoon-init.c out=$1
+  local src=$repo/src/guest/init out=$1
   [ -x "$out" ] && return 0
-  log "building cocoon-init"
+  log "building cocoon-init (with the guest agent)"
   mkdir -p "$(dirname "$out")"
-  musl-gcc -static -Os -Wall -Wextra -Werror -Wno-unused-parameter -o "$out.tmp" "$src"
+  musl-gcc -static -Os -Wall -Wextra -Werror -Wno-unused-parameter -o "$out.tmp" "$src/cocoon-init.c" "$src/agent.c"
   strip "$out.tmp"
   mv "$out.tmp" "$out"
 }
@@ -93,7 +93,7 @@ main() {
   kdir=$cache/kernel/$pkg-$version
   fetch_kernel "$pkg" "$kdir"
   local init_hash init initramfs
-  init_hash=$(sha256sum "$repo/src/guest/init/cocoon-init.c" | cut -c1-16)
+  init_hash=$(cat "$repo"/src/guest/init/*.c "$repo"/src/guest/init/*.h | sha256sum | cut -c1-16)
   init=$cache/guest/cocoon-init-$init_hash
   build_init "$init"
   initramfs=$cache/guest/initramfs-$pkg-$version-$init_hash.cpio

@@ -70,7 +70,7 @@ function documentErrors(route: RouteOptions): void {
   add(500, true);
 }
 
-export async function buildApiServer(context: ApiContext, extraRoutes: ApiRoutes[] = []): Promise<FastifyInstance> {
+export async function buildApiServer(context: ApiContext, extraRoutes: ApiRoutes[] = [], rootRoutes: ApiRoutes[] = []): Promise<FastifyInstance> {
   const app = Fastify({
     logger: { level: process.env.COCOON_LOG_LEVEL ?? (process.env.NODE_ENV === 'test' ? 'warn' : 'info'), redact: ['req.headers.authorization'] },
     bodyLimit: JSON_BODY_LIMIT,
@@ -141,5 +141,7 @@ export async function buildApiServer(context: ApiContext, extraRoutes: ApiRoutes
   );
   // The web dashboard at `/` (public assets; the API key stays in the browser).
   await app.register(async (root) => dashboardRoutes(root, context));
+  // Compatibility surfaces (e.g. E2B under /e2b): each registers its own prefix, auth and error shape.
+  for (const routes of rootRoutes) await app.register(async (root) => routes(root, context));
   return app;
 }

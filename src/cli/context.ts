@@ -18,6 +18,7 @@ import {
   MicroVMStateError,
 } from '../../packages/sdk/src/index.ts';
 import { CliError, EXIT, exitCodeFor, UsageError } from './exit-codes.ts';
+import { wsFactory } from './websocket.ts';
 
 export interface GlobalOptions {
   apiUrl?: string;
@@ -91,7 +92,7 @@ export class Cli {
         `pass --api-key, set COCOON_API_KEY, or run next to a server's data directory (${this.settings.dataDir}/admin-api-key)`,
       );
     }
-    this.#client ??= new Cocoon({ apiUrl: this.settings.apiUrl, apiKey: this.settings.apiKey });
+    this.#client ??= new Cocoon({ apiUrl: this.settings.apiUrl, apiKey: this.settings.apiKey, webSocket: wsFactory });
     return this.#client;
   }
 

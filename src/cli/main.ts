@@ -6,6 +6,7 @@
 import { Command, CommanderError } from 'commander';
 import { registerAdminCommands } from './admin.ts';
 import { action } from './args.ts';
+import { separateCommand } from './exec-args.ts';
 import { EXIT } from './exit-codes.ts';
 import { registerImageCommands } from './images.ts';
 import { registerMicrovmCommands } from './microvms.ts';
@@ -67,7 +68,7 @@ Start here:
 
 export async function main(argv: string[]): Promise<void> {
   try {
-    await buildCli().parseAsync(argv);
+    await buildCli().parseAsync(separateCommand(argv));
   } catch (error) {
     if (error instanceof CommanderError) {
       // Help and version exit 0; every parse error (unknown command or flag, bad value) is a usage error.

@@ -1,4 +1,4 @@
-/** `cocoon vm start|list|get|suspend|resume|terminate|token|curl|logs`. */
+/** `cocoon vm start|list|get|suspend|resume|fork|checkpoint|terminate|token|curl|logs`. */
 import fs from 'node:fs';
 import type { Command } from 'commander';
 import {
@@ -10,6 +10,8 @@ import {
 } from '../../packages/sdk/src/index.ts';
 import { action, collect, collectInt, int } from './args.ts';
 import type { Cli } from './context.ts';
+import { registerCopyCommand } from './cp.ts';
+import { registerExecCommands } from './exec.ts';
 import { CliError, EXIT, UsageError } from './exit-codes.ts';
 import { fields, relative, table } from './format.ts';
 
@@ -183,6 +185,40 @@ export function registerMicrovmCommands(program: Command): void {
     }));
 
   vm
+    .command('fork')
+    .description("fork a RUNNING or SUSPENDED microVM: new microVMs that each continue its memory, disk and processes from now, on their own")
+    .argument('<microvm>', 'microVM id or ARN')
+    .option('--count <n>', 'how many forks (1-16)', int(1, 16), 1)
+    .action(action<{ count: number }>(async (cli, [id], options) => {
+      cli.progress(`Forking ${id} ${options.count}×…`);
+      const forked = await cli.client().microvms.fork(id!, { count: options.count });
+      cli.result(forked, () => {
+        const lines = [
+          `✓ ${forked.items.length} fork${forked.items.length === 1 ? '' : 's'} of ${id} (the source was paused ${forked.sourcePausedMs} ms)`,
+          table(['ID', 'STATE', 'URL', 'TOKEN'], forked.items.map((f) => [f.id, f.state, f.url, f.token ?? ''])),
+        ];
+        const first = forked.items[0];
+        if (first) lines.push('Next:', `  cocoon vm curl ${first.id} /`);
+        return lines;
+      });
+    }));
+
+  vm
+    .command('checkpoint')
+    .description("save a microVM's state as a new image version; microVMs started from it begin exactly there")
+    .argument('<microvm>', 'microVM id or ARN')
+    .argument('[name]', "the image's name (default: the source image's name, as a new version)")
+    .option('--no-wait', 'answer at once instead of waiting until the image is READY')
+    .option('--wait-timeout <seconds>', 'give up waiting after this long', int(1, 86400), 600)
+    .action(action<{ wait: boolean; waitTimeout: number }>(async (cli, [id, name], options) => {
+      const client = cli.client();
+      cli.progress(`Checkpointing ${id}…`);
+      let image = await client.microvms.checkpoint(id!, name ? { name } : {});
+      if (options.wait && image.state !== 'READY') image = await client.images.waitUntilReady(image.id, { timeoutMs: options.waitTimeout * 1000 });
+      cli.result(image, () => [`${image.state === 'READY' ? '✓ ' : ''}${image.arn} is ${image.state}`, 'Next:', `  cocoon vm start ${image.id}`]);
+    }));
+
+  vm
     .command('terminate')
     .alias('rm')
     .description('terminate a microVM: its VM and files are removed, its URL answers 410')
@@ -201,9 +237,10 @@ export function registerMicrovmCommands(program: Command): void {
     .argument('<microvm>', 'microVM id or ARN')
     .option('--expiration-minutes <n>', 'valid this long, 1-60 (default 60)', int(1, 60))
     .option('--port <port>', 'allow only this guest port (repeat or comma-separate; default all)', collectInt(1, 65535))
+    .option('--scope <scope>', 'http (web requests to the app, the default) or shell (a terminal through the gateway: cocoon vm shell --token)')
     .option('--list', "list the microVM's tokens instead (never their secrets)")
     .option('--revoke <tokenId>', 'revoke this token instead (at once)')
-    .action(action<{ expirationMinutes?: number; port?: number[]; list?: boolean; revoke?: string }>(async (cli, [id], options) => {
+    .action(action<{ expirationMinutes?: number; port?: number[]; scope?: string; list?: boolean; revoke?: string }>(async (cli, [id], options) => {
       const client = cli.client();
       if (options.list && options.revoke) throw new UsageError('give --list or --revoke, not both');
       if (options.list) {
@@ -219,7 +256,11 @@ export function registerMicrovmCommands(program: Command): void {
         cli.result({ revoked: options.revoke }, () => `Revoked token ${options.revoke}`);
         return;
       }
-      const input: { expirationMinutes?: number; allowedPorts?: number[] } = {};
+      const input: { expirationMinutes?: number; allowedPorts?: number[]; scope?: 'http' | 'shell' } = {};
+      if (options.scope !== undefined) {
+        if (options.scope !== 'http' && options.scope !== 'shell') throw new UsageError(`--scope is http or shell, got ${options.scope}`);
+        input.scope = options.scope;
+      }
       if (options.expirationMinutes !== undefined) input.expirationMinutes = options.expirationMinutes;
       if (options.port?.length) input.allowedPorts = options.port;
       const issued = await client.tokens.create(id!, input);
@@ -283,4 +324,7 @@ export function registerMicrovmCommands(program: Command): void {
       if (cli.json) cli.result({ log }, () => '');
       else process.stdout.write(log);
     }));
+
+  registerExecCommands(vm);
+  registerCopyCommand(vm);
 }

@@ -3,6 +3,7 @@
 // refresh every two seconds while the tab is visible; rows are updated in place so focus and
 // keyboard position survive a refresh. All text goes in with textContent, never as HTML.
 import { Cocoon, isCocoonApiError } from '/sdk/index.ts';
+import { closeTerminal, downloadFile, openTerminal, uploadFile } from '/dashboard/terminal.js';
 
 const KEY_STORAGE = 'cocoon.apiKey';
 const REFRESH_MS = 2000;
@@ -131,6 +132,7 @@ async function signIn(apiKey, { quiet = false } = {}) {
 
 function signOut(reason = '') {
   cocoon = undefined;
+  closeTerminal();
   sessionStorage.removeItem(KEY_STORAGE);
   clearTimeout(refreshTimer);
   logAbort?.abort();
@@ -248,17 +250,23 @@ function renderVms(items) {
       return b;
     };
     const open = button('Open the app of', 'primary', 'open', 'Open app');
+    const terminal = button('Open a terminal on', 'secondary', 'terminal', 'Terminal');
     const copy = button('Copy a token for', 'secondary', 'token', 'Copy token');
     const suspend = button('Suspend', 'secondary', 'suspend', 'Suspend');
     const resume = button('Resume', 'secondary', 'resume', 'Resume');
+    const fork = button('Fork', 'secondary', 'fork', 'Fork');
+    const checkpoint = button('Checkpoint', 'secondary', 'checkpoint', 'Checkpoint');
     const terminate = button('Terminate', 'danger', 'terminate', 'Terminate');
     open.addEventListener('click', () => openApp(vm.id, open));
+    terminal.addEventListener('click', () => void openTerminal(cocoon, vm.id, message));
     copy.addEventListener('click', () => copyToken(vm.id, copy));
     suspend.addEventListener('click', () => lifecycle(vm.id, 'suspend', suspend));
     resume.addEventListener('click', () => lifecycle(vm.id, 'resume', resume));
+    fork.addEventListener('click', () => forkVm(vm.id, fork));
+    checkpoint.addEventListener('click', () => checkpointVm(vm.id, checkpoint));
     terminate.addEventListener('click', () => confirmThen(terminate, () => lifecycle(vm.id, 'terminate', terminate)));
     return el('tr', {}, el('th', { scope: 'row' }, el('code', {}, vm.id)), el('td'), el('td'), el('td'), el('td'),
-      el('td', { class: 'row-actions' }, open, copy, suspend, resume, terminate));
+      el('td', { class: 'row-actions' }, open, terminal, copy, suspend, resume, fork, checkpoint, terminate));
   }, (row, vm) => {
     row.vm = vm;
     const imageName = vm.image.split('/').pop() ?? vm.image;
@@ -274,7 +282,8 @@ function renderVms(items) {
       const action = b.dataset.action;
       b.hidden = ended
         || (action === 'suspend' && vm.state !== 'RUNNING')
-        || (action === 'resume' && !['SUSPENDED', 'SUSPENDING'].includes(vm.state));
+        || (action === 'resume' && !['SUSPENDED', 'SUSPENDING'].includes(vm.state))
+        || ((action === 'fork' || action === 'checkpoint') && !['RUNNING', 'SUSPENDED'].includes(vm.state));
     }
   });
 }
@@ -446,6 +455,37 @@ async function lifecycle(id, action, button) {
   });
 }
 
+/** Fork: one new microVM that continues this one from now; its token is shown like a copied one. */
+async function forkVm(id, button) {
+  await busy(button, async () => {
+    try {
+      setStatus('vm-status', `Forking ${id}…`);
+      const { items, sourcePausedMs } = await cocoon.microvms.fork(id, { count: 1 });
+      const fork = items[0];
+      if (fork?.token) showToken(fork.id, fork.token, fork.tokenExpiresAt);
+      setStatus('vm-status', `Forked ${id} into ${fork?.id} (${fork?.state}); ${id} was paused ${sourcePausedMs} ms.`, 'ok');
+    } catch (error) {
+      if (!handleAuthLoss(error)) setStatus('vm-status', message(error), 'error');
+    }
+    await refresh();
+  });
+}
+
+/** Checkpoint: a new version of the microVM's image, READY once its snapshot is committed. */
+async function checkpointVm(id, button) {
+  await busy(button, async () => {
+    try {
+      setStatus('vm-status', `Checkpointing ${id}…`);
+      const image = await cocoon.microvms.checkpoint(id);
+      const ready = await cocoon.images.waitUntilReady(image.id, { timeoutMs: 10 * 60_000 });
+      setStatus('vm-status', `Checkpoint ${ready.name}:${ready.version} of ${id} is READY: start microVMs from it above.`, 'ok');
+    } catch (error) {
+      if (!handleAuthLoss(error)) setStatus('vm-status', message(error), 'error');
+    }
+    await refresh();
+  });
+}
+
 function showToken(id, token, expiresAt) {
   $('token-box').hidden = false;
   $('token-vm').textContent = id;
@@ -520,6 +560,15 @@ $('sign-in-form').addEventListener('submit', async (event) => {
   await busy($('sign-in-button'), () => signIn(key));
 });
 $('sign-out').addEventListener('click', () => signOut());
+$('terminal-close').addEventListener('click', () => closeTerminal());
+$('upload-form').addEventListener('submit', (event) => {
+  event.preventDefault();
+  void busy($('upload-button'), () => uploadFile(cocoon, message));
+});
+$('download-form').addEventListener('submit', (event) => {
+  event.preventDefault();
+  void busy($('download-button'), () => downloadFile(cocoon, message));
+});
 $('image-form').addEventListener('submit', createImage);
 $('vm-form').addEventListener('submit', startVm);
 $('log-close').addEventListener('click', () => {

@@ -25,6 +25,8 @@ import {
   tokenCookie,
 } from './credentials.ts';
 import { clientAddress, upstreamRequestHeaders } from './headers.ts';
+import { isShellPath, subprotocolToken, type ShellHandler } from './shell.ts';
+import type { GatewaySurface } from './surfaces.ts';
 import { DEFAULT_GATEWAY_DOMAIN, normalizeDomain, parsePortHeader, resolveMicroVM } from './routing.ts';
 import { isPromiseLike, type MicroVMDirectory, type MicroVMRoute, type TokenFailureReason, type TokenVerification, type TokenVerifier } from './types.ts';
 import { NodeUpstreamClient, UndiciUpstreamClient, UpstreamFailure, type UpstreamClient } from './upstream.ts';
@@ -34,6 +36,10 @@ import { proxyWebSocket, rawResponse } from './websocket.ts';
 export interface GatewayOptions {
   directory: MicroVMDirectory;
   tokens: TokenVerifier;
+  /** Serves `/.cocoon/shell` WebSockets admitted with a shell-scope token (shell.ts); absent: 404. */
+  shell?: ShellHandler;
+  /** Other platforms' in-sandbox protocols served by Cocoon itself (surfaces.ts); read per request, so it may grow after start. */
+  surfaces?: readonly GatewaySurface[];
   /** Host names are `<microvm id>.<domain>`. Default `vm.localhost`. */
   domain?: string;
   logger?: Logger;
@@ -240,7 +246,8 @@ export function createGateway(options: GatewayOptions): Gateway {
       // A WebSocket cannot follow a redirect: the parameter is the credential, and is removed.
       target = query.target;
     } else {
-      const header = req.headers[TOKEN_HEADER];
+      // The shell WebSocket also takes the token as a subprotocol (browsers cannot set headers).
+      const header = req.headers[TOKEN_HEADER] ?? (upgrade && options.shell && isShellPath(rawTarget) ? subprotocolToken(req) : undefined);
       if (header !== undefined) {
         const r = tokens.verify(microvmId, Array.isArray(header) ? header.join(', ') : header);
         verification = isPromiseLike(r) ? await r : r;
@@ -257,10 +264,19 @@ export function createGateway(options: GatewayOptions): Gateway {
       if (fromCookie && f.status === 401) headers['set-cookie'] = clearTokenCookie(proto === 'https');
       return reject(f.status, f.code, f.message, headers);
     }
+    // Scopes: a shell token opens only /.cocoon/shell, and only a shell token opens it.
+    const wantsShell = upgrade && options.shell !== undefined && isShellPath(target);
+    if (wantsShell !== ((verification.scope ?? 'http') === 'shell')) {
+      return reject(403, 'token_scope', wantsShell
+        ? 'this token cannot open a shell: issue one with POST /api/v1/microvms/{id}/tokens {"scope":"shell"}'
+        : 'a shell token opens only the /.cocoon/shell WebSocket, not app requests');
+    }
 
     const portHeader = req.headers[PORT_HEADER];
-    const requestedPort = parsePortHeader(Array.isArray(portHeader) ? portHeader.join(', ') : portHeader);
-    if (requestedPort === null) return reject(400, 'invalid_port', 'X-Cocoon-Port must be one port number, 1-65535');
+    const headerPort = parsePortHeader(Array.isArray(portHeader) ? portHeader.join(', ') : portHeader);
+    if (headerPort === null) return reject(400, 'invalid_port', 'X-Cocoon-Port must be one port number, 1-65535');
+    // A port named by the host (`<port>-<id>.<domain>`, E2B's getHost) unless the header names one.
+    const requestedPort = headerPort ?? resolved.hostPort;
     const allowed = verification.allowedPorts;
     if (requestedPort !== undefined && allowed !== 'all' && !allowed.includes(requestedPort)) {
       return reject(403, 'port_not_allowed', `the token does not allow port ${requestedPort}`);
@@ -269,6 +285,9 @@ export function createGateway(options: GatewayOptions): Gateway {
     const found = directory.lookup(microvmId);
     const route = isPromiseLike(found) ? await found : found;
     if (route === null) return reject(404, 'microvm_not_found', `microVM ${microvmId} does not exist`);
+    if (requestedPort === undefined && route.hasAppPort === false && !wantsShell) {
+      return reject(409, 'no_app_port', `microVM ${microvmId} has no app port (its image was made with "port": null): use exec, or name a port with X-Cocoon-Port`);
+    }
     const guestPort = requestedPort ?? route.appPort;
     if (allowed !== 'all' && !allowed.includes(guestPort)) {
       return reject(403, 'port_not_allowed', `the token does not allow port ${guestPort}`);
@@ -489,6 +508,11 @@ export function createGateway(options: GatewayOptions): Gateway {
       return;
     }
     const a = admission;
+    if (options.shell && isShellPath(a.target)) {
+      // Served by the platform's exec service (it wakes the microVM and counts the session).
+      options.shell(a.microvmId, req, socket, head);
+      return;
+    }
     if ((webSockets.get(a.microvmId) ?? 0) >= maxWebSockets) {
       refuseUpgrade(req, socket, reject(503, 'microvm_busy', `microVM ${a.microvmId} has too many open WebSockets`, { 'retry-after': retryAfter }));
       return;
@@ -564,6 +588,11 @@ export function createGateway(options: GatewayOptions): Gateway {
   });
   const handle = (req: IncomingMessage, res: ServerResponse): void => {
     res.on('error', () => {});
+    const surface = closing ? undefined : options.surfaces?.find((s) => s.claims(req));
+    if (surface) {
+      surface.handle(req, res);
+      return;
+    }
     onRequest(req, res).catch((error: unknown) => {
       logger.error({ err: error, path: pathOnly(req.url) }, 'gateway request handler failed');
       sendError(req, res, reject(500, 'internal_error', 'the gateway failed to handle the request'));

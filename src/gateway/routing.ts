@@ -30,7 +30,7 @@ export function normalizeDomain(domain: string): string {
 }
 
 export type RouteResolution =
-  | { ok: true; microvmId: string; via: 'host' | 'header' }
+  | { ok: true; microvmId: string; via: 'host' | 'header'; hostPort?: number }
   | { ok: false; status: 400 | 404; code: string; message: string };
 
 function fail(status: 400 | 404, code: string, message: string): RouteResolution {
@@ -52,6 +52,7 @@ export function resolveMicroVM(
   if (hostCount > 1) return fail(400, 'invalid_host', 'the request has more than one Host header');
 
   let fromHost: string | undefined;
+  let hostPort: number | undefined;
   if (host !== undefined && host !== '') {
     if (host.length > 300 || !HOST_SYNTAX.test(host)) {
       return fail(400, 'invalid_host', 'the Host header is not a valid host name');
@@ -73,7 +74,15 @@ export function resolveMicroVM(
       if (!isValidMicroVMId(label)) {
         return fail(400, 'invalid_microvm_id', 'the microVM id in the Host header is not valid (1-63 of a-z, 0-9, "-")');
       }
-      fromHost = label;
+      // E2B's getHost form `<port>-<id>.<domain>`: the digits before the first dash name the
+      // guest port (ids never start with digits and a dash).
+      const portForm = /^([1-9][0-9]{0,4})-([a-z].*)$/.exec(label);
+      if (portForm && Number(portForm[1]) <= 65535) {
+        hostPort = Number(portForm[1]);
+        fromHost = portForm[2];
+      } else {
+        fromHost = label;
+      }
     }
   } else if (microvmHeader === undefined) {
     return fail(400, 'invalid_host', 'the request has no Host header');
@@ -90,7 +99,7 @@ export function resolveMicroVM(
   if (fromHost !== undefined && fromHeader !== undefined && fromHost !== fromHeader) {
     return fail(400, 'microvm_mismatch', 'the Host header and X-Cocoon-MicroVM name different microVMs');
   }
-  if (fromHost !== undefined) return { ok: true, microvmId: fromHost, via: 'host' };
+  if (fromHost !== undefined) return { ok: true, microvmId: fromHost, via: 'host', ...(hostPort !== undefined ? { hostPort } : {}) };
   if (fromHeader !== undefined) return { ok: true, microvmId: fromHeader, via: 'header' };
   return fail(404, 'microvm_not_specified', `name a microVM with Host: <microvm id>.${domain} or the header X-Cocoon-MicroVM`);
 }

@@ -40,6 +40,7 @@ export function createTokenVerifier(db: Db, options: TokenVerifierOptions = {}):
               tokenId: token.id,
               allowedPorts: token.allowedPorts === null ? 'all' : Object.freeze([...token.allowedPorts]),
               expiresAt: new Date(token.expiresAt),
+              scope: token.scope,
             };
         }
       });

@@ -34,7 +34,7 @@ export type TokenFailureReason =
   | 'other_microvm';
 
 export type TokenVerification =
-  | { ok: true; tokenId: string; allowedPorts: AllowedPorts; expiresAt: Date }
+  | { ok: true; tokenId: string; allowedPorts: AllowedPorts; expiresAt: Date; /** Default 'http'. */ scope?: 'http' | 'shell' }
   | { ok: false; reason: TokenFailureReason };
 
 export interface TokenVerifier {
@@ -58,6 +58,8 @@ export interface MicroVMRoute {
   readonly state: MicroVMState;
   /** The image's app port (guest side): the default when a request names no port. */
   readonly appPort: number;
+  /** false: the image has no app port; a request that names no port answers 409 no_app_port. Default true. */
+  readonly hasAppPort?: boolean;
   readonly autoResumeEnabled: boolean;
   /** Host the forwarded ports listen on, normally `127.0.0.1`. */
   readonly upstreamHost: string;

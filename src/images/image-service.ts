@@ -23,7 +23,7 @@ import type { BundleLimits } from '../builder/bundle.ts';
 import { BuildLog, BuildLogEvents, readFrom } from './build-log.ts';
 import { uploadsDir } from './bundle-upload.ts';
 import { cleanupAbandonedBuild } from './cleanup.ts';
-import { imageBuildPaths, imageDir, imagesDir } from './paths.ts';
+import { imageBaseDisk, imageBuildPaths, imageDir, imagesDir } from './paths.ts';
 import { DEFAULT_PORT, removeTree, runImageBuild, s3NotConfigured, s3StoreFor, type PipelineContext } from './pipeline.ts';
 import { updateImageBuildInfo } from './records.ts';
 
@@ -68,7 +68,8 @@ export function imageServiceOptionsFromEnv(env: NodeJS.ProcessEnv = process.env)
 export interface CreateImageInput {
   name: string;
   bundle: string;
-  port?: number | undefined;
+  /** null: no app port (ready once the workload started; exec-only sandboxes). */
+  port?: number | null | undefined;
   vcpus?: number | undefined;
   memoryMiB?: number | undefined;
   diskMiB?: number | undefined;
@@ -167,6 +168,7 @@ export class ImageService {
         memoryMiB: input.memoryMiB ?? DEFAULT_MEMORY_MIB,
         diskMiB,
         port: input.port ?? DEFAULT_PORT,
+        hasAppPort: input.port !== null,
         readiness: {
           httpPath: input.readiness?.httpPath ?? null,
           timeoutSeconds: input.readiness?.timeoutSeconds ?? DEFAULT_READINESS_TIMEOUT_SECONDS,
@@ -181,7 +183,7 @@ export class ImageService {
       });
       const logPath = imageBuildPaths(this.dataDir, created.id).log;
       await setImageBuildLogPath(tx, created.id, logPath);
-      await updateImageBuildInfo(tx, created.id, { artifacts: { portSource: input.port !== undefined ? 'request' : 'default' } });
+      await updateImageBuildInfo(tx, created.id, { artifacts: { portSource: input.port !== undefined && input.port !== null ? 'request' : 'default' } });
       return (await getImage(tx, created.id)) as Image;
     });
     const buildLog = this.openLog(image.id);
@@ -307,7 +309,8 @@ export class ImageService {
    * PENDING images are queued again.
    */
   private async recover(): Promise<void> {
-    const stale = await listImagesInStates(this.db, IN_FLIGHT_STATES);
+    // Checkpoints of microVMs are the lifecycle's to recover (lifecycle/fork.ts), not builds.
+    const stale = (await listImagesInStates(this.db, IN_FLIGHT_STATES)).filter((image) => typeof image.artifacts.checkpointOf !== 'string');
     for (const image of stale) {
       const paths = imageBuildPaths(this.dataDir, image.id);
       const buildLog = this.openLog(image.id);
@@ -332,6 +335,7 @@ export class ImageService {
           continue;
         }
         await removeTree(paths.snapshot);
+        await fs.promises.rm(imageBaseDisk(this.dataDir, image.id), { force: true }); // a checkpoint's
         const message = `server_restarted: the server restarted during the build (the image was ${image.state}); ` +
           'nothing of the build was kept. Create the image again.';
         buildLog.say(`FAILED: ${message}`);

@@ -4,6 +4,8 @@
  *   snapshot/        the booted, ready VM (manifest.json, state, mem, disk.raw): what microVMs
  *                    restore from. Appears whole (atomic rename) and never changes after READY.
  *   snapshot.partial the snapshot being written (removed on failure and at restart)
+ *   base.raw         a checkpoint image's own hard link of the raw disk its snapshot's disk
+ *                    layer stands on (lifecycle/fork.ts): the parent image may be deleted
  *   build.log        every line of the build: fetch, buildah, disk, boot console, readiness
  *   build/           scratch of the build in flight (bundle context, buildah TMPDIR, root disk,
  *                    the VM's run directory); removed when the build ends, whatever happened
@@ -24,6 +26,11 @@ export function imageDir(dataDir: string, imageId: string): string {
 /** The snapshot a microVM of this image restores from (`QemuVm.restore({ snapshotDir })`). */
 export function imageSnapshotDir(dataDir: string, imageId: string): string {
   return path.join(imageDir(dataDir, imageId), 'snapshot');
+}
+
+/** The raw disk a checkpoint image's snapshot disk (a qcow2 layer) stands on. */
+export function imageBaseDisk(dataDir: string, imageId: string): string {
+  return path.join(imageDir(dataDir, imageId), 'base.raw');
 }
 
 export function imageBuildLogPath(dataDir: string, imageId: string): string {

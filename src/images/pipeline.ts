@@ -208,12 +208,12 @@ export async function runImageBuild(ctx: PipelineContext, imageId: string, build
       accel,
       guest,
       disk: { path: built.diskPath, format: 'raw' },
-      network: { egress: image.networkEgress, forwards: [{ guestPort: port }] },
+      network: { egress: image.networkEgress, forwards: image.hasAppPort ? [{ guestPort: port }] : [] },
       signal,
       bootTimeoutMs: ctx.bootTimeoutMs ?? 120_000,
     });
     timings.bootMs = ms(t);
-    buildLog.say(`guest up in ${timings.bootMs} ms; waiting for the app (${describeReadiness(image, port)}, up to ${image.readiness.timeoutSeconds} s)`);
+    buildLog.say(`guest up in ${timings.bootMs} ms; waiting for the app (${image.hasAppPort ? describeReadiness(image, port) : 'no app port: its workload started'}, up to ${image.readiness.timeoutSeconds} s)`);
     await record();
 
     // 4. Readiness.
@@ -293,6 +293,11 @@ async function waitUntilReady(vm: QemuVm, image: Image, port: number, signal: Ab
   });
   exited.catch(() => undefined);
   const ready = (async (): Promise<void> => {
+    if (!image.hasAppPort) {
+      // No app port: ready once cocoon-init started the workload (and it has not exited).
+      await vm.guest.waitForWorkloadStart(timeoutMs, stop);
+      return;
+    }
     const portOpen = await vm.guest.waitForPort(port, timeoutMs, stop);
     if (!portOpen) throw notReady(vm, image, `nothing accepted connections on port ${port} inside the guest within ${image.readiness.timeoutSeconds} s`);
     if (!image.readiness.httpPath) return;

@@ -46,7 +46,10 @@ export type PausePoint =
   | 'suspend:committed'
   | 'resume:persisted'
   | 'resume:restored'
-  | 'terminate:persisted';
+  | 'terminate:persisted'
+  | 'fork:paused'
+  | 'fork:linked'
+  | 'checkpoint:paused';
 
 export interface LifecycleOptions {
   db: Db;
@@ -64,7 +67,18 @@ export interface LifecycleOptions {
   pauseAt?: (point: PausePoint, microvmId: string) => Promise<void>;
 }
 
-type Operation = 'launch' | 'suspend' | 'resume' | 'terminate';
+type Operation = 'launch' | 'suspend' | 'resume' | 'terminate' | 'fork' | 'checkpoint';
+
+/** What a fork or checkpoint sees of its source while it holds the source's operation queue. */
+export interface OperationSource {
+  id: string;
+  tenantId: string;
+  imageId: string | null;
+  state: MicrovmState;
+  /** The running VM (state RUNNING), else undefined. */
+  vm: QemuVm | undefined;
+  runtime: Runtime;
+}
 
 interface Instance {
   readonly id: string;
@@ -74,6 +88,8 @@ interface Instance {
   /** A termination was asked for: the gateway answers 410 from now on. */
   terminating: boolean;
   readonly appPort: number;
+  /** false: its image has no app port (nothing forwarded for it; gateway HTTP → 409 no_app_port). */
+  readonly hasAppPort: boolean;
   readonly autoResume: boolean;
   readonly maxIdleMs: number;
   readonly suspendedMs: number | null;
@@ -111,6 +127,8 @@ export class LifecycleEngine implements MicroVMDirectory {
   /** VMs this engine is stopping on purpose: their exit is no surprise. */
   readonly #stopping = new WeakSet<QemuVm>();
   readonly #activityTimer: NodeJS.Timeout;
+  /** Told when a microVM's VM is about to stop (exec sessions end with this reason). */
+  readonly #stopListeners = new Set<(microvmId: string, reason: 'suspended' | 'terminated' | 'failed') => void>();
   #closed = false;
 
   constructor(options: LifecycleOptions) {
@@ -139,6 +157,7 @@ export class LifecycleEngine implements MicroVMDirectory {
       state: microvm.state,
       terminating: microvm.state === 'TERMINATING',
       appPort: microvm.port,
+      hasAppPort: microvm.hasAppPort,
       autoResume: microvm.idlePolicy.autoResumeEnabled,
       maxIdleMs: microvm.idlePolicy.maxIdleDurationSeconds * 1000,
       suspendedMs: microvm.idlePolicy.suspendedDurationSeconds === null ? null : microvm.idlePolicy.suspendedDurationSeconds * 1000,
@@ -164,10 +183,15 @@ export class LifecycleEngine implements MicroVMDirectory {
     return instance;
   }
 
-  /** A microVM just created in the store (PENDING): launch it in the background. */
-  async launch(microvm: Microvm): Promise<void> {
+  /**
+   * A microVM just created in the store (PENDING): launch it in the background. `verifyData`:
+   * how its snapshot's data is checked (default: always; a fork whose fork point was taken
+   * moments ago by this process: not at all, its checksums come later).
+   */
+  async launch(microvm: Microvm, options: { verifyData?: boolean | 'if-present' } = {}): Promise<void> {
     const instance = await this.#load(microvm);
-    void this.#enqueue(instance, 'launch', () => this.#launch(instance)).catch(() => undefined);
+    const verifyData = options.verifyData ?? (instance.runtime.generation > 0 ? 'if-present' : true);
+    void this.#enqueue(instance, 'launch', () => this.#launch(instance, verifyData)).catch(() => undefined);
   }
 
   // ---- the operation queue -------------------------------------------------------------------
@@ -215,17 +239,18 @@ export class LifecycleEngine implements MicroVMDirectory {
 
   // ---- operations ----------------------------------------------------------------------------
 
-  async #forwards(snapshotDir: string, appPort: number): Promise<{ guestPort: number }[]> {
+  async #forwards(snapshotDir: string, appPort: number | undefined): Promise<{ guestPort: number }[]> {
     const manifest = await readSnapshotManifest(snapshotDir);
-    return [...new Set([appPort, ...manifest.guestPorts])].map((guestPort) => ({ guestPort }));
+    return [...new Set([...(appPort === undefined ? [] : [appPort]), ...manifest.guestPorts])].map((guestPort) => ({ guestPort }));
   }
 
-  async #restore(instance: Instance, snapshotDir: string): Promise<QemuVm> {
+  async #restore(instance: Instance, snapshotDir: string, verifyData: boolean | 'if-present' = true): Promise<QemuVm> {
     const options = {
       id: instance.id,
       runDir: runDir(this.dataDir, instance.id),
       snapshotDir,
-      network: { forwards: await this.#forwards(snapshotDir, instance.appPort), egress: instance.egress },
+      verifyData,
+      network: { forwards: await this.#forwards(snapshotDir, instance.hasAppPort ? instance.appPort : undefined), egress: instance.egress },
     };
     let vm: QemuVm;
     try {
@@ -269,6 +294,7 @@ export class LifecycleEngine implements MicroVMDirectory {
 
   async #fail(instance: Instance, reason: string): Promise<void> {
     this.#clearTimers(instance);
+    this.#stopping_(instance.id, 'failed');
     if (instance.vm) {
       this.#stopping.add(instance.vm);
       await instance.vm.kill();
@@ -280,26 +306,29 @@ export class LifecycleEngine implements MicroVMDirectory {
     this.#log.warn({ microvm: instance.id, reason }, 'microVM failed');
   }
 
-  async #launch(instance: Instance): Promise<void> {
+  async #launch(instance: Instance, verifyData: boolean | 'if-present' = true): Promise<void> {
     if (instance.state !== 'PENDING' || instance.terminating) return;
     await this.#pause('launch:starting', instance.id);
+    // A microVM starts from its image (generation 0), a fork from its own generation 1 (the
+    // fork point): then its workload runs already, so it gets the resume hook, not run.
+    const { generation, chain } = instance.runtime;
     let vm: QemuVm;
     try {
-      vm = await this.#restore(instance, snapshotDirFor(this.dataDir, instance, 0));
+      vm = await this.#restore(instance, snapshotDirFor(this.dataDir, instance, generation), verifyData);
     } catch (error) {
-      await this.#fail(instance, `the microVM could not start from its image: ${errorMessage(error)}`);
+      await this.#fail(instance, `the microVM could not start from ${generation === 0 ? 'its image' : 'its fork point'}: ${errorMessage(error)}`);
       throw error;
     }
     await this.#pause('launch:restored', instance.id);
-    await this.#hook(instance, vm, 'run');
-    const runtime: Runtime = { generation: 0, chain: [], pid: vm.pid, ports: Object.fromEntries(vm.hostPorts) };
+    await this.#hook(instance, vm, generation === 0 ? 'run' : 'resume');
+    const runtime: Runtime = { generation, chain, pid: vm.pid, ports: Object.fromEntries(vm.hostPorts) };
     if (!(await this.#transition(instance, 'PENDING', 'RUNNING', { runtime }))) {
       await this.#discard(instance);
       return;
     }
     instance.lastActivity = Date.now();
     this.#armIdle(instance);
-    await appendLog(this.dataDir, instance.id, `started from its image (pid ${vm.pid})`);
+    await appendLog(this.dataDir, instance.id, `started from ${generation === 0 ? 'its image' : 'its fork point'} (pid ${vm.pid})`);
   }
 
   /** Stops a VM that must not go on (its microVM moved on meanwhile), keeping the log. */
@@ -328,6 +357,7 @@ export class LifecycleEngine implements MicroVMDirectory {
     // Decided: from here on the gateway sees SUSPENDING and holds new requests for the resume.
     instance.state = 'SUSPENDING';
     this.#clearIdle(instance);
+    this.#stopping_(instance.id, 'suspended');
     let persisted: boolean;
     try {
       persisted = await this.#transition(instance, 'RUNNING', 'SUSPENDING');
@@ -449,6 +479,7 @@ export class LifecycleEngine implements MicroVMDirectory {
     }
     instance.terminating = true;
     this.#clearTimers(instance);
+    this.#stopping_(instance.id, 'terminated');
     const wasRunning = instance.state === 'RUNNING';
     if (!(await this.#transition(instance, ACTIVE_FROM, 'TERMINATING'))) return;
     await this.#pause('terminate:persisted', instance.id);
@@ -540,6 +571,29 @@ export class LifecycleEngine implements MicroVMDirectory {
     instance.expiryTimer = undefined;
   }
 
+  // ---- sessions inside the guest (src/exec/) ------------------------------------------------------
+
+  /** Listens for microVMs whose VM is about to stop; returns the unsubscribe function. */
+  onVmStopping(listener: (microvmId: string, reason: 'suspended' | 'terminated' | 'failed') => void): () => void {
+    this.#stopListeners.add(listener);
+    return () => this.#stopListeners.delete(listener);
+  }
+
+  #stopping_(microvmId: string, reason: 'suspended' | 'terminated' | 'failed'): void {
+    for (const listener of this.#stopListeners) {
+      try {
+        listener(microvmId, reason);
+      } catch (error) {
+        this.#log.error({ err: error, microvm: microvmId }, 'a stop listener failed');
+      }
+    }
+  }
+
+  /** The guest agent's socket of a RUNNING microVM's VM (undefined when it has none running). */
+  agentSocketPath(microvmId: string): string | undefined {
+    return this.#instances.get(microvmId)?.vm?.agentSocketPath;
+  }
+
   // ---- activity (the gateway's reports) --------------------------------------------------------
 
   requestStarted(microvmId: string): void {
@@ -601,6 +655,7 @@ export class LifecycleEngine implements MicroVMDirectory {
       id: instance.id,
       state: instance.terminating ? 'TERMINATING' : instance.state,
       appPort: instance.appPort,
+      hasAppPort: instance.hasAppPort,
       autoResumeEnabled: instance.autoResume,
       upstreamHost: '127.0.0.1',
       upstreamPortFor: (guestPort) => ports.get(guestPort) ?? null,
@@ -617,6 +672,7 @@ export class LifecycleEngine implements MicroVMDirectory {
             id: microvm.id,
             state: microvm.state,
             appPort: microvm.port,
+            hasAppPort: microvm.hasAppPort,
             autoResumeEnabled: microvm.idlePolicy.autoResumeEnabled,
             upstreamHost: '127.0.0.1',
             upstreamPortFor: () => null,
@@ -686,6 +742,43 @@ export class LifecycleEngine implements MicroVMDirectory {
     instance.terminating = true;
     this.#clearTimers(instance);
     await this.#enqueue(instance, 'terminate', () => this.#terminate(instance, reason));
+  }
+
+  /**
+   * Runs `fn` as an operation of a microVM (after those queued before it; none of its others
+   * run meanwhile), once it has settled: forks and checkpoints take their snapshot this way.
+   */
+  async exclusive<T>(microvmId: string, operation: 'fork' | 'checkpoint', fn: (source: OperationSource) => Promise<T>): Promise<T> {
+    const instance = this.#require(microvmId);
+    return this.#enqueue(instance, operation, async () => {
+      if (instance.terminating) throw terminatedError(microvmId, 409);
+      return fn({
+        id: instance.id,
+        tenantId: instance.tenantId,
+        imageId: instance.imageId,
+        state: instance.state,
+        vm: instance.state === 'RUNNING' ? instance.vm : undefined,
+        runtime: instance.runtime,
+      });
+    });
+  }
+
+  /** Awaited at a crash test's pause point (forks and checkpoints have theirs). */
+  pausePoint(point: PausePoint, microvmId: string): Promise<void> {
+    return this.#pause(point, microvmId);
+  }
+
+  /** Resolves once the operations queued for a microVM so far are done (e.g. a fork's launch). */
+  async settled(microvmId: string): Promise<MicrovmState | undefined> {
+    const instance = this.#instances.get(microvmId);
+    if (!instance) return (await getMicrovm(this.db, microvmId))?.state;
+    await instance.queue;
+    return instance.state;
+  }
+
+  /** Whether snapshots are fsynced (forks and checkpoints follow the lifecycle's choice). */
+  get durable(): boolean {
+    return this.#durable;
   }
 
   #require(microvmId: string): Instance {

@@ -4,10 +4,15 @@
  * microVMs and their tokens.
  */
 import type { ApiContext } from '../api/app.ts';
+import { execApiRoutes } from '../api/routes/exec.ts';
 import { microvmRoutes } from '../api/routes/microvms.ts';
 import { CocoonError } from '../common/errors.ts';
 import { log } from '../common/log.ts';
+import { AgentExecService } from '../exec/service.ts';
+import { createShellHandler } from '../exec/shell-handler.ts';
+import type { ExecService } from '../exec/types.ts';
 import { createGateway, type Gateway, type GatewayOptions } from '../gateway/gateway.ts';
+import type { GatewaySurface } from '../gateway/surfaces.ts';
 import { createTokenVerifier } from '../gateway/tokens.ts';
 import type { ServerModule } from '../server.ts';
 import { LifecycleEngine, type LifecycleOptions } from './engine.ts';
@@ -25,9 +30,13 @@ export interface MicrovmModule extends ServerModule {
   /** A microVM's URL through the gateway. */
   urlFor(microvmId: string): string;
   readonly engine: LifecycleEngine;
+  /** Processes and files inside microVMs (the API, the gateway's shell and compatibility surfaces use it). */
+  readonly exec: ExecService;
   readonly gateway: Gateway | undefined;
   /** What start-up recovery did (undefined before start). */
   readonly recovery: RecoveryReport | undefined;
+  /** Adds a protocol the gateway serves itself (E2B's envd); before or after start. */
+  addGatewaySurface(surface: GatewaySurface): void;
 }
 
 export function microvmModule(options: MicrovmModuleOptions = {}): MicrovmModule {
@@ -36,6 +45,13 @@ export function microvmModule(options: MicrovmModuleOptions = {}): MicrovmModule
   let gatewayPort = 0;
   let domain = 'vm.localhost';
   let recovery: RecoveryReport | undefined;
+  let exec: ExecService | undefined;
+  let shell: ReturnType<typeof createShellHandler> | undefined;
+  const surfaces: GatewaySurface[] = [];
+  const requireExec = (): ExecService => {
+    if (!exec) throw new CocoonError('not_ready', 'the microVM subsystem is not started', { status: 503 });
+    return exec;
+  };
   const requireEngine = (): LifecycleEngine => {
     if (!engine) throw new CocoonError('not_ready', 'the microVM subsystem is not started', { status: 503 });
     return engine;
@@ -50,31 +66,52 @@ export function microvmModule(options: MicrovmModuleOptions = {}): MicrovmModule
     get gateway() {
       return gateway;
     },
+    get exec() {
+      return requireExec();
+    },
     get recovery() {
       return recovery;
+    },
+    addGatewaySurface(surface: GatewaySurface): void {
+      surfaces.push(surface);
     },
     urlFor(microvmId: string): string {
       return `http://${microvmId}.${domain}:${gatewayPort}`;
     },
-    routes: (app, context) => microvmRoutes(app, context, { engine: requireEngine, urlFor: (id) => module.urlFor(id) }),
+    routes: async (app, context) => {
+      microvmRoutes(app, context, { engine: requireEngine, urlFor: (id) => module.urlFor(id) });
+      await execApiRoutes(app, context, requireExec);
+    },
     async start(context: ApiContext) {
       const { config, db } = context;
       domain = config.gatewayDomain;
       engine = new LifecycleEngine({ ...options.lifecycle, db, dataDir: config.dataDir });
+      exec = new AgentExecService({ db, engine: requireEngine });
       try {
         recovery = await recoverMicrovms(engine, db, config.dataDir, log.child({ component: 'lifecycle' }));
-        gateway = createGateway({ ...options.gateway, directory: engine, tokens: createTokenVerifier(db), domain: config.gatewayDomain });
+        shell = createShellHandler(db, requireExec);
+        gateway = createGateway({
+          ...options.gateway,
+          directory: engine,
+          tokens: createTokenVerifier(db),
+          domain: config.gatewayDomain,
+          shell: shell.handler,
+          surfaces,
+        });
         const address = await gateway.listen(config.gatewayPort, config.host);
         gatewayPort = address.port;
         log.info({ gateway: `http://${config.host}:${gatewayPort}`, domain }, 'gateway listening');
       } catch (error) {
         await gateway?.close();
+        await exec.close();
         await engine.close();
         throw error;
       }
     },
     async stop() {
+      shell?.close();
       await gateway?.close();
+      await exec?.close();
       await engine?.close();
     },
   };

@@ -15,7 +15,9 @@
  * | TERMINATING | anything | finished → TERMINATED |
  *
  * Afterwards every QEMU under `microvms/` that no RUNNING microVM owns is killed, and the
- * directories of microVMs that ended are removed.
+ * directories of microVMs that ended are removed (also those of forks whose rows were never
+ * written: a fork interrupted before it committed). Checkpoint images left SNAPSHOTTING become
+ * READY when their snapshot was committed, else FAILED with nothing kept (fork.ts).
  */
 import fs from 'node:fs';
 import path from 'node:path';
@@ -27,6 +29,7 @@ import { findQemuProcesses, killQemuProcesses } from '../vmm/processes.ts';
 import { QemuVm } from '../vmm/qemu.ts';
 import { readSnapshotManifest } from '../vmm/snapshot.ts';
 import type { LifecycleEngine } from './engine.ts';
+import { recoverCheckpoints } from './fork.ts';
 import { generationDir, microvmDir, microvmsRoot, runDir, snapshotDirFor } from './paths.ts';
 import { appendLog, clearRunFiles, collectGarbage, parseRuntime, runtimeRecord } from './storage.ts';
 
@@ -39,12 +42,17 @@ export interface RecoveryReport {
   terminated: string[];
   failed: string[];
   orphansKilled: number[];
+  /** Checkpoint images left SNAPSHOTTING: completed (READY) or ended (FAILED, nothing kept). */
+  checkpointsCompleted: string[];
+  checkpointsFailed: string[];
 }
 
 export async function recoverMicrovms(engine: LifecycleEngine, db: Db, dataDir: string, log: Logger): Promise<RecoveryReport> {
   const report: RecoveryReport = {
     adopted: [], relaunched: [], suspendsCompleted: [], suspendsRolledBack: [], resumesRolledBack: [], terminated: [], failed: [], orphansKilled: [],
+    checkpointsCompleted: [], checkpointsFailed: [],
   };
+  Object.assign(report, await recoverCheckpoints(db, dataDir, log));
   const owned = new Set<number>();
   const toSuspend: string[] = [];
   /** PENDING microVMs, launched after the sweep of orphaned QEMUs (which would take theirs for one). */

@@ -48,6 +48,8 @@ export interface Image {
   memoryMiB: number;
   diskMiB: number;
   port: number;
+  /** false: an image with `"port": null` (no app port; `port` is a placeholder), ready once its workload started. */
+  hasAppPort: boolean;
   readiness: Readiness;
   networkEgress: boolean;
   /** Guest hooks by name ({} when the image defines none). */
@@ -70,6 +72,8 @@ export interface NewImage {
   memoryMiB: number;
   diskMiB: number;
   port: number;
+  /** Default true; false: no app port (`port` is then a placeholder). */
+  hasAppPort?: boolean;
   readiness: Readiness;
   networkEgress?: boolean;
   /** Optional guest hooks (commands ≤ 4000 characters without newlines, timeouts 1–60 s). */
@@ -95,6 +99,7 @@ interface ImageRow {
   readiness_timeout_seconds: number;
   network_egress: number;
   hooks: string;
+  has_app_port?: number;
   build_log_path: string | null;
   artifacts: string;
   created_at: string;
@@ -116,6 +121,7 @@ function toImage(row: ImageRow): Image {
     memoryMiB: row.memory_mib,
     diskMiB: row.disk_mib,
     port: row.port,
+    hasAppPort: row.has_app_port !== 0,
     readiness: { httpPath: row.readiness_http_path, timeoutSeconds: row.readiness_timeout_seconds },
     networkEgress: bool(row.network_egress),
     hooks: jsonObject(row.hooks) as ImageHooks,
@@ -200,6 +206,7 @@ export async function createImage(db: Db, input: NewImage): Promise<Image> {
       readiness_timeout_seconds: input.readiness.timeoutSeconds,
       network_egress: input.networkEgress ? 1 : 0,
       hooks: JSON.stringify(input.hooks ?? {}),
+      has_app_port: input.hasAppPort === false ? 0 : 1,
       build_log_path: null,
       artifacts: '{}',
       created_at: iso(now),

@@ -37,6 +37,8 @@ export interface Microvm {
   memoryMiB: number;
   diskMiB: number;
   port: number;
+  /** false: its image has no app port (gateway HTTP answers 409 no_app_port). */
+  hasAppPort: boolean;
   idlePolicy: IdlePolicy;
   maximumDurationSeconds: number;
   networkEgress: boolean;
@@ -82,6 +84,7 @@ interface MicrovmRow {
   memory_mib: number;
   disk_mib: number;
   port: number;
+  has_app_port?: number;
   auto_resume_enabled: number;
   max_idle_duration_seconds: number;
   suspended_duration_seconds: number | null;
@@ -111,6 +114,7 @@ function toMicrovm(row: MicrovmRow): Microvm {
     memoryMiB: row.memory_mib,
     diskMiB: row.disk_mib,
     port: row.port,
+    hasAppPort: row.has_app_port !== 0,
     idlePolicy: {
       autoResumeEnabled: bool(row.auto_resume_enabled),
       maxIdleDurationSeconds: row.max_idle_duration_seconds,
@@ -175,8 +179,8 @@ export async function createMicrovm(db: Db, input: NewMicrovm): Promise<{ microv
         return { microvm: toMicrovm(existing), created: false };
       }
     }
-    const image = await tx.get<{ id: string; arn: string; state: string; vcpus: number; memory_mib: number; disk_mib: number; port: number; network_egress: number; account_id: string }>(
-      `SELECT i.id, i.arn, i.state, i.vcpus, i.memory_mib, i.disk_mib, i.port, i.network_egress, t.account_id
+    const image = await tx.get<{ id: string; arn: string; state: string; vcpus: number; memory_mib: number; disk_mib: number; port: number; has_app_port: number; network_egress: number; account_id: string }>(
+      `SELECT i.id, i.arn, i.state, i.vcpus, i.memory_mib, i.disk_mib, i.port, i.has_app_port, i.network_egress, t.account_id
          FROM images i JOIN tenants t ON t.id = i.tenant_id
         WHERE i.id = ? AND i.tenant_id = ?`,
       [input.imageId, input.tenantId],
@@ -202,6 +206,7 @@ export async function createMicrovm(db: Db, input: NewMicrovm): Promise<{ microv
       memory_mib: image.memory_mib,
       disk_mib: image.disk_mib,
       port: image.port,
+      has_app_port: image.has_app_port,
       auto_resume_enabled: input.idlePolicy.autoResumeEnabled ? 1 : 0,
       max_idle_duration_seconds: input.idlePolicy.maxIdleDurationSeconds,
       suspended_duration_seconds: input.idlePolicy.suspendedDurationSeconds,
@@ -367,4 +372,74 @@ export async function setMicrovmRuntimeIf(
 export async function setMicrovmRuntime(db: Db, id: string, runtime: Record<string, unknown>, now: Date = new Date()): Promise<boolean> {
   const result = await db.run('UPDATE microvms SET runtime = ?, updated_at = ? WHERE id = ?', [JSON.stringify(runtime), iso(now), id]);
   return result.changes === 1;
+}
+
+export interface NewForks {
+  /** The microVM forked (its tenant, image, resources, port, egress and idle policy are copied). */
+  source: Microvm;
+  region: string;
+  /** Ids made beforehand (`newId('microvm')`): the fork point's files are linked under them first. */
+  ids: string[];
+  /** Default: the source's. */
+  idlePolicy?: IdlePolicy;
+  /** Default: the source's; each fork's session starts now. */
+  maximumDurationSeconds?: number;
+  /** What the lifecycle records for each (it starts from its own generation 1). */
+  runtime: Record<string, unknown>;
+  now?: Date;
+}
+
+/**
+ * Creates PENDING forks of a microVM, all or none (one transaction): each is a microVM of its
+ * own (own session, idle policy, tokens) that the lifecycle starts from its fork point.
+ */
+export async function createForks(db: Db, input: NewForks): Promise<Microvm[]> {
+  const now = input.now ?? new Date();
+  const source = input.source;
+  const idlePolicy = input.idlePolicy ?? source.idlePolicy;
+  const maximumDurationSeconds = input.maximumDurationSeconds ?? source.maximumDurationSeconds;
+  checkNewMicrovm({ tenantId: source.tenantId, region: input.region, imageId: source.imageId ?? '', idlePolicy, maximumDurationSeconds });
+  return db.transaction(async (tx) => {
+    const tenant = await tx.get<{ account_id: string }>('SELECT account_id FROM tenants WHERE id = ?', [source.tenantId]);
+    if (tenant === undefined) throw new CocoonError('tenant_not_found', `no tenant '${source.tenantId}'`, { status: 404 });
+    const account = tenant.account_id;
+    const created: Microvm[] = [];
+    for (const id of input.ids) {
+      const row: MicrovmRow = {
+        id,
+        tenant_id: source.tenantId,
+        image_id: source.imageId,
+        image_arn: source.imageArn,
+        arn: microvmArn(input.region, account, id),
+        state: 'PENDING',
+        error: null,
+        vcpus: source.vcpus,
+        memory_mib: source.memoryMiB,
+        disk_mib: source.diskMiB,
+        port: source.port,
+        auto_resume_enabled: idlePolicy.autoResumeEnabled ? 1 : 0,
+        max_idle_duration_seconds: idlePolicy.maxIdleDurationSeconds,
+        suspended_duration_seconds: idlePolicy.suspendedDurationSeconds,
+        maximum_duration_seconds: maximumDurationSeconds,
+        network_egress: source.networkEgress ? 1 : 0,
+        client_token: null,
+        client_request_hash: null,
+        runtime: JSON.stringify(input.runtime),
+        created_at: iso(now),
+        updated_at: iso(now),
+        expires_at: iso(new Date(now.getTime() + maximumDurationSeconds * 1000)),
+        last_activity_at: iso(now),
+        suspended_at: null,
+        terminated_at: null,
+      };
+      const columns = Object.keys(row);
+      await tx.run(`INSERT INTO microvms (${columns.join(', ')}) VALUES ${placeholders(columns.length)}`, Object.values(row) as SqlParam[]);
+      await appendEvent(tx, {
+        tenantId: row.tenant_id, resourceType: 'microvm', resourceId: id, type: 'created', toState: 'PENDING',
+        message: `forked from ${source.id}`, now,
+      });
+      created.push(toMicrovm(row));
+    }
+    return created;
+  });
 }

@@ -163,6 +163,44 @@ export const MIGRATIONS: readonly Migration[] = [
     // Guest hooks of an image (run, suspend, resume, terminate): {"<name>": {"command", "timeoutSeconds"}}.
     sql: `ALTER TABLE images ADD COLUMN hooks TEXT NOT NULL DEFAULT '{}';`,
   },
+  {
+    version: 3,
+    name: 'shell tokens and images without an app port',
+    // scope: what a token opens through the gateway: 'http' (app requests) or 'shell' (/.cocoon/shell).
+    // has_app_port 0: an image with "port": null (its port column then holds a placeholder).
+    sql: `ALTER TABLE tokens ADD COLUMN scope TEXT NOT NULL DEFAULT 'http' CHECK (scope IN ('http', 'shell'));
+          ALTER TABLE images ADD COLUMN has_app_port INTEGER NOT NULL DEFAULT 1 CHECK (has_app_port IN (0, 1));
+          ALTER TABLE microvms ADD COLUMN has_app_port INTEGER NOT NULL DEFAULT 1 CHECK (has_app_port IN (0, 1));`,
+  },
+  {
+    version: 4,
+    name: 'e2b sandboxes',
+    // A microVM started through the E2B surface (src/compat/e2b/): what E2B clients set and see.
+    // end_at: E2B's timeout (kill, or pause when auto_pause); paused: paused through E2B (an
+    // idle suspend by Cocoon stays invisible and is not recorded here).
+    sql: `CREATE TABLE e2b_sandboxes (
+            microvm_id   TEXT PRIMARY KEY REFERENCES microvms (id) ON DELETE CASCADE,
+            tenant_id    TEXT NOT NULL,
+            template_id  TEXT NOT NULL,
+            alias        TEXT,
+            metadata     TEXT NOT NULL DEFAULT '{}',
+            envs         TEXT NOT NULL DEFAULT '{}',
+            auto_pause   INTEGER NOT NULL DEFAULT 0 CHECK (auto_pause IN (0, 1)),
+            auto_resume  INTEGER NOT NULL DEFAULT 0 CHECK (auto_resume IN (0, 1)),
+            paused       INTEGER NOT NULL DEFAULT 0 CHECK (paused IN (0, 1)),
+            started_at   TEXT NOT NULL,
+            end_at       TEXT NOT NULL
+          );
+          CREATE INDEX e2b_sandboxes_by_tenant ON e2b_sandboxes (tenant_id, microvm_id);`,
+  },
+  {
+    version: 5,
+    name: 'sealed api key secrets',
+    // AWS SigV4 (src/compat/aws/) signs with the API key itself: a copy sealed with AES-256-GCM
+    // under the data directory's key file (sealed-secrets.ts). NULL for keys made before this
+    // step: those cannot sign AWS requests (the API says to make a new key).
+    sql: `ALTER TABLE api_keys ADD COLUMN sealed_secret TEXT;`,
+  },
 ];
 
 export interface MigrationReport {

@@ -42,8 +42,13 @@ function newTokenSecret(id: string): string {
   return `${TOKEN_PREFIX}${id.slice(ID_PREFIXES.token.length + 1)}_${randomBytes(32).toString('base64url')}`;
 }
 
+/** What a token opens through the gateway: app requests, or the shell WebSocket (`/.cocoon/shell`). */
+export type TokenScope = 'http' | 'shell';
+export const TOKEN_SCOPES: readonly TokenScope[] = ['http', 'shell'];
+
 export interface Token {
   id: string;
+  scope: TokenScope;
   microvmId: string;
   tenantId: string;
   /** null: every port. */
@@ -61,6 +66,7 @@ interface TokenRow {
   tenant_id: string;
   token_hash: string;
   allowed_ports: string | null;
+  scope: string;
   created_at: string;
   expires_at: string;
   revoked_at: string | null;
@@ -71,6 +77,7 @@ function toToken(row: TokenRow): Token {
     id: row.id,
     microvmId: row.microvm_id,
     tenantId: row.tenant_id,
+    scope: row.scope === 'shell' ? 'shell' : 'http',
     allowedPorts: row.allowed_ports === null ? null : (JSON.parse(row.allowed_ports) as number[]),
     createdAt: row.created_at,
     expiresAt: row.expires_at,
@@ -85,6 +92,8 @@ export interface NewToken {
   /** 1–60 minutes (default 60). */
   expirationMinutes?: number;
   allowedPorts?: number[] | null;
+  /** Default 'http'. A shell token opens every port of nothing: allowedPorts is ignored. */
+  scope?: TokenScope;
   now?: Date;
 }
 
@@ -103,6 +112,9 @@ export async function createToken(db: Db, input: NewToken): Promise<{ token: Tok
     }
     ports = [...new Set(input.allowedPorts)].sort((a, b) => a - b);
   }
+  const scope = input.scope ?? 'http';
+  if (!TOKEN_SCOPES.includes(scope)) throw invalid(`scope must be one of ${TOKEN_SCOPES.join(', ')}`);
+  if (scope === 'shell') ports = null;
   const now = input.now ?? new Date();
   return db.transaction(async (tx) => {
     const microvm = await tx.get<{ state: string }>('SELECT state FROM microvms WHERE id = ? AND tenant_id = ?', [
@@ -120,14 +132,15 @@ export async function createToken(db: Db, input: NewToken): Promise<{ token: Tok
       tenant_id: input.tenantId,
       token_hash: hashToken(secret),
       allowed_ports: ports === null ? null : JSON.stringify(ports),
+      scope,
       created_at: iso(now),
       expires_at: iso(new Date(now.getTime() + minutes * 60_000)),
       revoked_at: null,
     };
     await tx.run(
-      `INSERT INTO tokens (id, microvm_id, tenant_id, token_hash, allowed_ports, created_at, expires_at)
-       VALUES (?, ?, ?, ?, ?, ?, ?)`,
-      [row.id, row.microvm_id, row.tenant_id, row.token_hash, row.allowed_ports, row.created_at, row.expires_at],
+      `INSERT INTO tokens (id, microvm_id, tenant_id, token_hash, allowed_ports, scope, created_at, expires_at)
+       VALUES (?, ?, ?, ?, ?, ?, ?, ?)`,
+      [row.id, row.microvm_id, row.tenant_id, row.token_hash, row.allowed_ports, row.scope, row.created_at, row.expires_at],
     );
     return { token: toToken(row), secret };
   });

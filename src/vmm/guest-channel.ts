@@ -30,6 +30,8 @@ export class GuestChannel extends EventEmitter<GuestEvents> {
   /** Set once cocoon-init said hello (on boot) or answered a command (after a restore). */
   helloSeen = false;
   exitCode: number | undefined;
+  /** The workload's pid once cocoon-init said `started`. */
+  workloadPid: number | undefined;
 
   private constructor(socket: net.Socket) {
     super();
@@ -53,6 +55,12 @@ export class GuestChannel extends EventEmitter<GuestEvents> {
   waitForHello(timeoutMs: number, signal?: AbortSignal): Promise<void> {
     if (this.helloSeen) return Promise.resolve();
     return this.waitFor((words) => words[0] === 'hello', timeoutMs, 'the guest to boot', signal).then(() => undefined);
+  }
+
+  /** Resolves once cocoon-init has started the workload (an image without an app port is ready then). */
+  waitForWorkloadStart(timeoutMs: number, signal?: AbortSignal): Promise<void> {
+    if (this.workloadPid !== undefined) return Promise.resolve();
+    return this.waitFor((words) => words[0] === 'started', timeoutMs, 'the workload to start', signal).then(() => undefined);
   }
 
   ping(timeoutMs = 2000): Promise<void> {
@@ -161,6 +169,7 @@ export class GuestChannel extends EventEmitter<GuestEvents> {
       this.helloSeen = true;
       this.emit('hello', Number(value));
     } else if (kind === 'started') {
+      this.workloadPid = Number(value);
       this.emit('started', Number(value));
     } else if (kind === 'exit') {
       this.exitCode = Number(value);

@@ -34,7 +34,7 @@ async function failureReason(qmp: QmpClient): Promise<string> {
 }
 
 /**
- * Writes the paused VM's device state to `file` (fsynced), returning its size and SHA-256.
+ * Writes the paused VM's device state to `file` (fsynced unless `fsync: false`), returning its size and SHA-256.
  * The VM must be stopped first.
  */
 export async function saveDeviceState(
@@ -42,6 +42,7 @@ export async function saveDeviceState(
   socketPath: string,
   file: string,
   timeoutMs = 30_000,
+  options: { fsync?: boolean } = {},
 ): Promise<{ sizeBytes: number; sha256: string }> {
   const hash = createHash('sha256');
   let sizeBytes = 0;
@@ -89,7 +90,8 @@ export async function saveDeviceState(
       throw new CocoonError('snapshot_failed', `QEMU could not save the VM state: ${await failureReason(qmp)}`);
     }
     await written;
-    await fsyncPath(file);
+    // A fork point fsyncs later, once the VM runs again.
+    if (options.fsync !== false) await fsyncPath(file);
     return { sizeBytes, sha256: hash.digest('hex') };
   } finally {
     server.close();

@@ -25,7 +25,8 @@ export interface QemuLaunch {
   disk: DiskSpec;
   forwards: Required<PortForward>[];
   egress: boolean;
-  sockets: { qmp: string; guest: string; serial: string };
+  /** `agent`: the guest agent's port (absent in launch records written before it existed). */
+  sockets: { qmp: string; guest: string; serial: string; agent?: string };
   pidFile: string;
   /** The kernel command line: a restore must pass the one its snapshot booted with. */
   cmdline: string;
@@ -83,6 +84,9 @@ export function qemuArgs(launch: QemuLaunch): string[] {
     '-device', 'virtio-serial-device',
     '-chardev', `socket,id=guest0,path=${launch.sockets.guest},server=on,wait=off`,
     '-device', 'virtserialport,chardev=guest0,name=cocoon.0',
+    ...(launch.sockets.agent
+      ? ['-chardev', `socket,id=agent0,path=${launch.sockets.agent},server=on,wait=off`, '-device', 'virtserialport,chardev=agent0,name=cocoon.agent']
+      : []),
     '-qmp', `unix:${launch.sockets.qmp},server=on,wait=off`,
     '-pidfile', launch.pidFile,
   ];

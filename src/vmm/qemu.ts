@@ -107,6 +107,8 @@ export class QemuVm {
   readonly qmp: QmpClient;
   readonly guest: GuestChannel;
   readonly serialLogPath: string;
+  /** The guest agent's port on the host (a unix socket QEMU serves; src/guest/agent/). */
+  readonly agentSocketPath: string;
   private readonly proc: VmProcess;
   private readonly serial: SerialLog;
   private readonly exitPromise: Promise<void>;
@@ -115,7 +117,7 @@ export class QemuVm {
   private storageFailed: string | undefined;
 
   private constructor(parts: {
-    launch: Pick<QemuLaunch, 'shape' | 'cmdline' | 'disk' | 'ram' | 'forwards'>;
+    launch: Pick<QemuLaunch, 'shape' | 'cmdline' | 'disk' | 'ram' | 'forwards' | 'sockets'>;
     options: Pick<CommonVmOptions, 'id' | 'runDir'>;
     proc: VmProcess;
     qmp: QmpClient;
@@ -137,6 +139,7 @@ export class QemuVm {
     this.guest = parts.guest;
     this.serial = parts.serial;
     this.serialLogPath = parts.serial.path;
+    this.agentSocketPath = parts.launch.sockets.agent ?? path.join(qemuDirOf(parts.options.runDir), 'agent.sock');
   }
 
   get pid(): number {
@@ -177,9 +180,11 @@ export class QemuVm {
   static async restore(options: RestoreOptions): Promise<QemuVm> {
     const manifest = await readSnapshotManifest(options.snapshotDir);
     await verifySnapshot(options.snapshotDir, manifest);
+    const hasChecksums = Boolean(manifest.files.mem.checksum && manifest.files.disk.checksum);
+    const verify = options.verifyData === false ? false : options.verifyData === 'if-present' ? hasChecksums : true;
     // The memory file is checked as it is copied for the new VM, and the disk along with it
     // (one helper run), before QEMU starts: the guest runs only on what matches the checksums.
-    assertDataChecksums(options.snapshotDir, manifest);
+    if (verify) assertDataChecksums(options.snapshotDir, manifest);
     const ramPath = path.join(options.runDir, 'mem');
     const disk: DiskSpec = { path: path.join(options.runDir, 'disk.qcow2'), format: 'qcow2' };
     const snapshotDisk = path.join(options.snapshotDir, manifest.files.disk.name);
@@ -187,6 +192,11 @@ export class QemuVm {
     return QemuVm.launch(options, manifest.shape, manifest.cmdline, disk, ramPath, {
       incoming: true,
       prepare: async () => {
+        if (!verify) {
+          // Unverified means made moments ago: still in the page cache, not yet written back.
+          await Promise.all([cloneRamFile(path.join(options.snapshotDir, manifest.files.mem.name), ramPath, { nosync: true }), createDiskLayer(snapshotDisk, manifest.files.disk.format, disk.path)]);
+          return;
+        }
         const [[memChecksum, diskChecksum]] = await Promise.all([
           cloneRamFile(path.join(options.snapshotDir, manifest.files.mem.name), ramPath, { checksum: true, alsoChecksum: [snapshotDisk] }),
           createDiskLayer(snapshotDisk, manifest.files.disk.format, disk.path),
@@ -510,6 +520,7 @@ export class QemuVm {
       qmp: path.join(qemuDir, 'qmp.sock'),
       guest: path.join(qemuDir, 'guest.sock'),
       serial: path.join(qemuDir, 'serial.sock'),
+      agent: path.join(qemuDir, 'agent.sock'),
     };
     let vm: QemuVm | undefined;
     let started: { child: ChildProcess; exit: Promise<void> } | undefined;
@@ -831,7 +842,7 @@ async function commitSnapshot(partial: string, targetDir: string, manifest: Snap
 }
 
 async function removeLaunchFiles(runDir: string, disk: DiskSpec, ramPath: string): Promise<void> {
-  const names = ['qmp.sock', 'guest.sock', 'serial.sock', 'incoming.sock', 'migrate.sock', 'qemu.pid', LAUNCH_FILE];
+  const names = ['qmp.sock', 'guest.sock', 'serial.sock', 'agent.sock', 'incoming.sock', 'migrate.sock', 'qemu.pid', LAUNCH_FILE];
   await Promise.all([
     ...names.map((name) => fs.promises.rm(path.join(runDir, name), { force: true })),
     fs.promises.rm(qemuDirOf(runDir), { recursive: true, force: true }),

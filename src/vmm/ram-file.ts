@@ -49,18 +49,20 @@ export async function createRamFile(path: string, memoryMiB: number): Promise<vo
  * checksummed as it is copied, and so are the files of `alsoChecksum` (one helper run); the
  * checksums come back in that order (`checkDataChecksum` compares them with a manifest's).
  */
-export async function cloneRamFile(source: string, target: string): Promise<void>;
+export async function cloneRamFile(source: string, target: string, options?: { nosync?: boolean }): Promise<void>;
 export async function cloneRamFile(source: string, target: string, options: { checksum: true; alsoChecksum?: string[] }): Promise<DataChecksum[]>;
 export async function cloneRamFile(
   source: string,
   target: string,
-  options: { checksum?: boolean; alsoChecksum?: string[] } = {},
+  options: { checksum?: boolean; alsoChecksum?: string[]; nosync?: boolean } = {},
 ): Promise<DataChecksum[] | void> {
   try {
     // A reflink where the filesystem can, else a copy of the data extents only; then the rest
     // of the file is reserved.
     const extra = options.checksum && options.alsoChecksum?.length ? ['--', ...options.alsoChecksum] : [];
-    const out = await runSparseHelper(['copy', source, target, 'reserve', ...(options.checksum ? ['sum'] : []), ...extra]);
+    // `nosync`: a source written moments ago and still in the page cache (a fork point) is not
+    // written back first, as a FIEMAP would need: its data is found with SEEK_DATA.
+    const out = await runSparseHelper(['copy', source, target, 'reserve', ...(options.checksum ? ['sum'] : []), ...(options.nosync ? ['nosync'] : []), ...extra]);
     if (options.checksum) return out.trim().split('\n').map(parseChecksumLine);
   } catch (error) {
     await fs.promises.rm(target, { force: true });

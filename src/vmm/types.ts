@@ -80,6 +80,12 @@ export interface BootOptions extends CommonVmOptions, MachineShape {
 export interface RestoreOptions extends CommonVmOptions {
   /** A directory written by `snapshot()`. */
   snapshotDir: string;
+  /**
+   * Check the memory file and the disk against the manifest's checksums while they are cloned
+   * (default true). `'if-present'`: only when the manifest has them; false: not at all — for a
+   * fork point this process made moments ago from a running VM (its checksums come later).
+   */
+  verifyData?: boolean | 'if-present';
 }
 
 /** A snapshot on disk: `manifest.json`, `state` (device state), `mem` (guest RAM), `disk`. */

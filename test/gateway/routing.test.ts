@@ -122,3 +122,11 @@ test('client response headers: hop-by-hop removed', () => {
     { 'content-type': 'text/plain', 'set-cookie': ['s=1'] },
   );
 });
+
+test("E2B's getHost form <port>-<id>.<domain>: the digits before the first dash are the port", () => {
+  assert.deepEqual(route('3000-mvm-abc.vm.localhost'), { ok: true, microvmId: 'mvm-abc', via: 'host', hostPort: 3000 });
+  assert.deepEqual(route('49983-mvm-abc.vm.localhost:7071'), { ok: true, microvmId: 'mvm-abc', via: 'host', hostPort: 49983 });
+  assert.deepEqual(route('99999-mvm-abc.vm.localhost'), { ok: true, microvmId: '99999-mvm-abc', via: 'host' }, 'not a port: a plain label');
+  assert.deepEqual(route('0-mvm-abc.vm.localhost'), { ok: true, microvmId: '0-mvm-abc', via: 'host' }, 'no leading zero');
+  assert.equal(route('3000-mvm-abc.vm.localhost', 'mvm-other').ok, false, 'host and header must agree');
+});

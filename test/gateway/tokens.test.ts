@@ -73,7 +73,7 @@ test('verify: every failure reason, and details only for holders of the secret',
   const revoked = await issue(vm1);
   assert.equal(await revokeToken(db, vm1, revoked.id), true);
 
-  assert.deepEqual(await verifier.verify(vm1, good.token), { ok: true, tokenId: good.id, allowedPorts: [8080], expiresAt: good.expiresAt });
+  assert.deepEqual(await verifier.verify(vm1, good.token), { ok: true, tokenId: good.id, allowedPorts: [8080], expiresAt: good.expiresAt, scope: 'http' });
   const all = await verifier.verify(vm1, (await issue(vm1)).token);
   assert.equal(all.ok && all.allowedPorts, 'all');
   assert.deepEqual(await verifier.verify(vm1, undefined), { ok: false, reason: 'missing' });

@@ -29,7 +29,7 @@ describe('cocoon CLI: configuration', () => {
     assert.equal(top.code, 0);
     assert.match(top.stdout, /Exit codes: 0 ok, 1 failure, 2 usage/);
     for (const command of ['serve', 'health', 'bundle', 'bundle push', 'image', 'image create', 'image list', 'image get', 'image logs',
-      'image delete', 'vm', 'vm start', 'vm list', 'vm get', 'vm suspend', 'vm resume', 'vm terminate', 'vm token', 'vm curl', 'vm logs',
+      'image delete', 'vm', 'vm start', 'vm list', 'vm get', 'vm suspend', 'vm resume', 'vm fork', 'vm checkpoint', 'vm terminate', 'vm token', 'vm curl', 'vm logs', 'vm exec', 'vm cp', 'vm shell',
       'tenant create', 'tenant list', 'apikey create', 'apikey list', 'apikey revoke']) {
       const help = await cocoon([...command.split(' '), '--help']);
       assert.equal(help.code, 0, command);

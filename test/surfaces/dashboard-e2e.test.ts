@@ -2,7 +2,8 @@
  * The dashboard end to end in real headless Chromium, on a real server (real buildah and
  * QEMU): sign in, upload the busybox app's .tar.gz, watch the build log live until READY,
  * start a microVM with a lifecycle form, copy a token, open the app in a new tab through the
- * gateway's cookie flow and see its page; suspend, resume, terminate. Screenshots of every
+ * gateway's cookie flow and see its page; open a terminal on it (typing `echo $((6*7))` shows
+ * 42) and move a file up and down; suspend, resume, terminate. Screenshots of every
  * step go to test-artifacts/dashboard-e2e/. The upload needs the images module, the rest also
  * the microvms module.
  */
@@ -12,7 +13,7 @@ import path from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import type { Browser, BrowserContext, Page } from 'playwright-core';
 import { Cocoon } from '../../packages/sdk/src/index.ts';
-import { artifactDir, busyboxTarGz, imageRoutesMissing, launchBrowser, startTestServer, tempDir, vmRoutesMissing, type TestServer } from './helpers.ts';
+import { artifactDir, busyboxTarGz, imageRoutesMissing, launchBrowser, repo, startTestServer, tempDir, vmRoutesMissing, type TestServer } from './helpers.ts';
 
 declare const document: any;
 declare const sessionStorage: any;
@@ -104,10 +105,12 @@ describe('dashboard end to end', { timeout: 60 * 60_000 }, () => {
     await page.getByLabel('Terminate after suspended (seconds)').fill('1800');
     await page.getByRole('button', { name: 'Start microVM' }).click();
     await page.locator('#vm-status').filter({ hasText: 'is RUNNING' }).waitFor({ timeout: LONG });
-    const vmRow = page.locator('#vms-table tbody tr').first();
-    await vmRow.locator('.badge', { hasText: 'RUNNING' }).waitFor();
-    const vmId = await vmRow.getAttribute('data-id');
+    const newest = page.locator('#vms-table tbody tr').first();
+    await newest.locator('.badge', { hasText: 'RUNNING' }).waitFor();
+    const vmId = await newest.getAttribute('data-id');
     assert.match(vmId ?? '', /^mvm-/);
+    // Its row by id (a fork made below is newer and comes first).
+    const vmRow = page.locator(`#vms-table tbody tr[data-id="${vmId}"]`);
     assert.match(await vmRow.innerText(), /suspend after 1200s idle, wakes on request/);
     const api = new Cocoon({ apiUrl: server!.url, apiKey: tenant.apiKey });
     const started = await api.microvms.get(vmId!);
@@ -140,12 +143,57 @@ describe('dashboard end to end', { timeout: 60 * 60_000 }, () => {
     assert.equal(await appPage.evaluate(() => document.cookie), '', 'the gateway cookie is HttpOnly');
     await appPage.close();
 
-    // 6. Suspend, resume, terminate from the table; the states update without a reload.
+    // 6. A terminal on the microVM (xterm.js over the exec WebSocket): typing `echo $((6*7))`
+    // shows 42. Then a file goes up through the upload form and comes back down.
+    if (server!.has('POST', '/api/v1/microvms/:id/exec')) {
+      await vmRow.getByRole('button', { name: `Open a terminal on ${vmId}` }).click();
+      const panel = page.locator('#terminal-panel');
+      await panel.locator('#terminal-state', { hasText: 'connected' }).waitFor({ timeout: 120_000 });
+      await page.locator('#terminal .xterm').click();
+      await page.keyboard.type('echo $((6*7))');
+      await page.keyboard.press('Enter');
+      await page.waitForFunction(() => /^42\s*$/m.test(document.querySelector('#terminal .xterm-rows')?.innerText ?? ''), null, { timeout: 60_000 });
+      const rows: string = await page.locator('#terminal .xterm-rows').innerText();
+      assert.match(rows, /echo \$\(\(6\*7\)\)/, 'the typed line echoes');
+      const terminalShot = path.join(shots, '06b-terminal.png');
+      await panel.screenshot({ path: terminalShot });
+      // The screenshot the docs show (docs/img/), refreshed on request only: a test run leaves the checkout clean.
+      if (process.env.COCOON_UPDATE_SCREENSHOTS) fs.copyFileSync(terminalShot, path.join(repo, 'docs/img/dashboard-terminal.png'));
+
+      await page.getByLabel('Upload a file').setInputFiles({ name: 'note.txt', mimeType: 'text/plain', buffer: Buffer.from('from the browser\n') });
+      await page.getByLabel('into the folder').fill('/tmp');
+      await page.getByRole('button', { name: 'Upload', exact: true }).click();
+      await page.locator('#files-status').filter({ hasText: 'Uploaded /tmp/note.txt' }).waitFor({ timeout: 60_000 });
+      assert.equal(await api.files.read(vmId!, '/tmp/note.txt'), 'from the browser\n');
+      await page.getByLabel('Download the file').fill('/tmp/note.txt');
+      const [download] = await Promise.all([
+        page.waitForEvent('download', { timeout: 60_000 }),
+        page.getByRole('button', { name: 'Download', exact: true }).click(),
+      ]);
+      assert.equal(download.suggestedFilename(), 'note.txt');
+      assert.equal(fs.readFileSync(await download.path()!, 'utf8'), 'from the browser\n');
+      await page.getByRole('button', { name: 'Close terminal' }).click();
+      assert.equal(await panel.isHidden(), true);
+    }
+
+    // 7. Suspend, resume, terminate from the table; the states update without a reload.
     await vmRow.getByRole('button', { name: `Suspend ${vmId}` }).click();
     await vmRow.locator('.badge', { hasText: 'SUSPENDED' }).waitFor({ timeout: LONG });
     await shot('07-suspended');
     await vmRow.getByRole('button', { name: `Resume ${vmId}` }).click();
     await vmRow.locator('.badge', { hasText: 'RUNNING' }).waitFor({ timeout: LONG });
+    // Fork: a new row, RUNNING, its token shown; checkpoint: a new READY image version.
+    await vmRow.getByRole('button', { name: `Fork ${vmId}` }).click();
+    await page.locator('#vm-status').filter({ hasText: `Forked ${vmId} into` }).waitFor({ timeout: LONG });
+    const forkId = /into (mvm-[0-9a-z]+)/.exec(await page.locator('#vm-status').innerText())![1]!;
+    assert.equal(await page.locator('#token-vm').innerText(), forkId, "the fork's token is shown");
+    const forkRow = page.locator(`#vms-table tbody tr[data-id="${forkId}"]`);
+    await forkRow.locator('.badge', { hasText: 'RUNNING' }).waitFor({ timeout: LONG });
+    await vmRow.getByRole('button', { name: `Checkpoint ${vmId}` }).click();
+    await page.locator('#vm-status').filter({ hasText: 'is READY' }).waitFor({ timeout: LONG });
+    await shot('07b-forked-and-checkpointed');
+    assert.equal((await api.microvms.get(forkId)).state, 'RUNNING');
+    await api.microvms.terminate(forkId);
     const terminate = vmRow.getByRole('button', { name: `Terminate ${vmId}` });
     await terminate.click();
     assert.equal(await terminate.innerText(), 'Confirm', 'a destructive action asks once more');

@@ -42,7 +42,8 @@ describe('dashboard assets', () => {
     assert.match(html, /<script type="module" src="\/dashboard\/app\.js"><\/script>/);
     assert.doesNotMatch(html, /<script>(?!<)/, 'no inline script');
 
-    const files: Array<[string, string]> = [['/dashboard/app.js', 'text/javascript'], ['/dashboard/style.css', 'text/css'], ['/sdk/index.ts', 'text/javascript'], ['/sdk/http.ts', 'text/javascript']];
+    const files: Array<[string, string]> = [['/dashboard/app.js', 'text/javascript'], ['/dashboard/style.css', 'text/css'], ['/sdk/index.ts', 'text/javascript'], ['/sdk/http.ts', 'text/javascript'],
+      ['/dashboard/terminal.js', 'text/javascript'], ['/vendor/xterm.mjs', 'text/javascript'], ['/vendor/addon-fit.mjs', 'text/javascript'], ['/vendor/xterm.css', 'text/css']];
     for (const [file, type] of files) {
       const response = await fetch(`${server.url}${file}`);
       assert.equal(response.status, 200, file);
@@ -61,7 +62,7 @@ describe('dashboard assets', () => {
   it('answers missing files and odd names with the error shape, and never serves Node-only or outside files', async () => {
     for (const [file, status] of [
       ['/dashboard/nope.js', 404], ['/sdk/node-source.ts', 404], ['/sdk/..%2F..%2Fsrc%2Fserver.ts', 400],
-      ['/dashboard/.hidden', 400], ['/sdk/tar.ts', 200],
+      ['/dashboard/.hidden', 400], ['/sdk/tar.ts', 200], ['/vendor/xterm.mjs', 200], ['/vendor/nope.mjs', 404], ['/vendor/..%2Fpackage.json', 400],
     ] as const) {
       const response = await fetch(`${server.url}${file}`);
       assert.equal(response.status, status, file);

@@ -56,7 +56,7 @@ describe('docs', () => {
     for (const name of Object.getOwnPropertyNames(Cocoon.prototype).filter((n) => n !== 'constructor' && n !== 'apiUrl')) {
       if (!sdk.includes(`cocoon.${name}(`)) missing.push(name);
     }
-    for (const resource of ['bundles', 'images', 'microvms', 'tokens', 'tenants', 'apiKeys'] as const) {
+    for (const resource of ['bundles', 'images', 'microvms', 'tokens', 'tenants', 'apiKeys', 'exec', 'files', 'pty'] as const) {
       const proto = Object.getPrototypeOf(client[resource]);
       for (const method of Object.getOwnPropertyNames(proto).filter((n) => n !== 'constructor')) {
         const inTable = sdk.includes(`cocoon.${resource}.${method}(`) || new RegExp(`cocoon\\.${resource}\\.[a-zA-Z]+\\([^)]*\\)[^|]*\\b${method}\\(`).test(sdk);

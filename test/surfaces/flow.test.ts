@@ -12,10 +12,12 @@ import {
   Cocoon,
   ConflictError,
   ImageBuildFailedError,
+  NotFoundError,
   type Image,
   type MicroVM,
   type StartedMicroVM,
 } from '../../packages/sdk/src/index.ts';
+import { wsFactory } from '../../src/cli/websocket.ts';
 import { busyboxFolder, cocoon, imageRoutesMissing, startTestServer, tempDir, vmRoutesMissing, writeTree, type TestServer } from './helpers.ts';
 
 const EXIT = { ok: 0, failure: 1, usage: 2, notFound: 3, auth: 4, conflict: 5 };
@@ -300,15 +302,20 @@ describe('through the surfaces, end to end', { timeout: 60 * 60_000 }, () => {
     const image = shared.image;
     // Without the microVM module its routes are absent and their cases are left out below.
     const vm = shared.vm ?? ({ id: 'mvm-00000000000000000000000000', arn: 'arn:cocoon:local-1:000000000000:microvm/none' } as StartedMicroVM);
-    const b = (method: string, url: string, body?: unknown) =>
+    const b = (method: string, url: string, body?: unknown, raw?: string) =>
       fetch(`${server!.url}/api/v1${url}`, {
         method,
-        headers: { authorization: `Bearer ${tenantB.apiKey}`, ...(body !== undefined ? { 'content-type': 'application/json' } : {}) },
+        headers: {
+          authorization: `Bearer ${tenantB.apiKey}`,
+          ...(body !== undefined ? { 'content-type': 'application/json' } : {}),
+          ...(raw !== undefined ? { 'content-type': 'application/octet-stream' } : {}),
+        },
         ...(body !== undefined ? { body: JSON.stringify(body) } : {}),
+        ...(raw !== undefined ? { body: raw } : {}),
       });
     const enc = encodeURIComponent;
     // One case per route that takes an id (or refers to another tenant's resource in its body).
-    const cases: Array<{ route: string; method: string; url: string; body?: unknown }> = [
+    const cases: Array<{ route: string; method: string; url: string; body?: unknown; raw?: string }> = [
       { route: 'GET /api/v1/images/:id', method: 'GET', url: `/images/${image.id}` },
       { route: 'GET /api/v1/images/:id', method: 'GET', url: `/images/${enc(image.arn)}` },
       { route: 'GET /api/v1/images/:id/logs', method: 'GET', url: `/images/${image.id}/logs` },
@@ -321,22 +328,48 @@ describe('through the surfaces, end to end', { timeout: 60 * 60_000 }, () => {
       { route: 'GET /api/v1/microvms/:id', method: 'GET', url: `/microvms/${enc(vm.arn)}` },
       { route: 'POST /api/v1/microvms/:id/suspend', method: 'POST', url: `/microvms/${vm.id}/suspend` },
       { route: 'POST /api/v1/microvms/:id/resume', method: 'POST', url: `/microvms/${vm.id}/resume` },
+      { route: 'POST /api/v1/microvms/:id/fork', method: 'POST', url: `/microvms/${vm.id}/fork`, body: { count: 1 } },
+      { route: 'POST /api/v1/microvms/:id/checkpoint', method: 'POST', url: `/microvms/${vm.id}/checkpoint`, body: {} },
       { route: 'DELETE /api/v1/microvms/:id', method: 'DELETE', url: `/microvms/${vm.id}` },
       { route: 'GET /api/v1/microvms/:id/logs', method: 'GET', url: `/microvms/${vm.id}/logs` },
       { route: 'POST /api/v1/microvms/:id/tokens', method: 'POST', url: `/microvms/${vm.id}/tokens`, body: {} },
       { route: 'GET /api/v1/microvms/:id/tokens', method: 'GET', url: `/microvms/${vm.id}/tokens` },
       { route: 'DELETE /api/v1/microvms/:id/tokens/:tokenId', method: 'DELETE', url: `/microvms/${vm.id}/tokens/${shared.tokenId}` },
       { route: 'DELETE /api/v1/api-keys/:id', method: 'DELETE', url: `/api-keys/${shared.keyId}` },
+      // Inside the microVM: exec, processes, files.
+      { route: 'POST /api/v1/microvms/:id/exec', method: 'POST', url: `/microvms/${vm.id}/exec`, body: { command: ['rm', '-rf', '/www'] } },
+      { route: 'POST /api/v1/microvms/:id/exec', method: 'POST', url: `/microvms/${vm.id}/exec`, body: { command: ['sleep', '600'], background: true } },
+      { route: 'GET /api/v1/microvms/:id/processes', method: 'GET', url: `/microvms/${vm.id}/processes` },
+      { route: 'GET /api/v1/microvms/:id/processes/:pid/output', method: 'GET', url: `/microvms/${vm.id}/processes/1/output` },
+      { route: 'POST /api/v1/microvms/:id/processes/:pid/stdin', method: 'POST', url: `/microvms/${vm.id}/processes/1/stdin`, raw: 'x' },
+      { route: 'POST /api/v1/microvms/:id/processes/:pid/signal', method: 'POST', url: `/microvms/${vm.id}/processes/1/signal`, body: { signal: 'SIGKILL' } },
+      { route: 'POST /api/v1/microvms/:id/processes/:pid/resize', method: 'POST', url: `/microvms/${vm.id}/processes/1/resize`, body: { cols: 80, rows: 24 } },
+      { route: 'PUT /api/v1/microvms/:id/files', method: 'PUT', url: `/microvms/${vm.id}/files?path=/www/index.html`, raw: 'defaced' },
+      { route: 'GET /api/v1/microvms/:id/files', method: 'GET', url: `/microvms/${vm.id}/files?path=/www/index.html` },
+      { route: 'GET /api/v1/microvms/:id/files/stat', method: 'GET', url: `/microvms/${vm.id}/files/stat?path=/www` },
+      { route: 'GET /api/v1/microvms/:id/files/list', method: 'GET', url: `/microvms/${vm.id}/files/list?path=/www` },
+      { route: 'GET /api/v1/microvms/:id/files/watch', method: 'GET', url: `/microvms/${vm.id}/files/watch?path=/www` },
+      { route: 'POST /api/v1/microvms/:id/files/mkdir', method: 'POST', url: `/microvms/${vm.id}/files/mkdir`, body: { path: '/www/stolen' } },
+      { route: 'POST /api/v1/microvms/:id/files/remove', method: 'POST', url: `/microvms/${vm.id}/files/remove`, body: { path: '/www', recursive: true } },
+      { route: 'POST /api/v1/microvms/:id/files/rename', method: 'POST', url: `/microvms/${vm.id}/files/rename`, body: { from: '/www/index.html', to: '/tmp/taken' } },
+      { route: 'POST /api/v1/microvms/:id/files/chmod', method: 'POST', url: `/microvms/${vm.id}/files/chmod`, body: { path: '/www', mode: '0000' } },
     ];
     const covered = new Set<string>();
     for (const c of cases) {
       if (!server!.has(c.method, c.route.split(' ')[1]!)) continue;
-      const response = await b(c.method, c.url, c.body);
+      const response = await b(c.method, c.url, c.body, c.raw);
       const body = (await response.json().catch(() => undefined)) as { error?: { code: string; message: string } } | undefined;
       assert.equal(response.status, 404, `${c.method} ${c.url} as another tenant: ${JSON.stringify(body)}`);
       assert.match(body?.error?.code ?? '', /not_found$/, `${c.method} ${c.url}`);
       assert.ok(!JSON.stringify(body).includes(tenantA.id), 'the answer names nothing of the owner');
       covered.add(c.route);
+    }
+    // The exec WebSocket: the upgrade happens, then the start is refused with not found.
+    if (server!.has('GET', '/api/v1/microvms/:id/exec/ws')) {
+      const asB = new Cocoon({ apiUrl: server!.url, apiKey: tenantB.apiKey, webSocket: wsFactory });
+      await assert.rejects(asB.exec.session(vm.id, { command: ['rm', '-rf', '/www'] }), (e: unknown) => e instanceof NotFoundError && /not_found$/.test(e.code));
+      await assert.rejects(asB.pty.open(vm.id), NotFoundError);
+      covered.add('GET /api/v1/microvms/:id/exec/ws');
     }
     // Every route with an id (and every create that refers to one) has a case: new routes must be added here.
     const needing = server!.routes
@@ -365,6 +398,10 @@ describe('through the surfaces, end to end', { timeout: 60 * 60_000 }, () => {
       assert.equal((await sdkA.microvms.get(vm.id)).state, 'RUNNING');
       assert.ok((await sdkA.tokens.list(vm.id)).find((x) => x.id === shared.tokenId && !x.revokedAt));
       assert.equal((await sdkA.microvms.fetch(vm, '/')).status, 200);
+      if (server!.has('POST', '/api/v1/microvms/:id/exec')) {
+        assert.match(await sdkA.files.read(vm.id, '/www/index.html'), /Hello from a Cocoon microVM/, 'the page is untouched');
+        assert.deepEqual(await sdkA.exec.list(vm.id), [], 'no process was started for B');
+      }
       await sdkA.microvms.terminate(vm.id);
       assert.equal((await sdkA.microvms.get(vm.id)).state, 'TERMINATED');
     }

@@ -132,6 +132,8 @@ export function run(command: string, args: string[], options: { cwd?: string } =
 export interface CliResult {
   code: number;
   stdout: string;
+  /** stdout as bytes (for binary output). */
+  stdoutBytes: Buffer;
   stderr: string;
   /** stdout parsed as JSON (for --json runs). */
   json: any;
@@ -143,19 +145,21 @@ export interface CliResult {
  * Runs `bin/cocoon` with `args` in `cwd` (default: a fresh empty directory, so no stray
  * .cocoon is found) with a clean environment plus `env`.
  */
-export function cocoon(args: string[], options: { env?: Record<string, string>; cwd?: string; input?: string; timeoutMs?: number } = {}): Promise<CliResult> {
+export function cocoon(args: string[], options: { env?: Record<string, string>; cwd?: string; input?: string | Buffer; timeoutMs?: number } = {}): Promise<CliResult> {
   const env: Record<string, string> = { PATH: process.env.PATH ?? '/usr/bin:/bin', HOME: process.env.HOME ?? '/root', NODE_ENV: 'test', ...options.env };
   const cwd = options.cwd ?? emptyCwd();
   return new Promise((resolve, reject) => {
     const child = spawn(path.join(repo, 'bin/cocoon'), args, { cwd, env, stdio: ['pipe', 'pipe', 'pipe'] });
-    let stdout = '';
+    const out: Buffer[] = [];
     let stderr = '';
-    child.stdout.setEncoding('utf8').on('data', (d: string) => (stdout += d));
+    child.stdout.on('data', (d: Buffer) => out.push(d));
     child.stderr.setEncoding('utf8').on('data', (d: string) => (stderr += d));
     const timer = setTimeout(() => child.kill('SIGKILL'), options.timeoutMs ?? 600_000);
     child.on('error', reject);
     child.on('close', (code, signal) => {
       clearTimeout(timer);
+      const stdoutBytes = Buffer.concat(out);
+      const stdout = stdoutBytes.toString('utf8');
       const parse = (text: string) => {
         try {
           return JSON.parse(text);
@@ -163,7 +167,7 @@ export function cocoon(args: string[], options: { env?: Record<string, string>; 
           return undefined;
         }
       };
-      resolve({ code: code ?? (signal ? 128 : 1), stdout, stderr, json: parse(stdout), error: parse(stderr.trim().split('\n').at(-1) ?? '')?.error });
+      resolve({ code: code ?? (signal ? 128 : 1), stdout, stdoutBytes, stderr, json: parse(stdout), error: parse(stderr.trim().split('\n').at(-1) ?? '')?.error });
     });
     child.stdin.end(options.input ?? '');
   });
@@ -253,6 +257,12 @@ function routesMissing(server: TestServer, wanted: Array<[string, string]>, bran
 /** Why image flows cannot run in this build (undefined: they can). */
 export function imageRoutesMissing(server: TestServer): string | undefined {
   return routesMissing(server, [['POST', '/api/v1/bundles'], ['POST', '/api/v1/images'], ['GET', '/api/v1/images/:id/logs']], 'images');
+}
+
+/** Why exec, files and shell cannot be tested in this build (undefined: they can). */
+export function execRoutesMissing(server: TestServer): string | undefined {
+  return vmRoutesMissing(server)
+    ?? routesMissing(server, [['POST', '/api/v1/microvms/:id/exec'], ['PUT', '/api/v1/microvms/:id/files']], 'exec-core');
 }
 
 /** Why flows that start microVMs cannot run in this build (undefined: they can). */

@@ -86,12 +86,16 @@ describe('OpenAPI document', () => {
     const registered = new Set(apiRoutes.map((r) => `${r.method.toLowerCase()} ${openapiPath(r.url)}`));
     const extra = operations().map((o) => `${o.method} ${o.path}`).filter((o) => !registered.has(o));
     assert.deepEqual(extra, [], 'the document names no route the server lacks');
-    // Routes outside the API are the dashboard's public assets, hidden from the document.
-    const outside = server.routes.filter((r) => !r.url.startsWith('/api/v1/') && r.method !== 'HEAD');
+    // Routes outside the API are the dashboard's public assets, hidden from the document, and
+    // compatibility surfaces (E2B under /e2b) with their own auth and their own documents.
+    const outside = server.routes.filter((r) => !r.url.startsWith('/api/v1/') && !r.url.startsWith('/e2b/') && r.method !== 'HEAD');
+    for (const route of server.routes.filter((r) => r.url.startsWith('/e2b/'))) {
+      assert.ok(route.hidden, `${route.method} ${route.url} (E2B surface) is not in Cocoon's own document`);
+    }
     for (const route of outside) {
       assert.ok(route.hidden && route.public, `${route.method} ${route.url} is a hidden public asset route`);
     }
-    assert.deepEqual(outside.map((r) => r.url).sort(), ['/', '/dashboard/:file', '/sdk/:file']);
+    assert.deepEqual(outside.map((r) => r.url).sort(), ['/', '/dashboard/:file', '/sdk/:file', '/vendor/:file']);
   });
 
   it('describes each operation: summary, path parameters, request bodies, security', () => {
@@ -107,7 +111,7 @@ describe('OpenAPI document', () => {
       }
       const isPublic = Array.isArray(op.security) && op.security.length === 0;
       if (!isPublic) assert.ok(op.responses['401'], `${name} (authenticated) documents 401`);
-      const successes = Object.keys(op.responses).filter((s) => /^2/.test(s));
+      const successes = Object.keys(op.responses).filter((s) => /^2|^101$/.test(s)); // 101: a WebSocket upgrade
       assert.ok(successes.length > 0, `${name} documents its success answer`);
     }
     assert.deepEqual(doc.security, [{ apiKey: [] }], 'bearer API key by default');

@@ -1,7 +1,10 @@
 import { Bundles } from './bundles.ts';
+import { Exec, Pty } from './exec.ts';
+import { Files } from './files.ts';
 import { DEFAULT_TIMEOUT_MS, normalizeApiUrl, Transport, type CallOptions } from './http.ts';
 import { Images } from './images.ts';
 import { MicroVMs } from './microvms.ts';
+import { platformWebSocket, type WebSocketFactory } from './session.ts';
 import { ApiKeys, Tenants } from './tenants.ts';
 import { Tokens } from './tokens.ts';
 import type { Health, ServerInfo } from './types.ts';
@@ -19,6 +22,12 @@ export interface CocoonOptions {
   fetch?: typeof fetch;
   /** Extra headers on every API request. */
   headers?: Record<string, string>;
+  /**
+   * Makes the WebSockets of interactive sessions and PTYs (default: the platform's
+   * `WebSocket`, which sends the API key in the first message). Node programs may pass one
+   * built on `ws` that sends the Authorization header (see the CLI's `src/cli/websocket.ts`).
+   */
+  webSocket?: WebSocketFactory;
 }
 
 export const DEFAULT_API_URL = 'http://127.0.0.1:7070';
@@ -46,6 +55,12 @@ export class Cocoon {
   readonly tokens: Tokens;
   readonly tenants: Tenants;
   readonly apiKeys: ApiKeys;
+  /** Commands in a microVM: run, background processes, interactive sessions. */
+  readonly exec: Exec;
+  /** Files in a microVM. */
+  readonly files: Files;
+  /** Terminals in a microVM. */
+  readonly pty: Pty;
   readonly #http: Transport;
 
   constructor(options: CocoonOptions = {}) {
@@ -63,6 +78,10 @@ export class Cocoon {
     this.microvms = new MicroVMs(this.#http, this.tokens, options.gatewayUrl);
     this.tenants = new Tenants(this.#http);
     this.apiKeys = new ApiKeys(this.#http);
+    const webSocket = options.webSocket ?? platformWebSocket;
+    this.exec = new Exec({ http: this.#http, webSocket });
+    this.files = new Files(this.#http);
+    this.pty = new Pty(this.exec, webSocket, options.gatewayUrl);
   }
 
   /** The server's base URL (without /api/v1). */

@@ -233,8 +233,12 @@ export function sleep(ms: number, signal?: AbortSignal): Promise<void> {
   });
 }
 
-/** Splits a byte stream into lines (without their line ends); the last line may lack one. */
-export async function* lines(body: ReadableStream<Uint8Array>, signal?: AbortSignal): AsyncGenerator<string> {
+/**
+ * Splits a byte stream into lines (without their line ends); the last line may lack one.
+ * A line longer than `maxLineLength` characters is an error (a stream that never ends a line
+ * would otherwise grow without bound).
+ */
+export async function* lines(body: ReadableStream<Uint8Array>, signal?: AbortSignal, maxLineLength = Infinity): AsyncGenerator<string> {
   const reader = body.pipeThrough(new TextDecoderStream()).getReader();
   const onAbort = () => void reader.cancel(signal?.reason).catch(() => undefined);
   signal?.addEventListener('abort', onAbort, { once: true });
@@ -250,6 +254,7 @@ export async function* lines(body: ReadableStream<Uint8Array>, signal?: AbortSig
         yield pending.slice(0, newline).replace(/\r$/, '');
         pending = pending.slice(newline + 1);
       }
+      if (pending.length > maxLineLength) throw new CocoonError(`the server sent a line longer than ${maxLineLength} characters`);
     }
     if (signal?.aborted) throw signal.reason;
     if (pending !== '') yield pending;

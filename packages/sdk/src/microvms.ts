@@ -2,7 +2,18 @@ import { CocoonError, CocoonTimeoutError, MicroVMStateError } from './errors.ts'
 import { sleep, segment, type CallOptions, type Transport } from './http.ts';
 import { paginate } from './pagination.ts';
 import type { Tokens } from './tokens.ts';
-import type { MicroVM, MicroVMListParams, MicroVMState, Page, StartedMicroVM, StartMicroVMInput } from './types.ts';
+import type {
+  CheckpointInput,
+  ForkedMicroVMs,
+  ForkMicroVMInput,
+  Image,
+  MicroVM,
+  MicroVMListParams,
+  MicroVMState,
+  Page,
+  StartedMicroVM,
+  StartMicroVMInput,
+} from './types.ts';
 
 export interface MicroVMWaitOptions {
   signal?: AbortSignal;
@@ -69,6 +80,25 @@ export class MicroVMs {
   /** Resumes a SUSPENDED microVM. Answers once RUNNING. */
   resume(idOrArn: string, options: CallOptions = {}): Promise<MicroVM> {
     return this.#http.json<MicroVM>({ method: 'POST', path: `/microvms/${segment(idOrArn)}/resume`, ...options });
+  }
+
+  /**
+   * Forks a RUNNING or SUSPENDED microVM: `count` new microVMs (1–16) that each continue its
+   * memory, disk and processes from this moment, on their own (own token, session, idle
+   * policy, fresh RNG seed). A RUNNING source is paused for a few milliseconds; a SUSPENDED one
+   * is not woken. Answers once the forks run.
+   */
+  fork(idOrArn: string, input: ForkMicroVMInput = {}, options: CallOptions = {}): Promise<ForkedMicroVMs> {
+    return this.#http.json<ForkedMicroVMs>({ method: 'POST', path: `/microvms/${segment(idOrArn)}/fork`, json: input, ...options });
+  }
+
+  /**
+   * Saves the microVM's state as a new image version (of `input.name`, default the source
+   * image's name). Answers at once with the image SNAPSHOTTING; `images.waitUntilReady(id)` (or
+   * polling) sees it READY; microVMs started from it begin exactly there.
+   */
+  checkpoint(idOrArn: string, input: CheckpointInput = {}, options: CallOptions = {}): Promise<Image> {
+    return this.#http.json<Image>({ method: 'POST', path: `/microvms/${segment(idOrArn)}/checkpoint`, json: input, ...options });
   }
 
   /** Terminates: the VM and its files are removed; the gateway then answers 410. */

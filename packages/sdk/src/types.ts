@@ -109,6 +109,27 @@ export interface StartMicroVMInput {
   clientToken?: string;
 }
 
+export interface ForkMicroVMInput {
+  /** How many forks (1–16, default 1). */
+  count?: number;
+  /** Default: the source's idle policy. */
+  idlePolicy?: Partial<IdlePolicy>;
+  /** Each fork's session (default: the source's maximumDurationSeconds, counted from the fork). */
+  maximumDurationSeconds?: number;
+}
+
+export interface ForkedMicroVMs {
+  /** The forks, each RUNNING (unless it failed to start) with its own first token. */
+  items: StartedMicroVM[];
+  /** How long the source's vCPUs were stopped (0 when it was SUSPENDED). */
+  sourcePausedMs: number;
+}
+
+export interface CheckpointInput {
+  /** The image's name (default: the source image's name, as a new version of it). */
+  name?: string;
+}
+
 export interface MicroVM {
   id: string;
   /** `arn:cocoon:<region>:<account>:microvm/<id>` */
@@ -146,23 +167,30 @@ export interface MicroVMListParams extends PageParams {
   image?: string;
 }
 
+/** `http`: web requests to the app; `shell`: a terminal through the gateway (`pty.openWithToken`), nothing else. */
+export type TokenScope = 'http' | 'shell';
+
 export interface CreateTokenInput {
   /** 1–60, default 60. */
   expirationMinutes?: number;
-  /** Default: every port. */
+  /** Default: every port (http tokens). */
   allowedPorts?: number[];
+  /** Default `http`. */
+  scope?: TokenScope;
 }
 
 /** A new gateway token: send `token` as `X-Cocoon-Token` (shown once). */
 export interface IssuedToken {
   id: string;
   token: string;
+  scope?: TokenScope;
   expiresAt: string;
   allowedPorts: number[] | null;
 }
 
 export interface TokenInfo {
   id: string;
+  scope?: TokenScope;
   expiresAt: string;
   allowedPorts: number[] | null;
   createdAt: string;

@@ -9,7 +9,7 @@
  */
 import { createHash } from 'node:crypto';
 import fs from 'node:fs';
-import { stripTypeScriptTypes } from 'node:module';
+import { createRequire, stripTypeScriptTypes } from 'node:module';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
@@ -20,22 +20,50 @@ const here = path.dirname(fileURLToPath(import.meta.url));
 export const DASHBOARD_DIR = path.resolve(here, '../../dashboard');
 export const SDK_DIR = path.resolve(here, '../../../packages/sdk/src');
 
+/**
+ * Third-party browser modules the dashboard loads, served from node_modules by this server
+ * (never from a CDN): the terminal (xterm.js) and its fit addon. Name → file in a package.
+ */
+const require = createRequire(import.meta.url);
+export const VENDOR_FILES: Record<string, { pkg: string; file: string }> = {
+  'xterm.mjs': { pkg: '@xterm/xterm', file: 'lib/xterm.mjs' },
+  'xterm.css': { pkg: '@xterm/xterm', file: 'css/xterm.css' },
+  'addon-fit.mjs': { pkg: '@xterm/addon-fit', file: 'lib/addon-fit.mjs' },
+};
+
+function loadVendor(): Map<string, Asset> {
+  const out = new Map<string, Asset>();
+  for (const [name, { pkg, file }] of Object.entries(VENDOR_FILES)) {
+    const root = path.dirname(require.resolve(`${pkg}/package.json`));
+    // The source map comment points at a file not served; browsers only fetch it with devtools open.
+    const text = fs.readFileSync(path.join(root, file), 'utf8').replace(/\n\/\/# sourceMappingURL=\S+\s*$/, '\n');
+    out.set(name, asset(text, name));
+  }
+  return out;
+}
+
 /** Node-only SDK modules the browser never loads. */
 const NODE_ONLY = new Set(['node-source.ts']);
 
 const TYPES: Record<string, string> = {
   '.html': 'text/html; charset=utf-8',
   '.js': 'text/javascript; charset=utf-8',
+  '.mjs': 'text/javascript; charset=utf-8',
   '.ts': 'text/javascript; charset=utf-8',
   '.css': 'text/css; charset=utf-8',
   '.svg': 'image/svg+xml',
 };
 
-/** No inline script or style, nothing from elsewhere; the API is same-origin. */
+/**
+ * No inline script, nothing from elsewhere; the API (and its exec WebSocket) is same-origin.
+ * Inline styles are allowed: the terminal (xterm.js) writes its theme and cell metrics into
+ * <style> elements it creates; every text the dashboard shows goes in with textContent, so no
+ * markup (and no style) comes from data.
+ */
 export const DASHBOARD_CSP = [
   "default-src 'self'",
   "script-src 'self'",
-  "style-src 'self'",
+  "style-src 'self' 'unsafe-inline'",
   "img-src 'self' data:",
   "connect-src 'self'",
   "form-action 'self'",
@@ -83,6 +111,7 @@ export function dashboardRoutes(app: FastifyInstance, _context: ApiContext): voi
   const assets = loadDir(DASHBOARD_DIR, (name) => /\.(html|js|css|svg)$/.test(name));
   const sdk = loadDir(SDK_DIR, (name) => name.endsWith('.ts') && !NODE_ONLY.has(name), (text, name) =>
     `${stripTypeScriptTypes(text.toString('utf8'), { mode: 'strip', sourceUrl: `sdk/${name}` })}`);
+  const vendor = loadVendor();
   const page = assets.get('index.html');
   const common = { config: { public: true }, schema: { hide: true } } as const;
 
@@ -91,6 +120,11 @@ export function dashboardRoutes(app: FastifyInstance, _context: ApiContext): voi
     '/dashboard/:file',
     { ...common, schema: { hide: true, params: FileParams } },
     async (request, reply) => send(request, reply, request.params.file === 'index.html' ? page : assets.get(request.params.file)),
+  );
+  app.get<{ Params: Static<typeof FileParams> }>(
+    '/vendor/:file',
+    { ...common, schema: { hide: true, params: FileParams } },
+    async (request, reply) => send(request, reply, vendor.get(request.params.file)),
   );
   app.get<{ Params: Static<typeof FileParams> }>(
     '/sdk/:file',

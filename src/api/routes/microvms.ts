@@ -8,7 +8,10 @@ import type { FastifyInstance, FastifyRequest } from 'fastify';
 import { Type, type Static } from 'typebox';
 import { CocoonError } from '../../common/errors.ts';
 import type { LifecycleEngine } from '../../lifecycle/engine.ts';
+import { MAX_FORKS, checkpointMicrovm, forkMicrovm } from '../../lifecycle/fork.ts';
 import { readLogTail } from '../../lifecycle/storage.ts';
+import { IMAGE_NAME } from '../../store/images.ts';
+import { ImageSchema, imageView } from './images.ts';
 import { findTenantImage } from '../../store/images.ts';
 import {
   MAX_SESSION_SECONDS,
@@ -70,7 +73,7 @@ const MicrovmSchema = Type.Object({
   maximumDurationSeconds: Type.Integer(),
   vcpus: Type.Integer(),
   memoryMiB: Type.Integer(),
-  port: Type.Integer(),
+  port: Nullable(Type.Integer({ description: 'The app port; null: its image has none' })),
   url: Type.String({ description: 'The microVM through the gateway (send X-Cocoon-Token with every request)' }),
   createdAt: Type.String(),
   expiresAt: Type.String({ description: 'End of the session' }),
@@ -88,8 +91,10 @@ const StartedMicrovm = Type.Intersect([
   }),
 ]);
 
+const TokenScopeSchema = Type.Union([Type.Literal('http'), Type.Literal('shell')], { description: "What it opens through the gateway: 'http' app requests (default) or 'shell', the PTY WebSocket /.cocoon/shell" });
 const TokenSchema = Type.Object({
   id: Type.String(),
+  scope: TokenScopeSchema,
   expiresAt: Type.String(),
   allowedPorts: Nullable(Type.Array(Port, { description: 'null: every port' })),
   createdAt: Type.String(),
@@ -98,13 +103,30 @@ const TokenSchema = Type.Object({
 const IssuedToken = Type.Object({
   id: Type.String(),
   token: Type.String({ description: 'Send it as X-Cocoon-Token; shown once' }),
+  scope: TokenScopeSchema,
   expiresAt: Type.String(),
   allowedPorts: Nullable(Type.Array(Port)),
 });
 const IssueToken = Type.Object(
   {
     expirationMinutes: Type.Optional(Type.Integer({ minimum: 1, maximum: MAX_TOKEN_MINUTES, description: 'Default 60' })),
-    allowedPorts: Type.Optional(Type.Array(Port, { minItems: 1, maxItems: 64, description: 'Default: every port' })),
+    allowedPorts: Type.Optional(Type.Array(Port, { minItems: 1, maxItems: 64, description: 'Default: every port (http scope only)' })),
+    scope: Type.Optional(TokenScopeSchema),
+  },
+  { additionalProperties: false },
+);
+
+const ForkBody = Type.Object(
+  {
+    count: Type.Optional(Type.Integer({ minimum: 1, maximum: MAX_FORKS, description: `How many forks (1–${MAX_FORKS}, default 1)` })),
+    idlePolicy: Type.Optional(IdlePolicyInput),
+    maximumDurationSeconds: Type.Optional(Seconds("Each fork's session (default: the source's maximumDurationSeconds, counted from the fork)")),
+  },
+  { additionalProperties: false },
+);
+const CheckpointBody = Type.Object(
+  {
+    name: Type.Optional(Type.String({ pattern: IMAGE_NAME.source, description: "The image's name (default: the source image's name: a new version of it)" })),
   },
   { additionalProperties: false },
 );
@@ -126,7 +148,7 @@ function notFound(idOrArn: string): CocoonError {
 }
 
 function tokenView(token: Token) {
-  return { id: token.id, expiresAt: token.expiresAt, allowedPorts: token.allowedPorts, createdAt: token.createdAt, revokedAt: token.revokedAt };
+  return { id: token.id, scope: token.scope, expiresAt: token.expiresAt, allowedPorts: token.allowedPorts, createdAt: token.createdAt, revokedAt: token.revokedAt };
 }
 
 async function withDeadline(work: Promise<void>, ms: number): Promise<void> {
@@ -153,7 +175,7 @@ export function microvmRoutes(app: FastifyInstance, { db, config }: ApiContext, 
     maximumDurationSeconds: m.maximumDurationSeconds,
     vcpus: m.vcpus,
     memoryMiB: m.memoryMiB,
-    port: m.port,
+    port: m.hasAppPort ? m.port : null,
     url: services.urlFor(m.id),
     createdAt: m.createdAt,
     expiresAt: m.expiresAt,
@@ -277,6 +299,76 @@ export function microvmRoutes(app: FastifyInstance, { db, config }: ApiContext, 
     },
   );
 
+  app.post<{ Params: Static<typeof IdParams>; Body: Static<typeof ForkBody> }>(
+    '/microvms/:id/fork',
+    {
+      schema: {
+        summary:
+          "Fork: new microVMs that each continue the source's memory, disk and processes from this moment (copy-on-write), " +
+          'with their own token, session and idle policy; a RUNNING source is paused briefly, a SUSPENDED one stays suspended. ' +
+          'Answers once the forks run (or after 60 s with their state so far)',
+        params: IdParams,
+        body: ForkBody,
+        response: {
+          201: Type.Object({ items: Type.Array(StartedMicrovm), sourcePausedMs: Type.Number({ description: "How long the source's vCPUs were stopped" }) }),
+          ...errors,
+          503: ErrorSchema,
+          507: ErrorSchema,
+        },
+      },
+      preValidation: async (request) => {
+        if (request.body === undefined) request.body = {};
+      },
+    },
+    async (request, reply) => {
+      const microvm = await find(request, request.params.id);
+      const body = request.body;
+      const { forks, pausedMs } = await forkMicrovm(services.engine(), db, config.region, microvm, {
+        count: body.count ?? 1,
+        ...(body.idlePolicy
+          ? {
+              idlePolicy: {
+                autoResumeEnabled: body.idlePolicy.autoResumeEnabled ?? microvm.idlePolicy.autoResumeEnabled,
+                maxIdleDurationSeconds: body.idlePolicy.maxIdleDurationSeconds ?? microvm.idlePolicy.maxIdleDurationSeconds,
+                suspendedDurationSeconds:
+                  body.idlePolicy.suspendedDurationSeconds === undefined ? microvm.idlePolicy.suspendedDurationSeconds : body.idlePolicy.suspendedDurationSeconds,
+              },
+            }
+          : {}),
+        ...(body.maximumDurationSeconds ? { maximumDurationSeconds: body.maximumDurationSeconds } : {}),
+      });
+      const items = [];
+      for (const fork of forks) {
+        const current = (await findTenantMicrovm(db, request.tenant.id, fork.id)) ?? fork;
+        const { token, secret } = await createToken(db, { microvmId: fork.id, tenantId: request.tenant.id });
+        items.push({ ...view(current), token: secret, tokenId: token.id, tokenExpiresAt: token.expiresAt });
+      }
+      return reply.status(201).send({ items, sourcePausedMs: Math.round(pausedMs * 100) / 100 });
+    },
+  );
+
+  app.post<{ Params: Static<typeof IdParams>; Body: Static<typeof CheckpointBody> }>(
+    '/microvms/:id/checkpoint',
+    {
+      schema: {
+        summary:
+          "Checkpoint: a new image (a new version of `name`, default the source image's name) whose snapshot is this microVM's " +
+          'state at this moment; SNAPSHOTTING at once, READY once committed; microVMs started from it begin exactly there',
+        params: IdParams,
+        body: CheckpointBody,
+        response: { 202: ImageSchema, ...errors },
+      },
+      preValidation: async (request) => {
+        if (request.body === undefined) request.body = {};
+      },
+    },
+    async (request, reply) => {
+      const microvm = await find(request, request.params.id);
+      const { image } = await checkpointMicrovm(services.engine(), db, config.region, microvm, request.body.name);
+      return reply.status(202).send(imageView(image));
+    },
+  );
+
   app.delete<{ Params: Static<typeof IdParams> }>(
     '/microvms/:id',
     { schema: { summary: 'Terminate: the VM and its files are removed, the gateway answers 410', params: IdParams, response: { 204: Type.Null(), ...errors } } },
@@ -309,7 +401,7 @@ export function microvmRoutes(app: FastifyInstance, { db, config }: ApiContext, 
     '/microvms/:id/tokens',
     {
       schema: {
-        summary: 'Issue a gateway token for this microVM (≤ 60 minutes, optionally only some ports)',
+        summary: 'Issue a gateway token for this microVM (≤ 60 minutes, optionally only some ports; scope shell: a PTY through the gateway)',
         params: IdParams,
         body: IssueToken,
         response: { 201: IssuedToken, ...errors },
@@ -327,8 +419,9 @@ export function microvmRoutes(app: FastifyInstance, { db, config }: ApiContext, 
         tenantId: request.tenant.id,
         ...(body.expirationMinutes !== undefined ? { expirationMinutes: body.expirationMinutes } : {}),
         allowedPorts: body.allowedPorts ?? null,
+        scope: body.scope ?? 'http',
       });
-      return reply.status(201).send({ id: token.id, token: secret, expiresAt: token.expiresAt, allowedPorts: token.allowedPorts });
+      return reply.status(201).send({ id: token.id, token: secret, scope: token.scope, expiresAt: token.expiresAt, allowedPorts: token.allowedPorts });
     },
   );
 

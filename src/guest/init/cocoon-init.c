@@ -37,6 +37,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "agent.h"
+
 /* From <linux/random.h>; musl ships no kernel headers and these are stable ABI. */
 struct rand_pool_info {
   int entropy_count;
@@ -46,7 +48,7 @@ struct rand_pool_info {
 #define RNDADDENTROPY _IOW('R', 0x03, int[2])
 #define RNDRESEEDCRNG _IO('R', 0x07)
 
-#define PROTOCOL_VERSION 1
+#define PROTOCOL_VERSION 2 /* 2: the agent port "cocoon.agent" (agent.c) */
 #define MAX_LINE 4096
 #define MAX_ARGS 256
 #define MAX_ENV 512
@@ -618,11 +620,26 @@ static void read_commands(void) {
 
 /* ---------- children ---------- */
 
+static pid_t agent_pid;
+static struct timespec agent_started;
+static void start_agent(void);
+
 static void reap_children(void) {
   int status;
   pid_t pid;
   while ((pid = waitpid(-1, &status, WNOHANG)) > 0) {
     int code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+    if (pid == agent_pid) {
+      agent_pid = 0;
+      /* exit 0: no agent port on this host. Otherwise start it again (at most once a second). */
+      if (!(WIFEXITED(status) && WEXITSTATUS(status) == 0) && !shutting_down) {
+        struct timespec now;
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        logf_("the guest agent ended (status %d); starting it again", code);
+        if (now.tv_sec - agent_started.tv_sec < 1) usleep(1000000);
+        start_agent();
+      }
+    }
     if (pid == workload_pid) {
       workload_pid = 0;
       send_line("exit %d", code);
@@ -641,15 +658,41 @@ static void reap_children(void) {
   }
 }
 
+static void default_environment(void) {
+  if (!has_env("PATH") && workload.envc < MAX_ENV)
+    workload.envp[workload.envc++] = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+  if (!has_env("HOME") && workload.envc < MAX_ENV)
+    workload.envp[workload.envc++] = workload.uid == 0 ? "HOME=/root" : "HOME=/";
+}
+
+/* ---------- the guest agent: a process of its own, started again should it die ---------- */
+
+static void start_agent(void) {
+  clock_gettime(CLOCK_MONOTONIC, &agent_started);
+  agent_pid = fork();
+  if (agent_pid == 0) {
+    sigprocmask(SIG_UNBLOCK, &handled_signals, NULL);
+    if (control_fd >= 0) close(control_fd);
+    static struct agent_defaults defaults;
+    defaults.uid = workload.uid;
+    defaults.gid = workload.gid;
+    defaults.groups = workload.groups;
+    defaults.ngroups = workload.ngroups;
+    defaults.envp = workload.envp;
+    defaults.cwd = workload.cwd;
+    agent_main(&defaults);
+  }
+  if (agent_pid < 0) {
+    logf_("cannot start the guest agent: %s", strerror(errno));
+    agent_pid = 0;
+  }
+}
+
 static void start_workload(void) {
   if (workload.argc == 0) {
     logf_("no workload in %s; waiting for commands", WORKLOAD_FILE);
     return;
   }
-  if (!has_env("PATH") && workload.envc < MAX_ENV)
-    workload.envp[workload.envc++] = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
-  if (!has_env("HOME") && workload.envc < MAX_ENV)
-    workload.envp[workload.envc++] = workload.uid == 0 ? "HOME=/root" : "HOME=/";
   workload_pid = fork();
   if (workload_pid == 0) exec_as_workload(workload.argv);
   if (workload_pid < 0) fatal("fork workload");
@@ -696,6 +739,8 @@ int main(void) {
   int sfd = signalfd(-1, &handled_signals, SFD_NONBLOCK | SFD_CLOEXEC);
   if (sfd < 0) fatal("signalfd");
 
+  default_environment();
+  start_agent();
   send_line("hello %d", PROTOCOL_VERSION);
   start_workload();
 

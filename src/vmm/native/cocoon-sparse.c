@@ -3,12 +3,20 @@
  * SEEK_DATA, no fallocate, no FIEMAP). Built on the host by src/vmm/native/helper.ts; no dependencies.
  *
  *   cocoon-sparse sum FILE...     one line per file: "<xxh64 hex> <non-zero pages> <size>"
- *   cocoon-sparse copy SRC DST [reserve] [sum] [-- FILE...]
+ *   cocoon-sparse copy SRC DST [reserve] [sum] [nosync] [-- FILE...]
  *                                 a new DST with SRC's content: a reflink where the filesystem
  *                                 can, else a copy of SRC's data extents only (DST is sparse);
  *                                 with `reserve`, then allocate the rest as `alloc` does; with
  *                                 `sum`, print SRC's checksum line (taken while copying); then
- *                                 the checksum lines of FILEs, as `sum` does
+ *                                 the checksum lines of FILEs, as `sum` does; with `nosync`,
+ *                                 the data is found with SEEK_DATA instead of a synced FIEMAP
+ *                                 (no writeback first: a fork copies a paused VM's RAM this way;
+ *                                 pages cached over unwritten extents are copied too, zeros or not)
+ *   cocoon-sparse snap SRC DST [SRC DST...]
+ *                                 prints "ready", waits for a byte on stdin, then copies each SRC
+ *                                 to a new DST as `copy SRC DST nosync` does and prints "done":
+ *                                 started before a VM is paused, so that the pause holds the
+ *                                 copies and not the helper's start
  *   cocoon-sparse alloc FILE      allocate every hole of FILE (fallocate mode 0, size kept);
  *                                 nothing on tmpfs, where that would take RAM at once
  *   cocoon-sparse trim FILE       sync FILE, then punch out its unwritten (allocated, never
@@ -401,7 +409,7 @@ static void *hash_in_background(void *arg) {
   return NULL;
 }
 
-static int copy_file(const char *source, const char *target, int reserve, int hash) {
+static int copy_file(const char *source, const char *target, int reserve, int hash, int nosync) {
   int in = open(source, O_RDONLY | O_CLOEXEC);
   if (in < 0) return fail("cannot open", source);
   int out = open(target, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
@@ -421,6 +429,7 @@ static int copy_file(const char *source, const char *target, int reserve, int ha
   int hashing = hash && pthread_create(&hasher.thread, NULL, hash_in_background, &hasher) == 0;
   if (hash && !hashing) { r = sum_fd(in, source, -1); if (r) goto done; }
   if (ranges_init(&ranges, in, (uint64_t)st.st_size) < 0) { r = fail("out of memory for", source); goto joined; }
+  if (nosync) ranges.mode = 2;
   uint64_t start, end;
   int got_range, use_read = 0;
   static uint8_t buffer[1u << 20];
@@ -514,15 +523,27 @@ int main(int argc, char **argv) {
     return fflush(stdout) == 0 ? 0 : 1;
   }
   if (argc >= 4 && strcmp(argv[1], "copy") == 0) {
-    int reserve = 0, hash = 0, i = 4;
+    int reserve = 0, hash = 0, nosync = 0, i = 4;
     for (; i < argc && strcmp(argv[i], "--") != 0; i++) {
       if (strcmp(argv[i], "reserve") == 0) reserve = 1;
       else if (strcmp(argv[i], "sum") == 0) hash = 1;
+      else if (strcmp(argv[i], "nosync") == 0) nosync = 1;
       else { fprintf(stderr, "cocoon-sparse: unknown copy option %s\n", argv[i]); return 2; }
     }
-    int r = copy_file(argv[2], argv[3], reserve, hash);
+    int r = copy_file(argv[2], argv[3], reserve, hash, nosync);
     for (i++; r == 0 && i < argc; i++) r = sum_file(argv[i]); /* after `--`: more files to sum */
     return r ? r : (fflush(stdout) == 0 ? 0 : 1);
+  }
+  if (argc >= 4 && argc % 2 == 0 && strcmp(argv[1], "snap") == 0) {
+    char go;
+    if (printf("ready\n") < 0 || fflush(stdout) != 0) return 1;
+    if (read(0, &go, 1) != 1) { fprintf(stderr, "cocoon-sparse: snap: no go on stdin\n"); return 1; }
+    for (int i = 2; i < argc; i += 2) {
+      int r = copy_file(argv[i], argv[i + 1], 0, 0, 1);
+      if (r) return r;
+    }
+    printf("done\n");
+    return fflush(stdout) == 0 ? 0 : 1;
   }
   if (argc == 3 && strcmp(argv[1], "alloc") == 0) return alloc_file(argv[2]);
   if (argc == 3 && strcmp(argv[1], "trim") == 0) return trim_file(argv[2]);

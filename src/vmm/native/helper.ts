@@ -77,3 +77,44 @@ export async function runSparseHelper(args: string[], fds: number[] = []): Promi
 }
 
 if (import.meta.main) console.log(await sparseHelper());
+
+/**
+ * `cocoon-sparse snap`: a helper started ahead of a pause that copies `pairs` ([source, target])
+ * when told to. Resolves once it is ready; `go()` starts the copies and resolves when they are
+ * done (rejects as `runSparseHelper` does); `cancel()` ends it without copying.
+ */
+export async function prepareSnapCopy(pairs: Array<[string, string]>): Promise<{ go: () => Promise<void>; cancel: () => void }> {
+  const binary = await sparseHelper();
+  const child = spawn(binary, ['snap', ...pairs.flat()], { stdio: ['pipe', 'pipe', 'pipe'] });
+  let out = '';
+  const err: Buffer[] = [];
+  child.stderr?.on('data', (chunk: Buffer) => err.push(chunk));
+  child.stdin?.on('error', () => undefined); // a helper that died is reported by its exit
+  const exit = new Promise<number | null>((resolve, reject) => {
+    child.once('error', reject);
+    child.once('close', (status) => resolve(status));
+  });
+  const failure = (code: number | null) => {
+    const message = Buffer.concat(err).toString('utf8').trim() || `cocoon-sparse snap exited with ${code}`;
+    return code === 28
+      ? new CocoonError('no_space', `no space left on the data directory's disk: ${message}`, { status: 507 })
+      : new CocoonError('sparse_helper_failed', message);
+  };
+  await new Promise<void>((resolve, reject) => {
+    child.stdout?.on('data', (chunk: Buffer) => {
+      out += chunk.toString('utf8');
+      if (out.startsWith('ready\n')) resolve();
+    });
+    void exit.then((code) => reject(failure(code)), reject);
+  });
+  return {
+    go: async () => {
+      child.stdin?.end('g');
+      const code = await exit;
+      if (code !== 0 || !out.includes('done\n')) throw failure(code);
+    },
+    cancel: () => {
+      child.kill('SIGKILL');
+    },
+  };
+}
