@@ -180,9 +180,10 @@ export function guestConnector(options: GuestConnectorOptions): buildConnector.c
         if (next) next();
         else if (u.pending === 0) upstreams.delete(key);
       };
-      connect(opts, (...args: [null, import('node:net').Socket] | [Error, null]) => {
-        const socket = args[1];
-        if (socket === null) release();
+      connect(opts, (...args: [null, import('node:net').Socket] | [Error, null] | [Error]) => {
+        // A failed connect answers (error) alone: no socket argument at all.
+        const socket = args[0] === null ? args[1] : null;
+        if (!socket) release();
         else {
           // 'readable' only signals (undici reads the socket on its own 'readable' listener).
           socket.once('readable', release);
