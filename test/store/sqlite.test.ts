@@ -10,8 +10,10 @@ import { quiet, someTenant, tempDataDir, tempDb } from './helpers.ts';
 
 test('a new database is private, in WAL mode, with foreign keys on and the schema applied', async (t) => {
   const dir = await tempDataDir(t);
-  const { db, migrations } = await openMetadataStore(dir, { logger: quiet });
-  t.after(() => db.close());
+  const { db: opened, migrations } = await openMetadataStore(dir, { logger: quiet });
+  t.after(() => opened.close());
+  assert.ok(opened instanceof SqliteDb, 'SQLite is the default');
+  const db = opened;
   assert.deepEqual(migrations, { applied: MIGRATIONS.map((m) => m.version), version: MIGRATIONS.length });
   assert.equal(db.path, join(dir, 'cocoon.db'));
   assert.equal((await stat(db.path)).mode & 0o777, 0o600);
