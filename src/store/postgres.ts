@@ -57,19 +57,19 @@ export class PostgresDb implements Database {
     return db;
   }
 
-  get<T>(sql: string, params: readonly SqlParam[] = []): Promise<T | undefined> {
+  async get<T>(sql: string, params: readonly SqlParam[] = []): Promise<T | undefined> {
     this.#refuseInsideTransaction();
-    return query<T>(this.#pool, sql, params).then((r) => r.rows[0]);
+    return (await query<T>(this.#pool, sql, params)).rows[0];
   }
 
-  all<T>(sql: string, params: readonly SqlParam[] = []): Promise<T[]> {
+  async all<T>(sql: string, params: readonly SqlParam[] = []): Promise<T[]> {
     this.#refuseInsideTransaction();
-    return query<T>(this.#pool, sql, params).then((r) => r.rows);
+    return (await query<T>(this.#pool, sql, params)).rows;
   }
 
-  run(sql: string, params: readonly SqlParam[] = []): Promise<RunResult> {
+  async run(sql: string, params: readonly SqlParam[] = []): Promise<RunResult> {
     this.#refuseInsideTransaction();
-    return query(this.#pool, sql, params).then((r) => ({ changes: r.rowCount ?? 0 }));
+    return { changes: (await query(this.#pool, sql, params)).rowCount ?? 0 };
   }
 
   async transaction<T>(fn: (tx: Db) => Promise<T>): Promise<T> {
@@ -89,7 +89,7 @@ export class PostgresDb implements Database {
    * READ COMMITTED here, not SERIALIZABLE: a serializable transaction would keep the snapshot
    * taken before it waited for the lock, and so miss the migrations the other process committed.
    */
-  migrationTransaction<T>(fn: (tx: Db, exec: (sql: string) => Promise<void>) => Promise<T>): Promise<T> {
+  async migrationTransaction<T>(fn: (tx: Db, exec: (sql: string) => Promise<void>) => Promise<T>): Promise<T> {
     this.#refuseInsideTransaction();
     return this.#once('BEGIN', async (tx, client) => {
       await client.query(`SELECT pg_advisory_xact_lock(${MIGRATION_LOCK_KEY})`);

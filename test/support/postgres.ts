@@ -90,7 +90,8 @@ export class PostgresServer {
 
   /** Restarts the server (the data stays): what "PostgreSQL restarted" looks like to a client. */
   async restart(): Promise<void> {
-    await this.#pg('pg_ctl', ['restart', '-w', '-m', 'fast', '-D', join(this.dir, 'data')]);
+    // -l: the new postmaster must not inherit (and hold open) this process's output pipes.
+    await this.#pg('pg_ctl', ['restart', '-w', '-t', '60', '-m', 'fast', '-D', join(this.dir, 'data'), '-l', join(this.dir, 'server.log')]);
   }
 
   async stop(): Promise<void> {
