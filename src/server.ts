@@ -12,6 +12,7 @@ import type { CocoonConfig } from './config/config.ts';
 import { objectStoreFromEnv } from './objectstore/factory.ts';
 import { createApiKey } from './store/api-keys.ts';
 import { openMetadataStore } from './store/open.ts';
+import { sealerForDataDir } from './store/sealed-secrets.ts';
 import type { Database } from './store/sql.ts';
 import { createTenant, findTenantByName } from './store/tenants.ts';
 
@@ -108,7 +109,7 @@ async function ensureAdminKey(db: Database, dataDir: string): Promise<string | u
   const keyFile = path.join(dataDir, ADMIN_KEY_FILE);
   if (await findTenantByName(db, ADMIN_TENANT)) return undefined;
   const tenant = await createTenant(db, { name: ADMIN_TENANT, isAdmin: true });
-  const { secret } = await createApiKey(db, tenant.id, { name: 'admin' });
+  const { secret } = await createApiKey(db, tenant.id, { name: 'admin', sealer: sealerForDataDir(dataDir) });
   fs.writeFileSync(keyFile, secret + '\n', { mode: 0o600 });
   return secret;
 }

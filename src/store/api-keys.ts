@@ -1,6 +1,7 @@
 import { CocoonError } from '../common/errors.ts';
 import { newId } from './ids.ts';
 import { isForeignKeyViolation, type Db } from './sql.ts';
+import type { SecretSealer } from './sealed-secrets.ts';
 import { API_KEY_PREFIX, displayPrefix, hashSecret, isPlausibleSecret, newSecret } from './secrets.ts';
 import { toTenant, type Tenant } from './tenants.ts';
 import { rowMapper } from './rows.ts';
@@ -27,6 +28,7 @@ interface ApiKeyRow {
   created_at: string;
   last_used_at: string | null;
   revoked_at: string | null;
+  sealed_secret?: string | null;
 }
 
 /** last_used_at is refreshed at most this often, so authentication is not a write per request. */
@@ -40,7 +42,7 @@ const toApiKey = rowMapper<ApiKeyRow, ApiKey>({
 export async function createApiKey(
   db: Db,
   tenantId: string,
-  options: { name?: string; now?: Date } = {},
+  options: { name?: string; now?: Date; sealer?: SecretSealer } = {},
 ): Promise<{ apiKey: ApiKey; secret: string }> {
   const name = options.name ?? null;
   if (name !== null && (typeof name !== 'string' || name.length > 100)) {
@@ -52,10 +54,12 @@ export async function createApiKey(
     id: newId('apiKey', now.getTime()), tenant_id: tenantId, name, key_prefix: displayPrefix(secret, API_KEY_PREFIX),
     key_hash: hashSecret(secret), created_at: iso(now), last_used_at: null, revoked_at: null,
   };
+  // Without a sealer (tools, tests) the key works as a Bearer key but cannot sign AWS requests.
+  const sealed = options.sealer ? options.sealer.seal(secret, row.id) : null;
   try {
     await db.run(
-      'INSERT INTO api_keys (id, tenant_id, name, key_prefix, key_hash, created_at) VALUES (?, ?, ?, ?, ?, ?)',
-      [row.id, row.tenant_id, row.name, row.key_prefix, row.key_hash, row.created_at],
+      'INSERT INTO api_keys (id, tenant_id, name, key_prefix, key_hash, created_at, sealed_secret) VALUES (?, ?, ?, ?, ?, ?, ?)',
+      [row.id, row.tenant_id, row.name, row.key_prefix, row.key_hash, row.created_at, sealed],
     );
   } catch (error) {
     if (isForeignKeyViolation(error)) {
@@ -90,6 +94,30 @@ export async function authenticateApiKey(
     tenant: toTenant({
       id: row.t_id, name: row.t_name, account_id: row.t_account_id, is_admin: row.t_is_admin, created_at: row.t_created_at,
     }),
+  };
+}
+
+/**
+ * An active key by its id, with its sealed secret (null when the key was made without one), for
+ * verifiers that recompute a signature (AWS SigV4). Undefined when unknown or revoked.
+ */
+export async function findApiKeyForSigning(
+  db: Db,
+  id: string,
+): Promise<{ apiKey: ApiKey; tenant: Tenant; sealedSecret: string | null } | undefined> {
+  if (typeof id !== 'string' || id.length > 100) return undefined;
+  const row = await db.get<ApiKeyRow & { t_id: string; t_name: string; t_account_id: string; t_is_admin: number; t_created_at: string }>(
+    `SELECT k.*, t.id AS t_id, t.name AS t_name, t.account_id AS t_account_id, t.is_admin AS t_is_admin,
+            t.created_at AS t_created_at
+       FROM api_keys k JOIN tenants t ON t.id = k.tenant_id
+      WHERE k.id = ? AND k.revoked_at IS NULL`,
+    [id],
+  );
+  if (row === undefined) return undefined;
+  return {
+    apiKey: toApiKey(row),
+    tenant: toTenant({ id: row.t_id, name: row.t_name, account_id: row.t_account_id, is_admin: row.t_is_admin, created_at: row.t_created_at }),
+    sealedSecret: row.sealed_secret ?? null,
   };
 }
 

@@ -7,6 +7,7 @@ import type { FastifyInstance } from 'fastify';
 import { Type, type Static } from 'typebox';
 import { CocoonError } from '../../common/errors.ts';
 import { createApiKey, listApiKeys, revokeApiKey, type ApiKey } from '../../store/api-keys.ts';
+import { sealerForDataDir } from '../../store/sealed-secrets.ts';
 import { decodeCursor, encodeCursor, pageLimit } from '../../store/pagination.ts';
 import type { ApiContext } from '../app.ts';
 import { ErrorSchema, PageQuery } from '../schemas.ts';
@@ -50,7 +51,9 @@ export function apiKeyView(key: ApiKey) {
 }
 
 export async function issueApiKey(context: ApiContext, tenantId: string, name: string | undefined) {
-  const { apiKey, secret } = await createApiKey(context.db, tenantId, name !== undefined ? { name } : {});
+  // Sealed so that the key can also sign AWS SigV4 requests (src/compat/aws/).
+  const sealer = sealerForDataDir(context.config.dataDir);
+  const { apiKey, secret } = await createApiKey(context.db, tenantId, name !== undefined ? { name, sealer } : { sealer });
   return { ...apiKeyView(apiKey), apiKey: secret };
 }
 
