@@ -7,6 +7,7 @@ import assert from 'node:assert/strict';
 import { createHash, createHmac } from 'node:crypto';
 import { test } from 'node:test';
 import { SignatureV4 } from '@smithy/signature-v4';
+import type { SourceData } from '@smithy/types';
 import { CocoonError } from '../../src/common/errors.ts';
 import { AwsError, fromCocoonError } from '../../src/compat/aws/errors.ts';
 import { decodeNextToken, encodeNextToken, pageOf } from '../../src/compat/aws/pagination.ts';
@@ -20,8 +21,8 @@ const NOW = new Date('2026-12-05T17:00:00.000Z');
 
 class Sha256 {
   private readonly hash;
-  constructor(secret?: Uint8Array | string) {
-    this.hash = secret === undefined ? createHash('sha256') : createHmac('sha256', typeof secret === 'string' ? secret : Buffer.from(secret));
+  constructor(secret?: SourceData) {
+    this.hash = secret === undefined ? createHash('sha256') : createHmac('sha256', typeof secret === 'string' ? secret : Buffer.from(secret as Uint8Array));
   }
   update(data: Uint8Array) {
     this.hash.update(data);
