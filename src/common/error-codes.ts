@@ -96,6 +96,7 @@ export const ERROR_CODES = {
   build_queue_full: { status: 429, area: 'images', meaning: 'Too many images wait for a builder (`COCOON_IMAGE_QUEUE_MAX`); retry once some are built.' },
   build_timeout: { status: 408, area: 'images', meaning: 'The build took too long and was stopped.' },
   checkpoint_failed: { status: 500, area: 'images', meaning: 'A checkpoint image could not be made (its image is FAILED with this reason); the source microVM runs on.' },
+  http_hook_failed: { status: 422, area: 'images', meaning: 'An HTTP hook of the image (e.g. ready or validate) did not answer 200 in time, or answered a failure; the message says which and shows the serial console.' },
   image_deleted: { status: 409, area: 'images', meaning: 'The image was deleted while it was being built or used.' },
   image_in_use: { status: 409, area: 'images', meaning: 'MicroVMs still use this image: terminate them first.' },
   image_not_found: { status: 404, also: [409], area: 'images', meaning: 'No image with this id or ARN for this tenant. 409 when a microVM\'s image was deleted and it cannot be forked or checkpointed.' },
