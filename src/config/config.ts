@@ -4,7 +4,7 @@
  */
 import path from 'node:path';
 import { CocoonError } from '../common/errors.ts';
-import { parseAcceleratorChoice } from '../vmm/accel.ts';
+import { parseAcceleratorChoice } from '../vmm/qemu/accel.ts';
 import type { AcceleratorChoice } from '../vmm/types.ts';
 import { dataDir } from './paths.ts';
 
