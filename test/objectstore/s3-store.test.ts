@@ -147,5 +147,5 @@ test('s3ConfigFromEnv reads the COCOON_S3_* variables', () => {
       credentials: { accessKeyId: 'id', secretAccessKey: 'secret' },
     },
   );
-  assert.throws(() => s3ConfigFromEnv({ COCOON_S3_BUCKET: 'b1b', COCOON_S3_ACCESS_KEY_ID: 'id' }), (e) => isCocoonError(e, 'invalid_configuration'));
+  assert.throws(() => s3ConfigFromEnv({ COCOON_S3_BUCKET: 'b1b', COCOON_S3_ACCESS_KEY_ID: 'id' }), (e) => isCocoonError(e, 'invalid_config'));
 });

@@ -7,7 +7,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
-import { isCocoonError } from '../../src/common/errors.ts';
+import { isCocoonError, type ErrorCode } from '../../src/common/errors.ts';
 import { loadGuestArtifacts } from '../../src/guest/artifacts.ts';
 import { QemuVm } from '../../src/vmm/qemu.ts';
 import { watchDiskSpace } from '../../src/vmm/space-watch.ts';
@@ -19,7 +19,7 @@ import { httpGet, qemuProcessesMentioning } from '../support/vm.ts';
 const APP_PORT = 8080;
 const network = { forwards: [{ guestPort: APP_PORT }] };
 
-function hasCode(code: string) {
+function hasCode(code: ErrorCode) {
   return (error: unknown) => {
     assert.ok(isCocoonError(error, code), `expected ${code}, got ${(error as Error)?.stack ?? String(error)}`);
     return true;
