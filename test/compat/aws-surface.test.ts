@@ -227,6 +227,9 @@ describe('the AWS Lambda MicroVMs surface (no VMs)', () => {
     assert.deepEqual((await lmv(admin).send(new ListTagsCommand({ Resource: arn }))).Tags, { 'cost:center': '42' });
     assert.deepEqual((await lmv(admin).send(new GetMicrovmImageCommand({ imageIdentifier: 'app-2' }))).tags, { 'cost:center': '42' });
     await assert.rejects(lmv(other).send(new ListTagsCommand({ Resource: arn })), ResourceNotFoundException);
+    // Cocoon's own image ARN (with a '/', sent encoded) names the same image.
+    const native = images.find((i) => i.name === 'app-2')!.arn;
+    assert.deepEqual((await lmv(admin).send(new ListTagsCommand({ Resource: native }))).Tags, { 'cost:center': '42' });
     await assert.rejects(lmv(admin).send(new ListTagsCommand({ Resource: 'arn:cocoon:local-1:1:microvm/mvm-x' })), ValidationException);
 
     const version = await lmv(admin).send(new DeleteMicrovmImageVersionCommand({ imageIdentifier: 'web', imageVersion: '3' }));

@@ -86,7 +86,8 @@ export async function listMicrovmsOperation(services: AwsServices, request: AwsR
       for (const m of page.items) if (wanted.has(m.imageArn) && items.length < maxResults) items.push(itemView(services, request.tenant, m));
       cursor = page.nextCursor ?? undefined;
       if (items.length >= maxResults) {
-        next = cursor === undefined ? null : encodeCursor(items.at(-1)!.microvmId);
+        // Full: the next page starts after the last one given (it may turn out empty).
+        next = encodeCursor(items.at(-1)!.microvmId);
         break;
       }
       if (!page.nextCursor) break;
