@@ -4,7 +4,7 @@
  */
 import path from 'node:path';
 import { CocoonError } from '../common/errors.ts';
-import { parseAcceleratorChoice } from '../vmm/accel.ts';
+import { parseAcceleratorChoice } from '../vmm/qemu/accel.ts';
 import type { AcceleratorChoice } from '../vmm/types.ts';
 import { dataDir } from './paths.ts';
 
@@ -18,6 +18,8 @@ export interface CocoonConfig {
   /** The region field of ARNs. */
   region: string;
   accel: AcceleratorChoice;
+  /** `COCOON_DATABASE_URL`: a postgres:// URL for a shared PostgreSQL; unset: SQLite in the data directory. */
+  databaseUrl?: string | undefined;
 }
 
 function port(name: string, value: string | undefined, fallback: number): number {
@@ -42,5 +44,6 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): CocoonConfig {
     gatewayDomain: env.COCOON_GATEWAY_DOMAIN ?? 'vm.localhost',
     region,
     accel: parseAcceleratorChoice(env.COCOON_ACCEL),
+    databaseUrl: env.COCOON_DATABASE_URL || undefined,
   };
 }

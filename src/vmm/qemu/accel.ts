@@ -7,10 +7,10 @@ import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { CocoonError } from '../common/errors.ts';
-import { log } from '../common/log.ts';
-import { GuestChannel } from './guest-channel.ts';
-import type { Accelerator, AcceleratorChoice, GuestKernel } from './types.ts';
+import { CocoonError } from '../../common/errors.ts';
+import { log } from '../../common/log.ts';
+import { GuestChannel } from '../guest-channel.ts';
+import type { Accelerator, AcceleratorChoice, GuestKernel } from '../types.ts';
 
 const PROBE_TIMEOUT_MS = 5000;
 let probed: Promise<Accelerator> | undefined;
