@@ -25,6 +25,7 @@ import path from 'node:path';
 import { errorMessage } from '../common/errors.ts';
 import { log } from '../common/log.ts';
 import type { VmLimits } from './types.ts';
+import { setting } from '../common/settings.ts';
 
 const ROOT = '/sys/fs/cgroup';
 const PARENT = 'cocoon-vms';
@@ -62,7 +63,7 @@ function write(file: string, value: string | number): void {
 }
 
 function detect(): Layout {
-  if (process.env.COCOON_VM_CGROUPS === '0') return { version: 0, reason: 'COCOON_VM_CGROUPS=0' };
+  if (!setting('COCOON_VM_CGROUPS')) return { version: 0, reason: 'COCOON_VM_CGROUPS=0' };
   try {
     const groups = ownGroups();
     const unified = path.join(ROOT, 'cgroup.controllers');
