@@ -5,7 +5,7 @@
  */
 import { checkSettings, setting, type Env, type SettingValue } from '../common/settings.ts';
 
-/** COCOON_ACCEL: which accelerator VMs use (`auto` probes KVM, see src/vmm/accel.ts). */
+/** COCOON_ACCEL: which accelerator VMs use (`auto` probes KVM, see src/vmm/qemu/accel.ts). */
 export type AcceleratorChoice = SettingValue<'COCOON_ACCEL'>;
 
 export interface CocoonConfig {

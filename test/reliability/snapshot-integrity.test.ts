@@ -10,7 +10,7 @@ import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { isCocoonError, type ErrorCode } from '../../src/common/errors.ts';
 import { loadGuestArtifacts } from '../../src/guest/artifacts.ts';
-import { QemuVm } from '../../src/vmm/qemu.ts';
+import { QemuVm } from '../../src/vmm/qemu/qemu.ts';
 import { dataChecksums, readSnapshotManifest } from '../../src/vmm/snapshot.ts';
 import type { SnapshotManifest } from '../../src/vmm/types.ts';
 import { fillFilesystem, useFaultDir } from '../support/faults.ts';

@@ -7,11 +7,11 @@ import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { CocoonError } from '../common/errors.ts';
-import { log } from '../common/log.ts';
-import { GuestChannel } from './guest-channel.ts';
-import type { Accelerator, AcceleratorChoice, GuestKernel } from './types.ts';
-import { setting } from '../common/settings.ts';
+import { CocoonError } from '../../common/errors.ts';
+import { log } from '../../common/log.ts';
+import { GuestChannel } from '../guest-channel.ts';
+import type { Accelerator, AcceleratorChoice, GuestKernel } from '../types.ts';
+import { setting } from '../../common/settings.ts';
 
 const PROBE_TIMEOUT_MS = 5000;
 let probed: Promise<Accelerator> | undefined;
