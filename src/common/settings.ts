@@ -38,6 +38,8 @@ export interface SettingSpec<T> {
   readonly meaning: string;
   /** The values it takes, as the doc shows them. */
   readonly values: string;
+  /** Holds a secret (a password in a URL, a key): its value never appears in a message. */
+  readonly secret?: boolean;
   /** The one file that reads it when it is not read through `setting()` (the CLI's settings). */
   readonly reader?: string;
   /** Parses a raw value (undefined when unset); throws `Invalid` with the reason. */
@@ -155,6 +157,16 @@ export const SETTINGS = define({
     group: 'server', default: '`info` (`warn` when `NODE_ENV=test`)', values: LOG_LEVELS.map((l) => `\`${l}\``).join(', '),
     meaning: 'How much the server logs (JSON lines on stdout, pino).',
     parse: (raw) => oneOf<(typeof LOG_LEVELS)[number]>(process.env.NODE_ENV === 'test' ? 'warn' : 'info', LOG_LEVELS)(raw),
+  },
+  COCOON_DATABASE_URL: {
+    group: 'server', default: 'none (SQLite in the data directory)', values: 'a `postgres://` or `postgresql://` URL',
+    meaning: 'A shared PostgreSQL for the metadata store (hosts of a cluster share it); unset: SQLite at `$COCOON_DATA_DIR/cocoon.db`. Its password never appears in messages or logs.',
+    secret: true,
+    parse: (raw) => {
+      if (unset(raw)) return undefined;
+      if (!/^postgres(ql)?:\/\//.test(raw)) throw new Invalid('must be a postgres:// or postgresql:// URL (or unset for SQLite in the data directory)');
+      return raw;
+    },
   },
   COCOON_CACHE_DIR: {
     group: 'server', default: '`<repository>/.cache`', values: 'a directory',
@@ -294,12 +306,12 @@ export const SETTINGS = define({
     parse: (raw) => raw,
   },
   COCOON_S3_SECRET_ACCESS_KEY: {
-    group: 's3', default: 'the AWS SDK\'s credential chain', values: 'a secret access key (with the id)',
+    group: 's3', secret: true, default: 'the AWS SDK\'s credential chain', values: 'a secret access key (with the id)',
     meaning: 'The secret of `COCOON_S3_ACCESS_KEY_ID`. Never logged.',
     parse: (raw) => raw,
   },
   COCOON_S3_SESSION_TOKEN: {
-    group: 's3', default: 'none', values: 'a session token',
+    group: 's3', secret: true, default: 'none', values: 'a session token',
     meaning: 'A session token for temporary credentials.',
     parse: optional,
   },
@@ -311,7 +323,7 @@ export const SETTINGS = define({
     reader: 'src/cli/context.ts', parse: optional,
   },
   COCOON_API_KEY: {
-    group: 'cli', default: 'the data directory\'s `admin-api-key`', values: 'an API key',
+    group: 'cli', secret: true, default: 'the data directory\'s `admin-api-key`', values: 'an API key',
     meaning: 'The API key the CLI (and the SDK) send. `--api-key` wins.',
     reader: 'src/cli/context.ts', parse: optional,
   },
@@ -331,7 +343,8 @@ export function setting<N extends SettingName>(name: N, env: Env = process.env):
     return spec.parse(raw);
   } catch (error) {
     if (!(error instanceof Invalid)) throw error;
-    throw new CocoonError('invalid_config', `${name} ${error.message}, got ${JSON.stringify(raw)} (see docs/configuration.md)`);
+    const got = spec.secret ? 'got a value that is not shown here (it holds a secret)' : `got ${JSON.stringify(raw)}`;
+    throw new CocoonError('invalid_config', `${name} ${error.message}, ${got} (see docs/configuration.md)`);
   }
 }
 

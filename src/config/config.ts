@@ -18,6 +18,8 @@ export interface CocoonConfig {
   /** The region field of ARNs. */
   region: string;
   accel: AcceleratorChoice;
+  /** `COCOON_DATABASE_URL`: a postgres:// URL for a shared PostgreSQL; unset: SQLite in the data directory. */
+  databaseUrl?: string | undefined;
 }
 
 /** Checks every setting (throws `invalid_config` listing each bad one), then builds the configuration. */
@@ -31,5 +33,6 @@ export function loadConfig(env: Env = process.env): CocoonConfig {
     gatewayDomain: setting('COCOON_GATEWAY_DOMAIN', env),
     region: setting('COCOON_REGION', env),
     accel: setting('COCOON_ACCEL', env),
+    databaseUrl: setting('COCOON_DATABASE_URL', env),
   };
 }

@@ -85,6 +85,11 @@ describe('settings', () => {
     for (const [name, value] of bad) {
       assert.throws(() => setting(name, { [name]: value }), (e) => isCocoonError(e, 'invalid_config') && e.message.startsWith(`${name} `) && e.message.includes(JSON.stringify(value)), name);
     }
+    // A secret's value is never echoed (a database URL holds a password).
+    assert.throws(
+      () => setting('COCOON_DATABASE_URL', { COCOON_DATABASE_URL: 'mysql://cocoon:hunter2@db/cocoon' }),
+      (e) => isCocoonError(e, 'invalid_config') && e.message.startsWith('COCOON_DATABASE_URL ') && !e.message.includes('hunter2'),
+    );
     // At start every problem is reported at once.
     assert.throws(
       () => checkSettings({ COCOON_API_PORT: 'x', COCOON_ACCEL: 'hvf', COCOON_S3_ACCESS_KEY_ID: 'id' }),
