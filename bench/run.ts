@@ -1,14 +1,14 @@
 /**
  * `npm run bench -- [--json] [--runs N] [suite ...]`: runs the benchmark suites side by side in
  * one process and prints a table; with --json the last line is one JSON object
- * `{"machine": {"accel", "cpus"}, "metrics": {...}}` (CONTRACT.md). Without suites, all run.
+ * `{"machine": {"accel", "cpus"}, "metrics": {...}}` (docs/contract.md). Without suites, all run.
  */
 import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { loadGuestArtifacts } from '../src/guest/artifacts.ts';
-import { chooseAccelerator, parseAcceleratorChoice } from '../src/vmm/accel.ts';
+import { chooseAccelerator, parseAcceleratorChoice } from '../src/vmm/qemu/accel.ts';
 import type { Accelerator } from '../src/vmm/types.ts';
 import type { Metrics } from './stats.ts';
 

@@ -1,5 +1,5 @@
 /**
- * The interactive exec protocol over a WebSocket (EXEC-API.md, "Interactive"), shared by the
+ * The interactive exec protocol over a WebSocket (docs/exec.md, "Interactive exec"), shared by the
  * API's `/microvms/{id}/exec/ws` and the gateway's `/.cocoon/shell`:
  * - client → server: first a text `{"type":"start",...}`; then binary frames (stdin) and text
  *   `{"type":"resize"|"signal"|"eof"}`;
@@ -76,7 +76,7 @@ function sendJson(ws: WebSocket, value: unknown): void {
 }
 
 function sendError(ws: WebSocket, error: unknown): void {
-  const code = error instanceof CocoonError ? error.code : 'internal_error';
+  const code = error instanceof CocoonError ? error.code : 'internal';
   const message = error instanceof CocoonError ? error.message : errorMessage(error);
   sendJson(ws, { type: 'error', error: { code, message } });
   ws.close(1011, code.slice(0, 100));

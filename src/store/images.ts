@@ -4,7 +4,8 @@ import { appendEvent } from './events.ts';
 import { newId } from './ids.ts';
 import { decodeCursor, pageLimit, toPage, type Page, type PageRequest } from './pagination.ts';
 import type { Db, SqlParam } from './sql.ts';
-import { bool, invalid, iso, jsonObject, placeholders, statesFilter } from './values.ts';
+import { boolColumn, insertRow, jsonColumn, rowMapper } from './rows.ts';
+import { invalid, iso, jsonObject, placeholders, statesFilter } from './values.ts';
 
 export const IMAGE_STATES = ['PENDING', 'BUILDING', 'BOOTING', 'SNAPSHOTTING', 'READY', 'FAILED'] as const;
 export type ImageState = (typeof IMAGE_STATES)[number];
@@ -25,6 +26,28 @@ export interface ImageHook {
 }
 
 export type ImageHooks = Partial<Record<HookName, ImageHook>>;
+
+/**
+ * AWS Lambda MicroVMs' HTTP hooks: Cocoon POSTs `/aws/lambda-microvms/runtime/v1/<name>` to
+ * `port` inside the guest (src/guest/http-hooks.ts). `ready` and `validate` run during the image
+ * build (before the snapshot); the others at the same points as the command hooks above. A
+ * present key = the hook is enabled.
+ */
+export const HTTP_BUILD_HOOK_NAMES = ['ready', 'validate'] as const;
+export type HttpBuildHookName = (typeof HTTP_BUILD_HOOK_NAMES)[number];
+export type HttpHookName = HttpBuildHookName | HookName;
+export const MAX_HTTP_BUILD_HOOK_TIMEOUT_SECONDS = 3600;
+
+export interface HttpHooks {
+  /** The guest port the hooks listener answers on (forwarded like the app port). */
+  port: number;
+  ready?: { timeoutSeconds: number };
+  validate?: { timeoutSeconds: number };
+  run?: { timeoutSeconds: number };
+  resume?: { timeoutSeconds: number };
+  suspend?: { timeoutSeconds: number };
+  terminate?: { timeoutSeconds: number };
+}
 
 export interface Readiness {
   /** Path of an HTTP GET that must answer 2xx; null: any complete HTTP answer on the port. */
@@ -54,6 +77,8 @@ export interface Image {
   networkEgress: boolean;
   /** Guest hooks by name ({} when the image defines none). */
   hooks: ImageHooks;
+  /** AWS-style HTTP hooks (null when the image has none). */
+  httpHooks: HttpHooks | null;
   buildLogPath: string | null;
   /** Where the builder put what it made (root disk, snapshot…): object keys or paths by name. */
   artifacts: Record<string, string>;
@@ -78,6 +103,8 @@ export interface NewImage {
   networkEgress?: boolean;
   /** Optional guest hooks (commands ≤ 4000 characters without newlines, timeouts 1–60 s). */
   hooks?: ImageHooks;
+  /** Optional AWS-style HTTP hooks (timeouts filled in: build hooks 1–3600 s, the others 1–60 s). */
+  httpHooks?: HttpHooks | null;
   now?: Date;
 }
 
@@ -99,6 +126,7 @@ interface ImageRow {
   readiness_timeout_seconds: number;
   network_egress: number;
   hooks: string;
+  http_hooks?: string | null;
   has_app_port?: number;
   build_log_path: string | null;
   artifacts: string;
@@ -106,31 +134,19 @@ interface ImageRow {
   updated_at: string;
 }
 
-function toImage(row: ImageRow): Image {
-  return {
-    id: row.id,
-    tenantId: row.tenant_id,
-    arn: row.arn,
-    name: row.name,
-    version: row.version,
-    state: row.state,
-    error: row.error,
-    bundleUri: row.bundle_uri,
-    bundleSha256: row.bundle_sha256,
-    vcpus: row.vcpus,
-    memoryMiB: row.memory_mib,
-    diskMiB: row.disk_mib,
-    port: row.port,
-    hasAppPort: row.has_app_port !== 0,
-    readiness: { httpPath: row.readiness_http_path, timeoutSeconds: row.readiness_timeout_seconds },
-    networkEgress: bool(row.network_egress),
-    hooks: jsonObject(row.hooks) as ImageHooks,
-    buildLogPath: row.build_log_path,
-    artifacts: jsonObject(row.artifacts) as Record<string, string>,
-    createdAt: row.created_at,
-    updatedAt: row.updated_at,
-  };
-}
+const toImage = rowMapper<ImageRow, Image>({
+  id: 'id', tenantId: 'tenant_id', arn: 'arn', name: 'name', version: 'version', state: 'state', error: 'error',
+  bundleUri: 'bundle_uri', bundleSha256: 'bundle_sha256',
+  vcpus: 'vcpus', memoryMiB: 'memory_mib', diskMiB: 'disk_mib', port: 'port',
+  hasAppPort: (row) => row.has_app_port !== 0,
+  readiness: (row) => ({ httpPath: row.readiness_http_path, timeoutSeconds: row.readiness_timeout_seconds }),
+  networkEgress: boolColumn('network_egress'),
+  hooks: jsonColumn<ImageRow, ImageHooks>('hooks'),
+  httpHooks: (row) => (row.http_hooks ? (jsonObject(row.http_hooks) as unknown as HttpHooks) : null),
+  buildLogPath: 'build_log_path',
+  artifacts: jsonColumn<ImageRow, Record<string, string>>('artifacts'),
+  createdAt: 'created_at', updatedAt: 'updated_at',
+});
 
 function checkInt(value: unknown, min: number, max: number, what: string): void {
   if (!Number.isInteger(value) || (value as number) < min || (value as number) > max) {
@@ -156,6 +172,24 @@ function checkNewImage(input: NewImage): void {
     throw invalid('readiness.httpPath must start with "/" and hold only visible ASCII characters');
   }
   checkHooks(input.hooks);
+  checkHttpHooks(input.httpHooks);
+}
+
+export function checkHttpHooks(hooks: unknown): void {
+  if (hooks === undefined || hooks === null) return;
+  if (typeof hooks !== 'object' || Array.isArray(hooks)) throw invalid('httpHooks must be an object');
+  const names: readonly string[] = [...HTTP_BUILD_HOOK_NAMES, ...HOOK_NAMES];
+  for (const [name, hook] of Object.entries(hooks)) {
+    if (name === 'port') {
+      checkInt(hook, 1, 65535, 'httpHooks.port');
+      continue;
+    }
+    if (!names.includes(name)) throw invalid(`unknown HTTP hook '${name}'; HTTP hooks are ${names.join(', ')} (and port)`);
+    if (typeof hook !== 'object' || hook === null) throw invalid(`httpHooks.${name} must be an object`);
+    const max = (HTTP_BUILD_HOOK_NAMES as readonly string[]).includes(name) ? MAX_HTTP_BUILD_HOOK_TIMEOUT_SECONDS : MAX_HOOK_TIMEOUT_SECONDS;
+    checkInt((hook as { timeoutSeconds?: unknown }).timeoutSeconds, 1, max, `httpHooks.${name}.timeoutSeconds`);
+  }
+  if ((hooks as { port?: unknown }).port === undefined) throw invalid('httpHooks.port is required: the guest port the hooks listener answers on');
 }
 
 export function checkHooks(hooks: unknown): void {
@@ -206,17 +240,14 @@ export async function createImage(db: Db, input: NewImage): Promise<Image> {
       readiness_timeout_seconds: input.readiness.timeoutSeconds,
       network_egress: input.networkEgress ? 1 : 0,
       hooks: JSON.stringify(input.hooks ?? {}),
+      ...(input.httpHooks ? { http_hooks: JSON.stringify(input.httpHooks) } : {}),
       has_app_port: input.hasAppPort === false ? 0 : 1,
       build_log_path: null,
       artifacts: '{}',
       created_at: iso(now),
       updated_at: iso(now),
     };
-    const columns = Object.keys(row);
-    await tx.run(
-      `INSERT INTO images (${columns.join(', ')}) VALUES ${placeholders(columns.length)}`,
-      Object.values(row) as SqlParam[],
-    );
+    await insertRow(tx, 'images', row);
     await appendEvent(tx, {
       tenantId: row.tenant_id, resourceType: 'image', resourceId: row.id, type: 'created', toState: 'PENDING', now,
     });

@@ -4,7 +4,8 @@ import { appendEvent } from './events.ts';
 import { newId } from './ids.ts';
 import { decodeCursor, pageLimit, toPage, type Page, type PageRequest } from './pagination.ts';
 import type { Db, SqlParam } from './sql.ts';
-import { bool, invalid, iso, jsonObject, placeholders, statesFilter } from './values.ts';
+import { boolColumn, insertRow, jsonColumn, rowMapper } from './rows.ts';
+import { bool, invalid, iso, placeholders, statesFilter } from './values.ts';
 
 export const MICROVM_STATES = [
   'PENDING', 'RUNNING', 'SUSPENDING', 'SUSPENDED', 'RESUMING', 'TERMINATING', 'TERMINATED', 'FAILED',
@@ -69,8 +70,16 @@ export interface NewMicrovm {
    * digest is refused (`idempotency_conflict`) instead of silently returning the first result.
    */
   clientRequestHash?: string | null;
+  /**
+   * The body of the image's HTTP run hook (AWS's runHookPayload): at most 4096 bytes of UTF-8.
+   * Sensitive: kept only until the run hook was sent, never logged, never in a view.
+   */
+  runHookPayload?: string | null;
   now?: Date;
 }
+
+/** AWS's limit on RunMicrovm's runHookPayload, bytes. */
+export const MAX_RUN_HOOK_PAYLOAD_BYTES = 4096;
 
 interface MicrovmRow {
   id: string;
@@ -92,6 +101,7 @@ interface MicrovmRow {
   network_egress: number;
   client_token: string | null;
   client_request_hash: string | null;
+  run_hook_payload?: string | null;
   runtime: string;
   created_at: string;
   updated_at: string;
@@ -101,37 +111,22 @@ interface MicrovmRow {
   terminated_at: string | null;
 }
 
-function toMicrovm(row: MicrovmRow): Microvm {
-  return {
-    id: row.id,
-    tenantId: row.tenant_id,
-    arn: row.arn,
-    imageId: row.image_id,
-    imageArn: row.image_arn,
-    state: row.state,
-    error: row.error,
-    vcpus: row.vcpus,
-    memoryMiB: row.memory_mib,
-    diskMiB: row.disk_mib,
-    port: row.port,
-    hasAppPort: row.has_app_port !== 0,
-    idlePolicy: {
-      autoResumeEnabled: bool(row.auto_resume_enabled),
-      maxIdleDurationSeconds: row.max_idle_duration_seconds,
-      suspendedDurationSeconds: row.suspended_duration_seconds,
-    },
-    maximumDurationSeconds: row.maximum_duration_seconds,
-    networkEgress: bool(row.network_egress),
-    clientToken: row.client_token,
-    runtime: jsonObject(row.runtime),
-    createdAt: row.created_at,
-    updatedAt: row.updated_at,
-    expiresAt: row.expires_at,
-    lastActivityAt: row.last_activity_at,
-    suspendedAt: row.suspended_at,
-    terminatedAt: row.terminated_at,
-  };
-}
+const toMicrovm = rowMapper<MicrovmRow, Microvm>({
+  id: 'id', tenantId: 'tenant_id', arn: 'arn', imageId: 'image_id', imageArn: 'image_arn', state: 'state', error: 'error',
+  vcpus: 'vcpus', memoryMiB: 'memory_mib', diskMiB: 'disk_mib', port: 'port',
+  hasAppPort: (row) => row.has_app_port !== 0,
+  idlePolicy: (row) => ({
+    autoResumeEnabled: bool(row.auto_resume_enabled),
+    maxIdleDurationSeconds: row.max_idle_duration_seconds,
+    suspendedDurationSeconds: row.suspended_duration_seconds,
+  }),
+  maximumDurationSeconds: 'maximum_duration_seconds',
+  networkEgress: boolColumn('network_egress'),
+  clientToken: 'client_token',
+  runtime: jsonColumn('runtime'),
+  createdAt: 'created_at', updatedAt: 'updated_at', expiresAt: 'expires_at', lastActivityAt: 'last_activity_at',
+  suspendedAt: 'suspended_at', terminatedAt: 'terminated_at',
+});
 
 function checkNewMicrovm(input: NewMicrovm): void {
   const policy = input.idlePolicy;
@@ -151,6 +146,10 @@ function checkNewMicrovm(input: NewMicrovm): void {
   const token = input.clientToken;
   if (token != null && (typeof token !== 'string' || !/^[\x21-\x7e]{1,64}$/.test(token))) {
     throw invalid('clientToken must be 1–64 visible ASCII characters');
+  }
+  const payload = input.runHookPayload;
+  if (payload != null && (typeof payload !== 'string' || Buffer.byteLength(payload, 'utf8') > MAX_RUN_HOOK_PAYLOAD_BYTES)) {
+    throw invalid(`runHookPayload must be a string of at most ${MAX_RUN_HOOK_PAYLOAD_BYTES} bytes`);
   }
 }
 
@@ -214,6 +213,7 @@ export async function createMicrovm(db: Db, input: NewMicrovm): Promise<{ microv
       network_egress: (input.networkEgress ?? bool(image.network_egress)) ? 1 : 0,
       client_token: input.clientToken ?? null,
       client_request_hash: input.clientRequestHash ?? null,
+      ...(input.runHookPayload != null ? { run_hook_payload: input.runHookPayload } : {}),
       runtime: '{}',
       created_at: iso(now),
       updated_at: iso(now),
@@ -222,16 +222,25 @@ export async function createMicrovm(db: Db, input: NewMicrovm): Promise<{ microv
       suspended_at: null,
       terminated_at: null,
     };
-    const columns = Object.keys(row);
-    await tx.run(
-      `INSERT INTO microvms (${columns.join(', ')}) VALUES ${placeholders(columns.length)}`,
-      Object.values(row) as SqlParam[],
-    );
+    await insertRow(tx, 'microvms', row);
     await appendEvent(tx, {
       tenantId: row.tenant_id, resourceType: 'microvm', resourceId: id, type: 'created', toState: 'PENDING', now,
     });
     return { microvm: toMicrovm(row), created: true };
   });
+}
+
+/**
+ * The run hook's body kept for a microVM (undefined: none). Read by the lifecycle right before
+ * it sends POST /run; `clearRunHookPayload` drops it once sent.
+ */
+export async function getRunHookPayload(db: Db, id: string): Promise<string | undefined> {
+  const row = await db.get<{ run_hook_payload: string | null }>('SELECT run_hook_payload FROM microvms WHERE id = ?', [id]);
+  return row?.run_hook_payload ?? undefined;
+}
+
+export async function clearRunHookPayload(db: Db, id: string): Promise<void> {
+  await db.run('UPDATE microvms SET run_hook_payload = NULL WHERE id = ? AND run_hook_payload IS NOT NULL', [id]);
 }
 
 /** Any tenant's microVM by id (gateway, lifecycle). */
@@ -432,8 +441,7 @@ export async function createForks(db: Db, input: NewForks): Promise<Microvm[]> {
         suspended_at: null,
         terminated_at: null,
       };
-      const columns = Object.keys(row);
-      await tx.run(`INSERT INTO microvms (${columns.join(', ')}) VALUES ${placeholders(columns.length)}`, Object.values(row) as SqlParam[]);
+      await insertRow(tx, 'microvms', row);
       await appendEvent(tx, {
         tenantId: row.tenant_id, resourceType: 'microvm', resourceId: id, type: 'created', toState: 'PENDING',
         message: `forked from ${source.id}`, now,

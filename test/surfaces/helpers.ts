@@ -17,7 +17,7 @@ import { cleanupAbandonedBuild } from '../../src/images/cleanup.ts';
 import { isId } from '../../src/store/ids.ts';
 import type { CocoonConfig } from '../../src/config/config.ts';
 import { defaultModules } from '../../src/modules.ts';
-import { parseAcceleratorChoice } from '../../src/vmm/accel.ts';
+import { parseAcceleratorChoice } from '../../src/vmm/qemu/accel.ts';
 import { startServer, type RunningServer, type ServerModule } from '../../src/server.ts';
 import { type Tree, writeTree } from '../support/tree.ts';
 
@@ -29,7 +29,7 @@ export function tempDir(prefix = 'cocoon-surfaces-'): string {
 }
 
 export function testConfig(dataDir: string): CocoonConfig {
-  // TCG unless told otherwise: this machine's nested KVM does not boot a stock kernel (DESIGN.md).
+  // TCG unless told otherwise: this machine's nested KVM does not boot a stock kernel (docs/design.md).
   const accel = parseAcceleratorChoice(process.env.COCOON_ACCEL ?? 'tcg');
   return { dataDir, host: '127.0.0.1', apiPort: 0, gatewayPort: 0, gatewayDomain: 'vm.localhost', region: 'local-1', accel };
 }

@@ -1,5 +1,5 @@
 /**
- * Exec inside a microVM (EXEC-API.md): streamed non-interactive exec (ndjson), background
+ * Exec inside a microVM (docs/exec.md): streamed non-interactive exec (ndjson), background
  * processes and their handles, and the interactive WebSocket (`/exec/ws`, stdin and PTY).
  * Everything goes through the ExecService (src/exec/types.ts): tenant check, wake, sessions.
  */
@@ -10,6 +10,7 @@ import type { FastifyInstance } from 'fastify';
 import { Type, type Static } from 'typebox';
 import { WebSocketServer } from 'ws';
 import { CocoonError } from '../../common/errors.ts';
+import { errorBody } from '../errors.ts';
 import { type ExecService, type ExecEvent, type ExecRequest } from '../../exec/types.ts';
 import { MAX_WS_MESSAGE, defaultCommand, serveExecWebSocket } from '../../exec/ws-session.ts';
 import { authenticateApiKey } from '../../store/api-keys.ts';
@@ -134,13 +135,13 @@ function execRoutes(app: FastifyInstance, { db }: ApiContext, exec: () => ExecSe
     {
       schema: {
         summary:
-          'Interactive exec over a WebSocket (stdin, PTY): upgrade this URL; first message {"type":"start","command"?,"tty"?,"cols"?,"rows"?,"env"?,"cwd"?,"user"?,"apiKey"?}. See docs/api.md',
+          'Interactive exec over a WebSocket (stdin, PTY): upgrade this URL; first message {"type":"start","command"?,"tty"?,"cols"?,"rows"?,"env"?,"cwd"?,"user"?,"apiKey"?}. See docs/exec.md',
         tags: ['exec'],
         params: IdParams,
         response: { 101: { description: 'Switching Protocols: the WebSocket of the exec session' }, 426: ErrorSchema },
       },
     },
-    async (_request, reply) => reply.status(426).send({ error: { code: 'upgrade_required', message: 'open this URL as a WebSocket' } }),
+    async (_request, reply) => reply.status(426).send(errorBody('upgrade_required', 'open this URL as a WebSocket')),
   );
 
   app.get<{ Params: Static<typeof IdParams> }>(

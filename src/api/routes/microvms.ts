@@ -1,22 +1,22 @@
 /**
- * MicroVMs and their tokens (CONTRACT.md): start from an image with an idle policy, get, list,
+ * MicroVMs and their tokens (docs/contract.md): start from an image with an idle policy, get, list,
  * suspend, resume, terminate; issue and revoke gateway tokens; read the microVM's log.
  * Another tenant's microVM is answered exactly like a missing one (404).
  */
-import { createHash } from 'node:crypto';
 import type { FastifyInstance, FastifyRequest } from 'fastify';
 import { Type, type Static } from 'typebox';
 import { CocoonError } from '../../common/errors.ts';
 import type { LifecycleEngine } from '../../lifecycle/engine.ts';
 import { MAX_FORKS, checkpointMicrovm, forkMicrovm } from '../../lifecycle/fork.ts';
+import { startMicrovm } from '../../lifecycle/start.ts';
 import { readLogTail } from '../../lifecycle/storage.ts';
 import { IMAGE_NAME } from '../../store/images.ts';
 import { ImageSchema, imageView } from './images.ts';
 import { findTenantImage } from '../../store/images.ts';
 import {
+  MAX_RUN_HOOK_PAYLOAD_BYTES,
   MAX_SESSION_SECONDS,
   MICROVM_STATES,
-  createMicrovm,
   findTenantMicrovm,
   listMicrovms,
   type Microvm,
@@ -31,7 +31,6 @@ export interface MicrovmRouteServices {
   urlFor: (microvmId: string) => string;
 }
 
-const DEFAULT_MAX_IDLE_SECONDS = 300;
 /** How long suspend/resume answers wait for the operation before answering with the state so far. */
 const OPERATION_WAIT_MS = 30_000;
 
@@ -54,6 +53,12 @@ const CreateMicrovm = Type.Object(
     idlePolicy: Type.Optional(IdlePolicyInput),
     maximumDurationSeconds: Type.Optional(Seconds(`The session ends after this long, whatever the state (default and maximum ${MAX_SESSION_SECONDS})`)),
     clientToken: Type.Optional(Type.String({ pattern: '^[\\x21-\\x7e]{1,64}$', description: 'Makes the start idempotent' })),
+    runHookPayload: Type.Optional(
+      Type.String({
+        maxLength: MAX_RUN_HOOK_PAYLOAD_BYTES,
+        description: `The body of the image's HTTP run hook (POST /aws/lambda-microvms/runtime/v1/run), at most ${MAX_RUN_HOOK_PAYLOAD_BYTES} bytes of UTF-8; sensitive: never logged nor shown`,
+      }),
+    ),
   },
   { additionalProperties: false },
 );
@@ -91,12 +96,17 @@ const StartedMicrovm = Type.Intersect([
   }),
 ]);
 
+const PortRangeSchema = Type.Object(
+  { from: Port, to: Port },
+  { additionalProperties: false, description: 'An inclusive range of guest ports (AWS PortRange)' },
+);
+const PortSpecSchema = Type.Union([Port, PortRangeSchema]);
 const TokenScopeSchema = Type.Union([Type.Literal('http'), Type.Literal('shell')], { description: "What it opens through the gateway: 'http' app requests (default) or 'shell', the PTY WebSocket /.cocoon/shell" });
 const TokenSchema = Type.Object({
   id: Type.String(),
   scope: TokenScopeSchema,
   expiresAt: Type.String(),
-  allowedPorts: Nullable(Type.Array(Port, { description: 'null: every port' })),
+  allowedPorts: Nullable(Type.Array(PortSpecSchema, { description: 'Ports and {from, to} ranges; null: every port' })),
   createdAt: Type.String(),
   revokedAt: Nullable(Type.String()),
 });
@@ -105,12 +115,18 @@ const IssuedToken = Type.Object({
   token: Type.String({ description: 'Send it as X-Cocoon-Token; shown once' }),
   scope: TokenScopeSchema,
   expiresAt: Type.String(),
-  allowedPorts: Nullable(Type.Array(Port)),
+  allowedPorts: Nullable(Type.Array(PortSpecSchema)),
 });
 const IssueToken = Type.Object(
   {
     expirationMinutes: Type.Optional(Type.Integer({ minimum: 1, maximum: MAX_TOKEN_MINUTES, description: 'Default 60' })),
-    allowedPorts: Type.Optional(Type.Array(Port, { minItems: 1, maxItems: 64, description: 'Default: every port (http scope only)' })),
+    allowedPorts: Type.Optional(
+      Type.Array(PortSpecSchema, {
+        minItems: 1,
+        maxItems: 64,
+        description: 'Guest ports and {"from", "to"} ranges (inclusive) the token opens; default: every port (http scope only)',
+      }),
+    ),
     scope: Type.Optional(TokenScopeSchema),
   },
   { additionalProperties: false },
@@ -202,23 +218,14 @@ export function microvmRoutes(app: FastifyInstance, { db, config }: ApiContext, 
       const body = request.body;
       const image = await findTenantImage(db, request.tenant.id, body.image);
       if (!image) throw new CocoonError('image_not_found', `no image '${body.image}'`, { status: 404 });
-      const idlePolicy = {
-        autoResumeEnabled: body.idlePolicy?.autoResumeEnabled ?? true,
-        maxIdleDurationSeconds: body.idlePolicy?.maxIdleDurationSeconds ?? DEFAULT_MAX_IDLE_SECONDS,
-        suspendedDurationSeconds: body.idlePolicy?.suspendedDurationSeconds ?? null,
-      };
-      const maximumDurationSeconds = body.maximumDurationSeconds ?? MAX_SESSION_SECONDS;
-      const clientRequestHash = createHash('sha256').update(JSON.stringify([image.id, idlePolicy, maximumDurationSeconds])).digest('hex');
-      const { microvm, created } = await createMicrovm(db, {
+      const { microvm } = await startMicrovm(db, services.engine(), config.region, {
         tenantId: request.tenant.id,
-        region: config.region,
-        imageId: image.id,
-        idlePolicy,
-        maximumDurationSeconds,
-        clientToken: body.clientToken ?? null,
-        clientRequestHash,
+        image,
+        idlePolicy: body.idlePolicy,
+        maximumDurationSeconds: body.maximumDurationSeconds,
+        clientToken: body.clientToken,
+        runHookPayload: body.runHookPayload,
       });
-      if (created) await services.engine().launch(microvm);
       let token: { token: Token; secret: string } | undefined;
       try {
         token = await createToken(db, { microvmId: microvm.id, tenantId: request.tenant.id });

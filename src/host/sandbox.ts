@@ -1,0 +1,248 @@
+/**
+ * Least privilege for QEMU: when the daemon runs as root, QEMU does not.
+ *
+ * - Every QEMU runs with its own uid (picked per VM from a range no account uses) and the
+ *   group of the `cocoon-qemu` system user (created at first use, or by `npm run setup`), with
+ *   no supplementary groups and no_new_privs, on top of its seccomp sandbox (src/vmm/qemu/qemu-args.ts).
+ *   Two QEMUs cannot open each other's files: RAM, disk layer, sockets.
+ * - It can reach only what it needs: its run directory's files (RAM file and disk layer: its
+ *   own, 0600), a `qemu/` subdirectory for the sockets and pid file it creates, the guest
+ *   kernel and initramfs (read), and snapshot disks as read-only backing files (root-owned,
+ *   group `cocoon-qemu`, 0640). The run directory itself stays root's (0710, group
+ *   `cocoon-qemu`): QEMU cannot replace the logs and records the daemon reads there.
+ * - Directories on those paths get group `cocoon-qemu` search permission (no listing) when
+ *   they are inside the data directory or the temp directory; anything else on the way must
+ *   already be searchable, or the VM is refused with `qemu_no_access` and what to change.
+ *   Everything else the daemon keeps (database, keys, objects) is 0600/0700 and out of reach.
+ *
+ * `COCOON_QEMU_USER=root` keeps QEMU as root (diagnosis only); a daemon that is not root runs
+ * QEMU as itself.
+ */
+import { execFile } from 'node:child_process';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { promisify } from 'node:util';
+import { CocoonError, errorMessage } from '../common/errors.ts';
+import { log } from '../common/log.ts';
+import { dataDir } from '../config/paths.ts';
+import { setting } from '../common/settings.ts';
+
+const run = promisify(execFile);
+
+/**
+ * Per-VM uids: 0x70000000 + 2^27. systemd's UID ranges document 1879048192-2147483647 as
+ * unused (regular, dynamic and container ranges all lie below).
+ */
+export const QEMU_UID_BASE = 0x70000000;
+export const QEMU_UID_COUNT = 1 << 27;
+
+/** Who a QEMU process runs as. */
+export interface QemuIdentity {
+  uid: number;
+  gid: number;
+  /** The shared group's name (also the system user's). */
+  group: string;
+}
+
+let account: Promise<{ uid: number; gid: number; name: string } | undefined> | undefined;
+let warned = false;
+
+/** The name of the system user whose group QEMU runs in, or undefined when QEMU keeps the daemon's user. */
+export function qemuUserName(): string | undefined {
+  if (typeof process.getuid !== 'function' || process.getuid() !== 0) {
+    if (!warned) log.info('the daemon is not root: QEMU runs as the daemon\'s own user');
+    warned = true;
+    return undefined;
+  }
+  const name = setting('COCOON_QEMU_USER');
+  if (name === 'root') {
+    if (!warned) log.warn('COCOON_QEMU_USER=root: QEMU runs as root (for diagnosis only; guests are less contained)');
+    warned = true;
+    return undefined;
+  }
+  return name;
+}
+
+/** Reads `name` from /etc/passwd; undefined when absent. */
+function lookupUser(name: string): { uid: number; gid: number; name: string } | undefined {
+  for (const line of fs.readFileSync('/etc/passwd', 'utf8').split('\n')) {
+    const fields = line.split(':');
+    if (fields[0] === name && fields.length >= 4) return { name, uid: Number(fields[2]), gid: Number(fields[3]) };
+  }
+  return undefined;
+}
+
+/** Creates the `cocoon-qemu` system user and group if missing (idempotent; concurrent callers are fine). */
+export async function ensureQemuAccount(name: string): Promise<{ uid: number; gid: number; name: string }> {
+  const existing = lookupUser(name);
+  if (existing) return existing;
+  try {
+    await run('useradd', ['--system', '--user-group', '--no-create-home', '--home-dir', '/nonexistent', '--shell', '/usr/sbin/nologin', name]);
+    log.info({ user: name }, 'created the system user QEMU runs as');
+  } catch (error) {
+    // 9: the name exists (another process created it meanwhile)
+    if ((error as { code?: number }).code !== 9) {
+      throw new CocoonError('qemu_user_failed', `cannot create the system user ${name} for QEMU: ${errorMessage(error)}`, { cause: error });
+    }
+  }
+  const created = lookupUser(name);
+  if (!created) throw new CocoonError('qemu_user_failed', `the system user ${name} for QEMU does not exist after useradd`);
+  return created;
+}
+
+/**
+ * The identity QEMU of the VM in `runDir` runs as, or undefined when QEMU keeps the daemon's
+ * user. The uid is derived from the run directory's inode (and device): distinct for every run
+ * directory that exists at the same time on one filesystem, and stable for the VM's life.
+ */
+export async function qemuIdentity(runDir: string): Promise<QemuIdentity | undefined> {
+  const name = qemuUserName();
+  if (!name) return undefined;
+  account ??= ensureQemuAccount(name).catch((error: unknown) => {
+    account = undefined;
+    throw error;
+  });
+  const user = await account;
+  if (!user) return undefined;
+  if (setting('COCOON_QEMU_UIDS') === 'shared') return { uid: user.uid, gid: user.gid, group: name };
+  const st = fs.statSync(runDir, { bigint: true });
+  const slot = (st.ino + st.dev * 0x9e3779b1n) % BigInt(QEMU_UID_COUNT);
+  return { uid: QEMU_UID_BASE + Number(slot), gid: user.gid, group: name };
+}
+
+/** The argv that starts `command` as `identity`: setpriv drops root before QEMU runs. */
+export function dropPrivilegesArgv(identity: QemuIdentity | undefined, command: string, args: string[]): string[] {
+  if (!identity) return [command, ...args];
+  return [
+    'setpriv',
+    `--reuid=${identity.uid}`,
+    `--regid=${identity.gid}`,
+    '--clear-groups',
+    '--no-new-privs',
+    '--inh-caps=-all',
+    '--bounding-set=-all',
+    '--',
+    command,
+    ...args,
+  ];
+}
+
+/* ---- file access ---- */
+
+type Need = 'search' | 'read' | 'write';
+
+function allows(st: fs.Stats, identity: QemuIdentity, need: Need): boolean {
+  const bit = need === 'search' ? 1 : need === 'read' ? 4 : 2;
+  if (st.uid === identity.uid) return (st.mode & (bit << 6)) !== 0;
+  if (st.gid === identity.gid) return (st.mode & (bit << 3)) !== 0;
+  return (st.mode & bit) !== 0;
+}
+
+/** Directories inside which Cocoon may add group search permission for QEMU. */
+function grantRoots(): string[] {
+  return [dataDir(), os.tmpdir(), ...setting('COCOON_QEMU_ACCESS_ROOTS')].map((p) =>
+    path.resolve(p),
+  );
+}
+
+function inside(child: string, parent: string): boolean {
+  const relative = path.relative(parent, child);
+  return relative === '' || (!relative.startsWith('..') && !path.isAbsolute(relative));
+}
+
+function noAccess(target: string, blocking: string, identity: QemuIdentity, why: string): CocoonError {
+  return new CocoonError(
+    'qemu_no_access',
+    `QEMU runs as an unprivileged user (uid ${identity.uid}, group ${identity.group}) and cannot reach ${target}: ${blocking} ${why}. ` +
+      `Keep Cocoon's data directory and cache where every user can search the parent directories (e.g. under /var/lib), ` +
+      `or give group ${identity.group} search permission there (chgrp ${identity.group} DIR; chmod g+x DIR). ` +
+      `COCOON_QEMU_USER=root runs QEMU as root instead (not recommended).`,
+    { status: 500 },
+  );
+}
+
+/**
+ * Makes every directory above `target` searchable by QEMU: those inside the data or temp
+ * directory get group `cocoon-qemu` and g+x when their group has no rights yet; any other
+ * directory must already be searchable.
+ */
+export async function grantSearch(target: string, identity: QemuIdentity): Promise<void> {
+  const roots = grantRoots();
+  const absolute = path.resolve(target);
+  const parts = absolute.split(path.sep).filter(Boolean);
+  let dir: string = path.sep;
+  for (let i = 0; i < parts.length - 1; i++) {
+    dir = path.join(dir, parts[i] as string);
+    const st = await fs.promises.stat(dir);
+    if (allows(st, identity, 'search')) continue;
+    const grantable = roots.some((root) => inside(dir, root)) && st.uid === 0 && (st.gid === identity.gid || (st.mode & 0o070) === 0);
+    if (!grantable) throw noAccess(absolute, dir, identity, 'is not searchable by it');
+    await fs.promises.chown(dir, 0, identity.gid);
+    await fs.promises.chmod(dir, (st.mode & 0o7777) | 0o010);
+  }
+}
+
+/** Fails with `qemu_no_access` unless QEMU can read `file` (a guest kernel, an initramfs). */
+export async function assertReadable(file: string, identity: QemuIdentity): Promise<void> {
+  const absolute = path.resolve(file);
+  const parts = absolute.split(path.sep).filter(Boolean);
+  let dir: string = path.sep;
+  for (let i = 0; i < parts.length - 1; i++) {
+    dir = path.join(dir, parts[i] as string);
+    if (!allows(await fs.promises.stat(dir), identity, 'search')) throw noAccess(absolute, dir, identity, 'is not searchable by it');
+  }
+  if (!allows(await fs.promises.stat(absolute), identity, 'read')) throw noAccess(absolute, absolute, identity, 'is not readable by it');
+}
+
+/** Gives a file to the VM's QEMU alone: owner uid, group `cocoon-qemu`, 0600. */
+export async function giveToQemu(file: string, identity: QemuIdentity): Promise<void> {
+  await fs.promises.chown(file, identity.uid, identity.gid);
+  await fs.promises.chmod(file, 0o600);
+}
+
+/**
+ * A file every VM may read but none may change: root-owned, group `cocoon-qemu`, 0640 (snapshot
+ * disks, which later VMs use as backing files). Its directories are made searchable.
+ */
+export async function shareReadOnly(file: string, identity: QemuIdentity): Promise<void> {
+  await fs.promises.chown(file, 0, identity.gid);
+  await fs.promises.chmod(file, 0o640);
+  await grantSearch(file, identity);
+}
+
+/** Takes a file back from QEMU: root's alone (snapshot memory, device state). */
+export async function keepFromQemu(file: string): Promise<void> {
+  await fs.promises.chown(file, 0, 0);
+  await fs.promises.chmod(file, 0o600);
+}
+
+/**
+ * The backing files below a qcow2 image, nearest first (read from the qcow2 headers: the
+ * backing file name lives at the offset the header gives). Raw files have none.
+ */
+export async function backingChain(file: string, maxDepth = 16): Promise<string[]> {
+  const chain: string[] = [];
+  let current = path.resolve(file);
+  for (let depth = 0; depth < maxDepth; depth++) {
+    const handle = await fs.promises.open(current, 'r');
+    let next: string | undefined;
+    try {
+      const header = Buffer.alloc(24);
+      await handle.read(header, 0, 24, 0);
+      if (header.readUInt32BE(0) !== 0x514649fb) break; // not qcow2
+      const offset = header.readBigUInt64BE(8);
+      const size = header.readUInt32BE(16);
+      if (offset === 0n || size === 0 || size > 4096) break;
+      const name = Buffer.alloc(size);
+      await handle.read(name, 0, size, Number(offset));
+      next = path.resolve(path.dirname(current), name.toString('utf8'));
+    } finally {
+      await handle.close();
+    }
+    if (!next) break;
+    chain.push(next);
+    current = next;
+  }
+  return chain;
+}

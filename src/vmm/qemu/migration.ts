@@ -1,0 +1,136 @@
+/**
+ * Saving and loading a VM's device state with QEMU's migration, through unix sockets that this
+ * process serves. (QEMU 7.2 has no `file:` migration target, and `exec:` would need QEMU to
+ * spawn a shell, which its seccomp sandbox forbids.) Guest RAM is mapped shared and skipped
+ * (`x-ignore-shared`), so the stream is the device state alone: tens of kilobytes.
+ */
+import { createHash } from 'node:crypto';
+import fs from 'node:fs';
+import net from 'node:net';
+import { pipeline } from 'node:stream/promises';
+import { CocoonError } from '../../common/errors.ts';
+import type { QmpClient, QmpEvent } from './qmp.ts';
+import { connectUnix } from './qmp.ts';
+
+const CAPABILITIES = [
+  { capability: 'x-ignore-shared', state: true },
+  { capability: 'events', state: true },
+];
+
+function migrationFinished(timeoutMs: number, qmp: QmpClient): Promise<QmpEvent> {
+  return qmp.waitForEvent('MIGRATION', timeoutMs, (event) => {
+    const status = event.data?.status;
+    return status === 'completed' || status === 'failed' || status === 'cancelled';
+  });
+}
+
+async function failureReason(qmp: QmpClient): Promise<string> {
+  try {
+    const info = await qmp.execute('query-migrate', {}, 2000);
+    return info['error-desc'] ?? info.status ?? 'unknown';
+  } catch {
+    return 'QEMU went away';
+  }
+}
+
+/**
+ * Writes the paused VM's device state to `file` (fsynced unless `fsync: false`), returning its size and SHA-256.
+ * The VM must be stopped first.
+ */
+export async function saveDeviceState(
+  qmp: QmpClient,
+  socketPath: string,
+  file: string,
+  timeoutMs = 30_000,
+  options: { fsync?: boolean } = {},
+): Promise<{ sizeBytes: number; sha256: string }> {
+  const hash = createHash('sha256');
+  let sizeBytes = 0;
+  const out = fs.createWriteStream(file, { flags: 'wx', mode: 0o600 });
+  const sockets = new Set<net.Socket>();
+  let writeError: Error | undefined;
+  const written = new Promise<void>((resolve, reject) => {
+    out.once('finish', resolve);
+    out.once('error', (error) => {
+      // A full disk: stop the migration at once (QEMU sees its socket close) and report this.
+      writeError = error;
+      for (const socket of sockets) socket.destroy();
+      reject(error);
+    });
+  });
+  written.catch(() => undefined); // reported below, not as an unhandled rejection
+  const server = net.createServer((socket) => {
+    sockets.add(socket);
+    socket.on('data', (chunk: Buffer) => {
+      if (writeError) return;
+      hash.update(chunk);
+      sizeBytes += chunk.length;
+      if (!out.write(chunk)) socket.pause();
+    });
+    out.on('drain', () => socket.resume());
+    socket.once('end', () => out.end());
+    socket.once('error', (error) => out.destroy(error));
+  });
+  try {
+    await fs.promises.rm(socketPath, { force: true }); // left by a process that died mid-snapshot
+    await new Promise<void>((resolve, reject) => {
+      server.once('error', reject);
+      server.listen(socketPath, resolve);
+    });
+    // QEMU may run as another user: connecting takes write permission on the socket. Only
+    // QEMU and root can reach it anyway (its directory is QEMU's, 0700).
+    await fs.promises.chmod(socketPath, 0o666);
+    await qmp.execute('migrate-set-capabilities', { capabilities: CAPABILITIES });
+    const finished = migrationFinished(timeoutMs, qmp);
+    finished.catch(() => undefined); // if `migrate` fails first, its error is the one reported
+    await qmp.execute('migrate', { uri: `unix:${socketPath}` });
+    const event = await finished;
+    if (writeError) throw writeError;
+    if (event.data?.status !== 'completed') {
+      throw new CocoonError('snapshot_failed', `QEMU could not save the VM state: ${await failureReason(qmp)}`);
+    }
+    await written;
+    // A fork point fsyncs later, once the VM runs again.
+    if (options.fsync !== false) await fsyncPath(file);
+    return { sizeBytes, sha256: hash.digest('hex') };
+  } finally {
+    server.close();
+    if (!out.closed) out.destroy();
+    await fs.promises.rm(socketPath, { force: true });
+  }
+}
+
+async function fsyncPath(file: string): Promise<void> {
+  const handle = await fs.promises.open(file, 'r');
+  try {
+    await handle.datasync();
+  } finally {
+    await handle.close();
+  }
+}
+
+/** Feeds a saved device state into a QEMU started with `-incoming defer`. */
+export async function loadDeviceState(
+  qmp: QmpClient,
+  socketPath: string,
+  file: string,
+  timeoutMs = 30_000,
+): Promise<void> {
+  await qmp.execute('migrate-set-capabilities', { capabilities: CAPABILITIES });
+  const finished = migrationFinished(timeoutMs, qmp);
+  finished.catch(() => undefined); // if a step below fails first (QEMU gone), its error is the one reported
+  await qmp.execute('migrate-incoming', { uri: `unix:${socketPath}` });
+  const socket = await connectUnix(socketPath, 5000);
+  socket.on('error', () => undefined); // QEMU going away resets it, also after the pipeline is done with it
+  const sent = pipeline(fs.createReadStream(file), socket).catch(() => undefined); // QEMU may close early on a bad stream
+  const event = await finished.finally(() => socket.destroy());
+  await sent;
+  await fs.promises.rm(socketPath, { force: true });
+  if (event.data?.status !== 'completed') {
+    throw new CocoonError(
+      'snapshot_corrupt',
+      `QEMU could not load the snapshot's device state (${await failureReason(qmp)}); the snapshot is damaged or was made by another machine shape`,
+      { status: 422 },
+    );
+  }
+}

@@ -1,0 +1,921 @@
+/**
+ * The QEMU driver: boot, snapshot, restore, kill and stats of one microVM.
+ *
+ * Every VM owns a run directory (sockets, RAM file, disk layer, logs). QEMU runs in its own
+ * process group, writes its stderr to `qemu.log` there, and survives this process (so that a
+ * restarted daemon can adopt it). Every failure path kills what it started and removes what it
+ * made: a caller never has to clean up after a failed boot or restore.
+ */
+import { type ChildProcess, execFile, spawn } from 'node:child_process';
+import fs from 'node:fs';
+import path from 'node:path';
+import { promisify } from 'node:util';
+import { CocoonError, errorMessage, isCocoonError } from '../../common/errors.ts';
+import { log } from '../../common/log.ts';
+import { GuestChannel } from '../guest-channel.ts';
+import { loadDeviceState, saveDeviceState } from './migration.ts';
+import { type QemuLaunch, hostTscKhz, kernelCmdline, qemuArgs } from './qemu-args.ts';
+import { QmpClient } from './qmp.ts';
+import { assertPortFree, freeLoopbackPort } from '../../net/ports.ts';
+import { cloneRamFile, createRamFile, digHoles, releaseUnusedRam } from '../ram-file.ts';
+import { type VmCgroup, createVmCgroup, defaultLimits, joinCgroupScript, removeVmCgroup } from '../../host/cgroups.ts';
+import { ensureEgressGuard } from '../../net/egress-guard.ts';
+import { killQemuProcesses, processAlive, processCmdline, processStartTime, waitForProcessExit } from '../../host/processes.ts';
+import { type QemuIdentity, dropPrivilegesArgv, qemuIdentity } from '../../host/sandbox.ts';
+import { SerialLog, tailSerialLog } from './serial-log.ts';
+import { grantQemuAccess, isNoSpace, qemuDirOf, sealSnapshotFiles, snapshotFailure, takeBackSnapshotFiles } from '../snapshot-safety.ts';
+import {
+  type PendingSnapshot,
+  assertDataChecksums,
+  checkDataChecksum,
+  dataChecksums,
+  readPendingSnapshot,
+  readSnapshotManifest,
+  verifySnapshot,
+  writePendingSnapshot,
+  writeSnapshotManifest,
+} from '../snapshot.ts';
+import {
+  type BootOptions,
+  type CommonVmOptions,
+  type DataChecksum,
+  type DiskSpec,
+  LIMITS,
+  type MachineShape,
+  type PortForward,
+  type RestoreOptions,
+  type SnapshotManifest,
+  type VmStats,
+} from '../types.ts';
+import { setting } from '../../common/settings.ts';
+
+const execFileAsync = promisify(execFile);
+const QEMU_BINARY = setting('COCOON_QEMU');
+const ID_PATTERN = /^[a-z0-9][a-z0-9-]{0,62}$/;
+/** Unix socket paths are limited to 108 bytes by the kernel. */
+const MAX_SOCKET_PATH = 107;
+
+export const DEFAULT_BOOT_TIMEOUT_MS = 120_000;
+
+export interface SnapshotOptions {
+  /** Punch out zero pages of the RAM file, so that restores copy less (worth it for images). */
+  compact?: boolean;
+  /** fsync RAM, disk and state before the snapshot counts as taken (default true). */
+  durable?: boolean;
+  /**
+   * Called once the device state is saved (and the snapshot can be completed by
+   * `recoverSnapshot` should this process die), before QEMU is killed. For crash tests.
+   */
+  onStateSaved?: () => Promise<void>;
+}
+
+/** What `launch.json` in a run directory records, so that a restarted daemon can adopt the VM. */
+interface LaunchRecord {
+  formatVersion: 1;
+  id: string;
+  pid: number;
+  /** /proc start time of the pid: a reused pid is not our QEMU. */
+  startTime: number | undefined;
+  shape: MachineShape;
+  cmdline: string;
+  disk: DiskSpec;
+  ramPath: string;
+  forwards: Required<PortForward>[];
+  sockets: QemuLaunch['sockets'];
+  /** The VM's cgroups, removed once an adopted QEMU is gone. */
+  cgroup?: VmCgroup;
+}
+
+/** The QEMU process: our child, or one adopted from a previous daemon (then polled for its exit). */
+interface VmProcess {
+  readonly pid: number;
+  readonly exit: Promise<void>;
+  /** Keep the event loop alive until the exit is seen (while we wait for a kill). */
+  hold(): void;
+}
+
+const LAUNCH_FILE = 'launch.json';
+
+export class QemuVm {
+  readonly id: string;
+  readonly runDir: string;
+  readonly shape: MachineShape;
+  readonly cmdline: string;
+  readonly disk: DiskSpec;
+  readonly ramPath: string;
+  /** Guest port → host port on 127.0.0.1. */
+  readonly hostPorts: ReadonlyMap<number, number>;
+  readonly qmp: QmpClient;
+  readonly guest: GuestChannel;
+  readonly serialLogPath: string;
+  /** The guest agent's port on the host (a unix socket QEMU serves; src/guest/agent/). */
+  readonly agentSocketPath: string;
+  private readonly proc: VmProcess;
+  private readonly serial: SerialLog;
+  private readonly exitPromise: Promise<void>;
+  private gone = false;
+  /** An fsync of this VM's files failed once: what is on disk may lack pages, so no more snapshots. */
+  private storageFailed: string | undefined;
+
+  private constructor(parts: {
+    launch: Pick<QemuLaunch, 'shape' | 'cmdline' | 'disk' | 'ram' | 'forwards' | 'sockets'>;
+    options: Pick<CommonVmOptions, 'id' | 'runDir'>;
+    proc: VmProcess;
+    qmp: QmpClient;
+    guest: GuestChannel;
+    serial: SerialLog;
+  }) {
+    this.id = parts.options.id;
+    this.runDir = parts.options.runDir;
+    this.shape = parts.launch.shape;
+    this.cmdline = parts.launch.cmdline;
+    this.disk = parts.launch.disk;
+    this.ramPath = parts.launch.ram.path;
+    this.hostPorts = new Map(parts.launch.forwards.map((f) => [f.guestPort, f.hostPort]));
+    this.proc = parts.proc;
+    this.exitPromise = parts.proc.exit.then(() => {
+      this.gone = true;
+    });
+    this.qmp = parts.qmp;
+    this.guest = parts.guest;
+    this.serial = parts.serial;
+    this.serialLogPath = parts.serial.path;
+    this.agentSocketPath = parts.launch.sockets.agent ?? path.join(qemuDirOf(parts.options.runDir), 'agent.sock');
+  }
+
+  get pid(): number {
+    return this.proc.pid;
+  }
+
+  get exited(): boolean {
+    return this.gone;
+  }
+
+  /** Resolves when the QEMU process has exited (guest power-off, crash or kill). */
+  waitForExit(): Promise<void> {
+    return this.exitPromise;
+  }
+
+  hostPort(guestPort: number): number {
+    const port = this.hostPorts.get(guestPort);
+    if (port === undefined) throw new CocoonError('port_not_forwarded', `guest port ${guestPort} is not forwarded`);
+    return port;
+  }
+
+  /** Boots a fresh VM from kernel + initramfs + root disk; resolves once cocoon-init said hello. */
+  static async boot(options: BootOptions & { bootTimeoutMs?: number }): Promise<QemuVm> {
+    validateShape(options);
+    const ramPath = path.join(options.runDir, 'mem');
+    const cmdline = kernelCmdline(options, options.id, options.accel === 'tcg' ? hostTscKhz() : undefined);
+    return QemuVm.launch(options, options, cmdline, options.disk, ramPath, {
+      prepare: () => createRamFile(ramPath, options.memoryMiB),
+      start: (vm) => vm.guest.waitForHello(options.bootTimeoutMs ?? DEFAULT_BOOT_TIMEOUT_MS, options.signal),
+    });
+  }
+
+  /**
+   * Restores a snapshot as a new, independent VM: its own RAM file (cloned from the snapshot's)
+   * and its own copy-on-write disk layer on the snapshot's disk. The guest's clock is set and its
+   * RNG reseeded before this resolves.
+   */
+  static async restore(options: RestoreOptions): Promise<QemuVm> {
+    const manifest = await readSnapshotManifest(options.snapshotDir);
+    await verifySnapshot(options.snapshotDir, manifest);
+    const hasChecksums = Boolean(manifest.files.mem.checksum && manifest.files.disk.checksum);
+    const verify = options.verifyData === false ? false : options.verifyData === 'if-present' ? hasChecksums : true;
+    // The memory file is checked as it is copied for the new VM, and the disk along with it
+    // (one helper run), before QEMU starts: the guest runs only on what matches the checksums.
+    if (verify) assertDataChecksums(options.snapshotDir, manifest);
+    const ramPath = path.join(options.runDir, 'mem');
+    const disk: DiskSpec = { path: path.join(options.runDir, 'disk.qcow2'), format: 'qcow2' };
+    const snapshotDisk = path.join(options.snapshotDir, manifest.files.disk.name);
+    const stateFile = path.join(options.snapshotDir, manifest.files.state.name);
+    return QemuVm.launch(options, manifest.shape, manifest.cmdline, disk, ramPath, {
+      incoming: true,
+      prepare: async () => {
+        if (!verify) {
+          // Unverified means made moments ago: still in the page cache, not yet written back.
+          await Promise.all([cloneRamFile(path.join(options.snapshotDir, manifest.files.mem.name), ramPath, { nosync: true }), createDiskLayer(snapshotDisk, manifest.files.disk.format, disk.path)]);
+          return;
+        }
+        const [[memChecksum, diskChecksum]] = await Promise.all([
+          cloneRamFile(path.join(options.snapshotDir, manifest.files.mem.name), ramPath, { checksum: true, alsoChecksum: [snapshotDisk] }),
+          createDiskLayer(snapshotDisk, manifest.files.disk.format, disk.path),
+        ]);
+        checkDataChecksum(options.snapshotDir, manifest, 'mem', memChecksum);
+        checkDataChecksum(options.snapshotDir, manifest, 'disk', diskChecksum);
+      },
+      start: async (vm) => {
+        try {
+          await loadDeviceState(vm.qmp, path.join(qemuDirOf(options.runDir), 'incoming.sock'), stateFile);
+        } catch (error) {
+          if (error instanceof CocoonError && error.code === 'snapshot_corrupt') throw error;
+          throw new CocoonError('snapshot_corrupt', `the snapshot in ${options.snapshotDir} cannot be restored: ${errorMessage(error)}`, {
+            status: 422,
+            cause: error,
+          });
+        }
+        await vm.qmp.execute('cont', {});
+        await vm.guest.restoreFromSnapshot(5000);
+      },
+    });
+  }
+
+  /**
+   * Takes a snapshot into `targetDir` (which must not exist) and ends the VM: its RAM file and disk
+   * layer become the snapshot's. The directory appears whole or not at all: files are written
+   * and fsynced, the manifest (with the files' checksums) last, then the directory is renamed
+   * into place and its parent fsynced. QEMU stays alive, paused, until that commit: whatever
+   * fails before it (a full disk: `no_space`; an fsync error: `snapshot_failed`, never retried,
+   * since a second fsync can succeed with the data lost) abandons the snapshot, gives the VM its
+   * files back and lets it run on as before (`details.vmRunning`). If QEMU itself dies on the
+   * way, the error is `vm_gone`. Earlier snapshots are never touched.
+   */
+  async snapshot(targetDir: string, options: SnapshotOptions = {}): Promise<SnapshotManifest> {
+    const durable = options.durable ?? true;
+    const partial = `${targetDir}.partial`;
+    if (fs.existsSync(targetDir)) throw new CocoonError('snapshot_exists', `snapshot ${targetDir} already exists`, { status: 409 });
+    if (this.storageFailed) {
+      throw new CocoonError(
+        'snapshot_failed',
+        `${this.id} is not snapshotted again: an earlier fsync of its files failed (${this.storageFailed}), so its memory on disk may lack pages the kernel dropped; it runs on until it is terminated`,
+        { details: { vmAlive: !this.exited } },
+      );
+    }
+    const diskName = this.disk.format === 'qcow2' ? 'disk.qcow2' : 'disk.raw';
+    const progress = { wasRunning: false, stopped: false, moved: [] as Array<{ from: string; to: string }>, killed: false, committed: false };
+    let manifest: SnapshotManifest;
+    const handles: fs.promises.FileHandle[] = [];
+    try {
+      progress.wasRunning = (await this.qmp.execute('query-status', {})).running;
+      await fs.promises.rm(partial, { recursive: true, force: true });
+      await fs.promises.mkdir(partial, { recursive: true, mode: 0o700 });
+      progress.stopped = true;
+      await this.qmp.execute('stop', {});
+      // With the vCPUs stopped (and the disk drained), guest RAM and disk do not change any
+      // more: their checksums and fsyncs start now, on open files, while the device state is
+      // saved and the files are renamed. (A compacted snapshot punches zeros out first.)
+      let sealed: Promise<[DataChecksum[], unknown]> | undefined;
+      if (!options.compact) {
+        for (const file of [this.ramPath, this.disk.path]) handles.push(await fs.promises.open(file, 'r'));
+        sealed = sealData(handles, durable);
+        sealed.catch(() => undefined); // awaited below unless something fails first
+      }
+      const state = await saveDeviceState(this.qmp, path.join(qemuDirOf(this.runDir), 'migrate.sock'), path.join(partial, 'state'));
+      // From here on the paused VM's RAM and disk files match the saved state: should this
+      // process die, `recoverSnapshot` can complete the snapshot from what the pending record says.
+      const pending: PendingSnapshot = {
+        formatVersion: 1,
+        runDir: this.runDir,
+        ramPath: this.ramPath,
+        diskPath: this.disk.path,
+        manifest: {
+          formatVersion: 1,
+          createdAt: new Date().toISOString(),
+          shape: this.shape,
+          cmdline: this.cmdline,
+          files: {
+            state: { name: 'state', ...state },
+            mem: { name: 'mem', sizeBytes: this.shape.memoryMiB * 1024 * 1024 },
+            disk: { name: diskName, format: this.disk.format, sizeBytes: 0 },
+          },
+          guestPorts: [...this.hostPorts.keys()],
+        },
+      };
+      await writePendingSnapshot(partial, pending, durable);
+      await options.onStateSaved?.();
+      // Renaming the files does not disturb QEMU's open files and mapping.
+      const mem = path.join(partial, 'mem');
+      const disk = path.join(partial, diskName);
+      for (const [from, to] of [[this.ramPath, mem], [this.disk.path, disk]] as const) {
+        await moveFile(from, to);
+        progress.moved.push({ from, to });
+      }
+      if (options.compact) {
+        progress.killed = true;
+        await this.kill(); // zero pages are punched out of a file no process maps any more
+        await digHoles(mem);
+        for (const file of [mem, disk]) handles.push(await fs.promises.open(file, 'r'));
+        sealed = sealData(handles, durable);
+      }
+      const [checksums] = await (sealed as Promise<[DataChecksum[], unknown]>);
+      await sealSnapshotFiles(this.runDir, { mem, disk });
+      manifest = {
+        ...pending.manifest,
+        files: {
+          state: pending.manifest.files.state,
+          mem: { ...pending.manifest.files.mem, checksum: checksums[0] },
+          disk: { ...pending.manifest.files.disk, sizeBytes: (await fs.promises.stat(disk)).size, checksum: checksums[1] },
+        },
+      };
+      await commitSnapshot(partial, targetDir, manifest, durable);
+      progress.committed = true;
+      if (durable) await fsyncDir(path.dirname(targetDir));
+    } catch (error) {
+      throw await this.abandonSnapshot(error, partial, targetDir, progress);
+    } finally {
+      for (const handle of handles) await handle.close().catch(() => undefined);
+    }
+    await this.kill();
+    await fs.promises.rm(path.join(this.runDir, LAUNCH_FILE), { force: true });
+    // The RAM file's blocks that were reserved and never written go back to the filesystem, in
+    // the background (the content does not change; restores read only written extents), and
+    // after this returns: starting the helper takes the event loop a few milliseconds.
+    setTimeout(() => {
+      releaseUnusedRam(path.join(targetDir, 'mem')).catch((error: unknown) =>
+        log.debug({ vm: this.id, error: errorMessage(error) }, 'cannot give back the unused blocks of a snapshot\'s memory file'),
+      );
+    }, 0);
+    return manifest;
+  }
+
+  /** Undoes a snapshot that cannot be committed: files back to the VM, the VM running as before. */
+  private async abandonSnapshot(
+    error: unknown,
+    partial: string,
+    targetDir: string,
+    progress: { wasRunning: boolean; stopped: boolean; moved: Array<{ from: string; to: string }>; killed: boolean; committed: boolean },
+  ): Promise<CocoonError> {
+    const gone = !progress.killed && (this.exited || isCocoonError(error, 'vm_gone') || (await exitedWithin(this.exitPromise, 100)));
+    // A failed fsync is not retried, ever: the kernel may have dropped the pages it could not
+    // write, and a second fsync would then succeed over a file with holes in its history.
+    const fsyncError = fsyncFailure(error);
+    if (fsyncError) this.storageFailed = fsyncError;
+    for (const { from, to } of progress.moved.reverse()) {
+      const now = progress.committed ? path.join(targetDir, path.basename(to)) : to;
+      await moveFile(now, from).catch((moveError: unknown) =>
+        log.error({ vm: this.id, file: now, error: errorMessage(moveError) }, 'cannot give a file back to the VM after a failed snapshot'),
+      );
+    }
+    await takeBackSnapshotFiles(this.runDir, [this.ramPath, this.disk.path]).catch(() => undefined);
+    await fs.promises.rm(partial, { recursive: true, force: true });
+    if (progress.committed) await fs.promises.rm(targetDir, { recursive: true, force: true });
+    let running = false;
+    if (!this.exited && !gone && !progress.killed) {
+      try {
+        if (progress.wasRunning && progress.stopped) await this.qmp.execute('cont', {});
+        running = progress.wasRunning;
+      } catch {
+        await this.kill();
+      }
+    }
+    // A QEMU that went away may not have been reaped yet: it is not alive all the same.
+    const alive = !gone && !this.exited;
+    const failure = snapshotFailure(error, this.id, gone, { running, alive });
+    log.warn({ vm: this.id, code: failure.code, vmRunning: running, vmAlive: alive, error: errorMessage(error) }, 'snapshot abandoned');
+    return failure;
+  }
+
+  /**
+   * Re-attaches to a QEMU started by an earlier process (a daemon that crashed or restarted):
+   * reads the run directory's launch record, checks that the pid is still that QEMU, and
+   * reconnects QMP, the guest channel and the serial console. Throws `vm_gone` when the QEMU
+   * is not running any more (nothing is killed or removed then).
+   */
+  static async adopt(options: { id: string; runDir: string; serialLogMaxBytes?: number; signal?: AbortSignal }): Promise<QemuVm> {
+    validateId(options.id);
+    let record: LaunchRecord;
+    try {
+      record = JSON.parse(await fs.promises.readFile(path.join(options.runDir, LAUNCH_FILE), 'utf8')) as LaunchRecord;
+    } catch (error) {
+      throw new CocoonError('vm_gone', `no launch record in ${options.runDir}: the VM is not running`, { cause: error });
+    }
+    if (record.formatVersion !== 1 || record.id !== options.id || !processAlive(record.pid, record.startTime)) {
+      throw new CocoonError('vm_gone', `QEMU of ${options.id} (pid ${record.pid}) is not running any more`);
+    }
+    if (!processCmdline(record.pid).includes(options.runDir)) {
+      throw new CocoonError('vm_gone', `pid ${record.pid} is not the QEMU of ${options.id}`);
+    }
+    // Sockets a dead daemon served (migration) would block the next snapshot.
+    const qemuDir = qemuDirOf(options.runDir);
+    await Promise.all(['migrate.sock', 'incoming.sock'].map((name) => fs.promises.rm(path.join(qemuDir, name), { force: true })));
+    let held = false;
+    const proc: VmProcess = {
+      pid: record.pid,
+      exit: waitForProcessExit(record.pid, record.startTime, { intervalMs: 100, keepAlive: () => held }).then(() => removeVmCgroup(record.cgroup)),
+      hold: () => {
+        held = true;
+      },
+    };
+    const launch = {
+      shape: record.shape,
+      cmdline: record.cmdline,
+      disk: record.disk,
+      ram: { path: record.ramPath, share: true },
+      forwards: record.forwards,
+      egress: false,
+      sockets: record.sockets,
+      pidFile: path.join(qemuDir, 'qemu.pid'),
+      incoming: false,
+      sandbox: true,
+    } satisfies QemuLaunch;
+    let channels: [QmpClient, GuestChannel, SerialLog];
+    const giveUp = new AbortController();
+    try {
+      channels = await Promise.race([
+        connectChannels(launch, options, giveUp.signal),
+        proc.exit.then(() => {
+          throw new CocoonError('vm_gone', `QEMU of ${options.id} exited while being adopted`);
+        }),
+      ]);
+    } catch (error) {
+      giveUp.abort(error);
+      if (isCocoonErrorCode(error, 'vm_gone')) throw error;
+      throw new CocoonError('vm_adopt_failed', `cannot reconnect to QEMU of ${options.id}: ${errorMessage(error)}`, { cause: error });
+    }
+    const [qmp, guest, serial] = channels;
+    guest.helloSeen = true;
+    const vm = new QemuVm({ launch, options, proc, qmp, guest, serial });
+    log.info({ vm: options.id, pid: record.pid }, 'vm adopted');
+    return vm;
+  }
+
+  /**
+   * Finishes what a snapshot into `targetDir` left when its process died: answers `committed`
+   * when the snapshot is complete, `completed` when it had saved the device state (the paused
+   * QEMU is killed, its RAM and disk files move into the snapshot), and `none` when there was
+   * nothing to complete (a partial directory is removed; the VM's files stay where they are).
+   */
+  static async recoverSnapshot(targetDir: string, options: { durable?: boolean } = {}): Promise<'committed' | 'completed' | 'none'> {
+    const partial = `${targetDir}.partial`;
+    if (fs.existsSync(path.join(targetDir, 'manifest.json'))) {
+      await fs.promises.rm(partial, { recursive: true, force: true });
+      return 'committed';
+    }
+    const pending = await readPendingSnapshot(partial);
+    if (pending === undefined) {
+      await fs.promises.rm(partial, { recursive: true, force: true });
+      return 'none';
+    }
+    await killQemuProcesses(pending.runDir);
+    const stateFile = path.join(partial, pending.manifest.files.state.name);
+    const stateOk = fs.existsSync(stateFile) && fs.statSync(stateFile).size === pending.manifest.files.state.sizeBytes;
+    const memThere = fs.existsSync(pending.ramPath) || fs.existsSync(path.join(partial, pending.manifest.files.mem.name));
+    const diskThere = fs.existsSync(pending.diskPath) || fs.existsSync(path.join(partial, pending.manifest.files.disk.name));
+    if (!stateOk || !memThere || !diskThere) {
+      await fs.promises.rm(partial, { recursive: true, force: true });
+      return 'none';
+    }
+    await completeSnapshot(partial, targetDir, pending, options.durable ?? true);
+    return 'completed';
+  }
+
+  /** Stops the VM at once (SIGKILL) and waits for the process to be gone. Idempotent. */
+  async kill(): Promise<void> {
+    if (!this.gone) {
+      this.proc.hold(); // keep the event loop alive until the exit is seen
+      try {
+        process.kill(this.pid, 'SIGKILL');
+      } catch {
+        // already gone
+      }
+      await this.exitPromise;
+    }
+    this.qmp.close();
+    this.guest.close();
+    this.serial.close();
+  }
+
+  /**
+   * Lets go of the VM without stopping it: closes QMP, the guest channel and the serial log.
+   * QEMU keeps running in its own process group; `QemuVm.adopt` re-attaches to it later.
+   */
+  detach(): void {
+    this.qmp.close();
+    this.guest.close();
+    this.serial.close();
+  }
+
+  /** Kills the VM and removes its run directory. */
+  async destroy(): Promise<void> {
+    await this.kill();
+    await fs.promises.rm(this.runDir, { recursive: true, force: true });
+  }
+
+  stats(): VmStats {
+    return processStats(this.pid);
+  }
+
+  /** The last lines of the serial console, for error messages and logs. */
+  serialTail(lines = 30): string {
+    return tailSerialLog(this.serialLogPath, lines);
+  }
+
+  /** Shared by boot and restore: start QEMU, connect its channels, run `start`, clean up on failure. */
+  private static async launch(
+    options: CommonVmOptions,
+    shape: MachineShape,
+    cmdline: string,
+    disk: DiskSpec,
+    ramPath: string,
+    steps: { incoming?: boolean; prepare: () => Promise<void>; start: (vm: QemuVm) => Promise<void> },
+  ): Promise<QemuVm> {
+    validateId(options.id);
+    const runDirExisted = fs.existsSync(options.runDir);
+    await fs.promises.mkdir(options.runDir, { recursive: true, mode: 0o700 }).catch((error: unknown) => {
+      throw noSpaceError(error, options.id) ?? error;
+    });
+    // QEMU's sockets and pid file: a directory of its own (src/host/sandbox.ts: the run directory is root's).
+    const qemuDir = qemuDirOf(options.runDir);
+    const sockets = {
+      qmp: path.join(qemuDir, 'qmp.sock'),
+      guest: path.join(qemuDir, 'guest.sock'),
+      serial: path.join(qemuDir, 'serial.sock'),
+      agent: path.join(qemuDir, 'agent.sock'),
+    };
+    let vm: QemuVm | undefined;
+    let started: { child: ChildProcess; exit: Promise<void> } | undefined;
+    let launch: QemuLaunch | undefined;
+    const giveUp = new AbortController();
+    try {
+      for (const socket of [...Object.values(sockets), path.join(qemuDir, 'incoming.sock'), path.join(qemuDir, 'migrate.sock')]) {
+        if (Buffer.byteLength(socket) > MAX_SOCKET_PATH) {
+          throw new CocoonError('path_too_long', `run directory ${options.runDir} is too long for unix sockets; use a shorter data directory`);
+        }
+      }
+      await fs.promises.mkdir(qemuDir, { recursive: true, mode: 0o700 });
+      let identity = await qemuIdentity(options.runDir);
+      // The guard also keeps a QEMU that escaped its guest (egress or not: slirp's restrict is
+      // QEMU's own policy) from the host's services; only a VM with egress needs it in place.
+      if (options.network.egress) await ensureEgressGuard(identity);
+      else await ensureEgressGuard(identity, { bestEffort: true });
+      await steps.prepare();
+      if (identity) {
+        try {
+          await grantQemuAccess(identity, { runDir: options.runDir, qemuDir, ramPath, disk, guest: shape.guest });
+        } catch (error) {
+          // A layout QEMU's user cannot reach (a data directory under a private home): run this
+          // QEMU as root, as before, and say how to get the sandbox back; or refuse, if asked to.
+          if (!isCocoonError(error, 'qemu_no_access') || setting('COCOON_QEMU_USER_REQUIRED') || options.network.egress) throw error;
+          warnRootFallback(error.message);
+          identity = undefined;
+        }
+      }
+      launch = {
+        shape,
+        cmdline,
+        ram: { path: ramPath, share: true },
+        disk,
+        forwards: await resolveForwards(options.network.forwards),
+        egress: options.network.egress ?? false,
+        sockets,
+        pidFile: path.join(qemuDir, 'qemu.pid'),
+        incoming: steps.incoming ?? false,
+        sandbox: setting('COCOON_QEMU_SANDBOX'),
+      };
+      const cgroup = createVmCgroup(options.id, { ...defaultLimits(shape), ...options.limits });
+      started = startQemu(launch, options.runDir, identity, cgroup);
+      const { child, exit } = started;
+      const launched = launch;
+      await writeLaunchRecord(options.runDir, {
+        formatVersion: 1,
+        id: options.id,
+        pid: child.pid ?? -1,
+        startTime: child.pid ? processStartTime(child.pid) : undefined,
+        shape,
+        cmdline,
+        disk,
+        ramPath,
+        forwards: launch.forwards,
+        sockets,
+        cgroup,
+      });
+      const [qmp, guest, serial] = await Promise.race([
+        connectChannels(launched, options, giveUp.signal),
+        exit.then(() => {
+          throw qemuStartError(options.runDir, launched);
+        }),
+      ]);
+      const proc: VmProcess = { pid: child.pid ?? -1, exit, hold: () => child.ref() };
+      vm = new QemuVm({ launch: launched, options, proc, qmp, guest, serial });
+      await Promise.race([
+        steps.start(vm),
+        exit.then(() => {
+          throw qemuStartError(options.runDir, launched, vm);
+        }),
+      ]);
+      log.info({ vm: options.id, pid: child.pid, accel: shape.accel, restore: launched.incoming }, 'vm started');
+      // Start writing the RAM file back now, while the guest runs, so that the fsync of the next
+      // snapshot only has the pages dirtied since (a fresh clone's pages are all dirty).
+      fsyncFile(ramPath).catch(() => undefined);
+      return vm;
+    } catch (caught) {
+      giveUp.abort(new CocoonError('vm_start_failed', `the start of ${options.id} was given up`));
+      let error = caught;
+      // QEMU dying makes its sockets close too: whichever the caller noticed first, QEMU's own
+      // words (in qemu.log) say best what went wrong. A QEMU killed by a signal (nothing here has
+      // sent one yet) was killed from outside: that says nothing about the snapshot.
+      if (started && (await exitedWithin(started.exit, 500))) {
+        if (started.child.signalCode) error = qemuKilledError(options.id, started.child.signalCode, launch?.incoming ?? false);
+        else if (!isCocoonError(error, 'snapshot_corrupt')) error = qemuStartError(options.runDir, launch ?? undefined, vm);
+      }
+      error = noSpaceError(error, options.id) ?? error;
+      if (vm) await vm.kill();
+      else if (started) await killAndWait(started);
+      if (runDirExisted) await removeLaunchFiles(options.runDir, disk, ramPath);
+      else await fs.promises.rm(options.runDir, { recursive: true, force: true });
+      throw error;
+    }
+  }
+}
+
+function validateId(id: string): void {
+  if (!ID_PATTERN.test(id)) {
+    throw new CocoonError('invalid_vm_id', `VM id ${JSON.stringify(id)} must be 1-63 of [a-z0-9-], starting with a letter or digit`, {
+      status: 400,
+    });
+  }
+}
+
+export function validateShape(shape: Pick<MachineShape, 'vcpus' | 'memoryMiB'>): void {
+  const { vcpus, memoryMiB } = shape;
+  if (!Number.isInteger(vcpus) || vcpus < LIMITS.minVcpus || vcpus > LIMITS.maxVcpus) {
+    throw new CocoonError('invalid_resources', `vcpus must be an integer from ${LIMITS.minVcpus} to ${LIMITS.maxVcpus}, got ${vcpus}`, {
+      status: 400,
+    });
+  }
+  if (!Number.isInteger(memoryMiB) || memoryMiB < LIMITS.minMemoryMiB || memoryMiB > LIMITS.maxMemoryMiB) {
+    throw new CocoonError(
+      'invalid_resources',
+      `memoryMiB must be an integer from ${LIMITS.minMemoryMiB} to ${LIMITS.maxMemoryMiB}, got ${memoryMiB}`,
+      { status: 400 },
+    );
+  }
+}
+
+async function resolveForwards(forwards: PortForward[]): Promise<Required<PortForward>[]> {
+  const resolved: Required<PortForward>[] = [];
+  for (const forward of forwards) {
+    if (!Number.isInteger(forward.guestPort) || forward.guestPort < 1 || forward.guestPort > 65535) {
+      throw new CocoonError('invalid_port', `guest port ${forward.guestPort} is not a TCP port (1-65535)`, { status: 400 });
+    }
+    if (forward.hostPort !== undefined) await assertPortFree(forward.hostPort);
+    resolved.push({ guestPort: forward.guestPort, hostPort: forward.hostPort ?? (await freeLoopbackPort()) });
+  }
+  return resolved;
+}
+
+/**
+ * Starts QEMU through `sh`, which joins the VM's cgroups, then `setpriv`, which drops root
+ * (src/host/sandbox.ts); both exec, so the pid is QEMU's. The cgroups go when QEMU does.
+ */
+function startQemu(
+  launch: QemuLaunch,
+  runDir: string,
+  identity: QemuIdentity | undefined,
+  cgroup: VmCgroup | undefined,
+): { child: ChildProcess; exit: Promise<void> } {
+  const logFd = fs.openSync(path.join(runDir, 'qemu.log'), 'w', 0o600);
+  const guestFds: number[] = [];
+  try {
+    let args = qemuArgs(launch);
+    if (identity) {
+      // Kernel and initramfs as open files: QEMU's user need not search the directories they are in.
+      const { kernel, initramfs } = launch.shape.guest;
+      guestFds.push(fs.openSync(kernel, 'r'), fs.openSync(initramfs, 'r'));
+      args = qemuArgs({ ...launch, shape: { ...launch.shape, guest: { ...launch.shape.guest, kernel: '/dev/fd/3', initramfs: '/dev/fd/4' } } });
+    }
+    const argv = dropPrivilegesArgv(identity, QEMU_BINARY, args);
+    const child = spawn('/bin/sh', ['-c', joinCgroupScript(cgroup), 'cocoon-qemu-start', ...argv], {
+      stdio: ['ignore', logFd, logFd, ...guestFds],
+      detached: true, // own process group: a Ctrl-C to the daemon does not kill guests
+    });
+    child.unref();
+    const exit = new Promise<void>((resolve) => {
+      child.once('exit', () => resolve());
+      child.once('error', () => resolve());
+    }).then(() => removeVmCgroup(cgroup));
+    return { child, exit };
+  } finally {
+    fs.closeSync(logFd);
+    for (const fd of guestFds) fs.closeSync(fd);
+  }
+}
+
+const rootFallbackWarned = new Set<string>();
+
+function warnRootFallback(why: string): void {
+  if (rootFallbackWarned.has(why)) return;
+  rootFallbackWarned.add(why);
+  log.warn({ why }, 'QEMU runs as root for this VM: its files are out of reach of an unprivileged user (COCOON_QEMU_USER_REQUIRED=1 refuses instead)');
+}
+
+/**
+ * Connects QMP, the guest channel and the serial console. Whoever gives up on the VM (its QEMU
+ * exited first) aborts `giveUp`: the connects that are still polling for their sockets must
+ * stop, or one would connect to the next QEMU started in the same run directory and take its
+ * only QMP, guest or serial connection (a retried restore then hangs without a greeting).
+ * Nothing stays connected when this rejects.
+ */
+async function connectChannels(
+  launch: Pick<QemuLaunch, 'sockets'>,
+  options: Pick<CommonVmOptions, 'runDir' | 'serialLogMaxBytes' | 'signal'>,
+  giveUp: AbortSignal,
+): Promise<[QmpClient, GuestChannel, SerialLog]> {
+  const signal = options.signal ? AbortSignal.any([options.signal, giveUp]) : giveUp;
+  const serial = new SerialLog(path.join(options.runDir, 'serial.log'), options.serialLogMaxBytes);
+  const qmp = QmpClient.connect(launch.sockets.qmp, { timeoutMs: 10_000, signal });
+  const guest = GuestChannel.connect(launch.sockets.guest, 10_000, signal);
+  const attached = serial.attach(launch.sockets.serial, 10_000, signal);
+  try {
+    await Promise.all([qmp, guest, attached]);
+    if (giveUp.aborted) throw giveUp.reason;
+    return [await qmp, await guest, serial];
+  } catch (error) {
+    serial.close();
+    void qmp.then((client) => client.close(), () => undefined);
+    void guest.then((channel) => channel.close(), () => undefined);
+    throw error;
+  }
+}
+
+async function exitedWithin(exit: Promise<void>, ms: number): Promise<boolean> {
+  let timer: NodeJS.Timeout | undefined;
+  const timeout = new Promise<boolean>((resolve) => {
+    timer = setTimeout(() => resolve(false), ms);
+  });
+  const result = await Promise.race([exit.then(() => true), timeout]);
+  clearTimeout(timer);
+  return result;
+}
+
+function qemuStartError(runDir: string, launch: QemuLaunch | undefined, vm?: QemuVm): CocoonError {
+  let output = '';
+  try {
+    output = fs.readFileSync(path.join(runDir, 'qemu.log'), 'utf8').trim().slice(-2000);
+  } catch {
+    // no log
+  }
+  if (/hostfwd|host forwarding rule/i.test(output)) {
+    const ports = launch?.forwards.map((f) => f.hostPort).join(', ') ?? '';
+    return new CocoonError('port_in_use', `QEMU could not listen on host port(s) ${ports}: ${output}`, { status: 409 });
+  }
+  if (launch?.incoming && /migration|load of/i.test(output)) {
+    return new CocoonError('snapshot_corrupt', `QEMU could not load the snapshot (damaged, or made for another machine shape): ${output}`, {
+      status: 422,
+    });
+  }
+  const console = vm ? `\nlast console lines:\n${vm.serialTail(20)}` : '';
+  return new CocoonError('vm_start_failed', `QEMU exited while starting: ${output || '(no output)'}${console}`);
+}
+
+/** `no_space` for an error that says the disk is full (a raw ENOSPC from a file operation). */
+function noSpaceError(error: unknown, id: string): CocoonError | undefined {
+  if (isCocoonError(error, 'no_space') || !isNoSpace(error)) return undefined;
+  return new CocoonError('no_space', `no space left on the data directory's disk to start ${id}: ${errorMessage(error)}`, {
+    status: 507,
+    cause: error,
+  });
+}
+
+function qemuKilledError(id: string, signal: string, restoring: boolean): CocoonError {
+  return new CocoonError(
+    'vm_killed',
+    `QEMU of ${id} was killed by ${signal} while ${restoring ? 'restoring' : 'booting'} (from outside Cocoon: the OOM killer, an operator); ` +
+      (restoring ? 'the snapshot is untouched and can be restored again' : 'try again'),
+    { status: 503 },
+  );
+}
+
+async function killAndWait(started: { child: ChildProcess; exit: Promise<void> }): Promise<void> {
+  started.child.ref();
+  try {
+    if (started.child.pid) process.kill(started.child.pid, 'SIGKILL');
+  } catch {
+    // already gone
+  }
+  await started.exit;
+}
+
+function isCocoonErrorCode(error: unknown, code: string): boolean {
+  return error instanceof CocoonError && error.code === code;
+}
+
+async function writeLaunchRecord(runDir: string, record: LaunchRecord): Promise<void> {
+  const file = path.join(runDir, LAUNCH_FILE);
+  await fs.promises.writeFile(`${file}.tmp`, JSON.stringify(record), { mode: 0o600 });
+  await fs.promises.rename(`${file}.tmp`, file);
+}
+
+/**
+ * Completes a snapshot whose process died after saving the device state (`recoverSnapshot`):
+ * the QEMU is gone, so its RAM and disk files move into the partial directory (each move is a
+ * rename: a crash leaves every file in one place or the other), are checksummed and fsynced,
+ * and the snapshot is committed.
+ */
+async function completeSnapshot(partial: string, targetDir: string, pending: PendingSnapshot, durable: boolean): Promise<SnapshotManifest> {
+  const { files } = pending.manifest;
+  const mem = path.join(partial, files.mem.name);
+  const disk = path.join(partial, files.disk.name);
+  if (!fs.existsSync(mem)) await moveFile(pending.ramPath, mem);
+  if (!fs.existsSync(disk)) await moveFile(pending.diskPath, disk);
+  const handles = [await fs.promises.open(mem, 'r'), await fs.promises.open(disk, 'r')];
+  let checksums: DataChecksum[];
+  try {
+    [checksums] = await sealData(handles, durable);
+  } finally {
+    for (const handle of handles) await handle.close().catch(() => undefined);
+  }
+  await sealSnapshotFiles(pending.runDir, { mem, disk });
+  const manifest: SnapshotManifest = {
+    ...pending.manifest,
+    files: {
+      state: files.state,
+      mem: { ...files.mem, checksum: checksums[0] },
+      disk: { ...files.disk, sizeBytes: fs.statSync(disk).size, checksum: checksums[1] },
+    },
+  };
+  await commitSnapshot(partial, targetDir, manifest, durable);
+  if (durable) await fsyncDir(path.dirname(targetDir));
+  await fs.promises.rm(path.join(pending.runDir, LAUNCH_FILE), { force: true });
+  return manifest;
+}
+
+/**
+ * The commit point of a snapshot: the manifest (the files' sizes and checksums) is written and
+ * fsynced last, the pending record goes, and one rename makes the directory appear whole.
+ */
+async function commitSnapshot(partial: string, targetDir: string, manifest: SnapshotManifest, durable: boolean): Promise<void> {
+  await fs.promises.rm(path.join(partial, 'manifest.json'), { force: true });
+  await writeSnapshotManifest(partial, manifest, durable);
+  await fs.promises.rm(path.join(partial, 'pending.json'), { force: true });
+  await fs.promises.rename(partial, targetDir);
+}
+
+async function removeLaunchFiles(runDir: string, disk: DiskSpec, ramPath: string): Promise<void> {
+  const names = ['qmp.sock', 'guest.sock', 'serial.sock', 'agent.sock', 'incoming.sock', 'migrate.sock', 'qemu.pid', LAUNCH_FILE];
+  await Promise.all([
+    ...names.map((name) => fs.promises.rm(path.join(runDir, name), { force: true })),
+    fs.promises.rm(qemuDirOf(runDir), { recursive: true, force: true }),
+    fs.promises.rm(ramPath, { force: true }),
+    disk.path.startsWith(runDir + path.sep) ? fs.promises.rm(disk.path, { force: true }) : Promise.resolve(),
+  ]);
+}
+
+/** A qcow2 layer over `backing`: the VM writes there, the backing file never changes. */
+export async function createDiskLayer(backing: string, backingFormat: 'raw' | 'qcow2', layer: string): Promise<void> {
+  try {
+    await execFileAsync('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', path.resolve(backing), '-F', backingFormat, layer]);
+  } catch (error) {
+    throw new CocoonError('disk_layer_failed', `cannot create a disk layer over ${backing}: ${errorMessage(error)}`, { cause: error });
+  }
+}
+
+/** The failed fsync behind an error, if that is what it is (`fsync: EIO`). */
+function fsyncFailure(error: unknown): string | undefined {
+  for (let e = error, depth = 0; e && depth < 8; e = (e as { cause?: unknown }).cause, depth++) {
+    const { syscall, code } = e as NodeJS.ErrnoException;
+    if (syscall === 'fsync' || syscall === 'fdatasync') return `${syscall}: ${code ?? 'error'}`;
+  }
+  return undefined;
+}
+
+/** Checksums of the RAM file and disk (open files), and their fsyncs when durable, side by side. */
+function sealData(handles: fs.promises.FileHandle[], durable: boolean): Promise<[DataChecksum[], unknown]> {
+  return Promise.all([
+    dataChecksums(handles.map((handle) => handle.fd)),
+    durable ? Promise.all(handles.map((handle) => handle.datasync())) : undefined,
+  ]);
+}
+
+async function moveFile(from: string, to: string): Promise<void> {
+  try {
+    await fs.promises.rename(from, to);
+  } catch (error) {
+    if ((error as NodeJS.ErrnoException).code !== 'EXDEV') throw error;
+    await execFileAsync('cp', ['--sparse=always', '--', from, to]);
+    await fs.promises.rm(from);
+  }
+}
+
+async function fsyncFile(file: string): Promise<void> {
+  const handle = await fs.promises.open(file, 'r+');
+  try {
+    await handle.datasync();
+  } finally {
+    await handle.close();
+  }
+}
+
+export async function fsyncDir(dir: string): Promise<void> {
+  const handle = await fs.promises.open(dir, 'r');
+  try {
+    await handle.sync();
+  } finally {
+    await handle.close();
+  }
+}
+
+/** CPU time and resident memory of a process, from /proc. */
+export function processStats(pid: number): VmStats {
+  try {
+    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    const ticks = Number(fields[11]) + Number(fields[12]); // utime + stime
+    const status = fs.readFileSync(`/proc/${pid}/status`, 'utf8');
+    const rssKiB = Number(/VmRSS:\s+(\d+)/.exec(status)?.[1] ?? 0);
+    return { pid, rssBytes: rssKiB * 1024, cpuMs: (ticks * 1000) / 100 };
+  } catch {
+    throw new CocoonError('vm_gone', `process ${pid} is not running`);
+  }
+}
