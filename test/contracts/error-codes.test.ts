@@ -10,6 +10,7 @@ import fs from 'node:fs';
 import { describe, test } from 'node:test';
 import { ERRORS_DOC, renderErrorsDoc } from '../../scripts/errors-doc.ts';
 import { ERROR_CODES, isErrorCode } from '../../src/common/error-codes.ts';
+import { GUEST_CODES } from '../../src/guest/agent/client.ts';
 import { errorCodeUses, guestAgentCodes, read, sourceFiles, type Use } from './source-scan.ts';
 
 function show(uses: Use[]): string {
@@ -68,6 +69,13 @@ describe('error registry', () => {
     assert.ok(uses.length > 200, `the scan found only ${uses.length} uses: is it still reading src/?`);
     const missing = uses.filter((u) => !isErrorCode(u.name));
     assert.equal(missing.length, 0, `codes used in src/ but missing from src/common/error-codes.ts (add them, then run node scripts/errors-doc.ts):\n${show(missing)}`);
+  });
+
+  test('every code the guest agent sends passes through to clients (not turned into guest_error)', () => {
+    const guest = sourceFiles('src/guest/init', ['.c']).flatMap((file) => guestAgentCodes(file, read(file)));
+    assert.ok(guest.length > 10, 'no guest agent codes found');
+    const dropped = guest.filter((u) => !isErrorCode(u.name) || !GUEST_CODES.has(u.name));
+    assert.equal(dropped.length, 0, `guest agent codes that src/guest/agent/client.ts would turn into guest_error:\n${show(dropped)}`);
   });
 
   test('a status written beside a code is one the registry lists for it', () => {
