@@ -101,3 +101,25 @@ describe('error registry', () => {
     for (const code of Object.keys(ERROR_CODES)) assert.ok(current.includes(`| \`${code}\` |`), `${code} missing from docs/errors.md`);
   });
 });
+
+test('the status tables of docs/api.md and docs/gateway.md agree with the registry', () => {
+  const wrong: string[] = [];
+  let checked = 0;
+  for (const file of ['docs/api.md', 'docs/gateway.md']) {
+    read(file).split('\n').forEach((line, i) => {
+      const cells = line.split('|').map((c) => c.trim());
+      if (cells.length < 4 || !/^\d{3}\b/.test(cells[1]!)) return;
+      const statuses = [...cells[1]!.matchAll(/\d{3}/g)].map((m) => Number(m[0]));
+      for (const m of cells[2]!.matchAll(/`([a-z][a-z0-9_]*)`/g)) {
+        const code = m[1]!;
+        checked++;
+        if (!isErrorCode(code)) wrong.push(`${file}:${i + 1} ${code} is not in the registry`);
+        else if (!statuses.includes(ERROR_CODES[code].status) && !(('also' in ERROR_CODES[code] ? ERROR_CODES[code].also : []) as readonly number[]).some((s) => statuses.includes(s))) {
+          wrong.push(`${file}:${i + 1} ${code} under ${statuses.join(', ')}, the registry says ${ERROR_CODES[code].status}`);
+        }
+      }
+    });
+  }
+  assert.ok(checked > 30, `only ${checked} codes found in the tables`);
+  assert.deepEqual(wrong, []);
+});
