@@ -24,18 +24,18 @@ import { getImage, type ImageHooks, type HookName } from '../store/images.ts';
 import {
   getMicrovm,
   touchMicrovmActivity,
-  transitionMicrovm,
   setMicrovmRuntimeIf,
   type Microvm,
-  type MicrovmState,
 } from '../store/microvms.ts';
 import type { Db } from '../store/sql.ts';
 import { killQemuProcesses } from '../vmm/processes.ts';
 import { QemuVm } from '../vmm/qemu.ts';
 import { watchDiskSpace } from '../vmm/space-watch.ts';
 import { readSnapshotManifest } from '../vmm/snapshot.ts';
+import { applyMicrovmEvent } from './apply-event.ts';
 import { generationDir, imageSnapshotDir, microvmDir, runDir, snapshotDirFor } from './paths.ts';
 import { appendLog, clearRunFiles, collectGarbage, compactGeneration, parseRuntime, runtimeRecord, type Runtime } from './storage.ts';
+import { allows, targetState, transition, type MicrovmEvent, type MicrovmState } from './transitions.ts';
 
 /** Points where crash tests stop the daemon (see `LifecycleOptions.pauseAt`). */
 export type PausePoint =
@@ -112,8 +112,6 @@ interface Instance {
   queue: Promise<void>;
   busy: Operation | undefined;
 }
-
-const ACTIVE_FROM: MicrovmState[] = ['PENDING', 'RUNNING', 'SUSPENDING', 'SUSPENDED', 'RESUMING', 'TERMINATING'];
 
 export class LifecycleEngine implements MicroVMDirectory {
   readonly db: Db;
@@ -216,9 +214,10 @@ export class LifecycleEngine implements MicroVMDirectory {
     if (this.#pauseAt) await this.#pauseAt(point, id);
   }
 
-  /** Compare-and-set in the store, then in memory. */
-  async #transition(instance: Instance, from: MicrovmState | MicrovmState[], to: MicrovmState, patch: { runtime?: Runtime; error?: string } = {}): Promise<boolean> {
-    const moved = await transitionMicrovm(this.db, instance.id, from, to, {
+  /** Applies an event of the transition table: compare-and-set in the store, then in memory. */
+  async #transition(instance: Instance, event: MicrovmEvent, patch: { runtime?: Runtime; error?: string } = {}): Promise<boolean> {
+    const to = targetState(event);
+    const moved = await applyMicrovmEvent(this.db, instance.id, event, {
       ...(patch.runtime ? { runtime: runtimeRecord(patch.runtime) } : {}),
       ...(patch.error !== undefined ? { error: patch.error } : {}),
     });
@@ -301,13 +300,13 @@ export class LifecycleEngine implements MicroVMDirectory {
       instance.vm = undefined;
     }
     await killQemuProcesses(runDir(this.dataDir, instance.id));
-    await this.#transition(instance, ACTIVE_FROM, 'FAILED', { error: reason.slice(0, 2000) });
+    await this.#transition(instance, 'fail', { error: reason.slice(0, 2000) });
     await clearRunFiles(this.dataDir, instance.id);
     this.#log.warn({ microvm: instance.id, reason }, 'microVM failed');
   }
 
   async #launch(instance: Instance, verifyData: boolean | 'if-present' = true): Promise<void> {
-    if (instance.state !== 'PENDING' || instance.terminating) return;
+    if (!allows(instance.state, 'started') || instance.terminating) return;
     await this.#pause('launch:starting', instance.id);
     // A microVM starts from its image (generation 0), a fork from its own generation 1 (the
     // fork point): then its workload runs already, so it gets the resume hook, not run.
@@ -322,7 +321,7 @@ export class LifecycleEngine implements MicroVMDirectory {
     await this.#pause('launch:restored', instance.id);
     await this.#hook(instance, vm, generation === 0 ? 'run' : 'resume');
     const runtime: Runtime = { generation, chain, pid: vm.pid, ports: Object.fromEntries(vm.hostPorts) };
-    if (!(await this.#transition(instance, 'PENDING', 'RUNNING', { runtime }))) {
+    if (!(await this.#transition(instance, 'started', { runtime }))) {
       await this.#discard(instance);
       return;
     }
@@ -349,18 +348,18 @@ export class LifecycleEngine implements MicroVMDirectory {
   }
 
   async #suspend(instance: Instance, reason: 'idle' | 'api' | 'shutdown'): Promise<void> {
-    if (instance.state !== 'RUNNING' || instance.terminating || !instance.vm) return;
+    if (!allows(instance.state, 'suspend') || instance.terminating || !instance.vm) return;
     if (reason === 'idle' && !this.#idle(instance)) {
       this.#armIdle(instance);
       return;
     }
     // Decided: from here on the gateway sees SUSPENDING and holds new requests for the resume.
-    instance.state = 'SUSPENDING';
+    instance.state = transition(instance.state, 'suspend');
     this.#clearIdle(instance);
     this.#stopping_(instance.id, 'suspended');
     let persisted: boolean;
     try {
-      persisted = await this.#transition(instance, 'RUNNING', 'SUSPENDING');
+      persisted = await this.#transition(instance, 'suspend');
     } catch (error) {
       // The store could not record the decision (its disk is full…): nothing happened, the
       // microVM stays RUNNING, in memory too (else the gateway would hold its requests forever).
@@ -397,7 +396,7 @@ export class LifecycleEngine implements MicroVMDirectory {
     instance.ports = new Map();
     await this.#pause('suspend:committed', instance.id);
     const runtime: Runtime = { generation: next, chain: [...instance.runtime.chain, next] };
-    if (!(await this.#transition(instance, 'SUSPENDING', 'SUSPENDED', { runtime }))) return;
+    if (!(await this.#transition(instance, 'suspended', { runtime }))) return;
     await appendLog(this.dataDir, instance.id, `suspended (${reason}) as generation ${next} in ${snapshotMs.toFixed(0)} ms`);
     await collectGarbage(this.dataDir, instance.id, instance.runtime);
     await this.#compactIfLong(instance);
@@ -412,7 +411,7 @@ export class LifecycleEngine implements MicroVMDirectory {
    */
   async #keepRunning(instance: Instance, vm: QemuVm, error: CocoonError): Promise<void> {
     this.#stopping.delete(vm);
-    if (!(await this.#transition(instance, 'SUSPENDING', 'RUNNING'))) return;
+    if (!(await this.#transition(instance, 'suspend_abandoned'))) return;
     await appendLog(this.dataDir, instance.id, `suspend abandoned, still running: ${error.message}`);
     this.#log.warn({ microvm: instance.id, code: error.code }, 'suspend abandoned; the microVM runs on');
     if (error.details?.vmRunning === true) await this.#hook(instance, vm, 'resume');
@@ -435,10 +434,10 @@ export class LifecycleEngine implements MicroVMDirectory {
   }
 
   async #resume(instance: Instance, reason: 'request' | 'api'): Promise<void> {
-    if (instance.state !== 'SUSPENDED' || instance.terminating) return;
-    instance.state = 'RESUMING';
+    if (!allows(instance.state, 'resume') || instance.terminating) return;
+    instance.state = transition(instance.state, 'resume');
     this.#clearSuspended(instance);
-    if (!(await this.#transition(instance, 'SUSPENDED', 'RESUMING'))) return;
+    if (!(await this.#transition(instance, 'resume'))) return;
     await this.#pause('resume:persisted', instance.id);
     const generation = instance.runtime.generation;
     const started = performance.now();
@@ -450,7 +449,7 @@ export class LifecycleEngine implements MicroVMDirectory {
         await this.#fail(instance, `the microVM's saved state cannot be restored: ${errorMessage(error)}`);
       } else {
         // Generation `generation` is untouched: back to SUSPENDED, a later wake tries again.
-        await this.#transition(instance, 'RESUMING', 'SUSPENDED');
+        await this.#transition(instance, 'resume_failed');
         this.#armSuspended(instance);
       }
       throw new CocoonError('resume_failed', `microVM ${instance.id} could not be resumed: ${errorMessage(error)}`, { status: 503, cause: error });
@@ -458,7 +457,7 @@ export class LifecycleEngine implements MicroVMDirectory {
     await this.#hook(instance, vm, 'resume');
     await this.#pause('resume:restored', instance.id);
     const runtime: Runtime = { ...instance.runtime, pid: vm.pid, ports: Object.fromEntries(vm.hostPorts) };
-    if (!(await this.#transition(instance, 'RESUMING', 'RUNNING', { runtime }))) {
+    if (!(await this.#transition(instance, 'resumed', { runtime }))) {
       await this.#discard(instance);
       return;
     }
@@ -468,20 +467,21 @@ export class LifecycleEngine implements MicroVMDirectory {
   }
 
   async #terminate(instance: Instance, reason: string): Promise<void> {
-    if (instance.state === 'TERMINATED') return;
-    if (instance.state === 'FAILED') {
-      // FAILED is final; terminating it only removes what is left of it.
-      this.#clearTimers(instance);
-      await killQemuProcesses(microvmDir(this.dataDir, instance.id));
-      await fs.promises.rm(microvmDir(this.dataDir, instance.id), { recursive: true, force: true });
-      this.#instances.delete(instance.id);
+    if (!allows(instance.state, 'terminate')) {
+      // TERMINATED: nothing left. FAILED is final; terminating it only removes what is left of it.
+      if (instance.state === 'FAILED') {
+        this.#clearTimers(instance);
+        await killQemuProcesses(microvmDir(this.dataDir, instance.id));
+        await fs.promises.rm(microvmDir(this.dataDir, instance.id), { recursive: true, force: true });
+        this.#instances.delete(instance.id);
+      }
       return;
     }
     instance.terminating = true;
     this.#clearTimers(instance);
     this.#stopping_(instance.id, 'terminated');
     const wasRunning = instance.state === 'RUNNING';
-    if (!(await this.#transition(instance, ACTIVE_FROM, 'TERMINATING'))) return;
+    if (!(await this.#transition(instance, 'terminate'))) return;
     await this.#pause('terminate:persisted', instance.id);
     const vm = instance.vm;
     if (vm) {
@@ -493,7 +493,7 @@ export class LifecycleEngine implements MicroVMDirectory {
     }
     await killQemuProcesses(microvmDir(this.dataDir, instance.id));
     await fs.promises.rm(microvmDir(this.dataDir, instance.id), { recursive: true, force: true });
-    await this.#transition(instance, 'TERMINATING', 'TERMINATED');
+    await this.#transition(instance, 'terminated');
     await this.#event(instance, 'terminated', reason);
     this.#instances.delete(instance.id);
     this.#log.info({ microvm: instance.id, reason }, 'microVM terminated');

@@ -23,11 +23,12 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { errorMessage } from '../common/errors.ts';
 import type { Logger } from '../common/log.ts';
-import { ACTIVE_MICROVM_STATES, getMicrovm, listMicrovmsInStates, transitionMicrovm, type Microvm } from '../store/microvms.ts';
+import { ACTIVE_MICROVM_STATES, getMicrovm, listMicrovmsInStates, type Microvm } from '../store/microvms.ts';
 import type { Db } from '../store/sql.ts';
 import { findQemuProcesses, killQemuProcesses } from '../vmm/processes.ts';
 import { QemuVm } from '../vmm/qemu.ts';
 import { readSnapshotManifest } from '../vmm/snapshot.ts';
+import { applyMicrovmEvent } from './apply-event.ts';
 import type { LifecycleEngine } from './engine.ts';
 import { recoverCheckpoints } from './fork.ts';
 import { generationDir, microvmDir, microvmsRoot, runDir, snapshotDirFor } from './paths.ts';
@@ -60,7 +61,7 @@ export async function recoverMicrovms(engine: LifecycleEngine, db: Db, dataDir: 
 
   const fail = async (microvm: Microvm, reason: string) => {
     await killQemuProcesses(runDir(dataDir, microvm.id));
-    await transitionMicrovm(db, microvm.id, microvm.state, 'FAILED', { error: reason });
+    await applyMicrovmEvent(db, microvm.id, 'fail', { error: reason }, microvm.state);
     await clearRunFiles(dataDir, microvm.id);
     await appendLog(dataDir, microvm.id, `failed at start-up: ${reason}`);
     report.failed.push(microvm.id);
@@ -107,7 +108,7 @@ export async function recoverMicrovms(engine: LifecycleEngine, db: Db, dataDir: 
           if (outcome !== 'none') {
             await killQemuProcesses(run);
             const done = { generation: next, chain: [...runtime.chain, next] };
-            await transitionMicrovm(db, id, 'SUSPENDING', 'SUSPENDED', { runtime: runtimeRecord(done) });
+            await applyMicrovmEvent(db, id, 'suspended', { runtime: runtimeRecord(done) });
             await clearRunFiles(dataDir, id);
             await collectGarbage(dataDir, id, done);
             await appendLog(dataDir, id, `suspend completed after a daemon restart (${outcome})`);
@@ -119,7 +120,7 @@ export async function recoverMicrovms(engine: LifecycleEngine, db: Db, dataDir: 
             await fail(found, 'the VM ended while being suspended, before its memory was saved');
             continue;
           }
-          await transitionMicrovm(db, id, 'SUSPENDING', 'RUNNING');
+          await applyMicrovmEvent(db, id, 'suspend_abandoned');
           await engine.adoptLoaded((await getMicrovm(db, id))!, vm);
           await appendLog(dataDir, id, 'suspend interrupted by a daemon restart: adopted again, suspending anew');
           toSuspend.push(id);
@@ -129,7 +130,7 @@ export async function recoverMicrovms(engine: LifecycleEngine, db: Db, dataDir: 
         case 'RESUMING':
           await killQemuProcesses(run);
           await clearRunFiles(dataDir, id);
-          await transitionMicrovm(db, id, 'RESUMING', 'SUSPENDED');
+          await applyMicrovmEvent(db, id, 'resume_failed');
           await appendLog(dataDir, id, 'resume interrupted by a daemon restart: back to SUSPENDED');
           report.resumesRolledBack.push(id);
           break;
@@ -140,7 +141,7 @@ export async function recoverMicrovms(engine: LifecycleEngine, db: Db, dataDir: 
         case 'TERMINATING':
           await killQemuProcesses(microvmDir(dataDir, id));
           await fs.promises.rm(microvmDir(dataDir, id), { recursive: true, force: true });
-          await transitionMicrovm(db, id, 'TERMINATING', 'TERMINATED');
+          await applyMicrovmEvent(db, id, 'terminated');
           report.terminated.push(id);
           continue;
         default:

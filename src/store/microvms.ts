@@ -1,4 +1,5 @@
 import { CocoonError } from '../common/errors.ts';
+import { ACTIVE_MICROVM_STATES, MICROVM_STATES, type MicrovmState } from '../common/microvm-states.ts';
 import { isArn, microvmArn } from './arn.ts';
 import { appendEvent } from './events.ts';
 import { newId } from './ids.ts';
@@ -6,13 +7,7 @@ import { decodeCursor, pageLimit, toPage, type Page, type PageRequest } from './
 import type { Db, SqlParam } from './sql.ts';
 import { bool, invalid, iso, jsonObject, placeholders, statesFilter } from './values.ts';
 
-export const MICROVM_STATES = [
-  'PENDING', 'RUNNING', 'SUSPENDING', 'SUSPENDED', 'RESUMING', 'TERMINATING', 'TERMINATED', 'FAILED',
-] as const;
-export type MicrovmState = (typeof MICROVM_STATES)[number];
-/** States a microVM never leaves. */
-export const FINAL_MICROVM_STATES: readonly MicrovmState[] = ['TERMINATED', 'FAILED'];
-export const ACTIVE_MICROVM_STATES: readonly MicrovmState[] = MICROVM_STATES.filter((s) => !FINAL_MICROVM_STATES.includes(s));
+export { ACTIVE_MICROVM_STATES, FINAL_MICROVM_STATES, MICROVM_STATES, type MicrovmState } from '../common/microvm-states.ts';
 
 export const MAX_SESSION_SECONDS = 28_800;
 
