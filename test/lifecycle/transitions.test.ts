@@ -91,8 +91,8 @@ test('property: any sequence of events walks the table (illegal events change no
     fc.property(fc.array(fc.constantFrom(...MICROVM_EVENTS), { maxLength: 40 }), (events) => {
       let state: MicrovmState = 'PENDING';
       for (const event of events) {
-        const expected = EXPECTED[state][event];
-        const before = state;
+        const expected: MicrovmState | undefined = EXPECTED[state][event];
+        const before: MicrovmState = state;
         state = nextState(state, event) ?? state;
         assert.equal(state, expected ?? before);
         if (FINAL_MICROVM_STATES.includes(before)) assert.equal(state, before);
