@@ -4,9 +4,19 @@
  */
 import path from 'node:path';
 import { CocoonError } from '../common/errors.ts';
-import { parseAcceleratorChoice } from '../vmm/accel.ts';
-import type { AcceleratorChoice } from '../vmm/types.ts';
 import { dataDir } from './paths.ts';
+
+/**
+ * COCOON_ACCEL: which accelerator VMs use (`auto` probes KVM, see src/vmm/accel.ts). Parsed
+ * here, where every setting is, so that the configuration imports no role (the VMM imports it).
+ */
+export type AcceleratorChoice = 'tcg' | 'kvm' | 'auto';
+
+export function parseAcceleratorChoice(value: string | undefined): AcceleratorChoice {
+  const choice = (value ?? 'auto').toLowerCase();
+  if (choice === 'auto' || choice === 'kvm' || choice === 'tcg') return choice;
+  throw new CocoonError('invalid_config', `COCOON_ACCEL must be auto, kvm or tcg, got ${JSON.stringify(value)}`);
+}
 
 export interface CocoonConfig {
   dataDir: string;

@@ -15,11 +15,7 @@ import type { Accelerator, AcceleratorChoice, GuestKernel } from './types.ts';
 const PROBE_TIMEOUT_MS = 5000;
 let probed: Promise<Accelerator> | undefined;
 
-export function parseAcceleratorChoice(value: string | undefined): AcceleratorChoice {
-  const choice = (value ?? 'auto').toLowerCase();
-  if (choice === 'auto' || choice === 'kvm' || choice === 'tcg') return choice;
-  throw new CocoonError('invalid_config', `COCOON_ACCEL must be auto, kvm or tcg, got ${JSON.stringify(value)}`);
-}
+export { parseAcceleratorChoice } from '../config/config.ts';
 
 /** Resolves the configured choice to the accelerator VMs will use; logs the decision once. */
 export async function chooseAccelerator(choice: AcceleratorChoice, guest: GuestKernel): Promise<Accelerator> {

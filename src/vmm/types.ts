@@ -4,7 +4,8 @@
  */
 
 export type Accelerator = 'tcg' | 'kvm';
-export type AcceleratorChoice = Accelerator | 'auto';
+/** The configured choice (COCOON_ACCEL), parsed by the configuration. */
+export type { AcceleratorChoice } from '../config/config.ts';
 
 /** Platform limits (DESIGN.md): a request outside them is refused with `invalid_resources`. */
 export const LIMITS = {

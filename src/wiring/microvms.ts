@@ -15,8 +15,8 @@ import { createGateway, type Gateway, type GatewayOptions } from '../gateway/gat
 import type { GatewaySurface } from '../gateway/surfaces.ts';
 import { createTokenVerifier } from '../gateway/tokens.ts';
 import type { ServerModule } from '../server.ts';
-import { LifecycleEngine, type LifecycleOptions } from './engine.ts';
-import { recoverMicrovms, type RecoveryReport } from './recovery.ts';
+import { LifecycleEngine, type LifecycleOptions } from '../lifecycle/engine.ts';
+import { recoverMicrovms, type RecoveryReport } from '../lifecycle/recovery.ts';
 
 export interface MicrovmModuleOptions {
   /** Gateway settings (limits, wake timeout…); directory, tokens and domain come from the platform. */
