@@ -7,9 +7,7 @@ import { createHash } from 'node:crypto';
 import type { FastifyInstance, FastifyRequest } from 'fastify';
 import { Type, type Static } from 'typebox';
 import { CocoonError } from '../../common/errors.ts';
-import type { LifecycleEngine } from '../../lifecycle/engine.ts';
-import { MAX_FORKS, checkpointMicrovm, forkMicrovm } from '../../lifecycle/fork.ts';
-import { readLogTail } from '../../lifecycle/storage.ts';
+import { MAX_FORKS, type MicrovmService } from '../../lifecycle/service.ts';
 import { IMAGE_NAME } from '../../store/images.ts';
 import { ImageSchema, imageView } from './images.ts';
 import { findTenantImage } from '../../store/images.ts';
@@ -27,7 +25,8 @@ import type { ApiContext } from '../app.ts';
 import { ErrorSchema, PageQuery } from '../schemas.ts';
 
 export interface MicrovmRouteServices {
-  engine: () => LifecycleEngine;
+  /** The lifecycle's operations (a function: the service exists once the server started). */
+  microvms: () => MicrovmService;
   urlFor: (microvmId: string) => string;
 }
 
@@ -218,7 +217,7 @@ export function microvmRoutes(app: FastifyInstance, { db, config }: ApiContext, 
         clientToken: body.clientToken ?? null,
         clientRequestHash,
       });
-      if (created) await services.engine().launch(microvm);
+      if (created) await services.microvms().launch(microvm);
       let token: { token: Token; secret: string } | undefined;
       try {
         token = await createToken(db, { microvmId: microvm.id, tenantId: request.tenant.id });
@@ -278,7 +277,7 @@ export function microvmRoutes(app: FastifyInstance, { db, config }: ApiContext, 
     },
     async (request) => {
       const microvm = await find(request, request.params.id);
-      await withDeadline(services.engine().suspend(microvm.id), OPERATION_WAIT_MS);
+      await withDeadline(services.microvms().suspend(microvm.id), OPERATION_WAIT_MS);
       return view(await find(request, microvm.id));
     },
   );
@@ -294,7 +293,7 @@ export function microvmRoutes(app: FastifyInstance, { db, config }: ApiContext, 
     },
     async (request) => {
       const microvm = await find(request, request.params.id);
-      await withDeadline(services.engine().resume(microvm.id), OPERATION_WAIT_MS);
+      await withDeadline(services.microvms().resume(microvm.id), OPERATION_WAIT_MS);
       return view(await find(request, microvm.id));
     },
   );
@@ -323,7 +322,7 @@ export function microvmRoutes(app: FastifyInstance, { db, config }: ApiContext, 
     async (request, reply) => {
       const microvm = await find(request, request.params.id);
       const body = request.body;
-      const { forks, pausedMs } = await forkMicrovm(services.engine(), db, config.region, microvm, {
+      const { forks, pausedMs } = await services.microvms().fork(microvm, {
         count: body.count ?? 1,
         ...(body.idlePolicy
           ? {
@@ -364,7 +363,7 @@ export function microvmRoutes(app: FastifyInstance, { db, config }: ApiContext, 
     },
     async (request, reply) => {
       const microvm = await find(request, request.params.id);
-      const { image } = await checkpointMicrovm(services.engine(), db, config.region, microvm, request.body.name);
+      const { image } = await services.microvms().checkpoint(microvm, request.body.name);
       return reply.status(202).send(imageView(image));
     },
   );
@@ -374,7 +373,7 @@ export function microvmRoutes(app: FastifyInstance, { db, config }: ApiContext, 
     { schema: { summary: 'Terminate: the VM and its files are removed, the gateway answers 410', params: IdParams, response: { 204: Type.Null(), ...errors } } },
     async (request, reply) => {
       const microvm = await find(request, request.params.id);
-      await withDeadline(services.engine().terminate(microvm.id), OPERATION_WAIT_MS);
+      await withDeadline(services.microvms().terminate(microvm.id), OPERATION_WAIT_MS);
       return reply.status(204).send();
     },
   );
@@ -393,7 +392,7 @@ export function microvmRoutes(app: FastifyInstance, { db, config }: ApiContext, 
     },
     async (request, reply) => {
       const microvm = await find(request, request.params.id);
-      return reply.type('text/plain; charset=utf-8').send(await readLogTail(services.engine().dataDir, microvm.id));
+      return reply.type('text/plain; charset=utf-8').send(await services.microvms().logTail(microvm.id));
     },
   );
 
