@@ -3,7 +3,8 @@
 # Debian packages (QEMU, buildah, the guest build toolchain), npm packages (which bring the
 # Node 24 that Cocoon runs on, whatever the machine's Node is), the guest kernel and
 # cocoon-init, the host's sparse-file helper, the system user QEMU runs as (when root), and
-# the builder's offline base images.
+# the builder's offline base images, and the AWS clients of the compatibility tests (a Python
+# venv with boto3, the AWS CLI and its lambda-microvms model: scripts/setup-aws-clients.sh).
 #
 #   bash scripts/setup.sh            # everything
 #   COCOON_SKIP_BASE_IMAGES=1 ...    # not the base images (they take ~25 s once per machine)
@@ -79,6 +80,7 @@ if [ "$(id -u)" = 0 ] && ! getent passwd cocoon-qemu >/dev/null; then
   say "creating the system user cocoon-qemu (QEMU's group)"
   useradd --system --user-group --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin cocoon-qemu
 fi
+bash scripts/setup-aws-clients.sh
 if [ -z "${COCOON_SKIP_BASE_IMAGES:-}" ]; then
   node_modules/.bin/node --disable-warning=ExperimentalWarning src/builder/setup.ts >&2
 fi

@@ -247,7 +247,7 @@ export function registerMicrovmCommands(program: Command): void {
         const items = await client.tokens.list(id!);
         cli.result({ items }, () => items.length === 0 ? 'No tokens.' : table(
           ['ID', 'PORTS', 'EXPIRES', 'STATUS'],
-          items.map((t) => [t.id, t.allowedPorts?.join(',') ?? 'all', relative(t.expiresAt), t.revokedAt ? 'revoked' : Date.parse(t.expiresAt) < Date.now() ? 'expired' : 'active']),
+          items.map((t) => [t.id, portsText(t.allowedPorts), relative(t.expiresAt), t.revokedAt ? 'revoked' : Date.parse(t.expiresAt) < Date.now() ? 'expired' : 'active']),
         ));
         return;
       }
@@ -265,7 +265,7 @@ export function registerMicrovmCommands(program: Command): void {
       if (options.port?.length) input.allowedPorts = options.port;
       const issued = await client.tokens.create(id!, input);
       cli.result(issued, () => {
-        const lines = [issued.token, `(token ${issued.id}; expires ${relative(issued.expiresAt)}; ports ${issued.allowedPorts?.join(',') ?? 'all'})`];
+        const lines = [issued.token, `(token ${issued.id}; expires ${relative(issued.expiresAt)}; ports ${portsText(issued.allowedPorts)})`];
         return lines;
       });
     }));
@@ -327,4 +327,9 @@ export function registerMicrovmCommands(program: Command): void {
 
   registerExecCommands(vm);
   registerCopyCommand(vm);
+}
+
+/** A token's ports for humans: "8080,9000-9010", or "all". */
+function portsText(ports: ReadonlyArray<number | { from: number; to: number }> | null | undefined): string {
+  return ports?.map((p) => (typeof p === 'number' ? String(p) : `${p.from}-${p.to}`)).join(',') ?? 'all';
 }

@@ -28,7 +28,7 @@ import { clientAddress, upstreamRequestHeaders } from './headers.ts';
 import { isShellPath, subprotocolToken, type ShellHandler } from './shell.ts';
 import type { GatewaySurface } from './surfaces.ts';
 import { DEFAULT_GATEWAY_DOMAIN, normalizeDomain, parsePortHeader, resolveMicroVM } from './routing.ts';
-import { isPromiseLike, type MicroVMDirectory, type MicroVMRoute, type TokenFailureReason, type TokenVerification, type TokenVerifier } from './types.ts';
+import { isPromiseLike, portIsAllowed, type MicroVMDirectory, type MicroVMRoute, type TokenFailureReason, type TokenVerification, type TokenVerifier } from './types.ts';
 import { NodeUpstreamClient, UndiciUpstreamClient, UpstreamFailure, type UpstreamClient } from './upstream.ts';
 import { WakeCoalescer } from './wake.ts';
 import { proxyWebSocket, rawResponse } from './websocket.ts';
@@ -278,7 +278,7 @@ export function createGateway(options: GatewayOptions): Gateway {
     // A port named by the host (`<port>-<id>.<domain>`, E2B's getHost) unless the header names one.
     const requestedPort = headerPort ?? resolved.hostPort;
     const allowed = verification.allowedPorts;
-    if (requestedPort !== undefined && allowed !== 'all' && !allowed.includes(requestedPort)) {
+    if (requestedPort !== undefined && !portIsAllowed(allowed, requestedPort)) {
       return reject(403, 'port_not_allowed', `the token does not allow port ${requestedPort}`);
     }
 
@@ -289,7 +289,7 @@ export function createGateway(options: GatewayOptions): Gateway {
       return reject(409, 'no_app_port', `microVM ${microvmId} has no app port (its image was made with "port": null): use exec, or name a port with X-Cocoon-Port`);
     }
     const guestPort = requestedPort ?? route.appPort;
-    if (allowed !== 'all' && !allowed.includes(guestPort)) {
+    if (!portIsAllowed(allowed, guestPort)) {
       return reject(403, 'port_not_allowed', `the token does not allow port ${guestPort}`);
     }
     switch (route.state) {

@@ -26,7 +26,8 @@ export function createTokenVerifier(db: Db, options: TokenVerifierOptions = {}):
       return findTokenBySecret(db, presented).then((token): TokenVerification => {
         if (token === undefined) return { ok: false, reason: 'unknown' };
         // The port is checked by the gateway (it knows the image's default port); any port here.
-        const verdict = checkToken(token, { microvmId, port: token.allowedPorts?.[0] ?? 1, now: new Date(now()) });
+        const first = token.allowedPorts?.[0];
+        const verdict = checkToken(token, { microvmId, port: first === undefined ? 1 : typeof first === 'number' ? first : first.from, now: new Date(now()) });
         switch (verdict) {
           case 'revoked':
             return { ok: false, reason: 'revoked' };
@@ -38,7 +39,7 @@ export function createTokenVerifier(db: Db, options: TokenVerifierOptions = {}):
             return {
               ok: true,
               tokenId: token.id,
-              allowedPorts: token.allowedPorts === null ? 'all' : Object.freeze([...token.allowedPorts]),
+              allowedPorts: token.allowedPorts === null ? 'all' : Object.freeze(token.allowedPorts.map((p) => (typeof p === 'number' ? p : Object.freeze({ ...p })))),
               expiresAt: new Date(token.expiresAt),
               scope: token.scope,
             };

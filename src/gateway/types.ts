@@ -15,8 +15,18 @@ export function isPromiseLike<T>(v: MaybePromise<T>): v is Promise<T> {
   return typeof (v as { then?: unknown } | null)?.then === 'function';
 }
 
-/** Ports a token opens: a list of guest ports, or every port of its microVM. */
-export type AllowedPorts = readonly number[] | 'all';
+/** One entry of a token's ports: a guest port, or an inclusive range of them. */
+export type AllowedPort = number | { readonly from: number; readonly to: number };
+
+/** Ports a token opens: a list of guest ports and ranges, or every port of its microVM. */
+export type AllowedPorts = readonly AllowedPort[] | 'all';
+
+/** Whether a token's ports include `port`. */
+export function portIsAllowed(allowed: AllowedPorts, port: number): boolean {
+  if (allowed === 'all') return true;
+  for (const p of allowed) if (typeof p === 'number' ? p === port : p.from <= port && port <= p.to) return true;
+  return false;
+}
 
 /** Why a presented token was refused. */
 export type TokenFailureReason =

@@ -14,7 +14,7 @@ import { findBundle } from '../store/bundles.ts';
 import {
   createImage, deleteImage, getImage, listImagesInStates, setImageBuildLogPath, transitionImage,
   type DeleteImageResult, type Image, type ImageState,
-  type HookName,
+  type HookName, type HttpHookName, type HttpHooks, HOOK_NAMES, HTTP_BUILD_HOOK_NAMES,
 } from '../store/images.ts';
 import type { Db } from '../store/sql.ts';
 import { chooseAccelerator } from '../vmm/accel.ts';
@@ -76,6 +76,27 @@ export interface CreateImageInput {
   readiness?: { httpPath?: string | undefined; timeoutSeconds?: number | undefined } | undefined;
   networkEgress?: boolean | undefined;
   hooks?: Partial<Record<HookName, { command: string; timeoutSeconds?: number | undefined }>> | undefined;
+  /** AWS-style HTTP hooks: a present key enables that hook (timeouts default as below). */
+  httpHooks?: HttpHooksInput | undefined;
+}
+
+/** HTTP hooks as a request gives them: a port and the enabled hooks, each with an optional timeout. */
+export type HttpHooksInput = { port: number } & Partial<Record<HttpHookName, { timeoutSeconds?: number | undefined }>>;
+
+/** An HTTP build hook's (ready, validate) timeout when the request names none. */
+export const DEFAULT_HTTP_BUILD_HOOK_TIMEOUT_SECONDS = 300;
+
+/** The stored form: every enabled hook with its timeout. */
+export function normalizeHttpHooks(input: HttpHooksInput | undefined): HttpHooks | null {
+  if (input === undefined) return null;
+  const out: HttpHooks = { port: input.port };
+  for (const name of [...HTTP_BUILD_HOOK_NAMES, ...HOOK_NAMES]) {
+    const hook = input[name];
+    if (hook === undefined) continue;
+    const fallback = (HTTP_BUILD_HOOK_NAMES as readonly string[]).includes(name) ? DEFAULT_HTTP_BUILD_HOOK_TIMEOUT_SECONDS : DEFAULT_HOOK_TIMEOUT_SECONDS;
+    out[name] = { timeoutSeconds: hook?.timeoutSeconds ?? fallback };
+  }
+  return out;
 }
 
 /** A hook's timeout when the request names none. */
@@ -192,6 +213,7 @@ export class ImageService implements ImageOperations {
             { command: hook.command, timeoutSeconds: hook.timeoutSeconds ?? DEFAULT_HOOK_TIMEOUT_SECONDS },
           ]),
         ),
+        httpHooks: normalizeHttpHooks(input.httpHooks),
       });
       const logPath = imageBuildPaths(this.dataDir, created.id).log;
       await setImageBuildLogPath(tx, created.id, logPath);

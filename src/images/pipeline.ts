@@ -27,6 +27,7 @@ import type { ObjectStore } from '../objectstore/object-store.ts';
 import { S3ObjectStore } from '../objectstore/s3.ts';
 import { getImage, transitionImage, type Image, type ImageState } from '../store/images.ts';
 import type { Db } from '../store/sql.ts';
+import { callHttpHook, describeHttpHookOutcome, httpHookPath } from '../guest/http-hooks.ts';
 import { QemuVm } from '../vmm/qemu.ts';
 import type { Accelerator } from '../vmm/types.ts';
 import { BuildLog, FileFollower } from './build-log.ts';
@@ -208,7 +209,7 @@ export async function runImageBuild(ctx: PipelineContext, imageId: string, build
       accel,
       guest,
       disk: { path: built.diskPath, format: 'raw' },
-      network: { egress: image.networkEgress, forwards: image.hasAppPort ? [{ guestPort: port }] : [] },
+      network: { egress: image.networkEgress, forwards: buildForwards(image, port) },
       signal,
       bootTimeoutMs: ctx.bootTimeoutMs ?? 120_000,
     });
@@ -221,6 +222,9 @@ export async function runImageBuild(ctx: PipelineContext, imageId: string, build
     await waitUntilReady(vm, image, port, signal);
     timings.readyMs = ms(t);
     buildLog.say(`the app is ready (${timings.readyMs} ms)`);
+
+    // 4b. AWS-style HTTP hooks of the build: ready, then validate (each until it answers 200).
+    await runBuildHttpHooks(vm, image, buildLog, signal);
 
     // 5. Snapshot.
     await move('BOOTING', 'SNAPSHOTTING');
@@ -265,6 +269,49 @@ export async function runImageBuild(ctx: PipelineContext, imageId: string, build
   } finally {
     if (!cleaned) await cleanup();
     buildLog.close();
+  }
+}
+
+/** The guest ports a build VM forwards: the app port and the HTTP hooks port (a snapshot keeps them). */
+function buildForwards(image: Image, port: number): { guestPort: number }[] {
+  const ports = new Set<number>();
+  if (image.hasAppPort) ports.add(port);
+  if (image.httpHooks) ports.add(image.httpHooks.port);
+  return [...ports].map((guestPort) => ({ guestPort }));
+}
+
+/**
+ * The image's `ready` and `validate` HTTP hooks, in that order, after the app is ready and
+ * before the snapshot: each is asked until it answers 200 (a 503 or no listener yet: again,
+ * until its timeout); anything else fails the build with `http_hook_failed`.
+ */
+async function runBuildHttpHooks(vm: QemuVm, image: Image, buildLog: BuildLog, signal: AbortSignal): Promise<void> {
+  const hooks = image.httpHooks;
+  if (!hooks) return;
+  for (const name of ['ready', 'validate'] as const) {
+    const hook = hooks[name];
+    if (!hook) continue;
+    buildLog.say(`HTTP hook ${name}: POST ${httpHookPath(name)} on port ${hooks.port} (up to ${hook.timeoutSeconds} s)`);
+    const outcome = await callHttpHook({
+      hostPort: vm.hostPort(hooks.port),
+      name,
+      timeoutMs: hook.timeoutSeconds * 1000,
+      retryUnavailable: true,
+      signal,
+    });
+    if (signal.aborted) throw signal.reason;
+    buildLog.say(describeHttpHookOutcome(name, outcome, hook.timeoutSeconds));
+    if (!outcome.ok) {
+      const what = outcome.reason === 'timeout'
+        ? `did not answer 200 within ${hook.timeoutSeconds} s (last: ${outcome.last}; 503 means "not yet", anything else fails at once)`
+        : `answered ${outcome.last} (200 = done, 503 = not yet)`;
+      throw new CocoonError(
+        'http_hook_failed',
+        `the ${name} hook (POST ${httpHookPath(name)} on port ${hooks.port} in the guest) ${what}. ` +
+          `Last lines of the serial console:\n${vm.serialTail(20) || '(empty)'}`,
+        { status: 422, details: { imageId: image.id, hook: name } },
+      );
+    }
   }
 }
 

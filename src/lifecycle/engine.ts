@@ -20,9 +20,12 @@ import { CocoonError, errorMessage, isCocoonError } from '../common/errors.ts';
 import { log as rootLog, type Logger } from '../common/log.ts';
 import type { MicroVMDirectory, MicroVMRoute } from '../gateway/types.ts';
 import { appendEvent } from '../store/events.ts';
-import { getImage, type ImageHooks, type HookName } from '../store/images.ts';
+import { callHttpHook, describeHttpHookOutcome } from '../guest/http-hooks.ts';
+import { getImage, type ImageHooks, type HookName, type HttpHooks } from '../store/images.ts';
 import {
+  clearRunHookPayload,
   getMicrovm,
+  getRunHookPayload,
   touchMicrovmActivity,
   setMicrovmRuntimeIf,
   type Microvm,
@@ -96,6 +99,8 @@ interface Instance {
   readonly expiresAt: number;
   readonly egress: boolean;
   readonly hooks: ImageHooks;
+  /** The image's AWS-style HTTP hooks (null: none). */
+  readonly httpHooks: HttpHooks | null;
   runtime: Runtime;
   suspendedAt: number;
   vm: QemuVm | undefined;
@@ -162,6 +167,7 @@ export class LifecycleEngine implements MicroVMDirectory {
       expiresAt: Date.parse(microvm.expiresAt),
       egress: microvm.networkEgress,
       hooks: image?.hooks ?? {},
+      httpHooks: image?.httpHooks ?? null,
       runtime: parseRuntime(microvm.runtime),
       suspendedAt: microvm.suspendedAt ? Date.parse(microvm.suspendedAt) : Date.now(),
       vm: undefined,
@@ -238,9 +244,10 @@ export class LifecycleEngine implements MicroVMDirectory {
 
   // ---- operations ----------------------------------------------------------------------------
 
-  async #forwards(snapshotDir: string, appPort: number | undefined): Promise<{ guestPort: number }[]> {
+  async #forwards(snapshotDir: string, appPort: number | undefined, hooksPort: number | undefined): Promise<{ guestPort: number }[]> {
     const manifest = await readSnapshotManifest(snapshotDir);
-    return [...new Set([...(appPort === undefined ? [] : [appPort]), ...manifest.guestPorts])].map((guestPort) => ({ guestPort }));
+    const ports = [...(appPort === undefined ? [] : [appPort]), ...(hooksPort === undefined ? [] : [hooksPort]), ...manifest.guestPorts];
+    return [...new Set(ports)].map((guestPort) => ({ guestPort }));
   }
 
   async #restore(instance: Instance, snapshotDir: string, verifyData: boolean | 'if-present' = true): Promise<QemuVm> {
@@ -249,7 +256,10 @@ export class LifecycleEngine implements MicroVMDirectory {
       runDir: runDir(this.dataDir, instance.id),
       snapshotDir,
       verifyData,
-      network: { forwards: await this.#forwards(snapshotDir, instance.hasAppPort ? instance.appPort : undefined), egress: instance.egress },
+      network: {
+        forwards: await this.#forwards(snapshotDir, instance.hasAppPort ? instance.appPort : undefined, instance.httpHooks?.port),
+        egress: instance.egress,
+      },
     };
     let vm: QemuVm;
     try {
@@ -301,6 +311,7 @@ export class LifecycleEngine implements MicroVMDirectory {
     }
     await killQemuProcesses(runDir(this.dataDir, instance.id));
     await this.#transition(instance, 'fail', { error: reason.slice(0, 2000) });
+    await clearRunHookPayload(this.db, instance.id);
     await clearRunFiles(this.dataDir, instance.id);
     this.#log.warn({ microvm: instance.id, reason }, 'microVM failed');
   }
@@ -494,12 +505,14 @@ export class LifecycleEngine implements MicroVMDirectory {
     await killQemuProcesses(microvmDir(this.dataDir, instance.id));
     await fs.promises.rm(microvmDir(this.dataDir, instance.id), { recursive: true, force: true });
     await this.#transition(instance, 'terminated');
+    // A payload whose run hook was never sent (terminated while PENDING) is not kept either.
+    await clearRunHookPayload(this.db, instance.id);
     await this.#event(instance, 'terminated', reason);
     this.#instances.delete(instance.id);
     this.#log.info({ microvm: instance.id, reason }, 'microVM terminated');
   }
 
-  async #hook(instance: Instance, vm: QemuVm, name: HookName): Promise<void> {
+  async #commandHook(instance: Instance, vm: QemuVm, name: HookName): Promise<void> {
     const hook = instance.hooks[name];
     if (!hook) return;
     const started = performance.now();
@@ -513,6 +526,39 @@ export class LifecycleEngine implements MicroVMDirectory {
     const line = status === 'timeout' ? `hook ${name} timed out after ${hook.timeoutSeconds} s` : `hook ${name} ended: ${status} after ${ms} ms`;
     await appendLog(this.dataDir, instance.id, line);
     await this.#event(instance, 'hook', line, { hook: name, status, ms });
+  }
+
+  /** A lifecycle point: the image's command hook, then its HTTP hook (each within its timeout). */
+  async #hook(instance: Instance, vm: QemuVm, name: HookName): Promise<void> {
+    await this.#commandHook(instance, vm, name);
+    await this.#httpHook(instance, vm, name);
+  }
+
+  /**
+   * POST /aws/lambda-microvms/runtime/v1/<name> to the image's hooks port, within its timeout;
+   * /run carries the launch's runHookPayload (read from the store, dropped once sent; never
+   * logged). An answer other than 200, or none, is recorded; the operation goes on.
+   */
+  async #httpHook(instance: Instance, vm: QemuVm, name: HookName): Promise<void> {
+    const hooks = instance.httpHooks;
+    const hook = hooks?.[name];
+    if (!hooks || !hook) return;
+    let hostPort: number;
+    try {
+      hostPort = vm.hostPort(hooks.port);
+    } catch (error) {
+      const line = `HTTP hook ${name} not sent: ${errorMessage(error)}`;
+      await appendLog(this.dataDir, instance.id, line);
+      await this.#event(instance, 'hook', line, { hook: name, kind: 'http', status: 'not_sent' });
+      return;
+    }
+    const body = name === 'run' ? await getRunHookPayload(this.db, instance.id) : undefined;
+    const outcome = await callHttpHook({ hostPort, name, timeoutMs: hook.timeoutSeconds * 1000, body, retryUnavailable: false });
+    if (name === 'run') await clearRunHookPayload(this.db, instance.id);
+    const line = describeHttpHookOutcome(name, outcome, hook.timeoutSeconds);
+    const status = outcome.ok ? 200 : outcome.reason === 'status' ? outcome.status : outcome.reason;
+    await appendLog(this.dataDir, instance.id, line);
+    await this.#event(instance, 'hook', line, { hook: name, kind: 'http', status, ms: outcome.ms });
   }
 
   // ---- timers --------------------------------------------------------------------------------

@@ -26,6 +26,28 @@ export interface ImageHook {
 
 export type ImageHooks = Partial<Record<HookName, ImageHook>>;
 
+/**
+ * AWS Lambda MicroVMs' HTTP hooks: Cocoon POSTs `/aws/lambda-microvms/runtime/v1/<name>` to
+ * `port` inside the guest (src/guest/http-hooks.ts). `ready` and `validate` run during the image
+ * build (before the snapshot); the others at the same points as the command hooks above. A
+ * present key = the hook is enabled.
+ */
+export const HTTP_BUILD_HOOK_NAMES = ['ready', 'validate'] as const;
+export type HttpBuildHookName = (typeof HTTP_BUILD_HOOK_NAMES)[number];
+export type HttpHookName = HttpBuildHookName | HookName;
+export const MAX_HTTP_BUILD_HOOK_TIMEOUT_SECONDS = 3600;
+
+export interface HttpHooks {
+  /** The guest port the hooks listener answers on (forwarded like the app port). */
+  port: number;
+  ready?: { timeoutSeconds: number };
+  validate?: { timeoutSeconds: number };
+  run?: { timeoutSeconds: number };
+  resume?: { timeoutSeconds: number };
+  suspend?: { timeoutSeconds: number };
+  terminate?: { timeoutSeconds: number };
+}
+
 export interface Readiness {
   /** Path of an HTTP GET that must answer 2xx; null: any complete HTTP answer on the port. */
   httpPath: string | null;
@@ -54,6 +76,8 @@ export interface Image {
   networkEgress: boolean;
   /** Guest hooks by name ({} when the image defines none). */
   hooks: ImageHooks;
+  /** AWS-style HTTP hooks (null when the image has none). */
+  httpHooks: HttpHooks | null;
   buildLogPath: string | null;
   /** Where the builder put what it made (root disk, snapshot…): object keys or paths by name. */
   artifacts: Record<string, string>;
@@ -78,6 +102,8 @@ export interface NewImage {
   networkEgress?: boolean;
   /** Optional guest hooks (commands ≤ 4000 characters without newlines, timeouts 1–60 s). */
   hooks?: ImageHooks;
+  /** Optional AWS-style HTTP hooks (timeouts filled in: build hooks 1–3600 s, the others 1–60 s). */
+  httpHooks?: HttpHooks | null;
   now?: Date;
 }
 
@@ -99,6 +125,7 @@ interface ImageRow {
   readiness_timeout_seconds: number;
   network_egress: number;
   hooks: string;
+  http_hooks?: string | null;
   has_app_port?: number;
   build_log_path: string | null;
   artifacts: string;
@@ -125,6 +152,7 @@ function toImage(row: ImageRow): Image {
     readiness: { httpPath: row.readiness_http_path, timeoutSeconds: row.readiness_timeout_seconds },
     networkEgress: bool(row.network_egress),
     hooks: jsonObject(row.hooks) as ImageHooks,
+    httpHooks: row.http_hooks ? (jsonObject(row.http_hooks) as unknown as HttpHooks) : null,
     buildLogPath: row.build_log_path,
     artifacts: jsonObject(row.artifacts) as Record<string, string>,
     createdAt: row.created_at,
@@ -156,6 +184,24 @@ function checkNewImage(input: NewImage): void {
     throw invalid('readiness.httpPath must start with "/" and hold only visible ASCII characters');
   }
   checkHooks(input.hooks);
+  checkHttpHooks(input.httpHooks);
+}
+
+export function checkHttpHooks(hooks: unknown): void {
+  if (hooks === undefined || hooks === null) return;
+  if (typeof hooks !== 'object' || Array.isArray(hooks)) throw invalid('httpHooks must be an object');
+  const names: readonly string[] = [...HTTP_BUILD_HOOK_NAMES, ...HOOK_NAMES];
+  for (const [name, hook] of Object.entries(hooks)) {
+    if (name === 'port') {
+      checkInt(hook, 1, 65535, 'httpHooks.port');
+      continue;
+    }
+    if (!names.includes(name)) throw invalid(`unknown HTTP hook '${name}'; HTTP hooks are ${names.join(', ')} (and port)`);
+    if (typeof hook !== 'object' || hook === null) throw invalid(`httpHooks.${name} must be an object`);
+    const max = (HTTP_BUILD_HOOK_NAMES as readonly string[]).includes(name) ? MAX_HTTP_BUILD_HOOK_TIMEOUT_SECONDS : MAX_HOOK_TIMEOUT_SECONDS;
+    checkInt((hook as { timeoutSeconds?: unknown }).timeoutSeconds, 1, max, `httpHooks.${name}.timeoutSeconds`);
+  }
+  if ((hooks as { port?: unknown }).port === undefined) throw invalid('httpHooks.port is required: the guest port the hooks listener answers on');
 }
 
 export function checkHooks(hooks: unknown): void {
@@ -206,6 +252,7 @@ export async function createImage(db: Db, input: NewImage): Promise<Image> {
       readiness_timeout_seconds: input.readiness.timeoutSeconds,
       network_egress: input.networkEgress ? 1 : 0,
       hooks: JSON.stringify(input.hooks ?? {}),
+      ...(input.httpHooks ? { http_hooks: JSON.stringify(input.httpHooks) } : {}),
       has_app_port: input.hasAppPort === false ? 0 : 1,
       build_log_path: null,
       artifacts: '{}',

@@ -64,8 +64,16 @@ export interface NewMicrovm {
    * digest is refused (`idempotency_conflict`) instead of silently returning the first result.
    */
   clientRequestHash?: string | null;
+  /**
+   * The body of the image's HTTP run hook (AWS's runHookPayload): at most 4096 bytes of UTF-8.
+   * Sensitive: kept only until the run hook was sent, never logged, never in a view.
+   */
+  runHookPayload?: string | null;
   now?: Date;
 }
+
+/** AWS's limit on RunMicrovm's runHookPayload, bytes. */
+export const MAX_RUN_HOOK_PAYLOAD_BYTES = 4096;
 
 interface MicrovmRow {
   id: string;
@@ -87,6 +95,7 @@ interface MicrovmRow {
   network_egress: number;
   client_token: string | null;
   client_request_hash: string | null;
+  run_hook_payload?: string | null;
   runtime: string;
   created_at: string;
   updated_at: string;
@@ -146,6 +155,10 @@ function checkNewMicrovm(input: NewMicrovm): void {
   const token = input.clientToken;
   if (token != null && (typeof token !== 'string' || !/^[\x21-\x7e]{1,64}$/.test(token))) {
     throw invalid('clientToken must be 1–64 visible ASCII characters');
+  }
+  const payload = input.runHookPayload;
+  if (payload != null && (typeof payload !== 'string' || Buffer.byteLength(payload, 'utf8') > MAX_RUN_HOOK_PAYLOAD_BYTES)) {
+    throw invalid(`runHookPayload must be a string of at most ${MAX_RUN_HOOK_PAYLOAD_BYTES} bytes`);
   }
 }
 
@@ -209,6 +222,7 @@ export async function createMicrovm(db: Db, input: NewMicrovm): Promise<{ microv
       network_egress: (input.networkEgress ?? bool(image.network_egress)) ? 1 : 0,
       client_token: input.clientToken ?? null,
       client_request_hash: input.clientRequestHash ?? null,
+      ...(input.runHookPayload != null ? { run_hook_payload: input.runHookPayload } : {}),
       runtime: '{}',
       created_at: iso(now),
       updated_at: iso(now),
@@ -227,6 +241,19 @@ export async function createMicrovm(db: Db, input: NewMicrovm): Promise<{ microv
     });
     return { microvm: toMicrovm(row), created: true };
   });
+}
+
+/**
+ * The run hook's body kept for a microVM (undefined: none). Read by the lifecycle right before
+ * it sends POST /run; `clearRunHookPayload` drops it once sent.
+ */
+export async function getRunHookPayload(db: Db, id: string): Promise<string | undefined> {
+  const row = await db.get<{ run_hook_payload: string | null }>('SELECT run_hook_payload FROM microvms WHERE id = ?', [id]);
+  return row?.run_hook_payload ?? undefined;
+}
+
+export async function clearRunHookPayload(db: Db, id: string): Promise<void> {
+  await db.run('UPDATE microvms SET run_hook_payload = NULL WHERE id = ? AND run_hook_payload IS NOT NULL', [id]);
 }
 
 /** Any tenant's microVM by id (gateway, lifecycle). */

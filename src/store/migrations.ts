@@ -201,6 +201,15 @@ export const MIGRATIONS: readonly Migration[] = [
     // step: those cannot sign AWS requests (the API says to make a new key).
     sql: `ALTER TABLE api_keys ADD COLUMN sealed_secret TEXT;`,
   },
+  {
+    version: 6,
+    name: 'aws http hooks',
+    // http_hooks: an image's AWS-style HTTP hooks, JSON {"port", "<name>": {"timeoutSeconds"}}; NULL: none.
+    // run_hook_payload: the body of a microVM's POST /run (RunMicrovm's runHookPayload, sensitive),
+    // kept until the run hook was sent (a launch interrupted by a crash sends it again), then NULL.
+    sql: `ALTER TABLE images ADD COLUMN http_hooks TEXT;
+          ALTER TABLE microvms ADD COLUMN run_hook_payload TEXT;`,
+  },
 ];
 
 export interface MigrationReport {

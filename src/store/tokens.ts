@@ -46,13 +46,51 @@ function newTokenSecret(id: string): string {
 export type TokenScope = 'http' | 'shell';
 export const TOKEN_SCOPES: readonly TokenScope[] = ['http', 'shell'];
 
+/** One entry of a token's allowed ports: a port, or an inclusive range of ports (AWS's PortRange). */
+export type PortSpec = number | { from: number; to: number };
+
+/** Whether `port` is among `allowed` (null: every port). */
+export function portAllowed(allowed: readonly PortSpec[] | null, port: number): boolean {
+  if (allowed === null) return true;
+  for (const spec of allowed) {
+    if (typeof spec === 'number' ? spec === port : spec.from <= port && port <= spec.to) return true;
+  }
+  return false;
+}
+
+/** Validates and normalizes a request's allowed ports: sorted, duplicates dropped. */
+export function normalizePortSpecs(specs: unknown): PortSpec[] {
+  if (!Array.isArray(specs) || specs.length === 0 || specs.length > 64) throw invalid('allowedPorts must be a list of 1 to 64 ports or port ranges');
+  const isPort = (n: unknown): n is number => Number.isInteger(n) && (n as number) >= 1 && (n as number) <= 65535;
+  const ports = new Set<number>();
+  const ranges = new Map<string, { from: number; to: number }>();
+  for (const spec of specs) {
+    if (typeof spec === 'number') {
+      if (!isPort(spec)) throw invalid(`allowedPorts: ${String(spec)} is not a port`);
+      ports.add(spec);
+    } else if (typeof spec === 'object' && spec !== null && !Array.isArray(spec)) {
+      const { from, to } = spec as { from?: unknown; to?: unknown };
+      if (!isPort(from) || !isPort(to) || from > to || Object.keys(spec).length !== 2) {
+        throw invalid('allowedPorts: a range is {"from": port, "to": port} with from ≤ to');
+      }
+      ranges.set(`${from}-${to}`, { from, to });
+    } else {
+      throw invalid(`allowedPorts: ${JSON.stringify(spec)} is neither a port nor a range`);
+    }
+  }
+  return [
+    ...[...ports].sort((a, b) => a - b),
+    ...[...ranges.values()].sort((a, b) => a.from - b.from || a.to - b.to),
+  ];
+}
+
 export interface Token {
   id: string;
   scope: TokenScope;
   microvmId: string;
   tenantId: string;
-  /** null: every port. */
-  allowedPorts: number[] | null;
+  /** null: every port; else ports and inclusive ranges of ports. */
+  allowedPorts: PortSpec[] | null;
   createdAt: string;
   expiresAt: string;
   revokedAt: string | null;
@@ -78,7 +116,7 @@ function toToken(row: TokenRow): Token {
     microvmId: row.microvm_id,
     tenantId: row.tenant_id,
     scope: row.scope === 'shell' ? 'shell' : 'http',
-    allowedPorts: row.allowed_ports === null ? null : (JSON.parse(row.allowed_ports) as number[]),
+    allowedPorts: row.allowed_ports === null ? null : (JSON.parse(row.allowed_ports) as PortSpec[]),
     createdAt: row.created_at,
     expiresAt: row.expires_at,
     revokedAt: row.revoked_at,
@@ -91,7 +129,8 @@ export interface NewToken {
   tenantId: string;
   /** 1–60 minutes (default 60). */
   expirationMinutes?: number;
-  allowedPorts?: number[] | null;
+  /** Ports and ranges of ports (1–64 entries); null or absent: every port (AWS's allPorts). */
+  allowedPorts?: PortSpec[] | null;
   /** Default 'http'. A shell token opens every port of nothing: allowedPorts is ignored. */
   scope?: TokenScope;
   now?: Date;
@@ -102,16 +141,7 @@ export async function createToken(db: Db, input: NewToken): Promise<{ token: Tok
   if (!Number.isInteger(minutes) || minutes < 1 || minutes > MAX_TOKEN_MINUTES) {
     throw invalid(`expirationMinutes must be an integer from 1 to ${MAX_TOKEN_MINUTES}`);
   }
-  let ports: number[] | null = null;
-  if (input.allowedPorts != null) {
-    if (!Array.isArray(input.allowedPorts) || input.allowedPorts.length === 0 || input.allowedPorts.length > 64) {
-      throw invalid('allowedPorts must be a list of 1 to 64 ports');
-    }
-    for (const port of input.allowedPorts) {
-      if (!Number.isInteger(port) || port < 1 || port > 65535) throw invalid(`allowedPorts: ${String(port)} is not a port`);
-    }
-    ports = [...new Set(input.allowedPorts)].sort((a, b) => a - b);
-  }
+  let ports: PortSpec[] | null = input.allowedPorts == null ? null : normalizePortSpecs(input.allowedPorts);
   const scope = input.scope ?? 'http';
   if (!TOKEN_SCOPES.includes(scope)) throw invalid(`scope must be one of ${TOKEN_SCOPES.join(', ')}`);
   if (scope === 'shell') ports = null;
@@ -173,7 +203,7 @@ export function checkToken(token: Token, request: { microvmId: string; port: num
   if (token.revokedAt !== null) return 'revoked';
   if (Date.parse(token.expiresAt) <= (request.now ?? new Date()).getTime()) return 'expired';
   if (token.microvmId !== request.microvmId) return 'wrong_microvm';
-  if (token.allowedPorts !== null && !token.allowedPorts.includes(request.port)) return 'port_not_allowed';
+  if (!portAllowed(token.allowedPorts, request.port)) return 'port_not_allowed';
   return 'ok';
 }
 

@@ -10,7 +10,15 @@
  *   POST /upload             consumes the body (Content-Length or chunked): "<bytes> <fnv1a-64 hex>"
  *   GET  /download?bytes=N   N bytes, byte i = i % 251
  *   GET  /sleep?ms=N         answers after N ms
- *   GET  /ws                 WebSocket echo (text and binary; ping → pong; close)
+ *   GET  /ws                 WebSocket echo (text and binary; ping → pong; close); picks the
+ *                            subprotocol "chat" when offered (else none)
+ *   POST /aws/lambda-microvms/runtime/v1/<hook>
+ *                            AWS-style HTTP hooks: appends "<hook> <body>" to /tmp/aws-hooks.log
+ *                            (body: at most 8 KiB, "\n" and "\\" escaped) and answers as the
+ *                            environment variable TESTAPP_HOOK_<HOOK> (upper case) says:
+ *                            "unavailable=N" 503 for the first N calls, "status=S" answer S,
+ *                            "sleep=MS" wait first; default 200
+ *   GET  /aws-hooks          /tmp/aws-hooks.log
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -124,7 +132,7 @@ static void log_request(const char *method, const char *target, char *head) {
   int any = 0;
   for (char *l = strstr(head, "\r\n"); l && n < (int)sizeof line - 80; l = strstr(l + 2, "\r\n")) {
     char *start = l + 2;
-    if (!strncasecmp(start, "x-cocoon-", 9) || !strncasecmp(start, "cookie:", 7)) {
+    if (!strncasecmp(start, "x-cocoon-", 9) || !strncasecmp(start, "x-aws-", 6) || !strncasecmp(start, "cookie:", 7)) {
       char *colon = strchr(start, ':');
       if (!colon) continue;
       n += snprintf(line + n, sizeof line - (size_t)n, " %.*s", (int)(colon - start), start);
@@ -145,8 +153,13 @@ static void log_request(const char *method, const char *target, char *head) {
 static uint64_t fnv = 0xcbf29ce484222325ULL;
 static uint64_t body_bytes;
 
+/* The first bytes of the current request's body (the hook route logs them). */
+#define BODY_KEEP 8192
+static char body_kept[BODY_KEEP];
+
 static void hash_bytes(const char *p, size_t n) {
   for (size_t i = 0; i < n; i++) {
+    if (body_bytes + i < BODY_KEEP) body_kept[body_bytes + i] = p[i];
     fnv ^= (unsigned char)p[i];
     fnv *= 0x100000001b3ULL;
   }
@@ -276,9 +289,17 @@ static void websocket(char *head) {
   snprintf(src, sizeof src, "%.*s258EAFA5-E914-47DA-95CA-C5AB0DC85B11", klen, key);
   sha1((unsigned char *)src, strlen(src), digest);
   base64(digest, 20, accept);
+  const char *protocols = header(head, "Sec-WebSocket-Protocol");
+  int chat = 0;
+  if (protocols) {
+    char list[1024];
+    snprintf(list, sizeof list, "%.*s", (int)header_value_len(protocols), protocols);
+    for (char *t = strtok(list, ", "); t; t = strtok(NULL, ", ")) chat |= !strcmp(t, "chat");
+  }
   char answer[256];
   int n = snprintf(answer, sizeof answer,
-                   "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n", accept);
+                   "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n%s\r\n", accept,
+                   chat ? "Sec-WebSocket-Protocol: chat\r\n" : "");
   if (write_all(answer, (size_t)n) < 0) return;
   static unsigned char payload[1 << 20];
   for (;;) {
@@ -319,6 +340,57 @@ static void websocket(char *head) {
       if (ws_send(opcode, payload, len) < 0) return;
     }
   }
+}
+
+/* ---- AWS-style HTTP hooks ---- */
+
+#define HOOK_PREFIX "/aws/lambda-microvms/runtime/v1/"
+#define HOOKS_LOG "/tmp/aws-hooks.log"
+static volatile uint64_t *hook_calls; /* per hook name slot, shared by all connections */
+
+static int hook(const char *name, int keep) {
+  static const char *names[] = {"ready", "validate", "run", "resume", "suspend", "terminate"};
+  int slot = -1;
+  for (int i = 0; i < 6; i++)
+    if (!strcmp(name, names[i])) slot = i;
+  uint64_t call = slot < 0 ? 0 : __atomic_fetch_add(&hook_calls[slot], 1, __ATOMIC_SEQ_CST);
+  char var[64], upper[32];
+  size_t i = 0;
+  for (; name[i] && i < sizeof upper - 1; i++) upper[i] = (char)toupper((unsigned char)name[i]);
+  upper[i] = 0;
+  snprintf(var, sizeof var, "TESTAPP_HOOK_%s", upper);
+  const char *how = getenv(var);
+  long unavailable = 0, status = 200, sleep_ms = 0;
+  if (how) {
+    const char *p;
+    if ((p = strstr(how, "unavailable="))) unavailable = atol(p + 12);
+    if ((p = strstr(how, "status="))) status = atol(p + 7);
+    if ((p = strstr(how, "sleep="))) sleep_ms = atol(p + 6);
+  }
+  if ((long)call < unavailable) status = 503;
+  static char line[BODY_KEEP * 2 + 128];
+  size_t n = (size_t)snprintf(line, sizeof line, "%.32s ", name);
+  size_t kept = body_bytes < BODY_KEEP ? (size_t)body_bytes : BODY_KEEP;
+  for (size_t k = 0; k < kept; k++) {
+    char c = body_kept[k];
+    if (c == '\n') line[n++] = '\\', line[n++] = 'n';
+    else if (c == '\\') line[n++] = '\\', line[n++] = '\\';
+    else line[n++] = c;
+  }
+  line[n++] = '\n';
+  if (sleep_ms > 0) {
+    struct timespec ts = {sleep_ms / 1000, (sleep_ms % 1000) * 1000000L};
+    nanosleep(&ts, NULL);
+  }
+  /* Logged once the hook's work is done (after the sleep), as a real hook would finish. */
+  int f = open(HOOKS_LOG, O_WRONLY | O_APPEND | O_CREAT, 0644);
+  if (f >= 0) {
+    (void)!write(f, line, n);
+    close(f);
+  }
+  char text[64];
+  snprintf(text, sizeof text, "%.32s: %ld\n", name, status);
+  return respond((int)status, "text/plain", text, strlen(text), keep);
 }
 
 /* ---- one connection ---- */
@@ -385,6 +457,10 @@ static void serve(void) {
       struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
       nanosleep(&ts, NULL);
       r = respond_text(200, "slept\n", keep);
+    } else if (!strncmp(path, HOOK_PREFIX, strlen(HOOK_PREFIX)) && !strcmp(method, "POST")) {
+      r = hook(path + strlen(HOOK_PREFIX), keep);
+    } else if (!strcmp(path, "/aws-hooks")) {
+      r = respond_file(HOOKS_LOG, keep);
     } else if (!strcmp(path, "/ws")) {
       websocket(head);
       return;
@@ -399,6 +475,8 @@ int main(int argc, char **argv) {
   signal(SIGPIPE, SIG_IGN);
   counter = mmap(NULL, sizeof *counter, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
   if (counter == MAP_FAILED) return 1;
+  hook_calls = mmap(NULL, 8 * sizeof *hook_calls, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+  if (hook_calls == MAP_FAILED) return 1;
   int s = socket(AF_INET, SOCK_STREAM, 0);
   int one = 1;
   setsockopt(s, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);

@@ -170,11 +170,14 @@ export interface MicroVMListParams extends PageParams {
 /** `http`: web requests to the app; `shell`: a terminal through the gateway (`pty.openWithToken`), nothing else. */
 export type TokenScope = 'http' | 'shell';
 
+/** A guest port, or an inclusive range of guest ports. */
+export type PortSpec = number | { from: number; to: number };
+
 export interface CreateTokenInput {
   /** 1–60, default 60. */
   expirationMinutes?: number;
-  /** Default: every port (http tokens). */
-  allowedPorts?: number[];
+  /** Ports and ranges; default: every port (http tokens). */
+  allowedPorts?: PortSpec[];
   /** Default `http`. */
   scope?: TokenScope;
 }
@@ -185,14 +188,14 @@ export interface IssuedToken {
   token: string;
   scope?: TokenScope;
   expiresAt: string;
-  allowedPorts: number[] | null;
+  allowedPorts: PortSpec[] | null;
 }
 
 export interface TokenInfo {
   id: string;
   scope?: TokenScope;
   expiresAt: string;
-  allowedPorts: number[] | null;
+  allowedPorts: PortSpec[] | null;
   createdAt: string;
   revokedAt: string | null;
 }

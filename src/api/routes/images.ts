@@ -2,7 +2,7 @@ import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import { Readable } from 'node:stream';
 import { Type, type Static } from 'typebox';
 import { CocoonError } from '../../common/errors.ts';
-import { DEFAULT_DISK_MIB, DEFAULT_MEMORY_MIB, DEFAULT_READINESS_TIMEOUT_SECONDS, DEFAULT_VCPUS, MIN_DISK_MIB, type ImageOperations } from '../../images/image-service.ts';
+import { DEFAULT_DISK_MIB, DEFAULT_HTTP_BUILD_HOOK_TIMEOUT_SECONDS, DEFAULT_MEMORY_MIB, DEFAULT_READINESS_TIMEOUT_SECONDS, DEFAULT_VCPUS, MIN_DISK_MIB, type ImageOperations } from '../../images/image-service.ts';
 import { DEFAULT_PORT } from '../../images/pipeline.ts';
 import { imageTimings } from '../../images/records.ts';
 import { findTenantImage, IMAGE_NAME, listImages, type Image } from '../../store/images.ts';
@@ -40,6 +40,31 @@ const HooksInput = Type.Object(
   { additionalProperties: false, description: 'Guest hooks: commands cocoon-init runs after launch, before a suspend, after a resume, before termination' },
 );
 
+const HttpHookInput = (max: number, fallback: number) =>
+  Type.Object(
+    { timeoutSeconds: Type.Optional(Type.Integer({ minimum: 1, maximum: max, description: `default ${fallback}` })) },
+    { additionalProperties: false },
+  );
+
+const HttpHooksInput = Type.Object(
+  {
+    port: Type.Integer({ minimum: 1, maximum: 65535, description: 'The guest port the hooks listener answers on' }),
+    ready: Type.Optional(HttpHookInput(3600, DEFAULT_HTTP_BUILD_HOOK_TIMEOUT_SECONDS)),
+    validate: Type.Optional(HttpHookInput(3600, DEFAULT_HTTP_BUILD_HOOK_TIMEOUT_SECONDS)),
+    run: Type.Optional(HttpHookInput(60, 10)),
+    resume: Type.Optional(HttpHookInput(60, 10)),
+    suspend: Type.Optional(HttpHookInput(60, 10)),
+    terminate: Type.Optional(HttpHookInput(60, 10)),
+  },
+  {
+    additionalProperties: false,
+    description:
+      'AWS Lambda MicroVMs-style HTTP hooks: Cocoon POSTs /aws/lambda-microvms/runtime/v1/<name> to port in the guest (200 = done). ' +
+      'ready and validate run during the build before the snapshot (503 = not yet, asked again until the timeout); run (with the ' +
+      "microVM's runHookPayload as body), resume, suspend and terminate at the same points as the command hooks. A present key enables that hook.",
+  },
+);
+
 const CreateImage = Type.Object(
   {
     name: Type.String({ pattern: IMAGE_NAME.source, maxLength: 64, description: 'Letters, digits, ".", "_", "-"; part of the ARN' }),
@@ -51,6 +76,7 @@ const CreateImage = Type.Object(
     readiness: Type.Optional(ReadinessInput),
     networkEgress: Type.Optional(Type.Boolean({ description: 'Let the guest reach the network (default false)' })),
     hooks: Type.Optional(HooksInput),
+    httpHooks: Type.Optional(HttpHooksInput),
   },
   { additionalProperties: false },
 );
@@ -88,6 +114,13 @@ export const ImageSchema = Type.Object(
     readiness: Type.Object({ httpPath: Nullable(Type.String()), timeoutSeconds: Type.Integer() }),
     networkEgress: Type.Boolean(),
     hooks: Type.Record(Type.String(), Type.Object({ command: Type.String(), timeoutSeconds: Type.Integer() })),
+    httpHooks: Type.Union([
+      Type.Object(
+        { port: Type.Integer() },
+        { additionalProperties: Type.Object({ timeoutSeconds: Type.Integer() }), description: 'The enabled HTTP hooks with their timeouts; null: none' },
+      ),
+      Type.Null(),
+    ]),
     timings: TimingsSchema,
     createdAt: Type.String({ format: 'date-time' }),
     updatedAt: Type.String({ format: 'date-time' }),
@@ -114,6 +147,7 @@ export function imageView(image: Image): ImageView {
     readiness: { httpPath: image.readiness.httpPath, timeoutSeconds: image.readiness.timeoutSeconds },
     networkEgress: image.networkEgress,
     hooks: image.hooks,
+    httpHooks: image.httpHooks as ImageView['httpHooks'],
     timings: imageTimings(image),
     createdAt: image.createdAt,
     updatedAt: image.updatedAt,

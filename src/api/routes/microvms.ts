@@ -12,6 +12,7 @@ import { IMAGE_NAME } from '../../store/images.ts';
 import { ImageSchema, imageView } from './images.ts';
 import { findTenantImage } from '../../store/images.ts';
 import {
+  MAX_RUN_HOOK_PAYLOAD_BYTES,
   MAX_SESSION_SECONDS,
   MICROVM_STATES,
   createMicrovm,
@@ -53,6 +54,12 @@ const CreateMicrovm = Type.Object(
     idlePolicy: Type.Optional(IdlePolicyInput),
     maximumDurationSeconds: Type.Optional(Seconds(`The session ends after this long, whatever the state (default and maximum ${MAX_SESSION_SECONDS})`)),
     clientToken: Type.Optional(Type.String({ pattern: '^[\\x21-\\x7e]{1,64}$', description: 'Makes the start idempotent' })),
+    runHookPayload: Type.Optional(
+      Type.String({
+        maxLength: MAX_RUN_HOOK_PAYLOAD_BYTES,
+        description: `The body of the image's HTTP run hook (POST /aws/lambda-microvms/runtime/v1/run), at most ${MAX_RUN_HOOK_PAYLOAD_BYTES} bytes of UTF-8; sensitive: never logged nor shown`,
+      }),
+    ),
   },
   { additionalProperties: false },
 );
@@ -90,12 +97,17 @@ const StartedMicrovm = Type.Intersect([
   }),
 ]);
 
+const PortRangeSchema = Type.Object(
+  { from: Port, to: Port },
+  { additionalProperties: false, description: 'An inclusive range of guest ports (AWS PortRange)' },
+);
+const PortSpecSchema = Type.Union([Port, PortRangeSchema]);
 const TokenScopeSchema = Type.Union([Type.Literal('http'), Type.Literal('shell')], { description: "What it opens through the gateway: 'http' app requests (default) or 'shell', the PTY WebSocket /.cocoon/shell" });
 const TokenSchema = Type.Object({
   id: Type.String(),
   scope: TokenScopeSchema,
   expiresAt: Type.String(),
-  allowedPorts: Nullable(Type.Array(Port, { description: 'null: every port' })),
+  allowedPorts: Nullable(Type.Array(PortSpecSchema, { description: 'Ports and {from, to} ranges; null: every port' })),
   createdAt: Type.String(),
   revokedAt: Nullable(Type.String()),
 });
@@ -104,12 +116,18 @@ const IssuedToken = Type.Object({
   token: Type.String({ description: 'Send it as X-Cocoon-Token; shown once' }),
   scope: TokenScopeSchema,
   expiresAt: Type.String(),
-  allowedPorts: Nullable(Type.Array(Port)),
+  allowedPorts: Nullable(Type.Array(PortSpecSchema)),
 });
 const IssueToken = Type.Object(
   {
     expirationMinutes: Type.Optional(Type.Integer({ minimum: 1, maximum: MAX_TOKEN_MINUTES, description: 'Default 60' })),
-    allowedPorts: Type.Optional(Type.Array(Port, { minItems: 1, maxItems: 64, description: 'Default: every port (http scope only)' })),
+    allowedPorts: Type.Optional(
+      Type.Array(PortSpecSchema, {
+        minItems: 1,
+        maxItems: 64,
+        description: 'Guest ports and {"from", "to"} ranges (inclusive) the token opens; default: every port (http scope only)',
+      }),
+    ),
     scope: Type.Optional(TokenScopeSchema),
   },
   { additionalProperties: false },
@@ -207,7 +225,14 @@ export function microvmRoutes(app: FastifyInstance, { db, config }: ApiContext, 
         suspendedDurationSeconds: body.idlePolicy?.suspendedDurationSeconds ?? null,
       };
       const maximumDurationSeconds = body.maximumDurationSeconds ?? MAX_SESSION_SECONDS;
-      const clientRequestHash = createHash('sha256').update(JSON.stringify([image.id, idlePolicy, maximumDurationSeconds])).digest('hex');
+      const payload = body.runHookPayload;
+      if (payload !== undefined && Buffer.byteLength(payload, 'utf8') > MAX_RUN_HOOK_PAYLOAD_BYTES) {
+        throw new CocoonError('invalid_request', `runHookPayload must be at most ${MAX_RUN_HOOK_PAYLOAD_BYTES} bytes (UTF-8)`, { status: 400 });
+      }
+      // The payload counts for idempotency only as a digest of it (a replay with another payload is a conflict).
+      const requestParts: unknown[] = [image.id, idlePolicy, maximumDurationSeconds];
+      if (payload !== undefined) requestParts.push(createHash('sha256').update(payload).digest('hex'));
+      const clientRequestHash = createHash('sha256').update(JSON.stringify(requestParts)).digest('hex');
       const { microvm, created } = await createMicrovm(db, {
         tenantId: request.tenant.id,
         region: config.region,
@@ -216,6 +241,7 @@ export function microvmRoutes(app: FastifyInstance, { db, config }: ApiContext, 
         maximumDurationSeconds,
         clientToken: body.clientToken ?? null,
         clientRequestHash,
+        ...(payload !== undefined ? { runHookPayload: payload } : {}),
       });
       if (created) await services.microvms().launch(microvm);
       let token: { token: Token; secret: string } | undefined;
