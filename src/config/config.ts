@@ -2,6 +2,7 @@
  * Cocoon's configuration, from the environment (CONTRACT.md names the public variables).
  * Parsed and validated once at start-up; a bad value stops the server with a clear message.
  */
+import { createHash } from 'node:crypto';
 import path from 'node:path';
 import { CocoonError } from '../common/errors.ts';
 import { dataDir } from './paths.ts';
@@ -28,6 +29,24 @@ export interface CocoonConfig {
   /** The region field of ARNs. */
   region: string;
   accel: AcceleratorChoice;
+  /**
+   * This host's identity (COCOON_HOST_ID): the microVMs it runs carry it in the store, and its
+   * recovery touches only those. Default: derived from the data directory (`defaultHostId`);
+   * optional only for configurations built by hand (tests), where the lifecycle derives it too.
+   */
+  hostId?: string;
+  /**
+   * Where the gateway reaches the guest ports this host forwards (COCOON_HOST_ADDRESS; default
+   * 127.0.0.1, where QEMU's forwards listen).
+   */
+  hostAddress?: string;
+}
+
+const HOST_ID = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
+
+/** A host id that stays the same as long as the data directory does: `host-` and 16 hex digits of its path's SHA-256. */
+export function defaultHostId(dataDirectory: string): string {
+  return `host-${createHash('sha256').update(path.resolve(dataDirectory)).digest('hex').slice(0, 16)}`;
 }
 
 function port(name: string, value: string | undefined, fallback: number): number {
@@ -44,13 +63,24 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): CocoonConfig {
   if (!/^[a-z0-9-]{1,32}$/.test(region)) {
     throw new CocoonError('invalid_config', `COCOON_REGION must be 1-32 of [a-z0-9-], got ${JSON.stringify(region)}`);
   }
+  const dataDirectory = env.COCOON_DATA_DIR ? path.resolve(env.COCOON_DATA_DIR) : dataDir();
+  const hostId = env.COCOON_HOST_ID || defaultHostId(dataDirectory);
+  if (!HOST_ID.test(hostId)) {
+    throw new CocoonError('invalid_config', `COCOON_HOST_ID must be 1-64 of [A-Za-z0-9._-], starting with a letter or digit, got ${JSON.stringify(hostId)}`);
+  }
+  const hostAddress = env.COCOON_HOST_ADDRESS || '127.0.0.1';
+  if (!/^[A-Za-z0-9.:-]{1,253}$/.test(hostAddress)) {
+    throw new CocoonError('invalid_config', `COCOON_HOST_ADDRESS must be an IP address or host name, got ${JSON.stringify(hostAddress)}`);
+  }
   return {
-    dataDir: env.COCOON_DATA_DIR ? path.resolve(env.COCOON_DATA_DIR) : dataDir(),
+    dataDir: dataDirectory,
     host: env.COCOON_HOST ?? '127.0.0.1',
     apiPort: port('COCOON_API_PORT', env.COCOON_API_PORT, 7070),
     gatewayPort: port('COCOON_GATEWAY_PORT', env.COCOON_GATEWAY_PORT, 7071),
     gatewayDomain: env.COCOON_GATEWAY_DOMAIN ?? 'vm.localhost',
     region,
     accel: parseAcceleratorChoice(env.COCOON_ACCEL),
+    hostId,
+    hostAddress,
   };
 }

@@ -18,12 +18,14 @@
 import fs from 'node:fs';
 import { CocoonError, errorMessage, isCocoonError } from '../common/errors.ts';
 import { log as rootLog, type Logger } from '../common/log.ts';
+import { defaultHostId } from '../config/config.ts';
 import type { MicroVMDirectory, MicroVMRoute } from '../gateway/types.ts';
 import { appendEvent } from '../store/events.ts';
 import { callHttpHook, describeHttpHookOutcome } from '../guest/http-hooks.ts';
 import { getImage, type ImageHooks, type HookName, type HttpHooks } from '../store/images.ts';
 import {
   clearRunHookPayload,
+  claimMicrovm,
   getMicrovm,
   getRunHookPayload,
   touchMicrovmActivity,
@@ -64,6 +66,10 @@ export interface LifecycleOptions {
   maxDiskChain?: number;
   /** What a graceful stop does with RUNNING microVMs: suspend them (default) or leave them running for the next start to adopt. */
   onStop?: 'suspend' | 'leave';
+  /** This host's identity (config `hostId`): the microVMs it launches are claimed for it. Default: derived from `dataDir`. */
+  hostId?: string;
+  /** Where the gateway reaches this host's forwarded guest ports (config `hostAddress`, default 127.0.0.1). */
+  hostAddress?: string;
   /** How often gateway activity is written to `lastActivityAt` (default 1000 ms). */
   activityFlushMs?: number;
   /** For crash tests: awaited at each point (a test makes it hang, then kills the process). */
@@ -121,6 +127,8 @@ interface Instance {
 export class LifecycleEngine implements MicroVMDirectory {
   readonly db: Db;
   readonly dataDir: string;
+  readonly hostId: string;
+  readonly #hostAddress: string;
   readonly #log: Logger;
   readonly #durable: boolean;
   readonly #maxChain: number;
@@ -137,6 +145,8 @@ export class LifecycleEngine implements MicroVMDirectory {
   constructor(options: LifecycleOptions) {
     this.db = options.db;
     this.dataDir = options.dataDir;
+    this.hostId = options.hostId ?? defaultHostId(options.dataDir);
+    this.#hostAddress = options.hostAddress ?? '127.0.0.1';
     this.#log = (options.logger ?? rootLog).child({ component: 'lifecycle' });
     this.#durable = options.durable ?? true;
     this.#maxChain = options.maxDiskChain ?? 8;
@@ -319,6 +329,13 @@ export class LifecycleEngine implements MicroVMDirectory {
   async #launch(instance: Instance, verifyData: boolean | 'if-present' = true): Promise<void> {
     if (!allows(instance.state, 'started') || instance.terminating) return;
     await this.#pause('launch:starting', instance.id);
+    // Another host launched it meanwhile (several hosts on one store): not ours to run.
+    if (!(await claimMicrovm(this.db, instance.id, this.hostId))) {
+      this.#log.warn({ microvm: instance.id }, 'another host runs this microVM; not launching it here');
+      this.#clearTimers(instance);
+      this.#instances.delete(instance.id);
+      return;
+    }
     // A microVM starts from its image (generation 0), a fork from its own generation 1 (the
     // fork point): then its workload runs already, so it gets the resume hook, not run.
     const { generation, chain } = instance.runtime;
@@ -703,7 +720,7 @@ export class LifecycleEngine implements MicroVMDirectory {
       appPort: instance.appPort,
       hasAppPort: instance.hasAppPort,
       autoResumeEnabled: instance.autoResume,
-      upstreamHost: '127.0.0.1',
+      upstreamHost: this.#hostAddress,
       upstreamPortFor: (guestPort) => ports.get(guestPort) ?? null,
     };
   }
@@ -720,7 +737,7 @@ export class LifecycleEngine implements MicroVMDirectory {
             appPort: microvm.port,
             hasAppPort: microvm.hasAppPort,
             autoResumeEnabled: microvm.idlePolicy.autoResumeEnabled,
-            upstreamHost: '127.0.0.1',
+            upstreamHost: this.#hostAddress,
             upstreamPortFor: () => null,
           },
     );

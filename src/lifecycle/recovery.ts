@@ -14,16 +14,21 @@
  * | SUSPENDED | its generation | kept; stray QEMU killed, stray files removed |
  * | TERMINATING | anything | finished → TERMINATED |
  *
- * Afterwards every QEMU under `microvms/` that no RUNNING microVM owns is killed, and the
- * directories of microVMs that ended are removed (also those of forks whose rows were never
- * written: a fork interrupted before it committed). Checkpoint images left SNAPSHOTTING become
+ * Only this host's microVMs are recovered (`host_id` = the engine's `hostId`), and those no host
+ * has claimed yet (rows from before hosts were recorded; this host claims them first): another
+ * host's rows in a shared store are left alone, whatever their state.
+ *
+ * Afterwards every QEMU under this data directory's `microvms/` that no RUNNING microVM owns is
+ * killed, and the directories of microVMs that ended are removed (also those of forks whose rows
+ * were never written: a fork interrupted before it committed); a directory whose microVM is
+ * active on any host is kept. Checkpoint images left SNAPSHOTTING become
  * READY when their snapshot was committed, else FAILED with nothing kept (fork.ts).
  */
 import fs from 'node:fs';
 import path from 'node:path';
 import { errorMessage } from '../common/errors.ts';
 import type { Logger } from '../common/log.ts';
-import { ACTIVE_MICROVM_STATES, getMicrovm, listMicrovmsInStates, type Microvm } from '../store/microvms.ts';
+import { ACTIVE_MICROVM_STATES, claimMicrovm, getMicrovm, listHostMicrovms, listMicrovmsInStates, type Microvm } from '../store/microvms.ts';
 import type { Db } from '../store/sql.ts';
 import { findQemuProcesses, killQemuProcesses } from '../vmm/processes.ts';
 import { QemuVm } from '../vmm/qemu.ts';
@@ -79,8 +84,11 @@ export async function recoverMicrovms(engine: LifecycleEngine, db: Db, dataDir: 
     }
   };
 
-  for (const found of await listMicrovmsInStates(db, ACTIVE_MICROVM_STATES)) {
+  for (const found of await listHostMicrovms(db, engine.hostId, ACTIVE_MICROVM_STATES)) {
     const id = found.id;
+    // An unclaimed row: this host takes it, unless another host recovering beside it was first.
+    // (A PENDING one is claimed by its launch.)
+    if (found.hostId === null && found.state !== 'PENDING' && !(await claimMicrovm(db, id, engine.hostId))) continue;
     const run = runDir(dataDir, id);
     const runtime = parseRuntime(found.runtime);
     try {
@@ -176,6 +184,7 @@ export async function recoverMicrovms(engine: LifecycleEngine, db: Db, dataDir: 
       // gone
     }
   }
+  // Active on any host: a directory is kept even when its microVM is another host's.
   const active = new Set((await listMicrovmsInStates(db, ACTIVE_MICROVM_STATES)).map((m) => m.id));
   let entries: string[] = [];
   try {

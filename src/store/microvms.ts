@@ -47,6 +47,8 @@ export interface Microvm {
   lastActivityAt: string;
   suspendedAt: string | null;
   terminatedAt: string | null;
+  /** The host whose lifecycle runs it (null until one claims it: see `claimMicrovm`). */
+  hostId: string | null;
 }
 
 export interface NewMicrovm {
@@ -103,6 +105,7 @@ interface MicrovmRow {
   last_activity_at: string;
   suspended_at: string | null;
   terminated_at: string | null;
+  host_id?: string | null;
 }
 
 function toMicrovm(row: MicrovmRow): Microvm {
@@ -134,6 +137,7 @@ function toMicrovm(row: MicrovmRow): Microvm {
     lastActivityAt: row.last_activity_at,
     suspendedAt: row.suspended_at,
     terminatedAt: row.terminated_at,
+    hostId: row.host_id ?? null,
   };
 }
 
@@ -309,6 +313,33 @@ export async function listMicrovmsInStates(
   const list = statesFilter(states, MICROVM_STATES, 'microVM state') as MicrovmState[];
   const rows = await db.all<MicrovmRow>(`SELECT * FROM microvms WHERE state IN ${placeholders(list.length)} ORDER BY id`, list);
   return rows.map(toMicrovm);
+}
+
+/**
+ * The microVMs in `states` that `hostId` runs, and those no host has claimed yet (oldest first):
+ * what one host's recovery and scheduler look at. Another host's rows are never among them.
+ */
+export async function listHostMicrovms(
+  db: Db,
+  hostId: string,
+  states: readonly MicrovmState[] = ACTIVE_MICROVM_STATES,
+): Promise<Microvm[]> {
+  const list = statesFilter(states, MICROVM_STATES, 'microVM state') as MicrovmState[];
+  const rows = await db.all<MicrovmRow>(
+    `SELECT * FROM microvms WHERE state IN ${placeholders(list.length)} AND (host_id = ? OR host_id IS NULL) ORDER BY id`,
+    [...list, hostId],
+  );
+  return rows.map(toMicrovm);
+}
+
+/**
+ * Makes `hostId` the host that runs the microVM, if no other host has (compare-and-set; the same
+ * host again is a no-op). Answers whether the microVM is now this host's.
+ */
+export async function claimMicrovm(db: Db, id: string, hostId: string): Promise<boolean> {
+  await db.run('UPDATE microvms SET host_id = ? WHERE id = ? AND host_id IS NULL', [hostId, id]);
+  const row = await db.get<{ host_id: string | null }>('SELECT host_id FROM microvms WHERE id = ?', [id]);
+  return row?.host_id === hostId;
 }
 
 /** Active microVMs whose session ended at or before `now`. */

@@ -96,7 +96,13 @@ export function microvmModule(options: MicrovmModuleOptions = {}): MicrovmModule
     async start(context: ApiContext) {
       const { config, db } = context;
       domain = config.gatewayDomain;
-      engine = new LifecycleEngine({ ...options.lifecycle, db, dataDir: config.dataDir });
+      engine = new LifecycleEngine({
+        ...(config.hostId ? { hostId: config.hostId } : {}),
+        ...(config.hostAddress ? { hostAddress: config.hostAddress } : {}),
+        ...options.lifecycle,
+        db,
+        dataDir: config.dataDir,
+      });
       service = engineMicrovmService(engine, db, config.region);
       exec = new AgentExecService({ db, engine: requireEngine });
       try {
