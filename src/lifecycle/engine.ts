@@ -28,6 +28,7 @@ import {
   claimMicrovm,
   getMicrovm,
   getRunHookPayload,
+  listHostMicrovms,
   touchMicrovmActivity,
   setMicrovmRuntimeIf,
   type Microvm,
@@ -38,6 +39,7 @@ import { QemuVm } from '../vmm/qemu.ts';
 import { watchDiskSpace } from '../vmm/space-watch.ts';
 import { readSnapshotManifest } from '../vmm/snapshot.ts';
 import { applyMicrovmEvent } from './apply-event.ts';
+import { dueTimes, dueWithoutTimer, Scheduler, TERMINATION_REASONS, type DueTimes, type TimerKind } from './scheduler.ts';
 import { generationDir, imageSnapshotDir, microvmDir, runDir, snapshotDirFor } from './paths.ts';
 import { appendLog, clearRunFiles, collectGarbage, compactGeneration, parseRuntime, runtimeRecord, type Runtime } from './storage.ts';
 import { allows, targetState, transition, type MicrovmEvent, type MicrovmState } from './transitions.ts';
@@ -70,6 +72,8 @@ export interface LifecycleOptions {
   hostId?: string;
   /** Where the gateway reaches this host's forwarded guest ports (config `hostAddress`, default 127.0.0.1). */
   hostAddress?: string;
+  /** How often the scheduler scans this host's rows for SUSPENDED microVMs due to end that no timer here covers (default 30 s; see `startDueScan`). */
+  scanIntervalMs?: number;
   /** How often gateway activity is written to `lastActivityAt` (default 1000 ms). */
   activityFlushMs?: number;
   /** For crash tests: awaited at each point (a test makes it hang, then kills the process). */
@@ -116,9 +120,6 @@ interface Instance {
   webSockets: number;
   lastActivity: number;
   activityDirty: boolean;
-  idleTimer: NodeJS.Timeout | undefined;
-  suspendedTimer: NodeJS.Timeout | undefined;
-  expiryTimer: NodeJS.Timeout | undefined;
   /** Tail of this microVM's operation queue. */
   queue: Promise<void>;
   busy: Operation | undefined;
@@ -138,6 +139,10 @@ export class LifecycleEngine implements MicroVMDirectory {
   /** VMs this engine is stopping on purpose: their exit is no surprise. */
   readonly #stopping = new WeakSet<QemuVm>();
   readonly #activityTimer: NodeJS.Timeout;
+  /** Idle, suspended-duration and session timers, due at times derived from the microVMs' rows. */
+  readonly #scheduler = new Scheduler((microvmId, kind) => this.#due(microvmId, kind));
+  readonly #scanIntervalMs: number;
+  #scanTimer: NodeJS.Timeout | undefined;
   /** Told when a microVM's VM is about to stop (exec sessions end with this reason). */
   readonly #stopListeners = new Set<(microvmId: string, reason: 'suspended' | 'terminated' | 'failed') => void>();
   #closed = false;
@@ -154,6 +159,7 @@ export class LifecycleEngine implements MicroVMDirectory {
     this.#pauseAt = options.pauseAt;
     this.#activityTimer = setInterval(() => void this.#flushActivity(), options.activityFlushMs ?? 1000);
     this.#activityTimer.unref();
+    this.#scanIntervalMs = options.scanIntervalMs ?? 30_000;
   }
 
   // ---- loading ------------------------------------------------------------------------------
@@ -186,9 +192,6 @@ export class LifecycleEngine implements MicroVMDirectory {
       webSockets: 0,
       lastActivity: Date.parse(microvm.lastActivityAt),
       activityDirty: false,
-      idleTimer: undefined,
-      suspendedTimer: undefined,
-      expiryTimer: undefined,
       queue: Promise.resolve(),
       busy: undefined,
     };
@@ -578,60 +581,86 @@ export class LifecycleEngine implements MicroVMDirectory {
     await this.#event(instance, 'hook', line, { hook: name, kind: 'http', status, ms: outcome.ms });
   }
 
-  // ---- timers --------------------------------------------------------------------------------
+  // ---- timers (the scheduler: scheduler.ts) -------------------------------------------------
 
-  #armIdle(instance: Instance): void {
-    this.#clearIdle(instance);
-    if (this.#closed || instance.state !== 'RUNNING' || instance.terminating || instance.inFlight > 0 || instance.webSockets > 0) return;
-    const wait = Math.max(0, instance.lastActivity + instance.maxIdleMs - Date.now());
-    instance.idleTimer = setTimeout(() => {
-      instance.idleTimer = undefined;
+  #dueTimes(instance: Instance): DueTimes {
+    return dueTimes({
+      state: instance.state,
+      expiresAt: instance.expiresAt,
+      suspendedAt: instance.suspendedAt,
+      suspendedMs: instance.suspendedMs,
+      lastActivity: instance.lastActivity,
+      maxIdleMs: instance.maxIdleMs,
+    });
+  }
+
+  /** A timer fell due. */
+  #due(microvmId: string, kind: TimerKind): void {
+    const instance = this.#instances.get(microvmId);
+    if (!instance || this.#closed) return;
+    if (kind === 'idle') {
       if (!this.#idle(instance)) return this.#armIdle(instance);
       void this.#enqueue(instance, 'suspend', () => this.#suspend(instance, 'idle')).catch((error: unknown) =>
         this.#log.error({ err: error, microvm: instance.id }, 'idle suspend failed'),
       );
-    }, wait);
-    instance.idleTimer.unref();
+      return;
+    }
+    void this.terminate(instance.id, TERMINATION_REASONS[kind]).catch(() => undefined);
+  }
+
+  #armIdle(instance: Instance): void {
+    this.#clearIdle(instance);
+    if (this.#closed || instance.state !== 'RUNNING' || instance.terminating || instance.inFlight > 0 || instance.webSockets > 0) return;
+    const due = this.#dueTimes(instance).idle;
+    if (due !== null) this.#scheduler.set(instance.id, 'idle', due);
   }
 
   #clearIdle(instance: Instance): void {
-    if (instance.idleTimer) clearTimeout(instance.idleTimer);
-    instance.idleTimer = undefined;
+    this.#scheduler.clear(instance.id, 'idle');
   }
 
   #armSuspended(instance: Instance): void {
     this.#clearSuspended(instance);
-    if (this.#closed || instance.suspendedMs === null || instance.state !== 'SUSPENDED') return;
-    const wait = Math.max(0, instance.suspendedAt + instance.suspendedMs - Date.now());
-    instance.suspendedTimer = setTimeout(() => {
-      instance.suspendedTimer = undefined;
-      void this.terminate(instance.id, 'suspended longer than suspendedDurationSeconds').catch(() => undefined);
-    }, wait);
-    instance.suspendedTimer.unref();
+    if (this.#closed) return;
+    const due = this.#dueTimes(instance).suspended;
+    if (due !== null) this.#scheduler.set(instance.id, 'suspended', due);
   }
 
   #clearSuspended(instance: Instance): void {
-    if (instance.suspendedTimer) clearTimeout(instance.suspendedTimer);
-    instance.suspendedTimer = undefined;
+    this.#scheduler.clear(instance.id, 'suspended');
   }
 
   #armExpiry(instance: Instance): void {
-    if (instance.expiryTimer) clearTimeout(instance.expiryTimer);
     if (this.#closed) return;
-    const wait = Math.max(0, instance.expiresAt - Date.now());
-    // setTimeout takes at most 2^31-1 ms; sessions are at most 8 hours.
-    instance.expiryTimer = setTimeout(() => {
-      instance.expiryTimer = undefined;
-      void this.terminate(instance.id, 'the session ended (maximumDurationSeconds)').catch(() => undefined);
-    }, Math.min(wait, 2 ** 31 - 1));
-    instance.expiryTimer.unref();
+    this.#scheduler.set(instance.id, 'expiry', this.#dueTimes(instance).expiry);
   }
 
   #clearTimers(instance: Instance): void {
-    this.#clearIdle(instance);
-    this.#clearSuspended(instance);
-    if (instance.expiryTimer) clearTimeout(instance.expiryTimer);
-    instance.expiryTimer = undefined;
+    this.#scheduler.clear(instance.id);
+  }
+
+  /**
+   * Starts the periodic scan of this host's rows (recovery starts it once it has loaded them):
+   * a SUSPENDED microVM of this host whose session or suspended duration ended, and that this
+   * process has no timer for, is loaded and terminated (it needs no VM for that).
+   */
+  startDueScan(): void {
+    if (this.#closed || this.#scanTimer) return;
+    this.#scanTimer = setInterval(() => void this.scanDue().catch((error: unknown) => this.#log.warn({ err: error }, 'scanning for due microVMs failed')), this.#scanIntervalMs);
+    this.#scanTimer.unref();
+  }
+
+  /** One scan (see `startDueScan`); answers the ids it started terminating. */
+  async scanDue(now = Date.now()): Promise<string[]> {
+    if (this.#closed) return [];
+    const rows = (await listHostMicrovms(this.db, this.hostId, ['SUSPENDED'])).filter((m) => m.hostId === this.hostId);
+    const ended: string[] = [];
+    for (const { microvm, kind } of dueWithoutTimer(rows, now, (id) => this.#instances.has(id))) {
+      await this.#load(microvm);
+      ended.push(microvm.id);
+      void this.terminate(microvm.id, TERMINATION_REASONS[kind]).catch(() => undefined);
+    }
+    return ended;
   }
 
   // ---- sessions inside the guest (src/exec/) ------------------------------------------------------
@@ -880,12 +909,9 @@ export class LifecycleEngine implements MicroVMDirectory {
     if (this.#closed) return;
     this.#closed = true;
     clearInterval(this.#activityTimer);
+    if (this.#scanTimer) clearInterval(this.#scanTimer);
+    this.#scheduler.close();
     const instances = [...this.#instances.values()];
-    for (const instance of instances) {
-      this.#clearIdle(instance);
-      this.#clearSuspended(instance);
-      if (instance.expiryTimer) clearTimeout(instance.expiryTimer);
-    }
     await Promise.all(instances.map((instance) => instance.queue));
     await this.#flushActivity();
     for (const instance of instances) {

@@ -199,6 +199,8 @@ export async function recoverMicrovms(engine: LifecycleEngine, db: Db, dataDir: 
     const microvm = await getMicrovm(db, id);
     if (microvm?.state === 'PENDING') await engine.launch(microvm);
   }
+  // From now on the engine's scheduler also looks at this host's rows for microVMs due to end.
+  engine.startDueScan();
   for (const id of toSuspend) void engine.suspend(id).catch((error: unknown) => log.error({ microvm: id, err: error }, 'suspend after recovery failed'));
   const changed = Object.entries(report).filter(([, list]) => list.length > 0);
   if (changed.length > 0) log.info(Object.fromEntries(changed), 'recovered microVMs after a restart');
