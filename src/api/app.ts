@@ -11,7 +11,7 @@ import type { CocoonConfig } from '../config/config.ts';
 import type { ObjectStore } from '../objectstore/object-store.ts';
 import type { Db } from '../store/sql.ts';
 import { registerAuth } from './auth.ts';
-import { clientErrorResponse, handleError } from './errors.ts';
+import { clientErrorResponse, errorBody, handleError } from './errors.ts';
 import { ErrorSchema } from './schemas.ts';
 import { apiKeyRoutes } from './routes/api-keys.ts';
 import { dashboardRoutes } from './routes/dashboard.ts';
@@ -112,7 +112,7 @@ export async function buildApiServer(context: ApiContext, extraRoutes: ApiRoutes
   });
   app.setErrorHandler(handleError);
   app.setNotFoundHandler((request, reply) => {
-    void reply.status(404).send({ error: { code: 'not_found', message: `no route ${request.method} ${request.url.split('?')[0]}` } });
+    void reply.status(404).send(errorBody('not_found', `no route ${request.method} ${request.url.split('?')[0]}`));
   });
   app.addHook('onRequest', async (request) => {
     if (request.raw.httpVersionMajor === 1 && request.raw.httpVersionMinor >= 1 && request.headers.host === undefined) {

@@ -8,7 +8,7 @@ import { CocoonError } from '../common/errors.ts';
 import { dataDir } from './paths.ts';
 
 /**
- * COCOON_ACCEL: which accelerator VMs use (`auto` probes KVM, see src/vmm/accel.ts). Parsed
+ * COCOON_ACCEL: which accelerator VMs use (`auto` probes KVM, see src/vmm/qemu/accel.ts). Parsed
  * here, where every setting is, so that the configuration imports no role (the VMM imports it).
  */
 export type AcceleratorChoice = 'tcg' | 'kvm' | 'auto';
@@ -40,6 +40,8 @@ export interface CocoonConfig {
    * 127.0.0.1, where QEMU's forwards listen).
    */
   hostAddress?: string;
+  /** `COCOON_DATABASE_URL`: a postgres:// URL for a shared PostgreSQL; unset: SQLite in the data directory. */
+  databaseUrl?: string | undefined;
 }
 
 const HOST_ID = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
@@ -82,5 +84,6 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): CocoonConfig {
     accel: parseAcceleratorChoice(env.COCOON_ACCEL),
     hostId,
     hostAddress,
+    databaseUrl: env.COCOON_DATABASE_URL || undefined,
   };
 }

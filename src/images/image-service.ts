@@ -17,7 +17,7 @@ import {
   type HookName, type HttpHookName, type HttpHooks, HOOK_NAMES, HTTP_BUILD_HOOK_NAMES,
 } from '../store/images.ts';
 import type { Db } from '../store/sql.ts';
-import { chooseAccelerator } from '../vmm/accel.ts';
+import { chooseAccelerator } from '../vmm/qemu/accel.ts';
 import type { Accelerator } from '../vmm/types.ts';
 import type { BundleLimits } from '../builder/bundle.ts';
 import { BuildLog, BuildLogEvents, readFrom } from './build-log.ts';

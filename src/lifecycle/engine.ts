@@ -34,9 +34,9 @@ import {
   type Microvm,
 } from '../store/microvms.ts';
 import type { Db } from '../store/sql.ts';
-import { killQemuProcesses } from '../vmm/processes.ts';
-import { QemuVm } from '../vmm/qemu.ts';
-import { watchDiskSpace } from '../vmm/space-watch.ts';
+import { killQemuProcesses } from '../host/processes.ts';
+import { QemuVm } from '../vmm/qemu/qemu.ts';
+import { watchDiskSpace } from '../vmm/qemu/space-watch.ts';
 import { readSnapshotManifest } from '../vmm/snapshot.ts';
 import { applyMicrovmEvent } from './apply-event.ts';
 import { dueTimes, dueWithoutTimer, Scheduler, TERMINATION_REASONS, type DueTimes, type TimerKind } from './scheduler.ts';

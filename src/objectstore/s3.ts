@@ -54,7 +54,7 @@ export class S3ObjectStore implements ObjectStore {
   constructor(config: S3ObjectStoreConfig, client?: S3Client) {
     this.bucket = validateBucketName(config.bucket);
     if (client === undefined && (typeof config.region !== 'string' || config.region.length === 0)) {
-      throw new CocoonError('invalid_configuration', 'the S3 object store needs a region');
+      throw new CocoonError('invalid_config', 'the S3 object store needs a region');
     }
     if (config.prefix !== undefined && config.prefix !== '') validateObjectKey(config.prefix);
     this.#prefix = config.prefix ? `${config.prefix}/` : '';
@@ -230,7 +230,7 @@ export function s3ConfigFromEnv(env: NodeJS.ProcessEnv = process.env): S3ObjectS
   const secretAccessKey = env.COCOON_S3_SECRET_ACCESS_KEY;
   if ((accessKeyId === undefined) !== (secretAccessKey === undefined)) {
     throw new CocoonError(
-      'invalid_configuration',
+      'invalid_config',
       'set both COCOON_S3_ACCESS_KEY_ID and COCOON_S3_SECRET_ACCESS_KEY, or neither',
     );
   }

@@ -8,7 +8,7 @@ import { createHash, createHmac } from 'node:crypto';
 import { test } from 'node:test';
 import { SignatureV4 } from '@smithy/signature-v4';
 import type { SourceData } from '@smithy/types';
-import { CocoonError } from '../../src/common/errors.ts';
+import { CocoonError, type ErrorCode } from '../../src/common/errors.ts';
 import { AwsError, fromCocoonError } from '../../src/compat/aws/errors.ts';
 import { decodeNextToken, encodeNextToken, pageOf } from '../../src/compat/aws/pagination.ts';
 import { findManagedImage, imageState, microvmState, parseImageIdentifier, versionState } from '../../src/compat/aws/shapes.ts';
@@ -135,7 +135,7 @@ test('errors: Cocoon errors map to the model exception of their status, keeping 
     [503, 'InternalServerException'], [500, 'InternalServerException'],
   ];
   for (const [status, code] of cases) {
-    const mapped = fromCocoonError(new CocoonError('some_code', 'what to do', { status }));
+    const mapped = fromCocoonError(new CocoonError('some_code' as ErrorCode, 'what to do', { status }));
     assert.equal(mapped.code, code, String(status));
     assert.equal(mapped.message, 'some_code: what to do');
   }

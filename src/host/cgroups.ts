@@ -24,7 +24,16 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { errorMessage } from '../common/errors.ts';
 import { log } from '../common/log.ts';
-import type { VmLimits } from './types.ts';
+
+/** Per-VM limits enforced with cgroups where the host allows (below). */
+export interface VmLimits {
+  /** CPU time per wall time, in cores (e.g. 1.5); default: the VM's vCPU count. */
+  cpus?: number;
+  /** Memory of the QEMU process (guest RAM pages in the page cache included), bytes. */
+  memoryBytes?: number;
+  /** Processes and threads in the group. */
+  pids?: number;
+}
 
 const ROOT = '/sys/fs/cgroup';
 const PARENT = 'cocoon-vms';

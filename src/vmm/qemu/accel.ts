@@ -7,15 +7,15 @@ import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { CocoonError } from '../common/errors.ts';
-import { log } from '../common/log.ts';
-import { GuestChannel } from './guest-channel.ts';
-import type { Accelerator, AcceleratorChoice, GuestKernel } from './types.ts';
+import { CocoonError } from '../../common/errors.ts';
+import { log } from '../../common/log.ts';
+import { GuestChannel } from '../guest-channel.ts';
+import type { Accelerator, AcceleratorChoice, GuestKernel } from '../types.ts';
 
 const PROBE_TIMEOUT_MS = 5000;
 let probed: Promise<Accelerator> | undefined;
 
-export { parseAcceleratorChoice } from '../config/config.ts';
+export { parseAcceleratorChoice } from '../../config/config.ts';
 
 /** Resolves the configured choice to the accelerator VMs will use; logs the decision once. */
 export async function chooseAccelerator(choice: AcceleratorChoice, guest: GuestKernel): Promise<Accelerator> {

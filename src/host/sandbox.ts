@@ -3,7 +3,7 @@
  *
  * - Every QEMU runs with its own uid (picked per VM from a range no account uses) and the
  *   group of the `cocoon-qemu` system user (created at first use, or by `npm run setup`), with
- *   no supplementary groups and no_new_privs, on top of its seccomp sandbox (qemu-args.ts).
+ *   no supplementary groups and no_new_privs, on top of its seccomp sandbox (src/vmm/qemu/qemu-args.ts).
  *   Two QEMUs cannot open each other's files: RAM, disk layer, sockets.
  * - It can reach only what it needs: its run directory's files (RAM file and disk layer: its
  *   own, 0600), a `qemu/` subdirectory for the sockets and pid file it creates, the guest
