@@ -38,7 +38,10 @@ import { killQemuProcesses } from '../host/processes.ts';
 import { QemuVm } from '../vmm/qemu/qemu.ts';
 import { watchDiskSpace } from '../vmm/qemu/space-watch.ts';
 import { readSnapshotManifest } from '../vmm/snapshot.ts';
+import { Activity } from './activity.ts';
 import { applyMicrovmEvent } from './apply-event.ts';
+import { liveRoute, storedRoute } from './directory.ts';
+import { OperationQueue } from './queue.ts';
 import { dueTimes, dueWithoutTimer, Scheduler, TERMINATION_REASONS, type DueTimes, type TimerKind } from './scheduler.ts';
 import { generationDir, imageSnapshotDir, microvmDir, runDir, snapshotDirFor } from './paths.ts';
 import { appendLog, clearRunFiles, collectGarbage, compactGeneration, parseRuntime, runtimeRecord, type Runtime } from './storage.ts';
@@ -116,13 +119,10 @@ interface Instance {
   vm: QemuVm | undefined;
   /** Guest port → host port of the running VM. */
   ports: Map<number, number>;
-  inFlight: number;
-  webSockets: number;
-  lastActivity: number;
-  activityDirty: boolean;
-  /** Tail of this microVM's operation queue. */
-  queue: Promise<void>;
-  busy: Operation | undefined;
+  /** The gateway's reports: requests and WebSockets in flight, the last traffic (activity.ts). */
+  readonly activity: Activity;
+  /** This microVM's operations, one at a time (queue.ts). */
+  readonly ops: OperationQueue<Operation>;
 }
 
 export class LifecycleEngine implements MicroVMDirectory {
@@ -188,12 +188,8 @@ export class LifecycleEngine implements MicroVMDirectory {
       suspendedAt: microvm.suspendedAt ? Date.parse(microvm.suspendedAt) : Date.now(),
       vm: undefined,
       ports: new Map(),
-      inFlight: 0,
-      webSockets: 0,
-      lastActivity: Date.parse(microvm.lastActivityAt),
-      activityDirty: false,
-      queue: Promise.resolve(),
-      busy: undefined,
+      activity: new Activity(Date.parse(microvm.lastActivityAt)),
+      ops: new OperationQueue<Operation>(),
     };
     this.#instances.set(microvm.id, instance);
     this.#armExpiry(instance);
@@ -214,19 +210,7 @@ export class LifecycleEngine implements MicroVMDirectory {
   // ---- the operation queue -------------------------------------------------------------------
 
   #enqueue<T>(instance: Instance, operation: Operation, fn: () => Promise<T>): Promise<T> {
-    const result = instance.queue.then(async () => {
-      instance.busy = operation;
-      try {
-        return await fn();
-      } finally {
-        instance.busy = undefined;
-      }
-    });
-    instance.queue = result.then(
-      () => undefined,
-      () => undefined,
-    );
-    return result;
+    return instance.ops.run(operation, fn);
   }
 
   async #pause(point: PausePoint, id: string): Promise<void> {
@@ -356,7 +340,7 @@ export class LifecycleEngine implements MicroVMDirectory {
       await this.#discard(instance);
       return;
     }
-    instance.lastActivity = Date.now();
+    instance.activity.lastActivity = Date.now();
     this.#armIdle(instance);
     await appendLog(this.dataDir, instance.id, `started from ${generation === 0 ? 'its image' : 'its fork point'} (pid ${vm.pid})`);
   }
@@ -375,7 +359,7 @@ export class LifecycleEngine implements MicroVMDirectory {
 
   /** Whether the idle policy says: suspend now. */
   #idle(instance: Instance): boolean {
-    return instance.inFlight === 0 && instance.webSockets === 0 && Date.now() - instance.lastActivity >= instance.maxIdleMs;
+    return instance.activity.idleFor(instance.maxIdleMs);
   }
 
   async #suspend(instance: Instance, reason: 'idle' | 'api' | 'shutdown'): Promise<void> {
@@ -446,7 +430,7 @@ export class LifecycleEngine implements MicroVMDirectory {
     await appendLog(this.dataDir, instance.id, `suspend abandoned, still running: ${error.message}`);
     this.#log.warn({ microvm: instance.id, code: error.code }, 'suspend abandoned; the microVM runs on');
     if (error.details?.vmRunning === true) await this.#hook(instance, vm, 'resume');
-    instance.lastActivity = Date.now();
+    instance.activity.lastActivity = Date.now();
     this.#armIdle(instance);
   }
 
@@ -492,7 +476,7 @@ export class LifecycleEngine implements MicroVMDirectory {
       await this.#discard(instance);
       return;
     }
-    instance.lastActivity = Date.now();
+    instance.activity.lastActivity = Date.now();
     this.#armIdle(instance);
     await appendLog(this.dataDir, instance.id, `resumed (${reason}) from generation ${generation} in ${(performance.now() - started).toFixed(0)} ms (pid ${vm.pid})`);
   }
@@ -589,7 +573,7 @@ export class LifecycleEngine implements MicroVMDirectory {
       expiresAt: instance.expiresAt,
       suspendedAt: instance.suspendedAt,
       suspendedMs: instance.suspendedMs,
-      lastActivity: instance.lastActivity,
+      lastActivity: instance.activity.lastActivity,
       maxIdleMs: instance.maxIdleMs,
     });
   }
@@ -610,7 +594,7 @@ export class LifecycleEngine implements MicroVMDirectory {
 
   #armIdle(instance: Instance): void {
     this.#clearIdle(instance);
-    if (this.#closed || instance.state !== 'RUNNING' || instance.terminating || instance.inFlight > 0 || instance.webSockets > 0) return;
+    if (this.#closed || instance.state !== 'RUNNING' || instance.terminating || instance.activity.busy) return;
     const due = this.#dueTimes(instance).idle;
     if (due !== null) this.#scheduler.set(instance.id, 'idle', due);
   }
@@ -691,42 +675,34 @@ export class LifecycleEngine implements MicroVMDirectory {
   requestStarted(microvmId: string): void {
     const instance = this.#instances.get(microvmId);
     if (!instance) return;
-    instance.inFlight++;
-    instance.lastActivity = Date.now();
-    instance.activityDirty = true;
+    instance.activity.requestStarted();
     this.#clearIdle(instance);
   }
 
   requestFinished(microvmId: string): void {
     const instance = this.#instances.get(microvmId);
     if (!instance) return;
-    instance.inFlight = Math.max(0, instance.inFlight - 1);
-    instance.lastActivity = Date.now();
-    instance.activityDirty = true;
+    instance.activity.requestFinished();
     this.#armIdle(instance);
   }
 
   webSocketOpened(microvmId: string): void {
     const instance = this.#instances.get(microvmId);
     if (!instance) return;
-    instance.webSockets++;
-    instance.lastActivity = Date.now();
+    instance.activity.webSocketOpened();
     this.#clearIdle(instance);
   }
 
   webSocketClosed(microvmId: string): void {
     const instance = this.#instances.get(microvmId);
     if (!instance) return;
-    instance.webSockets = Math.max(0, instance.webSockets - 1);
-    instance.lastActivity = Date.now();
-    instance.activityDirty = true;
+    instance.activity.webSocketClosed();
     this.#armIdle(instance);
   }
 
   async #flushOne(instance: Instance): Promise<void> {
-    if (!instance.activityDirty) return;
-    instance.activityDirty = false;
-    await touchMicrovmActivity(this.db, instance.id, new Date(instance.lastActivity));
+    const at = instance.activity.takeDirty();
+    if (at) await touchMicrovmActivity(this.db, instance.id, at);
   }
 
   async #flushActivity(): Promise<void> {
@@ -742,34 +718,13 @@ export class LifecycleEngine implements MicroVMDirectory {
   // ---- the gateway's directory ------------------------------------------------------------------
 
   #route(instance: Instance): MicroVMRoute {
-    const ports = instance.ports;
-    return {
-      id: instance.id,
-      state: instance.terminating ? 'TERMINATING' : instance.state,
-      appPort: instance.appPort,
-      hasAppPort: instance.hasAppPort,
-      autoResumeEnabled: instance.autoResume,
-      upstreamHost: this.#hostAddress,
-      upstreamPortFor: (guestPort) => ports.get(guestPort) ?? null,
-    };
+    return liveRoute(instance, this.#hostAddress);
   }
 
   lookup(microvmId: string): MicroVMRoute | null | Promise<MicroVMRoute | null> {
     const instance = this.#instances.get(microvmId);
     if (instance) return this.#route(instance);
-    return getMicrovm(this.db, microvmId).then((microvm) =>
-      microvm === undefined
-        ? null
-        : {
-            id: microvm.id,
-            state: microvm.state,
-            appPort: microvm.port,
-            hasAppPort: microvm.hasAppPort,
-            autoResumeEnabled: microvm.idlePolicy.autoResumeEnabled,
-            upstreamHost: this.#hostAddress,
-            upstreamPortFor: () => null,
-          },
-    );
+    return getMicrovm(this.db, microvmId).then((microvm) => (microvm === undefined ? null : storedRoute(microvm, this.#hostAddress)));
   }
 
   async ensureRunning(microvmId: string, signal: AbortSignal): Promise<MicroVMRoute> {
@@ -781,7 +736,7 @@ export class LifecycleEngine implements MicroVMDirectory {
       switch (instance.state) {
         case 'RUNNING':
           if (instance.vm) return this.#route(instance);
-          await instance.queue;
+          await instance.ops.settled;
           break;
         case 'SUSPENDED':
           if (!instance.autoResume) {
@@ -796,7 +751,7 @@ export class LifecycleEngine implements MicroVMDirectory {
           throw new CocoonError('microvm_failed', `microVM ${microvmId} has failed; see its state through the API`, { status: 502 });
         default:
           // PENDING, RESUMING, SUSPENDING: wait for the operation in flight.
-          await instance.queue;
+          await instance.ops.settled;
       }
       if (round > 20) throw new CocoonError('wake_failed', `microVM ${microvmId} did not settle`, { status: 503 });
     }
@@ -814,7 +769,7 @@ export class LifecycleEngine implements MicroVMDirectory {
   /** Suspends a RUNNING microVM (waits out PENDING/RESUMING first); no-op when already SUSPENDED. */
   async suspend(microvmId: string): Promise<void> {
     const instance = this.#require(microvmId);
-    await instance.queue;
+    await instance.ops.settled;
     if (instance.state === 'FAILED') throw new CocoonError('microvm_failed', `microVM ${microvmId} has failed`, { status: 409 });
     await this.#enqueue(instance, 'suspend', () => this.#suspend(instance, 'api'));
   }
@@ -822,7 +777,7 @@ export class LifecycleEngine implements MicroVMDirectory {
   /** Resumes a SUSPENDED microVM (whatever autoResumeEnabled says); no-op when RUNNING. */
   async resume(microvmId: string): Promise<void> {
     const instance = this.#require(microvmId);
-    await instance.queue;
+    await instance.ops.settled;
     if (instance.state === 'FAILED') throw new CocoonError('microvm_failed', `microVM ${microvmId} has failed`, { status: 409 });
     await this.#enqueue(instance, 'resume', () => this.#resume(instance, 'api'));
   }
@@ -864,7 +819,7 @@ export class LifecycleEngine implements MicroVMDirectory {
   async settled(microvmId: string): Promise<MicrovmState | undefined> {
     const instance = this.#instances.get(microvmId);
     if (!instance) return (await getMicrovm(this.db, microvmId))?.state;
-    await instance.queue;
+    await instance.ops.settled;
     return instance.state;
   }
 
@@ -882,7 +837,7 @@ export class LifecycleEngine implements MicroVMDirectory {
   /** What is known in memory about a microVM (for tests and the API: in-flight counts, operation). */
   inspect(microvmId: string): { state: MicrovmState; inFlight: number; webSockets: number; busy: Operation | undefined; pid: number | undefined } | undefined {
     const instance = this.#instances.get(microvmId);
-    return instance && { state: instance.state, inFlight: instance.inFlight, webSockets: instance.webSockets, busy: instance.busy, pid: instance.vm?.pid };
+    return instance && { state: instance.state, inFlight: instance.activity.inFlight, webSockets: instance.activity.webSockets, busy: instance.ops.busy, pid: instance.vm?.pid };
   }
 
   // ---- start and stop --------------------------------------------------------------------------
@@ -892,7 +847,7 @@ export class LifecycleEngine implements MicroVMDirectory {
     const instance = await this.#load(microvm);
     if (vm) this.#attach(instance, vm);
     if (instance.state === 'RUNNING') {
-      instance.lastActivity = Math.max(instance.lastActivity, Date.now() - instance.maxIdleMs / 2);
+      instance.activity.lastActivity = Math.max(instance.activity.lastActivity, Date.now() - instance.maxIdleMs / 2);
       this.#armIdle(instance);
     }
     if (instance.state === 'SUSPENDED') this.#armSuspended(instance);
@@ -912,7 +867,7 @@ export class LifecycleEngine implements MicroVMDirectory {
     if (this.#scanTimer) clearInterval(this.#scanTimer);
     this.#scheduler.close();
     const instances = [...this.#instances.values()];
-    await Promise.all(instances.map((instance) => instance.queue));
+    await Promise.all(instances.map((instance) => instance.ops.settled));
     await this.#flushActivity();
     for (const instance of instances) {
       if (instance.state !== 'RUNNING' || !instance.vm) continue;
