@@ -2,7 +2,6 @@
  * Cocoon's configuration, from the environment (CONTRACT.md names the public variables).
  * Parsed and validated once at start-up; a bad value stops the server with a clear message.
  */
-import { createHash } from 'node:crypto';
 import path from 'node:path';
 import { CocoonError } from '../common/errors.ts';
 import { dataDir } from './paths.ts';
@@ -31,8 +30,8 @@ export interface CocoonConfig {
   accel: AcceleratorChoice;
   /**
    * This host's identity (COCOON_HOST_ID): the microVMs it runs carry it in the store, and its
-   * recovery touches only those. Default: derived from the data directory (`defaultHostId`);
-   * optional only for configurations built by hand (tests), where the lifecycle derives it too.
+   * recovery touches only those. Unset: the id kept in the data directory (`<dataDir>/host-id`,
+   * made on first start by the lifecycle: src/lifecycle/host-id.ts).
    */
   hostId?: string;
   /**
@@ -44,12 +43,8 @@ export interface CocoonConfig {
   databaseUrl?: string | undefined;
 }
 
-const HOST_ID = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
-
-/** A host id that stays the same as long as the data directory does: `host-` and 16 hex digits of its path's SHA-256. */
-export function defaultHostId(dataDirectory: string): string {
-  return `host-${createHash('sha256').update(path.resolve(dataDirectory)).digest('hex').slice(0, 16)}`;
-}
+/** COCOON_HOST_ID: 1-64 of [A-Za-z0-9._-], starting with a letter or digit. */
+export const HOST_ID_PATTERN = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
 
 function port(name: string, value: string | undefined, fallback: number): number {
   if (value === undefined || value === '') return fallback;
@@ -66,8 +61,8 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): CocoonConfig {
     throw new CocoonError('invalid_config', `COCOON_REGION must be 1-32 of [a-z0-9-], got ${JSON.stringify(region)}`);
   }
   const dataDirectory = env.COCOON_DATA_DIR ? path.resolve(env.COCOON_DATA_DIR) : dataDir();
-  const hostId = env.COCOON_HOST_ID || defaultHostId(dataDirectory);
-  if (!HOST_ID.test(hostId)) {
+  const hostId = env.COCOON_HOST_ID || undefined;
+  if (hostId !== undefined && !HOST_ID_PATTERN.test(hostId)) {
     throw new CocoonError('invalid_config', `COCOON_HOST_ID must be 1-64 of [A-Za-z0-9._-], starting with a letter or digit, got ${JSON.stringify(hostId)}`);
   }
   const hostAddress = env.COCOON_HOST_ADDRESS || '127.0.0.1';
@@ -82,7 +77,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): CocoonConfig {
     gatewayDomain: env.COCOON_GATEWAY_DOMAIN ?? 'vm.localhost',
     region,
     accel: parseAcceleratorChoice(env.COCOON_ACCEL),
-    hostId,
+    ...(hostId ? { hostId } : {}),
     hostAddress,
     databaseUrl: env.COCOON_DATABASE_URL || undefined,
   };

@@ -18,7 +18,6 @@
 import fs from 'node:fs';
 import { CocoonError, errorMessage, isCocoonError } from '../common/errors.ts';
 import { log as rootLog, type Logger } from '../common/log.ts';
-import { defaultHostId } from '../config/config.ts';
 import type { MicroVMDirectory, MicroVMRoute } from '../gateway/types.ts';
 import { appendEvent } from '../store/events.ts';
 import { callHttpHook, describeHttpHookOutcome } from '../guest/http-hooks.ts';
@@ -41,6 +40,7 @@ import { readSnapshotManifest } from '../vmm/snapshot.ts';
 import { Activity } from './activity.ts';
 import { applyMicrovmEvent } from './apply-event.ts';
 import { liveRoute, storedRoute } from './directory.ts';
+import { dataDirHostId } from './host-id.ts';
 import { OperationQueue } from './queue.ts';
 import { dueTimes, dueWithoutTimer, Scheduler, TERMINATION_REASONS, type DueTimes, type TimerKind } from './scheduler.ts';
 import { generationDir, imageSnapshotDir, microvmDir, runDir, snapshotDirFor } from './paths.ts';
@@ -71,7 +71,7 @@ export interface LifecycleOptions {
   maxDiskChain?: number;
   /** What a graceful stop does with RUNNING microVMs: suspend them (default) or leave them running for the next start to adopt. */
   onStop?: 'suspend' | 'leave';
-  /** This host's identity (config `hostId`): the microVMs it launches are claimed for it. Default: derived from `dataDir`. */
+  /** This host's identity (config `hostId`): the microVMs it launches are claimed for it. Default: the id kept in `dataDir` (host-id.ts). */
   hostId?: string;
   /** Where the gateway reaches this host's forwarded guest ports (config `hostAddress`, default 127.0.0.1). */
   hostAddress?: string;
@@ -150,7 +150,7 @@ export class LifecycleEngine implements MicroVMDirectory {
   constructor(options: LifecycleOptions) {
     this.db = options.db;
     this.dataDir = options.dataDir;
-    this.hostId = options.hostId ?? defaultHostId(options.dataDir);
+    this.hostId = options.hostId ?? dataDirHostId(options.dataDir);
     this.#hostAddress = options.hostAddress ?? '127.0.0.1';
     this.#log = (options.logger ?? rootLog).child({ component: 'lifecycle' });
     this.#durable = options.durable ?? true;

@@ -5,9 +5,10 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
-import { defaultHostId, loadConfig } from '../../src/config/config.ts';
+import { loadConfig } from '../../src/config/config.ts';
 import { applyMicrovmEvent } from '../../src/lifecycle/apply-event.ts';
 import { LifecycleEngine } from '../../src/lifecycle/engine.ts';
+import { dataDirHostId } from '../../src/lifecycle/host-id.ts';
 import { microvmDir } from '../../src/lifecycle/paths.ts';
 import { recoverMicrovms } from '../../src/lifecycle/recovery.ts';
 import { claimMicrovm, createMicrovm, getMicrovm, listHostMicrovms, transitionMicrovm, type Microvm, type MicrovmState } from '../../src/store/microvms.ts';
@@ -15,13 +16,24 @@ import { quiet, readyImage, someTenant, tempDb } from '../store/helpers.ts';
 
 const POLICY = { autoResumeEnabled: true, maxIdleDurationSeconds: 300, suspendedDurationSeconds: null };
 
-test('the host id defaults to one derived from the data directory, and a bad one is refused', () => {
+test('the host id: COCOON_HOST_ID, else the one kept in the data directory (made once, kept across starts and moves)', async (t) => {
   const a = loadConfig({ COCOON_DATA_DIR: '/srv/cocoon-a' });
-  assert.equal(a.hostId, defaultHostId('/srv/cocoon-a'));
-  assert.match(a.hostId!, /^host-[0-9a-f]{16}$/);
-  assert.equal(loadConfig({ COCOON_DATA_DIR: '/srv/cocoon-a' }).hostId, a.hostId, 'stable across starts');
-  assert.notEqual(loadConfig({ COCOON_DATA_DIR: '/srv/cocoon-b' }).hostId, a.hostId);
+  assert.equal(a.hostId, undefined, 'loading the configuration writes nothing');
   assert.equal(loadConfig({ COCOON_HOST_ID: 'web-1.eu' }).hostId, 'web-1.eu');
+  const { dir } = await tempDb(t);
+  const id = dataDirHostId(dir);
+  assert.match(id, /^host-[0-9a-f]{16}$/);
+  assert.equal(fs.readFileSync(path.join(dir, 'host-id'), 'utf8'), `${id}\n`);
+  assert.equal(dataDirHostId(dir), id, 'the same on the next start');
+  const moved = `${dir}-moved`;
+  await fs.promises.cp(dir, moved, { recursive: true });
+  t.after(() => fs.promises.rm(moved, { recursive: true, force: true }));
+  assert.equal(dataDirHostId(moved), id, 'a moved data directory keeps its host');
+  const other = path.join(dir, 'other');
+  assert.notEqual(dataDirHostId(other), id, 'another data directory is another host');
+  const engine = new LifecycleEngine({ db: (await tempDb(t)).db, dataDir: dir, logger: quiet });
+  t.after(() => engine.close());
+  assert.equal(engine.hostId, id);
   assert.equal(a.hostAddress, '127.0.0.1');
   assert.equal(loadConfig({ COCOON_HOST_ADDRESS: '10.0.0.7' }).hostAddress, '10.0.0.7');
   assert.throws(() => loadConfig({ COCOON_HOST_ID: '../etc' }), /COCOON_HOST_ID/);
