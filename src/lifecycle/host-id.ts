@@ -6,7 +6,7 @@
 import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
-import { HOST_ID_PATTERN } from '../config/config.ts';
+import { HOST_ID_PATTERN } from '../common/settings.ts';
 
 export function dataDirHostId(dataDir: string): string {
   const file = path.join(dataDir, 'host-id');

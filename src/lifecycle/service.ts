@@ -7,11 +7,15 @@ import type { Microvm } from '../store/microvms.ts';
 import type { Db } from '../store/sql.ts';
 import type { LifecycleEngine } from './engine.ts';
 import { checkpointMicrovm, forkMicrovm, type CheckpointResult, type ForkInput, type ForkResult } from './fork.ts';
+import { startMicrovm, type StartMicrovmInput } from './start.ts';
 import { readLogTail } from './storage.ts';
 
 export { MAX_FORKS, type CheckpointResult, type ForkInput, type ForkResult } from './fork.ts';
+export type { StartMicrovmInput } from './start.ts';
 
 export interface MicrovmService {
+  /** A new microVM from a READY image (idempotent per clientToken), launched in the background. */
+  start(input: StartMicrovmInput): Promise<{ microvm: Microvm; created: boolean }>;
   /** A microVM just created in the store (PENDING): starts it in the background. */
   launch(microvm: Microvm): Promise<void>;
   /** Suspends a RUNNING microVM; no-op when already SUSPENDED. */
@@ -31,6 +35,7 @@ export interface MicrovmService {
 /** The service on this process's engine. */
 export function engineMicrovmService(engine: LifecycleEngine, db: Db, region: string): MicrovmService {
   return {
+    start: (input) => startMicrovm(db, engine, region, input),
     launch: (microvm) => engine.launch(microvm),
     suspend: (id) => engine.suspend(id),
     resume: (id) => engine.resume(id),

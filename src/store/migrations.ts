@@ -226,6 +226,30 @@ export const MIGRATIONS: readonly Migration[] = [
   },
   {
     version: 7,
+    name: 'aws image versions and tags',
+    // What the AWS surface (src/compat/aws/) keeps beside Cocoon's images: per image version the
+    // request's AWS-only members as given (spec JSON: baseImageArn, buildRoleArn, description…),
+    // its ACTIVE/INACTIVE status and the clientToken that made it (CreateMicrovmImage /
+    // UpdateMicrovmImage idempotency: a digest of the request in request_hash); tags per image
+    // name (an AWS image is a name with all its versions).
+    sql: `CREATE TABLE aws_image_versions (
+            image_id      TEXT PRIMARY KEY REFERENCES images (id) ON DELETE CASCADE,
+            tenant_id     TEXT NOT NULL REFERENCES tenants (id) ON DELETE CASCADE,
+            spec          TEXT NOT NULL DEFAULT '{}',
+            status        TEXT NOT NULL DEFAULT 'ACTIVE' CHECK (status IN ('ACTIVE', 'INACTIVE')),
+            client_token  TEXT,
+            request_hash  TEXT
+          );
+          CREATE UNIQUE INDEX aws_image_versions_by_client_token ON aws_image_versions (tenant_id, client_token) WHERE client_token IS NOT NULL;
+          CREATE TABLE aws_tags (
+            tenant_id  TEXT NOT NULL REFERENCES tenants (id) ON DELETE CASCADE,
+            name       TEXT NOT NULL,
+            tags       TEXT NOT NULL DEFAULT '{}',
+            PRIMARY KEY (tenant_id, name)
+          );`,
+  },
+  {
+    version: 8,
     name: 'microvm host',
     // host_id: the host (COCOON_HOST_ID) whose lifecycle runs the microVM: its recovery and its
     // timers touch only its own rows. NULL: not claimed yet (a PENDING microVM before its

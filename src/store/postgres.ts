@@ -1,5 +1,6 @@
 import { AsyncLocalStorage } from 'node:async_hooks';
 import pg from 'pg';
+import { log } from '../common/log.ts';
 import type { Database, Db, RunResult, SqlParam } from './sql.ts';
 
 /** Connections per process: enough for concurrent requests, few enough for many hosts on one server. */
@@ -46,8 +47,8 @@ export class PostgresDb implements Database {
     });
     // An idle connection that the server drops (restart, failover) must not crash the process:
     // the pool discards it and the next query opens a new one.
-    pool.on('error', () => {});
     const db = new PostgresDb(url, pool);
+    pool.on('error', (error) => log.warn({ database: db.location, err: error.message }, 'an idle PostgreSQL connection failed; the pool replaces it'));
     try {
       await pool.query('SELECT 1');
     } catch (error) {

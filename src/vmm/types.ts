@@ -5,10 +5,9 @@
 import type { VmLimits } from '../host/cgroups.ts';
 
 export type Accelerator = 'tcg' | 'kvm';
-/** The configured choice (COCOON_ACCEL), parsed by the configuration. */
-export type { AcceleratorChoice } from '../config/config.ts';
+export type AcceleratorChoice = Accelerator | 'auto';
 
-/** Platform limits (DESIGN.md): a request outside them is refused with `invalid_resources`. */
+/** Platform limits (docs/design.md): a request outside them is refused with `invalid_resources`. */
 export const LIMITS = {
   minVcpus: 1,
   maxVcpus: 16,

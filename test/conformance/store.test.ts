@@ -28,6 +28,9 @@ const SKIPS: Record<DialectName, Record<string, string>> = {
   sqlite: {
     'the server restarting: the pool reconnects and nothing committed is lost':
       'SQLite is a file opened in-process: there is no server to restart',
+    'two handles on one database (two hosts) racing a compare-and-set: exactly one wins':
+      "node:sqlite is synchronous: a second handle in the same process waiting for the first one's write lock " +
+      'blocks the event loop the first one needs to finish; across processes the file lock decides (see the migration-lock case)',
   },
   postgres: {},
 };
