@@ -8,7 +8,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { loadGuestArtifacts } from '../src/guest/artifacts.ts';
-import { chooseAccelerator, parseAcceleratorChoice } from '../src/vmm/accel.ts';
+import { chooseAccelerator, parseAcceleratorChoice } from '../src/vmm/qemu/accel.ts';
 import type { Accelerator } from '../src/vmm/types.ts';
 import type { Metrics } from './stats.ts';
 

@@ -2,13 +2,15 @@
  * The subsystems a default server runs. Each role of DESIGN.md plugs in here with its routes
  * and its start/stop.
  */
+import { awsModule } from './compat/aws/module.ts';
 import { e2bModule } from './compat/e2b/module.ts';
 import { imagesModule } from './images/module.ts';
 import { microvmModule } from './lifecycle/module.ts';
 import type { ServerModule } from './server.ts';
 
 export function defaultModules(): ServerModule[] {
+  const images = imagesModule();
   const microvms = microvmModule();
-  // After the microVM module: it starts the gateway and the engine the E2B surface uses.
-  return [imagesModule(), microvms, e2bModule(microvms)];
+  // After the microVM module: it starts the gateway and the engine the E2B and AWS surfaces use.
+  return [images, microvms, e2bModule(microvms), awsModule(images, microvms)];
 }

@@ -11,13 +11,14 @@ import type { CocoonConfig } from '../config/config.ts';
 import type { ObjectStore } from '../objectstore/object-store.ts';
 import type { Db } from '../store/sql.ts';
 import { registerAuth } from './auth.ts';
-import { clientErrorResponse, handleError } from './errors.ts';
+import { clientErrorResponse, errorBody, handleError } from './errors.ts';
 import { ErrorSchema } from './schemas.ts';
 import { apiKeyRoutes } from './routes/api-keys.ts';
 import { dashboardRoutes } from './routes/dashboard.ts';
 import { healthRoutes } from './routes/health.ts';
 import { infoRoutes } from './routes/info.ts';
 import { tenantRoutes } from './routes/tenants.ts';
+import { setting } from '../common/settings.ts';
 
 /** What route plugins get. Services are added here as the platform grows. */
 export interface ApiContext {
@@ -72,7 +73,7 @@ function documentErrors(route: RouteOptions): void {
 
 export async function buildApiServer(context: ApiContext, extraRoutes: ApiRoutes[] = [], rootRoutes: ApiRoutes[] = []): Promise<FastifyInstance> {
   const app = Fastify({
-    logger: { level: process.env.COCOON_LOG_LEVEL ?? (process.env.NODE_ENV === 'test' ? 'warn' : 'info'), redact: ['req.headers.authorization'] },
+    logger: { level: setting('COCOON_LOG_LEVEL'), redact: ['req.headers.authorization'] },
     bodyLimit: JSON_BODY_LIMIT,
     routerOptions: { maxParamLength: 300 },
     ajv: { customOptions: { removeAdditional: false, coerceTypes: 'array', allErrors: false } },
@@ -112,7 +113,7 @@ export async function buildApiServer(context: ApiContext, extraRoutes: ApiRoutes
   });
   app.setErrorHandler(handleError);
   app.setNotFoundHandler((request, reply) => {
-    void reply.status(404).send({ error: { code: 'not_found', message: `no route ${request.method} ${request.url.split('?')[0]}` } });
+    void reply.status(404).send(errorBody('not_found', `no route ${request.method} ${request.url.split('?')[0]}`));
   });
   app.addHook('onRequest', async (request) => {
     if (request.raw.httpVersionMajor === 1 && request.raw.httpVersionMinor >= 1 && request.headers.host === undefined) {

@@ -4,13 +4,13 @@
  * `invalid_request`; anything else is a 500 whose details stay in the server log.
  */
 import type { FastifyError, FastifyReply, FastifyRequest } from 'fastify';
-import { CocoonError } from '../common/errors.ts';
+import { CocoonError, type ErrorCode } from '../common/errors.ts';
 
 export interface ErrorBody {
-  error: { code: string; message: string };
+  error: { code: ErrorCode; message: string };
 }
 
-export function errorBody(code: string, message: string): ErrorBody {
+export function errorBody(code: ErrorCode, message: string): ErrorBody {
   return { error: { code, message } };
 }
 
@@ -32,7 +32,7 @@ export function handleError(error: FastifyError | Error, request: FastifyRequest
   }
   const status = fastifyError.statusCode ?? 500;
   if (status >= 400 && status < 500) {
-    const code = fastifyError.code === 'FST_ERR_CTP_BODY_TOO_LARGE' ? 'payload_too_large'
+    const code: ErrorCode = fastifyError.code === 'FST_ERR_CTP_BODY_TOO_LARGE' ? 'payload_too_large'
       : fastifyError.code === 'FST_ERR_MAX_PARAM_LENGTH' ? 'uri_too_long'
       : fastifyError.code === 'FST_ERR_CTP_INVALID_MEDIA_TYPE' ? 'unsupported_media_type'
       : 'invalid_request';
@@ -49,7 +49,7 @@ export function handleError(error: FastifyError | Error, request: FastifyRequest
  */
 export function clientErrorResponse(error: Error): string {
   const code = (error as NodeJS.ErrnoException).code;
-  const [status, reason, errorCode, message] =
+  const [status, reason, errorCode, message]: [number, string, ErrorCode, string] =
     code === 'HPE_HEADER_OVERFLOW' ? [431, 'Request Header Fields Too Large', 'headers_too_large', 'the request head is larger than the server accepts']
     : code === 'ERR_HTTP_REQUEST_TIMEOUT' ? [408, 'Request Timeout', 'request_timeout', 'the request did not arrive in time']
     : [400, 'Bad Request', 'invalid_request', 'the request is not valid HTTP/1.1'];

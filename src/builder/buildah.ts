@@ -13,11 +13,13 @@ import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { CocoonError, errorMessage } from '../common/errors.ts';
 import { log } from '../common/log.ts';
+import { iptables, splitIptablesRule } from '../net/iptables.ts';
 import { abortReason, exec, tail, type ExecOptions } from './exec.ts';
 import { builderCacheDir } from './paths.ts';
+import { setting } from '../common/settings.ts';
 
-const BUILDAH = process.env.COCOON_BUILDAH ?? 'buildah';
-const RUNC = process.env.COCOON_RUNC ?? 'runc';
+const BUILDAH = setting('COCOON_BUILDAH');
+const RUNC = setting('COCOON_RUNC');
 /** Where buildah (as root) keeps the state of the runc containers it starts for RUN steps. */
 const RUNC_ROOT = '/run/runc';
 
@@ -149,9 +151,7 @@ export interface BuildResult {
 }
 
 function defaultNetwork(): BuildNetwork {
-  const env = process.env.COCOON_BUILD_NETWORK;
-  if (env === 'host' || env === 'private' || env === 'none') return env;
-  return 'private';
+  return setting('COCOON_BUILD_NETWORK');
 }
 
 const MAX_LOG_BYTES = 4 * 1024 * 1024;
@@ -349,7 +349,7 @@ export async function releaseCniNetwork(containerId: string): Promise<boolean> {
     }
   }
   const marker = `id: \\"${containerId}\\"`;
-  const nat = (await exec('iptables', ['-t', 'nat', '-S'], { allowFailure: true })).stdout.split('\n');
+  const nat = (await iptables(['-t', 'nat', '-S'], { allowFailure: true })).stdout.split('\n');
   const chains = new Set<string>();
   let found = ips.length > 0;
   for (const line of nat) {
@@ -360,50 +360,25 @@ export async function releaseCniNetwork(containerId: string): Promise<boolean> {
     if (chain.startsWith('CNI-')) {
       chains.add(chain);
     } else {
-      await exec('iptables', ['-t', 'nat', '-D', ...words.slice(1)], { allowFailure: true });
+      await iptables(['-t', 'nat', '-D', ...words.slice(1)], { allowFailure: true });
       const target = words[words.indexOf('-j') + 1];
       if (target?.startsWith('CNI-')) chains.add(target);
     }
   }
   for (const chain of chains) {
-    await exec('iptables', ['-t', 'nat', '-F', chain], { allowFailure: true });
-    await exec('iptables', ['-t', 'nat', '-X', chain], { allowFailure: true });
+    await iptables(['-t', 'nat', '-F', chain], { allowFailure: true });
+    await iptables(['-t', 'nat', '-X', chain], { allowFailure: true });
   }
   if (ips.length) {
-    const filter = (await exec('iptables', ['-t', 'filter', '-S', 'CNI-FORWARD'], { allowFailure: true })).stdout.split('\n');
+    const filter = (await iptables(['-t', 'filter', '-S', 'CNI-FORWARD'], { allowFailure: true })).stdout.split('\n');
     for (const line of filter) {
       if (line.startsWith('-A ') && ips.some((ip) => line.includes(` ${ip}/32 `))) {
-        await exec('iptables', ['-t', 'filter', '-D', ...splitIptablesRule(line).slice(1)], { allowFailure: true });
+        await iptables(['-t', 'filter', '-D', ...splitIptablesRule(line).slice(1)], { allowFailure: true });
       }
     }
   }
   if (found) log.warn({ container: containerId, ips }, 'released the network of a killed build step');
   return found;
-}
-
-/** Splits an `iptables -S` line into words (double quotes with backslash escapes). */
-export function splitIptablesRule(line: string): string[] {
-  const words: string[] = [];
-  let i = 0;
-  while (i < line.length) {
-    while (line[i] === ' ') i++;
-    if (i >= line.length) break;
-    let word = '';
-    while (i < line.length && line[i] !== ' ') {
-      if (line[i] === '"') {
-        i++;
-        while (i < line.length && line[i] !== '"') {
-          if (line[i] === '\\' && i + 1 < line.length) i++;
-          word += line[i++];
-        }
-        i++;
-      } else {
-        word += line[i++];
-      }
-    }
-    words.push(word);
-  }
-  return words;
 }
 
 /** Lazily unmounts every mount point at or below `dir`, deepest first. */

@@ -32,7 +32,7 @@ export function resolveLimits(overrides: Partial<BundleLimits> = {}): BundleLimi
   const limits = { ...DEFAULT_BUNDLE_LIMITS, ...overrides };
   for (const [name, value] of Object.entries(limits)) {
     if (!Number.isSafeInteger(value) || value < 1) {
-      throw new CocoonError('invalid_configuration', `bundle limit ${name} must be a positive integer, got ${String(value)}`);
+      throw new CocoonError('invalid_config', `bundle limit ${name} must be a positive integer, got ${String(value)}`);
     }
   }
   return limits;

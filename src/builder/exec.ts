@@ -1,5 +1,5 @@
 import { spawn } from 'node:child_process';
-import { CocoonError } from '../common/errors.ts';
+import { CocoonError, type ErrorCode } from '../common/errors.ts';
 
 export interface ExecOptions {
   /** Extra environment; merged over process.env. */
@@ -23,7 +23,7 @@ export interface ExecOptions {
   /** Resolve with the result instead of throwing on a non-zero exit. */
   allowFailure?: boolean;
   /** Error code used when the command fails (default `command_failed`). */
-  errorCode?: string;
+  errorCode?: ErrorCode;
 }
 
 export interface ExecResult {

@@ -1,26 +1,32 @@
+import { errorStatus, type ErrorCode } from './error-codes.ts';
+
+export type { ErrorCode } from './error-codes.ts';
+
 /**
- * One error type for the whole platform. `code` is stable (scripts and the SDK match on it);
- * `message` is for humans and says what to do; `status` is the HTTP status the API answers with.
+ * One error type for the whole platform. `code` is stable (scripts and the SDK match on it) and
+ * registered in src/common/error-codes.ts; `message` is for humans and says what to do; `status`
+ * is the HTTP status the API answers with: the code's registered status unless the throw site
+ * names one of the others the registry lists for it (`also`).
  */
 export class CocoonError extends Error {
-  readonly code: string;
+  readonly code: ErrorCode;
   readonly status: number;
   readonly details: Record<string, unknown> | undefined;
 
   constructor(
-    code: string,
+    code: ErrorCode,
     message: string,
     options: { status?: number; cause?: unknown; details?: Record<string, unknown> } = {},
   ) {
     super(message, { cause: options.cause });
     this.name = 'CocoonError';
     this.code = code;
-    this.status = options.status ?? 500;
+    this.status = options.status ?? errorStatus(code);
     this.details = options.details;
   }
 }
 
-export function isCocoonError(error: unknown, code?: string): error is CocoonError {
+export function isCocoonError(error: unknown, code?: ErrorCode): error is CocoonError {
   return error instanceof CocoonError && (code === undefined || error.code === code);
 }
 

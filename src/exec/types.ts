@@ -10,6 +10,7 @@
  * as activity (idle suspend never cuts it); an explicit suspend or a termination ends open
  * sessions with an exit event whose `reason` says so.
  */
+import type { ErrorCode } from '../common/error-codes.ts';
 import type { Readable } from 'node:stream';
 
 export interface ExecRequest {
@@ -35,7 +36,7 @@ export type ExecEvent =
   | { type: 'stdout'; data: Buffer }
   | { type: 'stderr'; data: Buffer }
   | { type: 'exit'; exitCode: number | null; signal: string | null; timedOut: boolean; reason?: ExitReason }
-  | { type: 'error'; error: { code: string; message: string } };
+  | { type: 'error'; error: { code: ErrorCode; message: string } };
 
 /** Why a session ended without the process's own exit: the microVM was suspended, terminated… */
 export type ExitReason = 'suspended' | 'terminated' | 'failed' | 'agent_gone';

@@ -76,7 +76,7 @@ function sendJson(ws: WebSocket, value: unknown): void {
 }
 
 function sendError(ws: WebSocket, error: unknown): void {
-  const code = error instanceof CocoonError ? error.code : 'internal_error';
+  const code = error instanceof CocoonError ? error.code : 'internal';
   const message = error instanceof CocoonError ? error.message : errorMessage(error);
   sendJson(ws, { type: 'error', error: { code, message } });
   ws.close(1011, code.slice(0, 100));

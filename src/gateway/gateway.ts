@@ -10,7 +10,7 @@
 import http, { type IncomingMessage, type OutgoingHttpHeaders, type ServerResponse } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import type { Duplex } from 'node:stream';
-import { isCocoonError } from '../common/errors.ts';
+import { isCocoonError, type ErrorCode } from '../common/errors.ts';
 import { log as rootLog, type Logger } from '../common/log.ts';
 import { BodyMeter } from './body.ts';
 import {
@@ -94,7 +94,7 @@ export interface Gateway {
 interface Rejection {
   readonly kind: 'reject';
   readonly status: number;
-  readonly code: string;
+  readonly code: ErrorCode;
   readonly message: string;
   readonly headers?: OutgoingHttpHeaders;
 }
@@ -118,7 +118,7 @@ interface Admitted {
   readonly awsSubprotocol: boolean;
 }
 
-const AUTH_FAILURES: Record<TokenFailureReason, { status: number; code: string; message: string }> = {
+const AUTH_FAILURES: Record<TokenFailureReason, { status: number; code: ErrorCode; message: string }> = {
   missing: {
     status: 401,
     code: 'token_missing',
@@ -131,7 +131,7 @@ const AUTH_FAILURES: Record<TokenFailureReason, { status: number; code: string; 
   other_microvm: { status: 403, code: 'token_wrong_microvm', message: 'the token belongs to another microVM' },
 };
 
-function reject(status: number, code: string, message: string, headers?: OutgoingHttpHeaders): Rejection {
+function reject(status: number, code: ErrorCode, message: string, headers?: OutgoingHttpHeaders): Rejection {
   return headers === undefined ? { kind: 'reject', status, code, message } : { kind: 'reject', status, code, message, headers };
 }
 
@@ -608,7 +608,7 @@ export function createGateway(options: GatewayOptions): Gateway {
     }
     onRequest(req, res).catch((error: unknown) => {
       logger.error({ err: error, path: pathOnly(req.url) }, 'gateway request handler failed');
-      sendError(req, res, reject(500, 'internal_error', 'the gateway failed to handle the request'));
+      sendError(req, res, reject(500, 'internal', 'the gateway failed to handle the request'));
     });
   };
   server.on('request', handle);

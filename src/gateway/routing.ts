@@ -3,6 +3,8 @@
  * Pure functions, strict on purpose: anything ambiguous is refused before any backend is asked.
  */
 
+import type { ErrorCode } from '../common/error-codes.ts';
+
 export const DEFAULT_GATEWAY_DOMAIN = 'vm.localhost';
 
 /**
@@ -31,9 +33,9 @@ export function normalizeDomain(domain: string): string {
 
 export type RouteResolution =
   | { ok: true; microvmId: string; via: 'host' | 'header'; hostPort?: number }
-  | { ok: false; status: 400 | 404; code: string; message: string };
+  | { ok: false; status: 400 | 404; code: ErrorCode; message: string };
 
-function fail(status: 400 | 404, code: string, message: string): RouteResolution {
+function fail(status: 400 | 404, code: ErrorCode, message: string): RouteResolution {
   return { ok: false, status, code, message };
 }
 

@@ -28,7 +28,7 @@ import { S3ObjectStore } from '../objectstore/s3.ts';
 import { getImage, transitionImage, type Image, type ImageState } from '../store/images.ts';
 import type { Db } from '../store/sql.ts';
 import { callHttpHook, describeHttpHookOutcome, httpHookPath } from '../guest/http-hooks.ts';
-import { QemuVm } from '../vmm/qemu.ts';
+import { QemuVm } from '../vmm/qemu/qemu.ts';
 import type { Accelerator } from '../vmm/types.ts';
 import { BuildLog, FileFollower } from './build-log.ts';
 import { cleanupAbandonedBuild } from './cleanup.ts';

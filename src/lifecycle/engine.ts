@@ -33,9 +33,9 @@ import {
   type MicrovmState,
 } from '../store/microvms.ts';
 import type { Db } from '../store/sql.ts';
-import { killQemuProcesses } from '../vmm/processes.ts';
-import { QemuVm } from '../vmm/qemu.ts';
-import { watchDiskSpace } from '../vmm/space-watch.ts';
+import { killQemuProcesses } from '../host/processes.ts';
+import { QemuVm } from '../vmm/qemu/qemu.ts';
+import { watchDiskSpace } from '../vmm/qemu/space-watch.ts';
 import { readSnapshotManifest } from '../vmm/snapshot.ts';
 import { generationDir, imageSnapshotDir, microvmDir, runDir, snapshotDirFor } from './paths.ts';
 import { appendLog, clearRunFiles, collectGarbage, compactGeneration, parseRuntime, runtimeRecord, type Runtime } from './storage.ts';

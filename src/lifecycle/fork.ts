@@ -3,7 +3,7 @@
  * instant (docs/microvms.md, "Fork and checkpoint").
  *
  * Both take a *fork point* of the source as one operation of its queue: of a RUNNING source,
- * a snapshot taken while it runs on after a brief pause (vmm/fork-point.ts); of a SUSPENDED one,
+ * a snapshot taken while it runs on after a brief pause (vmm/qemu/fork-point.ts); of a SUSPENDED one,
  * its latest generation, without waking it. The fork point must not depend on the source's own
  * generations (the source may be suspended, folded or terminated later), so its disk layer is
  * rebased onto the image's disk when the source's chain has layers in between; memory, device
@@ -37,8 +37,8 @@ import { createImage, getImage, listImagesInStates, setImageBuildLogPath, transi
 import { newId } from '../store/ids.ts';
 import { createForks, type IdlePolicy, type Microvm } from '../store/microvms.ts';
 import type { Db } from '../store/sql.ts';
-import { fsyncDir } from '../vmm/qemu.ts';
-import { completeForkPoint, rebaseDisk, takeForkPoint } from '../vmm/fork-point.ts';
+import { fsyncDir } from '../vmm/qemu/qemu.ts';
+import { completeForkPoint, rebaseDisk, takeForkPoint } from '../vmm/qemu/fork-point.ts';
 import { sealSnapshotFiles } from '../vmm/snapshot-safety.ts';
 import { dataChecksums, readSnapshotManifest, writeSnapshotManifest } from '../vmm/snapshot.ts';
 import type { DiskSpec } from '../vmm/types.ts';

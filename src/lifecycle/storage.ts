@@ -7,7 +7,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { promisify } from 'node:util';
 import { CocoonError, errorMessage } from '../common/errors.ts';
-import { fsyncDir } from '../vmm/qemu.ts';
+import { fsyncDir } from '../vmm/qemu/qemu.ts';
 import { sealSnapshotFiles } from '../vmm/snapshot-safety.ts';
 import { dataChecksums, readSnapshotManifest, writeSnapshotManifest } from '../vmm/snapshot.ts';
 import { GENERATION_DIR, generationDir, logPath, microvmDir, runDir } from './paths.ts';

@@ -26,7 +26,7 @@ export class LocalObjectStore implements ObjectStore {
 
   constructor(root: string) {
     if (typeof root !== 'string' || root.length === 0) {
-      throw new CocoonError('invalid_configuration', 'the local object store needs a root directory');
+      throw new CocoonError('invalid_config', 'the local object store needs a root directory');
     }
     this.root = resolve(root);
   }

@@ -72,6 +72,6 @@ export function objectTooLarge(where: string, maxBytes: number): CocoonError {
 
 export function checkMaxBytes(maxBytes: number): void {
   if (!Number.isSafeInteger(maxBytes) || maxBytes < 0) {
-    throw new CocoonError('invalid_configuration', `maxBytes must be a non-negative integer, got ${maxBytes}`);
+    throw new CocoonError('invalid_config', `maxBytes must be a non-negative integer, got ${maxBytes}`);
   }
 }

@@ -1,12 +1,12 @@
 /**
  * What a snapshot and a launch need beyond the happy path: which error a failed snapshot
- * reports, and who owns the files QEMU uses (sandbox.ts).
+ * reports, and who owns the files QEMU uses (src/host/sandbox.ts).
  */
 import fs from 'node:fs';
 import path from 'node:path';
 import { CocoonError, errorMessage } from '../common/errors.ts';
 import type { DiskSpec, GuestKernel } from './types.ts';
-import { type QemuIdentity, assertReadable, backingChain, giveToQemu, grantSearch, keepFromQemu, qemuIdentity, shareReadOnly } from './sandbox.ts';
+import { type QemuIdentity, assertReadable, backingChain, giveToQemu, grantSearch, keepFromQemu, qemuIdentity, shareReadOnly } from '../host/sandbox.ts';
 
 /** Whether an error (or one it wraps) says the disk is full. */
 export function isNoSpace(error: unknown): boolean {

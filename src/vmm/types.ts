@@ -1,7 +1,8 @@
 /**
  * The vmm role's vocabulary. The rest of Cocoon speaks to hypervisors only through these types
- * (and the driver in qemu.ts); nothing outside src/vmm/ builds a QEMU command line.
+ * (and the driver in qemu/qemu.ts); nothing outside src/vmm/ builds a QEMU command line.
  */
+import type { VmLimits } from '../host/cgroups.ts';
 
 export type Accelerator = 'tcg' | 'kvm';
 export type AcceleratorChoice = Accelerator | 'auto';
@@ -63,15 +64,8 @@ export interface CommonVmOptions {
   signal?: AbortSignal;
 }
 
-/** Per-VM limits enforced with cgroups where the host allows (src/vmm/cgroups.ts). */
-export interface VmLimits {
-  /** CPU time per wall time, in cores (e.g. 1.5); default: the VM's vCPU count. */
-  cpus?: number;
-  /** Memory of the QEMU process (guest RAM pages in the page cache included), bytes. */
-  memoryBytes?: number;
-  /** Processes and threads in the group. */
-  pids?: number;
-}
+/** Per-VM limits: defined by the host plumbing that enforces them (src/host/cgroups.ts). */
+export type { VmLimits };
 
 export interface BootOptions extends CommonVmOptions, MachineShape {
   disk: DiskSpec;

@@ -14,7 +14,7 @@ import { ensureBaseImages } from '../../src/builder/base-images.ts';
 import { imageSnapshotDir } from '../../src/images/paths.ts';
 import { listBundles } from '../../src/store/bundles.ts';
 import { createMicrovm, transitionMicrovm } from '../../src/store/microvms.ts';
-import { QemuVm } from '../../src/vmm/qemu.ts';
+import { QemuVm } from '../../src/vmm/qemu/qemu.ts';
 import { cleanupDir, httpGet, tempDir } from '../support/vm.ts';
 import {
   assertNoLeftovers, BUSYBOX_APP, client, makeBundle, makeRawTarGz, removeDataDir, startTestServer,

@@ -15,10 +15,10 @@ import { loadConfig } from '../../src/config/config.ts';
 import { loadGuestArtifacts } from '../../src/guest/artifacts.ts';
 import { ADMIN_KEY_FILE, type RunningServer, startServer } from '../../src/server.ts';
 import { DATABASE_FILE } from '../../src/store/open.ts';
-import { cgroupSupport } from '../../src/vmm/cgroups.ts';
-import { ensureEgressGuard } from '../../src/vmm/egress-guard.ts';
-import { QemuVm } from '../../src/vmm/qemu.ts';
-import { QEMU_UID_BASE, QEMU_UID_COUNT, ensureQemuAccount } from '../../src/vmm/sandbox.ts';
+import { cgroupSupport } from '../../src/host/cgroups.ts';
+import { ensureEgressGuard } from '../../src/net/egress-guard.ts';
+import { QemuVm } from '../../src/vmm/qemu/qemu.ts';
+import { QEMU_UID_BASE, QEMU_UID_COUNT, ensureQemuAccount } from '../../src/host/sandbox.ts';
 import { makeHostileRootDisk } from '../support/hostile-rootfs.ts';
 import { cleanupDir, httpGet, qemuProcessesMentioning, tempDir } from '../support/vm.ts';
 

@@ -8,9 +8,9 @@ import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
-import { isCocoonError } from '../../src/common/errors.ts';
+import { isCocoonError, type ErrorCode } from '../../src/common/errors.ts';
 import { loadGuestArtifacts } from '../../src/guest/artifacts.ts';
-import { QemuVm } from '../../src/vmm/qemu.ts';
+import { QemuVm } from '../../src/vmm/qemu/qemu.ts';
 import { dataChecksums, readSnapshotManifest } from '../../src/vmm/snapshot.ts';
 import type { SnapshotManifest } from '../../src/vmm/types.ts';
 import { fillFilesystem, useFaultDir } from '../support/faults.ts';
@@ -21,7 +21,7 @@ const APP_PORT = 8080;
 const network = { forwards: [{ guestPort: APP_PORT }] };
 const PAGE = 4096;
 
-function hasCode(code: string, message?: RegExp) {
+function hasCode(code: ErrorCode, message?: RegExp) {
   return (error: unknown) => {
     assert.ok(isCocoonError(error, code), `expected ${code}, got ${(error as Error)?.stack ?? String(error)}`);
     if (message) assert.match((error as Error).message, message);

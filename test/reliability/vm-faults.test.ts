@@ -7,10 +7,10 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
-import { isCocoonError } from '../../src/common/errors.ts';
+import { isCocoonError, type ErrorCode } from '../../src/common/errors.ts';
 import { loadGuestArtifacts } from '../../src/guest/artifacts.ts';
-import { QemuVm } from '../../src/vmm/qemu.ts';
-import { watchDiskSpace } from '../../src/vmm/space-watch.ts';
+import { QemuVm } from '../../src/vmm/qemu/qemu.ts';
+import { watchDiskSpace } from '../../src/vmm/qemu/space-watch.ts';
 import { dataChecksums } from '../../src/vmm/snapshot.ts';
 import { fillFilesystem, killQemuWhenItAppears, useFaultDir, waitUntil } from '../support/faults.ts';
 import { makeTestRootDisk } from '../support/rootfs.ts';
@@ -19,7 +19,7 @@ import { httpGet, qemuProcessesMentioning } from '../support/vm.ts';
 const APP_PORT = 8080;
 const network = { forwards: [{ guestPort: APP_PORT }] };
 
-function hasCode(code: string) {
+function hasCode(code: ErrorCode) {
   return (error: unknown) => {
     assert.ok(isCocoonError(error, code), `expected ${code}, got ${(error as Error)?.stack ?? String(error)}`);
     return true;

@@ -9,7 +9,7 @@ import path from 'node:path';
 import { loadGuestArtifacts } from '../../src/guest/artifacts.ts';
 import { createImage, transitionImage, type Image, type ImageHooks } from '../../src/store/images.ts';
 import type { Db } from '../../src/store/sql.ts';
-import { QemuVm } from '../../src/vmm/qemu.ts';
+import { QemuVm } from '../../src/vmm/qemu/qemu.ts';
 import { makeTestRootDisk } from './rootfs.ts';
 import { buildTestApp } from './testapp.ts';
 import { httpGet } from './vm.ts';

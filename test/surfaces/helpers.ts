@@ -17,7 +17,7 @@ import { cleanupAbandonedBuild } from '../../src/images/cleanup.ts';
 import { isId } from '../../src/store/ids.ts';
 import type { CocoonConfig } from '../../src/config/config.ts';
 import { defaultModules } from '../../src/modules.ts';
-import { parseAcceleratorChoice } from '../../src/vmm/accel.ts';
+import { parseAcceleratorChoice } from '../../src/vmm/qemu/accel.ts';
 import { startServer, type RunningServer, type ServerModule } from '../../src/server.ts';
 import { type Tree, writeTree } from '../support/tree.ts';
 

@@ -4,7 +4,7 @@ import fs from 'node:fs';
 import { test } from 'node:test';
 import { isCocoonError } from '../../src/common/errors.ts';
 import { loadGuestArtifacts } from '../../src/guest/artifacts.ts';
-import { chooseAccelerator, parseAcceleratorChoice } from '../../src/vmm/accel.ts';
+import { chooseAccelerator, parseAcceleratorChoice } from '../../src/vmm/qemu/accel.ts';
 
 test('COCOON_ACCEL accepts auto, kvm and tcg, and refuses anything else', () => {
   assert.equal(parseAcceleratorChoice(undefined), 'auto');

@@ -1,7 +1,7 @@
 /** The QEMU command line: the security-relevant defaults are asserted, not assumed. */
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
-import { kernelCmdline, qemuArgs, type QemuLaunch } from '../../src/vmm/qemu-args.ts';
+import { kernelCmdline, qemuArgs, type QemuLaunch } from '../../src/vmm/qemu/qemu-args.ts';
 
 const shape = { vcpus: 2, memoryMiB: 512, accel: 'tcg' as const, guest: { kernel: '/k/vmlinux', initramfs: '/k/initrd.cpio' } };
 const launch = (overrides: Partial<QemuLaunch> = {}): QemuLaunch => ({

@@ -7,7 +7,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { loadGuestArtifacts } from '../../src/guest/artifacts.ts';
-import { QemuVm } from '../../src/vmm/qemu.ts';
+import { QemuVm } from '../../src/vmm/qemu/qemu.ts';
 import type { SnapshotManifest } from '../../src/vmm/types.ts';
 import { makeTestRootDisk } from '../support/rootfs.ts';
 import { cleanupDir, httpGet, qemuProcessesMentioning, tempDir } from '../support/vm.ts';

@@ -9,15 +9,15 @@ import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
-import { isCocoonError } from '../../src/common/errors.ts';
+import { isCocoonError, type ErrorCode } from '../../src/common/errors.ts';
 import { loadGuestArtifacts } from '../../src/guest/artifacts.ts';
-import { QemuVm } from '../../src/vmm/qemu.ts';
-import { DEFAULT_SERIAL_LOG_MAX_BYTES, SerialLog } from '../../src/vmm/serial-log.ts';
+import { QemuVm } from '../../src/vmm/qemu/qemu.ts';
+import { DEFAULT_SERIAL_LOG_MAX_BYTES, SerialLog } from '../../src/vmm/qemu/serial-log.ts';
 import type { BootOptions, SnapshotManifest } from '../../src/vmm/types.ts';
 import { makeTestRootDisk } from '../support/rootfs.ts';
 import { cleanupDir, qemuProcessesMentioning, tempDir } from '../support/vm.ts';
 
-function hasCode(code: string) {
+function hasCode(code: ErrorCode) {
   return (error: unknown) => {
     assert.ok(isCocoonError(error, code), `expected ${code}, got ${(error as Error)?.stack ?? String(error)}`);
     return true;

@@ -15,6 +15,7 @@ import { fileURLToPath } from 'node:url';
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import { Type, type Static } from 'typebox';
 import type { ApiContext } from '../app.ts';
+import { errorBody } from '../errors.ts';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 export const DASHBOARD_DIR = path.resolve(here, '../../dashboard');
@@ -93,7 +94,7 @@ function loadDir(dir: string, accept: (name: string) => boolean, transform: (tex
 }
 
 function send(request: FastifyRequest, reply: FastifyReply, file: Asset | undefined) {
-  if (!file) return reply.status(404).send({ error: { code: 'not_found', message: `no file ${request.url.split('?')[0]}` } });
+  if (!file) return reply.status(404).send(errorBody('not_found', `no file ${request.url.split('?')[0]}`));
   reply
     .header('content-type', file.type)
     .header('etag', file.etag)

@@ -10,6 +10,7 @@ import type { FastifyInstance } from 'fastify';
 import { Type, type Static } from 'typebox';
 import { WebSocketServer } from 'ws';
 import { CocoonError } from '../../common/errors.ts';
+import { errorBody } from '../errors.ts';
 import { type ExecService, type ExecEvent, type ExecRequest } from '../../exec/types.ts';
 import { MAX_WS_MESSAGE, defaultCommand, serveExecWebSocket } from '../../exec/ws-session.ts';
 import { authenticateApiKey } from '../../store/api-keys.ts';
@@ -140,7 +141,7 @@ function execRoutes(app: FastifyInstance, { db }: ApiContext, exec: () => ExecSe
         response: { 101: { description: 'Switching Protocols: the WebSocket of the exec session' }, 426: ErrorSchema },
       },
     },
-    async (_request, reply) => reply.status(426).send({ error: { code: 'upgrade_required', message: 'open this URL as a WebSocket' } }),
+    async (_request, reply) => reply.status(426).send(errorBody('upgrade_required', 'open this URL as a WebSocket')),
   );
 
   app.get<{ Params: Static<typeof IdParams> }>(

@@ -19,7 +19,7 @@ import { PassThrough, Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import zlib from 'node:zlib';
 import Busboy from 'busboy';
-import { CocoonError, isCocoonError } from '../../common/errors.ts';
+import { CocoonError, isCocoonError, type ErrorCode } from '../../common/errors.ts';
 import { log as rootLog } from '../../common/log.ts';
 import type { ExecEvent, ExecService, ExecSession, FileStat } from '../../exec/types.ts';
 import type { GatewaySurface } from '../../gateway/surfaces.ts';
@@ -52,7 +52,7 @@ interface Started {
   tag: string | undefined;
 }
 
-const EXEC_ERROR_CODES: Record<string, ConnectCode> = {
+const EXEC_ERROR_CODES: Partial<Record<ErrorCode, ConnectCode>> = {
   file_not_found: 'not_found',
   process_not_found: 'not_found',
   microvm_not_found: 'not_found',

@@ -11,6 +11,7 @@
  */
 import { randomBytes } from 'node:crypto';
 import net from 'node:net';
+import { ERROR_CODES, isErrorCode, type ErrorCode } from '../../common/error-codes.ts';
 import { CocoonError } from '../../common/errors.ts';
 import {
   AGENT_VERSION,
@@ -226,38 +227,18 @@ export class AgentClient {
 
 /** Turns a guest ERROR's fields into a CocoonError with a status a client can act on. */
 export function guestError(fields: Fields): CocoonError {
-  const code = (field(fields, 'code') ?? 'guest_error').replace(/[^a-z_]/g, '').slice(0, 64) || 'guest_error';
+  const sent = (field(fields, 'code') ?? 'guest_error').replace(/[^a-z_]/g, '').slice(0, 64);
   const message = (field(fields, 'message') ?? 'the guest agent refused').slice(0, 1000);
-  return new CocoonError(code, message, { status: GUEST_ERROR_STATUS[code] ?? 500 });
+  // Only codes of the registry pass through (the guest is not trusted to invent public codes);
+  // anything else is `guest_error` with the guest's code kept in the message.
+  const code = isErrorCode(sent) && GUEST_CODES.has(sent) ? sent : 'guest_error';
+  return new CocoonError(code, code === 'guest_error' && sent ? `${message} (${sent})` : message);
 }
 
-const GUEST_ERROR_STATUS: Record<string, number> = {
-  file_not_found: 404,
-  process_not_found: 404,
-  not_a_directory: 400,
-  is_a_directory: 400,
-  file_exists: 409,
-  directory_not_empty: 409,
-  permission_denied: 403,
-  no_space: 507,
-  path_too_long: 400,
-  invalid_path: 400,
-  read_only: 409,
-  cross_device: 400,
-  no_shell: 400,
-  command_not_found: 400,
-  exec_failed: 400,
-  invalid_cwd: 400,
-  invalid_user: 400,
-  unknown_user: 400,
-  invalid_signal: 400,
-  not_a_tty: 400,
-  too_many_processes: 429,
-  too_many_streams: 429,
-  invalid_request: 400,
-  detached: 409,
-  process_exited: 409,
-};
+/** The codes the guest agent may send (src/guest/init/agent.c); statuses come from the registry. */
+const GUEST_CODES: ReadonlySet<ErrorCode> = new Set<ErrorCode>(
+  (Object.keys(ERROR_CODES) as ErrorCode[]).filter((code) => ERROR_CODES[code].area === 'guest').concat(['invalid_request', 'no_space', 'unknown_user']),
+);
 
 /**
  * One multiplexed stream. The consumer pulls frames with `next()`; each output byte it takes is

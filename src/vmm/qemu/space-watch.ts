@@ -6,8 +6,8 @@
  * that pause and continues the guest once the filesystem has room again.
  */
 import fs from 'node:fs';
-import { errorMessage } from '../common/errors.ts';
-import { log } from '../common/log.ts';
+import { errorMessage } from '../../common/errors.ts';
+import { log } from '../../common/log.ts';
 import type { QmpEvent } from './qmp.ts';
 import type { QemuVm } from './qemu.ts';
 

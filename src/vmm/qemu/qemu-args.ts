@@ -6,7 +6,7 @@
  * directly (PVH). Measured recipe: DESIGN.md.
  */
 import fs from 'node:fs';
-import type { DiskSpec, MachineShape, PortForward } from './types.ts';
+import type { DiskSpec, MachineShape, PortForward } from '../types.ts';
 
 /** The host's TSC rate in kHz, from /proc/cpuinfo (the kernel reports tsc_khz there). */
 export function hostTscKhz(): number | undefined {

@@ -24,7 +24,17 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { errorMessage } from '../common/errors.ts';
 import { log } from '../common/log.ts';
-import type { VmLimits } from './types.ts';
+import { setting } from '../common/settings.ts';
+
+/** Per-VM limits enforced with cgroups where the host allows (below). */
+export interface VmLimits {
+  /** CPU time per wall time, in cores (e.g. 1.5); default: the VM's vCPU count. */
+  cpus?: number;
+  /** Memory of the QEMU process (guest RAM pages in the page cache included), bytes. */
+  memoryBytes?: number;
+  /** Processes and threads in the group. */
+  pids?: number;
+}
 
 const ROOT = '/sys/fs/cgroup';
 const PARENT = 'cocoon-vms';
@@ -62,7 +72,7 @@ function write(file: string, value: string | number): void {
 }
 
 function detect(): Layout {
-  if (process.env.COCOON_VM_CGROUPS === '0') return { version: 0, reason: 'COCOON_VM_CGROUPS=0' };
+  if (!setting('COCOON_VM_CGROUPS')) return { version: 0, reason: 'COCOON_VM_CGROUPS=0' };
   try {
     const groups = ownGroups();
     const unified = path.join(ROOT, 'cgroup.controllers');

@@ -10,20 +10,20 @@ import { type ChildProcess, execFile, spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { promisify } from 'node:util';
-import { CocoonError, errorMessage, isCocoonError } from '../common/errors.ts';
-import { log } from '../common/log.ts';
-import { GuestChannel } from './guest-channel.ts';
+import { CocoonError, errorMessage, isCocoonError } from '../../common/errors.ts';
+import { log } from '../../common/log.ts';
+import { GuestChannel } from '../guest-channel.ts';
 import { loadDeviceState, saveDeviceState } from './migration.ts';
 import { type QemuLaunch, hostTscKhz, kernelCmdline, qemuArgs } from './qemu-args.ts';
 import { QmpClient } from './qmp.ts';
-import { assertPortFree, freeLoopbackPort } from './ports.ts';
-import { cloneRamFile, createRamFile, digHoles, releaseUnusedRam } from './ram-file.ts';
-import { type VmCgroup, createVmCgroup, defaultLimits, joinCgroupScript, removeVmCgroup } from './cgroups.ts';
-import { ensureEgressGuard } from './egress-guard.ts';
-import { killQemuProcesses, processAlive, processCmdline, processStartTime, waitForProcessExit } from './processes.ts';
-import { type QemuIdentity, dropPrivilegesArgv, qemuIdentity } from './sandbox.ts';
+import { assertPortFree, freeLoopbackPort } from '../../net/ports.ts';
+import { cloneRamFile, createRamFile, digHoles, releaseUnusedRam } from '../ram-file.ts';
+import { type VmCgroup, createVmCgroup, defaultLimits, joinCgroupScript, removeVmCgroup } from '../../host/cgroups.ts';
+import { ensureEgressGuard } from '../../net/egress-guard.ts';
+import { killQemuProcesses, processAlive, processCmdline, processStartTime, waitForProcessExit } from '../../host/processes.ts';
+import { type QemuIdentity, dropPrivilegesArgv, qemuIdentity } from '../../host/sandbox.ts';
 import { SerialLog, tailSerialLog } from './serial-log.ts';
-import { grantQemuAccess, isNoSpace, qemuDirOf, sealSnapshotFiles, snapshotFailure, takeBackSnapshotFiles } from './snapshot-safety.ts';
+import { grantQemuAccess, isNoSpace, qemuDirOf, sealSnapshotFiles, snapshotFailure, takeBackSnapshotFiles } from '../snapshot-safety.ts';
 import {
   type PendingSnapshot,
   assertDataChecksums,
@@ -34,7 +34,7 @@ import {
   verifySnapshot,
   writePendingSnapshot,
   writeSnapshotManifest,
-} from './snapshot.ts';
+} from '../snapshot.ts';
 import {
   type BootOptions,
   type CommonVmOptions,
@@ -46,10 +46,11 @@ import {
   type RestoreOptions,
   type SnapshotManifest,
   type VmStats,
-} from './types.ts';
+} from '../types.ts';
+import { setting } from '../../common/settings.ts';
 
 const execFileAsync = promisify(execFile);
-const QEMU_BINARY = process.env.COCOON_QEMU ?? 'qemu-system-x86_64';
+const QEMU_BINARY = setting('COCOON_QEMU');
 const ID_PATTERN = /^[a-z0-9][a-z0-9-]{0,62}$/;
 /** Unix socket paths are limited to 108 bytes by the kernel. */
 const MAX_SOCKET_PATH = 107;
@@ -514,7 +515,7 @@ export class QemuVm {
     await fs.promises.mkdir(options.runDir, { recursive: true, mode: 0o700 }).catch((error: unknown) => {
       throw noSpaceError(error, options.id) ?? error;
     });
-    // QEMU's sockets and pid file: a directory of its own (sandbox.ts: the run directory is root's).
+    // QEMU's sockets and pid file: a directory of its own (src/host/sandbox.ts: the run directory is root's).
     const qemuDir = qemuDirOf(options.runDir);
     const sockets = {
       qmp: path.join(qemuDir, 'qmp.sock'),
@@ -545,7 +546,7 @@ export class QemuVm {
         } catch (error) {
           // A layout QEMU's user cannot reach (a data directory under a private home): run this
           // QEMU as root, as before, and say how to get the sandbox back; or refuse, if asked to.
-          if (!isCocoonError(error, 'qemu_no_access') || process.env.COCOON_QEMU_USER_REQUIRED === '1' || options.network.egress) throw error;
+          if (!isCocoonError(error, 'qemu_no_access') || setting('COCOON_QEMU_USER_REQUIRED') || options.network.egress) throw error;
           warnRootFallback(error.message);
           identity = undefined;
         }
@@ -560,7 +561,7 @@ export class QemuVm {
         sockets,
         pidFile: path.join(qemuDir, 'qemu.pid'),
         incoming: steps.incoming ?? false,
-        sandbox: process.env.COCOON_QEMU_SANDBOX !== '0',
+        sandbox: setting('COCOON_QEMU_SANDBOX'),
       };
       const cgroup = createVmCgroup(options.id, { ...defaultLimits(shape), ...options.limits });
       started = startQemu(launch, options.runDir, identity, cgroup);
@@ -656,7 +657,7 @@ async function resolveForwards(forwards: PortForward[]): Promise<Required<PortFo
 
 /**
  * Starts QEMU through `sh`, which joins the VM's cgroups, then `setpriv`, which drops root
- * (sandbox.ts); both exec, so the pid is QEMU's. The cgroups go when QEMU does.
+ * (src/host/sandbox.ts); both exec, so the pid is QEMU's. The cgroups go when QEMU does.
  */
 function startQemu(
   launch: QemuLaunch,

@@ -4,7 +4,7 @@
  * 127.0.0.1 when egress is on (measured: test/reliability/hostile-guests.test.ts): without a
  * guard a guest could talk to the API, the gateway and every loopback service of the host.
  *
- * Since every QEMU runs with a uid from Cocoon's range (sandbox.ts), the host firewall can tell
+ * Since every QEMU runs with a uid from Cocoon's range (src/host/sandbox.ts), the host firewall can tell
  * QEMU's traffic apart. A chain `COCOON-QEMU`, jumped to first from OUTPUT (iptables and, where
  * present, ip6tables), rejects for those uids:
  *
@@ -22,13 +22,12 @@
  * place (no iptables, not root), a VM with egress is refused (`egress_unguarded`) unless
  * `COCOON_EGRESS_GUARD=off`; one without egress starts, relying on `restrict=on` alone.
  */
-import { execFile } from 'node:child_process';
-import { promisify } from 'node:util';
 import { CocoonError, errorMessage } from '../common/errors.ts';
 import { log } from '../common/log.ts';
-import { type QemuIdentity, QEMU_UID_BASE, QEMU_UID_COUNT } from './sandbox.ts';
+import { type IptablesBinary, iptables } from './iptables.ts';
+import { type QemuIdentity, QEMU_UID_BASE, QEMU_UID_COUNT } from '../host/sandbox.ts';
+import { setting } from '../common/settings.ts';
 
-const run = promisify(execFile);
 export const EGRESS_CHAIN = 'COCOON-QEMU';
 
 function rules(family: 4 | 6, uids: string): string[][] {
@@ -48,8 +47,8 @@ function rules(family: 4 | 6, uids: string): string[][] {
   ];
 }
 
-async function install(binary: 'iptables' | 'ip6tables', family: 4 | 6, owners: string[]): Promise<void> {
-  const ipt = (...args: string[]) => run(binary, ['-w', '5', ...args]);
+async function install(binary: IptablesBinary, family: 4 | 6, owners: string[]): Promise<void> {
+  const ipt = (...args: string[]) => iptables(args, { binary });
   await ipt('-N', EGRESS_CHAIN).catch(() => undefined); // exists already
   // Added where missing, never flushed: other Cocoon processes' VMs stay guarded meanwhile.
   for (const uids of owners) {
@@ -76,7 +75,7 @@ let failedOnce = false;
  * `egress_unguarded` where it cannot be (no iptables; QEMU not running as a Cocoon uid).
  */
 export function ensureEgressGuard(identity: QemuIdentity | undefined, options: { bestEffort?: boolean } = {}): Promise<void> {
-  if (process.env.COCOON_EGRESS_GUARD === 'off') return Promise.resolve();
+  if (!setting('COCOON_EGRESS_GUARD')) return Promise.resolve();
   if (options.bestEffort) {
     // For VMs without egress: tried once in the background, a failure logged once, never in the way.
     if (!failedOnce && identity) {

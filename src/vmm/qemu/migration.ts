@@ -8,7 +8,7 @@ import { createHash } from 'node:crypto';
 import fs from 'node:fs';
 import net from 'node:net';
 import { pipeline } from 'node:stream/promises';
-import { CocoonError } from '../common/errors.ts';
+import { CocoonError } from '../../common/errors.ts';
 import type { QmpClient, QmpEvent } from './qmp.ts';
 import { connectUnix } from './qmp.ts';
 

@@ -24,15 +24,15 @@ import { execFile } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { promisify } from 'node:util';
-import { CocoonError, errorMessage } from '../common/errors.ts';
-import { log } from '../common/log.ts';
+import { CocoonError, errorMessage } from '../../common/errors.ts';
+import { log } from '../../common/log.ts';
 import { saveDeviceState } from './migration.ts';
-import { prepareSnapCopy } from './native/helper.ts';
+import { prepareSnapCopy } from '../native/helper.ts';
 import type { QemuVm } from './qemu.ts';
 import { fsyncDir } from './qemu.ts';
-import { qemuDirOf, sealSnapshotFiles } from './snapshot-safety.ts';
-import { dataChecksums, readSnapshotManifest, writeSnapshotManifest } from './snapshot.ts';
-import type { DataChecksum, DiskSpec, SnapshotManifest } from './types.ts';
+import { qemuDirOf, sealSnapshotFiles } from '../snapshot-safety.ts';
+import { dataChecksums, readSnapshotManifest, writeSnapshotManifest } from '../snapshot.ts';
+import type { DataChecksum, DiskSpec, SnapshotManifest } from '../types.ts';
 
 const run = promisify(execFile);
 

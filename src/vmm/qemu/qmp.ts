@@ -8,7 +8,7 @@
  */
 import { EventEmitter } from 'node:events';
 import net from 'node:net';
-import { CocoonError } from '../common/errors.ts';
+import { CocoonError } from '../../common/errors.ts';
 
 export interface QmpEvent {
   event: string;
