@@ -4,6 +4,8 @@
  * implementations (lifecycle, store) in, tests wire doubles.
  */
 
+import { portInSpecs, type PortSpec } from '../common/ports.ts';
+
 /** A value or a promise of it: in-memory implementations answer synchronously, SQL ones may not. */
 export type MaybePromise<T> = T | Promise<T>;
 
@@ -21,17 +23,12 @@ export type MicroVMState =
   | 'TERMINATED'
   | 'FAILED';
 
-/** One entry of a token's ports: a guest port, or an inclusive range of them. */
-export type AllowedPort = number | { readonly from: number; readonly to: number };
-
 /** Ports a token opens: a list of guest ports and ranges, or every port of its microVM. */
-export type AllowedPorts = readonly AllowedPort[] | 'all';
+export type AllowedPorts = readonly PortSpec[] | 'all';
 
 /** Whether a token's ports include `port`. */
 export function portIsAllowed(allowed: AllowedPorts, port: number): boolean {
-  if (allowed === 'all') return true;
-  for (const p of allowed) if (typeof p === 'number' ? p === port : p.from <= port && port <= p.to) return true;
-  return false;
+  return allowed === 'all' || portInSpecs(allowed, port);
 }
 
 /** Why a presented token was refused. */

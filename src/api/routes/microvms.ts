@@ -1,5 +1,5 @@
 /**
- * MicroVMs and their tokens (CONTRACT.md): start from an image with an idle policy, get, list,
+ * MicroVMs and their tokens (docs/contract.md): start from an image with an idle policy, get, list,
  * suspend, resume, terminate; issue and revoke gateway tokens; read the microVM's log.
  * Another tenant's microVM is answered exactly like a missing one (404).
  */
