@@ -5,7 +5,7 @@
  */
 import { checkSettings, setting, type Env, type SettingValue } from '../common/settings.ts';
 
-/** COCOON_ACCEL: which accelerator VMs use (`auto` probes KVM, see src/vmm/qemu/accel.ts). */
+/** COCOON_ACCEL: which accelerator VMs use (`auto` probes KVM, see src/vmm/qemu/accel.ts); `tcg` | `kvm` | `auto`. */
 export type AcceleratorChoice = SettingValue<'COCOON_ACCEL'>;
 
 export interface CocoonConfig {

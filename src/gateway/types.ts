@@ -4,6 +4,7 @@
  * implementations (lifecycle, store) in, tests wire doubles.
  */
 import type { MicrovmState } from '../common/microvm-states.ts';
+import { portInSpecs, type PortSpec } from '../common/ports.ts';
 
 /** The one state union (src/common/microvm-states.ts), re-exported for the gateway's users. */
 export type { MicrovmState } from '../common/microvm-states.ts';
@@ -15,17 +16,12 @@ export function isPromiseLike<T>(v: MaybePromise<T>): v is Promise<T> {
   return typeof (v as { then?: unknown } | null)?.then === 'function';
 }
 
-/** One entry of a token's ports: a guest port, or an inclusive range of them. */
-export type AllowedPort = number | { readonly from: number; readonly to: number };
-
 /** Ports a token opens: a list of guest ports and ranges, or every port of its microVM. */
-export type AllowedPorts = readonly AllowedPort[] | 'all';
+export type AllowedPorts = readonly PortSpec[] | 'all';
 
 /** Whether a token's ports include `port`. */
 export function portIsAllowed(allowed: AllowedPorts, port: number): boolean {
-  if (allowed === 'all') return true;
-  for (const p of allowed) if (typeof p === 'number' ? p === port : p.from <= port && port <= p.to) return true;
-  return false;
+  return allowed === 'all' || portInSpecs(allowed, port);
 }
 
 /** Why a presented token was refused. */
