@@ -28,7 +28,7 @@ import { spawnDaemon, type Daemon } from '../test/support/daemon.ts';
 import { createTestImage, TESTAPP_PORT } from '../test/support/image.ts';
 import { apiClient, gatewayRequest, type ApiClient } from '../test/support/server.ts';
 import { serialConnector } from '../src/gateway/upstream.ts';
-import { findQemuProcesses } from '../src/host/processes.ts';
+import { findQemuProcesses } from '../src/vmm/qemu/qemu.ts';
 import { endDaemonRun } from './cleanup.ts';
 import { elapsedMs, type Metrics, single, summarize } from './stats.ts';
 
