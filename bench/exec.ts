@@ -15,7 +15,7 @@ import os from 'node:os';
 import path from 'node:path';
 import WebSocket from 'ws';
 import { openMetadataStore } from '../src/store/open.ts';
-import type { SqliteDb } from '../src/store/sqlite.ts';
+import type { Database } from '../src/store/sql.ts';
 import { findTenantByName } from '../src/store/tenants.ts';
 import { spawnDaemon, type Daemon } from '../test/support/daemon.ts';
 import { createTestImage } from '../test/support/image.ts';
@@ -30,7 +30,7 @@ export async function runExecBench(options: { runs?: number; log?: (line: string
   const say = options.log ?? (() => undefined);
   const dataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'cocoon-bench-exec-'));
   let daemon: Daemon | undefined;
-  let db: SqliteDb | undefined;
+  let db: Database | undefined;
   const agent = new http.Agent({ keepAlive: true, maxSockets: 4 });
   const metrics: Metrics = {};
   try {

@@ -19,7 +19,7 @@ import path from 'node:path';
 import { parseArgs } from 'node:util';
 import { getImage } from '../src/store/images.ts';
 import { openMetadataStore } from '../src/store/open.ts';
-import type { SqliteDb } from '../src/store/sqlite.ts';
+import type { Database } from '../src/store/sql.ts';
 import { findTenantByName } from '../src/store/tenants.ts';
 import { spawnDaemon, type Daemon } from '../test/support/daemon.ts';
 import { createTestImage } from '../test/support/image.ts';
@@ -42,7 +42,7 @@ export async function runForkBench(options: ForkBenchOptions = {}): Promise<Metr
   const say = options.log ?? (() => undefined);
   const dataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'cocoon-bench-fork-'));
   let daemon: Daemon | undefined;
-  let db: SqliteDb | undefined;
+  let db: Database | undefined;
   const metrics: Metrics = {};
   try {
     daemon = await spawnDaemon(dataDir, process.env.COCOON_BENCH_VERBOSE === '1' ? { COCOON_LOG_LEVEL: 'info' } : {});

@@ -22,7 +22,7 @@ import { parseArgs } from 'node:util';
 import { Pool } from 'undici';
 import { getMicrovm } from '../src/store/microvms.ts';
 import { openMetadataStore } from '../src/store/open.ts';
-import type { SqliteDb } from '../src/store/sqlite.ts';
+import type { Database } from '../src/store/sql.ts';
 import { findTenantByName } from '../src/store/tenants.ts';
 import { spawnDaemon, type Daemon } from '../test/support/daemon.ts';
 import { createTestImage, TESTAPP_PORT } from '../test/support/image.ts';
@@ -63,7 +63,7 @@ export async function runMicrovmBench(options: MicrovmBenchOptions = {}): Promis
   const say = options.log ?? (() => undefined);
   const dataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'cocoon-bench-mvm-'));
   let daemon: Daemon | undefined;
-  let db: SqliteDb | undefined;
+  let db: Database | undefined;
   const metrics: Metrics = {};
   try {
     daemon = await spawnDaemon(dataDir);
@@ -141,7 +141,7 @@ export async function runMicrovmBench(options: MicrovmBenchOptions = {}): Promis
 
 /** Gateway vs direct to the same guest app (the C test app, keep-alive), rounds interleaved. */
 async function overhead(
-  db: SqliteDb,
+  db: Database,
   vm: Vm,
   gatewayPort: number,
   options: MicrovmBenchOptions,

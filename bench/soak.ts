@@ -27,7 +27,7 @@ import path from 'node:path';
 import { Pool } from 'undici';
 import { getMicrovm } from '../src/store/microvms.ts';
 import { openMetadataStore } from '../src/store/open.ts';
-import type { SqliteDb } from '../src/store/sqlite.ts';
+import type { Database } from '../src/store/sql.ts';
 import { findTenantByName } from '../src/store/tenants.ts';
 import { spawnDaemon, type Daemon } from '../test/support/daemon.ts';
 import { createTestImage, TESTAPP_PORT } from '../test/support/image.ts';
@@ -70,7 +70,7 @@ export async function runSoakBench(options: SoakOptions = {}): Promise<Metrics> 
   const say = options.log ?? (() => undefined);
   const dataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'cocoon-bench-soak-'));
   let daemon: Daemon | undefined;
-  let db: SqliteDb | undefined;
+  let db: Database | undefined;
   let pool: Pool | undefined;
   try {
     daemon = await spawnDaemon(dataDir, { COCOON_LOG_LEVEL: 'warn' });
@@ -205,13 +205,13 @@ function describeCounts(counts: number[]): string {
   return `${counts.length} answers, max ${sorted.at(-1)}, duplicates ${duplicates.slice(0, 10).join(',') || 'none'}`;
 }
 
-async function generations(db: SqliteDb, targets: Target[]): Promise<number> {
+async function generations(db: Database, targets: Target[]): Promise<number> {
   let total = 0;
   for (const target of targets) total += Number((await getMicrovm(db, target.id))?.runtime.generation ?? 0);
   return total;
 }
 
-async function suspendedNow(db: SqliteDb, targets: Target[]): Promise<number> {
+async function suspendedNow(db: Database, targets: Target[]): Promise<number> {
   let suspended = 0;
   for (const target of targets) if ((await getMicrovm(db, target.id))?.state === 'SUSPENDED') suspended++;
   return suspended;

@@ -44,7 +44,20 @@ install_system_packages() {
   for entry in "${packages[@]}"; do
     [ -e "${entry#*:}" ] || missing+=("${entry%%:*}")
   done
+  # PostgreSQL for the store's conformance suite (test/support/postgres.ts runs a private server
+  # from these binaries); its path carries the major version, so it is checked by pattern.
+  local postgres_missing=0
+  if ! compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null; then
+    missing+=(postgresql)
+    postgres_missing=1
+  fi
   [ ${#missing[@]} -eq 0 ] && return 0
+  if [ "$(id -u)" = 0 ] && [ $postgres_missing = 1 ]; then
+    # No system-wide cluster: Cocoon's tests start their own, and an unused server on port
+    # 5432 should not appear on a machine just because the tests need the binaries.
+    mkdir -p /etc/postgresql-common/createcluster.d
+    echo 'create_main_cluster = false' >/etc/postgresql-common/createcluster.d/cocoon.conf
+  fi
   if [ "$(id -u)" != 0 ]; then
     say "missing Debian packages: ${missing[*]}; run this as root or install them with apt-get"
     exit 1

@@ -1,5 +1,5 @@
 /**
- * The subsystems a default server runs. Each role of DESIGN.md plugs in here with its routes
+ * The subsystems a default server runs. Each role of docs/design.md plugs in here with its routes
  * and its start/stop.
  */
 import { awsModule } from './compat/aws/module.ts';

@@ -13,7 +13,7 @@ import { objectStoreFromEnv } from './objectstore/factory.ts';
 import { createApiKey } from './store/api-keys.ts';
 import { openMetadataStore } from './store/open.ts';
 import { sealerForDataDir } from './store/sealed-secrets.ts';
-import type { SqliteDb } from './store/sqlite.ts';
+import type { Database } from './store/sql.ts';
 import { createTenant, findTenantByName } from './store/tenants.ts';
 
 export const ADMIN_KEY_FILE = 'admin-api-key';
@@ -23,7 +23,7 @@ const ADMIN_TENANT = 'admin';
 
 export interface RunningServer {
   config: CocoonConfig;
-  db: SqliteDb;
+  db: Database;
   api: FastifyInstance;
   apiUrl: string;
   /** Present only on the first start: the admin key, also written to `$COCOON_DATA_DIR/admin-api-key`. */
@@ -42,7 +42,7 @@ export interface ServerModule {
 
 export async function startServer(config: CocoonConfig, modules: ServerModule[] = []): Promise<RunningServer> {
   fs.mkdirSync(config.dataDir, { recursive: true, mode: 0o700 });
-  const { db } = await openMetadataStore(config.dataDir);
+  const { db } = await openMetadataStore(config.dataDir, { databaseUrl: config.databaseUrl });
   let ready = false;
   const context: ApiContext = {
     config,
@@ -74,7 +74,7 @@ export async function startServer(config: CocoonConfig, modules: ServerModule[] 
   } catch (error) {
     for (const module of started.reverse()) await module.stop?.();
     await api.close();
-    db.close();
+    await db.close();
     throw error;
   }
   ready = true;
@@ -99,13 +99,13 @@ export async function startServer(config: CocoonConfig, modules: ServerModule[] 
       }
       await api.close();
       for (const module of [...modules].reverse()) await module.stop?.();
-      db.close();
+      await db.close();
     },
   };
 }
 
 /** Creates the admin tenant and key on first start; the key goes to a 0600 file. */
-async function ensureAdminKey(db: SqliteDb, dataDir: string): Promise<string | undefined> {
+async function ensureAdminKey(db: Database, dataDir: string): Promise<string | undefined> {
   const keyFile = path.join(dataDir, ADMIN_KEY_FILE);
   if (await findTenantByName(db, ADMIN_TENANT)) return undefined;
   const tenant = await createTenant(db, { name: ADMIN_TENANT, isAdmin: true });

@@ -18,6 +18,7 @@ import { dashboardRoutes } from './routes/dashboard.ts';
 import { healthRoutes } from './routes/health.ts';
 import { infoRoutes } from './routes/info.ts';
 import { tenantRoutes } from './routes/tenants.ts';
+import { setting } from '../common/settings.ts';
 
 /** What route plugins get. Services are added here as the platform grows. */
 export interface ApiContext {
@@ -72,7 +73,7 @@ function documentErrors(route: RouteOptions): void {
 
 export async function buildApiServer(context: ApiContext, extraRoutes: ApiRoutes[] = [], rootRoutes: ApiRoutes[] = []): Promise<FastifyInstance> {
   const app = Fastify({
-    logger: { level: process.env.COCOON_LOG_LEVEL ?? (process.env.NODE_ENV === 'test' ? 'warn' : 'info'), redact: ['req.headers.authorization'] },
+    logger: { level: setting('COCOON_LOG_LEVEL'), redact: ['req.headers.authorization'] },
     bodyLimit: JSON_BODY_LIMIT,
     routerOptions: { maxParamLength: 300 },
     ajv: { customOptions: { removeAdditional: false, coerceTypes: 'array', allErrors: false } },

@@ -22,6 +22,7 @@ import { CocoonError, errorMessage } from '../common/errors.ts';
 import { buildah, imageExists, inspectImage, removeContainer, unmountUnder } from './buildah.ts';
 import { exec } from './exec.ts';
 import { builderCacheDir } from './paths.ts';
+import { setting } from '../common/settings.ts';
 
 export const BUSYBOX_IMAGE = 'docker.io/library/busybox:latest';
 export const DEBIAN_IMAGE = 'docker.io/library/debian:bookworm-slim';
@@ -177,7 +178,7 @@ nogroup:x:65534:
 `;
 
 /** Where Debian's busybox-static puts the binary. */
-const HOST_BUSYBOX = process.env.COCOON_BUSYBOX ?? '/bin/busybox';
+const HOST_BUSYBOX = setting('COCOON_BUSYBOX');
 
 async function seedBusybox(options: SeedOptions): Promise<void> {
   const say = options.onLog ?? (() => {});
@@ -324,7 +325,8 @@ export async function hostDebianSources(): Promise<DebianSources> {
     if (text !== undefined) files.push({ name, text });
   }
   const found = findDebianSources(files);
-  return process.env.COCOON_DEBIAN_MIRROR ? { ...found, mirror: process.env.COCOON_DEBIAN_MIRROR } : found;
+  const mirror = setting('COCOON_DEBIAN_MIRROR');
+  return mirror !== undefined ? { ...found, mirror } : found;
 }
 
 /** What the official slim image configures: no docs, man pages, locales; apt cleans up. */

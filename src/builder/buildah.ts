@@ -16,9 +16,10 @@ import { log } from '../common/log.ts';
 import { iptables, splitIptablesRule } from '../net/iptables.ts';
 import { abortReason, exec, tail, type ExecOptions } from './exec.ts';
 import { builderCacheDir } from './paths.ts';
+import { setting } from '../common/settings.ts';
 
-const BUILDAH = process.env.COCOON_BUILDAH ?? 'buildah';
-const RUNC = process.env.COCOON_RUNC ?? 'runc';
+const BUILDAH = setting('COCOON_BUILDAH');
+const RUNC = setting('COCOON_RUNC');
 /** Where buildah (as root) keeps the state of the runc containers it starts for RUN steps. */
 const RUNC_ROOT = '/run/runc';
 
@@ -150,9 +151,7 @@ export interface BuildResult {
 }
 
 function defaultNetwork(): BuildNetwork {
-  const env = process.env.COCOON_BUILD_NETWORK;
-  if (env === 'host' || env === 'private' || env === 'none') return env;
-  return 'private';
+  return setting('COCOON_BUILD_NETWORK');
 }
 
 const MAX_LOG_BYTES = 4 * 1024 * 1024;

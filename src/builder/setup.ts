@@ -10,6 +10,7 @@ import { access, constants } from 'node:fs';
 import { promisify } from 'node:util';
 import { delimiter, join } from 'node:path';
 import { ensureBaseImages } from './base-images.ts';
+import { setting } from '../common/settings.ts';
 
 const accessAsync = promisify(access);
 
@@ -28,7 +29,7 @@ const TOOLS: Array<{ bin: string; pkg: string }> = [
 /** Files that are not programs on PATH. */
 const FILES: Array<{ path: string; pkg: string }> = [
   { path: '/usr/lib/cni/bridge', pkg: 'containernetworking-plugins' },
-  { path: process.env.COCOON_BUSYBOX ?? '/bin/busybox', pkg: 'busybox-static' },
+  { path: setting('COCOON_BUSYBOX'), pkg: 'busybox-static' },
 ];
 
 export interface HostCheck {

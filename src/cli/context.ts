@@ -17,6 +17,7 @@ import {
   InvalidArgumentError,
   MicroVMStateError,
 } from '../../packages/sdk/src/index.ts';
+import { setting } from '../common/settings.ts';
 import { CliError, EXIT, exitCodeFor, UsageError } from './exit-codes.ts';
 import { wsFactory } from './websocket.ts';
 
@@ -45,7 +46,7 @@ function readFirstLine(file: string): string | undefined {
 }
 
 export function resolveSettings(options: GlobalOptions, env: NodeJS.ProcessEnv = process.env): Resolved {
-  const dataDir = path.resolve(options.dataDir ?? (env.COCOON_DATA_DIR || path.join(process.cwd(), '.cocoon')));
+  const dataDir = path.resolve(options.dataDir ?? setting('COCOON_DATA_DIR', env));
   let apiUrl: string;
   let apiUrlFrom: string;
   const urlFile = readFirstLine(path.join(dataDir, 'api-url'));
@@ -53,8 +54,8 @@ export function resolveSettings(options: GlobalOptions, env: NodeJS.ProcessEnv =
   else if (env.COCOON_API_URL) [apiUrl, apiUrlFrom] = [env.COCOON_API_URL, 'COCOON_API_URL'];
   else if (urlFile) [apiUrl, apiUrlFrom] = [urlFile, `${path.join(dataDir, 'api-url')}`];
   else {
-    const host = env.COCOON_HOST || '127.0.0.1';
-    apiUrl = `http://${host.includes(':') ? `[${host}]` : host}:${env.COCOON_API_PORT || 7070}`;
+    const host = setting('COCOON_HOST', env);
+    apiUrl = `http://${host.includes(':') ? `[${host}]` : host}:${setting('COCOON_API_PORT', env)}`;
     apiUrlFrom = 'the default';
   }
   let apiKey: string | undefined;

@@ -235,6 +235,7 @@ export const ERROR_CODES = {
   // ---- storage
   database_schema_mismatch: { status: 500, area: 'storage', meaning: 'The database\'s recorded migrations differ from this Cocoon\'s.' },
   database_too_new: { status: 500, area: 'storage', meaning: 'The database was made by a newer Cocoon: run that version.' },
+  database_unavailable: { status: 503, area: 'storage', meaning: 'The PostgreSQL database that `COCOON_DATABASE_URL` names cannot be reached: check the URL and that the server runs.' },
   invalid_bucket_name: { status: 400, area: 'storage', meaning: 'An S3 bucket name is not valid.' },
   invalid_cursor: { status: 400, area: 'storage', meaning: 'The pagination cursor is not one this API returned: start again without it.' },
   invalid_object_key: { status: 400, area: 'storage', meaning: 'An object-store key is not valid (empty, `..`, too long).' },

@@ -1,11 +1,12 @@
 import { pino, type Logger } from 'pino';
+import { setting } from './settings.ts';
 
 /**
  * The platform logger. Secrets never reach it: fields that may carry one are redacted here,
  * once, instead of at every call site.
  */
 export const log: Logger = pino({
-  level: process.env.COCOON_LOG_LEVEL ?? (process.env.NODE_ENV === 'test' ? 'warn' : 'info'),
+  level: initialLevel(),
   redact: {
     paths: [
       'token', '*.token', 'apiKey', '*.apiKey', 'authorization', '*.authorization',
@@ -15,5 +16,14 @@ export const log: Logger = pino({
     censor: '[redacted]',
   },
 });
+
+/** COCOON_LOG_LEVEL, or the default while it is bad (the server's start check reports it). */
+function initialLevel(): string {
+  try {
+    return setting('COCOON_LOG_LEVEL');
+  } catch {
+    return 'info';
+  }
+}
 
 export type { Logger };

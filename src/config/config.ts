@@ -1,12 +1,12 @@
 /**
- * Cocoon's configuration, from the environment (CONTRACT.md names the public variables).
- * Parsed and validated once at start-up; a bad value stops the server with a clear message.
+ * Cocoon's configuration, from the environment (docs/configuration.md lists every setting; the
+ * table is src/common/settings.ts). Parsed and validated once at start-up: a bad value stops the
+ * server with a message that names the setting and why.
  */
-import path from 'node:path';
-import { CocoonError } from '../common/errors.ts';
-import { parseAcceleratorChoice } from '../vmm/qemu/accel.ts';
-import type { AcceleratorChoice } from '../vmm/types.ts';
-import { dataDir } from './paths.ts';
+import { checkSettings, setting, type Env, type SettingValue } from '../common/settings.ts';
+
+/** COCOON_ACCEL: which accelerator VMs use (`auto` probes KVM, see src/vmm/qemu/accel.ts). */
+export type AcceleratorChoice = SettingValue<'COCOON_ACCEL'>;
 
 export interface CocoonConfig {
   dataDir: string;
@@ -18,29 +18,21 @@ export interface CocoonConfig {
   /** The region field of ARNs. */
   region: string;
   accel: AcceleratorChoice;
+  /** `COCOON_DATABASE_URL`: a postgres:// URL for a shared PostgreSQL; unset: SQLite in the data directory. */
+  databaseUrl?: string | undefined;
 }
 
-function port(name: string, value: string | undefined, fallback: number): number {
-  if (value === undefined || value === '') return fallback;
-  const parsed = Number(value);
-  if (!Number.isInteger(parsed) || parsed < 0 || parsed > 65535) {
-    throw new CocoonError('invalid_config', `${name} must be a TCP port (0-65535), got ${JSON.stringify(value)}`);
-  }
-  return parsed;
-}
-
-export function loadConfig(env: NodeJS.ProcessEnv = process.env): CocoonConfig {
-  const region = env.COCOON_REGION ?? 'local-1';
-  if (!/^[a-z0-9-]{1,32}$/.test(region)) {
-    throw new CocoonError('invalid_config', `COCOON_REGION must be 1-32 of [a-z0-9-], got ${JSON.stringify(region)}`);
-  }
+/** Checks every setting (throws `invalid_config` listing each bad one), then builds the configuration. */
+export function loadConfig(env: Env = process.env): CocoonConfig {
+  checkSettings(env);
   return {
-    dataDir: env.COCOON_DATA_DIR ? path.resolve(env.COCOON_DATA_DIR) : dataDir(),
-    host: env.COCOON_HOST ?? '127.0.0.1',
-    apiPort: port('COCOON_API_PORT', env.COCOON_API_PORT, 7070),
-    gatewayPort: port('COCOON_GATEWAY_PORT', env.COCOON_GATEWAY_PORT, 7071),
-    gatewayDomain: env.COCOON_GATEWAY_DOMAIN ?? 'vm.localhost',
-    region,
-    accel: parseAcceleratorChoice(env.COCOON_ACCEL),
+    dataDir: setting('COCOON_DATA_DIR', env),
+    host: setting('COCOON_HOST', env),
+    apiPort: setting('COCOON_API_PORT', env),
+    gatewayPort: setting('COCOON_GATEWAY_PORT', env),
+    gatewayDomain: setting('COCOON_GATEWAY_DOMAIN', env),
+    region: setting('COCOON_REGION', env),
+    accel: setting('COCOON_ACCEL', env),
+    databaseUrl: setting('COCOON_DATABASE_URL', env),
   };
 }

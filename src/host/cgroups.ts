@@ -24,6 +24,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { errorMessage } from '../common/errors.ts';
 import { log } from '../common/log.ts';
+import { setting } from '../common/settings.ts';
 
 /** Per-VM limits enforced with cgroups where the host allows (below). */
 export interface VmLimits {
@@ -71,7 +72,7 @@ function write(file: string, value: string | number): void {
 }
 
 function detect(): Layout {
-  if (process.env.COCOON_VM_CGROUPS === '0') return { version: 0, reason: 'COCOON_VM_CGROUPS=0' };
+  if (!setting('COCOON_VM_CGROUPS')) return { version: 0, reason: 'COCOON_VM_CGROUPS=0' };
   try {
     const groups = ownGroups();
     const unified = path.join(ROOT, 'cgroup.controllers');

@@ -26,10 +26,10 @@ import { promisify } from 'node:util';
 import { CocoonError, errorMessage } from '../common/errors.ts';
 import { log } from '../common/log.ts';
 import { dataDir } from '../config/paths.ts';
+import { setting } from '../common/settings.ts';
 
 const run = promisify(execFile);
 
-export const DEFAULT_QEMU_USER = 'cocoon-qemu';
 /**
  * Per-VM uids: 0x70000000 + 2^27. systemd's UID ranges document 1879048192-2147483647 as
  * unused (regular, dynamic and container ranges all lie below).
@@ -55,14 +55,11 @@ export function qemuUserName(): string | undefined {
     warned = true;
     return undefined;
   }
-  const name = process.env.COCOON_QEMU_USER ?? DEFAULT_QEMU_USER;
-  if (name === 'root' || name === '') {
+  const name = setting('COCOON_QEMU_USER');
+  if (name === 'root') {
     if (!warned) log.warn('COCOON_QEMU_USER=root: QEMU runs as root (for diagnosis only; guests are less contained)');
     warned = true;
     return undefined;
-  }
-  if (!/^[a-z_][a-z0-9_-]{0,31}$/.test(name)) {
-    throw new CocoonError('invalid_config', `COCOON_QEMU_USER must be a user name, got ${JSON.stringify(name)}`);
   }
   return name;
 }
@@ -108,7 +105,7 @@ export async function qemuIdentity(runDir: string): Promise<QemuIdentity | undef
   });
   const user = await account;
   if (!user) return undefined;
-  if (process.env.COCOON_QEMU_UIDS === 'shared') return { uid: user.uid, gid: user.gid, group: name };
+  if (setting('COCOON_QEMU_UIDS') === 'shared') return { uid: user.uid, gid: user.gid, group: name };
   const st = fs.statSync(runDir, { bigint: true });
   const slot = (st.ino + st.dev * 0x9e3779b1n) % BigInt(QEMU_UID_COUNT);
   return { uid: QEMU_UID_BASE + Number(slot), gid: user.gid, group: name };
@@ -144,7 +141,7 @@ function allows(st: fs.Stats, identity: QemuIdentity, need: Need): boolean {
 
 /** Directories inside which Cocoon may add group search permission for QEMU. */
 function grantRoots(): string[] {
-  return [dataDir(), os.tmpdir(), ...(process.env.COCOON_QEMU_ACCESS_ROOTS ?? '').split(':').filter(Boolean)].map((p) =>
+  return [dataDir(), os.tmpdir(), ...setting('COCOON_QEMU_ACCESS_ROOTS')].map((p) =>
     path.resolve(p),
   );
 }

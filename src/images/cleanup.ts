@@ -17,8 +17,9 @@ import { defaultVmDriver } from '../vmm/drivers.ts';
 import { imageExists, releaseCniNetwork, removeContainer, removeImage, unmountUnder } from '../builder/buildah.ts';
 import { exec } from '../builder/exec.ts';
 import { buildTag, exportContainerName, imageBuildPaths } from './paths.ts';
+import { setting } from '../common/settings.ts';
 
-const RUNC = process.env.COCOON_RUNC ?? 'runc';
+const RUNC = setting('COCOON_RUNC');
 const RUNC_ROOT = '/run/runc';
 
 export interface LeftoverReport {
@@ -133,7 +134,7 @@ export async function sweepBuildahLeftovers(dataDir: string, imageId: string): P
   await unmountUnder(paths.root);
   let removedContainer = false;
   const container = exportContainerName(imageId);
-  const r = await exec(process.env.COCOON_BUILDAH ?? 'buildah', ['containers', '--format', '{{.ContainerName}}'], { allowFailure: true });
+  const r = await exec(setting('COCOON_BUILDAH'), ['containers', '--format', '{{.ContainerName}}'], { allowFailure: true });
   if (r.stdout.split('\n').includes(container)) {
     await removeContainer(container);
     removedContainer = true;

@@ -26,6 +26,7 @@ import { cleanupAbandonedBuild } from './cleanup.ts';
 import { imageBaseDisk, imageBuildPaths, imageDir, imagesDir } from './paths.ts';
 import { DEFAULT_PORT, removeTree, runImageBuild, s3NotConfigured, s3StoreFor, type PipelineContext } from './pipeline.ts';
 import { updateImageBuildInfo } from './records.ts';
+import { setting, type Env } from '../common/settings.ts';
 
 export const IN_FLIGHT_STATES: readonly ImageState[] = ['PENDING', 'BUILDING', 'BOOTING', 'SNAPSHOTTING'];
 export const DEFAULT_DISK_MIB = 1024;
@@ -46,21 +47,12 @@ export interface ImageServiceOptions {
   bootTimeoutMs: number;
 }
 
-export function imageServiceOptionsFromEnv(env: NodeJS.ProcessEnv = process.env): ImageServiceOptions {
-  const int = (name: string, fallback: number, min: number, max: number): number => {
-    const value = env[name];
-    if (value === undefined || value === '') return fallback;
-    const n = Number(value);
-    if (!Number.isInteger(n) || n < min || n > max) {
-      throw new CocoonError('invalid_config', `${name} must be an integer from ${min} to ${max}, got ${JSON.stringify(value)}`);
-    }
-    return n;
-  };
-  const maxBytes = env.COCOON_BUNDLE_MAX_BYTES;
+export function imageServiceOptionsFromEnv(env: Env = process.env): ImageServiceOptions {
+  const maxBytes = setting('COCOON_BUNDLE_MAX_BYTES', env);
   return {
-    concurrency: int('COCOON_IMAGE_BUILDS', 1, 1, 64),
-    maxQueued: int('COCOON_IMAGE_QUEUE_MAX', 100, 0, 100_000),
-    bundleLimits: maxBytes ? { maxCompressedBytes: int('COCOON_BUNDLE_MAX_BYTES', 0, 1, Number.MAX_SAFE_INTEGER) } : {},
+    concurrency: setting('COCOON_IMAGE_BUILDS', env),
+    maxQueued: setting('COCOON_IMAGE_QUEUE_MAX', env),
+    bundleLimits: maxBytes !== undefined ? { maxCompressedBytes: maxBytes } : {},
     bootTimeoutMs: 120_000,
   };
 }

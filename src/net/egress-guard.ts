@@ -26,6 +26,7 @@ import { CocoonError, errorMessage } from '../common/errors.ts';
 import { log } from '../common/log.ts';
 import { type IptablesBinary, iptables } from './iptables.ts';
 import { type QemuIdentity, QEMU_UID_BASE, QEMU_UID_COUNT } from '../host/sandbox.ts';
+import { setting } from '../common/settings.ts';
 
 export const EGRESS_CHAIN = 'COCOON-QEMU';
 
@@ -74,7 +75,7 @@ let failedOnce = false;
  * `egress_unguarded` where it cannot be (no iptables; QEMU not running as a Cocoon uid).
  */
 export function ensureEgressGuard(identity: QemuIdentity | undefined, options: { bestEffort?: boolean } = {}): Promise<void> {
-  if (process.env.COCOON_EGRESS_GUARD === 'off') return Promise.resolve();
+  if (!setting('COCOON_EGRESS_GUARD')) return Promise.resolve();
   if (options.bestEffort) {
     // For VMs without egress: tried once in the background, a failure logged once, never in the way.
     if (!failedOnce && identity) {

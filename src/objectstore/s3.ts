@@ -10,6 +10,7 @@ import {
   checkMaxBytes, objectNotFound, objectTooLarge,
   type ObjectInfo, type ObjectStore, type PutOptions, type PutResult,
 } from './object-store.ts';
+import { setting, type Env } from '../common/settings.ts';
 
 export interface S3Credentials {
   accessKeyId: string;
@@ -221,13 +222,15 @@ export class S3ObjectStore implements ObjectStore {
  * COCOON_S3_ENDPOINT, COCOON_S3_FORCE_PATH_STYLE (default true when an endpoint is set),
  * COCOON_S3_PREFIX, COCOON_S3_ACCESS_KEY_ID + COCOON_S3_SECRET_ACCESS_KEY (else the SDK chain).
  */
-export function s3ConfigFromEnv(env: NodeJS.ProcessEnv = process.env): S3ObjectStoreConfig | undefined {
-  const bucket = env.COCOON_S3_BUCKET;
-  if (bucket === undefined || bucket === '') return undefined;
-  const endpoint = env.COCOON_S3_ENDPOINT || undefined;
-  const pathStyle = env.COCOON_S3_FORCE_PATH_STYLE;
-  const accessKeyId = env.COCOON_S3_ACCESS_KEY_ID;
-  const secretAccessKey = env.COCOON_S3_SECRET_ACCESS_KEY;
+export function s3ConfigFromEnv(env: Env = process.env): S3ObjectStoreConfig | undefined {
+  const bucket = setting('COCOON_S3_BUCKET', env);
+  if (bucket === undefined) return undefined;
+  const endpoint = setting('COCOON_S3_ENDPOINT', env);
+  const pathStyle = setting('COCOON_S3_FORCE_PATH_STYLE', env);
+  const accessKeyId = setting('COCOON_S3_ACCESS_KEY_ID', env);
+  const secretAccessKey = setting('COCOON_S3_SECRET_ACCESS_KEY', env);
+  const prefix = setting('COCOON_S3_PREFIX', env);
+  const sessionToken = setting('COCOON_S3_SESSION_TOKEN', env);
   if ((accessKeyId === undefined) !== (secretAccessKey === undefined)) {
     throw new CocoonError(
       'invalid_config',
@@ -236,12 +239,12 @@ export function s3ConfigFromEnv(env: NodeJS.ProcessEnv = process.env): S3ObjectS
   }
   return {
     bucket,
-    region: env.COCOON_S3_REGION || 'us-east-1',
+    region: setting('COCOON_S3_REGION', env),
     ...(endpoint !== undefined ? { endpoint } : {}),
-    forcePathStyle: pathStyle !== undefined ? /^(1|true|yes)$/i.test(pathStyle) : endpoint !== undefined,
-    ...(env.COCOON_S3_PREFIX ? { prefix: env.COCOON_S3_PREFIX } : {}),
+    forcePathStyle: pathStyle ?? endpoint !== undefined,
+    ...(prefix !== undefined ? { prefix } : {}),
     ...(accessKeyId !== undefined && secretAccessKey !== undefined
-      ? { credentials: { accessKeyId, secretAccessKey, ...(env.COCOON_S3_SESSION_TOKEN ? { sessionToken: env.COCOON_S3_SESSION_TOKEN } : {}) } }
+      ? { credentials: { accessKeyId, secretAccessKey, ...(sessionToken !== undefined ? { sessionToken } : {}) } }
       : {}),
   };
 }

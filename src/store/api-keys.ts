@@ -1,9 +1,10 @@
 import { CocoonError } from '../common/errors.ts';
 import { newId } from './ids.ts';
-import type { Db } from './sql.ts';
+import { isForeignKeyViolation, type Db } from './sql.ts';
 import type { SecretSealer } from './sealed-secrets.ts';
 import { API_KEY_PREFIX, displayPrefix, hashSecret, isPlausibleSecret, newSecret } from './secrets.ts';
 import { toTenant, type Tenant } from './tenants.ts';
+import { rowMapper } from './rows.ts';
 import { iso } from './values.ts';
 
 /** An API key as stored: the secret itself is shown once at creation and never kept. */
@@ -33,12 +34,10 @@ interface ApiKeyRow {
 /** last_used_at is refreshed at most this often, so authentication is not a write per request. */
 const LAST_USED_RESOLUTION_MS = 60_000;
 
-function toApiKey(row: ApiKeyRow): ApiKey {
-  return {
-    id: row.id, tenantId: row.tenant_id, name: row.name, prefix: row.key_prefix,
-    createdAt: row.created_at, lastUsedAt: row.last_used_at, revokedAt: row.revoked_at,
-  };
-}
+const toApiKey = rowMapper<ApiKeyRow, ApiKey>({
+  id: 'id', tenantId: 'tenant_id', name: 'name', prefix: 'key_prefix',
+  createdAt: 'created_at', lastUsedAt: 'last_used_at', revokedAt: 'revoked_at',
+});
 
 export async function createApiKey(
   db: Db,
@@ -63,7 +62,7 @@ export async function createApiKey(
       [row.id, row.tenant_id, row.name, row.key_prefix, row.key_hash, row.created_at, sealed],
     );
   } catch (error) {
-    if (/FOREIGN KEY/.test(String(error))) {
+    if (isForeignKeyViolation(error)) {
       throw new CocoonError('tenant_not_found', `no tenant '${tenantId}'`, { status: 404, cause: error });
     }
     throw error;

@@ -2,7 +2,8 @@ import { CocoonError } from '../common/errors.ts';
 import { BUNDLE_FORMATS, type BundleFormat } from '../objectstore/bundle-ref.ts';
 import { newId } from './ids.ts';
 import { decodeCursor, pageLimit, toPage, type Page, type PageRequest } from './pagination.ts';
-import type { Db } from './sql.ts';
+import { isForeignKeyViolation, type Db } from './sql.ts';
+import { rowMapper } from './rows.ts';
 import { iso } from './values.ts';
 
 /**
@@ -30,12 +31,9 @@ interface BundleRow {
   created_at: string;
 }
 
-function toBundle(row: BundleRow): Bundle {
-  return {
-    id: row.id, tenantId: row.tenant_id, sha256: row.sha256, format: row.format,
-    sizeBytes: row.size_bytes, uri: row.uri, createdAt: row.created_at,
-  };
-}
+const toBundle = rowMapper<BundleRow, Bundle>({
+  id: 'id', tenantId: 'tenant_id', sha256: 'sha256', format: 'format', sizeBytes: 'size_bytes', uri: 'uri', createdAt: 'created_at',
+});
 
 /** Records an upload; uploading the same bytes again returns the existing row. */
 export async function recordBundle(
@@ -53,7 +51,7 @@ export async function recordBundle(
       [newId('bundle', now.getTime()), input.tenantId, input.sha256, input.format, input.sizeBytes, input.uri, iso(now)],
     );
   } catch (error) {
-    if (/FOREIGN KEY/.test(String(error))) {
+    if (isForeignKeyViolation(error)) {
       throw new CocoonError('tenant_not_found', `no tenant '${input.tenantId}'`, { status: 404, cause: error });
     }
     throw error;

@@ -1,5 +1,6 @@
 import type { Db } from './sql.ts';
-import { invalid, iso, jsonObject } from './values.ts';
+import { jsonColumn, rowMapper } from './rows.ts';
+import { invalid, iso } from './values.ts';
 
 /**
  * An append-only history of what happened to tenants, images and microVMs: state changes are
@@ -48,20 +49,10 @@ interface EventRow {
   created_at: string;
 }
 
-function toEvent(row: EventRow): Event {
-  return {
-    id: row.id,
-    tenantId: row.tenant_id,
-    resourceType: row.resource_type,
-    resourceId: row.resource_id,
-    type: row.type,
-    fromState: row.from_state,
-    toState: row.to_state,
-    message: row.message,
-    data: jsonObject(row.data),
-    createdAt: row.created_at,
-  };
-}
+const toEvent = rowMapper<EventRow, Event>({
+  id: 'id', tenantId: 'tenant_id', resourceType: 'resource_type', resourceId: 'resource_id', type: 'type',
+  fromState: 'from_state', toState: 'to_state', message: 'message', data: jsonColumn('data'), createdAt: 'created_at',
+});
 
 export async function appendEvent(db: Db, event: NewEvent): Promise<void> {
   const message = event.message == null ? null : event.message.slice(0, MAX_MESSAGE);

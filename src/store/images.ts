@@ -4,7 +4,8 @@ import { appendEvent } from './events.ts';
 import { newId } from './ids.ts';
 import { decodeCursor, pageLimit, toPage, type Page, type PageRequest } from './pagination.ts';
 import type { Db, SqlParam } from './sql.ts';
-import { bool, invalid, iso, jsonObject, placeholders, statesFilter } from './values.ts';
+import { boolColumn, insertRow, jsonColumn, rowMapper } from './rows.ts';
+import { invalid, iso, jsonObject, placeholders, statesFilter } from './values.ts';
 
 export const IMAGE_STATES = ['PENDING', 'BUILDING', 'BOOTING', 'SNAPSHOTTING', 'READY', 'FAILED'] as const;
 export type ImageState = (typeof IMAGE_STATES)[number];
@@ -133,32 +134,19 @@ interface ImageRow {
   updated_at: string;
 }
 
-function toImage(row: ImageRow): Image {
-  return {
-    id: row.id,
-    tenantId: row.tenant_id,
-    arn: row.arn,
-    name: row.name,
-    version: row.version,
-    state: row.state,
-    error: row.error,
-    bundleUri: row.bundle_uri,
-    bundleSha256: row.bundle_sha256,
-    vcpus: row.vcpus,
-    memoryMiB: row.memory_mib,
-    diskMiB: row.disk_mib,
-    port: row.port,
-    hasAppPort: row.has_app_port !== 0,
-    readiness: { httpPath: row.readiness_http_path, timeoutSeconds: row.readiness_timeout_seconds },
-    networkEgress: bool(row.network_egress),
-    hooks: jsonObject(row.hooks) as ImageHooks,
-    httpHooks: row.http_hooks ? (jsonObject(row.http_hooks) as unknown as HttpHooks) : null,
-    buildLogPath: row.build_log_path,
-    artifacts: jsonObject(row.artifacts) as Record<string, string>,
-    createdAt: row.created_at,
-    updatedAt: row.updated_at,
-  };
-}
+const toImage = rowMapper<ImageRow, Image>({
+  id: 'id', tenantId: 'tenant_id', arn: 'arn', name: 'name', version: 'version', state: 'state', error: 'error',
+  bundleUri: 'bundle_uri', bundleSha256: 'bundle_sha256',
+  vcpus: 'vcpus', memoryMiB: 'memory_mib', diskMiB: 'disk_mib', port: 'port',
+  hasAppPort: (row) => row.has_app_port !== 0,
+  readiness: (row) => ({ httpPath: row.readiness_http_path, timeoutSeconds: row.readiness_timeout_seconds }),
+  networkEgress: boolColumn('network_egress'),
+  hooks: jsonColumn<ImageRow, ImageHooks>('hooks'),
+  httpHooks: (row) => (row.http_hooks ? (jsonObject(row.http_hooks) as unknown as HttpHooks) : null),
+  buildLogPath: 'build_log_path',
+  artifacts: jsonColumn<ImageRow, Record<string, string>>('artifacts'),
+  createdAt: 'created_at', updatedAt: 'updated_at',
+});
 
 function checkInt(value: unknown, min: number, max: number, what: string): void {
   if (!Number.isInteger(value) || (value as number) < min || (value as number) > max) {
@@ -259,11 +247,7 @@ export async function createImage(db: Db, input: NewImage): Promise<Image> {
       created_at: iso(now),
       updated_at: iso(now),
     };
-    const columns = Object.keys(row);
-    await tx.run(
-      `INSERT INTO images (${columns.join(', ')}) VALUES ${placeholders(columns.length)}`,
-      Object.values(row) as SqlParam[],
-    );
+    await insertRow(tx, 'images', row);
     await appendEvent(tx, {
       tenantId: row.tenant_id, resourceType: 'image', resourceId: row.id, type: 'created', toState: 'PENDING', now,
     });

@@ -4,7 +4,8 @@ import { appendEvent } from './events.ts';
 import { newId } from './ids.ts';
 import { decodeCursor, pageLimit, toPage, type Page, type PageRequest } from './pagination.ts';
 import type { Db, SqlParam } from './sql.ts';
-import { bool, invalid, iso, jsonObject, placeholders, statesFilter } from './values.ts';
+import { boolColumn, insertRow, jsonColumn, rowMapper } from './rows.ts';
+import { bool, invalid, iso, placeholders, statesFilter } from './values.ts';
 
 export const MICROVM_STATES = [
   'PENDING', 'RUNNING', 'SUSPENDING', 'SUSPENDED', 'RESUMING', 'TERMINATING', 'TERMINATED', 'FAILED',
@@ -110,37 +111,22 @@ interface MicrovmRow {
   terminated_at: string | null;
 }
 
-function toMicrovm(row: MicrovmRow): Microvm {
-  return {
-    id: row.id,
-    tenantId: row.tenant_id,
-    arn: row.arn,
-    imageId: row.image_id,
-    imageArn: row.image_arn,
-    state: row.state,
-    error: row.error,
-    vcpus: row.vcpus,
-    memoryMiB: row.memory_mib,
-    diskMiB: row.disk_mib,
-    port: row.port,
-    hasAppPort: row.has_app_port !== 0,
-    idlePolicy: {
-      autoResumeEnabled: bool(row.auto_resume_enabled),
-      maxIdleDurationSeconds: row.max_idle_duration_seconds,
-      suspendedDurationSeconds: row.suspended_duration_seconds,
-    },
-    maximumDurationSeconds: row.maximum_duration_seconds,
-    networkEgress: bool(row.network_egress),
-    clientToken: row.client_token,
-    runtime: jsonObject(row.runtime),
-    createdAt: row.created_at,
-    updatedAt: row.updated_at,
-    expiresAt: row.expires_at,
-    lastActivityAt: row.last_activity_at,
-    suspendedAt: row.suspended_at,
-    terminatedAt: row.terminated_at,
-  };
-}
+const toMicrovm = rowMapper<MicrovmRow, Microvm>({
+  id: 'id', tenantId: 'tenant_id', arn: 'arn', imageId: 'image_id', imageArn: 'image_arn', state: 'state', error: 'error',
+  vcpus: 'vcpus', memoryMiB: 'memory_mib', diskMiB: 'disk_mib', port: 'port',
+  hasAppPort: (row) => row.has_app_port !== 0,
+  idlePolicy: (row) => ({
+    autoResumeEnabled: bool(row.auto_resume_enabled),
+    maxIdleDurationSeconds: row.max_idle_duration_seconds,
+    suspendedDurationSeconds: row.suspended_duration_seconds,
+  }),
+  maximumDurationSeconds: 'maximum_duration_seconds',
+  networkEgress: boolColumn('network_egress'),
+  clientToken: 'client_token',
+  runtime: jsonColumn('runtime'),
+  createdAt: 'created_at', updatedAt: 'updated_at', expiresAt: 'expires_at', lastActivityAt: 'last_activity_at',
+  suspendedAt: 'suspended_at', terminatedAt: 'terminated_at',
+});
 
 function checkNewMicrovm(input: NewMicrovm): void {
   const policy = input.idlePolicy;
@@ -236,11 +222,7 @@ export async function createMicrovm(db: Db, input: NewMicrovm): Promise<{ microv
       suspended_at: null,
       terminated_at: null,
     };
-    const columns = Object.keys(row);
-    await tx.run(
-      `INSERT INTO microvms (${columns.join(', ')}) VALUES ${placeholders(columns.length)}`,
-      Object.values(row) as SqlParam[],
-    );
+    await insertRow(tx, 'microvms', row);
     await appendEvent(tx, {
       tenantId: row.tenant_id, resourceType: 'microvm', resourceId: id, type: 'created', toState: 'PENDING', now,
     });
@@ -459,8 +441,7 @@ export async function createForks(db: Db, input: NewForks): Promise<Microvm[]> {
         suspended_at: null,
         terminated_at: null,
       };
-      const columns = Object.keys(row);
-      await tx.run(`INSERT INTO microvms (${columns.join(', ')}) VALUES ${placeholders(columns.length)}`, Object.values(row) as SqlParam[]);
+      await insertRow(tx, 'microvms', row);
       await appendEvent(tx, {
         tenantId: row.tenant_id, resourceType: 'microvm', resourceId: id, type: 'created', toState: 'PENDING',
         message: `forked from ${source.id}`, now,

@@ -2,11 +2,14 @@ import { AsyncLocalStorage } from 'node:async_hooks';
 import { closeSync, fstatSync as fstat, mkdirSync, openSync, rmSync, writeSync } from 'node:fs';
 import { dirname } from 'node:path';
 import { DatabaseSync, type SQLInputValue, type StatementSync } from 'node:sqlite';
-import type { Db, RunResult, SqlParam } from './sql.ts';
+import type { Database, Db, RunResult, SqlParam } from './sql.ts';
 
 const STATEMENT_CACHE_SIZE = 256;
 /** Space kept beside the database for its own writes when the disk fills up (see `#withReserve`). */
 const RESERVE_BYTES = 4 * 1024 * 1024;
+const BUSY_TIMEOUT_MS = 5000;
+/** How long a migration waits for another process's migration (the lock is SQLite's write lock). */
+const MIGRATION_BUSY_TIMEOUT_MS = 120_000;
 
 /**
  * `node:sqlite` behind the async `Db` interface. One connection per process: SQLite allows one
@@ -16,7 +19,7 @@ const RESERVE_BYTES = 4 * 1024 * 1024;
  * including those of unrelated requests interleaved at an `await`. So statements and
  * transactions take turns through a FIFO lock: a transaction runs alone from BEGIN to COMMIT.
  */
-export class SqliteDb implements Db {
+export class SqliteDb implements Database {
   readonly dialect = 'sqlite' as const;
   readonly path: string;
   readonly #db: DatabaseSync;
@@ -26,8 +29,11 @@ export class SqliteDb implements Db {
   /** `<db>.reserve`: a file of zeros whose space the database's writes get when the disk is full. */
   readonly #reserve: string | undefined;
 
-  private constructor(path: string, db: DatabaseSync) {
+  readonly #busyTimeoutMs: number;
+
+  private constructor(path: string, db: DatabaseSync, busyTimeoutMs: number) {
     this.path = path;
+    this.#busyTimeoutMs = busyTimeoutMs;
     this.#db = db;
     this.#reserve = path === ':memory:' ? undefined : `${path}.reserve`;
     if (this.#reserve) takeReserve(this.#reserve);
@@ -41,10 +47,8 @@ export class SqliteDb implements Db {
       // valid empty database. SQLite gives the -wal and -shm files the same mode.
       closeSync(openSync(path, 'a', 0o600));
     }
-    const db = new DatabaseSync(path, {
-      enableForeignKeyConstraints: true,
-      timeout: options.busyTimeoutMs ?? 5000,
-    });
+    const busyTimeoutMs = options.busyTimeoutMs ?? BUSY_TIMEOUT_MS;
+    const db = new DatabaseSync(path, { enableForeignKeyConstraints: true, timeout: busyTimeoutMs });
     try {
       db.exec('PRAGMA journal_mode = WAL');
       // NORMAL is durable across application crashes in WAL mode; only an OS crash or power
@@ -55,12 +59,34 @@ export class SqliteDb implements Db {
       db.close();
       throw error;
     }
-    return new SqliteDb(path, db);
+    return new SqliteDb(path, db, busyTimeoutMs);
   }
 
-  close(): void {
+  get location(): string {
+    return this.path;
+  }
+
+  /** Closes at once (the promise is only for the `Database` interface). */
+  close(): Promise<void> {
     this.#statements.clear();
     if (this.#db.isOpen) this.#db.close();
+    return Promise.resolve();
+  }
+
+  /**
+   * The migration lock is SQLite's own write lock: `BEGIN IMMEDIATE` takes it, and a second
+   * process's `BEGIN IMMEDIATE` waits for it (here up to two minutes instead of the usual busy
+   * timeout), then reads the migrations the first one recorded.
+   */
+  migrationTransaction<T>(fn: (tx: Db, exec: (sql: string) => Promise<void>) => Promise<T>): Promise<T> {
+    this.#db.exec(`PRAGMA busy_timeout = ${MIGRATION_BUSY_TIMEOUT_MS}`);
+    const exec = async (sql: string): Promise<void> => { this.#db.exec(sql); };
+    return this.transaction((tx) => {
+      this.#db.exec(`PRAGMA busy_timeout = ${this.#busyTimeoutMs}`);
+      return fn(tx, exec);
+    }).finally(() => {
+      if (this.#db.isOpen) this.#db.exec(`PRAGMA busy_timeout = ${this.#busyTimeoutMs}`);
+    });
   }
 
   /** A pragma's value, for tests and diagnostics. */
@@ -131,7 +157,7 @@ export class SqliteDb implements Db {
     }
   }
 
-  /** Raw multi-statement SQL (migrations), without the lock: the caller holds it. */
+  /** Raw SQL for the transaction handles (savepoints); the caller holds the lock. */
   execNow(sql: string): void {
     this.#db.exec(sql);
   }

@@ -3,8 +3,9 @@ import { CocoonError } from '../common/errors.ts';
 import { appendEvent } from './events.ts';
 import { newId } from './ids.ts';
 import { decodeCursor, pageLimit, toPage, type Page, type PageRequest } from './pagination.ts';
+import { boolColumn, insertRow, rowMapper } from './rows.ts';
 import type { Db } from './sql.ts';
-import { bool, invalid, iso } from './values.ts';
+import { invalid, iso } from './values.ts';
 
 /** Who owns images and microVMs. `accountId` (12 digits) is the account field of the tenant's ARNs. */
 export interface Tenant {
@@ -25,9 +26,9 @@ interface TenantRow {
 
 export const TENANT_NAME = /^[a-z0-9][a-z0-9._-]{0,62}$/;
 
-export function toTenant(row: TenantRow): Tenant {
-  return { id: row.id, name: row.name, accountId: row.account_id, isAdmin: bool(row.is_admin), createdAt: row.created_at };
-}
+export const toTenant = rowMapper<TenantRow, Tenant>({
+  id: 'id', name: 'name', accountId: 'account_id', isAdmin: boolColumn('is_admin'), createdAt: 'created_at',
+});
 
 export async function createTenant(db: Db, input: { name: string; isAdmin?: boolean; now?: Date }): Promise<Tenant> {
   if (typeof input.name !== 'string' || !TENANT_NAME.test(input.name)) {
@@ -45,9 +46,7 @@ export async function createTenant(db: Db, input: { name: string; isAdmin?: bool
       is_admin: input.isAdmin ? 1 : 0,
       created_at: iso(now),
     };
-    await tx.run('INSERT INTO tenants (id, name, account_id, is_admin, created_at) VALUES (?, ?, ?, ?, ?)', [
-      row.id, row.name, row.account_id, row.is_admin, row.created_at,
-    ]);
+    await insertRow(tx, 'tenants', row);
     await appendEvent(tx, { tenantId: row.id, resourceType: 'tenant', resourceId: row.id, type: 'created', now });
     return toTenant(row);
   });

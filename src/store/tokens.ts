@@ -3,6 +3,7 @@ import { CocoonError } from '../common/errors.ts';
 import { ID_PREFIXES, newId } from './ids.ts';
 import type { Db } from './sql.ts';
 import { TOKEN_PREFIX } from './secrets.ts';
+import { insertRow, rowMapper } from './rows.ts';
 import { invalid, iso } from './values.ts';
 
 /**
@@ -110,18 +111,12 @@ interface TokenRow {
   revoked_at: string | null;
 }
 
-function toToken(row: TokenRow): Token {
-  return {
-    id: row.id,
-    microvmId: row.microvm_id,
-    tenantId: row.tenant_id,
-    scope: row.scope === 'shell' ? 'shell' : 'http',
-    allowedPorts: row.allowed_ports === null ? null : (JSON.parse(row.allowed_ports) as PortSpec[]),
-    createdAt: row.created_at,
-    expiresAt: row.expires_at,
-    revokedAt: row.revoked_at,
-  };
-}
+const toToken = rowMapper<TokenRow, Token>({
+  id: 'id', microvmId: 'microvm_id', tenantId: 'tenant_id',
+  scope: (row) => (row.scope === 'shell' ? 'shell' : 'http'),
+  allowedPorts: (row) => (row.allowed_ports === null ? null : (JSON.parse(row.allowed_ports) as PortSpec[])),
+  createdAt: 'created_at', expiresAt: 'expires_at', revokedAt: 'revoked_at',
+});
 
 export interface NewToken {
   microvmId: string;
@@ -167,11 +162,7 @@ export async function createToken(db: Db, input: NewToken): Promise<{ token: Tok
       expires_at: iso(new Date(now.getTime() + minutes * 60_000)),
       revoked_at: null,
     };
-    await tx.run(
-      `INSERT INTO tokens (id, microvm_id, tenant_id, token_hash, allowed_ports, scope, created_at, expires_at)
-       VALUES (?, ?, ?, ?, ?, ?, ?, ?)`,
-      [row.id, row.microvm_id, row.tenant_id, row.token_hash, row.allowed_ports, row.scope, row.created_at, row.expires_at],
-    );
+    await insertRow(tx, 'tokens', row);
     return { token: toToken(row), secret };
   });
 }

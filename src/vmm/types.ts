@@ -7,7 +7,7 @@ import type { VmLimits } from '../host/cgroups.ts';
 export type Accelerator = 'tcg' | 'kvm';
 export type AcceleratorChoice = Accelerator | 'auto';
 
-/** Platform limits (DESIGN.md): a request outside them is refused with `invalid_resources`. */
+/** Platform limits (docs/design.md): a request outside them is refused with `invalid_resources`. */
 export const LIMITS = {
   minVcpus: 1,
   maxVcpus: 16,

@@ -10,6 +10,8 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import {
+  ConflictException, CreateMicrovmAuthTokenCommand, CreateMicrovmImageCommand, DeleteMicrovmImageCommand, DeleteMicrovmImageVersionCommand,
+  ListTagsCommand, RunMicrovmCommand, TagResourceCommand, UntagResourceCommand, UpdateMicrovmImageVersionCommand,
   GetMicrovmCommand, GetMicrovmImageBuildCommand, GetMicrovmImageCommand, GetMicrovmImageVersionCommand, LambdaMicrovmsClient,
   ListManagedMicrovmImageVersionsCommand, ListManagedMicrovmImagesCommand, ListMicrovmImageBuildsCommand, ListMicrovmImageVersionsCommand,
   ListMicrovmImagesCommand, ListMicrovmsCommand, ResourceNotFoundException, ValidationException, paginateListMicrovmImages,
@@ -165,6 +167,82 @@ describe('the AWS Lambda MicroVMs surface (no VMs)', () => {
       await assert.rejects(lmv(other).send(new GetMicrovmImageCommand({ imageIdentifier: identifier })), ResourceNotFoundException, identifier);
     }
     await assert.rejects(lmv(other).send(new GetMicrovmCommand({ microvmIdentifier: 'mvm-00000000000000000000000000' })), ResourceNotFoundException);
+  });
+
+  test('CreateMicrovmImage: what cannot map is refused with the reason; a missing bundle is not found', async () => {
+    const base = {
+      name: 'refused', baseImageArn: `arn:aws:lambda:us-east-1:aws:microvm-image:busybox`, buildRoleArn: 'arn:aws:iam::123456789012:role/build',
+      codeArtifact: { uri: `cocoon://bundles/${'1'.repeat(64)}.tar.gz` },
+    };
+    const refused = async (input: Record<string, unknown>, message: RegExp) => {
+      await assert.rejects(lmv(admin).send(new CreateMicrovmImageCommand({ ...base, ...input } as never)), (e: unknown) => {
+        assert.ok(e instanceof ValidationException, String(e));
+        assert.match(e.message, message);
+        return true;
+      });
+    };
+    await refused({ cpuConfigurations: [{ architecture: 'ARM_64' }] }, /x86_64/);
+    await refused({ logging: { cloudWatch: { logGroup: 'g' } } }, /CloudWatch logging is not available/);
+    await refused({ egressNetworkConnectors: ['arn:aws:lambda:us-east-1:123456789012:network-connector:vpc'] }, /network connectors are not available/);
+    await refused({ environmentVariables: { A: 'b' } }, /Dockerfile/);
+    await refused({ baseImageArn: 'arn:aws:lambda:us-east-1:aws:microvm-image:al2023-1' }, /ListManagedMicrovmImages lists them/);
+    await refused({ buildRoleArn: 'not-a-role-arn-at-all' }, /buildRoleArn/);
+    await refused({ resources: [{ minimumMemoryInMiB: 64 }] }, /minimumMemoryInMiB/);
+    await refused({ hooks: { microvmHooks: { run: 'ENABLED' } } }, /hooks.port is required/);
+    await refused({ hooks: { port: 9000, microvmHooks: { run: 'ENABLED', runTimeoutInSeconds: 61 } } }, /runTimeoutInSeconds/);
+    await refused({ name: 'bad name' }, /name/);
+    await assert.rejects(lmv(admin).send(new CreateMicrovmImageCommand(base)), ResourceNotFoundException, 'no such bundle');
+    await assert.rejects(lmv(admin).send(new CreateMicrovmImageCommand({ ...base, name: 'web' })), ConflictException, 'exists: UpdateMicrovmImage');
+  });
+
+  test('RunMicrovm and tokens: limits and states are checked before anything starts', async () => {
+    const run = (input: Record<string, unknown>) => lmv(admin).send(new RunMicrovmCommand({ imageIdentifier: 'app-0', ...input } as never));
+    await assert.rejects(run({ maximumDurationInSeconds: 28_801 }), /maximumDurationInSeconds/);
+    await assert.rejects(run({ idlePolicy: { maxIdleDurationSeconds: 59, suspendedDurationSeconds: 0, autoResumeEnabled: true } }), ValidationException);
+    await assert.rejects(run({ idlePolicy: { maxIdleDurationSeconds: 60 } }), /suspendedDurationSeconds/);
+    await assert.rejects(run({ runHookPayload: 'x'.repeat(4097) }), ValidationException);
+    await assert.rejects(run({ egressNetworkConnectors: ['vpc-1'] }), /network connectors/);
+    await assert.rejects(run({ imageIdentifier: 'web', imageVersion: '2' }), ConflictException, 'a FAILED version');
+    await assert.rejects(run({ imageIdentifier: 'nope' }), ResourceNotFoundException);
+    await assert.rejects(lmv(other).send(new RunMicrovmCommand({ imageIdentifier: 'app-0' })), ResourceNotFoundException, "another tenant's image");
+    // An INACTIVE version runs nothing; the image's latest active version moves back.
+    const inactive = await lmv(admin).send(new UpdateMicrovmImageVersionCommand({ imageIdentifier: 'app-1', imageVersion: '1', status: 'INACTIVE' }));
+    assert.equal(inactive.status, 'INACTIVE');
+    assert.equal((await lmv(admin).send(new GetMicrovmImageCommand({ imageIdentifier: 'app-1' }))).latestActiveImageVersion, undefined);
+    await assert.rejects(run({ imageIdentifier: 'app-1' }), ConflictException);
+    await assert.rejects(run({ imageIdentifier: 'app-1', imageVersion: '1' }), /INACTIVE/);
+    const token = (input: Record<string, unknown>) => lmv(admin).send(new CreateMicrovmAuthTokenCommand({ microvmIdentifier: 'mvm-00000000000000000000000000', expirationInMinutes: 5, allowedPorts: [{ allPorts: {} }], ...input } as never));
+    await assert.rejects(token({ expirationInMinutes: 61 }), /expirationInMinutes/);
+    await assert.rejects(token({ allowedPorts: [] }), /allowedPorts/);
+    await assert.rejects(token({ allowedPorts: [{ range: { startPort: 9, endPort: 8 } }] }), /startPort/);
+    await assert.rejects(token({}), ResourceNotFoundException);
+  });
+
+  test('tags on images; deleting versions and images is idempotent', async () => {
+    const arn = `arn:cocoon:lambda:${server.config.region}:${adminAccount}:microvm-image:app-2`;
+    await lmv(admin).send(new TagResourceCommand({ Resource: arn, Tags: { team: 'a', 'cost:center': '42' } }));
+    await lmv(admin).send(new TagResourceCommand({ Resource: arn, Tags: { team: 'b' } }));
+    assert.deepEqual((await lmv(admin).send(new ListTagsCommand({ Resource: arn }))).Tags, { team: 'b', 'cost:center': '42' });
+    await lmv(admin).send(new UntagResourceCommand({ Resource: arn, TagKeys: ['team', 'absent'] }));
+    assert.deepEqual((await lmv(admin).send(new ListTagsCommand({ Resource: arn }))).Tags, { 'cost:center': '42' });
+    assert.deepEqual((await lmv(admin).send(new GetMicrovmImageCommand({ imageIdentifier: 'app-2' }))).tags, { 'cost:center': '42' });
+    await assert.rejects(lmv(other).send(new ListTagsCommand({ Resource: arn })), ResourceNotFoundException);
+    // Cocoon's own image ARN (with a '/', sent encoded) names the same image.
+    const native = images.find((i) => i.name === 'app-2')!.arn;
+    assert.deepEqual((await lmv(admin).send(new ListTagsCommand({ Resource: native }))).Tags, { 'cost:center': '42' });
+    await assert.rejects(lmv(admin).send(new ListTagsCommand({ Resource: 'arn:cocoon:local-1:1:microvm/mvm-x' })), ValidationException);
+
+    const version = await lmv(admin).send(new DeleteMicrovmImageVersionCommand({ imageIdentifier: 'web', imageVersion: '3' }));
+    assert.equal(version.state, 'DELETED');
+    assert.equal((await lmv(admin).send(new DeleteMicrovmImageVersionCommand({ imageIdentifier: 'web', imageVersion: '3' }))).state, 'DELETED', 'again');
+    await assert.rejects(lmv(admin).send(new DeleteMicrovmImageVersionCommand({ imageIdentifier: 'web', imageVersion: '7' })), ResourceNotFoundException);
+    assert.deepEqual((await lmv(admin).send(new ListMicrovmImageVersionsCommand({ imageIdentifier: 'web' }))).items!.map((v) => v.imageVersion), ['1', '2']);
+
+    assert.equal((await lmv(admin).send(new DeleteMicrovmImageCommand({ imageIdentifier: 'app-2' }))).state, 'DELETED');
+    assert.equal((await lmv(admin).send(new DeleteMicrovmImageCommand({ imageIdentifier: 'app-2' }))).state, 'DELETED', 'again');
+    await assert.rejects(lmv(admin).send(new GetMicrovmImageCommand({ imageIdentifier: 'app-2' })), ResourceNotFoundException);
+    await assert.rejects(lmv(admin).send(new DeleteMicrovmImageCommand({ imageIdentifier: 'never-was' })), ResourceNotFoundException);
+    await assert.rejects(lmv(other).send(new DeleteMicrovmImageCommand({ imageIdentifier: 'app-3' })), ResourceNotFoundException);
   });
 
   test('SigV4: bad signature, unknown key, expired and future requests, keys that cannot sign', async () => {

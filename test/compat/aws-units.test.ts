@@ -10,6 +10,8 @@ import { SignatureV4 } from '@smithy/signature-v4';
 import type { SourceData } from '@smithy/types';
 import { CocoonError, type ErrorCode } from '../../src/common/errors.ts';
 import { AwsError, fromCocoonError } from '../../src/compat/aws/errors.ts';
+import { awsHooksFrom, httpHooksFromAws } from '../../src/compat/aws/hooks.ts';
+import { portsFromAws } from '../../src/compat/aws/tokens.ts';
 import { decodeNextToken, encodeNextToken, pageOf } from '../../src/compat/aws/pagination.ts';
 import { findManagedImage, imageState, microvmState, parseImageIdentifier, versionState } from '../../src/compat/aws/shapes.ts';
 import { parseAmzDate, parseQuery, verifySigV4, type ReceivedRequest } from '../../src/compat/aws/sigv4.ts';
@@ -184,4 +186,32 @@ test('pagination: tokens are bound to their operation; pages cover everything on
     after = decodeNextToken(page.nextToken, 'Op');
   }
   assert.deepEqual(seen, all);
+});
+
+test('hooks: the model\'s Hooks map to image httpHooks and back (ENABLED keys, timeouts, port required)', () => {
+  assert.equal(httpHooksFromAws({}), undefined);
+  assert.deepEqual(
+    httpHooksFromAws({ hooks: { port: 9000, microvmImageHooks: { ready: 'ENABLED', readyTimeoutInSeconds: 120, validate: 'DISABLED', validateTimeoutInSeconds: 5 }, microvmHooks: { run: 'ENABLED', terminate: 'ENABLED', terminateTimeoutInSeconds: 3, suspend: 'DISABLED' } } }),
+    { port: 9000, ready: { timeoutSeconds: 120 }, run: {}, terminate: { timeoutSeconds: 3 } },
+  );
+  assert.throws(() => httpHooksFromAws({ hooks: { microvmHooks: { run: 'ENABLED' } } }), /hooks.port is required/);
+  assert.throws(() => httpHooksFromAws({ hooks: { port: 9000, microvmHooks: { run: 'ON' } } }), /enum/);
+  assert.throws(() => httpHooksFromAws({ hooks: { port: 9000, microvmHooks: { runTimeoutInSeconds: 61 } } }), /less than or equal to 60/);
+  assert.throws(() => httpHooksFromAws({ hooks: { port: 9000, microvmImageHooks: { readyTimeoutInSeconds: 3601 } } }), /3600/);
+  assert.throws(() => httpHooksFromAws({ hooks: { port: 9000, microvmHooks: { start: 'ENABLED' } } }), /unknown member 'hooks.microvmHooks.start'/);
+  assert.deepEqual(awsHooksFrom({ port: 9000, ready: { timeoutSeconds: 300 }, run: { timeoutSeconds: 10 } }), {
+    port: 9000,
+    microvmImageHooks: { ready: 'ENABLED', readyTimeoutInSeconds: 300, validate: 'DISABLED' },
+    microvmHooks: { run: 'ENABLED', runTimeoutInSeconds: 10, resume: 'DISABLED', suspend: 'DISABLED', terminate: 'DISABLED' },
+  });
+  assert.equal(awsHooksFrom(null), undefined);
+});
+
+test('token ports: port, range and allPorts map to Cocoon port specs', () => {
+  assert.deepEqual(portsFromAws({ allowedPorts: [{ port: 8080 }, { range: { startPort: 9000, endPort: 9010 } }] }), [8080, { from: 9000, to: 9010 }]);
+  assert.equal(portsFromAws({ allowedPorts: [{ port: 8080 }, { allPorts: {} }] }), null);
+  for (const bad of [[], [{}], [{ port: 0 }], [{ port: 8080, allPorts: {} }], [{ range: { startPort: 2, endPort: 1 } }], [{ range: { startPort: 1 } }], ['8080'], Array.from({ length: 65 }, () => ({ port: 1 }))]) {
+    assert.throws(() => portsFromAws({ allowedPorts: bad }), AwsError, JSON.stringify(bad).slice(0, 60));
+  }
+  assert.throws(() => portsFromAws({}), /allowedPorts/);
 });

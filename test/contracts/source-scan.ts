@@ -163,7 +163,9 @@ export function guestAgentCodes(file: string, text: string): Use[] {
 /**
  * Where a file reads a COCOON_* variable: `process.env.COCOON_X`, `env.COCOON_X`,
  * `env['COCOON_X']`, destructuring `{ COCOON_X } = process.env`, and a `'COCOON_X'` string
- * handed to anything (a helper that reads the variable by name). Comments do not count.
+ * handed to anything (a helper that reads the variable by name); `setting('COCOON_X')` (the
+ * settings module's reader) is marked as such. Comments and sentences that name a variable do
+ * not count.
  */
 export function settingReads(file: string, text: string): Use[] {
   const sf = parse(file, text);
@@ -176,8 +178,9 @@ export function settingReads(file: string, text: string): Use[] {
     } else if (ts.isBindingElement(node)) {
       const name = (node.propertyName ?? node.name).getText(sf);
       if (name.startsWith('COCOON_')) uses.push({ file, line: lineOf(sf, node), name, how: 'destructuring' });
-    } else if (ts.isStringLiteralLike(node) && /^COCOON_[A-Z0-9_]+$/.test(node.text) && !ts.isElementAccessExpression(node.parent)) {
-      uses.push({ file, line: lineOf(sf, node), name: node.text, how: 'name as a string' });
+    } else if (ts.isStringLiteralLike(node) && /^COCOON_[A-Z0-9_]+$/.test(node.text) && !ts.isElementAccessExpression(node.parent) && !ts.isLiteralTypeNode(node.parent)) {
+      const viaSetting = ts.isCallExpression(node.parent) && node.parent.expression.getText(sf) === 'setting' && node.parent.arguments[0] === node;
+      uses.push({ file, line: lineOf(sf, node), name: node.text, how: viaSetting ? 'setting()' : 'name as a string' });
     }
     ts.forEachChild(node, visit);
   };

@@ -12,7 +12,7 @@ import { createGateway, type Gateway, type GatewayOptions } from '../../src/gate
 import { createTokenVerifier } from '../../src/gateway/tokens.ts';
 import type { AllowedPorts, MicroVMDirectory, MicroVMRoute, MicroVMState } from '../../src/gateway/types.ts';
 import { createMicrovm } from '../../src/store/microvms.ts';
-import type { SqliteDb } from '../../src/store/sqlite.ts';
+import type { Database } from '../../src/store/sql.ts';
 import { createToken, revokeToken } from '../../src/store/tokens.ts';
 import { readyImage, someTenant, tempDb } from '../store/helpers.ts';
 
@@ -151,7 +151,7 @@ export interface Fixture {
   port: number;
   directory: FakeDirectory;
   /** The real token store (SQLite in a temp directory). */
-  db: SqliteDb;
+  db: Database;
   now: { ms: number | undefined };
   /** Everything the gateway logged (at debug level). */
   logLines: string[];
@@ -163,7 +163,7 @@ export interface Fixture {
  * The directory double names microVMs freely ('vm1'); tokens reference microVM rows, so a row
  * is made under that id (a real microVM renamed) the first time a token is issued for it.
  */
-async function microvmRow(db: SqliteDb, id: string): Promise<string> {
+async function microvmRow(db: Database, id: string): Promise<string> {
   if (await db.get('SELECT 1 FROM microvms WHERE id = ?', [id])) return id;
   let tenant = await db.get<{ id: string }>("SELECT id FROM tenants WHERE name = 'gateway-tests'");
   tenant ??= await someTenant(db, 'gateway-tests');

@@ -7,7 +7,7 @@ import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 import { microvmDir, microvmsRoot } from '../../src/lifecycle/paths.ts';
 import type { Image } from '../../src/store/images.ts';
-import type { SqliteDb } from '../../src/store/sqlite.ts';
+import type { Database } from '../../src/store/sql.ts';
 import { waitForPause } from '../support/daemon.ts';
 import { TESTAPP_PORT } from '../support/image.ts';
 import { RestartableDaemon } from '../support/restartable-daemon.ts';
@@ -19,7 +19,7 @@ const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
 describe('the daemon killed at any moment, then restarted', () => {
   const dataDir = tempDir('cocoon-crash-');
   let daemons: RestartableDaemon | undefined;
-  let db: SqliteDb;
+  let db: Database;
   let image: Image;
 
   before(async () => {

@@ -11,7 +11,7 @@ import { after, before, describe, test } from 'node:test';
 import { imageBaseDisk, imageSnapshotDir } from '../../src/images/paths.ts';
 import { microvmDir, microvmsRoot } from '../../src/lifecycle/paths.ts';
 import { getImage, type Image } from '../../src/store/images.ts';
-import type { SqliteDb } from '../../src/store/sqlite.ts';
+import type { Database } from '../../src/store/sql.ts';
 import { waitForPause } from '../support/daemon.ts';
 import { TESTAPP_PORT } from '../support/image.ts';
 import { RestartableDaemon } from '../support/restartable-daemon.ts';
@@ -21,7 +21,7 @@ import { cleanupDir, qemuProcessesMentioning, tempDir } from '../support/vm.ts';
 describe('the daemon killed during a fork or a checkpoint, then restarted', () => {
   const dataDir = tempDir('cocoon-forkcrash-');
   let daemons: RestartableDaemon | undefined;
-  let db: SqliteDb;
+  let db: Database;
   let image: Image;
 
   before(async () => {

@@ -17,7 +17,7 @@ import { isCocoonError } from '../../src/common/errors.ts';
 import type { PausePoint } from '../../src/lifecycle/engine.ts';
 import { generationDir, microvmDir, microvmsRoot, runDir } from '../../src/lifecycle/paths.ts';
 import type { Image } from '../../src/store/images.ts';
-import type { SqliteDb } from '../../src/store/sqlite.ts';
+import type { Database } from '../../src/store/sql.ts';
 import { dataChecksums } from '../../src/vmm/snapshot.ts';
 import * as imageHelpers from '../images/helpers.ts';
 import { waitForPause } from '../support/daemon.ts';
@@ -41,11 +41,11 @@ function fillQuickly(dir: string, leaveBytes = 0): string[] {
   return [bulk, rest];
 }
 
-async function stateOf(db: SqliteDb, id: string): Promise<{ state: string; error: string | null }> {
+async function stateOf(db: Database, id: string): Promise<{ state: string; error: string | null }> {
   return (await db.get<{ state: string; error: string | null }>('SELECT state, error FROM microvms WHERE id = ?', [id]))!;
 }
 
-async function settle(db: SqliteDb, id: string, timeoutMs = 120_000): Promise<string> {
+async function settle(db: Database, id: string, timeoutMs = 120_000): Promise<string> {
   const deadline = Date.now() + timeoutMs;
   for (;;) {
     const { state } = await stateOf(db, id);
@@ -66,7 +66,7 @@ describe('the daemon killed during a launch and during a terminate, QEMU killed 
   let dataDir = '';
   let daemons: RestartableDaemon | undefined;
   let server: TestServer | undefined;
-  let db: SqliteDb;
+  let db: Database;
   let image: Image;
 
   before(async () => {

@@ -3,9 +3,10 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createImage, transitionImage, type Image, type NewImage } from '../../src/store/images.ts';
 import { log } from '../../src/common/log.ts';
-import { openMetadataStore } from '../../src/store/open.ts';
+import { migrate } from '../../src/store/migrations.ts';
+import { DATABASE_FILE } from '../../src/store/open.ts';
 import type { Db } from '../../src/store/sql.ts';
-import type { SqliteDb } from '../../src/store/sqlite.ts';
+import { SqliteDb } from '../../src/store/sqlite.ts';
 import { createTenant, type Tenant } from '../../src/store/tenants.ts';
 
 /** Keeps test output clean; migrations log at info. */
@@ -22,11 +23,12 @@ export async function tempDataDir(t: HasAfter): Promise<string> {
   return dir;
 }
 
-/** A migrated database in a temp directory, closed and removed after the test. */
+/** A migrated SQLite database in a temp directory, closed and removed after the test. */
 export async function tempDb(t: HasAfter): Promise<{ db: SqliteDb; dir: string }> {
   const dir = await tempDataDir(t);
-  const { db } = await openMetadataStore(dir, { logger: quiet });
+  const db = SqliteDb.open(join(dir, DATABASE_FILE));
   t.after(() => db.close());
+  await migrate(db);
   return { db, dir };
 }
 

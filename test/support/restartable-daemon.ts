@@ -6,7 +6,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import type { Image } from '../../src/store/images.ts';
 import { openMetadataStore } from '../../src/store/open.ts';
-import type { SqliteDb } from '../../src/store/sqlite.ts';
+import type { Database } from '../../src/store/sql.ts';
 import { findTenantByName } from '../../src/store/tenants.ts';
 import { spawnDaemon, type Daemon } from './daemon.ts';
 import { createTestImage } from './image.ts';
@@ -18,11 +18,11 @@ export class RestartableDaemon {
   current: Daemon | undefined;
 
   readonly dataDir: string;
-  readonly db: SqliteDb;
+  readonly db: Database;
   readonly image: Image;
   readonly adminKey: string;
 
-  private constructor(parts: { dataDir: string; db: SqliteDb; image: Image; adminKey: string }) {
+  private constructor(parts: { dataDir: string; db: Database; image: Image; adminKey: string }) {
     this.dataDir = parts.dataDir;
     this.db = parts.db;
     this.image = parts.image;
@@ -58,7 +58,7 @@ export class RestartableDaemon {
   async close(): Promise<number[]> {
     await this.current?.kill();
     this.current = undefined;
-    this.db.close();
+    await this.db.close();
     return cleanupDir(this.dataDir);
   }
 }

@@ -1,14 +1,14 @@
 /**
- * MicroVMs and their tokens (CONTRACT.md): start from an image with an idle policy, get, list,
+ * MicroVMs and their tokens (docs/contract.md): start from an image with an idle policy, get, list,
  * suspend, resume, terminate; issue and revoke gateway tokens; read the microVM's log.
  * Another tenant's microVM is answered exactly like a missing one (404).
  */
-import { createHash } from 'node:crypto';
 import type { FastifyInstance, FastifyRequest } from 'fastify';
 import { Type, type Static } from 'typebox';
 import { CocoonError } from '../../common/errors.ts';
 import type { LifecycleEngine } from '../../lifecycle/engine.ts';
 import { MAX_FORKS, checkpointMicrovm, forkMicrovm } from '../../lifecycle/fork.ts';
+import { startMicrovm } from '../../lifecycle/start.ts';
 import { readLogTail } from '../../lifecycle/storage.ts';
 import { IMAGE_NAME } from '../../store/images.ts';
 import { ImageSchema, imageView } from './images.ts';
@@ -17,7 +17,6 @@ import {
   MAX_RUN_HOOK_PAYLOAD_BYTES,
   MAX_SESSION_SECONDS,
   MICROVM_STATES,
-  createMicrovm,
   findTenantMicrovm,
   listMicrovms,
   type Microvm,
@@ -32,7 +31,6 @@ export interface MicrovmRouteServices {
   urlFor: (microvmId: string) => string;
 }
 
-const DEFAULT_MAX_IDLE_SECONDS = 300;
 /** How long suspend/resume answers wait for the operation before answering with the state so far. */
 const OPERATION_WAIT_MS = 30_000;
 
@@ -220,31 +218,14 @@ export function microvmRoutes(app: FastifyInstance, { db, config }: ApiContext, 
       const body = request.body;
       const image = await findTenantImage(db, request.tenant.id, body.image);
       if (!image) throw new CocoonError('image_not_found', `no image '${body.image}'`, { status: 404 });
-      const idlePolicy = {
-        autoResumeEnabled: body.idlePolicy?.autoResumeEnabled ?? true,
-        maxIdleDurationSeconds: body.idlePolicy?.maxIdleDurationSeconds ?? DEFAULT_MAX_IDLE_SECONDS,
-        suspendedDurationSeconds: body.idlePolicy?.suspendedDurationSeconds ?? null,
-      };
-      const maximumDurationSeconds = body.maximumDurationSeconds ?? MAX_SESSION_SECONDS;
-      const payload = body.runHookPayload;
-      if (payload !== undefined && Buffer.byteLength(payload, 'utf8') > MAX_RUN_HOOK_PAYLOAD_BYTES) {
-        throw new CocoonError('invalid_request', `runHookPayload must be at most ${MAX_RUN_HOOK_PAYLOAD_BYTES} bytes (UTF-8)`, { status: 400 });
-      }
-      // The payload counts for idempotency only as a digest of it (a replay with another payload is a conflict).
-      const requestParts: unknown[] = [image.id, idlePolicy, maximumDurationSeconds];
-      if (payload !== undefined) requestParts.push(createHash('sha256').update(payload).digest('hex'));
-      const clientRequestHash = createHash('sha256').update(JSON.stringify(requestParts)).digest('hex');
-      const { microvm, created } = await createMicrovm(db, {
+      const { microvm } = await startMicrovm(db, services.engine(), config.region, {
         tenantId: request.tenant.id,
-        region: config.region,
-        imageId: image.id,
-        idlePolicy,
-        maximumDurationSeconds,
-        clientToken: body.clientToken ?? null,
-        clientRequestHash,
-        ...(payload !== undefined ? { runHookPayload: payload } : {}),
+        image,
+        idlePolicy: body.idlePolicy,
+        maximumDurationSeconds: body.maximumDurationSeconds,
+        clientToken: body.clientToken,
+        runHookPayload: body.runHookPayload,
       });
-      if (created) await services.engine().launch(microvm);
       let token: { token: Token; secret: string } | undefined;
       try {
         token = await createToken(db, { microvmId: microvm.id, tenantId: request.tenant.id });

@@ -13,8 +13,9 @@ import {
   MANAGED_IMAGES, MANAGED_VERSION, awsImageArn, buildState, epoch, findManagedImage, imageState, managedImageArn,
   parseImageIdentifier, versionState,
 } from './shapes.ts';
-import { str } from './validate.ts';
-import { queryString } from './validate.ts';
+import { getTags, versionRecords, type VersionRecord, type VersionStatus } from './store.ts';
+import { queryString, str } from './validate.ts';
+import { awsHooksFrom } from './hooks.ts';
 
 /** Versions of one name read per request at most (a name with more shows its newest ones). */
 const MAX_VERSIONS = 1000;
@@ -27,6 +28,8 @@ export interface ResolvedImage {
   name: string;
   /** Oldest first. */
   versions: Image[];
+  /** The AWS surface's record of each version (status, spec), by Cocoon image id. */
+  records: Map<string, VersionRecord>;
   /** The version the identifier itself named (a Cocoon image id or ARN, or an AWS ARN with `:<version>`). */
   pinned?: Image;
 }
@@ -38,18 +41,26 @@ export async function versionsOf(services: AwsServices, tenant: Tenant, name: st
 /** An imageIdentifier of this tenant's (another tenant's answers like a missing one). */
 export async function resolveImage(services: AwsServices, tenant: Tenant, identifier: string): Promise<ResolvedImage> {
   const ref = parseImageIdentifier(identifier);
+  let name: string;
+  let pinned: Image | undefined;
+  let version: string | undefined;
   if (ref.kind === 'cocoon') {
-    const image = await findTenantImage(services.db, tenant.id, ref.idOrArn);
-    if (!image) throw notFound('MicrovmImage', identifier);
-    return { name: image.name, versions: await versionsOf(services, tenant, image.name), pinned: image };
+    pinned = await findTenantImage(services.db, tenant.id, ref.idOrArn);
+    if (!pinned) throw notFound('MicrovmImage', identifier);
+    name = pinned.name;
+  } else {
+    if (ref.accountId !== undefined && ref.accountId !== tenant.accountId) throw notFound('MicrovmImage', identifier);
+    name = ref.name;
+    version = ref.version;
   }
-  if (ref.accountId !== undefined && ref.accountId !== tenant.accountId) throw notFound('MicrovmImage', identifier);
-  const versions = await versionsOf(services, tenant, ref.name);
+  const versions = await versionsOf(services, tenant, name);
   if (versions.length === 0) throw notFound('MicrovmImage', identifier);
-  if (ref.version === undefined) return { name: ref.name, versions };
-  const pinned = versions.find((v) => String(v.version) === ref.version);
-  if (!pinned) throw notFound('MicrovmImageVersion', identifier, `image ${ref.name} has no version ${ref.version}`);
-  return { name: ref.name, versions, pinned };
+  const records = await versionRecords(services.db, versions.map((v) => v.id));
+  if (version !== undefined) {
+    pinned = versions.find((v) => String(v.version) === version);
+    if (!pinned) throw notFound('MicrovmImageVersion', identifier, `image ${name} has no version ${version}`);
+  }
+  return { name, versions, records, ...(pinned ? { pinned } : {}) };
 }
 
 export function findVersion(image: ResolvedImage, version: string): Image {
@@ -59,17 +70,22 @@ export function findVersion(image: ResolvedImage, version: string): Image {
   return found;
 }
 
-/** The newest version a microVM can run from (READY), if any. */
-export function latestActive(versions: readonly Image[]): Image | undefined {
-  return [...versions].reverse().find((v) => v.state === 'READY');
+export function statusOf(records: Map<string, VersionRecord>, image: Image): VersionStatus {
+  return records.get(image.id)?.status ?? 'ACTIVE';
+}
+
+/** The newest version a microVM can run from (READY and ACTIVE), if any. */
+export function latestActive(versions: readonly Image[], records: Map<string, VersionRecord>): Image | undefined {
+  return [...versions].reverse().find((v) => v.state === 'READY' && statusOf(records, v) === 'ACTIVE');
 }
 
 function latestFailed(versions: readonly Image[]): Image | undefined {
   return [...versions].reverse().find((v) => v.state === 'FAILED');
 }
 
-export function imageSummary(services: AwsServices, tenant: Tenant, name: string, versions: Image[]) {
-  const active = latestActive(versions);
+export function imageSummary(services: AwsServices, tenant: Tenant, image: ResolvedImage) {
+  const { name, versions } = image;
+  const active = latestActive(versions, image.records);
   const failed = latestFailed(versions);
   return {
     imageArn: awsImageArn(services.config.region, tenant.accountId, name),
@@ -81,35 +97,49 @@ export function imageSummary(services: AwsServices, tenant: Tenant, name: string
   };
 }
 
-export function imageDetail(services: AwsServices, tenant: Tenant, name: string, versions: Image[]) {
+export async function imageDetail(services: AwsServices, tenant: Tenant, image: ResolvedImage) {
   return {
-    ...imageSummary(services, tenant, name, versions),
-    tags: {},
-    updatedAt: epoch(versions.at(-1)!.updatedAt),
+    ...imageSummary(services, tenant, image),
+    tags: await getTags(services.db, tenant.id, image.name),
+    updatedAt: epoch(image.versions.at(-1)!.updatedAt),
   };
 }
 
-/** An image version as the model shows it; images made through Cocoon's own API show what Cocoon knows. */
-export function versionView(services: AwsServices, tenant: Tenant, image: Image) {
+/**
+ * The members an image version was made with: as given through the AWS surface, else what
+ * Cocoon knows (images made through Cocoon's own API: the Dockerfile is the base).
+ */
+export function versionSpecView(services: AwsServices, tenant: Tenant, image: Image, record: VersionRecord | undefined) {
+  const spec = record?.spec ?? {};
+  const hooks = awsHooksFrom(image.httpHooks);
   return {
-    baseImageArn: managedImageArn(services.config.region, 'dockerfile'),
-    baseImageVersion: MANAGED_VERSION,
-    buildRoleArn: `arn:aws:iam::${tenant.accountId}:role/cocoon-builder`,
+    baseImageArn: spec.baseImageArn ?? managedImageArn(services.config.region, 'dockerfile'),
+    baseImageVersion: spec.baseImageVersion ?? MANAGED_VERSION,
+    buildRoleArn: spec.buildRoleArn ?? `arn:aws:iam::${tenant.accountId}:role/cocoon-builder`,
+    ...(spec.description !== undefined ? { description: spec.description } : {}),
     codeArtifact: { uri: image.bundleUri },
-    logging: { disabled: {} },
+    logging: spec.logging ?? { disabled: {} },
     egressNetworkConnectors: [],
     cpuConfigurations: [],
     resources: [{ minimumMemoryInMiB: image.memoryMiB }],
-    additionalOsCapabilities: [],
+    additionalOsCapabilities: spec.additionalOsCapabilities ?? [],
+    ...(hooks ? { hooks } : {}),
     environmentVariables: {},
+  };
+}
+
+/** An image version as the model shows it. */
+export function versionView(services: AwsServices, tenant: Tenant, image: Image, records: Map<string, VersionRecord>, tags: Record<string, string>) {
+  return {
+    ...versionSpecView(services, tenant, image, records.get(image.id)),
     imageArn: awsImageArn(services.config.region, tenant.accountId, image.name),
     imageVersion: String(image.version),
     state: versionState(image.state),
-    status: 'ACTIVE',
+    status: statusOf(records, image),
     createdAt: epoch(image.createdAt),
     updatedAt: epoch(image.updatedAt),
     ...(image.error ? { stateReason: image.error } : {}),
-    tags: {},
+    tags,
   };
 }
 
@@ -167,14 +197,14 @@ export async function listMicrovmImages(services: AwsServices, request: AwsReque
   const items = [];
   for (const name of page.items) {
     const versions = await versionsOf(services, request.tenant, name);
-    if (versions.length) items.push(imageSummary(services, request.tenant, name, versions));
+    if (versions.length) items.push(imageSummary(services, request.tenant, { name, versions, records: await versionRecords(services.db, versions.map((v) => v.id)) }));
   }
   return { body: { items, ...(page.nextToken ? { nextToken: page.nextToken } : {}) } };
 }
 
 export async function getMicrovmImage(services: AwsServices, request: AwsRequest) {
   const image = await resolveImage(services, request.tenant, str(request.params, 'imageIdentifier', IDENTIFIER));
-  return { body: imageDetail(services, request.tenant, image.name, image.versions) };
+  return { body: await imageDetail(services, request.tenant, image) };
 }
 
 export async function listMicrovmImageVersions(services: AwsServices, request: AwsRequest) {
@@ -182,13 +212,14 @@ export async function listMicrovmImageVersions(services: AwsServices, request: A
   // Version numbers as fixed-width keys so that they sort as numbers.
   const key = (v: Image) => String(v.version).padStart(10, '0');
   const page = pageOf(image.versions, key, pageParams(request.query, 'ListMicrovmImageVersions'), 'ListMicrovmImageVersions');
-  return { body: { items: page.items.map((v) => versionView(services, request.tenant, v)), ...(page.nextToken ? { nextToken: page.nextToken } : {}) } };
+  const tags = await getTags(services.db, request.tenant.id, image.name);
+  return { body: { items: page.items.map((v) => versionView(services, request.tenant, v, image.records, tags)), ...(page.nextToken ? { nextToken: page.nextToken } : {}) } };
 }
 
 export async function getMicrovmImageVersion(services: AwsServices, request: AwsRequest) {
   const image = await resolveImage(services, request.tenant, str(request.params, 'imageIdentifier', IDENTIFIER));
   const version = findVersion(image, str(request.params, 'imageVersion', { required: true, min: 1, max: 2048 }));
-  return { body: versionView(services, request.tenant, version) };
+  return { body: versionView(services, request.tenant, version, image.records, await getTags(services.db, request.tenant.id, image.name)) };
 }
 
 export async function listMicrovmImageBuilds(services: AwsServices, request: AwsRequest) {

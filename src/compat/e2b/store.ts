@@ -5,7 +5,7 @@
  * sandbox itself is a Cocoon microVM with the same id.
  */
 import type { Db } from '../../store/sql.ts';
-import { bool } from '../../store/values.ts';
+import { boolColumn, rowMapper } from '../../store/rows.ts';
 
 export interface E2bSandbox {
   microvmId: string;
@@ -47,21 +47,12 @@ function strings(text: string): Record<string, string> {
   return {};
 }
 
-function toSandbox(row: Row): E2bSandbox {
-  return {
-    microvmId: row.microvm_id,
-    tenantId: row.tenant_id,
-    templateId: row.template_id,
-    alias: row.alias,
-    metadata: strings(row.metadata),
-    envs: strings(row.envs),
-    autoPause: bool(row.auto_pause),
-    autoResume: bool(row.auto_resume),
-    paused: bool(row.paused),
-    startedAt: row.started_at,
-    endAt: row.end_at,
-  };
-}
+const toSandbox = rowMapper<Row, E2bSandbox>({
+  microvmId: 'microvm_id', tenantId: 'tenant_id', templateId: 'template_id', alias: 'alias',
+  metadata: (row) => strings(row.metadata), envs: (row) => strings(row.envs),
+  autoPause: boolColumn('auto_pause'), autoResume: boolColumn('auto_resume'), paused: boolColumn('paused'),
+  startedAt: 'started_at', endAt: 'end_at',
+});
 
 export async function insertSandbox(db: Db, s: E2bSandbox): Promise<void> {
   await db.run(

@@ -11,14 +11,14 @@ import { CocoonError } from '../../common/errors.ts';
 import { log } from '../../common/log.ts';
 import { GuestChannel } from '../guest-channel.ts';
 import type { Accelerator, AcceleratorChoice, GuestKernel } from '../types.ts';
+import { setting } from '../../common/settings.ts';
 
 const PROBE_TIMEOUT_MS = 5000;
 let probed: Promise<Accelerator> | undefined;
 
+/** A COCOON_ACCEL value (the configuration's parser: src/common/settings.ts). */
 export function parseAcceleratorChoice(value: string | undefined): AcceleratorChoice {
-  const choice = (value ?? 'auto').toLowerCase();
-  if (choice === 'auto' || choice === 'kvm' || choice === 'tcg') return choice;
-  throw new CocoonError('invalid_config', `COCOON_ACCEL must be auto, kvm or tcg, got ${JSON.stringify(value)}`);
+  return setting('COCOON_ACCEL', { COCOON_ACCEL: value });
 }
 
 /** Resolves the configured choice to the accelerator VMs will use; logs the decision once. */
@@ -51,7 +51,7 @@ async function probeKvm(guest: GuestKernel): Promise<boolean> {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'cocoon-kvm-probe-'));
   const socket = path.join(dir, 'guest.sock');
   const child = spawn(
-    process.env.COCOON_QEMU ?? 'qemu-system-x86_64',
+    setting('COCOON_QEMU'),
     [
       '-M', 'microvm,accel=kvm,isa-serial=on', '-nodefaults', '-no-user-config', '-display', 'none',
       '-cpu', 'host', '-m', '256M', '-kernel', guest.kernel, '-initrd', guest.initramfs,

@@ -51,9 +51,10 @@ import {
   type SnapshotManifest,
   type VmStats,
 } from '../types.ts';
+import { setting } from '../../common/settings.ts';
 
 const execFileAsync = promisify(execFile);
-const QEMU_BINARY = process.env.COCOON_QEMU ?? 'qemu-system-x86_64';
+const QEMU_BINARY = setting('COCOON_QEMU');
 const ID_PATTERN = /^[a-z0-9][a-z0-9-]{0,62}$/;
 /** Unix socket paths are limited to 108 bytes by the kernel. */
 const MAX_SOCKET_PATH = 107;
@@ -584,7 +585,7 @@ export class QemuVm implements Vm {
         } catch (error) {
           // A layout QEMU's user cannot reach (a data directory under a private home): run this
           // QEMU as root, as before, and say how to get the sandbox back; or refuse, if asked to.
-          if (!isCocoonError(error, 'qemu_no_access') || process.env.COCOON_QEMU_USER_REQUIRED === '1' || options.network.egress) throw error;
+          if (!isCocoonError(error, 'qemu_no_access') || setting('COCOON_QEMU_USER_REQUIRED') || options.network.egress) throw error;
           warnRootFallback(error.message);
           identity = undefined;
         }
@@ -599,7 +600,7 @@ export class QemuVm implements Vm {
         sockets,
         pidFile: path.join(qemuDir, 'qemu.pid'),
         incoming: steps.incoming ?? false,
-        sandbox: process.env.COCOON_QEMU_SANDBOX !== '0',
+        sandbox: setting('COCOON_QEMU_SANDBOX'),
       };
       const cgroup = createVmCgroup(options.id, { ...defaultLimits(shape), ...options.limits });
       started = startQemu(launch, options.runDir, identity, cgroup);
