@@ -107,28 +107,37 @@ export class PostgresDb implements Database {
   async #once<T>(begin: string, fn: (tx: Db, client: pg.PoolClient) => Promise<T>): Promise<T> {
     const client = await this.#pool.connect();
     const tx = new PostgresTransaction(client, 0);
-    let broken: unknown;
+    // A connection is given back to the pool only when it is known to be idle and healthy: a
+    // failed BEGIN/COMMIT without a server error, or a failed ROLLBACK, means it dropped.
+    let broken: Error | undefined;
     try {
-      await client.query(begin);
       try {
-        const result = await this.#insideTransaction.run(true, () => fn(tx, client));
-        await client.query('COMMIT');
-        return result;
+        await client.query(begin);
+      } catch (error) {
+        if (sqlState(error) === '') broken = error as Error;
+        throw error;
+      }
+      let result: T;
+      try {
+        result = await this.#insideTransaction.run(true, () => fn(tx, client));
       } catch (error) {
         try {
           await client.query('ROLLBACK');
         } catch (rollbackError) {
-          broken = rollbackError;
+          broken = rollbackError as Error;
         }
         throw error;
       }
-    } catch (error) {
-      // A connection that failed outside a query's own error (it dropped) is not given back.
-      if (broken === undefined && sqlState(error) === '') broken = error;
-      throw error;
+      try {
+        await client.query('COMMIT');
+      } catch (error) {
+        if (sqlState(error) === '') broken = error as Error;
+        throw error;
+      }
+      return result;
     } finally {
       tx.finish();
-      client.release(broken instanceof Error ? broken : undefined);
+      client.release(broken);
     }
   }
 

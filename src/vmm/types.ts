@@ -5,7 +5,8 @@
 import type { VmLimits } from '../host/cgroups.ts';
 
 export type Accelerator = 'tcg' | 'kvm';
-export type AcceleratorChoice = Accelerator | 'auto';
+/** COCOON_ACCEL's values: declared once, with the setting (src/config/config.ts). */
+export type { AcceleratorChoice } from '../config/config.ts';
 
 /** Platform limits (docs/design.md): a request outside them is refused with `invalid_resources`. */
 export const LIMITS = {

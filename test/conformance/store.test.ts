@@ -12,6 +12,7 @@ import { migrate } from '../../src/store/migrations.ts';
 import { openDatabase } from '../../src/store/open.ts';
 import type { Database, DialectName } from '../../src/store/sql.ts';
 import { PostgresServer } from '../support/postgres.ts';
+import e2bSandboxes from './store/e2b-sandboxes.ts';
 import events from './store/events.ts';
 import images from './store/images.ts';
 import migrations from './store/migrations.ts';
@@ -22,7 +23,7 @@ import tenants from './store/tenants.ts';
 import tokens from './store/tokens.ts';
 import transactions from './store/transactions.ts';
 
-const CASES = [tenants, images, microvms, tokens, events, properties, transactions, migrations];
+const CASES = [tenants, images, microvms, tokens, events, e2bSandboxes, properties, transactions, migrations];
 
 /** Case name → why this dialect cannot run it. */
 const SKIPS: Record<DialectName, Record<string, string>> = {
