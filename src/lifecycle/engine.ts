@@ -705,6 +705,14 @@ export class LifecycleEngine implements MicroVMDirectory {
       autoResumeEnabled: instance.autoResume,
       upstreamHost: '127.0.0.1',
       upstreamPortFor: (guestPort) => ports.get(guestPort) ?? null,
+      exposePort: async (guestPort) => {
+        // Only the VM running now; a request racing a suspend gets null (404) and may retry.
+        const vm = instance.vm;
+        if (!vm || instance.state !== 'RUNNING' || instance.terminating) return null;
+        const hostPort = await vm.forwardPort(guestPort);
+        if (instance.vm === vm) instance.ports.set(guestPort, hostPort);
+        return hostPort;
+      },
     };
   }
 
