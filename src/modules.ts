@@ -4,8 +4,8 @@
  */
 import { awsModule } from './compat/aws/module.ts';
 import { e2bModule } from './compat/e2b/module.ts';
-import { imagesModule } from './images/module.ts';
-import { microvmModule } from './lifecycle/module.ts';
+import { imagesModule } from './wiring/images.ts';
+import { microvmModule } from './wiring/microvms.ts';
 import type { ServerModule } from './server.ts';
 
 export function defaultModules(): ServerModule[] {

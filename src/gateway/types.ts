@@ -3,8 +3,11 @@
  * interfaces only, never on the VM driver or the SQL store: the platform wires real
  * implementations (lifecycle, store) in, tests wire doubles.
  */
-
+import type { MicrovmState } from '../common/microvm-states.ts';
 import { portInSpecs, type PortSpec } from '../common/ports.ts';
+
+/** The one state union (src/common/microvm-states.ts), re-exported for the gateway's users. */
+export type { MicrovmState } from '../common/microvm-states.ts';
 
 /** A value or a promise of it: in-memory implementations answer synchronously, SQL ones may not. */
 export type MaybePromise<T> = T | Promise<T>;
@@ -12,16 +15,6 @@ export type MaybePromise<T> = T | Promise<T>;
 export function isPromiseLike<T>(v: MaybePromise<T>): v is Promise<T> {
   return typeof (v as { then?: unknown } | null)?.then === 'function';
 }
-
-export type MicroVMState =
-  | 'PENDING'
-  | 'RUNNING'
-  | 'SUSPENDING'
-  | 'SUSPENDED'
-  | 'RESUMING'
-  | 'TERMINATING'
-  | 'TERMINATED'
-  | 'FAILED';
 
 /** Ports a token opens: a list of guest ports and ranges, or every port of its microVM. */
 export type AllowedPorts = readonly PortSpec[] | 'all';
@@ -62,7 +55,7 @@ export interface TokenVerifier {
  */
 export interface MicroVMRoute {
   readonly id: string;
-  readonly state: MicroVMState;
+  readonly state: MicrovmState;
   /** The image's app port (guest side): the default when a request names no port. */
   readonly appPort: number;
   /** false: the image has no app port; a request that names no port answers 409 no_app_port. Default true. */

@@ -17,7 +17,7 @@ import {
   type HookName, type HttpHookName, type HttpHooks, HOOK_NAMES, HTTP_BUILD_HOOK_NAMES,
 } from '../store/images.ts';
 import type { Db } from '../store/sql.ts';
-import { chooseAccelerator } from '../vmm/qemu/accel.ts';
+import { defaultVmDriver } from '../vmm/drivers.ts';
 import type { Accelerator } from '../vmm/types.ts';
 import type { BundleLimits } from '../builder/bundle.ts';
 import { BuildLog, BuildLogEvents, readFrom } from './build-log.ts';
@@ -99,7 +99,19 @@ interface RunningBuild {
   done: Promise<void>;
 }
 
-export class ImageService {
+/**
+ * What the API routes ask of the images role: they depend on this interface, not on the
+ * service's class (its queue, builds and start/stop stay behind it).
+ */
+export interface ImageOperations {
+  /** Validates and records a new image version (PENDING) and queues its build. */
+  create(tenantId: string, input: CreateImageInput): Promise<Image>;
+  delete(tenantId: string, imageId: string): Promise<DeleteImageResult>;
+  /** The build log from its start; with `follow`, also what is appended until the build ends or `signal` aborts. */
+  logChunks(imageId: string, follow: boolean, signal: AbortSignal): AsyncIterable<Buffer>;
+}
+
+export class ImageService implements ImageOperations {
   readonly options: ImageServiceOptions;
   readonly events = new BuildLogEvents();
   private readonly config: CocoonConfig;
@@ -306,7 +318,7 @@ export class ImageService {
   private resolveVmm(): Promise<{ guest: GuestArtifacts; accel: Accelerator }> {
     this.vmm ??= (async () => {
       const guest = loadGuestArtifacts();
-      const accel = await chooseAccelerator(this.config.accel, guest);
+      const accel = await defaultVmDriver().chooseAccelerator(this.config.accel, guest);
       return { guest, accel };
     })();
     // A failure (kernel not built yet) is not cached: the next build tries again.

@@ -14,20 +14,25 @@
  * | SUSPENDED | its generation | kept; stray QEMU killed, stray files removed |
  * | TERMINATING | anything | finished → TERMINATED |
  *
- * Afterwards every QEMU under `microvms/` that no RUNNING microVM owns is killed, and the
- * directories of microVMs that ended are removed (also those of forks whose rows were never
- * written: a fork interrupted before it committed). Checkpoint images left SNAPSHOTTING become
+ * Only this host's microVMs are recovered (`host_id` = the engine's `hostId`), and those no host
+ * has claimed yet (rows from before hosts were recorded; this host claims them first): another
+ * host's rows in a shared store are left alone, whatever their state.
+ *
+ * Afterwards every QEMU under this data directory's `microvms/` that no RUNNING microVM owns is
+ * killed, and the directories of microVMs that ended are removed (also those of forks whose rows
+ * were never written: a fork interrupted before it committed); a directory whose microVM is
+ * active on any host is kept. Checkpoint images left SNAPSHOTTING become
  * READY when their snapshot was committed, else FAILED with nothing kept (fork.ts).
  */
 import fs from 'node:fs';
 import path from 'node:path';
 import { errorMessage } from '../common/errors.ts';
 import type { Logger } from '../common/log.ts';
-import { ACTIVE_MICROVM_STATES, getMicrovm, listMicrovmsInStates, transitionMicrovm, type Microvm } from '../store/microvms.ts';
+import { ACTIVE_MICROVM_STATES, claimMicrovm, getMicrovm, listHostMicrovms, listMicrovmsInStates, type Microvm } from '../store/microvms.ts';
 import type { Db } from '../store/sql.ts';
-import { findQemuProcesses, killQemuProcesses } from '../host/processes.ts';
-import { QemuVm } from '../vmm/qemu/qemu.ts';
+import type { Vm } from '../vmm/driver.ts';
 import { readSnapshotManifest } from '../vmm/snapshot.ts';
+import { applyMicrovmEvent } from './apply-event.ts';
 import type { LifecycleEngine } from './engine.ts';
 import { recoverCheckpoints } from './fork.ts';
 import { generationDir, microvmDir, microvmsRoot, runDir, snapshotDirFor } from './paths.ts';
@@ -53,23 +58,23 @@ export async function recoverMicrovms(engine: LifecycleEngine, db: Db, dataDir: 
     checkpointsCompleted: [], checkpointsFailed: [],
   };
   Object.assign(report, await recoverCheckpoints(db, dataDir, log));
+  const { driver } = engine;
   const owned = new Set<number>();
   const toSuspend: string[] = [];
   /** PENDING microVMs, launched after the sweep of orphaned QEMUs (which would take theirs for one). */
   const toLaunch: string[] = [];
 
   const fail = async (microvm: Microvm, reason: string) => {
-    await killQemuProcesses(runDir(dataDir, microvm.id));
-    await transitionMicrovm(db, microvm.id, microvm.state, 'FAILED', { error: reason });
-    await clearRunFiles(dataDir, microvm.id);
+    await driver.sweep(runDir(dataDir, microvm.id));
+    await applyMicrovmEvent(db, microvm.id, 'fail', { error: reason }, microvm.state);
+    await clearRunFiles(driver, dataDir, microvm.id);
     await appendLog(dataDir, microvm.id, `failed at start-up: ${reason}`);
     report.failed.push(microvm.id);
   };
-  const adopt = async (microvm: Microvm): Promise<QemuVm | undefined> => {
+  const adopt = async (microvm: Microvm): Promise<Vm | undefined> => {
     try {
-      const vm = await QemuVm.adopt({ id: microvm.id, runDir: runDir(dataDir, microvm.id) });
-      const status = await vm.qmp.execute('query-status', {});
-      if (!status.running) await vm.qmp.execute('cont', {});
+      const vm = await driver.adopt({ id: microvm.id, runDir: runDir(dataDir, microvm.id) });
+      await vm.ensureRunning();
       owned.add(vm.pid);
       return vm;
     } catch (error) {
@@ -78,15 +83,18 @@ export async function recoverMicrovms(engine: LifecycleEngine, db: Db, dataDir: 
     }
   };
 
-  for (const found of await listMicrovmsInStates(db, ACTIVE_MICROVM_STATES)) {
+  for (const found of await listHostMicrovms(db, engine.hostId, ACTIVE_MICROVM_STATES)) {
     const id = found.id;
+    // An unclaimed row: this host takes it, unless another host recovering beside it was first.
+    // (A PENDING one is claimed by its launch.)
+    if (found.hostId === null && found.state !== 'PENDING' && !(await claimMicrovm(db, id, engine.hostId))) continue;
     const run = runDir(dataDir, id);
     const runtime = parseRuntime(found.runtime);
     try {
       switch (found.state) {
         case 'PENDING':
-          await killQemuProcesses(run);
-          await clearRunFiles(dataDir, id);
+          await driver.sweep(run);
+          await clearRunFiles(driver, dataDir, id);
           toLaunch.push(id);
           report.relaunched.push(id);
           break;
@@ -103,12 +111,12 @@ export async function recoverMicrovms(engine: LifecycleEngine, db: Db, dataDir: 
         }
         case 'SUSPENDING': {
           const next = runtime.generation + 1;
-          const outcome = await QemuVm.recoverSnapshot(generationDir(dataDir, id, next));
+          const outcome = await driver.recoverSnapshot(generationDir(dataDir, id, next));
           if (outcome !== 'none') {
-            await killQemuProcesses(run);
+            await driver.sweep(run);
             const done = { generation: next, chain: [...runtime.chain, next] };
-            await transitionMicrovm(db, id, 'SUSPENDING', 'SUSPENDED', { runtime: runtimeRecord(done) });
-            await clearRunFiles(dataDir, id);
+            await applyMicrovmEvent(db, id, 'suspended', { runtime: runtimeRecord(done) });
+            await clearRunFiles(driver, dataDir, id);
             await collectGarbage(dataDir, id, done);
             await appendLog(dataDir, id, `suspend completed after a daemon restart (${outcome})`);
             report.suspendsCompleted.push(id);
@@ -119,7 +127,7 @@ export async function recoverMicrovms(engine: LifecycleEngine, db: Db, dataDir: 
             await fail(found, 'the VM ended while being suspended, before its memory was saved');
             continue;
           }
-          await transitionMicrovm(db, id, 'SUSPENDING', 'RUNNING');
+          await applyMicrovmEvent(db, id, 'suspend_abandoned');
           await engine.adoptLoaded((await getMicrovm(db, id))!, vm);
           await appendLog(dataDir, id, 'suspend interrupted by a daemon restart: adopted again, suspending anew');
           toSuspend.push(id);
@@ -127,20 +135,20 @@ export async function recoverMicrovms(engine: LifecycleEngine, db: Db, dataDir: 
           continue;
         }
         case 'RESUMING':
-          await killQemuProcesses(run);
-          await clearRunFiles(dataDir, id);
-          await transitionMicrovm(db, id, 'RESUMING', 'SUSPENDED');
+          await driver.sweep(run);
+          await clearRunFiles(driver, dataDir, id);
+          await applyMicrovmEvent(db, id, 'resume_failed');
           await appendLog(dataDir, id, 'resume interrupted by a daemon restart: back to SUSPENDED');
           report.resumesRolledBack.push(id);
           break;
         case 'SUSPENDED':
-          await killQemuProcesses(run);
-          await clearRunFiles(dataDir, id);
+          await driver.sweep(run);
+          await clearRunFiles(driver, dataDir, id);
           break;
         case 'TERMINATING':
-          await killQemuProcesses(microvmDir(dataDir, id));
+          await driver.sweep(microvmDir(dataDir, id));
           await fs.promises.rm(microvmDir(dataDir, id), { recursive: true, force: true });
-          await transitionMicrovm(db, id, 'TERMINATING', 'TERMINATED');
+          await applyMicrovmEvent(db, id, 'terminated');
           report.terminated.push(id);
           continue;
         default:
@@ -166,15 +174,8 @@ export async function recoverMicrovms(engine: LifecycleEngine, db: Db, dataDir: 
 
   // No QEMU under microvms/ that no microVM owns; no directory of a microVM that ended.
   const root = microvmsRoot(dataDir);
-  for (const pid of findQemuProcesses(root + path.sep)) {
-    if (owned.has(pid)) continue;
-    try {
-      process.kill(pid, 'SIGKILL');
-      report.orphansKilled.push(pid);
-    } catch {
-      // gone
-    }
-  }
+  report.orphansKilled.push(...(await driver.sweep(root + path.sep, { keep: owned })));
+  // Active on any host: a directory is kept even when its microVM is another host's.
   const active = new Set((await listMicrovmsInStates(db, ACTIVE_MICROVM_STATES)).map((m) => m.id));
   let entries: string[] = [];
   try {
@@ -189,6 +190,8 @@ export async function recoverMicrovms(engine: LifecycleEngine, db: Db, dataDir: 
     const microvm = await getMicrovm(db, id);
     if (microvm?.state === 'PENDING') await engine.launch(microvm);
   }
+  // From now on the engine's scheduler also looks at this host's rows for microVMs due to end.
+  engine.startDueScan();
   for (const id of toSuspend) void engine.suspend(id).catch((error: unknown) => log.error({ microvm: id, err: error }, 'suspend after recovery failed'));
   const changed = Object.entries(report).filter(([, list]) => list.length > 0);
   if (changed.length > 0) log.info(Object.fromEntries(changed), 'recovered microVMs after a restart');

@@ -11,8 +11,12 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { promisify } from 'node:util';
 import { CocoonError, errorMessage, isCocoonError } from '../../common/errors.ts';
+import { fsyncDir, fsyncFile } from '../../common/fs.ts';
 import { log } from '../../common/log.ts';
+import type { Endpoint, ForkPoint, ForkPointOptions, SnapshotOptions, SpaceWatchOptions, Vm } from '../driver.ts';
 import { GuestChannel } from '../guest-channel.ts';
+import { takeForkPoint } from './fork-point.ts';
+import { watchDiskSpace } from './space-watch.ts';
 import { loadDeviceState, saveDeviceState } from './migration.ts';
 import { type QemuLaunch, hostTscKhz, kernelCmdline, qemuArgs } from './qemu-args.ts';
 import { QmpClient } from './qmp.ts';
@@ -20,7 +24,7 @@ import { assertPortFree, freeLoopbackPort } from '../../net/ports.ts';
 import { cloneRamFile, createRamFile, digHoles, releaseUnusedRam } from '../ram-file.ts';
 import { type VmCgroup, createVmCgroup, defaultLimits, joinCgroupScript, removeVmCgroup } from '../../host/cgroups.ts';
 import { ensureEgressGuard } from '../../net/egress-guard.ts';
-import { killQemuProcesses, processAlive, processCmdline, processStartTime, waitForProcessExit } from '../../host/processes.ts';
+import { findProcesses, killProcesses, processAlive, processCmdline, processStartTime, waitForProcessExit } from '../../host/processes.ts';
 import { type QemuIdentity, dropPrivilegesArgv, qemuIdentity } from '../../host/sandbox.ts';
 import { SerialLog, tailSerialLog } from './serial-log.ts';
 import { grantQemuAccess, isNoSpace, qemuDirOf, sealSnapshotFiles, snapshotFailure, takeBackSnapshotFiles } from '../snapshot-safety.ts';
@@ -57,17 +61,26 @@ const MAX_SOCKET_PATH = 107;
 
 export const DEFAULT_BOOT_TIMEOUT_MS = 120_000;
 
-export interface SnapshotOptions {
-  /** Punch out zero pages of the RAM file, so that restores copy less (worth it for images). */
-  compact?: boolean;
-  /** fsync RAM, disk and state before the snapshot counts as taken (default true). */
-  durable?: boolean;
-  /**
-   * Called once the device state is saved (and the snapshot can be completed by
-   * `recoverSnapshot` should this process die), before QEMU is killed. For crash tests.
-   */
-  onStateSaved?: () => Promise<void>;
+/** What every QEMU's command line has (`qemu-system-<arch>`), to find ours among the host's processes. */
+const QEMU_PROGRAM = 'qemu-system';
+
+/** PIDs of live QEMU processes whose command line mentions `marker` (a run directory). */
+export function findQemuProcesses(marker: string): number[] {
+  return findProcesses(QEMU_PROGRAM, marker);
 }
+
+/** SIGKILLs every QEMU mentioning `marker` (but those in `keep`) and waits until they are gone; answers their pids. */
+export function killQemuProcesses(marker: string, keep?: ReadonlySet<number>): Promise<number[]> {
+  return killProcesses(QEMU_PROGRAM, marker, keep);
+}
+
+/** Removes a dead VM's files from its run directory (its RAM, disk layer and sockets), keeping the logs. */
+export async function clearRunFiles(runDir: string): Promise<void> {
+  const names = ['mem', 'disk.qcow2', LAUNCH_FILE, 'qemu.pid', 'qmp.sock', 'guest.sock', 'serial.sock', 'incoming.sock', 'migrate.sock'];
+  await Promise.all(names.map((name) => fs.promises.rm(path.join(runDir, name), { force: true })));
+}
+
+export type { SnapshotOptions };
 
 /** What `launch.json` in a run directory records, so that a restarted daemon can adopt the VM. */
 interface LaunchRecord {
@@ -96,7 +109,7 @@ interface VmProcess {
 
 const LAUNCH_FILE = 'launch.json';
 
-export class QemuVm {
+export class QemuVm implements Vm {
   readonly id: string;
   readonly runDir: string;
   readonly shape: MachineShape;
@@ -171,14 +184,14 @@ export class QemuVm {
    * (launch.json keeps the ports of the start: a VM adopted after a daemon restart forgets it
    * until its next restore.)
    */
-  async forwardPort(guestPort: number): Promise<number> {
+  async forwardPort(guestPort: number): Promise<Endpoint> {
     const known = this.hostPorts.get(guestPort);
-    if (known !== undefined) return known;
+    if (known !== undefined) return { host: '127.0.0.1', port: known };
     if (!Number.isInteger(guestPort) || guestPort < 1 || guestPort > 65535) {
       throw new CocoonError('invalid_port', `guest port ${guestPort} is not a TCP port (1-65535)`, { status: 400 });
     }
     const pending = this.pendingForwards.get(guestPort);
-    if (pending) return pending;
+    if (pending) return { host: '127.0.0.1', port: await pending };
     const work = (async (): Promise<number> => {
       // A free port can be taken before QEMU binds it: one more try with another.
       for (let attempt = 0; ; attempt++) {
@@ -194,10 +207,36 @@ export class QemuVm {
     })();
     this.pendingForwards.set(guestPort, work);
     try {
-      return await work;
+      return { host: '127.0.0.1', port: await work };
     } finally {
       this.pendingForwards.delete(guestPort);
     }
+  }
+
+  /** Forwarded ports listen on the host's loopback only. */
+  endpoint(guestPort: number): Endpoint {
+    return { host: '127.0.0.1', port: this.hostPort(guestPort) };
+  }
+
+  /** The control channel to cocoon-init (the driver interface's name for `guest`). */
+  get channel(): GuestChannel {
+    return this.guest;
+  }
+
+  /** A fork point of the running VM (fork-point.ts). */
+  forkPoint(targetDir: string, options: ForkPointOptions = {}): Promise<ForkPoint> {
+    return takeForkPoint(this, targetDir, options);
+  }
+
+  /** Continues the guest if QEMU has it paused (adopted in the middle of a snapshot or fork point). */
+  async ensureRunning(): Promise<void> {
+    const status = await this.qmp.execute('query-status', {});
+    if (!status.running) await this.qmp.execute('cont', {});
+  }
+
+  /** Continues a guest paused on a full data disk once there is room (space-watch.ts). */
+  watchDiskSpace(options: SpaceWatchOptions): () => void {
+    return watchDiskSpace(this, options);
   }
 
   /** Boots a fresh VM from kernel + initramfs + root disk; resolves once cocoon-init said hello. */
@@ -923,24 +962,6 @@ async function moveFile(from: string, to: string): Promise<void> {
     if ((error as NodeJS.ErrnoException).code !== 'EXDEV') throw error;
     await execFileAsync('cp', ['--sparse=always', '--', from, to]);
     await fs.promises.rm(from);
-  }
-}
-
-async function fsyncFile(file: string): Promise<void> {
-  const handle = await fs.promises.open(file, 'r+');
-  try {
-    await handle.datasync();
-  } finally {
-    await handle.close();
-  }
-}
-
-export async function fsyncDir(dir: string): Promise<void> {
-  const handle = await fs.promises.open(dir, 'r');
-  try {
-    await handle.sync();
-  } finally {
-    await handle.close();
   }
 }
 
