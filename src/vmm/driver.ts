@@ -132,6 +132,8 @@ export interface Vm {
 export interface VmDriver {
   /** The VMM's name, as snapshot manifests record it (`qemu`). */
   readonly name: string;
+  /** The guest architecture it runs (`x86_64`), as snapshot manifests record it. */
+  readonly arch: string;
   /** The accelerator VMs will use for the configured choice (`auto`: what really boots a guest here). */
   chooseAccelerator(choice: AcceleratorChoice, guest: GuestKernel): Promise<Accelerator>;
   /** Boots a fresh VM from kernel + initramfs + root disk; resolves once cocoon-init said hello. */

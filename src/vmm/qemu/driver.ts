@@ -1,11 +1,13 @@
 /** QEMU as a VM driver (src/vmm/driver.ts): the QemuVm class and the QEMU tools behind one object. */
 import type { VmDriver } from '../driver.ts';
 import { chooseAccelerator } from './accel.ts';
+import { QEMU_ARCH } from './arch.ts';
 import { rebaseDisk } from './fork-point.ts';
 import { QemuVm, clearRunFiles, createDiskLayer, findQemuProcesses, killQemuProcesses } from './qemu.ts';
 
 export const qemuDriver: VmDriver = {
   name: 'qemu',
+  arch: QEMU_ARCH,
   chooseAccelerator,
   boot: (options) => QemuVm.boot(options),
   restore: (options) => QemuVm.restore(options),

@@ -125,6 +125,7 @@ export async function takeForkPoint(vm: QemuVm, targetDir: string, options: Fork
         disk: { name: diskName, format: vm.disk.format, sizeBytes: (await fs.promises.stat(disk)).size, ...(checksums[1] ? { checksum: checksums[1] } : {}) },
       },
       guestPorts: [...vm.hostPorts.keys()],
+      ...vm.madeBy(),
     };
     if (options.deferChecksums) await writeManifestFile(partial, manifest, false);
     else await writeSnapshotManifest(partial, manifest, durable);

@@ -14,7 +14,8 @@ import { CocoonError, errorMessage, isCocoonError } from '../../common/errors.ts
 import { fsyncDir, fsyncFile } from '../../common/fs.ts';
 import { log } from '../../common/log.ts';
 import type { Endpoint, ForkPoint, ForkPointOptions, SnapshotOptions, SpaceWatchOptions, Vm } from '../driver.ts';
-import { GuestChannel } from '../guest-channel.ts';
+import { GuestChannel, checkGuestProtocol } from '../guest-channel.ts';
+import { QEMU_ARCH } from './arch.ts';
 import { takeForkPoint } from './fork-point.ts';
 import { watchDiskSpace } from './space-watch.ts';
 import { loadDeviceState, saveDeviceState } from './migration.ts';
@@ -97,6 +98,8 @@ interface LaunchRecord {
   sockets: QemuLaunch['sockets'];
   /** The VM's cgroups, removed once an adopted QEMU is gone. */
   cgroup?: VmCgroup;
+  /** The guest protocol version (cocoon-init's hello, or the snapshot's manifest); absent in older records. */
+  guestProtocol?: number;
 }
 
 /** The QEMU process: our child, or one adopted from a previous daemon (then polled for its exit). */
@@ -123,6 +126,8 @@ export class QemuVm implements Vm {
   readonly serialLogPath: string;
   /** The guest agent's port on the host (a unix socket QEMU serves; src/guest/agent/). */
   readonly agentSocketPath: string;
+  /** The protocol cocoon-init said hello with (on boot), or the snapshot's (on restore), or the launch record's (on adopt). */
+  guestProtocol: number | undefined;
   private readonly proc: VmProcess;
   private readonly serial: SerialLog;
   private readonly exitPromise: Promise<void>;
@@ -156,6 +161,15 @@ export class QemuVm implements Vm {
     this.serial = parts.serial;
     this.serialLogPath = parts.serial.path;
     this.agentSocketPath = parts.launch.sockets.agent ?? path.join(qemuDirOf(parts.options.runDir), 'agent.sock');
+  }
+
+  /** What a snapshot manifest records of who made it (types.ts `SnapshotManifest`). */
+  madeBy(): Pick<SnapshotManifest, 'vmm' | 'arch' | 'guestProtocol'> {
+    return {
+      vmm: { name: 'qemu', version: this.qmp.version ?? 'unknown' },
+      arch: QEMU_ARCH,
+      ...(this.guestProtocol !== undefined ? { guestProtocol: this.guestProtocol } : {}),
+    };
   }
 
   get pid(): number {
@@ -257,6 +271,7 @@ export class QemuVm implements Vm {
    */
   static async restore(options: RestoreOptions): Promise<QemuVm> {
     const manifest = await readSnapshotManifest(options.snapshotDir);
+    assertSnapshotCompatible(options.snapshotDir, manifest);
     await verifySnapshot(options.snapshotDir, manifest);
     const hasChecksums = Boolean(manifest.files.mem.checksum && manifest.files.disk.checksum);
     const verify = options.verifyData === false ? false : options.verifyData === 'if-present' ? hasChecksums : true;
@@ -269,6 +284,7 @@ export class QemuVm implements Vm {
     const stateFile = path.join(options.snapshotDir, manifest.files.state.name);
     return QemuVm.launch(options, manifest.shape, manifest.cmdline, disk, ramPath, {
       incoming: true,
+      ...(manifest.guestProtocol !== undefined ? { guestProtocol: manifest.guestProtocol } : {}),
       prepare: async () => {
         if (!verify) {
           // Unverified means made moments ago: still in the page cache, not yet written back.
@@ -357,6 +373,7 @@ export class QemuVm implements Vm {
             disk: { name: diskName, format: this.disk.format, sizeBytes: 0 },
           },
           guestPorts: [...this.hostPorts.keys()],
+          ...this.madeBy(),
         },
       };
       await writePendingSnapshot(partial, pending, durable);
@@ -463,6 +480,7 @@ export class QemuVm implements Vm {
     if (!processCmdline(record.pid).includes(options.runDir)) {
       throw new CocoonError('vm_gone', `pid ${record.pid} is not the QEMU of ${options.id}`);
     }
+    if (record.guestProtocol !== undefined) checkGuestProtocol(record.guestProtocol, `the guest of ${options.id}`);
     // Sockets a dead daemon served (migration) would block the next snapshot.
     const qemuDir = qemuDirOf(options.runDir);
     await Promise.all(['migrate.sock', 'incoming.sock'].map((name) => fs.promises.rm(path.join(qemuDir, name), { force: true })));
@@ -503,6 +521,7 @@ export class QemuVm implements Vm {
     const [qmp, guest, serial] = channels;
     guest.helloSeen = true;
     const vm = new QemuVm({ launch, options, proc, qmp, guest, serial });
+    vm.guestProtocol = record.guestProtocol;
     log.info({ vm: options.id, pid: record.pid }, 'vm adopted');
     return vm;
   }
@@ -585,7 +604,7 @@ export class QemuVm implements Vm {
     cmdline: string,
     disk: DiskSpec,
     ramPath: string,
-    steps: { incoming?: boolean; prepare: () => Promise<void>; start: (vm: QemuVm) => Promise<void> },
+    steps: { incoming?: boolean; guestProtocol?: number; prepare: () => Promise<void>; start: (vm: QemuVm) => Promise<void> },
   ): Promise<QemuVm> {
     validateId(options.id);
     const runDirExisted = fs.existsSync(options.runDir);
@@ -644,7 +663,7 @@ export class QemuVm implements Vm {
       started = startQemu(launch, options.runDir, identity, cgroup);
       const { child, exit } = started;
       const launched = launch;
-      await writeLaunchRecord(options.runDir, {
+      const record: LaunchRecord = {
         formatVersion: 1,
         id: options.id,
         pid: child.pid ?? -1,
@@ -656,7 +675,9 @@ export class QemuVm implements Vm {
         forwards: launch.forwards,
         sockets,
         cgroup,
-      });
+        ...(steps.guestProtocol !== undefined ? { guestProtocol: steps.guestProtocol } : {}),
+      };
+      await writeLaunchRecord(options.runDir, record);
       const [qmp, guest, serial] = await Promise.race([
         connectChannels(launched, options, giveUp.signal),
         exit.then(() => {
@@ -665,12 +686,18 @@ export class QemuVm implements Vm {
       ]);
       const proc: VmProcess = { pid: child.pid ?? -1, exit, hold: () => child.ref() };
       vm = new QemuVm({ launch: launched, options, proc, qmp, guest, serial });
+      vm.guestProtocol = steps.guestProtocol;
       await Promise.race([
         steps.start(vm),
         exit.then(() => {
           throw qemuStartError(options.runDir, launched, vm);
         }),
       ]);
+      if (guest.protocolVersion !== undefined && vm.guestProtocol === undefined) {
+        // A boot: the version cocoon-init said hello with goes into the record, for an adopter.
+        vm.guestProtocol = guest.protocolVersion;
+        await writeLaunchRecord(options.runDir, { ...record, guestProtocol: guest.protocolVersion });
+      }
       log.info({ vm: options.id, pid: child.pid, accel: shape.accel, restore: launched.incoming }, 'vm started');
       // Start writing the RAM file back now, while the guest runs, so that the fsync of the next
       // snapshot only has the pages dirtied since (a fresh clone's pages are all dirty).
@@ -694,6 +721,21 @@ export class QemuVm implements Vm {
       throw error;
     }
   }
+}
+
+/**
+ * Refuses a snapshot whose manifest says it was made by another VMM, for another architecture,
+ * or by a guest speaking a protocol this host does not. A manifest that says nothing (written
+ * before these were recorded) is restored as before.
+ */
+function assertSnapshotCompatible(dir: string, manifest: SnapshotManifest): void {
+  if (manifest.vmm !== undefined && manifest.vmm?.name !== 'qemu') {
+    throw new CocoonError('snapshot_incompatible', `snapshot ${dir} was made by ${String(manifest.vmm?.name)}, not QEMU: restore it on a host that runs that VMM`, { status: 422 });
+  }
+  if (manifest.arch !== undefined && manifest.arch !== QEMU_ARCH) {
+    throw new CocoonError('snapshot_incompatible', `snapshot ${dir} is of a ${String(manifest.arch)} guest; this host runs ${QEMU_ARCH} guests`, { status: 422 });
+  }
+  if (manifest.guestProtocol !== undefined) checkGuestProtocol(manifest.guestProtocol, `the guest in snapshot ${dir}`);
 }
 
 function validateId(id: string): void {
