@@ -30,7 +30,7 @@ import { spawnDaemon, type Daemon } from '../test/support/daemon.ts';
 import { APP_PORT, createTestImage, TESTAPP_PORT } from '../test/support/image.ts';
 import { apiClient, gatewayRequest, type ApiClient } from '../test/support/server.ts';
 import { guestConnector } from '../src/gateway/upstream.ts';
-import { findQemuProcesses } from '../src/host/processes.ts';
+import { findQemuProcesses } from '../src/vmm/qemu/qemu.ts';
 import { endDaemonRun } from './cleanup.ts';
 import { gatewayVsNginx } from './gateway-apps.ts';
 import { wrkAvailable } from './wrk.ts';
