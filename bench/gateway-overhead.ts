@@ -8,7 +8,7 @@
  *
  * Three processes: the upstream (node:http), the gateway (one per upstream client kind), and
  * this one generating load with an undici Pool (keep-alive, one connection per concurrent
- * request). With --json the last line is {"machine", "metrics"} as CONTRACT.md's benchmarks.
+ * request). With --json the last line is {"machine", "metrics"} as docs/contract.md's benchmarks.
  */
 import { fork, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';

@@ -17,7 +17,7 @@ import path from 'node:path';
 import { promisify } from 'node:util';
 import { ensureBaseImages } from '../src/builder/base-images.ts';
 import { cleanupAbandonedBuild } from '../src/images/cleanup.ts';
-import { imagesModule } from '../src/images/module.ts';
+import { imagesModule } from '../src/wiring/images.ts';
 import { loadConfig } from '../src/config/config.ts';
 import { startServer } from '../src/server.ts';
 import type { Accelerator } from '../src/vmm/types.ts';

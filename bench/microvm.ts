@@ -27,7 +27,7 @@ import { findTenantByName } from '../src/store/tenants.ts';
 import { spawnDaemon, type Daemon } from '../test/support/daemon.ts';
 import { createTestImage, TESTAPP_PORT } from '../test/support/image.ts';
 import { apiClient, gatewayRequest, type ApiClient } from '../test/support/server.ts';
-import { serialConnector } from '../src/gateway/upstream.ts';
+import { guestConnector } from '../src/gateway/upstream.ts';
 import { findQemuProcesses } from '../src/host/processes.ts';
 import { endDaemonRun } from './cleanup.ts';
 import { elapsedMs, type Metrics, single, summarize } from './stats.ts';
@@ -153,9 +153,9 @@ async function overhead(
   const hostPort = (microvm?.runtime.ports as Record<string, number> | undefined)?.[String(TESTAPP_PORT)];
   if (!hostPort) throw new Error(`no forwarded port for ${vm.id}: ${JSON.stringify(microvm?.runtime)}`);
   // Direct connects are serialized like the gateway's own (QEMU's forwarded ports listen with a
-  // backlog of 1: see serialConnector); both are warmed up at c=32 before anything is measured.
+  // backlog of 1: see guestConnector); both are warmed up at c=32 before anything is measured.
   const pool = (url: string, serial: boolean) =>
-    new Pool(url, { connections: 32, keepAliveTimeout: 60_000, ...(serial ? { connect: serialConnector({ timeout: 10_000 }) } : {}) });
+    new Pool(url, { connections: 32, keepAliveTimeout: 60_000, ...(serial ? { connect: guestConnector({ timeout: 10_000 }) } : {}) });
   const targets = [
     { name: 'direct', pool: pool(`http://127.0.0.1:${hostPort}`, true), headers: {} as Record<string, string> },
     {

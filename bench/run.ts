@@ -1,7 +1,7 @@
 /**
  * `npm run bench -- [--json] [--runs N] [suite ...]`: runs the benchmark suites side by side in
  * one process and prints a table; with --json the last line is one JSON object
- * `{"machine": {"accel", "cpus"}, "metrics": {...}}` (CONTRACT.md). Without suites, all run.
+ * `{"machine": {"accel", "cpus"}, "metrics": {...}}` (docs/contract.md). Without suites, all run.
  */
 import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';

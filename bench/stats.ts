@@ -1,4 +1,4 @@
-/** Shared by every benchmark suite: the metric shape of CONTRACT.md and percentiles. */
+/** Shared by every benchmark suite: the metric shape of docs/contract.md and percentiles. */
 
 export type Unit = 'ms' | 'rps' | 'ratio' | 'count' | 'MiB' | 'MiB/s';
 

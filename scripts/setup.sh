@@ -37,6 +37,8 @@ packages=(
   passwd:/usr/sbin/useradd
   chromium:/usr/bin/chromium
   tmux:/usr/bin/tmux
+  nginx-light:/usr/sbin/nginx
+  wrk:/usr/bin/wrk
 )
 
 install_system_packages() {

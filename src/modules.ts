@@ -1,11 +1,11 @@
 /**
- * The subsystems a default server runs. Each role of DESIGN.md plugs in here with its routes
+ * The subsystems a default server runs. Each role of docs/design.md plugs in here with its routes
  * and its start/stop.
  */
 import { awsModule } from './compat/aws/module.ts';
 import { e2bModule } from './compat/e2b/module.ts';
-import { imagesModule } from './images/module.ts';
-import { microvmModule } from './lifecycle/module.ts';
+import { imagesModule } from './wiring/images.ts';
+import { microvmModule } from './wiring/microvms.ts';
 import type { ServerModule } from './server.ts';
 
 export function defaultModules(): ServerModule[] {

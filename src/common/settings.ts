@@ -107,6 +107,9 @@ function absoluteOrRelativePath(fallback: () => string): (raw: string | undefine
   };
 }
 
+/** A host id (COCOON_HOST_ID, and the one kept in the data directory). */
+export const HOST_ID_PATTERN = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
+
 const LOG_LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] as const;
 
 function define<const S extends Record<`COCOON_${string}`, SettingSpec<unknown>>>(settings: S): S {
@@ -165,6 +168,24 @@ export const SETTINGS = define({
     parse: (raw) => {
       if (unset(raw)) return undefined;
       if (!/^postgres(ql)?:\/\//.test(raw)) throw new Invalid('must be a postgres:// or postgresql:// URL (or unset for SQLite in the data directory)');
+      return raw;
+    },
+  },
+  COCOON_HOST_ID: {
+    group: 'server', default: 'a random id kept in `<data dir>/host-id` (made on first start)', values: '1-64 of `[A-Za-z0-9._-]`, starting with a letter or digit',
+    meaning: 'This host\'s identity in the store: a launch claims the microVM for it, and its recovery and scheduler touch only its own microVMs (and unclaimed ones).',
+    parse: (raw) => {
+      if (unset(raw)) return undefined;
+      if (!HOST_ID_PATTERN.test(raw)) throw new Invalid('must be 1-64 of [A-Za-z0-9._-], starting with a letter or digit');
+      return raw;
+    },
+  },
+  COCOON_HOST_ADDRESS: {
+    group: 'server', default: '`127.0.0.1`', values: 'an IP address or host name',
+    meaning: 'Where the gateway reaches the guest ports this host forwards (the directory\'s upstream address).',
+    parse: (raw) => {
+      if (unset(raw)) return '127.0.0.1';
+      if (!/^[A-Za-z0-9.:-]{1,253}$/.test(raw)) throw new Invalid('must be an IP address or host name');
       return raw;
     },
   },

@@ -5,7 +5,7 @@
  */
 import { checkSettings, setting, type Env, type SettingValue } from '../common/settings.ts';
 
-/** COCOON_ACCEL: which accelerator VMs use (`auto` probes KVM, see src/vmm/qemu/accel.ts). */
+/** COCOON_ACCEL: which accelerator VMs use (`auto` probes KVM, see src/vmm/qemu/accel.ts); `tcg` | `kvm` | `auto`. */
 export type AcceleratorChoice = SettingValue<'COCOON_ACCEL'>;
 
 export interface CocoonConfig {
@@ -20,6 +20,14 @@ export interface CocoonConfig {
   accel: AcceleratorChoice;
   /** `COCOON_DATABASE_URL`: a postgres:// URL for a shared PostgreSQL; unset: SQLite in the data directory. */
   databaseUrl?: string | undefined;
+  /**
+   * `COCOON_HOST_ID`: this host's identity; the microVMs it runs carry it in the store, and its
+   * recovery touches only those. Unset: the id kept in the data directory (`<dataDir>/host-id`,
+   * made on first start by the lifecycle: src/lifecycle/host-id.ts).
+   */
+  hostId?: string | undefined;
+  /** `COCOON_HOST_ADDRESS`: where the gateway reaches the guest ports this host forwards (default 127.0.0.1). */
+  hostAddress?: string | undefined;
 }
 
 /** Checks every setting (throws `invalid_config` listing each bad one), then builds the configuration. */
@@ -34,5 +42,7 @@ export function loadConfig(env: Env = process.env): CocoonConfig {
     region: setting('COCOON_REGION', env),
     accel: setting('COCOON_ACCEL', env),
     databaseUrl: setting('COCOON_DATABASE_URL', env),
+    hostId: setting('COCOON_HOST_ID', env),
+    hostAddress: setting('COCOON_HOST_ADDRESS', env),
   };
 }

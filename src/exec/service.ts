@@ -70,7 +70,7 @@ function execFields(request: ExecRequest, background: boolean): Fields {
   if (request.tty) {
     fields.push(['tty', '1'], ['cols', String(request.cols ?? 80)], ['rows', String(request.rows ?? 24)]);
   }
-  // A background process keeps its stdin open for POST /processes/{pid}/stdin (EXEC-API.md, Processes).
+  // A background process keeps its stdin open for POST /processes/{pid}/stdin (docs/exec.md, "Non-interactive exec").
   if (request.stdin || request.tty || background) fields.push(['stdin', '1']);
   if (request.timeoutSeconds !== undefined) fields.push(['timeout_ms', String(Math.round(request.timeoutSeconds * 1000))]);
   if (background) fields.push(['keep', '1']);

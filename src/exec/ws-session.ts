@@ -1,5 +1,5 @@
 /**
- * The interactive exec protocol over a WebSocket (EXEC-API.md, "Interactive"), shared by the
+ * The interactive exec protocol over a WebSocket (docs/exec.md, "Interactive exec"), shared by the
  * API's `/microvms/{id}/exec/ws` and the gateway's `/.cocoon/shell`:
  * - client → server: first a text `{"type":"start",...}`; then binary frames (stdin) and text
  *   `{"type":"resize"|"signal"|"eof"}`;

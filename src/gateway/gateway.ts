@@ -24,6 +24,7 @@ import {
   readCookies,
   tokenCookie,
 } from './credentials.ts';
+import { AWS_SUBPROTOCOL, readAwsCredentials } from './aws-credentials.ts';
 import { clientAddress, upstreamRequestHeaders } from './headers.ts';
 import { isShellPath, subprotocolToken, type ShellHandler } from './shell.ts';
 import type { GatewaySurface } from './surfaces.ts';
@@ -113,6 +114,8 @@ interface Admitted {
   /** The request target for the guest. */
   readonly target: string;
   readonly proto: string;
+  /** A WebSocket handshake that offered AWS's base subprotocol (echoed when the app picks none). */
+  readonly awsSubprotocol: boolean;
 }
 
 const AUTH_FAILURES: Record<TokenFailureReason, { status: number; code: ErrorCode; message: string }> = {
@@ -222,10 +225,13 @@ export function createGateway(options: GatewayOptions): Gateway {
       return reject(413, 'request_body_too_large', `the request body exceeds the gateway's limit of ${maxBodyBytes} bytes`);
     }
 
-    // Credentials: ?cocoon_token= (browser login), else X-Cocoon-Token, else the cookie.
+    // Credentials: ?cocoon_token= (browser login), else X-Cocoon-Token, else AWS's X-aws-proxy-auth
+    // (or its WebSocket subprotocol, aws-credentials.ts), else the cookie.
     let target = rawTarget;
     let verification: TokenVerification;
     let fromCookie = false;
+    let awsAuth = false;
+    const aws = readAwsCredentials(req, upgrade);
     const query = extractQueryToken(rawTarget);
     if (query.tokens.length > 1) {
       return reject(401, 'token_malformed', 'the URL carries more than one cocoon_token parameter');
@@ -247,7 +253,9 @@ export function createGateway(options: GatewayOptions): Gateway {
       target = query.target;
     } else {
       // The shell WebSocket also takes the token as a subprotocol (browsers cannot set headers).
-      const header = req.headers[TOKEN_HEADER] ?? (upgrade && options.shell && isShellPath(rawTarget) ? subprotocolToken(req) : undefined);
+      const cocoonHeader = req.headers[TOKEN_HEADER];
+      awsAuth = cocoonHeader === undefined && aws.token !== undefined;
+      const header = cocoonHeader ?? aws.token ?? (upgrade && options.shell && isShellPath(rawTarget) ? subprotocolToken(req) : undefined);
       if (header !== undefined) {
         const r = tokens.verify(microvmId, Array.isArray(header) ? header.join(', ') : header);
         verification = isPromiseLike(r) ? await r : r;
@@ -259,6 +267,8 @@ export function createGateway(options: GatewayOptions): Gateway {
     }
     if (!verification.ok) {
       const f = AUTH_FAILURES[verification.reason];
+      // AWS answers 403 to any refused X-aws-proxy-auth (expired included); Cocoon's own header keeps 401.
+      if (awsAuth) return reject(403, f.code, f.message);
       const headers: OutgoingHttpHeaders = { 'www-authenticate': 'Cocoon-Token realm="cocoon"' };
       // A stale cookie is useless to the browser: drop it, so the next visit asks anew.
       if (fromCookie && f.status === 401) headers['set-cookie'] = clearTokenCookie(proto === 'https');
@@ -273,8 +283,10 @@ export function createGateway(options: GatewayOptions): Gateway {
     }
 
     const portHeader = req.headers[PORT_HEADER];
-    const headerPort = parsePortHeader(Array.isArray(portHeader) ? portHeader.join(', ') : portHeader);
-    if (headerPort === null) return reject(400, 'invalid_port', 'X-Cocoon-Port must be one port number, 1-65535');
+    const headerPort = parsePortHeader(Array.isArray(portHeader) ? portHeader.join(', ') : (portHeader ?? aws.port));
+    if (headerPort === null) {
+      return reject(400, 'invalid_port', `${portHeader === undefined ? 'X-aws-proxy-port (or the lambda-microvms.port.<n> subprotocol)' : 'X-Cocoon-Port'} must be one port number, 1-65535`);
+    }
     // A port named by the host (`<port>-<id>.<domain>`, E2B's getHost) unless the header names one.
     const requestedPort = headerPort ?? resolved.hostPort;
     const allowed = verification.allowedPorts;
@@ -307,7 +319,7 @@ export function createGateway(options: GatewayOptions): Gateway {
       default:
         break;
     }
-    return { kind: 'admit', microvmId, route, guestPort, target, proto };
+    return { kind: 'admit', microvmId, route, guestPort, target, proto, awsSubprotocol: aws.offersBaseSubprotocol };
   }
 
   function dependencyFailure(error: unknown): Rejection {
@@ -552,6 +564,7 @@ export function createGateway(options: GatewayOptions): Gateway {
       port: resolved.port,
       path: a.target,
       headers,
+      ...(a.awsSubprotocol ? { defaultSubprotocol: AWS_SUBPROTOCOL } : {}),
       handshakeTimeoutMs: Math.min(upstreamHeadersTimeoutMs, 60_000),
       onOpen: () => {
         release();

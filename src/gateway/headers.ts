@@ -2,6 +2,7 @@
  * Header rewriting between client and guest: what is stripped, what is added.
  */
 import type { IncomingHttpHeaders, OutgoingHttpHeaders } from 'node:http';
+import { isAwsProxyHeader, stripAwsSubprotocols } from './aws-credentials.ts';
 import { MICROVM_HEADER, PORT_HEADER, TOKEN_COOKIE, TOKEN_HEADER, filterGuestSetCookies, stripCookie } from './credentials.ts';
 
 /** Hop-by-hop headers (RFC 9110 §7.6.1) and ones a proxy must not pass on. */
@@ -50,7 +51,8 @@ export interface UpstreamHeaderOptions {
 
 /**
  * Request headers for the guest, as a flat [name, value, ...] list in the client's order and
- * case: without hop-by-hop headers, X-Cocoon-Token/-Port/-MicroVM and the gateway's cookie;
+ * case: without hop-by-hop headers, X-Cocoon-Token/-Port/-MicroVM, every X-aws-proxy-* header,
+ * AWS's lambda-microvms WebSocket subprotocols and the gateway's cookie;
  * with X-Forwarded-For/-Proto/-Host. The Host header is kept as the client sent it.
  */
 export function upstreamRequestHeaders(raw: readonly string[], o: UpstreamHeaderOptions): string[] {
@@ -74,7 +76,13 @@ export function upstreamRequestHeaders(raw: readonly string[], o: UpstreamHeader
       if (o.upgrade && (lower === 'connection' || lower === 'upgrade')) out.push(name, value);
       continue;
     }
-    if (GATEWAY_HEADERS.has(lower) || dropByConnection?.has(lower)) continue;
+    if (GATEWAY_HEADERS.has(lower) || isAwsProxyHeader(lower) || dropByConnection?.has(lower)) continue;
+    if (o.upgrade && lower === 'sec-websocket-protocol') {
+      // AWS's lambda-microvms subprotocols carry the token: never for the guest.
+      const kept = stripAwsSubprotocols(value);
+      if (kept !== undefined) out.push(name, kept);
+      continue;
+    }
     if (lower === 'cookie') {
       const kept = stripCookie(value, cookieName);
       if (kept !== undefined) out.push(name, kept);

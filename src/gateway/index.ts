@@ -5,7 +5,7 @@ export type {
   MaybePromise,
   MicroVMDirectory,
   MicroVMRoute,
-  MicroVMState,
+  MicrovmState,
   TokenFailureReason,
   TokenVerification,
   TokenVerifier,

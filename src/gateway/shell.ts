@@ -1,5 +1,5 @@
 /**
- * The gateway's shell endpoint (EXEC-API.md, "Shell tokens"): `GET /.cocoon/shell` as a
+ * The gateway's shell endpoint (docs/exec.md, "Shell through the gateway"): `GET /.cocoon/shell` as a
  * WebSocket, admitted only with a token of scope `shell` (which in turn opens nothing else).
  * The gateway checks the token and routes; the platform plugs in what serves the socket (the
  * exec service's PTY session), so the gateway depends on no exec code.

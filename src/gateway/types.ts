@@ -3,6 +3,11 @@
  * interfaces only, never on the VM driver or the SQL store: the platform wires real
  * implementations (lifecycle, store) in, tests wire doubles.
  */
+import type { MicrovmState } from '../common/microvm-states.ts';
+import { portInSpecs, type PortSpec } from '../common/ports.ts';
+
+/** The one state union (src/common/microvm-states.ts), re-exported for the gateway's users. */
+export type { MicrovmState } from '../common/microvm-states.ts';
 
 /** A value or a promise of it: in-memory implementations answer synchronously, SQL ones may not. */
 export type MaybePromise<T> = T | Promise<T>;
@@ -11,27 +16,12 @@ export function isPromiseLike<T>(v: MaybePromise<T>): v is Promise<T> {
   return typeof (v as { then?: unknown } | null)?.then === 'function';
 }
 
-export type MicroVMState =
-  | 'PENDING'
-  | 'RUNNING'
-  | 'SUSPENDING'
-  | 'SUSPENDED'
-  | 'RESUMING'
-  | 'TERMINATING'
-  | 'TERMINATED'
-  | 'FAILED';
-
-/** One entry of a token's ports: a guest port, or an inclusive range of them. */
-export type AllowedPort = number | { readonly from: number; readonly to: number };
-
 /** Ports a token opens: a list of guest ports and ranges, or every port of its microVM. */
-export type AllowedPorts = readonly AllowedPort[] | 'all';
+export type AllowedPorts = readonly PortSpec[] | 'all';
 
 /** Whether a token's ports include `port`. */
 export function portIsAllowed(allowed: AllowedPorts, port: number): boolean {
-  if (allowed === 'all') return true;
-  for (const p of allowed) if (typeof p === 'number' ? p === port : p.from <= port && port <= p.to) return true;
-  return false;
+  return allowed === 'all' || portInSpecs(allowed, port);
 }
 
 /** Why a presented token was refused. */
@@ -65,7 +55,7 @@ export interface TokenVerifier {
  */
 export interface MicroVMRoute {
   readonly id: string;
-  readonly state: MicroVMState;
+  readonly state: MicrovmState;
   /** The image's app port (guest side): the default when a request names no port. */
   readonly appPort: number;
   /** false: the image has no app port; a request that names no port answers 409 no_app_port. Default true. */

@@ -65,6 +65,16 @@ function classify(error: unknown, res: ServerResponse): UpstreamFailure {
   return new UpstreamFailure(message, kind, res.headersSent, error);
 }
 
+const IDEMPOTENT_BODILESS = new Set(['GET', 'HEAD', 'OPTIONS']);
+const RESET_CODES = new Set(['ECONNRESET', 'EPIPE', 'UND_ERR_SOCKET']);
+
+function retriable(error: unknown, r: ForwardRequest): boolean {
+  if (!(error instanceof UpstreamFailure) || error.kind !== 'error' || error.headersSent || r.res.headersSent || r.res.destroyed) return false;
+  if (r.body !== null || !IDEMPOTENT_BODILESS.has(r.method)) return false;
+  const code = (error.cause as { code?: unknown } | null | undefined)?.code;
+  return typeof code === 'string' && RESET_CODES.has(code);
+}
+
 function hostForUrl(host: string): string {
   return host.includes(':') ? `[${host}]` : host;
 }
@@ -127,30 +137,64 @@ class ForwardHandler implements Dispatcher.DispatchHandler {
   }
 }
 
+export type GuestConnectorOptions = buildConnector.BuildOptions & {
+  /** New connections per upstream that may wait in its accept queue at once (default 2). */
+  pendingPerUpstream?: number;
+  /** A new connection stops counting after this long even without an answer (default 500 ms). */
+  pendingHoldMs?: number;
+};
+
 /**
- * A connector that opens connections to one upstream (host:port) one at a time. Guests are
- * reached through QEMU's user-mode networking, whose forwarded ports listen with a backlog of 1
- * (libslirp's `listen(s, 1)`): a burst of connects overflows the accept queue, the kernel drops
- * the SYNs, and those clients stall for 1, 2, 4… s of SYN retransmission (measured: 16
- * simultaneous connects, several answered after ~1 s). One connect in flight per upstream
- * keeps the queue short; pooled keep-alive connections make connects rare anyway.
+ * A connector that keeps at most `pendingPerUpstream` new connections per upstream (host:port)
+ * "pending": opened but not yet known to be accepted by the listener. Guests are reached
+ * through QEMU's user-mode networking, whose forwarded ports listen with a backlog of 1
+ * (libslirp's `listen(s, 1)`): the host kernel queues at most 2 connections for QEMU to accept.
+ * A third concurrent connect overflows it: the kernel drops the SYN (or the handshake's last
+ * ACK), and that client waits for retransmission: 1, 3, 7… s, up to ~60 s. A connection stops
+ * being pending once its first response bytes arrive (QEMU accepted it), when it closes, or
+ * after `pendingHoldMs` (a slow app that holds its answer must not block the others for long);
+ * connections reused by keep-alive never count. Measured (docs/gateway.md): with an app that
+ * closes every connection (busybox httpd) at 32 concurrent requests, opening connections one at
+ * a time (the connector before this one: a connect "done" on the client side proves nothing
+ * about QEMU's queue) collapsed to ~10 req/s with stalls of up to 65 s; unbounded, throughput
+ * was fine but some requests stalled for minutes; 2 pending gave direct's throughput with no
+ * stall over 0.3 s.
  */
-export function serialConnector(options: buildConnector.BuildOptions): buildConnector.connector {
-  const connect = buildConnector(options);
-  const tails = new Map<string, Promise<void>>();
+export function guestConnector(options: GuestConnectorOptions): buildConnector.connector {
+  const { pendingPerUpstream = 2, pendingHoldMs = 500, ...connectOptions } = options;
+  const connect = buildConnector(connectOptions);
+  const upstreams = new Map<string, { pending: number; waiting: (() => void)[] }>();
   return (opts, callback) => {
     const key = `${opts.hostname}:${opts.port}`;
-    const previous = tails.get(key) ?? Promise.resolve();
-    let finished!: () => void;
-    const tail = previous.then(() => new Promise<void>((resolve) => (finished = resolve)));
-    tails.set(key, tail);
-    void previous.then(() => {
-      connect(opts, (...args: [null, import('node:net').Socket] | [Error, null]) => {
-        finished();
-        if (tails.get(key) === tail) tails.delete(key);
+    let upstream = upstreams.get(key);
+    if (!upstream) upstreams.set(key, (upstream = { pending: 0, waiting: [] }));
+    const u = upstream;
+    const open = (): void => {
+      u.pending++;
+      let released = false;
+      const release = (): void => {
+        if (released) return;
+        released = true;
+        u.pending--;
+        const next = u.waiting.shift();
+        if (next) next();
+        else if (u.pending === 0) upstreams.delete(key);
+      };
+      connect(opts, (...args: [null, import('node:net').Socket] | [Error, null] | [Error]) => {
+        // A failed connect answers (error) alone: no socket argument at all.
+        const socket = args[0] === null ? args[1] : null;
+        if (!socket) release();
+        else {
+          // 'readable' only signals (undici reads the socket on its own 'readable' listener).
+          socket.once('readable', release);
+          socket.once('close', release);
+          setTimeout(release, pendingHoldMs).unref();
+        }
         (callback as (...a: typeof args) => void)(...args);
       });
-    });
+    };
+    if (u.pending < pendingPerUpstream) open();
+    else u.waiting.push(open);
   };
 }
 
@@ -168,11 +212,27 @@ export class UndiciUpstreamClient implements UpstreamClient {
       keepAliveMaxTimeout: options.keepAliveTimeoutMs,
       headersTimeout: options.headersTimeoutMs,
       bodyTimeout: options.bodyTimeoutMs,
-      connect: serialConnector({ timeout: options.connectTimeoutMs }),
+      connect: guestConnector({ timeout: options.connectTimeoutMs }),
     });
   }
 
-  forward(r: ForwardRequest): Promise<void> {
+  /**
+   * A bodiless idempotent request whose connection the guest side reset or closed before any
+   * response byte is sent again (at most twice), as nginx's `proxy_next_upstream error` does:
+   * QEMU's forwarding closes connections it accepted for a guest port nobody listens on yet, and
+   * apps that close idle keep-alive connections race with a reuse.
+   */
+  async forward(r: ForwardRequest): Promise<void> {
+    for (let attempt = 0; ; attempt++) {
+      try {
+        return await this.#forwardOnce(r);
+      } catch (error) {
+        if (attempt >= 2 || !retriable(error, r)) throw error;
+      }
+    }
+  }
+
+  #forwardOnce(r: ForwardRequest): Promise<void> {
     return new Promise<void>((resolve, reject) => {
       const handler = new ForwardHandler(r.res, resolve, reject);
       try {

@@ -17,6 +17,8 @@ export interface WebSocketProxyRequest {
   readonly path: string;
   /** Flat request headers, rewritten, with Connection/Upgrade kept. */
   readonly headers: string[];
+  /** Answered as Sec-WebSocket-Protocol when the guest picks none (AWS's `lambda-microvms`). */
+  readonly defaultSubprotocol?: string;
   readonly handshakeTimeoutMs: number;
   /** The guest accepted (101): the tunnel is open. */
   onOpen(): void;
@@ -111,7 +113,11 @@ export function proxyWebSocket(p: WebSocketProxyRequest): { abort(): void } {
     opened = true;
     finished = true;
     socket.removeListener('close', onClientGone);
-    socket.write(headLines(upRes.statusCode ?? 101, upRes.statusMessage, clientResponseHeaders(upRes.headers, true)));
+    const answer = clientResponseHeaders(upRes.headers, true);
+    if (p.defaultSubprotocol !== undefined && upRes.headers['sec-websocket-protocol'] === undefined) {
+      answer['sec-websocket-protocol'] = p.defaultSubprotocol;
+    }
+    socket.write(headLines(upRes.statusCode ?? 101, upRes.statusMessage, answer));
     if (upHead.length > 0) socket.write(upHead);
     if (p.head.length > 0) upSocket.write(p.head);
     for (const s of [socket, upSocket]) {

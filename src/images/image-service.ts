@@ -99,7 +99,19 @@ interface RunningBuild {
   done: Promise<void>;
 }
 
-export class ImageService {
+/**
+ * What the API routes ask of the images role: they depend on this interface, not on the
+ * service's class (its queue, builds and start/stop stay behind it).
+ */
+export interface ImageOperations {
+  /** Validates and records a new image version (PENDING) and queues its build. */
+  create(tenantId: string, input: CreateImageInput): Promise<Image>;
+  delete(tenantId: string, imageId: string): Promise<DeleteImageResult>;
+  /** The build log from its start; with `follow`, also what is appended until the build ends or `signal` aborts. */
+  logChunks(imageId: string, follow: boolean, signal: AbortSignal): AsyncIterable<Buffer>;
+}
+
+export class ImageService implements ImageOperations {
   readonly options: ImageServiceOptions;
   readonly events = new BuildLogEvents();
   private readonly config: CocoonConfig;

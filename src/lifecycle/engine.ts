@@ -24,21 +24,28 @@ import { callHttpHook, describeHttpHookOutcome } from '../guest/http-hooks.ts';
 import { getImage, type ImageHooks, type HookName, type HttpHooks } from '../store/images.ts';
 import {
   clearRunHookPayload,
+  claimMicrovm,
   getMicrovm,
   getRunHookPayload,
+  listHostMicrovms,
   touchMicrovmActivity,
-  transitionMicrovm,
   setMicrovmRuntimeIf,
   type Microvm,
-  type MicrovmState,
 } from '../store/microvms.ts';
 import type { Db } from '../store/sql.ts';
 import { killQemuProcesses } from '../host/processes.ts';
 import { QemuVm } from '../vmm/qemu/qemu.ts';
 import { watchDiskSpace } from '../vmm/qemu/space-watch.ts';
 import { readSnapshotManifest } from '../vmm/snapshot.ts';
+import { Activity } from './activity.ts';
+import { applyMicrovmEvent } from './apply-event.ts';
+import { liveRoute, storedRoute } from './directory.ts';
+import { dataDirHostId } from './host-id.ts';
+import { OperationQueue } from './queue.ts';
+import { dueTimes, dueWithoutTimer, Scheduler, TERMINATION_REASONS, type DueTimes, type TimerKind } from './scheduler.ts';
 import { generationDir, imageSnapshotDir, microvmDir, runDir, snapshotDirFor } from './paths.ts';
 import { appendLog, clearRunFiles, collectGarbage, compactGeneration, parseRuntime, runtimeRecord, type Runtime } from './storage.ts';
+import { allows, targetState, transition, type MicrovmEvent, type MicrovmState } from './transitions.ts';
 
 /** Points where crash tests stop the daemon (see `LifecycleOptions.pauseAt`). */
 export type PausePoint =
@@ -64,6 +71,12 @@ export interface LifecycleOptions {
   maxDiskChain?: number;
   /** What a graceful stop does with RUNNING microVMs: suspend them (default) or leave them running for the next start to adopt. */
   onStop?: 'suspend' | 'leave';
+  /** This host's identity (config `hostId`): the microVMs it launches are claimed for it. Default: the id kept in `dataDir` (host-id.ts). */
+  hostId?: string;
+  /** Where the gateway reaches this host's forwarded guest ports (config `hostAddress`, default 127.0.0.1). */
+  hostAddress?: string;
+  /** How often the scheduler scans this host's rows for SUSPENDED microVMs due to end that no timer here covers (default 30 s; see `startDueScan`). */
+  scanIntervalMs?: number;
   /** How often gateway activity is written to `lastActivityAt` (default 1000 ms). */
   activityFlushMs?: number;
   /** For crash tests: awaited at each point (a test makes it hang, then kills the process). */
@@ -106,23 +119,17 @@ interface Instance {
   vm: QemuVm | undefined;
   /** Guest port → host port of the running VM. */
   ports: Map<number, number>;
-  inFlight: number;
-  webSockets: number;
-  lastActivity: number;
-  activityDirty: boolean;
-  idleTimer: NodeJS.Timeout | undefined;
-  suspendedTimer: NodeJS.Timeout | undefined;
-  expiryTimer: NodeJS.Timeout | undefined;
-  /** Tail of this microVM's operation queue. */
-  queue: Promise<void>;
-  busy: Operation | undefined;
+  /** The gateway's reports: requests and WebSockets in flight, the last traffic (activity.ts). */
+  readonly activity: Activity;
+  /** This microVM's operations, one at a time (queue.ts). */
+  readonly ops: OperationQueue<Operation>;
 }
-
-const ACTIVE_FROM: MicrovmState[] = ['PENDING', 'RUNNING', 'SUSPENDING', 'SUSPENDED', 'RESUMING', 'TERMINATING'];
 
 export class LifecycleEngine implements MicroVMDirectory {
   readonly db: Db;
   readonly dataDir: string;
+  readonly hostId: string;
+  readonly #hostAddress: string;
   readonly #log: Logger;
   readonly #durable: boolean;
   readonly #maxChain: number;
@@ -132,6 +139,10 @@ export class LifecycleEngine implements MicroVMDirectory {
   /** VMs this engine is stopping on purpose: their exit is no surprise. */
   readonly #stopping = new WeakSet<QemuVm>();
   readonly #activityTimer: NodeJS.Timeout;
+  /** Idle, suspended-duration and session timers, due at times derived from the microVMs' rows. */
+  readonly #scheduler = new Scheduler((microvmId, kind) => this.#due(microvmId, kind));
+  readonly #scanIntervalMs: number;
+  #scanTimer: NodeJS.Timeout | undefined;
   /** Told when a microVM's VM is about to stop (exec sessions end with this reason). */
   readonly #stopListeners = new Set<(microvmId: string, reason: 'suspended' | 'terminated' | 'failed') => void>();
   #closed = false;
@@ -139,6 +150,8 @@ export class LifecycleEngine implements MicroVMDirectory {
   constructor(options: LifecycleOptions) {
     this.db = options.db;
     this.dataDir = options.dataDir;
+    this.hostId = options.hostId ?? dataDirHostId(options.dataDir);
+    this.#hostAddress = options.hostAddress ?? '127.0.0.1';
     this.#log = (options.logger ?? rootLog).child({ component: 'lifecycle' });
     this.#durable = options.durable ?? true;
     this.#maxChain = options.maxDiskChain ?? 8;
@@ -146,6 +159,7 @@ export class LifecycleEngine implements MicroVMDirectory {
     this.#pauseAt = options.pauseAt;
     this.#activityTimer = setInterval(() => void this.#flushActivity(), options.activityFlushMs ?? 1000);
     this.#activityTimer.unref();
+    this.#scanIntervalMs = options.scanIntervalMs ?? 30_000;
   }
 
   // ---- loading ------------------------------------------------------------------------------
@@ -174,15 +188,8 @@ export class LifecycleEngine implements MicroVMDirectory {
       suspendedAt: microvm.suspendedAt ? Date.parse(microvm.suspendedAt) : Date.now(),
       vm: undefined,
       ports: new Map(),
-      inFlight: 0,
-      webSockets: 0,
-      lastActivity: Date.parse(microvm.lastActivityAt),
-      activityDirty: false,
-      idleTimer: undefined,
-      suspendedTimer: undefined,
-      expiryTimer: undefined,
-      queue: Promise.resolve(),
-      busy: undefined,
+      activity: new Activity(Date.parse(microvm.lastActivityAt)),
+      ops: new OperationQueue<Operation>(),
     };
     this.#instances.set(microvm.id, instance);
     this.#armExpiry(instance);
@@ -203,28 +210,17 @@ export class LifecycleEngine implements MicroVMDirectory {
   // ---- the operation queue -------------------------------------------------------------------
 
   #enqueue<T>(instance: Instance, operation: Operation, fn: () => Promise<T>): Promise<T> {
-    const result = instance.queue.then(async () => {
-      instance.busy = operation;
-      try {
-        return await fn();
-      } finally {
-        instance.busy = undefined;
-      }
-    });
-    instance.queue = result.then(
-      () => undefined,
-      () => undefined,
-    );
-    return result;
+    return instance.ops.run(operation, fn);
   }
 
   async #pause(point: PausePoint, id: string): Promise<void> {
     if (this.#pauseAt) await this.#pauseAt(point, id);
   }
 
-  /** Compare-and-set in the store, then in memory. */
-  async #transition(instance: Instance, from: MicrovmState | MicrovmState[], to: MicrovmState, patch: { runtime?: Runtime; error?: string } = {}): Promise<boolean> {
-    const moved = await transitionMicrovm(this.db, instance.id, from, to, {
+  /** Applies an event of the transition table: compare-and-set in the store, then in memory. */
+  async #transition(instance: Instance, event: MicrovmEvent, patch: { runtime?: Runtime; error?: string } = {}): Promise<boolean> {
+    const to = targetState(event);
+    const moved = await applyMicrovmEvent(this.db, instance.id, event, {
       ...(patch.runtime ? { runtime: runtimeRecord(patch.runtime) } : {}),
       ...(patch.error !== undefined ? { error: patch.error } : {}),
     });
@@ -311,15 +307,22 @@ export class LifecycleEngine implements MicroVMDirectory {
       instance.vm = undefined;
     }
     await killQemuProcesses(runDir(this.dataDir, instance.id));
-    await this.#transition(instance, ACTIVE_FROM, 'FAILED', { error: reason.slice(0, 2000) });
+    await this.#transition(instance, 'fail', { error: reason.slice(0, 2000) });
     await clearRunHookPayload(this.db, instance.id);
     await clearRunFiles(this.dataDir, instance.id);
     this.#log.warn({ microvm: instance.id, reason }, 'microVM failed');
   }
 
   async #launch(instance: Instance, verifyData: boolean | 'if-present' = true): Promise<void> {
-    if (instance.state !== 'PENDING' || instance.terminating) return;
+    if (!allows(instance.state, 'started') || instance.terminating) return;
     await this.#pause('launch:starting', instance.id);
+    // Another host launched it meanwhile (several hosts on one store): not ours to run.
+    if (!(await claimMicrovm(this.db, instance.id, this.hostId))) {
+      this.#log.warn({ microvm: instance.id }, 'another host runs this microVM; not launching it here');
+      this.#clearTimers(instance);
+      this.#instances.delete(instance.id);
+      return;
+    }
     // A microVM starts from its image (generation 0), a fork from its own generation 1 (the
     // fork point): then its workload runs already, so it gets the resume hook, not run.
     const { generation, chain } = instance.runtime;
@@ -333,11 +336,11 @@ export class LifecycleEngine implements MicroVMDirectory {
     await this.#pause('launch:restored', instance.id);
     await this.#hook(instance, vm, generation === 0 ? 'run' : 'resume');
     const runtime: Runtime = { generation, chain, pid: vm.pid, ports: Object.fromEntries(vm.hostPorts) };
-    if (!(await this.#transition(instance, 'PENDING', 'RUNNING', { runtime }))) {
+    if (!(await this.#transition(instance, 'started', { runtime }))) {
       await this.#discard(instance);
       return;
     }
-    instance.lastActivity = Date.now();
+    instance.activity.lastActivity = Date.now();
     this.#armIdle(instance);
     await appendLog(this.dataDir, instance.id, `started from ${generation === 0 ? 'its image' : 'its fork point'} (pid ${vm.pid})`);
   }
@@ -356,22 +359,22 @@ export class LifecycleEngine implements MicroVMDirectory {
 
   /** Whether the idle policy says: suspend now. */
   #idle(instance: Instance): boolean {
-    return instance.inFlight === 0 && instance.webSockets === 0 && Date.now() - instance.lastActivity >= instance.maxIdleMs;
+    return instance.activity.idleFor(instance.maxIdleMs);
   }
 
   async #suspend(instance: Instance, reason: 'idle' | 'api' | 'shutdown'): Promise<void> {
-    if (instance.state !== 'RUNNING' || instance.terminating || !instance.vm) return;
+    if (!allows(instance.state, 'suspend') || instance.terminating || !instance.vm) return;
     if (reason === 'idle' && !this.#idle(instance)) {
       this.#armIdle(instance);
       return;
     }
     // Decided: from here on the gateway sees SUSPENDING and holds new requests for the resume.
-    instance.state = 'SUSPENDING';
+    instance.state = transition(instance.state, 'suspend');
     this.#clearIdle(instance);
     this.#stopping_(instance.id, 'suspended');
     let persisted: boolean;
     try {
-      persisted = await this.#transition(instance, 'RUNNING', 'SUSPENDING');
+      persisted = await this.#transition(instance, 'suspend');
     } catch (error) {
       // The store could not record the decision (its disk is full…): nothing happened, the
       // microVM stays RUNNING, in memory too (else the gateway would hold its requests forever).
@@ -408,7 +411,7 @@ export class LifecycleEngine implements MicroVMDirectory {
     instance.ports = new Map();
     await this.#pause('suspend:committed', instance.id);
     const runtime: Runtime = { generation: next, chain: [...instance.runtime.chain, next] };
-    if (!(await this.#transition(instance, 'SUSPENDING', 'SUSPENDED', { runtime }))) return;
+    if (!(await this.#transition(instance, 'suspended', { runtime }))) return;
     await appendLog(this.dataDir, instance.id, `suspended (${reason}) as generation ${next} in ${snapshotMs.toFixed(0)} ms`);
     await collectGarbage(this.dataDir, instance.id, instance.runtime);
     await this.#compactIfLong(instance);
@@ -423,11 +426,11 @@ export class LifecycleEngine implements MicroVMDirectory {
    */
   async #keepRunning(instance: Instance, vm: QemuVm, error: CocoonError): Promise<void> {
     this.#stopping.delete(vm);
-    if (!(await this.#transition(instance, 'SUSPENDING', 'RUNNING'))) return;
+    if (!(await this.#transition(instance, 'suspend_abandoned'))) return;
     await appendLog(this.dataDir, instance.id, `suspend abandoned, still running: ${error.message}`);
     this.#log.warn({ microvm: instance.id, code: error.code }, 'suspend abandoned; the microVM runs on');
     if (error.details?.vmRunning === true) await this.#hook(instance, vm, 'resume');
-    instance.lastActivity = Date.now();
+    instance.activity.lastActivity = Date.now();
     this.#armIdle(instance);
   }
 
@@ -446,10 +449,10 @@ export class LifecycleEngine implements MicroVMDirectory {
   }
 
   async #resume(instance: Instance, reason: 'request' | 'api'): Promise<void> {
-    if (instance.state !== 'SUSPENDED' || instance.terminating) return;
-    instance.state = 'RESUMING';
+    if (!allows(instance.state, 'resume') || instance.terminating) return;
+    instance.state = transition(instance.state, 'resume');
     this.#clearSuspended(instance);
-    if (!(await this.#transition(instance, 'SUSPENDED', 'RESUMING'))) return;
+    if (!(await this.#transition(instance, 'resume'))) return;
     await this.#pause('resume:persisted', instance.id);
     const generation = instance.runtime.generation;
     const started = performance.now();
@@ -461,7 +464,7 @@ export class LifecycleEngine implements MicroVMDirectory {
         await this.#fail(instance, `the microVM's saved state cannot be restored: ${errorMessage(error)}`);
       } else {
         // Generation `generation` is untouched: back to SUSPENDED, a later wake tries again.
-        await this.#transition(instance, 'RESUMING', 'SUSPENDED');
+        await this.#transition(instance, 'resume_failed');
         this.#armSuspended(instance);
       }
       throw new CocoonError('resume_failed', `microVM ${instance.id} could not be resumed: ${errorMessage(error)}`, { status: 503, cause: error });
@@ -469,30 +472,31 @@ export class LifecycleEngine implements MicroVMDirectory {
     await this.#hook(instance, vm, 'resume');
     await this.#pause('resume:restored', instance.id);
     const runtime: Runtime = { ...instance.runtime, pid: vm.pid, ports: Object.fromEntries(vm.hostPorts) };
-    if (!(await this.#transition(instance, 'RESUMING', 'RUNNING', { runtime }))) {
+    if (!(await this.#transition(instance, 'resumed', { runtime }))) {
       await this.#discard(instance);
       return;
     }
-    instance.lastActivity = Date.now();
+    instance.activity.lastActivity = Date.now();
     this.#armIdle(instance);
     await appendLog(this.dataDir, instance.id, `resumed (${reason}) from generation ${generation} in ${(performance.now() - started).toFixed(0)} ms (pid ${vm.pid})`);
   }
 
   async #terminate(instance: Instance, reason: string): Promise<void> {
-    if (instance.state === 'TERMINATED') return;
-    if (instance.state === 'FAILED') {
-      // FAILED is final; terminating it only removes what is left of it.
-      this.#clearTimers(instance);
-      await killQemuProcesses(microvmDir(this.dataDir, instance.id));
-      await fs.promises.rm(microvmDir(this.dataDir, instance.id), { recursive: true, force: true });
-      this.#instances.delete(instance.id);
+    if (!allows(instance.state, 'terminate')) {
+      // TERMINATED: nothing left. FAILED is final; terminating it only removes what is left of it.
+      if (instance.state === 'FAILED') {
+        this.#clearTimers(instance);
+        await killQemuProcesses(microvmDir(this.dataDir, instance.id));
+        await fs.promises.rm(microvmDir(this.dataDir, instance.id), { recursive: true, force: true });
+        this.#instances.delete(instance.id);
+      }
       return;
     }
     instance.terminating = true;
     this.#clearTimers(instance);
     this.#stopping_(instance.id, 'terminated');
     const wasRunning = instance.state === 'RUNNING';
-    if (!(await this.#transition(instance, ACTIVE_FROM, 'TERMINATING'))) return;
+    if (!(await this.#transition(instance, 'terminate'))) return;
     await this.#pause('terminate:persisted', instance.id);
     const vm = instance.vm;
     if (vm) {
@@ -504,7 +508,7 @@ export class LifecycleEngine implements MicroVMDirectory {
     }
     await killQemuProcesses(microvmDir(this.dataDir, instance.id));
     await fs.promises.rm(microvmDir(this.dataDir, instance.id), { recursive: true, force: true });
-    await this.#transition(instance, 'TERMINATING', 'TERMINATED');
+    await this.#transition(instance, 'terminated');
     // A payload whose run hook was never sent (terminated while PENDING) is not kept either.
     await clearRunHookPayload(this.db, instance.id);
     await this.#event(instance, 'terminated', reason);
@@ -561,60 +565,86 @@ export class LifecycleEngine implements MicroVMDirectory {
     await this.#event(instance, 'hook', line, { hook: name, kind: 'http', status, ms: outcome.ms });
   }
 
-  // ---- timers --------------------------------------------------------------------------------
+  // ---- timers (the scheduler: scheduler.ts) -------------------------------------------------
 
-  #armIdle(instance: Instance): void {
-    this.#clearIdle(instance);
-    if (this.#closed || instance.state !== 'RUNNING' || instance.terminating || instance.inFlight > 0 || instance.webSockets > 0) return;
-    const wait = Math.max(0, instance.lastActivity + instance.maxIdleMs - Date.now());
-    instance.idleTimer = setTimeout(() => {
-      instance.idleTimer = undefined;
+  #dueTimes(instance: Instance): DueTimes {
+    return dueTimes({
+      state: instance.state,
+      expiresAt: instance.expiresAt,
+      suspendedAt: instance.suspendedAt,
+      suspendedMs: instance.suspendedMs,
+      lastActivity: instance.activity.lastActivity,
+      maxIdleMs: instance.maxIdleMs,
+    });
+  }
+
+  /** A timer fell due. */
+  #due(microvmId: string, kind: TimerKind): void {
+    const instance = this.#instances.get(microvmId);
+    if (!instance || this.#closed) return;
+    if (kind === 'idle') {
       if (!this.#idle(instance)) return this.#armIdle(instance);
       void this.#enqueue(instance, 'suspend', () => this.#suspend(instance, 'idle')).catch((error: unknown) =>
         this.#log.error({ err: error, microvm: instance.id }, 'idle suspend failed'),
       );
-    }, wait);
-    instance.idleTimer.unref();
+      return;
+    }
+    void this.terminate(instance.id, TERMINATION_REASONS[kind]).catch(() => undefined);
+  }
+
+  #armIdle(instance: Instance): void {
+    this.#clearIdle(instance);
+    if (this.#closed || instance.state !== 'RUNNING' || instance.terminating || instance.activity.busy) return;
+    const due = this.#dueTimes(instance).idle;
+    if (due !== null) this.#scheduler.set(instance.id, 'idle', due);
   }
 
   #clearIdle(instance: Instance): void {
-    if (instance.idleTimer) clearTimeout(instance.idleTimer);
-    instance.idleTimer = undefined;
+    this.#scheduler.clear(instance.id, 'idle');
   }
 
   #armSuspended(instance: Instance): void {
     this.#clearSuspended(instance);
-    if (this.#closed || instance.suspendedMs === null || instance.state !== 'SUSPENDED') return;
-    const wait = Math.max(0, instance.suspendedAt + instance.suspendedMs - Date.now());
-    instance.suspendedTimer = setTimeout(() => {
-      instance.suspendedTimer = undefined;
-      void this.terminate(instance.id, 'suspended longer than suspendedDurationSeconds').catch(() => undefined);
-    }, wait);
-    instance.suspendedTimer.unref();
+    if (this.#closed) return;
+    const due = this.#dueTimes(instance).suspended;
+    if (due !== null) this.#scheduler.set(instance.id, 'suspended', due);
   }
 
   #clearSuspended(instance: Instance): void {
-    if (instance.suspendedTimer) clearTimeout(instance.suspendedTimer);
-    instance.suspendedTimer = undefined;
+    this.#scheduler.clear(instance.id, 'suspended');
   }
 
   #armExpiry(instance: Instance): void {
-    if (instance.expiryTimer) clearTimeout(instance.expiryTimer);
     if (this.#closed) return;
-    const wait = Math.max(0, instance.expiresAt - Date.now());
-    // setTimeout takes at most 2^31-1 ms; sessions are at most 8 hours.
-    instance.expiryTimer = setTimeout(() => {
-      instance.expiryTimer = undefined;
-      void this.terminate(instance.id, 'the session ended (maximumDurationSeconds)').catch(() => undefined);
-    }, Math.min(wait, 2 ** 31 - 1));
-    instance.expiryTimer.unref();
+    this.#scheduler.set(instance.id, 'expiry', this.#dueTimes(instance).expiry);
   }
 
   #clearTimers(instance: Instance): void {
-    this.#clearIdle(instance);
-    this.#clearSuspended(instance);
-    if (instance.expiryTimer) clearTimeout(instance.expiryTimer);
-    instance.expiryTimer = undefined;
+    this.#scheduler.clear(instance.id);
+  }
+
+  /**
+   * Starts the periodic scan of this host's rows (recovery starts it once it has loaded them):
+   * a SUSPENDED microVM of this host whose session or suspended duration ended, and that this
+   * process has no timer for, is loaded and terminated (it needs no VM for that).
+   */
+  startDueScan(): void {
+    if (this.#closed || this.#scanTimer) return;
+    this.#scanTimer = setInterval(() => void this.scanDue().catch((error: unknown) => this.#log.warn({ err: error }, 'scanning for due microVMs failed')), this.#scanIntervalMs);
+    this.#scanTimer.unref();
+  }
+
+  /** One scan (see `startDueScan`); answers the ids it started terminating. */
+  async scanDue(now = Date.now()): Promise<string[]> {
+    if (this.#closed) return [];
+    const rows = (await listHostMicrovms(this.db, this.hostId, ['SUSPENDED'])).filter((m) => m.hostId === this.hostId);
+    const ended: string[] = [];
+    for (const { microvm, kind } of dueWithoutTimer(rows, now, (id) => this.#instances.has(id))) {
+      await this.#load(microvm);
+      ended.push(microvm.id);
+      void this.terminate(microvm.id, TERMINATION_REASONS[kind]).catch(() => undefined);
+    }
+    return ended;
   }
 
   // ---- sessions inside the guest (src/exec/) ------------------------------------------------------
@@ -645,42 +675,34 @@ export class LifecycleEngine implements MicroVMDirectory {
   requestStarted(microvmId: string): void {
     const instance = this.#instances.get(microvmId);
     if (!instance) return;
-    instance.inFlight++;
-    instance.lastActivity = Date.now();
-    instance.activityDirty = true;
+    instance.activity.requestStarted();
     this.#clearIdle(instance);
   }
 
   requestFinished(microvmId: string): void {
     const instance = this.#instances.get(microvmId);
     if (!instance) return;
-    instance.inFlight = Math.max(0, instance.inFlight - 1);
-    instance.lastActivity = Date.now();
-    instance.activityDirty = true;
+    instance.activity.requestFinished();
     this.#armIdle(instance);
   }
 
   webSocketOpened(microvmId: string): void {
     const instance = this.#instances.get(microvmId);
     if (!instance) return;
-    instance.webSockets++;
-    instance.lastActivity = Date.now();
+    instance.activity.webSocketOpened();
     this.#clearIdle(instance);
   }
 
   webSocketClosed(microvmId: string): void {
     const instance = this.#instances.get(microvmId);
     if (!instance) return;
-    instance.webSockets = Math.max(0, instance.webSockets - 1);
-    instance.lastActivity = Date.now();
-    instance.activityDirty = true;
+    instance.activity.webSocketClosed();
     this.#armIdle(instance);
   }
 
   async #flushOne(instance: Instance): Promise<void> {
-    if (!instance.activityDirty) return;
-    instance.activityDirty = false;
-    await touchMicrovmActivity(this.db, instance.id, new Date(instance.lastActivity));
+    const at = instance.activity.takeDirty();
+    if (at) await touchMicrovmActivity(this.db, instance.id, at);
   }
 
   async #flushActivity(): Promise<void> {
@@ -696,34 +718,13 @@ export class LifecycleEngine implements MicroVMDirectory {
   // ---- the gateway's directory ------------------------------------------------------------------
 
   #route(instance: Instance): MicroVMRoute {
-    const ports = instance.ports;
-    return {
-      id: instance.id,
-      state: instance.terminating ? 'TERMINATING' : instance.state,
-      appPort: instance.appPort,
-      hasAppPort: instance.hasAppPort,
-      autoResumeEnabled: instance.autoResume,
-      upstreamHost: '127.0.0.1',
-      upstreamPortFor: (guestPort) => ports.get(guestPort) ?? null,
-    };
+    return liveRoute(instance, this.#hostAddress);
   }
 
   lookup(microvmId: string): MicroVMRoute | null | Promise<MicroVMRoute | null> {
     const instance = this.#instances.get(microvmId);
     if (instance) return this.#route(instance);
-    return getMicrovm(this.db, microvmId).then((microvm) =>
-      microvm === undefined
-        ? null
-        : {
-            id: microvm.id,
-            state: microvm.state,
-            appPort: microvm.port,
-            hasAppPort: microvm.hasAppPort,
-            autoResumeEnabled: microvm.idlePolicy.autoResumeEnabled,
-            upstreamHost: '127.0.0.1',
-            upstreamPortFor: () => null,
-          },
-    );
+    return getMicrovm(this.db, microvmId).then((microvm) => (microvm === undefined ? null : storedRoute(microvm, this.#hostAddress)));
   }
 
   async ensureRunning(microvmId: string, signal: AbortSignal): Promise<MicroVMRoute> {
@@ -735,7 +736,7 @@ export class LifecycleEngine implements MicroVMDirectory {
       switch (instance.state) {
         case 'RUNNING':
           if (instance.vm) return this.#route(instance);
-          await instance.queue;
+          await instance.ops.settled;
           break;
         case 'SUSPENDED':
           if (!instance.autoResume) {
@@ -750,7 +751,7 @@ export class LifecycleEngine implements MicroVMDirectory {
           throw new CocoonError('microvm_failed', `microVM ${microvmId} has failed; see its state through the API`, { status: 502 });
         default:
           // PENDING, RESUMING, SUSPENDING: wait for the operation in flight.
-          await instance.queue;
+          await instance.ops.settled;
       }
       if (round > 20) throw new CocoonError('wake_failed', `microVM ${microvmId} did not settle`, { status: 503 });
     }
@@ -768,7 +769,7 @@ export class LifecycleEngine implements MicroVMDirectory {
   /** Suspends a RUNNING microVM (waits out PENDING/RESUMING first); no-op when already SUSPENDED. */
   async suspend(microvmId: string): Promise<void> {
     const instance = this.#require(microvmId);
-    await instance.queue;
+    await instance.ops.settled;
     if (instance.state === 'FAILED') throw new CocoonError('microvm_failed', `microVM ${microvmId} has failed`, { status: 409 });
     await this.#enqueue(instance, 'suspend', () => this.#suspend(instance, 'api'));
   }
@@ -776,7 +777,7 @@ export class LifecycleEngine implements MicroVMDirectory {
   /** Resumes a SUSPENDED microVM (whatever autoResumeEnabled says); no-op when RUNNING. */
   async resume(microvmId: string): Promise<void> {
     const instance = this.#require(microvmId);
-    await instance.queue;
+    await instance.ops.settled;
     if (instance.state === 'FAILED') throw new CocoonError('microvm_failed', `microVM ${microvmId} has failed`, { status: 409 });
     await this.#enqueue(instance, 'resume', () => this.#resume(instance, 'api'));
   }
@@ -818,7 +819,7 @@ export class LifecycleEngine implements MicroVMDirectory {
   async settled(microvmId: string): Promise<MicrovmState | undefined> {
     const instance = this.#instances.get(microvmId);
     if (!instance) return (await getMicrovm(this.db, microvmId))?.state;
-    await instance.queue;
+    await instance.ops.settled;
     return instance.state;
   }
 
@@ -836,7 +837,7 @@ export class LifecycleEngine implements MicroVMDirectory {
   /** What is known in memory about a microVM (for tests and the API: in-flight counts, operation). */
   inspect(microvmId: string): { state: MicrovmState; inFlight: number; webSockets: number; busy: Operation | undefined; pid: number | undefined } | undefined {
     const instance = this.#instances.get(microvmId);
-    return instance && { state: instance.state, inFlight: instance.inFlight, webSockets: instance.webSockets, busy: instance.busy, pid: instance.vm?.pid };
+    return instance && { state: instance.state, inFlight: instance.activity.inFlight, webSockets: instance.activity.webSockets, busy: instance.ops.busy, pid: instance.vm?.pid };
   }
 
   // ---- start and stop --------------------------------------------------------------------------
@@ -846,7 +847,7 @@ export class LifecycleEngine implements MicroVMDirectory {
     const instance = await this.#load(microvm);
     if (vm) this.#attach(instance, vm);
     if (instance.state === 'RUNNING') {
-      instance.lastActivity = Math.max(instance.lastActivity, Date.now() - instance.maxIdleMs / 2);
+      instance.activity.lastActivity = Math.max(instance.activity.lastActivity, Date.now() - instance.maxIdleMs / 2);
       this.#armIdle(instance);
     }
     if (instance.state === 'SUSPENDED') this.#armSuspended(instance);
@@ -863,13 +864,10 @@ export class LifecycleEngine implements MicroVMDirectory {
     if (this.#closed) return;
     this.#closed = true;
     clearInterval(this.#activityTimer);
+    if (this.#scanTimer) clearInterval(this.#scanTimer);
+    this.#scheduler.close();
     const instances = [...this.#instances.values()];
-    for (const instance of instances) {
-      this.#clearIdle(instance);
-      this.#clearSuspended(instance);
-      if (instance.expiryTimer) clearTimeout(instance.expiryTimer);
-    }
-    await Promise.all(instances.map((instance) => instance.queue));
+    await Promise.all(instances.map((instance) => instance.ops.settled));
     await this.#flushActivity();
     for (const instance of instances) {
       if (instance.state !== 'RUNNING' || !instance.vm) continue;

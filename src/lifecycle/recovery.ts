@@ -14,20 +14,26 @@
  * | SUSPENDED | its generation | kept; stray QEMU killed, stray files removed |
  * | TERMINATING | anything | finished → TERMINATED |
  *
- * Afterwards every QEMU under `microvms/` that no RUNNING microVM owns is killed, and the
- * directories of microVMs that ended are removed (also those of forks whose rows were never
- * written: a fork interrupted before it committed). Checkpoint images left SNAPSHOTTING become
+ * Only this host's microVMs are recovered (`host_id` = the engine's `hostId`), and those no host
+ * has claimed yet (rows from before hosts were recorded; this host claims them first): another
+ * host's rows in a shared store are left alone, whatever their state.
+ *
+ * Afterwards every QEMU under this data directory's `microvms/` that no RUNNING microVM owns is
+ * killed, and the directories of microVMs that ended are removed (also those of forks whose rows
+ * were never written: a fork interrupted before it committed); a directory whose microVM is
+ * active on any host is kept. Checkpoint images left SNAPSHOTTING become
  * READY when their snapshot was committed, else FAILED with nothing kept (fork.ts).
  */
 import fs from 'node:fs';
 import path from 'node:path';
 import { errorMessage } from '../common/errors.ts';
 import type { Logger } from '../common/log.ts';
-import { ACTIVE_MICROVM_STATES, getMicrovm, listMicrovmsInStates, transitionMicrovm, type Microvm } from '../store/microvms.ts';
+import { ACTIVE_MICROVM_STATES, claimMicrovm, getMicrovm, listHostMicrovms, listMicrovmsInStates, type Microvm } from '../store/microvms.ts';
 import type { Db } from '../store/sql.ts';
 import { findQemuProcesses, killQemuProcesses } from '../host/processes.ts';
 import { QemuVm } from '../vmm/qemu/qemu.ts';
 import { readSnapshotManifest } from '../vmm/snapshot.ts';
+import { applyMicrovmEvent } from './apply-event.ts';
 import type { LifecycleEngine } from './engine.ts';
 import { recoverCheckpoints } from './fork.ts';
 import { generationDir, microvmDir, microvmsRoot, runDir, snapshotDirFor } from './paths.ts';
@@ -60,7 +66,7 @@ export async function recoverMicrovms(engine: LifecycleEngine, db: Db, dataDir: 
 
   const fail = async (microvm: Microvm, reason: string) => {
     await killQemuProcesses(runDir(dataDir, microvm.id));
-    await transitionMicrovm(db, microvm.id, microvm.state, 'FAILED', { error: reason });
+    await applyMicrovmEvent(db, microvm.id, 'fail', { error: reason }, microvm.state);
     await clearRunFiles(dataDir, microvm.id);
     await appendLog(dataDir, microvm.id, `failed at start-up: ${reason}`);
     report.failed.push(microvm.id);
@@ -78,8 +84,11 @@ export async function recoverMicrovms(engine: LifecycleEngine, db: Db, dataDir: 
     }
   };
 
-  for (const found of await listMicrovmsInStates(db, ACTIVE_MICROVM_STATES)) {
+  for (const found of await listHostMicrovms(db, engine.hostId, ACTIVE_MICROVM_STATES)) {
     const id = found.id;
+    // An unclaimed row: this host takes it, unless another host recovering beside it was first.
+    // (A PENDING one is claimed by its launch.)
+    if (found.hostId === null && found.state !== 'PENDING' && !(await claimMicrovm(db, id, engine.hostId))) continue;
     const run = runDir(dataDir, id);
     const runtime = parseRuntime(found.runtime);
     try {
@@ -107,7 +116,7 @@ export async function recoverMicrovms(engine: LifecycleEngine, db: Db, dataDir: 
           if (outcome !== 'none') {
             await killQemuProcesses(run);
             const done = { generation: next, chain: [...runtime.chain, next] };
-            await transitionMicrovm(db, id, 'SUSPENDING', 'SUSPENDED', { runtime: runtimeRecord(done) });
+            await applyMicrovmEvent(db, id, 'suspended', { runtime: runtimeRecord(done) });
             await clearRunFiles(dataDir, id);
             await collectGarbage(dataDir, id, done);
             await appendLog(dataDir, id, `suspend completed after a daemon restart (${outcome})`);
@@ -119,7 +128,7 @@ export async function recoverMicrovms(engine: LifecycleEngine, db: Db, dataDir: 
             await fail(found, 'the VM ended while being suspended, before its memory was saved');
             continue;
           }
-          await transitionMicrovm(db, id, 'SUSPENDING', 'RUNNING');
+          await applyMicrovmEvent(db, id, 'suspend_abandoned');
           await engine.adoptLoaded((await getMicrovm(db, id))!, vm);
           await appendLog(dataDir, id, 'suspend interrupted by a daemon restart: adopted again, suspending anew');
           toSuspend.push(id);
@@ -129,7 +138,7 @@ export async function recoverMicrovms(engine: LifecycleEngine, db: Db, dataDir: 
         case 'RESUMING':
           await killQemuProcesses(run);
           await clearRunFiles(dataDir, id);
-          await transitionMicrovm(db, id, 'RESUMING', 'SUSPENDED');
+          await applyMicrovmEvent(db, id, 'resume_failed');
           await appendLog(dataDir, id, 'resume interrupted by a daemon restart: back to SUSPENDED');
           report.resumesRolledBack.push(id);
           break;
@@ -140,7 +149,7 @@ export async function recoverMicrovms(engine: LifecycleEngine, db: Db, dataDir: 
         case 'TERMINATING':
           await killQemuProcesses(microvmDir(dataDir, id));
           await fs.promises.rm(microvmDir(dataDir, id), { recursive: true, force: true });
-          await transitionMicrovm(db, id, 'TERMINATING', 'TERMINATED');
+          await applyMicrovmEvent(db, id, 'terminated');
           report.terminated.push(id);
           continue;
         default:
@@ -175,6 +184,7 @@ export async function recoverMicrovms(engine: LifecycleEngine, db: Db, dataDir: 
       // gone
     }
   }
+  // Active on any host: a directory is kept even when its microVM is another host's.
   const active = new Set((await listMicrovmsInStates(db, ACTIVE_MICROVM_STATES)).map((m) => m.id));
   let entries: string[] = [];
   try {
@@ -189,6 +199,8 @@ export async function recoverMicrovms(engine: LifecycleEngine, db: Db, dataDir: 
     const microvm = await getMicrovm(db, id);
     if (microvm?.state === 'PENDING') await engine.launch(microvm);
   }
+  // From now on the engine's scheduler also looks at this host's rows for microVMs due to end.
+  engine.startDueScan();
   for (const id of toSuspend) void engine.suspend(id).catch((error: unknown) => log.error({ microvm: id, err: error }, 'suspend after recovery failed'));
   const changed = Object.entries(report).filter(([, list]) => list.length > 0);
   if (changed.length > 0) log.info(Object.fromEntries(changed), 'recovered microVMs after a restart');

@@ -1,4 +1,5 @@
 import { CocoonError } from '../common/errors.ts';
+import { ACTIVE_MICROVM_STATES, MICROVM_STATES, type MicrovmState } from '../common/microvm-states.ts';
 import { isArn, microvmArn } from './arn.ts';
 import { appendEvent } from './events.ts';
 import { newId } from './ids.ts';
@@ -7,13 +8,7 @@ import type { Db, SqlParam } from './sql.ts';
 import { boolColumn, insertRow, jsonColumn, rowMapper } from './rows.ts';
 import { bool, invalid, iso, placeholders, statesFilter } from './values.ts';
 
-export const MICROVM_STATES = [
-  'PENDING', 'RUNNING', 'SUSPENDING', 'SUSPENDED', 'RESUMING', 'TERMINATING', 'TERMINATED', 'FAILED',
-] as const;
-export type MicrovmState = (typeof MICROVM_STATES)[number];
-/** States a microVM never leaves. */
-export const FINAL_MICROVM_STATES: readonly MicrovmState[] = ['TERMINATED', 'FAILED'];
-export const ACTIVE_MICROVM_STATES: readonly MicrovmState[] = MICROVM_STATES.filter((s) => !FINAL_MICROVM_STATES.includes(s));
+export { ACTIVE_MICROVM_STATES, FINAL_MICROVM_STATES, MICROVM_STATES, type MicrovmState } from '../common/microvm-states.ts';
 
 export const MAX_SESSION_SECONDS = 28_800;
 
@@ -53,6 +48,8 @@ export interface Microvm {
   lastActivityAt: string;
   suspendedAt: string | null;
   terminatedAt: string | null;
+  /** The host whose lifecycle runs it (null until one claims it: see `claimMicrovm`). */
+  hostId: string | null;
 }
 
 export interface NewMicrovm {
@@ -109,6 +106,7 @@ interface MicrovmRow {
   last_activity_at: string;
   suspended_at: string | null;
   terminated_at: string | null;
+  host_id?: string | null;
 }
 
 const toMicrovm = rowMapper<MicrovmRow, Microvm>({
@@ -126,6 +124,7 @@ const toMicrovm = rowMapper<MicrovmRow, Microvm>({
   runtime: jsonColumn('runtime'),
   createdAt: 'created_at', updatedAt: 'updated_at', expiresAt: 'expires_at', lastActivityAt: 'last_activity_at',
   suspendedAt: 'suspended_at', terminatedAt: 'terminated_at',
+  hostId: (row) => row.host_id ?? null,
 });
 
 function checkNewMicrovm(input: NewMicrovm): void {
@@ -296,6 +295,33 @@ export async function listMicrovmsInStates(
   const list = statesFilter(states, MICROVM_STATES, 'microVM state') as MicrovmState[];
   const rows = await db.all<MicrovmRow>(`SELECT * FROM microvms WHERE state IN ${placeholders(list.length)} ORDER BY id`, list);
   return rows.map(toMicrovm);
+}
+
+/**
+ * The microVMs in `states` that `hostId` runs, and those no host has claimed yet (oldest first):
+ * what one host's recovery and scheduler look at. Another host's rows are never among them.
+ */
+export async function listHostMicrovms(
+  db: Db,
+  hostId: string,
+  states: readonly MicrovmState[] = ACTIVE_MICROVM_STATES,
+): Promise<Microvm[]> {
+  const list = statesFilter(states, MICROVM_STATES, 'microVM state') as MicrovmState[];
+  const rows = await db.all<MicrovmRow>(
+    `SELECT * FROM microvms WHERE state IN ${placeholders(list.length)} AND (host_id = ? OR host_id IS NULL) ORDER BY id`,
+    [...list, hostId],
+  );
+  return rows.map(toMicrovm);
+}
+
+/**
+ * Makes `hostId` the host that runs the microVM, if no other host has (compare-and-set; the same
+ * host again is a no-op). Answers whether the microVM is now this host's.
+ */
+export async function claimMicrovm(db: Db, id: string, hostId: string): Promise<boolean> {
+  await db.run('UPDATE microvms SET host_id = ? WHERE id = ? AND host_id IS NULL', [hostId, id]);
+  const row = await db.get<{ host_id: string | null }>('SELECT host_id FROM microvms WHERE id = ?', [id]);
+  return row?.host_id === hostId;
 }
 
 /** Active microVMs whose session ended at or before `now`. */

@@ -248,6 +248,15 @@ export const MIGRATIONS: readonly Migration[] = [
             PRIMARY KEY (tenant_id, name)
           );`,
   },
+  {
+    version: 8,
+    name: 'microvm host',
+    // host_id: the host (COCOON_HOST_ID) whose lifecycle runs the microVM: its recovery and its
+    // timers touch only its own rows. NULL: not claimed yet (a PENDING microVM before its
+    // launch, or a row from before this step, which the first host to recover claims).
+    sql: `ALTER TABLE microvms ADD COLUMN host_id TEXT;
+          CREATE INDEX microvms_by_host ON microvms (host_id, state);`,
+  },
 ];
 
 export interface MigrationReport {

@@ -1,5 +1,6 @@
 import { AsyncLocalStorage } from 'node:async_hooks';
 import pg from 'pg';
+import { log } from '../common/log.ts';
 import type { Database, Db, RunResult, SqlParam } from './sql.ts';
 
 /** Connections per process: enough for concurrent requests, few enough for many hosts on one server. */
@@ -46,8 +47,8 @@ export class PostgresDb implements Database {
     });
     // An idle connection that the server drops (restart, failover) must not crash the process:
     // the pool discards it and the next query opens a new one.
-    pool.on('error', () => {});
     const db = new PostgresDb(url, pool);
+    pool.on('error', (error) => log.warn({ database: db.location, err: error.message }, 'an idle PostgreSQL connection failed; the pool replaces it'));
     try {
       await pool.query('SELECT 1');
     } catch (error) {
@@ -106,28 +107,37 @@ export class PostgresDb implements Database {
   async #once<T>(begin: string, fn: (tx: Db, client: pg.PoolClient) => Promise<T>): Promise<T> {
     const client = await this.#pool.connect();
     const tx = new PostgresTransaction(client, 0);
-    let broken: unknown;
+    // A connection is given back to the pool only when it is known to be idle and healthy: a
+    // failed BEGIN/COMMIT without a server error, or a failed ROLLBACK, means it dropped.
+    let broken: Error | undefined;
     try {
-      await client.query(begin);
       try {
-        const result = await this.#insideTransaction.run(true, () => fn(tx, client));
-        await client.query('COMMIT');
-        return result;
+        await client.query(begin);
+      } catch (error) {
+        if (sqlState(error) === '') broken = error as Error;
+        throw error;
+      }
+      let result: T;
+      try {
+        result = await this.#insideTransaction.run(true, () => fn(tx, client));
       } catch (error) {
         try {
           await client.query('ROLLBACK');
         } catch (rollbackError) {
-          broken = rollbackError;
+          broken = rollbackError as Error;
         }
         throw error;
       }
-    } catch (error) {
-      // A connection that failed outside a query's own error (it dropped) is not given back.
-      if (broken === undefined && sqlState(error) === '') broken = error;
-      throw error;
+      try {
+        await client.query('COMMIT');
+      } catch (error) {
+        if (sqlState(error) === '') broken = error as Error;
+        throw error;
+      }
+      return result;
     } finally {
       tx.finish();
-      client.release(broken instanceof Error ? broken : undefined);
+      client.release(broken);
     }
   }
 

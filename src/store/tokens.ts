@@ -1,5 +1,6 @@
 import { createHash, randomBytes, timingSafeEqual } from 'node:crypto';
 import { CocoonError } from '../common/errors.ts';
+import { portInSpecs, type PortSpec } from '../common/ports.ts';
 import { ID_PREFIXES, newId } from './ids.ts';
 import type { Db } from './sql.ts';
 import { TOKEN_PREFIX } from './secrets.ts';
@@ -47,16 +48,11 @@ function newTokenSecret(id: string): string {
 export type TokenScope = 'http' | 'shell';
 export const TOKEN_SCOPES: readonly TokenScope[] = ['http', 'shell'];
 
-/** One entry of a token's allowed ports: a port, or an inclusive range of ports (AWS's PortRange). */
-export type PortSpec = number | { from: number; to: number };
+export type { PortSpec } from '../common/ports.ts';
 
 /** Whether `port` is among `allowed` (null: every port). */
 export function portAllowed(allowed: readonly PortSpec[] | null, port: number): boolean {
-  if (allowed === null) return true;
-  for (const spec of allowed) {
-    if (typeof spec === 'number' ? spec === port : spec.from <= port && port <= spec.to) return true;
-  }
-  return false;
+  return allowed === null || portInSpecs(allowed, port);
 }
 
 /** Validates and normalizes a request's allowed ports: sorted, duplicates dropped. */

@@ -5,9 +5,10 @@
 import type { VmLimits } from '../host/cgroups.ts';
 
 export type Accelerator = 'tcg' | 'kvm';
-export type AcceleratorChoice = Accelerator | 'auto';
+/** COCOON_ACCEL's values: declared once, with the setting (src/config/config.ts). */
+export type { AcceleratorChoice } from '../config/config.ts';
 
-/** Platform limits (DESIGN.md): a request outside them is refused with `invalid_resources`. */
+/** Platform limits (docs/design.md): a request outside them is refused with `invalid_resources`. */
 export const LIMITS = {
   minVcpus: 1,
   maxVcpus: 16,

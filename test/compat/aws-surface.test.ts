@@ -18,8 +18,8 @@ import {
 } from '@aws-sdk/client-lambda-microvms';
 import { awsModule } from '../../src/compat/aws/module.ts';
 import { loadConfig } from '../../src/config/config.ts';
-import { imagesModule } from '../../src/images/module.ts';
-import { microvmModule } from '../../src/lifecycle/module.ts';
+import { imagesModule } from '../../src/wiring/images.ts';
+import { microvmModule } from '../../src/wiring/microvms.ts';
 import { startServer, type RunningServer } from '../../src/server.ts';
 import { createApiKey } from '../../src/store/api-keys.ts';
 import { createImage, transitionImage, type Image } from '../../src/store/images.ts';

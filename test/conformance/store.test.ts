@@ -12,6 +12,8 @@ import { migrate } from '../../src/store/migrations.ts';
 import { openDatabase } from '../../src/store/open.ts';
 import type { Database, DialectName } from '../../src/store/sql.ts';
 import { PostgresServer } from '../support/postgres.ts';
+import e2bSandboxes from './store/e2b-sandboxes.ts';
+import events from './store/events.ts';
 import images from './store/images.ts';
 import migrations from './store/migrations.ts';
 import microvms from './store/microvms.ts';
@@ -21,13 +23,16 @@ import tenants from './store/tenants.ts';
 import tokens from './store/tokens.ts';
 import transactions from './store/transactions.ts';
 
-const CASES = [tenants, images, microvms, tokens, properties, transactions, migrations];
+const CASES = [tenants, images, microvms, tokens, events, e2bSandboxes, properties, transactions, migrations];
 
 /** Case name → why this dialect cannot run it. */
 const SKIPS: Record<DialectName, Record<string, string>> = {
   sqlite: {
     'the server restarting: the pool reconnects and nothing committed is lost':
       'SQLite is a file opened in-process: there is no server to restart',
+    'two handles on one database (two hosts) racing a compare-and-set: exactly one wins':
+      "node:sqlite is synchronous: a second handle in the same process waiting for the first one's write lock " +
+      'blocks the event loop the first one needs to finish; across processes the file lock decides (see the migration-lock case)',
   },
   postgres: {},
 };

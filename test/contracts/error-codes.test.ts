@@ -10,6 +10,7 @@ import fs from 'node:fs';
 import { describe, test } from 'node:test';
 import { ERRORS_DOC, renderErrorsDoc } from '../../scripts/errors-doc.ts';
 import { ERROR_CODES, isErrorCode } from '../../src/common/error-codes.ts';
+import { GUEST_CODES } from '../../src/guest/agent/client.ts';
 import { errorCodeUses, guestAgentCodes, read, sourceFiles, type Use } from './source-scan.ts';
 
 function show(uses: Use[]): string {
@@ -70,6 +71,13 @@ describe('error registry', () => {
     assert.equal(missing.length, 0, `codes used in src/ but missing from src/common/error-codes.ts (add them, then run node scripts/errors-doc.ts):\n${show(missing)}`);
   });
 
+  test('every code the guest agent sends passes through to clients (not turned into guest_error)', () => {
+    const guest = sourceFiles('src/guest/init', ['.c']).flatMap((file) => guestAgentCodes(file, read(file)));
+    assert.ok(guest.length > 10, 'no guest agent codes found');
+    const dropped = guest.filter((u) => !isErrorCode(u.name) || !GUEST_CODES.has(u.name));
+    assert.equal(dropped.length, 0, `guest agent codes that src/guest/agent/client.ts would turn into guest_error:\n${show(dropped)}`);
+  });
+
   test('a status written beside a code is one the registry lists for it', () => {
     const wrong = allUses().filter((u) => {
       if (u.status === undefined || !isErrorCode(u.name)) return false;
@@ -92,4 +100,26 @@ describe('error registry', () => {
     assert.ok(current === renderErrorsDoc(), 'docs/errors.md differs from src/common/error-codes.ts: run node scripts/errors-doc.ts');
     for (const code of Object.keys(ERROR_CODES)) assert.ok(current.includes(`| \`${code}\` |`), `${code} missing from docs/errors.md`);
   });
+});
+
+test('the status tables of docs/api.md and docs/gateway.md agree with the registry', () => {
+  const wrong: string[] = [];
+  let checked = 0;
+  for (const file of ['docs/api.md', 'docs/gateway.md']) {
+    read(file).split('\n').forEach((line, i) => {
+      const cells = line.split('|').map((c) => c.trim());
+      if (cells.length < 4 || !/^\d{3}\b/.test(cells[1]!)) return;
+      const statuses = [...cells[1]!.matchAll(/\d{3}/g)].map((m) => Number(m[0]));
+      for (const m of cells[2]!.matchAll(/`([a-z][a-z0-9_]*)`/g)) {
+        const code = m[1]!;
+        checked++;
+        if (!isErrorCode(code)) wrong.push(`${file}:${i + 1} ${code} is not in the registry`);
+        else if (!statuses.includes(ERROR_CODES[code].status) && !(('also' in ERROR_CODES[code] ? ERROR_CODES[code].also : []) as readonly number[]).some((s) => statuses.includes(s))) {
+          wrong.push(`${file}:${i + 1} ${code} under ${statuses.join(', ')}, the registry says ${ERROR_CODES[code].status}`);
+        }
+      }
+    });
+  }
+  assert.ok(checked > 30, `only ${checked} codes found in the tables`);
+  assert.deepEqual(wrong, []);
 });

@@ -10,7 +10,7 @@ import { pino } from 'pino';
 import type { TestContext } from 'node:test';
 import { createGateway, type Gateway, type GatewayOptions } from '../../src/gateway/gateway.ts';
 import { createTokenVerifier } from '../../src/gateway/tokens.ts';
-import type { AllowedPorts, MicroVMDirectory, MicroVMRoute, MicroVMState } from '../../src/gateway/types.ts';
+import type { AllowedPorts, MicroVMDirectory, MicroVMRoute, MicrovmState } from '../../src/gateway/types.ts';
 import { createMicrovm } from '../../src/store/microvms.ts';
 import type { Database } from '../../src/store/sql.ts';
 import { createToken, revokeToken } from '../../src/store/tokens.ts';
@@ -64,7 +64,7 @@ export async function startGuest(t: TestContext, handler: GuestHandler = echo): 
 
 export interface FakeVM {
   id: string;
-  state: MicroVMState;
+  state: MicrovmState;
   appPort: number;
   autoResumeEnabled: boolean;
   /** guest port → host port */

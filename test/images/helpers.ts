@@ -10,7 +10,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { promisify } from 'node:util';
 import type { CocoonConfig } from '../../src/config/config.ts';
-import { imagesModule, type ImagesModule } from '../../src/images/module.ts';
+import { imagesModule, type ImagesModule } from '../../src/wiring/images.ts';
 import type { ImageServiceOptions } from '../../src/images/image-service.ts';
 import { unmountUnder } from '../../src/builder/buildah.ts';
 import { cleanupAbandonedBuild, processesUnder } from '../../src/images/cleanup.ts';

@@ -1,5 +1,5 @@
 /**
- * The microVM API (CONTRACT.md): validation, idempotent starts, listing with filters and
+ * The microVM API (docs/contract.md): validation, idempotent starts, listing with filters and
  * pagination, tokens, and tenant isolation (another tenant's microVM is a 404, never a 403).
  */
 import assert from 'node:assert/strict';

@@ -92,7 +92,7 @@ export async function waitForPause(dataDir: string, timeoutMs = 60_000): Promise
 
 async function main(): Promise<void> {
   const { loadConfig } = await import('../../src/config/config.ts');
-  const { microvmModule } = await import('../../src/lifecycle/module.ts');
+  const { microvmModule } = await import('../../src/wiring/microvms.ts');
   const { startServer } = await import('../../src/server.ts');
   const config = loadConfig();
   const pausePoint = process.env.COCOON_TEST_PAUSE_AT;

@@ -5,7 +5,7 @@
  * when the tests run as root (PostgreSQL refuses root). `stop()` kills it and removes the
  * directory; so does the exit of the test process, whatever ended it.
  */
-import { execFile } from 'node:child_process';
+import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import { chownSync, existsSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -32,6 +32,7 @@ export class PostgresServer {
   readonly #onExit: () => void;
   #databases = 0;
   #stopped = false;
+  #watchdog: ChildProcess | undefined;
 
   private constructor(dir: string, bin: string, asUser: string[]) {
     this.dir = dir;
@@ -55,6 +56,7 @@ export class PostgresServer {
       chownSync(dir, uid, gid);
     }
     const server = new PostgresServer(dir, bin, root ? ['runuser', '-u', 'postgres', '--'] : []);
+    server.#startWatchdog();
     try {
       await server.#pg('initdb', ['-D', join(dir, 'data'), '-U', 'postgres', '--auth=trust', '--locale=C.UTF-8', '--encoding=UTF8', '-N']);
       const options = [
@@ -98,6 +100,7 @@ export class PostgresServer {
     if (this.#stopped) return;
     this.#stopped = true;
     process.removeListener('exit', this.#onExit);
+    this.#watchdog?.kill('SIGKILL');
     try {
       if (existsSync(join(this.dir, 'data', 'postmaster.pid'))) {
         await this.#pg('pg_ctl', ['stop', '-w', '-m', 'immediate', '-D', join(this.dir, 'data')]);
@@ -115,6 +118,17 @@ export class PostgresServer {
     } catch {
       return '';
     }
+  }
+
+  /**
+   * A test process killed by a signal runs no exit handler: a small shell beside it waits for
+   * this process to go, then kills the server and removes its directory.
+   */
+  #startWatchdog(): void {
+    const script = `while kill -0 ${process.pid} 2>/dev/null; do sleep 1; done; ` +
+      `kill -9 "$(head -n1 '${this.dir}/data/postmaster.pid' 2>/dev/null)" 2>/dev/null; rm -rf '${this.dir}'`;
+    this.#watchdog = spawn('sh', ['-c', script], { detached: true, stdio: 'ignore' });
+    this.#watchdog.unref();
   }
 
   /** Synchronous, for process exit: SIGKILL the postmaster (its children follow) and remove the directory. */

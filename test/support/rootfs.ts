@@ -7,6 +7,9 @@
  *   /cgi-bin/time    the guest's wall clock, seconds since the epoch
  *   /cgi-bin/bg      `running <pid> <ticks>` of a background loop started before the web server
  *   /cgi-bin/file    the content of /data/file (written by /cgi-bin/write)
+ *   /cgi-bin/http10  an app that speaks HTTP/1.0: its own `HTTP/1.0 200 OK` status line (busybox
+ *                    httpd passes a CGI's output that starts with "HTTP" through as is), no
+ *                    Content-Length, the body ended by the close
  */
 import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
@@ -19,6 +22,11 @@ const SCRIPTS: Record<string, string> = {
   bg: 'pid=$(cat /tmp/bg.pid); if kill -0 "$pid" 2>/dev/null; then echo "running $pid $(cat /tmp/bg.count)"; else echo "gone"; fi',
   write: 'echo "$QUERY_STRING" > /data/file; sync; echo written',
   file: 'cat /data/file 2>/dev/null || echo none',
+};
+
+/** CGI scripts that write the whole response, status line included. */
+const RAW_SCRIPTS: Record<string, string> = {
+  http10: "printf 'HTTP/1.0 200 OK\\r\\nContent-Type: text/plain\\r\\n\\r\\nhello over HTTP/1.0\\n'",
 };
 
 const APPLETS = ['sh', 'httpd', 'cat', 'echo', 'sleep', 'head', 'od', 'tr', 'date', 'kill', 'sync', 'ls', 'ps', 'mv'];
@@ -71,6 +79,9 @@ export function makeTestRootDisk(file: string, options: TestRootDiskOptions = {}
         `#!/bin/sh\nprintf 'Content-Type: text/plain\\r\\n\\r\\n'\n${body}\n`,
         { mode: 0o755 },
       );
+    }
+    for (const [name, body] of Object.entries(RAW_SCRIPTS)) {
+      fs.writeFileSync(path.join(root, 'www/cgi-bin', name), `#!/bin/sh\n${body}\n`, { mode: 0o755 });
     }
     fs.writeFileSync(path.join(root, 'www/index.html'), 'hello from cocoon\n');
     fs.writeFileSync(path.join(root, 'etc/passwd'), 'root:x:0:0:root:/root:/bin/sh\n');

@@ -7,7 +7,7 @@ import fs from 'node:fs';
 import http from 'node:http';
 import path from 'node:path';
 import { loadConfig } from '../../src/config/config.ts';
-import { microvmModule, type MicrovmModule, type MicrovmModuleOptions } from '../../src/lifecycle/module.ts';
+import { microvmModule, type MicrovmModule, type MicrovmModuleOptions } from '../../src/wiring/microvms.ts';
 import { ADMIN_KEY_FILE, startServer, type RunningServer } from '../../src/server.ts';
 import { findTenantByName } from '../../src/store/tenants.ts';
 import { cleanupDir, tempDir } from './vm.ts';

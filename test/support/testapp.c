@@ -5,7 +5,8 @@
  *   GET  /                   "hello from testapp"
  *   GET  /count              a counter kept in memory (shared by all connections), advanced per request
  *   GET  /headers            the request's header lines, as received
- *   GET  /log                every request this app received: "<method> <target> <x-cocoon-* headers or ->"
+ *   GET  /log                every request this app received: "<method> <target> <names of x-cocoon-*,
+ *                            x-aws-* and cookie headers, protocols=<Sec-WebSocket-Protocol>, or ->"
  *   GET  /hooks              /tmp/hooks.log (what the image's hooks wrote)
  *   POST /upload             consumes the body (Content-Length or chunked): "<bytes> <fnv1a-64 hex>"
  *   GET  /download?bytes=N   N bytes, byte i = i % 251
@@ -132,6 +133,13 @@ static void log_request(const char *method, const char *target, char *head) {
   int any = 0;
   for (char *l = strstr(head, "\r\n"); l && n < (int)sizeof line - 80; l = strstr(l + 2, "\r\n")) {
     char *start = l + 2;
+    if (!strncasecmp(start, "sec-websocket-protocol:", 23)) {
+      const char *v = start + 23;
+      while (*v == ' ') v++;
+      n += snprintf(line + n, sizeof line - (size_t)n, " protocols=%.*s", (int)header_value_len(v) < 200 ? (int)header_value_len(v) : 200, v);
+      any = 1;
+      continue;
+    }
     if (!strncasecmp(start, "x-cocoon-", 9) || !strncasecmp(start, "x-aws-", 6) || !strncasecmp(start, "cookie:", 7)) {
       char *colon = strchr(start, ':');
       if (!colon) continue;

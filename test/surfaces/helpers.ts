@@ -29,7 +29,7 @@ export function tempDir(prefix = 'cocoon-surfaces-'): string {
 }
 
 export function testConfig(dataDir: string): CocoonConfig {
-  // TCG unless told otherwise: this machine's nested KVM does not boot a stock kernel (DESIGN.md).
+  // TCG unless told otherwise: this machine's nested KVM does not boot a stock kernel (docs/design.md).
   const accel = parseAcceleratorChoice(process.env.COCOON_ACCEL ?? 'tcg');
   return { dataDir, host: '127.0.0.1', apiPort: 0, gatewayPort: 0, gatewayDomain: 'vm.localhost', region: 'local-1', accel };
 }

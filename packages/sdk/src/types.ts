@@ -1,5 +1,5 @@
 /**
- * The resources of the Cocoon API (CONTRACT.md), as the server answers them. The server may add
+ * The resources of the Cocoon API (docs/contract.md), as the server answers them. The server may add
  * fields; these are the ones it promises.
  */
 

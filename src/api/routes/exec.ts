@@ -1,5 +1,5 @@
 /**
- * Exec inside a microVM (EXEC-API.md): streamed non-interactive exec (ndjson), background
+ * Exec inside a microVM (docs/exec.md): streamed non-interactive exec (ndjson), background
  * processes and their handles, and the interactive WebSocket (`/exec/ws`, stdin and PTY).
  * Everything goes through the ExecService (src/exec/types.ts): tenant check, wake, sessions.
  */
@@ -135,7 +135,7 @@ function execRoutes(app: FastifyInstance, { db }: ApiContext, exec: () => ExecSe
     {
       schema: {
         summary:
-          'Interactive exec over a WebSocket (stdin, PTY): upgrade this URL; first message {"type":"start","command"?,"tty"?,"cols"?,"rows"?,"env"?,"cwd"?,"user"?,"apiKey"?}. See docs/api.md',
+          'Interactive exec over a WebSocket (stdin, PTY): upgrade this URL; first message {"type":"start","command"?,"tty"?,"cols"?,"rows"?,"env"?,"cwd"?,"user"?,"apiKey"?}. See docs/exec.md',
         tags: ['exec'],
         params: IdParams,
         response: { 101: { description: 'Switching Protocols: the WebSocket of the exec session' }, 426: ErrorSchema },

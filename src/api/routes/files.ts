@@ -1,5 +1,5 @@
 /**
- * Files inside a microVM (EXEC-API.md, "Files"): streamed upload and download (bounded by the
+ * Files inside a microVM (docs/exec.md, "Files"): streamed upload and download (bounded by the
  * guest's disk: 507 no_space), stat, list, mkdir, remove, rename, chmod. Paths are absolute
  * guest paths; the guest agent does the work (src/exec/).
  */

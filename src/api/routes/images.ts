@@ -2,7 +2,7 @@ import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import { Readable } from 'node:stream';
 import { Type, type Static } from 'typebox';
 import { CocoonError } from '../../common/errors.ts';
-import { DEFAULT_DISK_MIB, DEFAULT_HTTP_BUILD_HOOK_TIMEOUT_SECONDS, DEFAULT_MEMORY_MIB, DEFAULT_READINESS_TIMEOUT_SECONDS, DEFAULT_VCPUS, MIN_DISK_MIB, type ImageService } from '../../images/image-service.ts';
+import { DEFAULT_DISK_MIB, DEFAULT_HTTP_BUILD_HOOK_TIMEOUT_SECONDS, DEFAULT_MEMORY_MIB, DEFAULT_READINESS_TIMEOUT_SECONDS, DEFAULT_VCPUS, MIN_DISK_MIB, type ImageOperations } from '../../images/image-service.ts';
 import { DEFAULT_PORT } from '../../images/pipeline.ts';
 import { imageTimings } from '../../images/records.ts';
 import { findTenantImage, IMAGE_NAME, listImages, type Image } from '../../store/images.ts';
@@ -178,7 +178,7 @@ async function lookup(context: ApiContext, request: FastifyRequest, id: string):
   return image;
 }
 
-export function imageRoutes(service: () => ImageService): ApiRoutes {
+export function imageRoutes(service: () => ImageOperations): ApiRoutes {
   return (app: FastifyInstance, context: ApiContext) => {
     // Followed logs end when the server closes (else closing would wait for builds to end).
     const followers = new Set<AbortController>();

@@ -1,15 +1,12 @@
 /**
- * MicroVMs and their tokens (CONTRACT.md): start from an image with an idle policy, get, list,
+ * MicroVMs and their tokens (docs/contract.md): start from an image with an idle policy, get, list,
  * suspend, resume, terminate; issue and revoke gateway tokens; read the microVM's log.
  * Another tenant's microVM is answered exactly like a missing one (404).
  */
 import type { FastifyInstance, FastifyRequest } from 'fastify';
 import { Type, type Static } from 'typebox';
 import { CocoonError } from '../../common/errors.ts';
-import type { LifecycleEngine } from '../../lifecycle/engine.ts';
-import { MAX_FORKS, checkpointMicrovm, forkMicrovm } from '../../lifecycle/fork.ts';
-import { startMicrovm } from '../../lifecycle/start.ts';
-import { readLogTail } from '../../lifecycle/storage.ts';
+import { MAX_FORKS, type MicrovmService } from '../../lifecycle/service.ts';
 import { IMAGE_NAME } from '../../store/images.ts';
 import { ImageSchema, imageView } from './images.ts';
 import { findTenantImage } from '../../store/images.ts';
@@ -27,7 +24,8 @@ import type { ApiContext } from '../app.ts';
 import { ErrorSchema, PageQuery } from '../schemas.ts';
 
 export interface MicrovmRouteServices {
-  engine: () => LifecycleEngine;
+  /** The lifecycle's operations (a function: the service exists once the server started). */
+  microvms: () => MicrovmService;
   urlFor: (microvmId: string) => string;
 }
 
@@ -179,7 +177,7 @@ async function withDeadline(work: Promise<void>, ms: number): Promise<void> {
   }
 }
 
-export function microvmRoutes(app: FastifyInstance, { db, config }: ApiContext, services: MicrovmRouteServices): void {
+export function microvmRoutes(app: FastifyInstance, { db }: ApiContext, services: MicrovmRouteServices): void {
   const view = (m: Microvm) => ({
     id: m.id,
     arn: m.arn,
@@ -218,7 +216,7 @@ export function microvmRoutes(app: FastifyInstance, { db, config }: ApiContext, 
       const body = request.body;
       const image = await findTenantImage(db, request.tenant.id, body.image);
       if (!image) throw new CocoonError('image_not_found', `no image '${body.image}'`, { status: 404 });
-      const { microvm } = await startMicrovm(db, services.engine(), config.region, {
+      const { microvm } = await services.microvms().start({
         tenantId: request.tenant.id,
         image,
         idlePolicy: body.idlePolicy,
@@ -285,7 +283,7 @@ export function microvmRoutes(app: FastifyInstance, { db, config }: ApiContext, 
     },
     async (request) => {
       const microvm = await find(request, request.params.id);
-      await withDeadline(services.engine().suspend(microvm.id), OPERATION_WAIT_MS);
+      await withDeadline(services.microvms().suspend(microvm.id), OPERATION_WAIT_MS);
       return view(await find(request, microvm.id));
     },
   );
@@ -301,7 +299,7 @@ export function microvmRoutes(app: FastifyInstance, { db, config }: ApiContext, 
     },
     async (request) => {
       const microvm = await find(request, request.params.id);
-      await withDeadline(services.engine().resume(microvm.id), OPERATION_WAIT_MS);
+      await withDeadline(services.microvms().resume(microvm.id), OPERATION_WAIT_MS);
       return view(await find(request, microvm.id));
     },
   );
@@ -330,7 +328,7 @@ export function microvmRoutes(app: FastifyInstance, { db, config }: ApiContext, 
     async (request, reply) => {
       const microvm = await find(request, request.params.id);
       const body = request.body;
-      const { forks, pausedMs } = await forkMicrovm(services.engine(), db, config.region, microvm, {
+      const { forks, pausedMs } = await services.microvms().fork(microvm, {
         count: body.count ?? 1,
         ...(body.idlePolicy
           ? {
@@ -371,7 +369,7 @@ export function microvmRoutes(app: FastifyInstance, { db, config }: ApiContext, 
     },
     async (request, reply) => {
       const microvm = await find(request, request.params.id);
-      const { image } = await checkpointMicrovm(services.engine(), db, config.region, microvm, request.body.name);
+      const { image } = await services.microvms().checkpoint(microvm, request.body.name);
       return reply.status(202).send(imageView(image));
     },
   );
@@ -381,7 +379,7 @@ export function microvmRoutes(app: FastifyInstance, { db, config }: ApiContext, 
     { schema: { summary: 'Terminate: the VM and its files are removed, the gateway answers 410', params: IdParams, response: { 204: Type.Null(), ...errors } } },
     async (request, reply) => {
       const microvm = await find(request, request.params.id);
-      await withDeadline(services.engine().terminate(microvm.id), OPERATION_WAIT_MS);
+      await withDeadline(services.microvms().terminate(microvm.id), OPERATION_WAIT_MS);
       return reply.status(204).send();
     },
   );
@@ -400,7 +398,7 @@ export function microvmRoutes(app: FastifyInstance, { db, config }: ApiContext, 
     },
     async (request, reply) => {
       const microvm = await find(request, request.params.id);
-      return reply.type('text/plain; charset=utf-8').send(await readLogTail(services.engine().dataDir, microvm.id));
+      return reply.type('text/plain; charset=utf-8').send(await services.microvms().logTail(microvm.id));
     },
   );
 

@@ -5,8 +5,8 @@
  */
 import type { ApiContext } from '../../api/app.ts';
 import { CocoonError } from '../../common/errors.ts';
-import type { ImagesModule } from '../../images/module.ts';
-import type { MicrovmModule } from '../../lifecycle/module.ts';
+import type { ImagesModule } from '../../wiring/images.ts';
+import type { MicrovmModule } from '../../wiring/microvms.ts';
 import type { ServerModule } from '../../server.ts';
 import { sealerForDataDir } from '../../store/sealed-secrets.ts';
 import type { AwsServices } from './context.ts';

@@ -5,7 +5,7 @@
  */
 import type { ApiContext } from '../../api/app.ts';
 import { CocoonError } from '../../common/errors.ts';
-import type { MicrovmModule } from '../../lifecycle/module.ts';
+import type { MicrovmModule } from '../../wiring/microvms.ts';
 import type { ServerModule } from '../../server.ts';
 import { e2bControlRoutes } from './control.ts';
 import { createEnvdSurface } from './envd.ts';

@@ -236,7 +236,7 @@ export function guestError(fields: Fields): CocoonError {
 }
 
 /** The codes the guest agent may send (src/guest/init/agent.c); statuses come from the registry. */
-const GUEST_CODES: ReadonlySet<ErrorCode> = new Set<ErrorCode>(
+export const GUEST_CODES: ReadonlySet<ErrorCode> = new Set<ErrorCode>(
   (Object.keys(ERROR_CODES) as ErrorCode[]).filter((code) => ERROR_CODES[code].area === 'guest').concat(['invalid_request', 'no_space', 'unknown_user']),
 );
 

@@ -3,7 +3,7 @@
  * exactly the same machine (a restore into a different device set fails to load).
  *
  * The machine is QEMU's `microvm`: no PCI, no firmware, virtio-mmio devices, the kernel booted
- * directly (PVH). Measured recipe: DESIGN.md.
+ * directly (PVH). Measured recipe: docs/design.md.
  */
 import fs from 'node:fs';
 import type { DiskSpec, MachineShape, PortForward } from '../types.ts';

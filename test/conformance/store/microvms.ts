@@ -4,8 +4,8 @@ import { listEvents } from '../../../src/store/events.ts';
 import { isId } from '../../../src/store/ids.ts';
 import { createImage } from '../../../src/store/images.ts';
 import {
-  createMicrovm, findMicrovmByClientToken, findTenantMicrovm, getMicrovm, listExpiredMicrovms, listMicrovms,
-  listMicrovmsInStates, setMicrovmRuntime, touchMicrovmActivity, transitionMicrovm, type NewMicrovm,
+  claimMicrovm, createMicrovm, findMicrovmByClientToken, findTenantMicrovm, getMicrovm, listExpiredMicrovms, listMicrovms,
+  listHostMicrovms, listMicrovmsInStates, setMicrovmRuntime, touchMicrovmActivity, transitionMicrovm, type NewMicrovm,
 } from '../../../src/store/microvms.ts';
 import { imageInput, readyImage, someTenant } from '../../store/helpers.ts';
 import type { StoreSuite } from './suite.ts';
@@ -174,5 +174,26 @@ export default function define({ it, tempDb, dialect }: StoreSuite): void {
     // Sessions of 60..300 s from `now`; at now+180 s the ones of 60, 120 (terminated, skipped) and 180 s have ended.
     const expired = await listExpiredMicrovms(db, new Date(now.getTime() + 180_000));
     assert.deepEqual(expired.map((v) => v.id), [vms[0]!.id, vms[2]!.id]);
+  });
+
+  it('a microVM is claimed by one host: the first wins, and each host lists its own and unclaimed rows', async (t) => {
+    const { db } = await tempDb(t);
+    const tenant = await someTenant(db);
+    const image = await readyImage(db, tenant.id);
+    const [a, b, free] = [
+      (await createMicrovm(db, start(tenant.id, image.id))).microvm,
+      (await createMicrovm(db, start(tenant.id, image.id))).microvm,
+      (await createMicrovm(db, start(tenant.id, image.id))).microvm,
+    ];
+    assert.equal(a.hostId, null);
+    const racing = await Promise.all([claimMicrovm(db, a.id, 'host-a'), claimMicrovm(db, a.id, 'host-b')]);
+    assert.deepEqual(racing.filter(Boolean).length, 1, 'exactly one host wins a race');
+    const owner = racing[0] ? 'host-a' : 'host-b';
+    assert.equal((await getMicrovm(db, a.id))?.hostId, owner);
+    assert.equal(await claimMicrovm(db, a.id, owner), true, 'claiming again is a no-op');
+    assert.ok(await claimMicrovm(db, b.id, owner === 'host-a' ? 'host-b' : 'host-a'));
+    assert.ok(await transitionMicrovm(db, free.id, 'PENDING', 'SUSPENDED'));
+    assert.deepEqual((await listHostMicrovms(db, owner)).map((m) => m.id), [a.id, free.id]);
+    assert.deepEqual((await listHostMicrovms(db, owner, ['SUSPENDED'])).map((m) => m.id), [free.id]);
   });
 }

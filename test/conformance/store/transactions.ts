@@ -1,10 +1,13 @@
 import assert from 'node:assert/strict';
+import { listEvents } from '../../../src/store/events.ts';
+import { migrate } from '../../../src/store/migrations.ts';
+import { createMicrovm, getMicrovm, transitionMicrovm } from '../../../src/store/microvms.ts';
 import { createTenant, listTenants } from '../../../src/store/tenants.ts';
 import type { Db } from '../../../src/store/sql.ts';
-import { someTenant } from '../../store/helpers.ts';
+import { readyImage, someTenant } from '../../store/helpers.ts';
 import type { StoreSuite } from './suite.ts';
 
-export default function define({ it, tempDb, restartServer }: StoreSuite): void {
+export default function define({ it, tempDb, emptyDb, restartServer }: StoreSuite): void {
   it('a transaction commits or rolls back as a whole, and nested ones use savepoints', async (t) => {
     const { db } = await tempDb(t);
     await assert.rejects(db.transaction(async (tx) => {
@@ -88,5 +91,27 @@ export default function define({ it, tempDb, restartServer }: StoreSuite): void 
     assert.deepEqual(tenants?.items.map((x) => x.id), [tenant.id]);
     await someTenant(db, 'after-restart');
     assert.equal((await listTenants(db)).items.length, 2);
+  });
+
+  it('two handles on one database (two hosts) racing a compare-and-set: exactly one wins', async (t) => {
+    const where = await emptyDb(t);
+    const hostA = await where.open();
+    await migrate(hostA);
+    const hostB = await where.open();
+    const tenant = await someTenant(hostA);
+    const image = await readyImage(hostA, tenant.id);
+    const { microvm } = await createMicrovm(hostA, {
+      tenantId: tenant.id, region: 'local', imageId: image.id, maximumDurationSeconds: 600,
+      idlePolicy: { autoResumeEnabled: true, maxIdleDurationSeconds: 300, suspendedDurationSeconds: null },
+    });
+    assert.equal(await transitionMicrovm(hostB, microvm.id, 'PENDING', 'RUNNING'), true);
+    const targets = ['SUSPENDING', 'TERMINATING', 'SUSPENDING', 'FAILED', 'TERMINATING', 'SUSPENDING'] as const;
+    const results = await Promise.all(targets.map((to, i) => transitionMicrovm(i % 2 === 0 ? hostA : hostB, microvm.id, 'RUNNING', to)));
+    assert.equal(results.filter(Boolean).length, 1);
+    const winner = targets[results.indexOf(true)];
+    assert.equal((await getMicrovm(hostA, microvm.id))?.state, winner);
+    assert.equal((await getMicrovm(hostB, microvm.id))?.state, winner);
+    const moves = (await listEvents(hostB, { resourceId: microvm.id })).filter((e) => e.fromState === 'RUNNING');
+    assert.deepEqual(moves.map((e) => e.toState), [winner], 'one move out of RUNNING in the log');
   });
 }

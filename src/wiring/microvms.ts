@@ -15,8 +15,9 @@ import { createGateway, type Gateway, type GatewayOptions } from '../gateway/gat
 import type { GatewaySurface } from '../gateway/surfaces.ts';
 import { createTokenVerifier } from '../gateway/tokens.ts';
 import type { ServerModule } from '../server.ts';
-import { LifecycleEngine, type LifecycleOptions } from './engine.ts';
-import { recoverMicrovms, type RecoveryReport } from './recovery.ts';
+import { LifecycleEngine, type LifecycleOptions } from '../lifecycle/engine.ts';
+import { recoverMicrovms, type RecoveryReport } from '../lifecycle/recovery.ts';
+import { engineMicrovmService, type MicrovmService } from '../lifecycle/service.ts';
 
 export interface MicrovmModuleOptions {
   /** Gateway settings (limits, wake timeout…); directory, tokens and domain come from the platform. */
@@ -30,6 +31,8 @@ export interface MicrovmModule extends ServerModule {
   /** A microVM's URL through the gateway. */
   urlFor(microvmId: string): string;
   readonly engine: LifecycleEngine;
+  /** The lifecycle's operations as the API uses them. */
+  readonly microvms: MicrovmService;
   /** Processes and files inside microVMs (the API, the gateway's shell and compatibility surfaces use it). */
   readonly exec: ExecService;
   readonly gateway: Gateway | undefined;
@@ -41,6 +44,7 @@ export interface MicrovmModule extends ServerModule {
 
 export function microvmModule(options: MicrovmModuleOptions = {}): MicrovmModule {
   let engine: LifecycleEngine | undefined;
+  let service: MicrovmService | undefined;
   let gateway: Gateway | undefined;
   let gatewayPort = 0;
   let domain = 'vm.localhost';
@@ -56,12 +60,19 @@ export function microvmModule(options: MicrovmModuleOptions = {}): MicrovmModule
     if (!engine) throw new CocoonError('not_ready', 'the microVM subsystem is not started', { status: 503 });
     return engine;
   };
+  const requireService = (): MicrovmService => {
+    if (!service) throw new CocoonError('not_ready', 'the microVM subsystem is not started', { status: 503 });
+    return service;
+  };
   const module: MicrovmModule = {
     get gatewayPort() {
       return gatewayPort;
     },
     get engine() {
       return requireEngine();
+    },
+    get microvms() {
+      return requireService();
     },
     get gateway() {
       return gateway;
@@ -79,13 +90,20 @@ export function microvmModule(options: MicrovmModuleOptions = {}): MicrovmModule
       return `http://${microvmId}.${domain}:${gatewayPort}`;
     },
     routes: async (app, context) => {
-      microvmRoutes(app, context, { engine: requireEngine, urlFor: (id) => module.urlFor(id) });
+      microvmRoutes(app, context, { microvms: requireService, urlFor: (id) => module.urlFor(id) });
       await execApiRoutes(app, context, requireExec);
     },
     async start(context: ApiContext) {
       const { config, db } = context;
       domain = config.gatewayDomain;
-      engine = new LifecycleEngine({ ...options.lifecycle, db, dataDir: config.dataDir });
+      engine = new LifecycleEngine({
+        ...(config.hostId ? { hostId: config.hostId } : {}),
+        ...(config.hostAddress ? { hostAddress: config.hostAddress } : {}),
+        ...options.lifecycle,
+        db,
+        dataDir: config.dataDir,
+      });
+      service = engineMicrovmService(engine, db, config.region);
       exec = new AgentExecService({ db, engine: requireEngine });
       try {
         recovery = await recoverMicrovms(engine, db, config.dataDir, log.child({ component: 'lifecycle' }));

@@ -7,7 +7,7 @@ import { imageRoutes } from '../api/routes/images.ts';
 import type { ApiContext } from '../api/app.ts';
 import { CocoonError } from '../common/errors.ts';
 import type { ServerModule } from '../server.ts';
-import { ImageService, imageServiceOptionsFromEnv, type ImageServiceOptions } from './image-service.ts';
+import { ImageService, imageServiceOptionsFromEnv, type ImageServiceOptions } from '../images/image-service.ts';
 
 export interface ImagesModule extends ServerModule {
   /** The running service (after start), for tests, benchmarks and other modules. */

@@ -1,0 +1,93 @@
+/**
+ * The gateway against nginx and direct access with wrk (bench suite `gateway`):
+ *
+ *   gateway.close_vs_nginx_c1/_c8/_c32  gateway ÷ nginx req/s to busybox httpd, an app that closes
+ *                                       every connection (HTTP/1.0-style), same guest, interleaved
+ *   gateway.close_timeouts              requests through the gateway that timed out in those runs
+ *   gateway.nginx_throughput_ratio_c32  gateway ÷ nginx req/s to the keep-alive test app at c=32
+ *
+ * nginx is Debian's, started here as a one-worker reverse proxy to the same forwarded guest port
+ * (see wrk.ts); wrk is the load generator for all three targets.
+ */
+import type { Metrics } from './stats.ts';
+import { single } from './stats.ts';
+import { runWrk, startNginx, type WrkResult } from './wrk.ts';
+
+export interface WrkTarget {
+  name: 'direct' | 'nginx' | 'gateway';
+  url: string;
+  headers: string[];
+}
+
+export interface AppsBenchOptions {
+  dir: string;
+  /** Forwarded host ports of the guest's busybox httpd and keep-alive test app. */
+  closePort: number;
+  keepAlivePort: number;
+  gatewayPort: number;
+  vmId: string;
+  token: string;
+  closeGuestPort: number;
+  keepAliveGuestPort: number;
+  seconds?: number;
+  rounds?: number;
+  log: (line: string) => void;
+}
+
+const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
+
+export async function gatewayVsNginx(o: AppsBenchOptions): Promise<Metrics> {
+  const seconds = o.seconds ?? 4;
+  const rounds = o.rounds ?? 3;
+  const metrics: Metrics = {};
+  const nginxClose = await startNginx(o.dir, o.closePort);
+  const nginxKeep = await startNginx(o.dir, o.keepAlivePort);
+  try {
+    const gw = (guestPort: number): WrkTarget => ({
+      name: 'gateway',
+      url: `http://127.0.0.1:${o.gatewayPort}/`,
+      headers: [`Host: ${o.vmId}.vm.localhost`, `X-Cocoon-Token: ${o.token}`, `X-Cocoon-Port: ${guestPort}`],
+    });
+    const close: WrkTarget[] = [
+      { name: 'direct', url: `http://127.0.0.1:${o.closePort}/`, headers: [] },
+      { name: 'nginx', url: `http://127.0.0.1:${nginxClose.port}/`, headers: [] },
+      gw(o.closeGuestPort),
+    ];
+    const keep: WrkTarget[] = [
+      { name: 'direct', url: `http://127.0.0.1:${o.keepAlivePort}/`, headers: [] },
+      { name: 'nginx', url: `http://127.0.0.1:${nginxKeep.port}/`, headers: [] },
+      gw(o.keepAliveGuestPort),
+    ];
+    let closeTimeouts = 0;
+    const measure = async (targets: WrkTarget[], c: number, label: string) => {
+      const rps = new Map<string, number[]>(targets.map((t) => [t.name, []]));
+      for (let round = 0; round < rounds; round++) {
+        for (const t of round % 2 === 0 ? targets : [...targets].reverse()) {
+          const r: WrkResult = await runWrk({ url: t.url, connections: c, seconds, headers: t.headers });
+          rps.get(t.name)!.push(r.rps);
+          const bad = r.errors.timeout + r.errors.connect + r.errors.read + r.errors.write + r.non2xx;
+          if (t.name === 'gateway' && label === 'close') closeTimeouts += r.errors.timeout;
+          o.log(`  ${label} c=${c} ${t.name}: ${r.rps.toFixed(0)} req/s${bad ? ` (timeouts ${r.errors.timeout}, connect ${r.errors.connect}, read ${r.errors.read}, write ${r.errors.write}, non-2xx ${r.non2xx})` : ''}`);
+        }
+      }
+      return new Map([...rps].map(([k, v]) => [k, median(v)]));
+    };
+    for (const c of [1, 8, 32]) {
+      const m = await measure(close, c, 'close');
+      metrics[`gateway.close_vs_nginx_c${c}`] = { ...single(m.get('gateway')! / m.get('nginx')!, 'ratio'), n: rounds };
+      metrics[`gateway.close_direct_rps_c${c}`] = single(m.get('direct')!, 'rps');
+      metrics[`gateway.close_nginx_rps_c${c}`] = single(m.get('nginx')!, 'rps');
+      metrics[`gateway.close_gateway_rps_c${c}`] = single(m.get('gateway')!, 'rps');
+    }
+    metrics['gateway.close_timeouts'] = single(closeTimeouts, 'count');
+    const k = await measure(keep, 32, 'keep-alive');
+    metrics['gateway.nginx_throughput_ratio_c32'] = { ...single(k.get('gateway')! / k.get('nginx')!, 'ratio'), n: rounds };
+    metrics['gateway.wrk_direct_rps_c32'] = single(k.get('direct')!, 'rps');
+    metrics['gateway.wrk_nginx_rps_c32'] = single(k.get('nginx')!, 'rps');
+    metrics['gateway.wrk_gateway_rps_c32'] = single(k.get('gateway')!, 'rps');
+    return metrics;
+  } finally {
+    await nginxClose.stop();
+    await nginxKeep.stop();
+  }
+}

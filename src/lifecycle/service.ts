@@ -1,0 +1,47 @@
+/**
+ * What the API routes (and other front ends) ask of the lifecycle, as one small interface: they
+ * depend on this, not on the engine's class, so that the engine can be split, run elsewhere or
+ * replaced by a test double without touching a route.
+ */
+import type { Microvm } from '../store/microvms.ts';
+import type { Db } from '../store/sql.ts';
+import type { LifecycleEngine } from './engine.ts';
+import { checkpointMicrovm, forkMicrovm, type CheckpointResult, type ForkInput, type ForkResult } from './fork.ts';
+import { startMicrovm, type StartMicrovmInput } from './start.ts';
+import { readLogTail } from './storage.ts';
+
+export { MAX_FORKS, type CheckpointResult, type ForkInput, type ForkResult } from './fork.ts';
+export type { StartMicrovmInput } from './start.ts';
+
+export interface MicrovmService {
+  /** A new microVM from a READY image (idempotent per clientToken), launched in the background. */
+  start(input: StartMicrovmInput): Promise<{ microvm: Microvm; created: boolean }>;
+  /** A microVM just created in the store (PENDING): starts it in the background. */
+  launch(microvm: Microvm): Promise<void>;
+  /** Suspends a RUNNING microVM; no-op when already SUSPENDED. */
+  suspend(microvmId: string): Promise<void>;
+  /** Resumes a SUSPENDED microVM; no-op when RUNNING. */
+  resume(microvmId: string): Promise<void>;
+  /** Terminates whatever the state; resolves once its files are gone. */
+  terminate(microvmId: string): Promise<void>;
+  /** New microVMs that continue from `source`'s state now. */
+  fork(source: Microvm, input: ForkInput): Promise<ForkResult>;
+  /** A new image version whose snapshot is `source`'s state now. */
+  checkpoint(source: Microvm, name?: string): Promise<CheckpointResult>;
+  /** The microVM's log (console and lifecycle notes), its last 256 KiB. */
+  logTail(microvmId: string): Promise<string>;
+}
+
+/** The service on this process's engine. */
+export function engineMicrovmService(engine: LifecycleEngine, db: Db, region: string): MicrovmService {
+  return {
+    start: (input) => startMicrovm(db, engine, region, input),
+    launch: (microvm) => engine.launch(microvm),
+    suspend: (id) => engine.suspend(id),
+    resume: (id) => engine.resume(id),
+    terminate: (id) => engine.terminate(id),
+    fork: (source, input) => forkMicrovm(engine, db, region, source, input),
+    checkpoint: (source, name) => checkpointMicrovm(engine, db, region, source, name),
+    logTail: (id) => readLogTail(engine.dataDir, id),
+  };
+}
