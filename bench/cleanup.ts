@@ -1,7 +1,7 @@
 /** Shared by the suites that run a daemon: whatever happened, nothing of the run stays behind. */
 import fs from 'node:fs';
 import type { Database } from '../src/store/sql.ts';
-import { findQemuProcesses } from '../src/host/processes.ts';
+import { findQemuProcesses } from '../src/vmm/qemu/qemu.ts';
 import type { Daemon } from '../test/support/daemon.ts';
 
 /** Kills the daemon, closes the store, kills any QEMU of the run (by its data directory) and removes the directory. */

@@ -6,6 +6,8 @@
  *   gateway.resume_on_request_ms   a request to a SUSPENDED microVM → its answer (the wake included)
  *   gateway.added_latency_c1_ms    gateway minus direct (127.0.0.1:<forwarded port>) latency, one request at a time
  *   gateway.throughput_ratio_c32   requests/s through the gateway ÷ direct, 32 concurrent keep-alive connections
+ *   gateway.nginx_throughput_ratio_c32, gateway.close_vs_nginx_c1/_c8/_c32, gateway.close_timeouts
+ *                                  with wrk, against Debian's nginx in front of the same guest (gateway-apps.ts)
  *   density.idle_running           idle RUNNING microVMs held while a request to any still answers within 1 s
  *   density.suspended              SUSPENDED microVMs held while a request to any (a wake) still answers within 1 s
  *
@@ -25,11 +27,13 @@ import { openMetadataStore } from '../src/store/open.ts';
 import type { Database } from '../src/store/sql.ts';
 import { findTenantByName } from '../src/store/tenants.ts';
 import { spawnDaemon, type Daemon } from '../test/support/daemon.ts';
-import { createTestImage, TESTAPP_PORT } from '../test/support/image.ts';
+import { APP_PORT, createTestImage, TESTAPP_PORT } from '../test/support/image.ts';
 import { apiClient, gatewayRequest, type ApiClient } from '../test/support/server.ts';
 import { guestConnector } from '../src/gateway/upstream.ts';
-import { findQemuProcesses } from '../src/host/processes.ts';
+import { findQemuProcesses } from '../src/vmm/qemu/qemu.ts';
 import { endDaemonRun } from './cleanup.ts';
+import { gatewayVsNginx } from './gateway-apps.ts';
+import { wrkAvailable } from './wrk.ts';
 import { elapsedMs, type Metrics, single, summarize } from './stats.ts';
 
 export type MicrovmBenchPart = 'launch' | 'gateway' | 'density';
@@ -124,6 +128,26 @@ export async function runMicrovmBench(options: MicrovmBenchOptions = {}): Promis
       metrics['gateway.resume_on_request_ms'] = summarize(resume);
       say(`resume on request: p50 ${metrics['gateway.resume_on_request_ms'].p50} ms`);
       Object.assign(metrics, await overhead(db, vm, gatewayPort, options, say));
+      if (wrkAvailable()) {
+        const ports = (await getMicrovm(db, vm.id))?.runtime.ports as Record<string, number> | undefined;
+        const closePort = ports?.[String(APP_PORT)];
+        const keepAlivePort = ports?.[String(TESTAPP_PORT)];
+        if (!closePort || !keepAlivePort) throw new Error(`no forwarded ports for ${vm.id}: ${JSON.stringify(ports)}`);
+        Object.assign(
+          metrics,
+          await gatewayVsNginx({
+            dir: dataDir,
+            closePort,
+            keepAlivePort,
+            gatewayPort,
+            vmId: vm.id,
+            token: vm.token,
+            closeGuestPort: APP_PORT,
+            keepAliveGuestPort: TESTAPP_PORT,
+            log: say,
+          }),
+        );
+      } else say('wrk is not installed (npm run setup installs it): no comparison with nginx');
       await terminate([vm]);
     }
 

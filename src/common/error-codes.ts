@@ -220,6 +220,8 @@ export const ERROR_CODES = {
   qmp_error: { status: 500, area: 'vmm', meaning: 'QEMU refused a QMP command (the message has its error class and description).' },
   qmp_timeout: { status: 500, area: 'vmm', meaning: 'QEMU did not answer a QMP command in time.' },
   ram_clone_failed: { status: 500, area: 'vmm', meaning: 'The guest memory file could not be cloned for a restore.' },
+  snapshot_incompatible: { status: 422, area: 'vmm', meaning: 'The snapshot was made by another VMM or for another architecture than this host runs (its manifest says which).' },
+  guest_protocol_unsupported: { status: 422, area: 'vmm', meaning: 'The guest (or the snapshot it was made from) speaks a control-channel protocol version this host does not; rebuild the image.' },
   snapshot_corrupt: { status: 422, area: 'vmm', meaning: 'The snapshot is damaged (checksum or QEMU refused its state); earlier snapshots are untouched.' },
   snapshot_exists: { status: 409, area: 'vmm', meaning: 'A snapshot exists already at the target.' },
   snapshot_failed: { status: 500, area: 'vmm', meaning: 'QEMU could not save the VM state.' },

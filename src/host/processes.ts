@@ -1,6 +1,6 @@
 /**
- * QEMU processes seen from /proc: finding those that belong to a directory (orphans after a
- * daemon crash), telling whether a pid is still the process we started (pids are reused), and
+ * Processes seen from /proc: finding a VMM's processes that belong to a directory (orphans after
+ * a daemon crash), telling whether a pid is still the process we started (pids are reused), and
  * killing and waiting for processes that are not our children (adopted after a restart).
  */
 import fs from 'node:fs';
@@ -38,13 +38,13 @@ export function processCmdline(pid: number): string {
   }
 }
 
-/** PIDs of live QEMU processes whose command line mentions `marker` (a run directory). */
-export function findQemuProcesses(marker: string): number[] {
+/** PIDs of live processes whose command line mentions both `program` and `marker` (a run directory). */
+export function findProcesses(program: string, marker: string): number[] {
   const pids: number[] = [];
   for (const entry of fs.readdirSync('/proc')) {
     if (!/^\d+$/.test(entry)) continue;
     const cmdline = processCmdline(Number(entry));
-    if (cmdline.includes('qemu-system') && cmdline.includes(marker) && processAlive(Number(entry))) pids.push(Number(entry));
+    if (cmdline.includes(program) && cmdline.includes(marker) && processAlive(Number(entry))) pids.push(Number(entry));
   }
   return pids;
 }
@@ -62,9 +62,9 @@ export function waitForProcessExit(pid: number, startTime: number | undefined, o
   });
 }
 
-/** SIGKILLs every QEMU mentioning `marker` and waits until they are gone; answers their pids. */
-export async function killQemuProcesses(marker: string): Promise<number[]> {
-  const pids = findQemuProcesses(marker);
+/** SIGKILLs every process `findProcesses` finds (but those in `keep`) and waits until they are gone; answers their pids. */
+export async function killProcesses(program: string, marker: string, keep?: ReadonlySet<number>): Promise<number[]> {
+  const pids = findProcesses(program, marker).filter((pid) => !keep?.has(pid));
   for (const pid of pids) {
     try {
       process.kill(pid, 'SIGKILL');

@@ -2,8 +2,8 @@
  * Undoing what a build left behind when its process could not clean up (the daemon was killed
  * mid-build). Everything a build starts is recognisable by its image's directory:
  *
- * - processes (buildah, mkfs.ext4, QEMU…) have it on their command line; QEMU also left its pid
- *   in `build/vm/qemu.pid`. buildah gets SIGTERM first, so that it removes its own working
+ * - processes (buildah, mkfs.ext4, the build VM…) have it on their command line; the VM driver
+ *   sweeps its own first. buildah gets SIGTERM first, so that it removes its own working
  *   containers (it does, within seconds), then its process group is killed;
  * - runc containers of RUN steps have their bundle under `build/tmp/`;
  * - the built image and the export container have names made from the image id;
@@ -13,6 +13,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { errorMessage } from '../common/errors.ts';
 import { log } from '../common/log.ts';
+import { defaultVmDriver } from '../vmm/drivers.ts';
 import { imageExists, releaseCniNetwork, removeContainer, removeImage, unmountUnder } from '../builder/buildah.ts';
 import { exec } from '../builder/exec.ts';
 import { buildTag, exportContainerName, imageBuildPaths } from './paths.ts';
@@ -81,23 +82,9 @@ function signal(pid: number, sig: NodeJS.Signals, group: boolean): void {
 export async function killBuildProcesses(dataDir: string, imageId: string, graceMs = 20_000): Promise<Array<{ pid: number; command: string }>> {
   const paths = imageBuildPaths(dataDir, imageId);
   const killed: Array<{ pid: number; command: string }> = [];
-  // QEMU by its pid file first (verified by its command line: a pid may have been reused).
-  const pidFile = path.join(paths.vm, 'qemu.pid');
-  const pid = Number(fs.existsSync(pidFile) ? fs.readFileSync(pidFile, 'utf8').trim() : NaN);
-  if (Number.isInteger(pid) && pid > 1) {
-    const cmdline = (() => {
-      try {
-        return fs.readFileSync(`/proc/${pid}/cmdline`, 'utf8');
-      } catch {
-        return '';
-      }
-    })();
-    if (cmdline.includes('qemu') && cmdline.includes(paths.vm)) {
-      signal(pid, 'SIGKILL', false);
-      await waitGone([pid], 5000);
-      killed.push({ pid, command: 'qemu (from its pid file)' });
-    }
-  }
+  // The build VM first, by its driver (it knows its own processes: their command line names the run directory).
+  const driver = defaultVmDriver();
+  for (const pid of await driver.sweep(paths.vm)) killed.push({ pid, command: `${driver.name} (the build VM)` });
   for (let round = 0; round < 3; round++) {
     const found = processesUnder(paths.root);
     if (found.length === 0) break;

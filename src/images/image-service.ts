@@ -17,7 +17,7 @@ import {
   type HookName, type HttpHookName, type HttpHooks, HOOK_NAMES, HTTP_BUILD_HOOK_NAMES,
 } from '../store/images.ts';
 import type { Db } from '../store/sql.ts';
-import { chooseAccelerator } from '../vmm/qemu/accel.ts';
+import { defaultVmDriver } from '../vmm/drivers.ts';
 import type { Accelerator } from '../vmm/types.ts';
 import type { BundleLimits } from '../builder/bundle.ts';
 import { BuildLog, BuildLogEvents, readFrom } from './build-log.ts';
@@ -318,7 +318,7 @@ export class ImageService implements ImageOperations {
   private resolveVmm(): Promise<{ guest: GuestArtifacts; accel: Accelerator }> {
     this.vmm ??= (async () => {
       const guest = loadGuestArtifacts();
-      const accel = await chooseAccelerator(this.config.accel, guest);
+      const accel = await defaultVmDriver().chooseAccelerator(this.config.accel, guest);
       return { guest, accel };
     })();
     // A failure (kernel not built yet) is not cached: the next build tries again.

@@ -23,7 +23,7 @@ export function imageDir(dataDir: string, imageId: string): string {
   return path.join(imagesDir(dataDir), imageId);
 }
 
-/** The snapshot a microVM of this image restores from (`QemuVm.restore({ snapshotDir })`). */
+/** The snapshot a microVM of this image restores from (`VmDriver.restore({ snapshotDir })`). */
 export function imageSnapshotDir(dataDir: string, imageId: string): string {
   return path.join(imageDir(dataDir, imageId), 'snapshot');
 }

@@ -28,7 +28,8 @@ import { S3ObjectStore } from '../objectstore/s3.ts';
 import { getImage, transitionImage, type Image, type ImageState } from '../store/images.ts';
 import type { Db } from '../store/sql.ts';
 import { callHttpHook, describeHttpHookOutcome, httpHookPath } from '../guest/http-hooks.ts';
-import { QemuVm } from '../vmm/qemu/qemu.ts';
+import type { Vm } from '../vmm/driver.ts';
+import { defaultVmDriver } from '../vmm/drivers.ts';
 import type { Accelerator } from '../vmm/types.ts';
 import { BuildLog, FileFollower } from './build-log.ts';
 import { cleanupAbandonedBuild } from './cleanup.ts';
@@ -116,7 +117,7 @@ export async function runImageBuild(ctx: PipelineContext, imageId: string, build
     if (signal.aborted) throw signal.reason;
   };
 
-  let vm: QemuVm | undefined;
+  let vm: Vm | undefined;
   let consoleFollower: FileFollower | undefined;
   // Whatever happened: no process, container, mount or scratch file of this build remains, and
   // that is so before the image is seen READY or FAILED.
@@ -201,7 +202,7 @@ export async function runImageBuild(ctx: PipelineContext, imageId: string, build
     const serialPath = `${paths.vm}/serial.log`;
     await fs.promises.mkdir(paths.vm, { recursive: true, mode: 0o700 });
     consoleFollower = new FileFollower(serialPath, (line) => buildLog.line(line, '[console] '));
-    vm = await QemuVm.boot({
+    vm = await defaultVmDriver().boot({
       id: imageId,
       runDir: paths.vm,
       vcpus: image.vcpus,
@@ -285,7 +286,7 @@ function buildForwards(image: Image, port: number): { guestPort: number }[] {
  * before the snapshot: each is asked until it answers 200 (a 503 or no listener yet: again,
  * until its timeout); anything else fails the build with `http_hook_failed`.
  */
-async function runBuildHttpHooks(vm: QemuVm, image: Image, buildLog: BuildLog, signal: AbortSignal): Promise<void> {
+async function runBuildHttpHooks(vm: Vm, image: Image, buildLog: BuildLog, signal: AbortSignal): Promise<void> {
   const hooks = image.httpHooks;
   if (!hooks) return;
   for (const name of ['ready', 'validate'] as const) {
@@ -293,7 +294,7 @@ async function runBuildHttpHooks(vm: QemuVm, image: Image, buildLog: BuildLog, s
     if (!hook) continue;
     buildLog.say(`HTTP hook ${name}: POST ${httpHookPath(name)} on port ${hooks.port} (up to ${hook.timeoutSeconds} s)`);
     const outcome = await callHttpHook({
-      hostPort: vm.hostPort(hooks.port),
+      hostPort: vm.endpoint(hooks.port).port,
       name,
       timeoutMs: hook.timeoutSeconds * 1000,
       retryUnavailable: true,
@@ -326,7 +327,7 @@ function describeReadiness(image: Image, port: number): string {
  * Port readiness is checked from inside the guest (user-mode networking accepts host-side
  * connections even when nothing listens in the guest); HTTP readiness needs a complete answer.
  */
-async function waitUntilReady(vm: QemuVm, image: Image, port: number, signal: AbortSignal): Promise<void> {
+async function waitUntilReady(vm: Vm, image: Image, port: number, signal: AbortSignal): Promise<void> {
   const timeoutMs = image.readiness.timeoutSeconds * 1000;
   const deadline = Date.now() + timeoutMs;
   const local = new AbortController();
@@ -334,21 +335,22 @@ async function waitUntilReady(vm: QemuVm, image: Image, port: number, signal: Ab
   let lastHttp = '';
   const exited = new Promise<never>((_, reject) => {
     const onExit = (code: number): void => reject(notReady(vm, image, `the app exited with status ${code} before it was ready`));
-    vm.guest.once('exit', onExit);
+    vm.channel.once('exit', onExit);
     void vm.waitForExit().then(() => reject(notReady(vm, image, 'the VM stopped before the app was ready')));
-    local.signal.addEventListener('abort', () => vm.guest.off('exit', onExit), { once: true });
+    local.signal.addEventListener('abort', () => vm.channel.off('exit', onExit), { once: true });
   });
   exited.catch(() => undefined);
   const ready = (async (): Promise<void> => {
     if (!image.hasAppPort) {
       // No app port: ready once cocoon-init started the workload (and it has not exited).
-      await vm.guest.waitForWorkloadStart(timeoutMs, stop);
+      await vm.channel.waitForWorkloadStart(timeoutMs, stop);
       return;
     }
-    const portOpen = await vm.guest.waitForPort(port, timeoutMs, stop);
+    const portOpen = await vm.channel.waitForPort(port, timeoutMs, stop);
     if (!portOpen) throw notReady(vm, image, `nothing accepted connections on port ${port} inside the guest within ${image.readiness.timeoutSeconds} s`);
     if (!image.readiness.httpPath) return;
-    const url = `http://127.0.0.1:${vm.hostPort(port)}${image.readiness.httpPath}`;
+    const endpoint = vm.endpoint(port);
+    const url = `http://${endpoint.host}:${endpoint.port}${image.readiness.httpPath}`;
     for (;;) {
       const left = deadline - Date.now();
       if (left <= 0) {
@@ -375,7 +377,7 @@ async function waitUntilReady(vm: QemuVm, image: Image, port: number, signal: Ab
   }
 }
 
-function notReady(vm: QemuVm, image: Image, what: string): CocoonError {
+function notReady(vm: Vm, image: Image, what: string): CocoonError {
   const tail = vm.serialTail(40);
   return new CocoonError(
     'readiness_failed',

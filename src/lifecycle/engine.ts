@@ -33,9 +33,8 @@ import {
   type Microvm,
 } from '../store/microvms.ts';
 import type { Db } from '../store/sql.ts';
-import { killQemuProcesses } from '../host/processes.ts';
-import { QemuVm } from '../vmm/qemu/qemu.ts';
-import { watchDiskSpace } from '../vmm/qemu/space-watch.ts';
+import type { Vm, VmDriver } from '../vmm/driver.ts';
+import { defaultVmDriver } from '../vmm/drivers.ts';
 import { readSnapshotManifest } from '../vmm/snapshot.ts';
 import { Activity } from './activity.ts';
 import { applyMicrovmEvent } from './apply-event.ts';
@@ -63,6 +62,8 @@ export type PausePoint =
 
 export interface LifecycleOptions {
   db: Db;
+  /** The VMM that runs this host's microVMs (default: src/vmm/drivers.ts). */
+  driver?: VmDriver;
   dataDir: string;
   logger?: Logger;
   /** fsync snapshots (default true: a suspended microVM survives a host crash). */
@@ -92,7 +93,7 @@ export interface OperationSource {
   imageId: string | null;
   state: MicrovmState;
   /** The running VM (state RUNNING), else undefined. */
-  vm: QemuVm | undefined;
+  vm: Vm | undefined;
   runtime: Runtime;
 }
 
@@ -116,7 +117,7 @@ interface Instance {
   readonly httpHooks: HttpHooks | null;
   runtime: Runtime;
   suspendedAt: number;
-  vm: QemuVm | undefined;
+  vm: Vm | undefined;
   /** Guest port → host port of the running VM. */
   ports: Map<number, number>;
   /** The gateway's reports: requests and WebSockets in flight, the last traffic (activity.ts). */
@@ -128,6 +129,7 @@ interface Instance {
 export class LifecycleEngine implements MicroVMDirectory {
   readonly db: Db;
   readonly dataDir: string;
+  readonly driver: VmDriver;
   readonly hostId: string;
   readonly #hostAddress: string;
   readonly #log: Logger;
@@ -137,7 +139,7 @@ export class LifecycleEngine implements MicroVMDirectory {
   readonly #pauseAt: LifecycleOptions['pauseAt'];
   readonly #instances = new Map<string, Instance>();
   /** VMs this engine is stopping on purpose: their exit is no surprise. */
-  readonly #stopping = new WeakSet<QemuVm>();
+  readonly #stopping = new WeakSet<Vm>();
   readonly #activityTimer: NodeJS.Timeout;
   /** Idle, suspended-duration and session timers, due at times derived from the microVMs' rows. */
   readonly #scheduler = new Scheduler((microvmId, kind) => this.#due(microvmId, kind));
@@ -150,6 +152,7 @@ export class LifecycleEngine implements MicroVMDirectory {
   constructor(options: LifecycleOptions) {
     this.db = options.db;
     this.dataDir = options.dataDir;
+    this.driver = options.driver ?? defaultVmDriver();
     this.hostId = options.hostId ?? dataDirHostId(options.dataDir);
     this.#hostAddress = options.hostAddress ?? '127.0.0.1';
     this.#log = (options.logger ?? rootLog).child({ component: 'lifecycle' });
@@ -247,7 +250,7 @@ export class LifecycleEngine implements MicroVMDirectory {
     return [...new Set(ports)].map((guestPort) => ({ guestPort }));
   }
 
-  async #restore(instance: Instance, snapshotDir: string, verifyData: boolean | 'if-present' = true): Promise<QemuVm> {
+  async #restore(instance: Instance, snapshotDir: string, verifyData: boolean | 'if-present' = true): Promise<Vm> {
     const options = {
       id: instance.id,
       runDir: runDir(this.dataDir, instance.id),
@@ -258,33 +261,33 @@ export class LifecycleEngine implements MicroVMDirectory {
         egress: instance.egress,
       },
     };
-    let vm: QemuVm;
+    let vm: Vm;
     try {
-      vm = await QemuVm.restore(options);
+      vm = await this.driver.restore(options);
     } catch (error) {
-      // A free port picked for the forward can be taken by someone else before QEMU binds it: once more.
+      // A free port picked for the forward can be taken by someone else before the VMM binds it: once more.
       if (!isCocoonError(error, 'port_in_use')) throw error;
       this.#log.warn({ microvm: instance.id }, 'a forwarded port was taken meanwhile; restoring again');
-      vm = await QemuVm.restore(options);
+      vm = await this.driver.restore(options);
     }
     this.#attach(instance, vm);
     return vm;
   }
 
-  #attach(instance: Instance, vm: QemuVm): void {
+  #attach(instance: Instance, vm: Vm): void {
     instance.vm = vm;
     instance.ports = new Map(vm.hostPorts);
     void vm.waitForExit().then(() => this.#vmExited(instance, vm));
-    // A guest paused by QEMU for lack of space on the data directory continues once there is room.
-    watchDiskSpace(vm, {
+    // A guest paused by its VMM for lack of space on the data directory continues once there is room.
+    vm.watchDiskSpace({
       path: runDir(this.dataDir, instance.id),
-      onPaused: () => void appendLog(this.dataDir, instance.id, 'paused by QEMU: no space left on the data directory for its disk'),
+      onPaused: () => void appendLog(this.dataDir, instance.id, 'paused by its VMM: no space left on the data directory for its disk'),
       onContinued: () => void appendLog(this.dataDir, instance.id, 'continued: the data directory has space again'),
     });
   }
 
-  /** A QEMU ended that nobody asked to stop: the guest powered off or crashed. */
-  #vmExited(instance: Instance, vm: QemuVm): void {
+  /** A VM process ended that nobody asked to stop: the guest powered off or crashed. */
+  #vmExited(instance: Instance, vm: Vm): void {
     if (this.#stopping.has(vm) || instance.vm !== vm || this.#closed) return;
     const console = vm.serialTail(10);
     void this.#enqueue(instance, 'terminate', async () => {
@@ -306,10 +309,10 @@ export class LifecycleEngine implements MicroVMDirectory {
       await instance.vm.kill();
       instance.vm = undefined;
     }
-    await killQemuProcesses(runDir(this.dataDir, instance.id));
+    await this.driver.sweep(runDir(this.dataDir, instance.id));
     await this.#transition(instance, 'fail', { error: reason.slice(0, 2000) });
     await clearRunHookPayload(this.db, instance.id);
-    await clearRunFiles(this.dataDir, instance.id);
+    await clearRunFiles(this.driver, this.dataDir, instance.id);
     this.#log.warn({ microvm: instance.id, reason }, 'microVM failed');
   }
 
@@ -326,7 +329,7 @@ export class LifecycleEngine implements MicroVMDirectory {
     // A microVM starts from its image (generation 0), a fork from its own generation 1 (the
     // fork point): then its workload runs already, so it gets the resume hook, not run.
     const { generation, chain } = instance.runtime;
-    let vm: QemuVm;
+    let vm: Vm;
     try {
       vm = await this.#restore(instance, snapshotDirFor(this.dataDir, instance, generation), verifyData);
     } catch (error) {
@@ -354,7 +357,7 @@ export class LifecycleEngine implements MicroVMDirectory {
     }
     instance.vm = undefined;
     instance.ports = new Map();
-    await clearRunFiles(this.dataDir, instance.id);
+    await clearRunFiles(this.driver, this.dataDir, instance.id);
   }
 
   /** Whether the idle policy says: suspend now. */
@@ -424,7 +427,7 @@ export class LifecycleEngine implements MicroVMDirectory {
    * goes back to RUNNING, with its resume hook when its guest runs (one that QEMU had paused for
    * lack of space stays so until the space watcher continues it), and the error says why.
    */
-  async #keepRunning(instance: Instance, vm: QemuVm, error: CocoonError): Promise<void> {
+  async #keepRunning(instance: Instance, vm: Vm, error: CocoonError): Promise<void> {
     this.#stopping.delete(vm);
     if (!(await this.#transition(instance, 'suspend_abandoned'))) return;
     await appendLog(this.dataDir, instance.id, `suspend abandoned, still running: ${error.message}`);
@@ -437,7 +440,7 @@ export class LifecycleEngine implements MicroVMDirectory {
   async #compactIfLong(instance: Instance): Promise<void> {
     if (instance.runtime.chain.length <= this.#maxChain || instance.imageId === null) return;
     try {
-      const runtime = await compactGeneration(this.dataDir, instance.id, imageSnapshotDir(this.dataDir, instance.imageId), instance.runtime, this.#durable);
+      const runtime = await compactGeneration(this.driver, this.dataDir, instance.id, imageSnapshotDir(this.dataDir, instance.imageId), instance.runtime, this.#durable);
       if (await setMicrovmRuntimeIf(this.db, instance.id, 'SUSPENDED', runtimeRecord(runtime))) {
         instance.runtime = runtime;
         await collectGarbage(this.dataDir, instance.id, runtime);
@@ -456,7 +459,7 @@ export class LifecycleEngine implements MicroVMDirectory {
     await this.#pause('resume:persisted', instance.id);
     const generation = instance.runtime.generation;
     const started = performance.now();
-    let vm: QemuVm;
+    let vm: Vm;
     try {
       vm = await this.#restore(instance, snapshotDirFor(this.dataDir, instance, generation));
     } catch (error) {
@@ -486,7 +489,7 @@ export class LifecycleEngine implements MicroVMDirectory {
       // TERMINATED: nothing left. FAILED is final; terminating it only removes what is left of it.
       if (instance.state === 'FAILED') {
         this.#clearTimers(instance);
-        await killQemuProcesses(microvmDir(this.dataDir, instance.id));
+        await this.driver.sweep(microvmDir(this.dataDir, instance.id));
         await fs.promises.rm(microvmDir(this.dataDir, instance.id), { recursive: true, force: true });
         this.#instances.delete(instance.id);
       }
@@ -506,7 +509,7 @@ export class LifecycleEngine implements MicroVMDirectory {
       instance.vm = undefined;
       instance.ports = new Map();
     }
-    await killQemuProcesses(microvmDir(this.dataDir, instance.id));
+    await this.driver.sweep(microvmDir(this.dataDir, instance.id));
     await fs.promises.rm(microvmDir(this.dataDir, instance.id), { recursive: true, force: true });
     await this.#transition(instance, 'terminated');
     // A payload whose run hook was never sent (terminated while PENDING) is not kept either.
@@ -516,13 +519,13 @@ export class LifecycleEngine implements MicroVMDirectory {
     this.#log.info({ microvm: instance.id, reason }, 'microVM terminated');
   }
 
-  async #commandHook(instance: Instance, vm: QemuVm, name: HookName): Promise<void> {
+  async #commandHook(instance: Instance, vm: Vm, name: HookName): Promise<void> {
     const hook = instance.hooks[name];
     if (!hook) return;
     const started = performance.now();
     let status: string;
     try {
-      status = await vm.guest.runHook(name, hook.timeoutSeconds * 1000);
+      status = await vm.channel.runHook(name, hook.timeoutSeconds * 1000);
     } catch (error) {
       status = `error (${errorMessage(error)})`;
     }
@@ -533,7 +536,7 @@ export class LifecycleEngine implements MicroVMDirectory {
   }
 
   /** A lifecycle point: the image's command hook, then its HTTP hook (each within its timeout). */
-  async #hook(instance: Instance, vm: QemuVm, name: HookName): Promise<void> {
+  async #hook(instance: Instance, vm: Vm, name: HookName): Promise<void> {
     await this.#commandHook(instance, vm, name);
     await this.#httpHook(instance, vm, name);
   }
@@ -543,13 +546,13 @@ export class LifecycleEngine implements MicroVMDirectory {
    * /run carries the launch's runHookPayload (read from the store, dropped once sent; never
    * logged). An answer other than 200, or none, is recorded; the operation goes on.
    */
-  async #httpHook(instance: Instance, vm: QemuVm, name: HookName): Promise<void> {
+  async #httpHook(instance: Instance, vm: Vm, name: HookName): Promise<void> {
     const hooks = instance.httpHooks;
     const hook = hooks?.[name];
     if (!hooks || !hook) return;
     let hostPort: number;
     try {
-      hostPort = vm.hostPort(hooks.port);
+      hostPort = vm.endpoint(hooks.port).port;
     } catch (error) {
       const line = `HTTP hook ${name} not sent: ${errorMessage(error)}`;
       await appendLog(this.dataDir, instance.id, line);
@@ -843,7 +846,7 @@ export class LifecycleEngine implements MicroVMDirectory {
   // ---- start and stop --------------------------------------------------------------------------
 
   /** Used by recovery (recovery.ts): registers an instance, with the VM it adopted if any (PENDING ones are then `launch`ed). */
-  async adoptLoaded(microvm: Microvm, vm: QemuVm | undefined): Promise<void> {
+  async adoptLoaded(microvm: Microvm, vm: Vm | undefined): Promise<void> {
     const instance = await this.#load(microvm);
     if (vm) this.#attach(instance, vm);
     if (instance.state === 'RUNNING') {

@@ -3,7 +3,7 @@
  * instant (docs/microvms.md, "Fork and checkpoint").
  *
  * Both take a *fork point* of the source as one operation of its queue: of a RUNNING source,
- * a snapshot taken while it runs on after a brief pause (vmm/qemu/fork-point.ts); of a SUSPENDED one,
+ * a snapshot taken while it runs on after a brief pause (`Vm.forkPoint`, src/vmm/driver.ts); of a SUSPENDED one,
  * its latest generation, without waking it. The fork point must not depend on the source's own
  * generations (the source may be suspended, folded or terminated later), so its disk layer is
  * rebased onto the image's disk when the source's chain has layers in between; memory, device
@@ -37,10 +37,11 @@ import { createImage, getImage, listImagesInStates, setImageBuildLogPath, transi
 import { newId } from '../store/ids.ts';
 import { createForks, type IdlePolicy, type Microvm } from '../store/microvms.ts';
 import type { Db } from '../store/sql.ts';
-import { fsyncDir } from '../vmm/qemu/qemu.ts';
-import { completeForkPoint, rebaseDisk, takeForkPoint } from '../vmm/qemu/fork-point.ts';
+import { fsyncDir } from '../common/fs.ts';
+import { completeForkPoint } from '../vmm/fork-point.ts';
 import { sealSnapshotFiles } from '../vmm/snapshot-safety.ts';
 import { dataChecksums, readSnapshotManifest, writeSnapshotManifest } from '../vmm/snapshot.ts';
+import type { BackingDisk, VmDriver } from '../vmm/driver.ts';
 import type { DiskSpec } from '../vmm/types.ts';
 import type { LifecycleEngine, OperationSource } from './engine.ts';
 import { generationDir, imageSnapshotDir, microvmDir, runDir } from './paths.ts';
@@ -91,7 +92,7 @@ async function imageRawDisk(dataDir: string, imageId: string): Promise<string> {
 async function snapshotFrom(
   from: string,
   target: string,
-  options: { rebaseOnto?: DiskSpec & { sameContent?: boolean }; durable: boolean; runDir: string },
+  options: { driver: Pick<VmDriver, 'rebaseDisk'>; rebaseOnto?: BackingDisk; durable: boolean; runDir: string },
 ): Promise<void> {
   const partial = `${target}.partial`;
   await fs.promises.rm(partial, { recursive: true, force: true });
@@ -107,7 +108,7 @@ async function snapshotFrom(
       await fs.promises.link(path.join(from, 'manifest.json'), path.join(partial, 'manifest.json'));
     } else {
       await run('cp', ['--sparse=always', '--', path.join(from, files.disk.name), disk]);
-      await rebaseDisk(disk, options.rebaseOnto);
+      await options.driver.rebaseDisk(disk, options.rebaseOnto);
       if (options.durable) {
         const handle = await fs.promises.open(disk, 'r+');
         try {
@@ -137,13 +138,13 @@ async function takeSourcePoint(
   engine: LifecycleEngine,
   source: OperationSource,
   target: string,
-  rebaseOnto: (DiskSpec & { sameContent?: boolean }) | undefined,
+  rebaseOnto: (BackingDisk) | undefined,
   pausePoint: 'fork:paused' | 'checkpoint:paused',
   durable: boolean,
   deferChecksums = false,
 ): Promise<number> {
   if (source.state === 'RUNNING' && source.vm) {
-    const point = await takeForkPoint(source.vm, target, {
+    const point = await source.vm.forkPoint(target, {
       durable,
       deferChecksums,
       ...(rebaseOnto ? { rebaseOnto } : {}),
@@ -154,6 +155,7 @@ async function takeSourcePoint(
   }
   if (source.state === 'SUSPENDED' && source.runtime.generation > 0) {
     await snapshotFrom(generationDir(engine.dataDir, source.id, source.runtime.generation), target, {
+      driver: engine.driver,
       durable,
       runDir: runDir(engine.dataDir, source.id),
       ...(rebaseOnto ? { rebaseOnto } : {}),
@@ -194,7 +196,7 @@ export async function forkMicrovm(engine: LifecycleEngine, db: Db, region: strin
       // crashed is FAILED anyway; its first suspend comes later).
       const live = current.state === 'RUNNING';
       const pausedMs = await takeSourcePoint(engine, current, first, rebaseOnto, 'fork:paused', false, live);
-      await Promise.all(ids.slice(1).map((id) => snapshotFrom(first, generationDir(dataDir, id, 1), { durable: false, runDir: runDir(dataDir, source.id) })));
+      await Promise.all(ids.slice(1).map((id) => snapshotFrom(first, generationDir(dataDir, id, 1), { driver: engine.driver, durable: false, runDir: runDir(dataDir, source.id) })));
       await engine.pausePoint('fork:linked', source.id);
       const forks = await createForks(db, {
         source,

@@ -30,8 +30,7 @@ import { errorMessage } from '../common/errors.ts';
 import type { Logger } from '../common/log.ts';
 import { ACTIVE_MICROVM_STATES, claimMicrovm, getMicrovm, listHostMicrovms, listMicrovmsInStates, type Microvm } from '../store/microvms.ts';
 import type { Db } from '../store/sql.ts';
-import { findQemuProcesses, killQemuProcesses } from '../host/processes.ts';
-import { QemuVm } from '../vmm/qemu/qemu.ts';
+import type { Vm } from '../vmm/driver.ts';
 import { readSnapshotManifest } from '../vmm/snapshot.ts';
 import { applyMicrovmEvent } from './apply-event.ts';
 import type { LifecycleEngine } from './engine.ts';
@@ -59,23 +58,23 @@ export async function recoverMicrovms(engine: LifecycleEngine, db: Db, dataDir: 
     checkpointsCompleted: [], checkpointsFailed: [],
   };
   Object.assign(report, await recoverCheckpoints(db, dataDir, log));
+  const { driver } = engine;
   const owned = new Set<number>();
   const toSuspend: string[] = [];
   /** PENDING microVMs, launched after the sweep of orphaned QEMUs (which would take theirs for one). */
   const toLaunch: string[] = [];
 
   const fail = async (microvm: Microvm, reason: string) => {
-    await killQemuProcesses(runDir(dataDir, microvm.id));
+    await driver.sweep(runDir(dataDir, microvm.id));
     await applyMicrovmEvent(db, microvm.id, 'fail', { error: reason }, microvm.state);
-    await clearRunFiles(dataDir, microvm.id);
+    await clearRunFiles(driver, dataDir, microvm.id);
     await appendLog(dataDir, microvm.id, `failed at start-up: ${reason}`);
     report.failed.push(microvm.id);
   };
-  const adopt = async (microvm: Microvm): Promise<QemuVm | undefined> => {
+  const adopt = async (microvm: Microvm): Promise<Vm | undefined> => {
     try {
-      const vm = await QemuVm.adopt({ id: microvm.id, runDir: runDir(dataDir, microvm.id) });
-      const status = await vm.qmp.execute('query-status', {});
-      if (!status.running) await vm.qmp.execute('cont', {});
+      const vm = await driver.adopt({ id: microvm.id, runDir: runDir(dataDir, microvm.id) });
+      await vm.ensureRunning();
       owned.add(vm.pid);
       return vm;
     } catch (error) {
@@ -94,8 +93,8 @@ export async function recoverMicrovms(engine: LifecycleEngine, db: Db, dataDir: 
     try {
       switch (found.state) {
         case 'PENDING':
-          await killQemuProcesses(run);
-          await clearRunFiles(dataDir, id);
+          await driver.sweep(run);
+          await clearRunFiles(driver, dataDir, id);
           toLaunch.push(id);
           report.relaunched.push(id);
           break;
@@ -112,12 +111,12 @@ export async function recoverMicrovms(engine: LifecycleEngine, db: Db, dataDir: 
         }
         case 'SUSPENDING': {
           const next = runtime.generation + 1;
-          const outcome = await QemuVm.recoverSnapshot(generationDir(dataDir, id, next));
+          const outcome = await driver.recoverSnapshot(generationDir(dataDir, id, next));
           if (outcome !== 'none') {
-            await killQemuProcesses(run);
+            await driver.sweep(run);
             const done = { generation: next, chain: [...runtime.chain, next] };
             await applyMicrovmEvent(db, id, 'suspended', { runtime: runtimeRecord(done) });
-            await clearRunFiles(dataDir, id);
+            await clearRunFiles(driver, dataDir, id);
             await collectGarbage(dataDir, id, done);
             await appendLog(dataDir, id, `suspend completed after a daemon restart (${outcome})`);
             report.suspendsCompleted.push(id);
@@ -136,18 +135,18 @@ export async function recoverMicrovms(engine: LifecycleEngine, db: Db, dataDir: 
           continue;
         }
         case 'RESUMING':
-          await killQemuProcesses(run);
-          await clearRunFiles(dataDir, id);
+          await driver.sweep(run);
+          await clearRunFiles(driver, dataDir, id);
           await applyMicrovmEvent(db, id, 'resume_failed');
           await appendLog(dataDir, id, 'resume interrupted by a daemon restart: back to SUSPENDED');
           report.resumesRolledBack.push(id);
           break;
         case 'SUSPENDED':
-          await killQemuProcesses(run);
-          await clearRunFiles(dataDir, id);
+          await driver.sweep(run);
+          await clearRunFiles(driver, dataDir, id);
           break;
         case 'TERMINATING':
-          await killQemuProcesses(microvmDir(dataDir, id));
+          await driver.sweep(microvmDir(dataDir, id));
           await fs.promises.rm(microvmDir(dataDir, id), { recursive: true, force: true });
           await applyMicrovmEvent(db, id, 'terminated');
           report.terminated.push(id);
@@ -175,15 +174,7 @@ export async function recoverMicrovms(engine: LifecycleEngine, db: Db, dataDir: 
 
   // No QEMU under microvms/ that no microVM owns; no directory of a microVM that ended.
   const root = microvmsRoot(dataDir);
-  for (const pid of findQemuProcesses(root + path.sep)) {
-    if (owned.has(pid)) continue;
-    try {
-      process.kill(pid, 'SIGKILL');
-      report.orphansKilled.push(pid);
-    } catch {
-      // gone
-    }
-  }
+  report.orphansKilled.push(...(await driver.sweep(root + path.sep, { keep: owned })));
   // Active on any host: a directory is kept even when its microVM is another host's.
   const active = new Set((await listMicrovmsInStates(db, ACTIVE_MICROVM_STATES)).map((m) => m.id));
   let entries: string[] = [];

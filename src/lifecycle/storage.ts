@@ -7,7 +7,8 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { promisify } from 'node:util';
 import { CocoonError, errorMessage } from '../common/errors.ts';
-import { fsyncDir } from '../vmm/qemu/qemu.ts';
+import { fsyncDir } from '../common/fs.ts';
+import type { VmDriver } from '../vmm/driver.ts';
 import { sealSnapshotFiles } from '../vmm/snapshot-safety.ts';
 import { dataChecksums, readSnapshotManifest, writeSnapshotManifest } from '../vmm/snapshot.ts';
 import { GENERATION_DIR, generationDir, logPath, microvmDir, runDir } from './paths.ts';
@@ -24,7 +25,7 @@ const run = promisify(execFile);
 export interface Runtime {
   generation: number;
   chain: number[];
-  /** While RUNNING: QEMU's pid and guest port → host port (informational; adoption reads the run directory). */
+  /** While RUNNING: the VM process's pid and guest port → host port (informational; adoption reads the run directory). */
   pid?: number;
   ports?: Record<string, number>;
 }
@@ -64,11 +65,9 @@ export async function collectGarbage(dataDir: string, id: string, runtime: Runti
   }
 }
 
-/** Removes a running VM's files from the run directory (its RAM and disk layer), keeping the log. */
-export async function clearRunFiles(dataDir: string, id: string): Promise<void> {
-  const dir = runDir(dataDir, id);
-  const names = ['mem', 'disk.qcow2', 'launch.json', 'qemu.pid', 'qmp.sock', 'guest.sock', 'serial.sock', 'incoming.sock', 'migrate.sock'];
-  await Promise.all(names.map((name) => fs.promises.rm(path.join(dir, name), { force: true })));
+/** Removes a dead VM's files from the run directory (its memory and disk layer), keeping the log. */
+export async function clearRunFiles(driver: Pick<VmDriver, 'clearRunFiles'>, dataDir: string, id: string): Promise<void> {
+  await driver.clearRunFiles(runDir(dataDir, id));
 }
 
 /**
@@ -77,7 +76,14 @@ export async function clearRunFiles(dataDir: string, id: string): Promise<void> 
  * above the image's disk are read). Answers the new runtime; the caller records it and then
  * collects the old generations. Nothing it leaves behind on failure is referenced.
  */
-export async function compactGeneration(dataDir: string, id: string, imageSnapshot: string, runtime: Runtime, durable: boolean): Promise<Runtime> {
+export async function compactGeneration(
+  driver: Pick<VmDriver, 'rebaseDisk'>,
+  dataDir: string,
+  id: string,
+  imageSnapshot: string,
+  runtime: Runtime,
+  durable: boolean,
+): Promise<Runtime> {
   const from = generationDir(dataDir, id, runtime.generation);
   const next = runtime.generation + 1;
   const target = generationDir(dataDir, id, next);
@@ -93,8 +99,7 @@ export async function compactGeneration(dataDir: string, id: string, imageSnapsh
     await fs.promises.link(path.join(from, files.state.name), path.join(partial, files.state.name));
     const disk = path.join(partial, files.disk.name);
     await run('cp', ['--sparse=always', '--', path.join(from, files.disk.name), disk]);
-    const baseDisk = path.resolve(imageSnapshot, base.files.disk.name);
-    await run('qemu-img', ['rebase', '-q', '-f', 'qcow2', '-b', baseDisk, '-F', base.files.disk.format, disk]);
+    await driver.rebaseDisk(disk, { path: path.resolve(imageSnapshot, base.files.disk.name), format: base.files.disk.format });
     if (durable) {
       const handle = await fs.promises.open(disk, 'r+');
       try {

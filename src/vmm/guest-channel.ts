@@ -14,6 +14,23 @@ import { connectUnix } from './qemu/qmp.ts';
 
 const MAX_LINE = 4096;
 
+/**
+ * The control-channel protocol versions this host speaks (docs/guest-protocol.md): 1, the
+ * channel alone; 2, with the guest agent's port. A guest saying another is refused.
+ */
+export const GUEST_PROTOCOL = { min: 1, max: 2 } as const;
+
+/** Throws `guest_protocol_unsupported` for a version outside `GUEST_PROTOCOL`. */
+export function checkGuestProtocol(version: number, what: string): void {
+  if (!Number.isInteger(version) || version < GUEST_PROTOCOL.min || version > GUEST_PROTOCOL.max) {
+    throw new CocoonError(
+      'guest_protocol_unsupported',
+      `${what} speaks guest protocol ${String(version)}, this host ${GUEST_PROTOCOL.min} to ${GUEST_PROTOCOL.max}: rebuild the image with this Cocoon's guest artifacts`,
+      { status: 422 },
+    );
+  }
+}
+
 export interface GuestEvents {
   hello: [version: number];
   started: [pid: number];
@@ -29,6 +46,8 @@ export class GuestChannel extends EventEmitter<GuestEvents> {
   private closed = false;
   /** Set once cocoon-init said hello (on boot) or answered a command (after a restore). */
   helloSeen = false;
+  /** The protocol version cocoon-init said hello with (undefined until then, and on a channel to a restored or adopted guest). */
+  protocolVersion: number | undefined;
   exitCode: number | undefined;
   /** The workload's pid once cocoon-init said `started`. */
   workloadPid: number | undefined;
@@ -53,8 +72,11 @@ export class GuestChannel extends EventEmitter<GuestEvents> {
 
   /** Resolves once cocoon-init has said hello (it does so before starting the workload). */
   waitForHello(timeoutMs: number, signal?: AbortSignal): Promise<void> {
-    if (this.helloSeen) return Promise.resolve();
-    return this.waitFor((words) => words[0] === 'hello', timeoutMs, 'the guest to boot', signal).then(() => undefined);
+    const check = () => {
+      if (this.protocolVersion !== undefined) checkGuestProtocol(this.protocolVersion, 'the guest');
+    };
+    if (this.helloSeen) return Promise.resolve().then(check);
+    return this.waitFor((words) => words[0] === 'hello', timeoutMs, 'the guest to boot', signal).then(check);
   }
 
   /** Resolves once cocoon-init has started the workload (an image without an app port is ready then). */
@@ -167,6 +189,7 @@ export class GuestChannel extends EventEmitter<GuestEvents> {
     const [kind, value] = words;
     if (kind === 'hello') {
       this.helloSeen = true;
+      this.protocolVersion = Number(value);
       this.emit('hello', Number(value));
     } else if (kind === 'started') {
       this.workloadPid = Number(value);

@@ -99,6 +99,16 @@ export interface SnapshotManifest {
   };
   /** Guest ports the VM forwarded when it was snapshotted (a restore forwards the same by default). */
   guestPorts: number[];
+  /**
+   * Who made it: the VMM (driver name and its version), the guest architecture, and the
+   * protocol version cocoon-init said hello with. Absent in manifests written before these
+   * were recorded: such snapshots restore as before, unchecked. Present, a restore refuses a
+   * snapshot of another VMM or architecture (`snapshot_incompatible`) and a guest protocol this
+   * host does not speak (`guest_protocol_unsupported`).
+   */
+  vmm?: { name: string; version: string };
+  arch?: string;
+  guestProtocol?: number;
 }
 
 /**

@@ -29,44 +29,19 @@ import { log } from '../../common/log.ts';
 import { saveDeviceState } from './migration.ts';
 import { prepareSnapCopy } from '../native/helper.ts';
 import type { QemuVm } from './qemu.ts';
-import { fsyncDir } from './qemu.ts';
+import { fsyncDir } from '../../common/fs.ts';
 import { qemuDirOf, sealSnapshotFiles } from '../snapshot-safety.ts';
-import { dataChecksums, readSnapshotManifest, writeSnapshotManifest } from '../snapshot.ts';
-import type { DataChecksum, DiskSpec, SnapshotManifest } from '../types.ts';
+import { writeManifestFile } from '../fork-point.ts';
+import { dataChecksums, writeSnapshotManifest } from '../snapshot.ts';
+import type { BackingDisk, ForkPoint, ForkPointOptions } from '../driver.ts';
+import type { DataChecksum, SnapshotManifest } from '../types.ts';
 
 const run = promisify(execFile);
 
-export interface ForkPointOptions {
-  /** fsync the copies and the manifest before the fork point counts as taken (default true). */
-  durable?: boolean;
-  /**
-   * Rebase the disk copy onto this file (an ancestor of its backing chain, e.g. the image's
-   * disk), so that the fork point does not depend on the layers in between (qemu-img reads
-   * only the clusters above the new backing file). Done after the VM runs again.
-   */
-  rebaseOnto?: DiskSpec & {
-    /** The new backing file has the same content as the old one (a hard link of it): only the header changes. */
-    sameContent?: boolean;
-  };
-  /**
-   * Leave the memory's and disk's checksums out of the manifest (and fsync nothing): the fork
-   * point is restored at once with `verifyData: false`; `completeForkPoint` adds them later.
-   */
-  deferChecksums?: boolean;
-  /** For crash tests: awaited while the VM is paused, after the device state and copies are made. */
-  onPaused?: () => Promise<void>;
-}
-
-export interface ForkPoint {
-  manifest: SnapshotManifest;
-  /** How long the source's vCPUs were stopped. */
-  pausedMs: number;
-  /** Milliseconds of each step, for the log. */
-  steps: Record<string, number>;
-}
+export type { ForkPoint, ForkPointOptions };
 
 /** Points a qcow2 layer at another backing file (`sameContent`: the header only, else qemu-img's safe rebase). */
-export async function rebaseDisk(disk: string, onto: DiskSpec & { sameContent?: boolean }): Promise<void> {
+export async function rebaseDisk(disk: string, onto: BackingDisk): Promise<void> {
   try {
     await run('qemu-img', ['rebase', '-q', ...(onto.sameContent ? ['-u'] : []), '-f', 'qcow2', '-b', path.resolve(onto.path), '-F', onto.format, disk]);
   } catch (error) {
@@ -150,6 +125,7 @@ export async function takeForkPoint(vm: QemuVm, targetDir: string, options: Fork
         disk: { name: diskName, format: vm.disk.format, sizeBytes: (await fs.promises.stat(disk)).size, ...(checksums[1] ? { checksum: checksums[1] } : {}) },
       },
       guestPorts: [...vm.hostPorts.keys()],
+      ...vm.madeBy(),
     };
     if (options.deferChecksums) await writeManifestFile(partial, manifest, false);
     else await writeSnapshotManifest(partial, manifest, durable);
@@ -170,49 +146,5 @@ export async function takeForkPoint(vm: QemuVm, targetDir: string, options: Fork
       status: vm.exited ? 409 : 500,
       cause: error,
     });
-  }
-}
-
-/** Writes `manifest.json` whole (a temporary file renamed over it), fsynced when durable. */
-async function writeManifestFile(dir: string, manifest: SnapshotManifest, durable: boolean): Promise<void> {
-  const file = path.join(dir, 'manifest.json');
-  const handle = await fs.promises.open(`${file}.tmp`, 'w', 0o600);
-  try {
-    await handle.writeFile(JSON.stringify(manifest, null, 2));
-    if (durable) await handle.sync();
-  } finally {
-    await handle.close();
-  }
-  await fs.promises.rename(`${file}.tmp`, file);
-}
-
-/**
- * Completes a fork point taken with `deferChecksums` once its users run: the memory's and
- * disk's checksums go into the manifest of every directory in `dirs` (hard links of one fork
- * point), and with `durable` its files and the directories are fsynced.
- */
-export async function completeForkPoint(dirs: string[], durable: boolean): Promise<void> {
-  const [first] = dirs;
-  if (!first) return;
-  const manifest = await readSnapshotManifest(first);
-  const { files } = manifest;
-  const [mem, disk] = await dataChecksums([path.join(first, files.mem.name), path.join(first, files.disk.name)]);
-  if (durable) {
-    for (const name of [files.mem.name, files.disk.name, files.state.name]) {
-      const handle = await fs.promises.open(path.join(first, name), 'r');
-      try {
-        await handle.datasync();
-      } finally {
-        await handle.close();
-      }
-    }
-  }
-  const complete: SnapshotManifest = { ...manifest, files: { ...files, mem: { ...files.mem, checksum: mem! }, disk: { ...files.disk, checksum: disk! } } };
-  for (const dir of dirs) {
-    await writeManifestFile(dir, complete, durable);
-    if (durable) {
-      await fsyncDir(dir);
-      await fsyncDir(path.dirname(dir));
-    }
   }
 }

@@ -11,8 +11,13 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { promisify } from 'node:util';
 import { CocoonError, errorMessage, isCocoonError } from '../../common/errors.ts';
+import { fsyncDir, fsyncFile } from '../../common/fs.ts';
 import { log } from '../../common/log.ts';
-import { GuestChannel } from '../guest-channel.ts';
+import type { Endpoint, ForkPoint, ForkPointOptions, SnapshotOptions, SpaceWatchOptions, Vm } from '../driver.ts';
+import { GuestChannel, checkGuestProtocol } from '../guest-channel.ts';
+import { QEMU_ARCH } from './arch.ts';
+import { takeForkPoint } from './fork-point.ts';
+import { watchDiskSpace } from './space-watch.ts';
 import { loadDeviceState, saveDeviceState } from './migration.ts';
 import { type QemuLaunch, hostTscKhz, kernelCmdline, qemuArgs } from './qemu-args.ts';
 import { QmpClient } from './qmp.ts';
@@ -20,7 +25,7 @@ import { assertPortFree, freeLoopbackPort } from '../../net/ports.ts';
 import { cloneRamFile, createRamFile, digHoles, releaseUnusedRam } from '../ram-file.ts';
 import { type VmCgroup, createVmCgroup, defaultLimits, joinCgroupScript, removeVmCgroup } from '../../host/cgroups.ts';
 import { ensureEgressGuard } from '../../net/egress-guard.ts';
-import { killQemuProcesses, processAlive, processCmdline, processStartTime, waitForProcessExit } from '../../host/processes.ts';
+import { findProcesses, killProcesses, processAlive, processCmdline, processStartTime, waitForProcessExit } from '../../host/processes.ts';
 import { type QemuIdentity, dropPrivilegesArgv, qemuIdentity } from '../../host/sandbox.ts';
 import { SerialLog, tailSerialLog } from './serial-log.ts';
 import { grantQemuAccess, isNoSpace, qemuDirOf, sealSnapshotFiles, snapshotFailure, takeBackSnapshotFiles } from '../snapshot-safety.ts';
@@ -57,17 +62,26 @@ const MAX_SOCKET_PATH = 107;
 
 export const DEFAULT_BOOT_TIMEOUT_MS = 120_000;
 
-export interface SnapshotOptions {
-  /** Punch out zero pages of the RAM file, so that restores copy less (worth it for images). */
-  compact?: boolean;
-  /** fsync RAM, disk and state before the snapshot counts as taken (default true). */
-  durable?: boolean;
-  /**
-   * Called once the device state is saved (and the snapshot can be completed by
-   * `recoverSnapshot` should this process die), before QEMU is killed. For crash tests.
-   */
-  onStateSaved?: () => Promise<void>;
+/** What every QEMU's command line has (`qemu-system-<arch>`), to find ours among the host's processes. */
+const QEMU_PROGRAM = 'qemu-system';
+
+/** PIDs of live QEMU processes whose command line mentions `marker` (a run directory). */
+export function findQemuProcesses(marker: string): number[] {
+  return findProcesses(QEMU_PROGRAM, marker);
 }
+
+/** SIGKILLs every QEMU mentioning `marker` (but those in `keep`) and waits until they are gone; answers their pids. */
+export function killQemuProcesses(marker: string, keep?: ReadonlySet<number>): Promise<number[]> {
+  return killProcesses(QEMU_PROGRAM, marker, keep);
+}
+
+/** Removes a dead VM's files from its run directory (its RAM, disk layer and sockets), keeping the logs. */
+export async function clearRunFiles(runDir: string): Promise<void> {
+  const names = ['mem', 'disk.qcow2', LAUNCH_FILE, 'qemu.pid', 'qmp.sock', 'guest.sock', 'serial.sock', 'incoming.sock', 'migrate.sock'];
+  await Promise.all(names.map((name) => fs.promises.rm(path.join(runDir, name), { force: true })));
+}
+
+export type { SnapshotOptions };
 
 /** What `launch.json` in a run directory records, so that a restarted daemon can adopt the VM. */
 interface LaunchRecord {
@@ -84,6 +98,8 @@ interface LaunchRecord {
   sockets: QemuLaunch['sockets'];
   /** The VM's cgroups, removed once an adopted QEMU is gone. */
   cgroup?: VmCgroup;
+  /** The guest protocol version (cocoon-init's hello, or the snapshot's manifest); absent in older records. */
+  guestProtocol?: number;
 }
 
 /** The QEMU process: our child, or one adopted from a previous daemon (then polled for its exit). */
@@ -96,7 +112,7 @@ interface VmProcess {
 
 const LAUNCH_FILE = 'launch.json';
 
-export class QemuVm {
+export class QemuVm implements Vm {
   readonly id: string;
   readonly runDir: string;
   readonly shape: MachineShape;
@@ -110,6 +126,8 @@ export class QemuVm {
   readonly serialLogPath: string;
   /** The guest agent's port on the host (a unix socket QEMU serves; src/guest/agent/). */
   readonly agentSocketPath: string;
+  /** The protocol cocoon-init said hello with (on boot), or the snapshot's (on restore), or the launch record's (on adopt). */
+  guestProtocol: number | undefined;
   private readonly proc: VmProcess;
   private readonly serial: SerialLog;
   private readonly exitPromise: Promise<void>;
@@ -143,6 +161,15 @@ export class QemuVm {
     this.agentSocketPath = parts.launch.sockets.agent ?? path.join(qemuDirOf(parts.options.runDir), 'agent.sock');
   }
 
+  /** What a snapshot manifest records of who made it (types.ts `SnapshotManifest`). */
+  madeBy(): Pick<SnapshotManifest, 'vmm' | 'arch' | 'guestProtocol'> {
+    return {
+      vmm: { name: 'qemu', version: this.qmp.version ?? 'unknown' },
+      arch: QEMU_ARCH,
+      ...(this.guestProtocol !== undefined ? { guestProtocol: this.guestProtocol } : {}),
+    };
+  }
+
   get pid(): number {
     return this.proc.pid;
   }
@@ -160,6 +187,32 @@ export class QemuVm {
     const port = this.hostPorts.get(guestPort);
     if (port === undefined) throw new CocoonError('port_not_forwarded', `guest port ${guestPort} is not forwarded`);
     return port;
+  }
+
+  /** Forwarded ports listen on the host's loopback only. */
+  endpoint(guestPort: number): Endpoint {
+    return { host: '127.0.0.1', port: this.hostPort(guestPort) };
+  }
+
+  /** The control channel to cocoon-init (the driver interface's name for `guest`). */
+  get channel(): GuestChannel {
+    return this.guest;
+  }
+
+  /** A fork point of the running VM (fork-point.ts). */
+  forkPoint(targetDir: string, options: ForkPointOptions = {}): Promise<ForkPoint> {
+    return takeForkPoint(this, targetDir, options);
+  }
+
+  /** Continues the guest if QEMU has it paused (adopted in the middle of a snapshot or fork point). */
+  async ensureRunning(): Promise<void> {
+    const status = await this.qmp.execute('query-status', {});
+    if (!status.running) await this.qmp.execute('cont', {});
+  }
+
+  /** Continues a guest paused on a full data disk once there is room (space-watch.ts). */
+  watchDiskSpace(options: SpaceWatchOptions): () => void {
+    return watchDiskSpace(this, options);
   }
 
   /** Boots a fresh VM from kernel + initramfs + root disk; resolves once cocoon-init said hello. */
@@ -180,6 +233,7 @@ export class QemuVm {
    */
   static async restore(options: RestoreOptions): Promise<QemuVm> {
     const manifest = await readSnapshotManifest(options.snapshotDir);
+    assertSnapshotCompatible(options.snapshotDir, manifest);
     await verifySnapshot(options.snapshotDir, manifest);
     const hasChecksums = Boolean(manifest.files.mem.checksum && manifest.files.disk.checksum);
     const verify = options.verifyData === false ? false : options.verifyData === 'if-present' ? hasChecksums : true;
@@ -192,6 +246,7 @@ export class QemuVm {
     const stateFile = path.join(options.snapshotDir, manifest.files.state.name);
     return QemuVm.launch(options, manifest.shape, manifest.cmdline, disk, ramPath, {
       incoming: true,
+      ...(manifest.guestProtocol !== undefined ? { guestProtocol: manifest.guestProtocol } : {}),
       prepare: async () => {
         if (!verify) {
           // Unverified means made moments ago: still in the page cache, not yet written back.
@@ -280,6 +335,7 @@ export class QemuVm {
             disk: { name: diskName, format: this.disk.format, sizeBytes: 0 },
           },
           guestPorts: [...this.hostPorts.keys()],
+          ...this.madeBy(),
         },
       };
       await writePendingSnapshot(partial, pending, durable);
@@ -386,6 +442,7 @@ export class QemuVm {
     if (!processCmdline(record.pid).includes(options.runDir)) {
       throw new CocoonError('vm_gone', `pid ${record.pid} is not the QEMU of ${options.id}`);
     }
+    if (record.guestProtocol !== undefined) checkGuestProtocol(record.guestProtocol, `the guest of ${options.id}`);
     // Sockets a dead daemon served (migration) would block the next snapshot.
     const qemuDir = qemuDirOf(options.runDir);
     await Promise.all(['migrate.sock', 'incoming.sock'].map((name) => fs.promises.rm(path.join(qemuDir, name), { force: true })));
@@ -426,6 +483,7 @@ export class QemuVm {
     const [qmp, guest, serial] = channels;
     guest.helloSeen = true;
     const vm = new QemuVm({ launch, options, proc, qmp, guest, serial });
+    vm.guestProtocol = record.guestProtocol;
     log.info({ vm: options.id, pid: record.pid }, 'vm adopted');
     return vm;
   }
@@ -508,7 +566,7 @@ export class QemuVm {
     cmdline: string,
     disk: DiskSpec,
     ramPath: string,
-    steps: { incoming?: boolean; prepare: () => Promise<void>; start: (vm: QemuVm) => Promise<void> },
+    steps: { incoming?: boolean; guestProtocol?: number; prepare: () => Promise<void>; start: (vm: QemuVm) => Promise<void> },
   ): Promise<QemuVm> {
     validateId(options.id);
     const runDirExisted = fs.existsSync(options.runDir);
@@ -567,7 +625,7 @@ export class QemuVm {
       started = startQemu(launch, options.runDir, identity, cgroup);
       const { child, exit } = started;
       const launched = launch;
-      await writeLaunchRecord(options.runDir, {
+      const record: LaunchRecord = {
         formatVersion: 1,
         id: options.id,
         pid: child.pid ?? -1,
@@ -579,7 +637,9 @@ export class QemuVm {
         forwards: launch.forwards,
         sockets,
         cgroup,
-      });
+        ...(steps.guestProtocol !== undefined ? { guestProtocol: steps.guestProtocol } : {}),
+      };
+      await writeLaunchRecord(options.runDir, record);
       const [qmp, guest, serial] = await Promise.race([
         connectChannels(launched, options, giveUp.signal),
         exit.then(() => {
@@ -588,12 +648,18 @@ export class QemuVm {
       ]);
       const proc: VmProcess = { pid: child.pid ?? -1, exit, hold: () => child.ref() };
       vm = new QemuVm({ launch: launched, options, proc, qmp, guest, serial });
+      vm.guestProtocol = steps.guestProtocol;
       await Promise.race([
         steps.start(vm),
         exit.then(() => {
           throw qemuStartError(options.runDir, launched, vm);
         }),
       ]);
+      if (guest.protocolVersion !== undefined && vm.guestProtocol === undefined) {
+        // A boot: the version cocoon-init said hello with goes into the record, for an adopter.
+        vm.guestProtocol = guest.protocolVersion;
+        await writeLaunchRecord(options.runDir, { ...record, guestProtocol: guest.protocolVersion });
+      }
       log.info({ vm: options.id, pid: child.pid, accel: shape.accel, restore: launched.incoming }, 'vm started');
       // Start writing the RAM file back now, while the guest runs, so that the fsync of the next
       // snapshot only has the pages dirtied since (a fresh clone's pages are all dirty).
@@ -617,6 +683,21 @@ export class QemuVm {
       throw error;
     }
   }
+}
+
+/**
+ * Refuses a snapshot whose manifest says it was made by another VMM, for another architecture,
+ * or by a guest speaking a protocol this host does not. A manifest that says nothing (written
+ * before these were recorded) is restored as before.
+ */
+function assertSnapshotCompatible(dir: string, manifest: SnapshotManifest): void {
+  if (manifest.vmm !== undefined && manifest.vmm?.name !== 'qemu') {
+    throw new CocoonError('snapshot_incompatible', `snapshot ${dir} was made by ${String(manifest.vmm?.name)}, not QEMU: restore it on a host that runs that VMM`, { status: 422 });
+  }
+  if (manifest.arch !== undefined && manifest.arch !== QEMU_ARCH) {
+    throw new CocoonError('snapshot_incompatible', `snapshot ${dir} is of a ${String(manifest.arch)} guest; this host runs ${QEMU_ARCH} guests`, { status: 422 });
+  }
+  if (manifest.guestProtocol !== undefined) checkGuestProtocol(manifest.guestProtocol, `the guest in snapshot ${dir}`);
 }
 
 function validateId(id: string): void {
@@ -885,24 +966,6 @@ async function moveFile(from: string, to: string): Promise<void> {
     if ((error as NodeJS.ErrnoException).code !== 'EXDEV') throw error;
     await execFileAsync('cp', ['--sparse=always', '--', from, to]);
     await fs.promises.rm(from);
-  }
-}
-
-async function fsyncFile(file: string): Promise<void> {
-  const handle = await fs.promises.open(file, 'r+');
-  try {
-    await handle.datasync();
-  } finally {
-    await handle.close();
-  }
-}
-
-export async function fsyncDir(dir: string): Promise<void> {
-  const handle = await fs.promises.open(dir, 'r');
-  try {
-    await handle.sync();
-  } finally {
-    await handle.close();
   }
 }
 

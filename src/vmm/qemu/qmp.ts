@@ -58,6 +58,8 @@ interface Pending {
 const MAX_LINE_BYTES = 1024 * 1024; // QMP answers Cocoon reads are small; a bigger line is a fault
 
 export class QmpClient extends EventEmitter<{ event: [QmpEvent]; close: []; greeting: [] }> {
+  /** QEMU's version (`major.minor.micro`) from its greeting; recorded in snapshot manifests. */
+  version: string | undefined;
   private readonly socket: net.Socket;
   private readonly pending = new Map<number, Pending>();
   private nextId = 1;
@@ -176,6 +178,8 @@ export class QmpClient extends EventEmitter<{ event: [QmpEvent]; close: []; gree
       return; // QEMU only sends JSON; ignore anything else rather than crash
     }
     if ('QMP' in message) {
+      const qemu = (message.QMP as { version?: { qemu?: { major?: unknown; minor?: unknown; micro?: unknown } } } | undefined)?.version?.qemu;
+      if (qemu && [qemu.major, qemu.minor, qemu.micro].every((n) => Number.isInteger(n))) this.version = `${qemu.major}.${qemu.minor}.${qemu.micro}`;
       this.emit('greeting');
     } else if ('event' in message) {
       this.emit('event', message as unknown as QmpEvent);

@@ -8,19 +8,11 @@
 import fs from 'node:fs';
 import { errorMessage } from '../../common/errors.ts';
 import { log } from '../../common/log.ts';
+import type { SpaceWatchOptions } from '../driver.ts';
 import type { QmpEvent } from './qmp.ts';
 import type { QemuVm } from './qemu.ts';
 
-export interface SpaceWatchOptions {
-  /** A path on the filesystem the VM's files live on (its run directory). */
-  path: string;
-  /** Free bytes needed before the guest is continued (default 64 MiB). */
-  minFreeBytes?: number;
-  /** How often free space is checked while the guest is paused (default 2 s). */
-  intervalMs?: number;
-  onPaused?: () => void;
-  onContinued?: () => void;
-}
+export type { SpaceWatchOptions };
 
 /** Starts watching; the returned function stops (it also stops by itself when QEMU exits). */
 export function watchDiskSpace(vm: QemuVm, options: SpaceWatchOptions): () => void {
