@@ -214,6 +214,7 @@ export const ERROR_CODES = {
   kvm_unavailable: { status: 500, area: 'vmm', meaning: '`COCOON_ACCEL=kvm` but /dev/kvm is missing or unusable.' },
   no_space: { status: 507, area: 'vmm', meaning: 'No space left on the disk of the data directory (or in the guest): free space.' },
   port_in_use: { status: 409, area: 'vmm', meaning: 'The host port is in use already.' },
+  port_forward_failed: { status: 502, area: 'vmm', meaning: 'QEMU could not forward a guest port on demand (a request named a port not forwarded yet).' },
   port_not_forwarded: { status: 500, area: 'vmm', meaning: 'The guest port has no host forward on this VM.' },
   qemu_no_access: { status: 500, area: 'vmm', meaning: 'QEMU runs as an unprivileged user and cannot reach a file it needs (the message says which and how to fix it).' },
   qemu_user_failed: { status: 500, area: 'vmm', meaning: 'The system user for QEMU could not be created or read.' },

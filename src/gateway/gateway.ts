@@ -374,7 +374,15 @@ export function createGateway(options: GatewayOptions): Gateway {
           route = outcome.route;
       }
     }
-    const port = route.upstreamPortFor(a.guestPort);
+    let port = route.upstreamPortFor(a.guestPort);
+    // A port the token allows but nothing forwards yet (X-aws-proxy-port / X-Cocoon-Port): forward it now.
+    if (port === null && a.guestPort !== route.appPort && route.exposePort) {
+      try {
+        port = await route.exposePort(a.guestPort);
+      } catch (error) {
+        return { ok: false, rejection: dependencyFailure(error) };
+      }
+    }
     if (port === null) {
       return a.guestPort === route.appPort
         ? { ok: false, rejection: reject(502, 'upstream_unavailable', `microVM ${a.microvmId} exposes no route to its app port`) }

@@ -64,6 +64,12 @@ export interface MicroVMRoute {
   /** Host the forwarded ports listen on, normally `127.0.0.1`. */
   readonly upstreamHost: string;
   upstreamPortFor(guestPort: number): number | null;
+  /**
+   * Forwards a guest port that `upstreamPortFor` does not know yet (a request named it, and its
+   * token allows it) on the RUNNING microVM, answering its host port; null when it cannot now.
+   * Optional: without it such a port answers 404 port_not_exposed.
+   */
+  exposePort?(guestPort: number): Promise<number | null>;
 }
 
 /**

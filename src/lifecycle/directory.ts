@@ -20,9 +20,15 @@ export interface LiveRouteSource {
   ports: ReadonlyMap<number, number>;
 }
 
-export function liveRoute(source: LiveRouteSource, hostAddress: string): MicroVMRoute {
+export function liveRoute(
+  source: LiveRouteSource,
+  hostAddress: string,
+  /** Forwards a guest port not forwarded yet (gateway/types.ts `exposePort`). */
+  exposePort?: (guestPort: number) => Promise<number | null>,
+): MicroVMRoute {
   const ports = source.ports;
   return {
+    ...(exposePort ? { exposePort } : {}),
     id: source.id,
     state: source.terminating ? 'TERMINATING' : source.state,
     appPort: source.appPort,

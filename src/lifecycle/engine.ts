@@ -721,7 +721,20 @@ export class LifecycleEngine implements MicroVMDirectory {
   // ---- the gateway's directory ------------------------------------------------------------------
 
   #route(instance: Instance): MicroVMRoute {
-    return liveRoute(instance, this.#hostAddress);
+    return liveRoute(instance, this.#hostAddress, (guestPort) => this.#exposePort(instance, guestPort));
+  }
+
+  /**
+   * Forwards a guest port that nothing forwards yet on the VM running now (the gateway asks,
+   * for a port the request's token allows); null when the microVM does not run here now (a
+   * request racing a suspend gets 404 and may retry) or the driver cannot forward at run time.
+   */
+  async #exposePort(instance: Instance, guestPort: number): Promise<number | null> {
+    const vm = instance.vm;
+    if (!vm?.forwardPort || instance.state !== 'RUNNING' || instance.terminating) return null;
+    const endpoint = await vm.forwardPort(guestPort);
+    if (instance.vm === vm) instance.ports.set(guestPort, endpoint.port);
+    return endpoint.port;
   }
 
   lookup(microvmId: string): MicroVMRoute | null | Promise<MicroVMRoute | null> {

@@ -101,6 +101,12 @@ export interface Vm {
   /** Where `guestPort` is reachable; `port_not_forwarded` when it is not forwarded. */
   endpoint(guestPort: number): Endpoint;
   /**
+   * Forwards one more guest port while the VM runs and answers where it is reachable (at once
+   * when it is forwarded already); the next snapshot records it. Optional: a driver without it
+   * forwards only the ports it was started with.
+   */
+  forwardPort?(guestPort: number): Promise<Endpoint>;
+  /**
    * Takes a snapshot into `targetDir` (which must not exist) and ends the VM; the directory
    * appears whole or not at all. A failure before the commit lets the VM run on as before
    * (`details.vmRunning`).

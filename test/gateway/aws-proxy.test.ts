@@ -93,6 +93,28 @@ describe('gateway: X-aws-proxy-* credentials and lambda-microvms WebSocket subpr
     assert.equal(after.slice(before.length).includes('/refused-aws'), false, 'no refused request reached the guest');
   });
 
+  test('X-aws-proxy-port to a port nothing forwards yet: forwarded on demand, and again after a suspend and resume', async () => {
+    const EXTRA = 8099;
+    const before = await awsGet('/', { 'X-aws-proxy-auth': vm.token, 'X-aws-proxy-port': String(EXTRA) });
+    assert.equal(before.status, 502, `nothing listens on ${EXTRA} yet: ${before.body}`);
+    const started = await s.api('POST', `/microvms/${vm.id}/exec`, { command: ['/bin/testapp', String(EXTRA)], background: true });
+    assert.equal(started.status, 201, JSON.stringify(started.body));
+    let answer = before;
+    for (let i = 0; i < 100 && answer.status !== 200; i++) {
+      await new Promise((r) => setTimeout(r, 100));
+      answer = await awsGet('/', { 'X-aws-proxy-auth': vm.token, 'X-aws-proxy-port': String(EXTRA) });
+    }
+    assert.equal(answer.status, 200, answer.body);
+    assert.equal(answer.body, 'hello from testapp\n');
+    // A token that allows only 8080 still cannot open it.
+    const only8080 = await issue({ allowedPorts: [8080] });
+    assert.equal((await awsGet('/', { 'X-aws-proxy-auth': only8080.token, 'X-aws-proxy-port': String(EXTRA) })).status, 403);
+    // The snapshot records the forward: after a suspend and resume the port answers at once.
+    assert.equal((await s.api('POST', `/microvms/${vm.id}/suspend`)).status, 200);
+    const again = await awsGet('/count', { 'X-aws-proxy-auth': vm.token, 'X-aws-proxy-port': String(EXTRA) });
+    assert.equal(again.status, 200, again.body);
+  });
+
   function openWs(protocols: string[], headers: Record<string, string> = {}): Promise<{ ws: WebSocket } | { status: number }> {
     return new Promise((resolve, reject) => {
       const ws = new WebSocket(`ws://127.0.0.1:${s.gatewayPort}/ws`, protocols, { headers: { host: host(), ...headers } });

@@ -28,11 +28,13 @@ import { ensureEgressGuard } from '../../net/egress-guard.ts';
 import { findProcesses, killProcesses, processAlive, processCmdline, processStartTime, waitForProcessExit } from '../../host/processes.ts';
 import { type QemuIdentity, dropPrivilegesArgv, qemuIdentity } from '../../host/sandbox.ts';
 import { SerialLog, tailSerialLog } from './serial-log.ts';
+import { identityBeforeReading, isVerified, rememberVerified } from '../verified-files.ts';
 import { grantQemuAccess, isNoSpace, qemuDirOf, sealSnapshotFiles, snapshotFailure, takeBackSnapshotFiles } from '../snapshot-safety.ts';
 import {
   type PendingSnapshot,
   assertDataChecksums,
   checkDataChecksum,
+  dataChecksumKey,
   dataChecksums,
   readPendingSnapshot,
   readSnapshotManifest,
@@ -134,6 +136,8 @@ export class QemuVm implements Vm {
   private gone = false;
   /** An fsync of this VM's files failed once: what is on disk may lack pages, so no more snapshots. */
   private storageFailed: string | undefined;
+  /** Guest ports being forwarded by `forwardPort` right now (concurrent callers share one). */
+  private readonly pendingForwards = new Map<number, Promise<number>>();
 
   private constructor(parts: {
     launch: Pick<QemuLaunch, 'shape' | 'cmdline' | 'disk' | 'ram' | 'forwards' | 'sockets'>;
@@ -187,6 +191,42 @@ export class QemuVm implements Vm {
     const port = this.hostPorts.get(guestPort);
     if (port === undefined) throw new CocoonError('port_not_forwarded', `guest port ${guestPort} is not forwarded`);
     return port;
+  }
+
+  /**
+   * Forwards one more guest port while the VM runs (HMP `hostfwd_add` on the user-mode network),
+   * to a free port on 127.0.0.1; answers the host port (at once when it is forwarded already).
+   * The port is then in `hostPorts`, so a snapshot records it and a restore forwards it again.
+   * (launch.json keeps the ports of the start: a VM adopted after a daemon restart forgets it
+   * until its next restore.)
+   */
+  async forwardPort(guestPort: number): Promise<Endpoint> {
+    const known = this.hostPorts.get(guestPort);
+    if (known !== undefined) return { host: '127.0.0.1', port: known };
+    if (!Number.isInteger(guestPort) || guestPort < 1 || guestPort > 65535) {
+      throw new CocoonError('invalid_port', `guest port ${guestPort} is not a TCP port (1-65535)`, { status: 400 });
+    }
+    const pending = this.pendingForwards.get(guestPort);
+    if (pending) return { host: '127.0.0.1', port: await pending };
+    const work = (async (): Promise<number> => {
+      // A free port can be taken before QEMU binds it: one more try with another.
+      for (let attempt = 0; ; attempt++) {
+        const hostPort = await freeLoopbackPort();
+        const output = await this.qmp.execute('human-monitor-command', { 'command-line': `hostfwd_add net0 tcp:127.0.0.1:${hostPort}-:${guestPort}` });
+        if (typeof output === 'string' && output.trim() !== '') {
+          if (attempt < 1) continue;
+          throw new CocoonError('port_forward_failed', `QEMU could not forward guest port ${guestPort}: ${output.trim().slice(0, 200)}`, { status: 502 });
+        }
+        (this.hostPorts as Map<number, number>).set(guestPort, hostPort);
+        return hostPort;
+      }
+    })();
+    this.pendingForwards.set(guestPort, work);
+    try {
+      return { host: '127.0.0.1', port: await work };
+    } finally {
+      this.pendingForwards.delete(guestPort);
+    }
   }
 
   /** Forwarded ports listen on the host's loopback only. */
@@ -253,12 +293,26 @@ export class QemuVm implements Vm {
           await Promise.all([cloneRamFile(path.join(options.snapshotDir, manifest.files.mem.name), ramPath, { nosync: true }), createDiskLayer(snapshotDisk, manifest.files.disk.format, disk.path)]);
           return;
         }
-        const [[memChecksum, diskChecksum]] = await Promise.all([
-          cloneRamFile(path.join(options.snapshotDir, manifest.files.mem.name), ramPath, { checksum: true, alsoChecksum: [snapshotDisk] }),
-          createDiskLayer(snapshotDisk, manifest.files.disk.format, disk.path),
-        ]);
-        checkDataChecksum(options.snapshotDir, manifest, 'mem', memChecksum);
-        checkDataChecksum(options.snapshotDir, manifest, 'disk', diskChecksum);
+        // Files verified before and unchanged since (same identity: verified-files.ts, e.g. an
+        // image snapshot restored again) are copied without reading them for a checksum; their
+        // identity is checked again once the copy is made, so a change meanwhile is caught.
+        const memFile = path.join(options.snapshotDir, manifest.files.mem.name);
+        const memKey = dataChecksumKey(manifest.files.mem.checksum)!;
+        const diskKey = dataChecksumKey(manifest.files.disk.checksum)!;
+        const remembered = async () => (await Promise.all([isVerified(memFile, memKey), isVerified(snapshotDisk, diskKey)])).every(Boolean);
+        const copyMemory = async (): Promise<void> => {
+          if (await remembered()) {
+            await cloneRamFile(memFile, ramPath);
+            if (await remembered()) return;
+            await fs.promises.rm(ramPath, { force: true });
+          }
+          const [memBefore, diskBefore] = await Promise.all([identityBeforeReading(memFile), identityBeforeReading(snapshotDisk)]);
+          const [memChecksum, diskChecksum] = await cloneRamFile(memFile, ramPath, { checksum: true, alsoChecksum: [snapshotDisk] });
+          checkDataChecksum(options.snapshotDir, manifest, 'mem', memChecksum);
+          checkDataChecksum(options.snapshotDir, manifest, 'disk', diskChecksum);
+          await Promise.all([rememberVerified(memFile, memBefore, memKey), rememberVerified(snapshotDisk, diskBefore, diskKey)]);
+        };
+        await Promise.all([copyMemory(), createDiskLayer(snapshotDisk, manifest.files.disk.format, disk.path)]);
       },
       start: async (vm) => {
         try {

@@ -35,6 +35,8 @@ export interface QmpCommands {
   };
   'query-cpus-fast': { args: Record<string, never>; ret: Array<{ 'cpu-index': number; 'thread-id': number }> };
   'query-balloon': { args: Record<string, never>; ret: { actual: number } };
+  /** A human-monitor (HMP) command; its text output is the result (hostfwd_add has no QMP form). */
+  'human-monitor-command': { args: { 'command-line': string }; ret: string };
 }
 
 type CommandName = keyof QmpCommands;
