@@ -10,6 +10,7 @@ import path from 'node:path';
 import { CocoonError } from '../common/errors.ts';
 import { runSparseHelper } from './native/helper.ts';
 import type { DataChecksum, SnapshotManifest } from './types.ts';
+import { identityBeforeReading, isVerified, rememberVerified } from './verified-files.ts';
 
 const MAX_MANIFEST_BYTES = 64 * 1024;
 const FILE_NAME = /^[a-z0-9][a-z0-9._-]{0,63}$/;
@@ -46,7 +47,10 @@ export async function readSnapshotManifest(dir: string): Promise<SnapshotManifes
   return manifest;
 }
 
-/** Checks that every file is there with the recorded size, and the device state's checksum. */
+/**
+ * Checks that every file is there with the recorded size, and the device state's checksum (once
+ * per file identity: verified-files.ts).
+ */
 export async function verifySnapshot(dir: string, manifest: SnapshotManifest): Promise<void> {
   const { state, mem, disk } = manifest.files;
   for (const file of [state, mem, disk]) {
@@ -58,9 +62,19 @@ export async function verifySnapshot(dir: string, manifest: SnapshotManifest): P
     }
     if (size !== file.sizeBytes) throw corrupt(dir, `${file.name} is ${size} bytes, expected ${file.sizeBytes}`);
   }
+  const stateFile = path.join(dir, state.name);
+  const key = `sha256:${state.sha256}`;
+  if (await isVerified(stateFile, key)) return;
+  const before = await identityBeforeReading(stateFile);
   const hash = createHash('sha256');
-  for await (const chunk of fs.createReadStream(path.join(dir, state.name))) hash.update(chunk as Buffer);
+  for await (const chunk of fs.createReadStream(stateFile)) hash.update(chunk as Buffer);
   if (hash.digest('hex') !== state.sha256) throw corrupt(dir, `${state.name} does not match its checksum`);
+  await rememberVerified(stateFile, before, key);
+}
+
+/** The key a data file's verification is remembered under (verified-files.ts). */
+export function dataChecksumKey(checksum: DataChecksum | undefined): string | undefined {
+  return checksum ? `${checksum.algorithm}:${checksum.value}` : undefined;
 }
 
 /**
@@ -100,14 +114,21 @@ export function checkDataChecksum(dir: string, manifest: SnapshotManifest, which
  */
 export async function verifySnapshotData(dir: string, manifest: SnapshotManifest, which: DataFile[] = ['mem', 'disk']): Promise<void> {
   assertDataChecksums(dir, manifest);
+  const file = (name: DataFile) => path.join(dir, manifest.files[name].name);
+  const key = (name: DataFile) => dataChecksumKey(manifest.files[name].checksum)!;
+  const known = await Promise.all(which.map((name) => isVerified(file(name), key(name))));
+  const todo = which.filter((_, index) => !known[index]);
+  if (todo.length === 0) return;
+  const before = await Promise.all(todo.map((name) => identityBeforeReading(file(name))));
   let actual: DataChecksum[];
   try {
-    actual = await dataChecksums(which.map((name) => path.join(dir, manifest.files[name].name)));
+    actual = await dataChecksums(todo.map(file));
   } catch (error) {
     if (error instanceof CocoonError && error.code === 'helper_missing') throw error;
     throw corrupt(dir, `its files cannot be read: ${(error as Error).message}`);
   }
-  for (const [index, name] of which.entries()) checkDataChecksum(dir, manifest, name, actual[index]);
+  for (const [index, name] of todo.entries()) checkDataChecksum(dir, manifest, name, actual[index]);
+  await Promise.all(todo.map((name, index) => rememberVerified(file(name), before[index], key(name))));
 }
 
 /** Parses the helper's checksum line (`<hex> <pages> <size>`). */

@@ -12,6 +12,7 @@ import { isCocoonError, type ErrorCode } from '../../src/common/errors.ts';
 import { loadGuestArtifacts } from '../../src/guest/artifacts.ts';
 import { QemuVm } from '../../src/vmm/qemu/qemu.ts';
 import { dataChecksums, readSnapshotManifest } from '../../src/vmm/snapshot.ts';
+import { verifiedFileHits } from '../../src/vmm/verified-files.ts';
 import type { SnapshotManifest } from '../../src/vmm/types.ts';
 import { fillFilesystem, useFaultDir } from '../support/faults.ts';
 import { makeTestRootDisk } from '../support/rootfs.ts';
@@ -191,6 +192,71 @@ describe('snapshot integrity', () => {
       assert.equal(await httpGet(`http://127.0.0.1:${vm.hostPort(APP_PORT)}/cgi-bin/count`), '2');
     } finally {
       await vm.destroy();
+    }
+  });
+
+  test('a snapshot verified once restores again without its files read for checksums; a file changed since is refused', { timeout: 300_000 }, async () => {
+    // The damages a remembered verification must not hide: each on its own copy of the snapshot,
+    // verified (restored) first, then changed with its modification time put back.
+    const keepTimes = (file: string, change: () => void) => {
+      const { atime, mtime } = fs.statSync(file);
+      change();
+      fs.utimesSync(file, atime, mtime);
+    };
+    const changes: Array<[string, RegExp, (snapshot: string) => void]> = [
+      ['a byte of the memory file changed', /mem does not match its checksum/, (s) => {
+        const mem = path.join(s, 'mem');
+        const at = firstDataPage(mem, 1024 * 1024) + 99;
+        keepTimes(mem, () => patch(mem, at, Buffer.from([(readAt(mem, at, 1)[0] ?? 0) ^ 0x04])));
+      }],
+      ['the device state changed', /state does not match its checksum/, (s) => {
+        const state = path.join(s, 'state');
+        const at = Math.floor(fs.statSync(state).size / 2);
+        keepTimes(state, () => patch(state, at, Buffer.from([(readAt(state, at, 1)[0] ?? 0) ^ 0x10])));
+      }],
+      ['the memory file one page longer', /mem is \d+ bytes, expected/, (s) => {
+        const mem = path.join(s, 'mem');
+        keepTimes(mem, () => fs.truncateSync(mem, fs.statSync(mem).size + PAGE));
+      }],
+      ['the disk replaced by another file (a copy with one byte changed, same times)', /disk\.raw does not match its checksum/, (s) => {
+        const disk = path.join(s, 'disk.raw');
+        const other = path.join(s, 'disk.other');
+        execFileSync('cp', ['-a', '--sparse=always', disk, other]);
+        const at = firstDataPage(other, 0) + 11;
+        keepTimes(other, () => patch(other, at, Buffer.from([(readAt(other, at, 1)[0] ?? 0) ^ 0x20])));
+        fs.renameSync(other, disk);
+      }],
+    ];
+    const copies = [-1, ...changes.keys()].map((index) => {
+      const copy = path.join(dir, `remembered-${index}`);
+      execFileSync('cp', ['-a', '--sparse=always', snapshotDir, copy]);
+      return copy;
+    });
+    try {
+      // Files changed in the last 2 s are verified but not remembered (timestamps tick coarsely).
+      await new Promise((resolve) => setTimeout(resolve, 2500));
+      const restore = async (copy: string, name: string) => {
+        const vm = await QemuVm.restore({ id: name, runDir: path.join(dir, `run-${name}`), snapshotDir: copy, network });
+        try {
+          return await httpGet(`http://127.0.0.1:${vm.hostPort(APP_PORT)}/cgi-bin/count`);
+        } finally {
+          await vm.destroy();
+        }
+      };
+      for (const [index, copy] of copies.entries()) assert.equal(await restore(copy, `first-${index}`), '2', 'verified in full, restored');
+      const hits = verifiedFileHits();
+      assert.equal(await restore(copies[0]!, 'again'), '2');
+      assert.ok(verifiedFileHits() >= hits + 3, 'the second restore took the device state, memory file and disk as verified');
+
+      for (const [index, [what, message, change]] of changes.entries()) {
+        const copy = copies[index + 1]!;
+        change(copy);
+        const runDir = path.join(dir, `run-changed-${index}`);
+        await assert.rejects(QemuVm.restore({ id: `changed-${index}`, runDir, snapshotDir: copy, network }), hasCode('snapshot_corrupt', message), what);
+        assert.deepEqual(qemuProcessesMentioning(runDir), [], `${what}: no QEMU is left`);
+      }
+    } finally {
+      for (const copy of copies) fs.rmSync(copy, { recursive: true, force: true });
     }
   });
 

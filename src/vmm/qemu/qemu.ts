@@ -28,11 +28,13 @@ import { ensureEgressGuard } from '../../net/egress-guard.ts';
 import { findProcesses, killProcesses, processAlive, processCmdline, processStartTime, waitForProcessExit } from '../../host/processes.ts';
 import { type QemuIdentity, dropPrivilegesArgv, qemuIdentity } from '../../host/sandbox.ts';
 import { SerialLog, tailSerialLog } from './serial-log.ts';
+import { identityBeforeReading, isVerified, rememberVerified } from '../verified-files.ts';
 import { grantQemuAccess, isNoSpace, qemuDirOf, sealSnapshotFiles, snapshotFailure, takeBackSnapshotFiles } from '../snapshot-safety.ts';
 import {
   type PendingSnapshot,
   assertDataChecksums,
   checkDataChecksum,
+  dataChecksumKey,
   dataChecksums,
   readPendingSnapshot,
   readSnapshotManifest,
@@ -291,12 +293,26 @@ export class QemuVm implements Vm {
           await Promise.all([cloneRamFile(path.join(options.snapshotDir, manifest.files.mem.name), ramPath, { nosync: true }), createDiskLayer(snapshotDisk, manifest.files.disk.format, disk.path)]);
           return;
         }
-        const [[memChecksum, diskChecksum]] = await Promise.all([
-          cloneRamFile(path.join(options.snapshotDir, manifest.files.mem.name), ramPath, { checksum: true, alsoChecksum: [snapshotDisk] }),
-          createDiskLayer(snapshotDisk, manifest.files.disk.format, disk.path),
-        ]);
-        checkDataChecksum(options.snapshotDir, manifest, 'mem', memChecksum);
-        checkDataChecksum(options.snapshotDir, manifest, 'disk', diskChecksum);
+        // Files verified before and unchanged since (same identity: verified-files.ts, e.g. an
+        // image snapshot restored again) are copied without reading them for a checksum; their
+        // identity is checked again once the copy is made, so a change meanwhile is caught.
+        const memFile = path.join(options.snapshotDir, manifest.files.mem.name);
+        const memKey = dataChecksumKey(manifest.files.mem.checksum)!;
+        const diskKey = dataChecksumKey(manifest.files.disk.checksum)!;
+        const remembered = async () => (await Promise.all([isVerified(memFile, memKey), isVerified(snapshotDisk, diskKey)])).every(Boolean);
+        const copyMemory = async (): Promise<void> => {
+          if (await remembered()) {
+            await cloneRamFile(memFile, ramPath);
+            if (await remembered()) return;
+            await fs.promises.rm(ramPath, { force: true });
+          }
+          const [memBefore, diskBefore] = await Promise.all([identityBeforeReading(memFile), identityBeforeReading(snapshotDisk)]);
+          const [memChecksum, diskChecksum] = await cloneRamFile(memFile, ramPath, { checksum: true, alsoChecksum: [snapshotDisk] });
+          checkDataChecksum(options.snapshotDir, manifest, 'mem', memChecksum);
+          checkDataChecksum(options.snapshotDir, manifest, 'disk', diskChecksum);
+          await Promise.all([rememberVerified(memFile, memBefore, memKey), rememberVerified(snapshotDisk, diskBefore, diskKey)]);
+        };
+        await Promise.all([copyMemory(), createDiskLayer(snapshotDisk, manifest.files.disk.format, disk.path)]);
       },
       start: async (vm) => {
         try {
