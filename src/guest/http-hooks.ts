@@ -21,8 +21,8 @@ export function httpHookPath(name: HttpHookName): string {
 }
 
 export interface HttpHookCall {
-  /** 127.0.0.1 port forwarded to the hooks port in the guest. */
-  hostPort: number;
+  /** Where the hooks port in the guest is reachable (the VM's endpoint for it). */
+  endpoint: { host: string; port: number };
   name: HttpHookName;
   timeoutMs: number;
   /** The request body (the run hook's payload); none: an empty body. */
@@ -41,12 +41,12 @@ export type HttpHookOutcome =
 const RETRY_DELAY_MS = 200;
 
 /** One POST; resolves with the status, or rejects with the connection's or the timer's error. */
-function postOnce(hostPort: number, path: string, body: Buffer, signal: AbortSignal): Promise<number> {
+function postOnce(endpoint: { host: string; port: number }, path: string, body: Buffer, signal: AbortSignal): Promise<number> {
   return new Promise((resolve, reject) => {
     const req = http.request(
       {
-        host: '127.0.0.1',
-        port: hostPort,
+        host: endpoint.host,
+        port: endpoint.port,
         method: 'POST',
         path,
         // No keep-alive: a hook call is rare, and a pooled connection could outlive the VM.
@@ -87,7 +87,7 @@ export async function callHttpHook(call: HttpHookCall): Promise<HttpHookOutcome>
     attempts++;
     let status: number | undefined;
     try {
-      status = await postOnce(call.hostPort, path, body, signal);
+      status = await postOnce(call.endpoint, path, body, signal);
     } catch (error) {
       if (!signal.aborted) last = (error as NodeJS.ErrnoException).code ?? (error as Error).message;
     }

@@ -294,7 +294,7 @@ async function runBuildHttpHooks(vm: Vm, image: Image, buildLog: BuildLog, signa
     if (!hook) continue;
     buildLog.say(`HTTP hook ${name}: POST ${httpHookPath(name)} on port ${hooks.port} (up to ${hook.timeoutSeconds} s)`);
     const outcome = await callHttpHook({
-      hostPort: vm.endpoint(hooks.port).port,
+      endpoint: vm.endpoint(hooks.port),
       name,
       timeoutMs: hook.timeoutSeconds * 1000,
       retryUnavailable: true,

@@ -550,9 +550,9 @@ export class LifecycleEngine implements MicroVMDirectory {
     const hooks = instance.httpHooks;
     const hook = hooks?.[name];
     if (!hooks || !hook) return;
-    let hostPort: number;
+    let endpoint: { host: string; port: number };
     try {
-      hostPort = vm.endpoint(hooks.port).port;
+      endpoint = vm.endpoint(hooks.port);
     } catch (error) {
       const line = `HTTP hook ${name} not sent: ${errorMessage(error)}`;
       await appendLog(this.dataDir, instance.id, line);
@@ -560,7 +560,7 @@ export class LifecycleEngine implements MicroVMDirectory {
       return;
     }
     const body = name === 'run' ? await getRunHookPayload(this.db, instance.id) : undefined;
-    const outcome = await callHttpHook({ hostPort, name, timeoutMs: hook.timeoutSeconds * 1000, body, retryUnavailable: false });
+    const outcome = await callHttpHook({ endpoint, name, timeoutMs: hook.timeoutSeconds * 1000, body, retryUnavailable: false });
     if (name === 'run') await clearRunHookPayload(this.db, instance.id);
     const line = describeHttpHookOutcome(name, outcome, hook.timeoutSeconds);
     const status = outcome.ok ? 200 : outcome.reason === 'status' ? outcome.status : outcome.reason;
