@@ -44,3 +44,23 @@ test('every .md file named in docs and source is in the repository', () => {
   }
   assert.deepEqual(missing, [], `files named but not in the repository (bring what is needed into docs/ and point there):\n${missing.join('\n')}`);
 });
+
+/** Paths the docs name that are not files of this repository, on purpose (with why). */
+const NOT_OURS = new Set([
+  'docs/e2b.md src/index.ts', // a file of the E2B SDK's test harness that the page tells you to write
+]);
+
+test('every repository path the docs name (src/…, test/…, bench/…, scripts/…, packages/…) exists', () => {
+  const missing: string[] = [];
+  for (const file of tracked.filter((f) => f.endsWith('.md'))) {
+    if (!fs.existsSync(path.join(ROOT, file))) continue;
+    fs.readFileSync(path.join(ROOT, file), 'utf8').split('\n').forEach((line, i) => {
+      for (const m of line.matchAll(/(?<![\w/.-])((?:src|test|bench|scripts|packages)\/[\w./-]+\.(?:ts|js|c|h|sh|py|json))\b/g)) {
+        const name = m[1]!;
+        if (NOT_OURS.has(`${file} ${name}`)) continue;
+        if (!fs.existsSync(path.join(ROOT, name)) && !fs.existsSync(path.join(ROOT, path.dirname(file), name))) missing.push(`${file}:${i + 1} names ${name}`);
+      }
+    });
+  }
+  assert.deepEqual(missing, [], `paths named in the docs that are not in the repository (moved or never written?):\n${missing.join('\n')}`);
+});
