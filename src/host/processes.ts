@@ -4,6 +4,7 @@
  * killing and waiting for processes that are not our children (adopted after a restart).
  */
 import fs from 'node:fs';
+import { CocoonError } from '../common/errors.ts';
 
 /** Start time of a process in clock ticks since boot (field 22 of /proc/<pid>/stat), or undefined when gone. */
 export function processStartTime(pid: number): number | undefined {
@@ -74,4 +75,18 @@ export async function killProcesses(program: string, marker: string, keep?: Read
   }
   await Promise.all(pids.map((pid) => waitForProcessExit(pid, undefined, { intervalMs: 10, keepAlive: () => true })));
   return pids;
+}
+
+/** CPU time and resident memory of a process, from /proc. */
+export function processStats(pid: number): { pid: number; rssBytes: number; cpuMs: number } {
+  try {
+    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    const ticks = Number(fields[11]) + Number(fields[12]); // utime + stime
+    const status = fs.readFileSync(`/proc/${pid}/status`, 'utf8');
+    const rssKiB = Number(/VmRSS:\s+(\d+)/.exec(status)?.[1] ?? 0);
+    return { pid, rssBytes: rssKiB * 1024, cpuMs: (ticks * 1000) / 100 };
+  } catch {
+    throw new CocoonError('vm_gone', `process ${pid} is not running`);
+  }
 }

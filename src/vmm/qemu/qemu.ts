@@ -16,6 +16,8 @@ import { log } from '../../common/log.ts';
 import type { Endpoint, ForkPoint, ForkPointOptions, SnapshotOptions, SpaceWatchOptions, Vm } from '../driver.ts';
 import { GuestChannel, checkGuestProtocol } from '../guest-channel.ts';
 import { QEMU_ARCH } from './arch.ts';
+import { noSpaceError, qemuKilledError, qemuStartError } from './start-errors.ts';
+import { commitSnapshot, fsyncFailure, moveFile, sealData } from '../snapshot-commit.ts';
 import { takeForkPoint } from './fork-point.ts';
 import { watchDiskSpace } from './space-watch.ts';
 import { loadDeviceState, saveDeviceState } from './migration.ts';
@@ -25,22 +27,20 @@ import { assertPortFree, freeLoopbackPort } from '../../net/ports.ts';
 import { cloneRamFile, createRamFile, digHoles, releaseUnusedRam } from '../ram-file.ts';
 import { type VmCgroup, createVmCgroup, defaultLimits, joinCgroupScript, removeVmCgroup } from '../../host/cgroups.ts';
 import { ensureEgressGuard } from '../../net/egress-guard.ts';
-import { findProcesses, killProcesses, processAlive, processCmdline, processStartTime, waitForProcessExit } from '../../host/processes.ts';
+import { findProcesses, killProcesses, processStats, processAlive, processCmdline, processStartTime, waitForProcessExit } from '../../host/processes.ts';
 import { type QemuIdentity, dropPrivilegesArgv, qemuIdentity } from '../../host/sandbox.ts';
 import { SerialLog, tailSerialLog } from './serial-log.ts';
 import { identityBeforeReading, isVerified, rememberVerified } from '../verified-files.ts';
-import { grantQemuAccess, isNoSpace, qemuDirOf, sealSnapshotFiles, snapshotFailure, takeBackSnapshotFiles } from '../snapshot-safety.ts';
+import { grantQemuAccess, qemuDirOf, sealSnapshotFiles, snapshotFailure, takeBackSnapshotFiles } from '../snapshot-safety.ts';
 import {
   type PendingSnapshot,
   assertDataChecksums,
   checkDataChecksum,
   dataChecksumKey,
-  dataChecksums,
   readPendingSnapshot,
   readSnapshotManifest,
   verifySnapshot,
   writePendingSnapshot,
-  writeSnapshotManifest,
 } from '../snapshot.ts';
 import {
   type BootOptions,
@@ -84,6 +84,8 @@ export async function clearRunFiles(runDir: string): Promise<void> {
 }
 
 export type { SnapshotOptions };
+/** /proc stats of a process (src/host/processes.ts). */
+export { processStats };
 
 /** What `launch.json` in a run directory records, so that a restarted daemon can adopt the VM. */
 interface LaunchRecord {
@@ -874,44 +876,6 @@ async function exitedWithin(exit: Promise<void>, ms: number): Promise<boolean> {
   return result;
 }
 
-function qemuStartError(runDir: string, launch: QemuLaunch | undefined, vm?: QemuVm): CocoonError {
-  let output = '';
-  try {
-    output = fs.readFileSync(path.join(runDir, 'qemu.log'), 'utf8').trim().slice(-2000);
-  } catch {
-    // no log
-  }
-  if (/hostfwd|host forwarding rule/i.test(output)) {
-    const ports = launch?.forwards.map((f) => f.hostPort).join(', ') ?? '';
-    return new CocoonError('port_in_use', `QEMU could not listen on host port(s) ${ports}: ${output}`, { status: 409 });
-  }
-  if (launch?.incoming && /migration|load of/i.test(output)) {
-    return new CocoonError('snapshot_corrupt', `QEMU could not load the snapshot (damaged, or made for another machine shape): ${output}`, {
-      status: 422,
-    });
-  }
-  const console = vm ? `\nlast console lines:\n${vm.serialTail(20)}` : '';
-  return new CocoonError('vm_start_failed', `QEMU exited while starting: ${output || '(no output)'}${console}`);
-}
-
-/** `no_space` for an error that says the disk is full (a raw ENOSPC from a file operation). */
-function noSpaceError(error: unknown, id: string): CocoonError | undefined {
-  if (isCocoonError(error, 'no_space') || !isNoSpace(error)) return undefined;
-  return new CocoonError('no_space', `no space left on the data directory's disk to start ${id}: ${errorMessage(error)}`, {
-    status: 507,
-    cause: error,
-  });
-}
-
-function qemuKilledError(id: string, signal: string, restoring: boolean): CocoonError {
-  return new CocoonError(
-    'vm_killed',
-    `QEMU of ${id} was killed by ${signal} while ${restoring ? 'restoring' : 'booting'} (from outside Cocoon: the OOM killer, an operator); ` +
-      (restoring ? 'the snapshot is untouched and can be restored again' : 'try again'),
-    { status: 503 },
-  );
-}
-
 async function killAndWait(started: { child: ChildProcess; exit: Promise<void> }): Promise<void> {
   started.child.ref();
   try {
@@ -966,17 +930,6 @@ async function completeSnapshot(partial: string, targetDir: string, pending: Pen
   return manifest;
 }
 
-/**
- * The commit point of a snapshot: the manifest (the files' sizes and checksums) is written and
- * fsynced last, the pending record goes, and one rename makes the directory appear whole.
- */
-async function commitSnapshot(partial: string, targetDir: string, manifest: SnapshotManifest, durable: boolean): Promise<void> {
-  await fs.promises.rm(path.join(partial, 'manifest.json'), { force: true });
-  await writeSnapshotManifest(partial, manifest, durable);
-  await fs.promises.rm(path.join(partial, 'pending.json'), { force: true });
-  await fs.promises.rename(partial, targetDir);
-}
-
 async function removeLaunchFiles(runDir: string, disk: DiskSpec, ramPath: string): Promise<void> {
   const names = ['qmp.sock', 'guest.sock', 'serial.sock', 'agent.sock', 'incoming.sock', 'migrate.sock', 'qemu.pid', LAUNCH_FILE];
   await Promise.all([
@@ -996,43 +949,3 @@ export async function createDiskLayer(backing: string, backingFormat: 'raw' | 'q
   }
 }
 
-/** The failed fsync behind an error, if that is what it is (`fsync: EIO`). */
-function fsyncFailure(error: unknown): string | undefined {
-  for (let e = error, depth = 0; e && depth < 8; e = (e as { cause?: unknown }).cause, depth++) {
-    const { syscall, code } = e as NodeJS.ErrnoException;
-    if (syscall === 'fsync' || syscall === 'fdatasync') return `${syscall}: ${code ?? 'error'}`;
-  }
-  return undefined;
-}
-
-/** Checksums of the RAM file and disk (open files), and their fsyncs when durable, side by side. */
-function sealData(handles: fs.promises.FileHandle[], durable: boolean): Promise<[DataChecksum[], unknown]> {
-  return Promise.all([
-    dataChecksums(handles.map((handle) => handle.fd)),
-    durable ? Promise.all(handles.map((handle) => handle.datasync())) : undefined,
-  ]);
-}
-
-async function moveFile(from: string, to: string): Promise<void> {
-  try {
-    await fs.promises.rename(from, to);
-  } catch (error) {
-    if ((error as NodeJS.ErrnoException).code !== 'EXDEV') throw error;
-    await execFileAsync('cp', ['--sparse=always', '--', from, to]);
-    await fs.promises.rm(from);
-  }
-}
-
-/** CPU time and resident memory of a process, from /proc. */
-export function processStats(pid: number): VmStats {
-  try {
-    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
-    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-    const ticks = Number(fields[11]) + Number(fields[12]); // utime + stime
-    const status = fs.readFileSync(`/proc/${pid}/status`, 'utf8');
-    const rssKiB = Number(/VmRSS:\s+(\d+)/.exec(status)?.[1] ?? 0);
-    return { pid, rssBytes: rssKiB * 1024, cpuMs: (ticks * 1000) / 100 };
-  } catch {
-    throw new CocoonError('vm_gone', `process ${pid} is not running`);
-  }
-}
