@@ -35,9 +35,7 @@ const PAYLOAD = '{"hello":"from boto3","n":42}';
  * Steps that need a part of issue 14 that is not on main yet, each with the reason: reported as
  * TODO (they still run and show their outcome), not failed. Empty once everything has landed.
  */
-const KNOWN_GAPS: Record<string, string> = {
-  'X-aws-proxy-port: another guest port': 'pipeline-built images forward only their app port (404 port_not_exposed) until on-demand forwarding lands',
-};
+const KNOWN_GAPS: Record<string, string> = {};
 
 interface Credentials {
   keyId: string;
