@@ -87,10 +87,12 @@ describe('OpenAPI document', () => {
     const extra = operations().map((o) => `${o.method} ${o.path}`).filter((o) => !registered.has(o));
     assert.deepEqual(extra, [], 'the document names no route the server lacks');
     // Routes outside the API are the dashboard's public assets, hidden from the document, and
-    // compatibility surfaces (E2B under /e2b) with their own auth and their own documents.
-    const outside = server.routes.filter((r) => !r.url.startsWith('/api/v1/') && !r.url.startsWith('/e2b/') && r.method !== 'HEAD');
-    for (const route of server.routes.filter((r) => r.url.startsWith('/e2b/'))) {
-      assert.ok(route.hidden, `${route.method} ${route.url} (E2B surface) is not in Cocoon's own document`);
+    // compatibility surfaces (E2B under /e2b; AWS Lambda MicroVMs under its model's dated
+    // prefixes) with their own auth and their own documents.
+    const compat = (url: string) => url.startsWith('/e2b/') || url.startsWith('/2025-09-09/') || url.startsWith('/2017-03-31/');
+    const outside = server.routes.filter((r) => !r.url.startsWith('/api/v1/') && !compat(r.url) && r.method !== 'HEAD');
+    for (const route of server.routes.filter((r) => compat(r.url))) {
+      assert.ok(route.hidden, `${route.method} ${route.url} (compatibility surface) is not in Cocoon's own document`);
     }
     for (const route of outside) {
       assert.ok(route.hidden && route.public, `${route.method} ${route.url} is a hidden public asset route`);

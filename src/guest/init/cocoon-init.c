@@ -555,10 +555,19 @@ static pid_t workload_pid;
 static int shutting_down;
 static struct timespec shutdown_deadline;
 
+/* The workload leads its own process group, but only once its child side has run setsid(): a
+ * shutdown that comes right after the fork would find no such group (ESRCH) and the signal would
+ * be lost, leaving the workload to the SIGKILL at the end of the grace period. Then the process
+ * itself gets it (still blocked there until it unblocks its signals, so nothing is missed). */
+static void signal_workload(int sig) {
+  if (workload_pid <= 0) return;
+  if (kill(-workload_pid, sig) < 0 && errno == ESRCH) kill(workload_pid, sig);
+}
+
 static void begin_shutdown(long grace_ms) {
   if (shutting_down) return;
   shutting_down = 1;
-  if (workload_pid > 0) kill(-workload_pid, SIGTERM);
+  signal_workload(SIGTERM);
   clock_gettime(CLOCK_MONOTONIC, &shutdown_deadline);
   shutdown_deadline.tv_sec += grace_ms / 1000 + 1;
 }
@@ -771,7 +780,7 @@ int main(void) {
     if (nwaiters) check_waiters();
     if (nrunning_hooks) check_hook_timeouts();
     if (shutting_down) {
-      if (workload_pid > 0 && ms_until(&shutdown_deadline) <= 0) kill(-workload_pid, SIGKILL);
+      if (workload_pid > 0 && ms_until(&shutdown_deadline) <= 0) signal_workload(SIGKILL);
       if (workload_pid == 0) {
         flush_outbox();
         logf_("powering off");
