@@ -103,7 +103,10 @@ async function main(): Promise<void> {
         ? {
             pauseAt: async (point: string, microvmId: string) => {
               if (point !== pausePoint) return;
-              fs.writeFileSync(path.join(config.dataDir, 'paused'), `${point} ${microvmId}`);
+              // Written aside and renamed: the test polls for the file and must never read it empty.
+              const marker = path.join(config.dataDir, 'paused');
+              fs.writeFileSync(`${marker}.tmp`, `${point} ${microvmId}`);
+              fs.renameSync(`${marker}.tmp`, marker);
               await new Promise(() => undefined); // hang here until killed
             },
           }
