@@ -1,5 +1,6 @@
 import { InvalidArgumentError } from './errors.ts';
 import type { CallOptions, Transport } from './http.ts';
+import { toStream } from './streams.ts';
 import type { Bundle } from './types.ts';
 
 /** What `bundles.push` accepts. */
@@ -26,24 +27,6 @@ function sniff(head: Uint8Array): string | undefined {
   if (head[0] === 0x1f && head[1] === 0x8b) return 'application/gzip';
   if (head[0] === 0x50 && head[1] === 0x4b) return 'application/zip';
   return undefined;
-}
-
-function toStream(source: AsyncIterable<Uint8Array>): ReadableStream<Uint8Array> {
-  const iterator = source[Symbol.asyncIterator]();
-  return new ReadableStream<Uint8Array>({
-    async pull(controller) {
-      try {
-        const { value, done } = await iterator.next();
-        if (done) controller.close();
-        else controller.enqueue(value instanceof Uint8Array ? value : new Uint8Array(value));
-      } catch (error) {
-        controller.error(error);
-      }
-    },
-    async cancel(reason) {
-      await iterator.return?.(reason);
-    },
-  });
 }
 
 export class Bundles {

@@ -10,6 +10,7 @@
 import { CocoonError, InvalidArgumentError, isCocoonApiError } from './errors.ts';
 import { checkGuestPath, streamError } from './exec-protocol.ts';
 import { lines, segment, type CallOptions, type Transport } from './http.ts';
+import { toStream } from './streams.ts';
 
 export interface FileStat {
   path: string;
@@ -49,23 +50,6 @@ export function octalMode(mode: number | string): string {
   return value.toString(8).padStart(4, '0');
 }
 
-function toStream(source: AsyncIterable<Uint8Array>): ReadableStream<Uint8Array> {
-  const iterator = source[Symbol.asyncIterator]();
-  return new ReadableStream<Uint8Array>({
-    async pull(controller) {
-      try {
-        const { value, done } = await iterator.next();
-        if (done) controller.close();
-        else controller.enqueue(value instanceof Uint8Array ? value : new Uint8Array(value));
-      } catch (error) {
-        controller.error(error);
-      }
-    },
-    async cancel(reason) {
-      await iterator.return?.(reason);
-    },
-  });
-}
 
 function bodyOf(data: FileData): NonNullable<RequestInit['body']> {
   if (typeof data === 'string') return new Blob([data]);
