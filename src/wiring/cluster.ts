@@ -27,7 +27,7 @@ function urlOf(address: string, port: number): string {
 
 /** What the cluster needs of the microVM module: this host's id and the gateway's bound port. */
 export interface ClusterHostSide {
-  readonly engine: Pick<MicrovmModule['engine'], 'hostId'>;
+  readonly engine: Pick<MicrovmModule['engine'], 'hostId' | 'fenceAll' | 'settleFenced'>;
   readonly gatewayPort: number;
 }
 
@@ -59,6 +59,12 @@ export function clusterModule(microvms: ClusterHostSide): ClusterModule {
         apiUrl: urlOf(address, apiPort),
         gatewayUrl: gatewayPort > 0 ? urlOf(address, gatewayPort) : null,
         logger,
+        hooks: {
+          // Every lease this host held is (or is about to be) another's: its VMs must stop.
+          onDeclaredDead: () => microvms.engine.fenceAll(),
+          onLeaseExpiring: () => microvms.engine.fenceAll(),
+          onReconnected: () => microvms.engine.settleFenced(),
+        },
       });
       await registry.start();
       logger.info({ host: registry.hostId, api: urlOf(address, apiPort), capacity: settings.capacity }, 'registered in the cluster');

@@ -99,6 +99,8 @@ export function microvmModule(options: MicrovmModuleOptions = {}): MicrovmModule
       engine = new LifecycleEngine({
         ...(config.hostId ? { hostId: config.hostId } : {}),
         ...(config.hostAddress ? { hostAddress: config.hostAddress } : {}),
+        // Hosts sharing a PostgreSQL database are a cluster: microVMs run under leases (docs/cluster.md).
+        leases: config.databaseUrl !== undefined && config.databaseUrl !== '',
         ...options.lifecycle,
         db,
         dataDir: config.dataDir,
