@@ -102,6 +102,7 @@ export function microvmModule(options: MicrovmModuleOptions = {}): MicrovmModule
         // Hosts sharing a PostgreSQL database are a cluster: microVMs run under leases (docs/cluster.md).
         leases: config.databaseUrl !== undefined && config.databaseUrl !== '',
         ...options.lifecycle,
+        snapshots: context.snapshots,
         db,
         dataDir: config.dataDir,
       });
