@@ -120,13 +120,17 @@ export const ERROR_CODES = {
 
   // ---- microvms
   fork_failed: { status: 500, area: 'microvms', meaning: 'A fork point could not be taken; the source microVM runs on as before.' },
+  host_lost: { status: 502, area: 'microvms', meaning: 'The microVM was running (or starting, resuming, suspending) on a host that stopped heartbeating and was declared dead: it is FAILED and its memory is lost; its error starts with `host_lost:` and names the host (docs/cluster.md). A SUSPENDED microVM of that host is not affected.' },
   idempotency_conflict: { status: 409, area: 'microvms', meaning: 'This `clientToken` started a microVM with other parameters: use a new token.' },
+  lease_lost: { status: 409, area: 'microvms', meaning: 'This host no longer holds the microVM\'s lease (another host took it over, or declared this one dead): it stops its copy of the VM. Retry: the request reaches the new owner.' },
   microvm_failed: { status: 502, also: [409], area: 'microvms', meaning: 'The microVM is FAILED (its state says why). 502 from the gateway, 409 for an API operation on it.' },
   microvm_not_forkable: { status: 409, area: 'microvms', meaning: 'Only a RUNNING or SUSPENDED microVM can be forked or checkpointed.' },
   microvm_not_found: { status: 404, area: 'microvms', meaning: 'No microVM with this id or ARN for this tenant (gateway: none with this id).' },
   microvm_not_running: { status: 409, area: 'microvms', meaning: 'The microVM is not running and cannot be woken for this call.' },
+  microvm_on_other_host: { status: 409, area: 'microvms', meaning: 'Another live host runs the microVM (its id and API URL are in the details): the request is forwarded there (docs/cluster.md).' },
   microvm_suspended: { status: 409, area: 'microvms', meaning: 'The microVM is SUSPENDED with `autoResumeEnabled: false`: resume it with POST /microvms/{id}/resume.' },
   microvm_terminated: { status: 410, also: [409], area: 'microvms', meaning: 'The microVM is terminated (or terminating). 410 from the gateway; 409 for API calls that need a live microVM.' },
+  no_host_capacity: { status: 503, area: 'microvms', meaning: 'No live host of the cluster has room for the microVM\'s vCPUs, memory and disk: retry once others were suspended or terminated, or add a host.' },
   resume_failed: { status: 503, area: 'microvms', meaning: 'The microVM could not be resumed from its snapshot.' },
   token_not_found: { status: 404, area: 'microvms', meaning: 'The microVM has no token with this id.' },
   wake_failed: { status: 502, also: [503], area: 'microvms', meaning: 'A request could not wake the microVM (503 while its state does not settle).' },
