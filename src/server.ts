@@ -37,6 +37,8 @@ export interface ServerModule {
   /** Routes outside `/api/v1` (compatibility surfaces such as `/e2b`); they do their own auth. */
   rootRoutes?: ApiRoutes;
   start?(context: ApiContext): Promise<void>;
+  /** Once the API listens (its port is known: `apiPort`), in module order; a throw stops the start. */
+  listening?(context: ApiContext, listen: { apiPort: number }): Promise<void>;
   stop?(): Promise<void>;
 }
 
@@ -71,6 +73,9 @@ export async function startServer(config: CocoonConfig, modules: ServerModule[] 
       started.push(module);
     }
     await api.listen({ port: config.apiPort, host: config.host });
+    const bound = api.server.address();
+    const apiPort = typeof bound === 'object' && bound ? bound.port : config.apiPort;
+    for (const module of modules) await module.listening?.(context, { apiPort });
   } catch (error) {
     for (const module of started.reverse()) await module.stop?.();
     await api.close();

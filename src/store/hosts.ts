@@ -253,3 +253,12 @@ export async function listHostUsage(db: Db): Promise<HostUsage[]> {
   );
   return rows.map((r) => ({ hostId: r.id, vcpus: r.vcpus ?? 0, memoryMiB: r.memory_mib ?? 0, diskMiB: r.disk_mib ?? 0, running: r.running ?? 0 }));
 }
+
+/**
+ * The hosts that have held a microVM of the image (so its snapshot is in their local cache,
+ * most likely): what placement prefers after the receiving host.
+ */
+export async function listHostsWithImage(db: Db, imageId: string): Promise<string[]> {
+  const rows = await db.all<{ host_id: string }>('SELECT DISTINCT host_id FROM microvms WHERE image_id = ? AND host_id IS NOT NULL ORDER BY host_id', [imageId]);
+  return rows.map((r) => r.host_id);
+}
