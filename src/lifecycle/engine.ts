@@ -29,6 +29,7 @@ import type { Vm, VmDriver } from '../vmm/driver.ts';
 import { defaultVmDriver } from '../vmm/drivers.ts';
 import { liveRoute, storedRoute } from './directory.ts';
 import { HostExecutor } from './executor.ts';
+import type { MicrovmRuntime } from './service.ts';
 import { dataDirHostId } from './host-id.ts';
 import { loadInstance, type Instance, type Operation, type OperationSource, type PauseHook, type PausePoint } from './instance.ts';
 import { StopListeners, type StopListener } from './stop-listeners.ts';
@@ -62,7 +63,8 @@ export interface LifecycleOptions {
   pauseAt?: PauseHook;
 }
 
-export class LifecycleEngine implements MicroVMDirectory {
+/** The facade: the gateway's directory and the runtime exec sessions use; `MicrovmService` on top of it is service.ts. */
+export class LifecycleEngine implements MicroVMDirectory, MicrovmRuntime {
   readonly db: Db;
   readonly dataDir: string;
   readonly driver: VmDriver;
