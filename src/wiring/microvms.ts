@@ -103,6 +103,7 @@ export function microvmModule(options: MicrovmModuleOptions = {}): MicrovmModule
         // Guest ports are forwarded on loopback (QEMU hostfwd 127.0.0.1): this host's gateway
         // reaches them there; other hosts reach this host's gateway at COCOON_HOST_ADDRESS.
         ...options.lifecycle,
+        snapshots: context.snapshots,
         db,
         dataDir: config.dataDir,
       });
