@@ -43,6 +43,7 @@ import { dataDirHostId } from './host-id.ts';
 import { OperationQueue } from './queue.ts';
 import { dueTimes, dueWithoutTimer, Scheduler, TERMINATION_REASONS, type DueTimes, type TimerKind } from './scheduler.ts';
 import { generationDir, imageSnapshotDir, microvmDir, runDir, snapshotDirFor } from './paths.ts';
+import { assertRoomToResume } from './space-check.ts';
 import { appendLog, clearRunFiles, collectGarbage, compactGeneration, parseRuntime, runtimeRecord, type Runtime } from './storage.ts';
 import { allows, targetState, transition, type MicrovmEvent, type MicrovmState } from './transitions.ts';
 
@@ -453,6 +454,7 @@ export class LifecycleEngine implements MicroVMDirectory {
 
   async #resume(instance: Instance, reason: 'request' | 'api'): Promise<void> {
     if (!allows(instance.state, 'resume') || instance.terminating) return;
+    await assertRoomToResume(this.dataDir, snapshotDirFor(this.dataDir, instance, instance.runtime.generation), `microVM ${instance.id}`);
     instance.state = transition(instance.state, 'resume');
     this.#clearSuspended(instance);
     if (!(await this.#transition(instance, 'resume'))) return;
