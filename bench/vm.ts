@@ -13,6 +13,8 @@ import { chooseAccelerator, parseAcceleratorChoice } from '../src/vmm/qemu/accel
 import { QemuVm } from '../src/vmm/qemu/qemu.ts';
 import type { Accelerator } from '../src/vmm/types.ts';
 import { makeTestRootDisk } from '../test/support/rootfs.ts';
+import type { Phases } from '../src/vmm/phases.ts';
+import { PhaseSamples } from './phases.ts';
 import { elapsedMs, type Metrics, single, summarize } from './stats.ts';
 import { runBigVmBench } from './vm-big.ts';
 
@@ -78,15 +80,17 @@ export async function runVmBench(options: { runs?: number; accel?: Accelerator; 
     running.delete(base);
 
     const restoreOne: number[] = [];
+    const restorePhases = new PhaseSamples();
     for (let i = 0; i < runs; i++) {
       const start = performance.now();
       const vm = track(await restore(`r1-${i}`, baseSnapshot));
       await firstByte(vm);
       restoreOne.push(elapsedMs(start));
+      restorePhases.add(vm.startPhases, restoreOne.at(-1));
       await vm.destroy();
       running.delete(vm);
     }
-    say(`restore, one clone: p50 ${summarize(restoreOne).p50} ms`);
+    say(`restore, one clone: p50 ${summarize(restoreOne).p50} ms (${restorePhases.line()})`);
 
     const restoreEight: number[] = [];
     for (let i = 0; i < runs; i++) {
@@ -108,22 +112,28 @@ export async function runVmBench(options: { runs?: number; accel?: Accelerator; 
 
     const suspend: number[] = [];
     const resume: number[] = [];
+    const suspendPhases = new PhaseSamples();
+    const resumePhases = new PhaseSamples();
     let vm = track(await restore('cycle-0', baseSnapshot));
     await firstByte(vm);
     for (let i = 0; i < runs; i++) {
       const suspended = path.join(dir, `cycle-${i}-suspended`);
+      const phases: Phases = {};
       const suspendStart = performance.now();
-      await vm.snapshot(suspended);
+      await vm.snapshot(suspended, { phases });
       suspend.push(elapsedMs(suspendStart));
+      suspendPhases.add(phases);
       running.delete(vm);
       const resumeStart = performance.now();
       vm = track(await restore(`cycle-${i + 1}`, suspended));
       await firstByte(vm);
       resume.push(elapsedMs(resumeStart));
+      resumePhases.add(vm.startPhases, resume.at(-1));
     }
     await vm.destroy();
     running.delete(vm);
-    say(`suspend p50 ${summarize(suspend).p50} ms, resume p50 ${summarize(resume).p50} ms`);
+    say(`suspend p50 ${summarize(suspend).p50} ms (${suspendPhases.line()})`);
+    say(`resume p50 ${summarize(resume).p50} ms (${resumePhases.line()})`);
 
     // The 32 GiB / 16 vCPU shape, its wake beside the 256 MiB one above (bench/vm-big.ts).
     const big = await runBigVmBench({ dir, rootDisk, accel, guest, runs: Math.min(runs, 5), smallWake: summarize(resume), firstByte, say });
@@ -139,6 +149,9 @@ export async function runVmBench(options: { runs?: number; accel?: Accelerator; 
       'vm.suspend_ms': summarize(suspend),
       'vm.resume_first_byte_ms': summarize(resume),
       'vm.restore_speedup_ratio': single(coldSummary.p50 / restoreSummary.p50, 'ratio'),
+      ...restorePhases.metrics('vm.restore_phase'),
+      ...suspendPhases.metrics('vm.suspend_phase'),
+      ...resumePhases.metrics('vm.resume_phase'),
     };
   } finally {
     for (const vm of running) await vm.destroy().catch(() => undefined);

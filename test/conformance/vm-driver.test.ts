@@ -13,6 +13,7 @@ import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { loadGuestArtifacts } from '../../src/guest/artifacts.ts';
 import type { Vm, VmDriver } from '../../src/vmm/driver.ts';
+import type { Phases } from '../../src/vmm/phases.ts';
 import { qemuDriver } from '../../src/vmm/qemu/driver.ts';
 import { readSnapshotManifest } from '../../src/vmm/snapshot.ts';
 import { makeTestRootDisk } from '../support/rootfs.ts';
@@ -36,6 +37,18 @@ function hasCode(code: string) {
     assert.equal((error as { code?: string }).code, code, String(error));
     return true;
   };
+}
+
+/**
+ * A driver's phase record (src/vmm/phases.ts, for the benchmarks): some phases, each a duration,
+ * together no longer than the whole the caller measured around it.
+ */
+function assertPhases(phases: Readonly<Phases>, wholeMs: number, what: string): void {
+  const values = Object.values(phases);
+  assert.ok(values.length >= 3, `${what} reports its phases: ${JSON.stringify(phases)}`);
+  assert.ok(values.every((ms) => Number.isFinite(ms) && ms >= 0), JSON.stringify(phases));
+  const sum = values.reduce((a, b) => a + b, 0);
+  assert.ok(sum <= wholeMs + 1, `${what}'s phases (${sum.toFixed(1)} ms) fit in its ${wholeMs.toFixed(1)} ms`);
 }
 
 for (const { driver, skips } of IMPLEMENTATIONS) {
@@ -118,7 +131,10 @@ for (const { driver, skips } of IMPLEMENTATIONS) {
     test('snapshot ends the VM and commits a checked snapshot; restores are independent VMs', async () => {
       const count = Number(await get(base, '/cgi-bin/count'));
       const snapshotDir = path.join(dir, 'snapshot');
-      const manifest = await base.snapshot(snapshotDir);
+      const phases: Phases = {};
+      const started = performance.now();
+      const manifest = await base.snapshot(snapshotDir, { phases });
+      assertPhases(phases, performance.now() - started, 'the snapshot');
       assert.equal(base.exited, true);
       assert.deepEqual(driver.processesUnder(base.runDir), []);
       const read = await readSnapshotManifest(snapshotDir);
@@ -129,7 +145,9 @@ for (const { driver, skips } of IMPLEMENTATIONS) {
       assert.equal(read.guestProtocol, base.channel.protocolVersion ?? read.guestProtocol, 'the guest protocol of its hello');
       assert.ok(Number.isInteger(read.guestProtocol), 'the guest protocol version is recorded');
       await assert.rejects(base.snapshot(snapshotDir), hasCode('snapshot_exists'));
+      const restoreStarted = performance.now();
       const [a, b] = await Promise.all([restore('clone-a', snapshotDir), restore('clone-b', snapshotDir)]);
+      assertPhases(a.startPhases ?? {}, performance.now() - restoreStarted, 'a restore');
       assert.notEqual(a.endpoint(APP_PORT).port, b.endpoint(APP_PORT).port);
       assert.equal(Number(await get(a, '/cgi-bin/count')), count + 1);
       assert.equal(Number(await get(a, '/cgi-bin/count')), count + 2);

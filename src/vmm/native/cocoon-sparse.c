@@ -21,6 +21,9 @@
  *                                 nothing on tmpfs, where that would take RAM at once
  *   cocoon-sparse trim FILE       sync FILE, then punch out its unwritten (allocated, never
  *                                 written) extents: the space `alloc` reserved and nobody used
+ *   cocoon-sparse map FILE        one line per data range of FILE, "<start> <end>" (bytes,
+ *                                 page-aligned, end clamped to the size), as `sum` finds them:
+ *                                 what an upload of the file must read (src/snapshots/)
  *
  * Where the data is comes from FIEMAP after a sync (unwritten extents then hold only zeros and
  * are skipped), else from SEEK_DATA/SEEK_HOLE (tmpfs). SEEK_DATA alone would not do on a file
@@ -514,6 +517,21 @@ static int trim_file(const char *file) {
   return 0;
 }
 
+/* Prints the data ranges of a file (`map`). */
+static int map_file(const char *file) {
+  int fd = open(file, O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return fail("cannot open", file);
+  struct stat st;
+  if (fstat(fd, &st) < 0) { int r = fail("cannot stat", file); close(fd); return r; }
+  range_t *ranges = NULL;
+  size_t count = 0;
+  if (collect_ranges(fd, (uint64_t)st.st_size, &ranges, &count) < 0) { int r = fail("cannot find the data of", file); close(fd); return r; }
+  close(fd);
+  for (size_t i = 0; i < count; i++) printf("%llu %llu\n", (unsigned long long)ranges[i].start, (unsigned long long)ranges[i].end);
+  free(ranges);
+  return fflush(stdout) == 0 ? 0 : 1;
+}
+
 int main(int argc, char **argv) {
   if (argc >= 3 && strcmp(argv[1], "sum") == 0) {
     for (int i = 2; i < argc; i++) {
@@ -547,6 +565,7 @@ int main(int argc, char **argv) {
   }
   if (argc == 3 && strcmp(argv[1], "alloc") == 0) return alloc_file(argv[2]);
   if (argc == 3 && strcmp(argv[1], "trim") == 0) return trim_file(argv[2]);
-  fprintf(stderr, "usage: cocoon-sparse sum FILE... | copy SRC DST [reserve] [sum] [-- FILE...] | alloc FILE | trim FILE\n");
+  if (argc == 3 && strcmp(argv[1], "map") == 0) return map_file(argv[2]);
+  fprintf(stderr, "usage: cocoon-sparse sum FILE... | copy SRC DST [reserve] [sum] [-- FILE...] | alloc FILE | trim FILE | map FILE\n");
   return 2;
 }

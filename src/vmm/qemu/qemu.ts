@@ -31,6 +31,7 @@ import { ensureEgressGuard } from '../../net/egress-guard.ts';
 import { findProcesses, killProcesses, processStats, processAlive, processCmdline, processStartTime, waitForProcessExit } from '../../host/processes.ts';
 import { type QemuIdentity, dropPrivilegesArgv, qemuIdentity } from '../../host/sandbox.ts';
 import { SerialLog, tailSerialLog } from './serial-log.ts';
+import { PhaseClock, type Phases } from '../phases.ts';
 import { identityBeforeReading, isVerified, rememberVerified } from '../verified-files.ts';
 import { grantQemuAccess, qemuDirOf, sealSnapshotFiles, snapshotFailure, takeBackSnapshotFiles } from '../snapshot-safety.ts';
 import {
@@ -133,6 +134,8 @@ export class QemuVm implements Vm {
   readonly agentSocketPath: string;
   /** The protocol cocoon-init said hello with (on boot), or the snapshot's (on restore), or the launch record's (on adopt). */
   guestProtocol: number | undefined;
+  /** Milliseconds of each step of the boot or restore (phases.ts); absent for an adopted VM. */
+  startPhases: Readonly<Phases> | undefined;
   private readonly proc: VmProcess;
   private readonly serial: SerialLog;
   private readonly exitPromise: Promise<void>;
@@ -286,9 +289,17 @@ export class QemuVm implements Vm {
     validateShape(options);
     const ramPath = path.join(options.runDir, 'mem');
     const cmdline = kernelCmdline(options, options.id, options.accel === 'tcg' ? hostTscKhz() : undefined);
+    const clock = new PhaseClock();
     return QemuVm.launch(options, options, cmdline, options.disk, ramPath, {
-      prepare: () => createRamFile(ramPath, options.memoryMiB),
-      start: (vm) => vm.guest.waitForHello(options.bootTimeoutMs ?? DEFAULT_BOOT_TIMEOUT_MS, options.signal),
+      clock,
+      prepare: async () => {
+        await createRamFile(ramPath, options.memoryMiB);
+        return 'ram_create';
+      },
+      start: async (vm) => {
+        await vm.guest.waitForHello(options.bootTimeoutMs ?? DEFAULT_BOOT_TIMEOUT_MS, options.signal);
+        clock.mark('guest_boot');
+      },
     });
   }
 
@@ -298,9 +309,11 @@ export class QemuVm implements Vm {
    * RNG reseeded before this resolves.
    */
   static async restore(options: RestoreOptions): Promise<QemuVm> {
+    const clock = new PhaseClock();
     const manifest = await readSnapshotManifest(options.snapshotDir);
     assertSnapshotCompatible(options.snapshotDir, manifest);
     await verifySnapshot(options.snapshotDir, manifest);
+    clock.mark('manifest_state_check');
     const hasChecksums = Boolean(manifest.files.mem.checksum && manifest.files.disk.checksum);
     const verify = options.verifyData === false ? false : options.verifyData === 'if-present' ? hasChecksums : true;
     // The memory file is checked as it is copied for the new VM, and the disk along with it
@@ -311,13 +324,14 @@ export class QemuVm implements Vm {
     const snapshotDisk = path.join(options.snapshotDir, manifest.files.disk.name);
     const stateFile = path.join(options.snapshotDir, manifest.files.state.name);
     return QemuVm.launch(options, manifest.shape, manifest.cmdline, disk, ramPath, {
+      clock,
       incoming: true,
       ...(manifest.guestProtocol !== undefined ? { guestProtocol: manifest.guestProtocol } : {}),
       prepare: async () => {
         if (!verify) {
           // Unverified means made moments ago: still in the page cache, not yet written back.
           await Promise.all([cloneRamFile(path.join(options.snapshotDir, manifest.files.mem.name), ramPath, { nosync: true }), createDiskLayer(snapshotDisk, manifest.files.disk.format, disk.path)]);
-          return;
+          return 'ram_clone_disk_layer';
         }
         // Files verified before and unchanged since (same identity: verified-files.ts, e.g. an
         // image snapshot restored again) are copied without reading them for a checksum; their
@@ -326,12 +340,15 @@ export class QemuVm implements Vm {
         const memKey = dataChecksumKey(manifest.files.mem.checksum)!;
         const diskKey = dataChecksumKey(manifest.files.disk.checksum)!;
         const remembered = async () => (await Promise.all([isVerified(memFile, memKey), isVerified(snapshotDisk, diskKey)])).every(Boolean);
+        // The phase says whether the data was read for its checksums on the way (phases.ts).
+        let phase = 'ram_clone_disk_layer';
         const copyMemory = async (): Promise<void> => {
           if (await remembered()) {
             await cloneRamFile(memFile, ramPath);
             if (await remembered()) return;
             await fs.promises.rm(ramPath, { force: true });
           }
+          phase = 'ram_clone_checksums_disk_layer';
           const [memBefore, diskBefore] = await Promise.all([identityBeforeReading(memFile), identityBeforeReading(snapshotDisk)]);
           const [memChecksum, diskChecksum] = await cloneRamFile(memFile, ramPath, { checksum: true, alsoChecksum: [snapshotDisk] });
           checkDataChecksum(options.snapshotDir, manifest, 'mem', memChecksum);
@@ -339,10 +356,12 @@ export class QemuVm implements Vm {
           await Promise.all([rememberVerified(memFile, memBefore, memKey), rememberVerified(snapshotDisk, diskBefore, diskKey)]);
         };
         await Promise.all([copyMemory(), createDiskLayer(snapshotDisk, manifest.files.disk.format, disk.path)]);
+        return phase;
       },
       start: async (vm) => {
         try {
           await loadDeviceState(vm.qmp, path.join(qemuDirOf(options.runDir), 'incoming.sock'), stateFile);
+          clock.mark('device_state_load');
         } catch (error) {
           if (error instanceof CocoonError && error.code === 'snapshot_corrupt') throw error;
           throw new CocoonError('snapshot_corrupt', `the snapshot in ${options.snapshotDir} cannot be restored: ${errorMessage(error)}`, {
@@ -351,7 +370,9 @@ export class QemuVm implements Vm {
           });
         }
         await vm.qmp.execute('cont', {});
+        clock.mark('cont');
         await vm.guest.restoreFromSnapshot(5000);
+        clock.mark('guest_clock_rng');
       },
     });
   }
@@ -382,6 +403,7 @@ export class QemuVm implements Vm {
       );
     }
     const diskName = this.disk.format === 'qcow2' ? 'disk.qcow2' : 'disk.raw';
+    const clock = new PhaseClock(options.phases);
     const progress = { wasRunning: false, stopped: false, moved: [] as Array<{ from: string; to: string }>, killed: false, committed: false };
     let manifest: SnapshotManifest;
     const handles: fs.promises.FileHandle[] = [];
@@ -389,8 +411,10 @@ export class QemuVm implements Vm {
       progress.wasRunning = (await this.qmp.execute('query-status', {})).running;
       await fs.promises.rm(partial, { recursive: true, force: true });
       await fs.promises.mkdir(partial, { recursive: true, mode: 0o700 });
+      clock.mark('prepare');
       progress.stopped = true;
       await this.qmp.execute('stop', {});
+      clock.mark('pause');
       // With the vCPUs stopped (and the disk drained), guest RAM and disk do not change any
       // more: their checksums and fsyncs start now, on open files, while the device state is
       // saved and the files are renamed. (A compacted snapshot punches zeros out first.)
@@ -401,6 +425,7 @@ export class QemuVm implements Vm {
         sealed.catch(() => undefined); // awaited below unless something fails first
       }
       const state = await saveDeviceState(this.qmp, path.join(qemuDirOf(this.runDir), 'migrate.sock'), path.join(partial, 'state'));
+      clock.mark('device_state_save');
       // From here on the paused VM's RAM and disk files match the saved state: should this
       // process die, `recoverSnapshot` can complete the snapshot from what the pending record says.
       const pending: PendingSnapshot = {
@@ -423,6 +448,7 @@ export class QemuVm implements Vm {
         },
       };
       await writePendingSnapshot(partial, pending, durable);
+      clock.mark('pending_record');
       await options.onStateSaved?.();
       // Renaming the files does not disturb QEMU's open files and mapping.
       const mem = path.join(partial, 'mem');
@@ -431,6 +457,7 @@ export class QemuVm implements Vm {
         await moveFile(from, to);
         progress.moved.push({ from, to });
       }
+      clock.mark('move_files');
       if (options.compact) {
         progress.killed = true;
         await this.kill(); // zero pages are punched out of a file no process maps any more
@@ -439,11 +466,14 @@ export class QemuVm implements Vm {
         // snapshot holds what the guest wrote, no more, before it is checksummed and measured.
         await releaseUnusedRam(mem);
         await digHoles(mem);
+        clock.mark('compact');
         for (const file of [mem, disk]) handles.push(await fs.promises.open(file, 'r'));
         sealed = sealData(handles, durable);
       }
       const [checksums] = await (sealed as Promise<[DataChecksum[], unknown]>);
+      clock.mark('checksums_fsync');
       await sealSnapshotFiles(this.runDir, { mem, disk });
+      clock.mark('seal_files');
       manifest = {
         ...pending.manifest,
         files: {
@@ -455,6 +485,7 @@ export class QemuVm implements Vm {
       await commitSnapshot(partial, targetDir, manifest, durable);
       progress.committed = true;
       if (durable) await fsyncDir(path.dirname(targetDir));
+      clock.mark('commit');
     } catch (error) {
       throw await this.abandonSnapshot(error, partial, targetDir, progress);
     } finally {
@@ -462,6 +493,7 @@ export class QemuVm implements Vm {
     }
     await this.kill();
     await fs.promises.rm(path.join(this.runDir, LAUNCH_FILE), { force: true });
+    clock.mark('process_end');
     // The RAM file's blocks that were reserved and never written go back to the filesystem, in
     // the background (the content does not change; restores read only written extents), and
     // after this returns: starting the helper takes the event loop a few milliseconds.
@@ -655,8 +687,9 @@ export class QemuVm implements Vm {
     cmdline: string,
     disk: DiskSpec,
     ramPath: string,
-    steps: { incoming?: boolean; guestProtocol?: number; prepare: () => Promise<void>; start: (vm: QemuVm) => Promise<void> },
+    steps: { clock: PhaseClock; incoming?: boolean; guestProtocol?: number; prepare: () => Promise<string>; start: (vm: QemuVm) => Promise<void> },
   ): Promise<QemuVm> {
+    const { clock } = steps;
     validateId(options.id);
     const runDirExisted = fs.existsSync(options.runDir);
     await fs.promises.mkdir(options.runDir, { recursive: true, mode: 0o700 }).catch((error: unknown) => {
@@ -686,7 +719,8 @@ export class QemuVm implements Vm {
       // QEMU's own policy) from the host's services; only a VM with egress needs it in place.
       if (options.network.egress) await ensureEgressGuard(identity);
       else await ensureEgressGuard(identity, { bestEffort: true });
-      await steps.prepare();
+      clock.mark('sandbox_setup');
+      clock.mark(await steps.prepare());
       if (identity) {
         try {
           await grantQemuAccess(identity, { runDir: options.runDir, qemuDir, ramPath, disk, guest: shape.guest });
@@ -711,7 +745,9 @@ export class QemuVm implements Vm {
         sandbox: setting('COCOON_QEMU_SANDBOX'),
       };
       const cgroup = createVmCgroup(options.id, { ...defaultLimits(shape), ...options.limits });
+      clock.mark('sandbox_setup');
       started = startQemu(launch, options.runDir, identity, cgroup);
+      clock.mark('process_spawn');
       const { child, exit } = started;
       const launched = launch;
       const record: LaunchRecord = {
@@ -729,6 +765,7 @@ export class QemuVm implements Vm {
         ...(steps.guestProtocol !== undefined ? { guestProtocol: steps.guestProtocol } : {}),
       };
       await writeLaunchRecord(options.runDir, record);
+      clock.mark('launch_record');
       const [qmp, guest, serial] = await Promise.race([
         connectChannels(launched, options, giveUp.signal),
         exit.then(() => {
@@ -736,8 +773,10 @@ export class QemuVm implements Vm {
         }),
       ]);
       const proc: VmProcess = { pid: child.pid ?? -1, exit, hold: () => child.ref() };
+      clock.mark('process_channels');
       vm = new QemuVm({ launch: launched, options, proc, qmp, guest, serial });
       vm.guestProtocol = steps.guestProtocol;
+      vm.startPhases = clock.phases;
       await Promise.race([
         steps.start(vm),
         exit.then(() => {
