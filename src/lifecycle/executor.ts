@@ -139,7 +139,8 @@ export class HostExecutor {
     // A guest paused by its VMM for lack of space on the data directory continues once there is room.
     vm.watchDiskSpace({
       path: runDir(this.#dataDir, instance.id),
-      onPaused: () => void appendLog(this.#dataDir, instance.id, 'paused by its VMM: no space left on the data directory for its disk'),
+      onPaused: (cause) =>
+        void appendLog(this.#dataDir, instance.id, cause === 'disk' ? 'paused by its VMM: no space left on the data directory for its disk' : 'stopped: the data directory is nearly full and its memory may need more'),
       onContinued: () => void appendLog(this.#dataDir, instance.id, 'continued: the data directory has space again'),
     });
   }

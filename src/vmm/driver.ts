@@ -74,7 +74,8 @@ export interface SpaceWatchOptions {
   minFreeBytes?: number;
   /** How often free space is checked while the guest is paused, or runs with a sparse RAM file (default 2 s). */
   intervalMs?: number;
-  onPaused?: () => void;
+  /** `disk`: QEMU paused it on a disk write; `memory`: stopped because its sparse RAM file could not grow. */
+  onPaused?: (cause: 'disk' | 'memory') => void;
   onContinued?: () => void;
 }
 

@@ -65,7 +65,7 @@ export function watchDiskSpace(vm: QemuVm, options: SpaceWatchOptions): () => vo
       await vm.qmp.execute('stop', {});
       stoppedForMemory = true;
       log.warn({ vm: vm.id, freeBytes: free }, 'guest stopped: the data directory is nearly full and its memory is not reserved; it continues once there is room');
-      options.onPaused?.();
+      options.onPaused?.('memory');
     } else if (stoppedForMemory && free >= 2 * minFree) {
       const { status } = await vm.qmp.execute('query-status', {});
       if (vm.pauseHeld) return;
@@ -100,7 +100,7 @@ export function watchDiskSpace(vm: QemuVm, options: SpaceWatchOptions): () => vo
     if (event.event !== 'BLOCK_IO_ERROR' || event.data?.nospace !== true || diskWaiting) return;
     diskWaiting = true;
     log.warn({ vm: vm.id }, 'guest paused by QEMU: no space left for its disk on the data directory; it continues once there is room');
-    options.onPaused?.();
+    options.onPaused?.('disk');
     schedule();
   };
   const stop = () => {
