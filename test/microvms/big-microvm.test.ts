@@ -79,7 +79,7 @@ describe('a 32 GiB / 16 vCPU image of the busybox app and microVMs from it', () 
   });
 
   const launch = async (): Promise<{ id: string; token: string }> => {
-    const created = await api('POST', '/microvms', { image: image.id, idlePolicy: { maxIdleDurationSeconds: 3600 } });
+    const created = await api('POST', '/microvms', { image: image.id, idlePolicy: { maxIdleDurationSeconds: 600 } });
     assert.equal(created.status, 201, JSON.stringify(created.body));
     const vm = created.body as { id: string; token: string };
     const answer = await gatewayRequest(gatewayPort, vm.id, vm.token, '/');
@@ -88,7 +88,7 @@ describe('a 32 GiB / 16 vCPU image of the busybox app and microVMs from it', () 
     return vm;
   };
 
-  test('disk follows use: the image snapshot, a RUNNING and a SUSPENDED microVM hold what the guest touched, not 32 GiB', SLOW, async () => {
+  test('disk follows use: the image snapshot, a RUNNING and a SUSPENDED microVM hold what the guest touched, not 32 GiB', SLOW, async (t) => {
     const snapshotDir = path.join(dataDir, 'images', image.id, 'snapshot');
     imageMem = allocated(path.join(snapshotDir, 'mem'));
     const manifest = JSON.parse(fs.readFileSync(path.join(snapshotDir, 'manifest.json'), 'utf8'));
@@ -98,15 +98,18 @@ describe('a 32 GiB / 16 vCPU image of the busybox app and microVMs from it', () 
     assert.ok(imageMem <= 1024 * MiB, `image snapshot memory: ${mib(imageMem)} allocated`);
     assert.ok(allocated(snapshotDir) <= imageMem + 256 * MiB, `image snapshot: ${mib(allocated(snapshotDir))} allocated`);
 
+    t.diagnostic(`image snapshot: memory ${mib(imageMem)}, all files ${mib(allocated(snapshotDir))} allocated`);
     const vm = await launch();
     // RUNNING: its RAM file is a copy of the image's data (what the guest touched, at least)
     // plus what it touched since; its disk layer holds its writes.
     const running = allocated(microvmDir(dataDir, vm.id));
+    t.diagnostic(`RUNNING microVM: ${mib(running)} allocated`);
     assert.ok(running <= 2 * imageMem, `RUNNING microVM: ${mib(running)} allocated, image memory ${mib(imageMem)}`);
 
     const suspended = await api('POST', `/microvms/${vm.id}/suspend`);
     assert.equal(suspended.body.state, 'SUSPENDED', JSON.stringify(suspended.body));
     const held = allocated(microvmDir(dataDir, vm.id));
+    t.diagnostic(`SUSPENDED microVM: ${mib(held)} allocated`);
     assert.ok(held <= 2 * imageMem, `SUSPENDED microVM: ${mib(held)} allocated, image memory ${mib(imageMem)}`);
 
     const woken = await gatewayRequest(gatewayPort, vm.id, vm.token, '/cgi-bin/hello');
