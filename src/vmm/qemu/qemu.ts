@@ -26,6 +26,7 @@ import { QmpClient } from './qmp.ts';
 import { assertPortFree, freeLoopbackPort } from '../../net/ports.ts';
 import { cloneRamFile, createRamFile, digHoles, releaseUnusedRam, reservesRam } from '../ram-file.ts';
 import { holdRam, releaseRam } from '../space-ledger.ts';
+import { isMemoryDiff, restoreMemoryDiff } from '../mem-diff.ts';
 import { type VmCgroup, createVmCgroup, defaultLimits, joinCgroupScript, removeVmCgroup } from '../../host/cgroups.ts';
 import { ensureEgressGuard } from '../../net/egress-guard.ts';
 import { findProcesses, killProcesses, processStats, processAlive, processCmdline, processStartTime, waitForProcessExit } from '../../host/processes.ts';
@@ -327,6 +328,12 @@ export class QemuVm implements Vm {
       incoming: true,
       ...(manifest.guestProtocol !== undefined ? { guestProtocol: manifest.guestProtocol } : {}),
       prepare: async () => {
+        if (isMemoryDiff(manifest)) {
+          // A suspended microVM's memory: the image's plus the pages it changed (mem-diff.ts).
+          const memory = restoreMemoryDiff({ dir: options.snapshotDir, manifest, baseDir: options.memoryBase, target: ramPath, verify: Boolean(verify), alsoVerifyDisk: Boolean(verify) });
+          await Promise.all([memory, createDiskLayer(snapshotDisk, manifest.files.disk.format, disk.path)]);
+          return verify ? 'ram_from_diff_checksums_disk_layer' : 'ram_from_diff_disk_layer';
+        }
         if (!verify) {
           // Unverified means made moments ago: still in the page cache, not yet written back.
           await Promise.all([cloneRamFile(path.join(options.snapshotDir, manifest.files.mem.name), ramPath, { nosync: true }), createDiskLayer(snapshotDisk, manifest.files.disk.format, disk.path)]);
