@@ -28,5 +28,5 @@ export async function assertRoomToLaunch(dataDir: string, memoryMiB: number, wha
 export async function assertRoomToResume(dataDir: string, snapshotDir: string, what: string): Promise<void> {
   const manifest = await readSnapshotManifest(snapshotDir).catch(() => undefined);
   if (!manifest) return; // the restore itself says what is wrong with the snapshot
-  await assertRoomForRam(filesystemOf(dataDir), manifest.files.mem.sizeBytes, what);
+  await assertRoomForRam(filesystemOf(dataDir), manifest.shape.memoryMiB * MiB, what);
 }
