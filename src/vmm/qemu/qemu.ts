@@ -24,7 +24,8 @@ import { loadDeviceState, saveDeviceState } from './migration.ts';
 import { type QemuLaunch, hostTscKhz, kernelCmdline, qemuArgs } from './qemu-args.ts';
 import { QmpClient } from './qmp.ts';
 import { assertPortFree, freeLoopbackPort } from '../../net/ports.ts';
-import { cloneRamFile, createRamFile, digHoles, releaseUnusedRam } from '../ram-file.ts';
+import { cloneRamFile, createRamFile, digHoles, releaseUnusedRam, reservesRam } from '../ram-file.ts';
+import { holdRam, releaseRam } from '../space-ledger.ts';
 import { isMemoryDiff, restoreMemoryDiff } from '../mem-diff.ts';
 import { findProcesses, killProcesses, processStats, processAlive, processCmdline, processStartTime, waitForProcessExit } from '../../host/processes.ts';
 import { type SandboxedProcess, type VmCgroup, type VmIdentity, grantLaunchAccess, launchIdentity, launchLimits, removeVmCgroup, startSandboxed } from '../launch-sandbox.ts';
@@ -143,6 +144,8 @@ export class QemuVm implements Vm {
   private storageFailed: string | undefined;
   /** Guest ports being forwarded by `forwardPort` right now (concurrent callers share one). */
   private readonly pendingForwards = new Map<number, Promise<number>>();
+  /** Snapshots and fork points under way (`pauseHeld`). */
+  private pauseHolds = 0;
 
   private constructor(parts: {
     launch: Pick<QemuLaunch, 'shape' | 'cmdline' | 'disk' | 'ram' | 'forwards' | 'sockets'>;
@@ -160,8 +163,11 @@ export class QemuVm implements Vm {
     this.ramPath = parts.launch.ram.path;
     this.hostPorts = new Map(parts.launch.forwards.map((f) => [f.guestPort, f.hostPort]));
     this.proc = parts.proc;
+    // The RAM file is a promise of the space ledger while QEMU maps it (again, for an adopted VM).
+    holdRam(this.ramPath, this.shape.memoryMiB * 1024 * 1024);
     this.exitPromise = parts.proc.exit.then(() => {
       this.gone = true;
+      releaseRam(this.ramPath);
     });
     this.qmp = parts.qmp;
     this.guest = parts.guest;
@@ -246,7 +252,25 @@ export class QemuVm implements Vm {
 
   /** A fork point of the running VM (fork-point.ts). */
   forkPoint(targetDir: string, options: ForkPointOptions = {}): Promise<ForkPoint> {
-    return takeForkPoint(this, targetDir, options);
+    return this.holdingPause(() => takeForkPoint(this, targetDir, options));
+  }
+
+  /**
+   * True while a snapshot or fork point has (or may have) the vCPUs stopped: the space watch
+   * then neither stops nor continues the guest (a `cont` in the middle would change memory under
+   * the checksums and the saved device state).
+   */
+  get pauseHeld(): boolean {
+    return this.pauseHolds > 0;
+  }
+
+  private async holdingPause<T>(work: () => Promise<T>): Promise<T> {
+    this.pauseHolds++;
+    try {
+      return await work();
+    } finally {
+      this.pauseHolds--;
+    }
   }
 
   /** Continues the guest if QEMU has it paused (adopted in the middle of a snapshot or fork point). */
@@ -370,6 +394,10 @@ export class QemuVm implements Vm {
    * way, the error is `vm_gone`. Earlier snapshots are never touched.
    */
   async snapshot(targetDir: string, options: SnapshotOptions = {}): Promise<SnapshotManifest> {
+    return this.holdingPause(() => this.takeSnapshot(targetDir, options));
+  }
+
+  private async takeSnapshot(targetDir: string, options: SnapshotOptions): Promise<SnapshotManifest> {
     const durable = options.durable ?? true;
     const partial = `${targetDir}.partial`;
     if (fs.existsSync(targetDir)) throw new CocoonError('snapshot_exists', `snapshot ${targetDir} already exists`, { status: 409 });
@@ -447,7 +475,13 @@ export class QemuVm implements Vm {
       if (endFirst) {
         progress.killed = true;
         await this.kill(); // zero pages are punched out of a file no process maps any more
-        if (options.compact) await digHoles(mem);
+        if (options.compact) {
+          // Blocks reserved and never written go first (FIEMAP's unwritten extents: `dig-holes`
+          // skips those it finds no page cache for), then the pages that hold only zeros: the
+          // snapshot holds what the guest wrote, no more, before it is checksummed and measured.
+          await releaseUnusedRam(mem);
+          await digHoles(mem);
+        }
         if (relink) await relinkBacking(disk, { finalDir: targetDir, formerDir: path.dirname(this.disk.path) });
         clock.mark('compact');
         for (const file of [mem, disk]) handles.push(await fs.promises.open(file, 'r'));
@@ -480,7 +514,8 @@ export class QemuVm implements Vm {
     // The RAM file's blocks that were reserved and never written go back to the filesystem, in
     // the background (the content does not change; restores read only written extents), and
     // after this returns: starting the helper takes the event loop a few milliseconds.
-    setTimeout(() => {
+    // (A compacted snapshot gave them back already; a sparse RAM file never had any.)
+    if (!options.compact && reservesRam(this.shape.memoryMiB * 1024 * 1024)) setTimeout(() => {
       releaseUnusedRam(path.join(targetDir, 'mem')).catch((error: unknown) =>
         log.debug({ vm: this.id, error: errorMessage(error) }, 'cannot give back the unused blocks of a snapshot\'s memory file'),
       );
@@ -781,6 +816,7 @@ export class QemuVm implements Vm {
       else if (started) await killAndWait(started);
       if (runDirExisted) await removeLaunchFiles(options.runDir, disk, ramPath);
       else await fs.promises.rm(options.runDir, { recursive: true, force: true });
+      releaseRam(ramPath);
       throw error;
     }
   }
