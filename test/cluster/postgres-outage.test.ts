@@ -11,7 +11,7 @@ import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 import { isCocoonError } from '../../src/common/errors.ts';
 import { loadConfig } from '../../src/config/config.ts';
-import { ADMIN_KEY_FILE, startServer } from '../../src/server.ts';
+import { ADMIN_KEY_FILE, startServer, type RunningServer } from '../../src/server.ts';
 import { getHost, listHosts } from '../../src/store/hosts.ts';
 import { openMetadataStore } from '../../src/store/open.ts';
 import { isConnectionFailure } from '../../src/store/postgres.ts';
@@ -77,11 +77,13 @@ test('a server on PostgreSQL: the API answers 503 database_unavailable during an
   // Dead after 6 s with 1 s heartbeats: an outage longer than a heartbeat interval, shorter
   // than the self-fencing bound (dead-after minus one interval).
   const env = { COCOON_DATABASE_URL: databaseUrl, COCOON_HEARTBEAT_INTERVAL: '1', COCOON_HOST_DEAD_AFTER: '6' };
-  const servers = await Promise.all(['host-a', 'host-b'].map(async (hostId, i) => {
+  // One after the other: the first bootstraps the admin tenant, the second finds it.
+  const servers: RunningServer[] = [];
+  for (const [i, hostId] of ['host-a', 'host-b'].entries()) {
     const running = await startServer({ ...loadConfig({ COCOON_DATA_DIR: dataDirs[i]!, ...env }), apiPort: 0 }, [clusterModule({ engine: { hostId }, gatewayPort: 0 })]);
     t.after(() => running.close());
-    return running;
-  }));
+    servers.push(running);
+  }
   const key = (await readFile(join(dataDirs[0]!, ADMIN_KEY_FILE), 'utf8')).trim();
   const tenants = () => fetch(`${servers[0]!.apiUrl}/api/v1/tenants`, { headers: { authorization: `Bearer ${key}` } });
   assert.equal((await tenants()).status, 200);
