@@ -307,7 +307,7 @@ export class HostExecutor {
     const runtime: Runtime = { generation: next, chain: [...instance.runtime.chain, next] };
     if (this.#shared) {
       try {
-        await this.#shared.commit(instance, runtime);
+        await this.#shared.commit(instance, runtime, { fresh: true });
       } catch (error) {
         await this.#runOnUnstored(instance, runtime, error as CocoonError);
         throw error;
@@ -367,7 +367,7 @@ export class HostExecutor {
     try {
       const runtime = await compactGeneration(this.#driver, this.#dataDir, instance.id, imageSnapshotDir(this.#dataDir, instance.imageId), instance.runtime, this.#durable);
       // A cluster: the folded generation is stored before it is recorded (else the chain stays).
-      await this.#shared?.commit(instance, runtime);
+      await this.#shared?.commit(instance, runtime, { fresh: true });
       const folded = instance.runtime.chain.filter((generation) => !runtime.chain.includes(generation));
       if (await setMicrovmRuntimeIf(this.#db, instance.id, 'SUSPENDED', runtimeRecord(runtime))) {
         instance.runtime = runtime;
