@@ -119,7 +119,7 @@ describe('snapshots in S3 (PostgreSQL, s3rver, one Cocoon server; real buildah a
     ticks: Number(await exec('cat /mnt/ram/ticks')),
   });
 
-  test('READY image and SUSPENDED generation are in S3; a host without them resumes with memory, files and processes intact', SLOW, async () => {
+  test('READY image and SUSPENDED generation are in S3; a host without them resumes with memory, files and processes intact', SLOW, async (t) => {
     const upload = await api.uploadBundle(await makeBundle({ Dockerfile: 'FROM busybox\nCMD ["sleep", "infinity"]\n' }));
     assert.equal(upload.status, 201, upload.text);
     const created = await api.post('/images', { name: 's3snap', bundle: upload.body.uri, port: null });
@@ -157,6 +157,9 @@ describe('snapshots in S3 (PostgreSQL, s3rver, one Cocoon server; real buildah a
     assert.deepEqual(afterResume.pids, before.pids, 'the same background process');
     await new Promise((r) => setTimeout(r, 500));
     assert.ok(Number(await exec('cat /mnt/ram/ticks')) > before.ticks, 'and it runs on');
+    // The lifecycle's notes: how long storing and fetching took (for the report, not asserted).
+    const notes = fs.readFileSync(path.join(dataDir, 'microvms', id, 'vm', 'serial.log'), 'utf8').split('\n');
+    for (const line of notes.filter((l) => l.includes('object store'))) t.diagnostic(line);
   });
 
   test('S3 unreachable during a suspend: a clear error, the microVM keeps running with its state, a later suspend succeeds', SLOW, async () => {
