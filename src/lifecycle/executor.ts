@@ -309,6 +309,8 @@ export class HostExecutor {
     const runtime: Runtime = { generation: next, chain: [...instance.runtime.chain, next] };
     let stored = '';
     if (this.#shared) {
+      // Last, after whatever rewrites the generation (its memory diff): what is stored is what
+      // the generation holds, so a diff stays a diff in the object store too.
       const storing = performance.now();
       try {
         await this.#shared.commit(instance, runtime, { fresh: true });

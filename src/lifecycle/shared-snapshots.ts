@@ -18,8 +18,11 @@ import { CocoonError, errorMessage } from '../common/errors.ts';
 import { generationPrefix, imageSnapshotPrefix, type SnapshotStore } from '../snapshots/snapshot-store.ts';
 import { generationDir, imageSnapshotDir } from './paths.ts';
 
-/** Files of an older generation that a resume never reads (collectGarbage removes them too). */
-const CURRENT_ONLY = ['mem', 'state'];
+/**
+ * Files of an older generation that a resume never reads (collectGarbage removes them too): its
+ * memory (whole, or a diff against the image's: docs/vmm.md "Memory diffs") and device state.
+ */
+const CURRENT_ONLY = ['mem', 'mem.diff', 'state'];
 
 interface Owner {
   id: string;
