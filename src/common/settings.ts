@@ -183,7 +183,7 @@ export const SETTINGS = define({
   },
   COCOON_HOST_ADDRESS: {
     group: 'server', default: '`127.0.0.1`', values: 'an IP address or host name',
-    meaning: 'Where the gateway reaches the guest ports this host forwards (the directory\'s upstream address).',
+    meaning: 'Where the other hosts of a cluster reach this host: its API and gateway URLs in the `hosts` table are `http://<address>:<port>` (docs/cluster.md). On one machine the default is right; on several, an address the others can route to.',
     parse: (raw) => {
       if (unset(raw)) return '127.0.0.1';
       if (!/^[A-Za-z0-9.:-]{1,253}$/.test(raw)) throw new Invalid('must be an IP address or host name');
@@ -311,6 +311,11 @@ export const SETTINGS = define({
     group: 'vmm', default: '`on`', values: '`on`, `off`',
     meaning: 'The host firewall rules that keep VMs with egress from the host\'s own services; `off` accepts the risk where they cannot be installed.',
     parse: switchOn(true, ['on'], ['off']),
+  },
+  COCOON_RAM_RESERVE_MAX_MIB: {
+    group: 'vmm', default: '`2048`', values: 'MiB, `0` to `32768`',
+    meaning: 'Guest RAM files up to this size have all their blocks reserved on the data directory\'s disk (a disk filled by anything cannot crash such a guest); bigger ones stay sparse (disk follows what the guest touches) and are protected by the space ledger and the space watch (docs/reliability.md).',
+    parse: integer(2048, 0, 32768),
   },
   COCOON_VM_CGROUPS: {
     group: 'vmm', default: '`1`', values: '`1`, `0`',
