@@ -43,7 +43,7 @@ import { dataDirHostId } from './host-id.ts';
 import { OperationQueue } from './queue.ts';
 import { dueTimes, dueWithoutTimer, Scheduler, TERMINATION_REASONS, type DueTimes, type TimerKind } from './scheduler.ts';
 import { generationDir, imageSnapshotDir, microvmDir, runDir, snapshotDirFor } from './paths.ts';
-import { appendLog, clearRunFiles, collectGarbage, compactGeneration, parseRuntime, runtimeRecord, type Runtime } from './storage.ts';
+import { appendLog, clearRunFiles, collectGarbage, compactGeneration, diffGeneration, parseRuntime, runtimeRecord, type Runtime } from './storage.ts';
 import { allows, targetState, transition, type MicrovmEvent, type MicrovmState } from './transitions.ts';
 
 /** Points where crash tests stop the daemon (see `LifecycleOptions.pauseAt`). */
@@ -256,6 +256,8 @@ export class LifecycleEngine implements MicroVMDirectory {
       runDir: runDir(this.dataDir, instance.id),
       snapshotDir,
       verifyData,
+      // A suspended generation's memory is a diff against the image's (storage.ts diffGeneration).
+      ...(instance.imageId !== null ? { memoryBase: imageSnapshotDir(this.dataDir, instance.imageId) } : {}),
       network: {
         forwards: await this.#forwards(snapshotDir, instance.hasAppPort ? instance.appPort : undefined, instance.httpHooks?.port),
         egress: instance.egress,
@@ -413,9 +415,10 @@ export class LifecycleEngine implements MicroVMDirectory {
     instance.vm = undefined;
     instance.ports = new Map();
     await this.#pause('suspend:committed', instance.id);
+    const diff = await this.#diffGeneration(instance, next);
     const runtime: Runtime = { generation: next, chain: [...instance.runtime.chain, next] };
     if (!(await this.#transition(instance, 'suspended', { runtime }))) return;
-    await appendLog(this.dataDir, instance.id, `suspended (${reason}) as generation ${next} in ${snapshotMs.toFixed(0)} ms`);
+    await appendLog(this.dataDir, instance.id, `suspended (${reason}) as generation ${next} in ${snapshotMs.toFixed(0)} ms${diff}`);
     await collectGarbage(this.dataDir, instance.id, instance.runtime);
     await this.#compactIfLong(instance);
     this.#armSuspended(instance);
@@ -435,6 +438,18 @@ export class LifecycleEngine implements MicroVMDirectory {
     if (error.details?.vmRunning === true) await this.#hook(instance, vm, 'resume');
     instance.activity.lastActivity = Date.now();
     this.#armIdle(instance);
+  }
+
+  /** Keeps only the memory pages the generation changed from its image's (storage.ts); a failure leaves it whole. Answers a note for the log. */
+  async #diffGeneration(instance: Instance, generation: number): Promise<string> {
+    if (instance.imageId === null) return '';
+    try {
+      const diff = await diffGeneration(this.dataDir, instance.id, generation, imageSnapshotDir(this.dataDir, instance.imageId), this.#durable);
+      return diff ? `, memory diff ${diff.diffPages} of ${diff.pages} pages in ${diff.compareMs.toFixed(0)} ms` : '';
+    } catch (error) {
+      this.#log.warn({ err: error, microvm: instance.id }, 'cannot keep only the changed memory pages; the generation stays whole');
+      return '';
+    }
   }
 
   async #compactIfLong(instance: Instance): Promise<void> {
