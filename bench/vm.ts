@@ -18,6 +18,8 @@ import { diffSnapshotMemory } from '../src/vmm/mem-diff.ts';
 import { releaseUnusedRam } from '../src/vmm/ram-file.ts';
 import type { Accelerator } from '../src/vmm/types.ts';
 import { makeTestRootDisk } from '../test/support/rootfs.ts';
+import type { Phases } from '../src/vmm/phases.ts';
+import { PhaseSamples } from './phases.ts';
 import { elapsedMs, type Metrics, single, summarize } from './stats.ts';
 
 const APP_PORT = 8080;
@@ -89,15 +91,17 @@ export async function runVmBench(options: { runs?: number; accel?: Accelerator; 
     running.delete(base);
 
     const restoreOne: number[] = [];
+    const restorePhases = new PhaseSamples();
     for (let i = 0; i < runs; i++) {
       const start = performance.now();
       const vm = track(await restore(`r1-${i}`, baseSnapshot));
       await firstByte(vm);
       restoreOne.push(elapsedMs(start));
+      restorePhases.add(vm.startPhases, restoreOne.at(-1));
       await vm.destroy();
       running.delete(vm);
     }
-    say(`restore, one clone: p50 ${summarize(restoreOne).p50} ms`);
+    say(`restore, one clone: p50 ${summarize(restoreOne).p50} ms (${restorePhases.line()})`);
 
     const restoreEight: number[] = [];
     for (let i = 0; i < runs; i++) {
@@ -122,13 +126,17 @@ export async function runVmBench(options: { runs?: number; accel?: Accelerator; 
     const diffMs: number[] = [];
     const wholeMiB: number[] = [];
     const diffMiB: number[] = [];
+    const suspendPhases = new PhaseSamples();
+    const resumePhases = new PhaseSamples();
     let vm = track(await restore('cycle-0', baseSnapshot));
     await firstByte(vm);
     for (let i = 0; i < runs; i++) {
       const suspended = path.join(dir, `cycle-${i}-suspended`);
+      const phases: Phases = {};
       const suspendStart = performance.now();
-      await vm.snapshot(suspended);
+      await vm.snapshot(suspended, { phases });
       suspend.push(elapsedMs(suspendStart));
+      suspendPhases.add(phases);
       running.delete(vm);
       // What the suspended VM holds with whole memory (its reservation given back, as a snapshot
       // does in the background), then as a diff against the image's (the lifecycle does this
@@ -143,10 +151,12 @@ export async function runVmBench(options: { runs?: number; accel?: Accelerator; 
       vm = track(await restore(`cycle-${i + 1}`, suspended, baseSnapshot));
       await firstByte(vm);
       resume.push(elapsedMs(resumeStart));
+      resumePhases.add(vm.startPhases, resume.at(-1));
     }
     await vm.destroy();
     running.delete(vm);
-    say(`suspend p50 ${summarize(suspend).p50} ms (+ memory diff ${summarize(diffMs).p50} ms), resume p50 ${summarize(resume).p50} ms`);
+    say(`suspend p50 ${summarize(suspend).p50} ms (${suspendPhases.line()}) + memory diff ${summarize(diffMs).p50} ms`);
+    say(`resume p50 ${summarize(resume).p50} ms (${resumePhases.line()})`);
     say(`suspended on disk beyond the image: p50 ${summarize(diffMiB, 'MiB').p50} MiB with a memory diff, ${summarize(wholeMiB, 'MiB').p50} MiB with whole memory`);
 
     const coldSummary = summarize(cold);
@@ -162,6 +172,9 @@ export async function runVmBench(options: { runs?: number; accel?: Accelerator; 
       'vm.suspended_disk_mib': summarize(diffMiB, 'MiB'),
       'vm.suspended_disk_whole_memory_mib': summarize(wholeMiB, 'MiB'),
       'vm.restore_speedup_ratio': single(coldSummary.p50 / restoreSummary.p50, 'ratio'),
+      ...restorePhases.metrics('vm.restore_phase'),
+      ...suspendPhases.metrics('vm.suspend_phase'),
+      ...resumePhases.metrics('vm.resume_phase'),
     };
   } finally {
     for (const vm of running) await vm.destroy().catch(() => undefined);

@@ -16,7 +16,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-say() { echo "setup: $*" >&2; }
+# shellcheck source=scripts/lib/apt.sh
+. scripts/lib/apt.sh
 
 BOTO3_VERSION=1.43.107
 VENV=.cache/venv
@@ -24,19 +25,6 @@ MODEL_DIR=.cache/aws-data/lambda-microvms/2025-09-09
 # Debian's own Python, not whatever python3 comes first on PATH: the venv must not depend on a
 # per-user interpreter (pyenv and the like) that a fresh machine does not have.
 PYTHON=/usr/bin/python3
-
-apt_install() {
-  if [ "$(id -u)" != 0 ]; then
-    say "missing Debian packages: $*; run this as root or install them with apt-get"
-    exit 1
-  fi
-  say "installing $*"
-  export DEBIAN_FRONTEND=noninteractive
-  if ! apt-get install -y -qq --no-install-recommends "$@" >/dev/null 2>&1; then
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "$@" >/dev/null
-  fi
-}
 
 # python3-venv brings ensurepip for Debian's python3 (`python3 -m venv` fails without it).
 if [ ! -x "$PYTHON" ] || ! dpkg -s python3-venv >/dev/null 2>&1; then

@@ -11,7 +11,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-say() { echo "setup: $*" >&2; }
+# shellcheck source=scripts/lib/apt.sh
+. scripts/lib/apt.sh
 
 # Debian packages, by the command or file that proves each is installed.
 packages=(
@@ -60,16 +61,7 @@ install_system_packages() {
     mkdir -p /etc/postgresql-common/createcluster.d
     echo 'create_main_cluster = false' >/etc/postgresql-common/createcluster.d/cocoon.conf
   fi
-  if [ "$(id -u)" != 0 ]; then
-    say "missing Debian packages: ${missing[*]}; run this as root or install them with apt-get"
-    exit 1
-  fi
-  say "installing ${missing[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  if ! apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null 2>&1; then
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-  fi
+  apt_install "${missing[@]}"
 }
 
 install_npm_packages() {

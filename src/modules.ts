@@ -4,6 +4,7 @@
  */
 import { awsModule } from './compat/aws/module.ts';
 import { e2bModule } from './compat/e2b/module.ts';
+import { clusterModule } from './wiring/cluster.ts';
 import { imagesModule } from './wiring/images.ts';
 import { microvmModule } from './wiring/microvms.ts';
 import type { ServerModule } from './server.ts';
@@ -12,5 +13,6 @@ export function defaultModules(): ServerModule[] {
   const images = imagesModule();
   const microvms = microvmModule();
   // After the microVM module: it starts the gateway and the engine the E2B and AWS surfaces use.
-  return [images, microvms, e2bModule(microvms), awsModule(images, microvms)];
+  // Last: it registers this host once the API and the gateway listen (only in a cluster).
+  return [images, microvms, e2bModule(microvms), awsModule(images, microvms), clusterModule(microvms)];
 }

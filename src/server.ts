@@ -10,6 +10,7 @@ import { type ApiContext, type ApiRoutes, buildApiServer } from './api/app.ts';
 import { log } from './common/log.ts';
 import type { CocoonConfig } from './config/config.ts';
 import { objectStoreFromEnv } from './objectstore/factory.ts';
+import { sharedSnapshotStore } from './snapshots/mode.ts';
 import { createApiKey } from './store/api-keys.ts';
 import { openMetadataStore } from './store/open.ts';
 import { sealerForDataDir } from './store/sealed-secrets.ts';
@@ -37,6 +38,8 @@ export interface ServerModule {
   /** Routes outside `/api/v1` (compatibility surfaces such as `/e2b`); they do their own auth. */
   rootRoutes?: ApiRoutes;
   start?(context: ApiContext): Promise<void>;
+  /** Once the API listens (its port is known: `apiPort`), in module order; a throw stops the start. */
+  listening?(context: ApiContext, listen: { apiPort: number }): Promise<void>;
   stop?(): Promise<void>;
 }
 
@@ -44,10 +47,12 @@ export async function startServer(config: CocoonConfig, modules: ServerModule[] 
   fs.mkdirSync(config.dataDir, { recursive: true, mode: 0o700 });
   const { db } = await openMetadataStore(config.dataDir, { databaseUrl: config.databaseUrl });
   let ready = false;
+  const objects = objectStoreFromEnv({ ...process.env, COCOON_DATA_DIR: config.dataDir });
   const context: ApiContext = {
     config,
     db,
-    objects: objectStoreFromEnv({ ...process.env, COCOON_DATA_DIR: config.dataDir }),
+    objects,
+    snapshots: sharedSnapshotStore(config.databaseUrl, objects),
     ready: () => ready,
     // A module that runs the gateway says where (the microVM module exposes `gatewayPort`).
     gatewayPort: () => {
@@ -71,6 +76,9 @@ export async function startServer(config: CocoonConfig, modules: ServerModule[] 
       started.push(module);
     }
     await api.listen({ port: config.apiPort, host: config.host });
+    const bound = api.server.address();
+    const apiPort = typeof bound === 'object' && bound ? bound.port : config.apiPort;
+    for (const module of modules) await module.listening?.(context, { apiPort });
   } catch (error) {
     for (const module of started.reverse()) await module.stop?.();
     await api.close();

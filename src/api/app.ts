@@ -3,12 +3,15 @@
  * validation and the OpenAPI 3.1 document come. Routes live in `routes/`, one plugin per
  * resource; each receives the platform's services through `ApiContext`.
  */
+import type { IncomingMessage, ServerResponse } from 'node:http';
+import type { Duplex } from 'node:stream';
 import swagger from '@fastify/swagger';
 import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox';
 import Fastify, { type FastifyInstance, type FastifySchema, type RouteOptions } from 'fastify';
 import { CocoonError } from '../common/errors.ts';
 import type { CocoonConfig } from '../config/config.ts';
 import type { ObjectStore } from '../objectstore/object-store.ts';
+import type { SnapshotStore } from '../snapshots/snapshot-store.ts';
 import type { Db } from '../store/sql.ts';
 import { registerAuth } from './auth.ts';
 import { clientErrorResponse, errorBody, handleError } from './errors.ts';
@@ -25,10 +28,27 @@ export interface ApiContext {
   config: CocoonConfig;
   db: Db;
   objects: ObjectStore;
+  /**
+   * Snapshots shared through the object store (a cluster: PostgreSQL and S3, src/snapshots/mode.ts);
+   * undefined on a single host, where snapshots stay local files.
+   */
+  snapshots?: SnapshotStore | undefined;
   /** Set once the server accepts work (health answers 503 before). */
   ready: () => boolean;
   /** The gateway's bound port once it listens (null: no gateway runs). */
   gatewayPort?: () => number | null;
+  /** In a cluster (set at start by src/wiring/cluster-net.ts): requests for a microVM another host runs go there. */
+  forwarding?: ApiForwarding;
+}
+
+/**
+ * Hands a request to the host that runs its microVM (src/cluster/api-forwarding.ts). `request`
+ * answers true when it took the request (it called `take` first, then answered it completely),
+ * false when this host serves it; `upgrade` likewise for a WebSocket handshake.
+ */
+export interface ApiForwarding {
+  request(req: IncomingMessage, res: ServerResponse, take: () => void): Promise<boolean>;
+  upgrade(req: IncomingMessage, socket: Duplex, head: Buffer): Promise<boolean>;
 }
 
 export type ApiRoutes = (app: FastifyInstance, context: ApiContext) => Promise<void> | void;
@@ -121,6 +141,11 @@ export async function buildApiServer(context: ApiContext, extraRoutes: ApiRoutes
     }
   });
   registerAuth(app, context.db);
+  // After the API key check (a request refused here is not forwarded): microVMs another host runs.
+  app.addHook('onRequest', async (request, reply) => {
+    const forwarding = context.forwarding;
+    if (forwarding) await forwarding.request(request.raw, reply.raw, () => reply.hijack());
+  });
 
   await app.register(
     async (api) => {

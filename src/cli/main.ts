@@ -6,6 +6,7 @@
 import { Command, CommanderError } from 'commander';
 import { registerAdminCommands } from './admin.ts';
 import { action } from './args.ts';
+import { registerClusterCommands } from './cluster.ts';
 import { separateCommand } from './exec-args.ts';
 import { EXIT } from './exit-codes.ts';
 import { registerImageCommands } from './images.ts';
@@ -63,6 +64,7 @@ Start here:
   registerAdminCommands(program);
   registerImageCommands(program);
   registerMicrovmCommands(program);
+  registerClusterCommands(program);
   return program;
 }
 

@@ -20,10 +20,11 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { CocoonError } from './errors.ts';
 
-export type SettingGroup = 'server' | 'images' | 'builder' | 'vmm' | 's3' | 'cli';
+export type SettingGroup = 'server' | 'cluster' | 'images' | 'builder' | 'vmm' | 's3' | 'cli';
 
 export const SETTING_GROUPS: Record<SettingGroup, string> = {
   server: 'Server',
+  cluster: 'Cluster (hosts sharing one PostgreSQL: docs/cluster.md; inert with SQLite)',
   images: 'Images and builds',
   builder: 'Builder (buildah and base images)',
   vmm: 'VMs (QEMU, its sandbox, cgroups and egress)',
@@ -182,12 +183,38 @@ export const SETTINGS = define({
   },
   COCOON_HOST_ADDRESS: {
     group: 'server', default: '`127.0.0.1`', values: 'an IP address or host name',
-    meaning: 'Where the gateway reaches the guest ports this host forwards (the directory\'s upstream address).',
+    meaning: 'Where the other hosts of a cluster reach this host: its API and gateway URLs in the `hosts` table are `http://<address>:<port>` (docs/cluster.md). On one machine the default is right; on several, an address the others can route to.',
     parse: (raw) => {
       if (unset(raw)) return '127.0.0.1';
       if (!/^[A-Za-z0-9.:-]{1,253}$/.test(raw)) throw new Invalid('must be an IP address or host name');
       return raw;
     },
+  },
+  // ---- cluster
+  COCOON_HEARTBEAT_INTERVAL: {
+    group: 'cluster', default: '`5`', values: '1-300 (seconds)',
+    meaning: 'How often a host of a cluster records in the database that it lives (and looks for hosts that fell silent).',
+    parse: integer(5, 1, 300),
+  },
+  COCOON_HOST_DEAD_AFTER: {
+    group: 'cluster', default: '`30`', values: '3-3600 (seconds), at least 3 heartbeat intervals',
+    meaning: 'A host silent this long is declared dead by another host: its SUSPENDED microVMs become resumable anywhere, its running ones FAILED (`host_lost`). A host that could not heartbeat for this long minus one interval stops its own VMs first.',
+    parse: integer(30, 3, 3600),
+  },
+  COCOON_HOST_VCPUS: {
+    group: 'cluster', default: '64 per CPU core (microVMs idle most of the time)', values: 'a positive integer',
+    meaning: 'The vCPUs this host offers to placement: the sum of its running microVMs\' vCPUs stays at or below it.',
+    parse: (raw) => (unset(raw) ? undefined : integer(0, 1, 1_000_000)(raw)),
+  },
+  COCOON_HOST_MEMORY_MIB: {
+    group: 'cluster', default: '4 × the host\'s memory (a guest\'s memory follows its real use)', values: 'a positive integer (MiB)',
+    meaning: 'The memory this host offers to placement, counted as the sum of its running microVMs\' memory sizes.',
+    parse: (raw) => (unset(raw) ? undefined : integer(0, 1, 1_000_000_000)(raw)),
+  },
+  COCOON_HOST_DISK_MIB: {
+    group: 'cluster', default: '8 × the size of the data directory\'s file system (disks are thin)', values: 'a positive integer (MiB)',
+    meaning: 'The disk this host offers to placement, counted as the sum of the disk sizes of the microVMs it holds (SUSPENDED ones included).',
+    parse: (raw) => (unset(raw) ? undefined : integer(0, 1, 1_000_000_000_000)(raw)),
   },
   COCOON_CACHE_DIR: {
     group: 'server', default: '`<repository>/.cache`', values: 'a directory',

@@ -26,8 +26,19 @@ export interface CocoonConfig {
    * made on first start by the lifecycle: src/lifecycle/host-id.ts).
    */
   hostId?: string | undefined;
-  /** `COCOON_HOST_ADDRESS`: where the gateway reaches the guest ports this host forwards (default 127.0.0.1). */
+  /** `COCOON_HOST_ADDRESS`: where the other hosts of a cluster reach this host's API and gateway (default 127.0.0.1). */
   hostAddress?: string | undefined;
+  /**
+   * A cluster's timing and this host's offered capacity (docs/cluster.md; used only with a
+   * PostgreSQL `databaseUrl`). Unset fields take their defaults (src/cluster/config.ts).
+   */
+  cluster?: {
+    heartbeatIntervalSeconds?: number;
+    hostDeadAfterSeconds?: number;
+    vcpus?: number | undefined;
+    memoryMiB?: number | undefined;
+    diskMiB?: number | undefined;
+  };
 }
 
 /** Checks every setting (throws `invalid_config` listing each bad one), then builds the configuration. */
@@ -44,5 +55,12 @@ export function loadConfig(env: Env = process.env): CocoonConfig {
     databaseUrl: setting('COCOON_DATABASE_URL', env),
     hostId: setting('COCOON_HOST_ID', env),
     hostAddress: setting('COCOON_HOST_ADDRESS', env),
+    cluster: {
+      heartbeatIntervalSeconds: setting('COCOON_HEARTBEAT_INTERVAL', env),
+      hostDeadAfterSeconds: setting('COCOON_HOST_DEAD_AFTER', env),
+      vcpus: setting('COCOON_HOST_VCPUS', env),
+      memoryMiB: setting('COCOON_HOST_MEMORY_MIB', env),
+      diskMiB: setting('COCOON_HOST_DISK_MIB', env),
+    },
   };
 }

@@ -4,8 +4,9 @@
  * states to its target. A refused move (the row is in a state where the event is illegal: another
  * operation or host moved it meanwhile) answers false and writes nothing.
  */
-import { transitionMicrovm, type MicrovmTransition } from '../store/microvms.ts';
+import { getMicrovm, transitionMicrovm, type MicrovmTransition } from '../store/microvms.ts';
 import type { Db } from '../store/sql.ts';
+import { runtimeRecord, type Runtime } from './storage.ts';
 import { casSources, targetState, type MicrovmEvent, type MicrovmState } from './transitions.ts';
 
 export async function applyMicrovmEvent(
@@ -17,4 +18,33 @@ export async function applyMicrovmEvent(
   only?: MicrovmState | readonly MicrovmState[],
 ): Promise<boolean> {
   return transitionMicrovm(db, id, casSources(event, only), targetState(event), patch);
+}
+
+/** What `applyInstanceEvent` keeps in step with the store: the lifecycle's in-memory record (instance.ts). */
+export interface EventTarget {
+  readonly id: string;
+  state: MicrovmState;
+  runtime: Runtime;
+  suspendedAt: number;
+}
+
+/**
+ * Applies an event to a microVM the lifecycle holds: compare-and-set in the store, then in
+ * memory; a refused move reads the state the store has now.
+ */
+export async function applyInstanceEvent(db: Db, instance: EventTarget, event: MicrovmEvent, patch: { runtime?: Runtime; error?: string } = {}): Promise<boolean> {
+  const to = targetState(event);
+  const moved = await applyMicrovmEvent(db, instance.id, event, {
+    ...(patch.runtime ? { runtime: runtimeRecord(patch.runtime) } : {}),
+    ...(patch.error !== undefined ? { error: patch.error } : {}),
+  });
+  if (moved) {
+    instance.state = to;
+    if (patch.runtime) instance.runtime = patch.runtime;
+    if (to === 'SUSPENDED') instance.suspendedAt = Date.now();
+  } else {
+    const current = await getMicrovm(db, instance.id);
+    if (current) instance.state = current.state;
+  }
+  return moved;
 }

@@ -50,6 +50,8 @@ export interface Microvm {
   terminatedAt: string | null;
   /** The host whose lifecycle runs it (null until one claims it: see `claimMicrovm`). */
   hostId: string | null;
+  /** The fencing token of `hostId`'s lease: counts up on every change of owner (leases.ts). */
+  leaseEpoch: number;
 }
 
 export interface NewMicrovm {
@@ -107,6 +109,7 @@ interface MicrovmRow {
   suspended_at: string | null;
   terminated_at: string | null;
   host_id?: string | null;
+  lease_epoch?: number;
 }
 
 const toMicrovm = rowMapper<MicrovmRow, Microvm>({
@@ -125,6 +128,7 @@ const toMicrovm = rowMapper<MicrovmRow, Microvm>({
   createdAt: 'created_at', updatedAt: 'updated_at', expiresAt: 'expires_at', lastActivityAt: 'last_activity_at',
   suspendedAt: 'suspended_at', terminatedAt: 'terminated_at',
   hostId: (row) => row.host_id ?? null,
+  leaseEpoch: (row) => row.lease_epoch ?? 0,
 });
 
 function checkNewMicrovm(input: NewMicrovm): void {
@@ -316,10 +320,11 @@ export async function listHostMicrovms(
 
 /**
  * Makes `hostId` the host that runs the microVM, if no other host has (compare-and-set; the same
- * host again is a no-op). Answers whether the microVM is now this host's.
+ * host again is a no-op). Answers whether the microVM is now this host's. Taking an ownerless
+ * microVM is a change of owner: its lease epoch counts up (leases.ts).
  */
 export async function claimMicrovm(db: Db, id: string, hostId: string): Promise<boolean> {
-  await db.run('UPDATE microvms SET host_id = ? WHERE id = ? AND host_id IS NULL', [hostId, id]);
+  await db.run('UPDATE microvms SET host_id = ?, lease_epoch = lease_epoch + 1 WHERE id = ? AND host_id IS NULL', [hostId, id]);
   const row = await db.get<{ host_id: string | null }>('SELECT host_id FROM microvms WHERE id = ?', [id]);
   return row?.host_id === hostId;
 }
@@ -339,6 +344,12 @@ export interface MicrovmTransition {
   error?: string | null;
   /** Replaces the runtime record when given. */
   runtime?: Record<string, unknown>;
+  /**
+   * The lease epoch the writing host holds (leases.ts): the move happens only while the row
+   * still has it, so a host whose lease was taken over changes nothing. Undefined: unfenced
+   * (single host).
+   */
+  leaseEpoch?: number;
   now?: Date;
 }
 
@@ -359,8 +370,11 @@ export async function transitionMicrovm(
   statesFilter(to, MICROVM_STATES, 'microVM state');
   const now = iso(patch.now ?? new Date());
   return db.transaction(async (tx) => {
-    const current = await tx.get<{ state: MicrovmState; tenant_id: string }>('SELECT state, tenant_id FROM microvms WHERE id = ?', [id]);
+    const current = await tx.get<{ state: MicrovmState; tenant_id: string; lease_epoch: number }>(
+      'SELECT state, tenant_id, lease_epoch FROM microvms WHERE id = ?', [id],
+    );
     if (current === undefined || !fromStates.includes(current.state)) return false;
+    if (patch.leaseEpoch !== undefined && current.lease_epoch !== patch.leaseEpoch) return false;
     const error = to === 'FAILED' ? (patch.error ?? 'the microVM failed') : null;
     const sets = ['state = ?', 'error = ?', 'updated_at = ?'];
     const params: SqlParam[] = [to, error, now];
@@ -368,7 +382,9 @@ export async function transitionMicrovm(
     if (to === 'SUSPENDED') { sets.push('suspended_at = ?'); params.push(now); }
     if (to === 'RUNNING') { sets.push('suspended_at = NULL', 'last_activity_at = ?'); params.push(now); }
     if (to === 'TERMINATED' || to === 'FAILED') { sets.push('terminated_at = ?'); params.push(now); }
-    const result = await tx.run(`UPDATE microvms SET ${sets.join(', ')} WHERE id = ? AND state = ?`, [...params, id, current.state]);
+    const result = await tx.run(`UPDATE microvms SET ${sets.join(', ')} WHERE id = ? AND state = ? AND lease_epoch = ?`, [
+      ...params, id, current.state, current.lease_epoch,
+    ]);
     if (result.changes !== 1) return false;
     await appendEvent(tx, {
       tenantId: current.tenant_id, resourceType: 'microvm', resourceId: id, type: 'state_changed',
@@ -389,16 +405,21 @@ export async function touchMicrovmActivity(db: Db, id: string, at: Date = new Da
   return result.changes === 1;
 }
 
-/** Replaces the runtime record only while the microVM is in `state` (compare-and-set); answers whether it did. */
+/**
+ * Replaces the runtime record only while the microVM is in `state` (compare-and-set), and, with
+ * `leaseEpoch`, only while the writer still holds that lease epoch; answers whether it did.
+ */
 export async function setMicrovmRuntimeIf(
   db: Db,
   id: string,
   state: MicrovmState,
   runtime: Record<string, unknown>,
   now: Date = new Date(),
+  leaseEpoch?: number,
 ): Promise<boolean> {
-  const result = await db.run('UPDATE microvms SET runtime = ?, updated_at = ? WHERE id = ? AND state = ?', [
-    JSON.stringify(runtime), iso(now), id, state,
+  const fence = leaseEpoch === undefined ? '' : ' AND lease_epoch = ?';
+  const result = await db.run(`UPDATE microvms SET runtime = ?, updated_at = ? WHERE id = ? AND state = ?${fence}`, [
+    JSON.stringify(runtime), iso(now), id, state, ...(leaseEpoch === undefined ? [] : [leaseEpoch]),
   ]);
   return result.changes === 1;
 }

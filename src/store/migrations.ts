@@ -257,6 +257,47 @@ export const MIGRATIONS: readonly Migration[] = [
     sql: `ALTER TABLE microvms ADD COLUMN host_id TEXT;
           CREATE INDEX microvms_by_host ON microvms (host_id, state);`,
   },
+  {
+    version: 9,
+    name: 'hosts and microvm leases',
+    // hosts: every Cocoon host that shares this database (src/store/hosts.ts, docs/cluster.md):
+    // the URLs other hosts use to reach its API and gateway, its capacity, its heartbeat, and
+    // LIVE or DEAD (declared by another host's sweeper once it was silent too long; its
+    // register at a later start makes it LIVE again, with nothing of what it owned).
+    // microvms.lease_epoch: the fencing token of the lease that microvms.host_id holds. It counts
+    // up on every change of owner (acquire by another host, release, take-over after a host
+    // death), and an owner's state writes carry the epoch it got (`AND lease_epoch = ?`), so the
+    // writes of a host that lost the lease (slow, partitioned, declared dead) change nothing.
+    sql: (d) => `
+      CREATE TABLE hosts (
+        id                  TEXT PRIMARY KEY,
+        api_url             TEXT,
+        gateway_url         TEXT,
+        vcpus               INTEGER NOT NULL CHECK (vcpus >= 0),
+        memory_mib          ${ddl.bigint(d)} NOT NULL CHECK (memory_mib >= 0),
+        disk_mib            ${ddl.bigint(d)} NOT NULL CHECK (disk_mib >= 0),
+        state               TEXT NOT NULL CHECK (state IN ('LIVE', 'DEAD')),
+        started_at          TEXT NOT NULL,
+        heartbeat_at        TEXT NOT NULL,
+        dead_at             TEXT,
+        declared_dead_by    TEXT
+      );
+      CREATE INDEX hosts_by_state ON hosts (state, heartbeat_at);
+      ALTER TABLE microvms ADD COLUMN lease_epoch ${ddl.bigint(d)} NOT NULL DEFAULT 0;
+    `,
+  },
+  {
+    version: 10,
+    name: 'cluster secrets',
+    // Secrets every host of a cluster shares, made once by the first host that needs one (insert
+    // if missing; the others read the winner's): `peer-hmac`, the key that authenticates requests
+    // one host forwards to another (src/cluster/peer-auth.ts). value: base64url of 32 random bytes.
+    sql: `CREATE TABLE cluster_secrets (
+            name        TEXT PRIMARY KEY,
+            value       TEXT NOT NULL,
+            created_at  TEXT NOT NULL
+          );`,
+  },
 ];
 
 export interface MigrationReport {

@@ -12,6 +12,7 @@
  * directories (manifest.json, snapshot.ts), and asks the driver to `sweep` what is left there.
  */
 import type { GuestChannel } from './guest-channel.ts';
+import type { Phases } from './phases.ts';
 import type { Accelerator, AcceleratorChoice, BootOptions, DiskSpec, GuestKernel, MachineShape, RestoreOptions, SnapshotManifest, VmStats } from './types.ts';
 
 /** Where a forwarded guest port is reachable from this host. */
@@ -30,6 +31,8 @@ export interface SnapshotOptions {
    * `recoverSnapshot` should this process die), before the VM is ended. For crash tests.
    */
   onStateSaved?: () => Promise<void>;
+  /** Filled in with the milliseconds of each step of the snapshot (phases.ts), for benchmarks. */
+  phases?: Phases;
 }
 
 /** A disk that a disk layer stands on (`sameContent`: a hard link of the current backing file, so only the header changes). */
@@ -97,6 +100,8 @@ export interface Vm {
   readonly agentSocketPath: string;
   /** The VM's process has exited (guest power-off, crash or kill). */
   readonly exited: boolean;
+  /** Milliseconds of each step of this VM's boot or restore (phases.ts); absent for an adopted VM. */
+  readonly startPhases?: Readonly<Phases>;
   waitForExit(): Promise<void>;
   /** Where `guestPort` is reachable; `port_not_forwarded` when it is not forwarded. */
   endpoint(guestPort: number): Endpoint;

@@ -13,6 +13,7 @@ import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { loadGuestArtifacts } from '../../src/guest/artifacts.ts';
 import type { Vm, VmDriver } from '../../src/vmm/driver.ts';
+import type { Phases } from '../../src/vmm/phases.ts';
 import { qemuDriver } from '../../src/vmm/qemu/driver.ts';
 import { readSnapshotManifest } from '../../src/vmm/snapshot.ts';
 import { makeTestRootDisk } from '../support/rootfs.ts';
@@ -36,6 +37,18 @@ function hasCode(code: string) {
     assert.equal((error as { code?: string }).code, code, String(error));
     return true;
   };
+}
+
+/**
+ * A driver's phase record (src/vmm/phases.ts, for the benchmarks): some phases, each a duration,
+ * together no longer than the whole the caller measured around it.
+ */
+function assertPhases(phases: Readonly<Phases>, wholeMs: number, what: string): void {
+  const values = Object.values(phases);
+  assert.ok(values.length >= 3, `${what} reports its phases: ${JSON.stringify(phases)}`);
+  assert.ok(values.every((ms) => Number.isFinite(ms) && ms >= 0), JSON.stringify(phases));
+  const sum = values.reduce((a, b) => a + b, 0);
+  assert.ok(sum <= wholeMs + 1, `${what}'s phases (${sum.toFixed(1)} ms) fit in its ${wholeMs.toFixed(1)} ms`);
 }
 
 for (const { driver, skips } of IMPLEMENTATIONS) {
@@ -118,7 +131,10 @@ for (const { driver, skips } of IMPLEMENTATIONS) {
     test('snapshot ends the VM and commits a checked snapshot; restores are independent VMs', async () => {
       const count = Number(await get(base, '/cgi-bin/count'));
       const snapshotDir = path.join(dir, 'snapshot');
-      const manifest = await base.snapshot(snapshotDir);
+      const phases: Phases = {};
+      const started = performance.now();
+      const manifest = await base.snapshot(snapshotDir, { phases });
+      assertPhases(phases, performance.now() - started, 'the snapshot');
       assert.equal(base.exited, true);
       assert.deepEqual(driver.processesUnder(base.runDir), []);
       const read = await readSnapshotManifest(snapshotDir);
@@ -129,7 +145,9 @@ for (const { driver, skips } of IMPLEMENTATIONS) {
       assert.equal(read.guestProtocol, base.channel.protocolVersion ?? read.guestProtocol, 'the guest protocol of its hello');
       assert.ok(Number.isInteger(read.guestProtocol), 'the guest protocol version is recorded');
       await assert.rejects(base.snapshot(snapshotDir), hasCode('snapshot_exists'));
+      const restoreStarted = performance.now();
       const [a, b] = await Promise.all([restore('clone-a', snapshotDir), restore('clone-b', snapshotDir)]);
+      assertPhases(a.startPhases ?? {}, performance.now() - restoreStarted, 'a restore');
       assert.notEqual(a.endpoint(APP_PORT).port, b.endpoint(APP_PORT).port);
       assert.equal(Number(await get(a, '/cgi-bin/count')), count + 1);
       assert.equal(Number(await get(a, '/cgi-bin/count')), count + 2);
@@ -193,6 +211,24 @@ for (const { driver, skips } of IMPLEMENTATIONS) {
     test('restore of a missing snapshot is snapshot_not_found and leaves nothing', async () => {
       await assert.rejects(driver.restore({ id: 'missing', runDir: path.join(dir, 'missing'), snapshotDir: path.join(dir, 'nowhere'), network }), hasCode('snapshot_not_found'));
       assert.deepEqual(driver.processesUnder(path.join(dir, 'missing')), []);
+    });
+
+    test('a snapshot chain moved elsewhere (its layout kept) restores: layers name their backing files relatively', async () => {
+      // A tree of its own: a (hard-linked) copy of the snapshot, a VM restored from it, whose
+      // snapshot goes two levels deeper; then the whole tree is renamed, as a moved data
+      // directory or a chain copied into another host's cache would be.
+      const tree = path.join(dir, 'tree');
+      fs.mkdirSync(path.join(tree, 'base'), { recursive: true });
+      for (const file of fs.readdirSync(path.join(dir, 'snapshot'))) fs.linkSync(path.join(dir, 'snapshot', file), path.join(tree, 'base', file));
+      const vm = await restore('chain-vm', path.join(tree, 'base'));
+      const count = Number(await get(vm, '/cgi-bin/count'));
+      await vm.snapshot(path.join(tree, 'deeper', 'still', 'gen'));
+      await driver.clearRunFiles(vm.runDir);
+      const moved = path.join(dir, 'moved-tree');
+      fs.renameSync(tree, moved);
+      const again = await restore('chain-again', path.join(moved, 'deeper', 'still', 'gen'));
+      assert.equal(Number(await get(again, '/cgi-bin/count')), count + 1, 'the moved chain continues where it was');
+      await again.destroy();
     });
 
     test('disk layers: a layer over a disk, rebased onto a copy of it', skip('diskLayers'), async () => {

@@ -17,17 +17,21 @@ export interface TestS3Server {
   /** s3rver checks signatures against these fixed credentials. */
   credentials: { accessKeyId: string; secretAccessKey: string };
   stop(): Promise<void>;
+  /** Stops answering (connections are refused) but keeps the objects; `resume` serves them again on the same port. */
+  pause(): Promise<void>;
+  resume(): Promise<void>;
 }
 
 export async function startS3rver(buckets: string[]): Promise<TestS3Server> {
   const directory = await mkdtemp(join(tmpdir(), 'cocoon-s3rver-'));
-  const server = new S3rver({
+  const create = (port: number) => new S3rver({
     address: '127.0.0.1',
-    port: 0, // ephemeral: tests never collide on a port
+    port, // 0 at first, ephemeral: tests never collide on a port
     silent: true,
     directory,
     configureBuckets: buckets.map((name) => ({ name })),
   });
+  let server: S3rver | undefined = create(0);
   let address;
   try {
     address = await server.run();
@@ -35,18 +39,29 @@ export async function startS3rver(buckets: string[]): Promise<TestS3Server> {
     await rm(directory, { recursive: true, force: true });
     throw error;
   }
+  const port = address.port;
   let stopped = false;
   return {
-    endpoint: `http://127.0.0.1:${address.port}`,
+    endpoint: `http://127.0.0.1:${port}`,
     credentials: { accessKeyId: 'S3RVER', secretAccessKey: 'S3RVER' },
     async stop() {
       if (stopped) return;
       stopped = true;
       try {
-        await server.close();
+        await server?.close();
       } finally {
         await rm(directory, { recursive: true, force: true });
       }
+    },
+    async pause() {
+      const running = server;
+      server = undefined;
+      await running?.close();
+    },
+    async resume() {
+      if (server || stopped) return;
+      server = create(port);
+      await server.run();
     },
   };
 }

@@ -30,9 +30,11 @@
  *                                 a new TARGET with the memory DIFF describes: BASE's data extents
  *                                 copied (as `copy`), DIFF's pages written over them; `reserve` as
  *                                 for copy. `sumbase`: BASE's checksum line (taken while copying);
- *                                 `sum`: then DIFF's (taken before its pages are applied, from the
- *                                 same mapping); then the lines of FILEs. Exit 3: DIFF is not a
+ *                                 `sum`: then DIFF's (taken before its pages are applied); then the lines of FILEs. Exit 3: DIFF is not a
  *                                 valid diff for BASE (header, sizes, bitmap)
+ *   cocoon-sparse map FILE        one line per data range of FILE, "<start> <end>" (bytes,
+ *                                 page-aligned, end clamped to the size), as `sum` finds them:
+ *                                 what an upload of the file must read (src/snapshots/)
  *
  * Where the data is comes from FIEMAP after a sync (unwritten extents then hold only zeros and
  * are skipped), else from SEEK_DATA/SEEK_HOLE (tmpfs). SEEK_DATA alone would not do on a file
@@ -564,8 +566,8 @@ static int write_all(int fd, const uint8_t *p, size_t n, uint64_t at) {
 /*
  * Only the pages in either file's data ranges are compared (a page that is a hole in both is
  * zeros in both); MEM's are found with SEEK_DATA (no writeback: a suspend's RAM file is still in
- * the page cache). A page that differs is written to the diff even when it is zeros (the base
- * has data there), as a hole: reading it gives the zeros back.
+ * the page cache). A page that differs is in the diff even when it is zeros (the base has data
+ * there).
  */
 static int diff_file(const char *base_file, const char *mem_file, const char *out_file, int sync) {
   int base = open(base_file, O_RDONLY | O_CLOEXEC);
@@ -693,6 +695,21 @@ done:
   return r;
 }
 
+/* Prints the data ranges of a file (`map`). */
+static int map_file(const char *file) {
+  int fd = open(file, O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return fail("cannot open", file);
+  struct stat st;
+  if (fstat(fd, &st) < 0) { int r = fail("cannot stat", file); close(fd); return r; }
+  range_t *ranges = NULL;
+  size_t count = 0;
+  if (collect_ranges(fd, (uint64_t)st.st_size, &ranges, &count) < 0) { int r = fail("cannot find the data of", file); close(fd); return r; }
+  close(fd);
+  for (size_t i = 0; i < count; i++) printf("%llu %llu\n", (unsigned long long)ranges[i].start, (unsigned long long)ranges[i].end);
+  free(ranges);
+  return fflush(stdout) == 0 ? 0 : 1;
+}
+
 int main(int argc, char **argv) {
   if (argc >= 3 && strcmp(argv[1], "sum") == 0) {
     for (int i = 2; i < argc; i++) {
@@ -743,6 +760,7 @@ int main(int argc, char **argv) {
   }
   if (argc == 3 && strcmp(argv[1], "alloc") == 0) return alloc_file(argv[2]);
   if (argc == 3 && strcmp(argv[1], "trim") == 0) return trim_file(argv[2]);
-  fprintf(stderr, "usage: cocoon-sparse sum FILE... | copy SRC DST [reserve] [sum] [-- FILE...] | alloc FILE | trim FILE | diff BASE MEM OUT [sync] | undiff BASE DIFF TARGET [reserve] [sumbase] [sum] [-- FILE...]\n");
+  if (argc == 3 && strcmp(argv[1], "map") == 0) return map_file(argv[2]);
+  fprintf(stderr, "usage: cocoon-sparse sum FILE... | copy SRC DST [reserve] [sum] [-- FILE...] | alloc FILE | trim FILE | map FILE | diff BASE MEM OUT [sync] | undiff BASE DIFF TARGET [reserve] [sumbase] [sum] [-- FILE...]\n");
   return 2;
 }

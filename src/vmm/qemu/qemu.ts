@@ -6,10 +6,9 @@
  * restarted daemon can adopt it). Every failure path kills what it started and removes what it
  * made: a caller never has to clean up after a failed boot or restore.
  */
-import { type ChildProcess, execFile, spawn } from 'node:child_process';
+import { type ChildProcess, spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
-import { promisify } from 'node:util';
 import { CocoonError, errorMessage, isCocoonError } from '../../common/errors.ts';
 import { fsyncDir, fsyncFile } from '../../common/fs.ts';
 import { log } from '../../common/log.ts';
@@ -19,6 +18,7 @@ import { QEMU_ARCH } from './arch.ts';
 import { noSpaceError, qemuKilledError, qemuStartError } from './start-errors.ts';
 import { commitSnapshot, fsyncFailure, moveFile, sealData } from '../snapshot-commit.ts';
 import { takeForkPoint } from './fork-point.ts';
+import { createDiskLayer, relinkBacking, wantedBackingName } from './disk-layers.ts';
 import { watchDiskSpace } from './space-watch.ts';
 import { loadDeviceState, saveDeviceState } from './migration.ts';
 import { type QemuLaunch, hostTscKhz, kernelCmdline, qemuArgs } from './qemu-args.ts';
@@ -31,6 +31,7 @@ import { ensureEgressGuard } from '../../net/egress-guard.ts';
 import { findProcesses, killProcesses, processStats, processAlive, processCmdline, processStartTime, waitForProcessExit } from '../../host/processes.ts';
 import { type QemuIdentity, dropPrivilegesArgv, qemuIdentity } from '../../host/sandbox.ts';
 import { SerialLog, tailSerialLog } from './serial-log.ts';
+import { PhaseClock, type Phases } from '../phases.ts';
 import { identityBeforeReading, isVerified, rememberVerified } from '../verified-files.ts';
 import { grantQemuAccess, qemuDirOf, sealSnapshotFiles, snapshotFailure, takeBackSnapshotFiles } from '../snapshot-safety.ts';
 import {
@@ -57,7 +58,6 @@ import {
 } from '../types.ts';
 import { setting } from '../../common/settings.ts';
 
-const execFileAsync = promisify(execFile);
 const QEMU_BINARY = setting('COCOON_QEMU');
 const ID_PATTERN = /^[a-z0-9][a-z0-9-]{0,62}$/;
 /** Unix socket paths are limited to 108 bytes by the kernel. */
@@ -133,6 +133,8 @@ export class QemuVm implements Vm {
   readonly agentSocketPath: string;
   /** The protocol cocoon-init said hello with (on boot), or the snapshot's (on restore), or the launch record's (on adopt). */
   guestProtocol: number | undefined;
+  /** Milliseconds of each step of the boot or restore (phases.ts); absent for an adopted VM. */
+  startPhases: Readonly<Phases> | undefined;
   private readonly proc: VmProcess;
   private readonly serial: SerialLog;
   private readonly exitPromise: Promise<void>;
@@ -263,9 +265,17 @@ export class QemuVm implements Vm {
     validateShape(options);
     const ramPath = path.join(options.runDir, 'mem');
     const cmdline = kernelCmdline(options, options.id, options.accel === 'tcg' ? hostTscKhz() : undefined);
+    const clock = new PhaseClock();
     return QemuVm.launch(options, options, cmdline, options.disk, ramPath, {
-      prepare: () => createRamFile(ramPath, options.memoryMiB),
-      start: (vm) => vm.guest.waitForHello(options.bootTimeoutMs ?? DEFAULT_BOOT_TIMEOUT_MS, options.signal),
+      clock,
+      prepare: async () => {
+        await createRamFile(ramPath, options.memoryMiB);
+        return 'ram_create';
+      },
+      start: async (vm) => {
+        await vm.guest.waitForHello(options.bootTimeoutMs ?? DEFAULT_BOOT_TIMEOUT_MS, options.signal);
+        clock.mark('guest_boot');
+      },
     });
   }
 
@@ -275,9 +285,11 @@ export class QemuVm implements Vm {
    * RNG reseeded before this resolves.
    */
   static async restore(options: RestoreOptions): Promise<QemuVm> {
+    const clock = new PhaseClock();
     const manifest = await readSnapshotManifest(options.snapshotDir);
     assertSnapshotCompatible(options.snapshotDir, manifest);
     await verifySnapshot(options.snapshotDir, manifest);
+    clock.mark('manifest_state_check');
     const hasChecksums = Boolean(manifest.files.mem.checksum && manifest.files.disk.checksum);
     const verify = options.verifyData === false ? false : options.verifyData === 'if-present' ? hasChecksums : true;
     // The memory file is checked as it is copied for the new VM, and the disk along with it
@@ -288,6 +300,7 @@ export class QemuVm implements Vm {
     const snapshotDisk = path.join(options.snapshotDir, manifest.files.disk.name);
     const stateFile = path.join(options.snapshotDir, manifest.files.state.name);
     return QemuVm.launch(options, manifest.shape, manifest.cmdline, disk, ramPath, {
+      clock,
       incoming: true,
       ...(manifest.guestProtocol !== undefined ? { guestProtocol: manifest.guestProtocol } : {}),
       prepare: async () => {
@@ -295,12 +308,12 @@ export class QemuVm implements Vm {
           // A suspended microVM's memory: the image's plus the pages it changed (mem-diff.ts).
           const memory = restoreMemoryDiff({ dir: options.snapshotDir, manifest, baseDir: options.memoryBase, target: ramPath, verify: Boolean(verify), alsoVerifyDisk: Boolean(verify) });
           await Promise.all([memory, createDiskLayer(snapshotDisk, manifest.files.disk.format, disk.path)]);
-          return;
+          return verify ? 'ram_from_diff_checksums_disk_layer' : 'ram_from_diff_disk_layer';
         }
         if (!verify) {
           // Unverified means made moments ago: still in the page cache, not yet written back.
           await Promise.all([cloneRamFile(path.join(options.snapshotDir, manifest.files.mem.name), ramPath, { nosync: true }), createDiskLayer(snapshotDisk, manifest.files.disk.format, disk.path)]);
-          return;
+          return 'ram_clone_disk_layer';
         }
         // Files verified before and unchanged since (same identity: verified-files.ts, e.g. an
         // image snapshot restored again) are copied without reading them for a checksum; their
@@ -309,12 +322,15 @@ export class QemuVm implements Vm {
         const memKey = dataChecksumKey(manifest.files.mem.checksum)!;
         const diskKey = dataChecksumKey(manifest.files.disk.checksum)!;
         const remembered = async () => (await Promise.all([isVerified(memFile, memKey), isVerified(snapshotDisk, diskKey)])).every(Boolean);
+        // The phase says whether the data was read for its checksums on the way (phases.ts).
+        let phase = 'ram_clone_disk_layer';
         const copyMemory = async (): Promise<void> => {
           if (await remembered()) {
             await cloneRamFile(memFile, ramPath);
             if (await remembered()) return;
             await fs.promises.rm(ramPath, { force: true });
           }
+          phase = 'ram_clone_checksums_disk_layer';
           const [memBefore, diskBefore] = await Promise.all([identityBeforeReading(memFile), identityBeforeReading(snapshotDisk)]);
           const [memChecksum, diskChecksum] = await cloneRamFile(memFile, ramPath, { checksum: true, alsoChecksum: [snapshotDisk] });
           checkDataChecksum(options.snapshotDir, manifest, 'mem', memChecksum);
@@ -322,10 +338,12 @@ export class QemuVm implements Vm {
           await Promise.all([rememberVerified(memFile, memBefore, memKey), rememberVerified(snapshotDisk, diskBefore, diskKey)]);
         };
         await Promise.all([copyMemory(), createDiskLayer(snapshotDisk, manifest.files.disk.format, disk.path)]);
+        return phase;
       },
       start: async (vm) => {
         try {
           await loadDeviceState(vm.qmp, path.join(qemuDirOf(options.runDir), 'incoming.sock'), stateFile);
+          clock.mark('device_state_load');
         } catch (error) {
           if (error instanceof CocoonError && error.code === 'snapshot_corrupt') throw error;
           throw new CocoonError('snapshot_corrupt', `the snapshot in ${options.snapshotDir} cannot be restored: ${errorMessage(error)}`, {
@@ -334,7 +352,9 @@ export class QemuVm implements Vm {
           });
         }
         await vm.qmp.execute('cont', {});
+        clock.mark('cont');
         await vm.guest.restoreFromSnapshot(5000);
+        clock.mark('guest_clock_rng');
       },
     });
   }
@@ -361,6 +381,7 @@ export class QemuVm implements Vm {
       );
     }
     const diskName = this.disk.format === 'qcow2' ? 'disk.qcow2' : 'disk.raw';
+    const clock = new PhaseClock(options.phases);
     const progress = { wasRunning: false, stopped: false, moved: [] as Array<{ from: string; to: string }>, killed: false, committed: false };
     let manifest: SnapshotManifest;
     const handles: fs.promises.FileHandle[] = [];
@@ -368,18 +389,29 @@ export class QemuVm implements Vm {
       progress.wasRunning = (await this.qmp.execute('query-status', {})).running;
       await fs.promises.rm(partial, { recursive: true, force: true });
       await fs.promises.mkdir(partial, { recursive: true, mode: 0o700 });
+      // The disk layer must name its backing file relative to the directory it moves to
+      // (disk-layers.ts). A layer made beside targetDir (a run directory beside the
+      // generations) does already; another (one with an absolute name, made before names were
+      // relative) is rewritten after the move, by qemu-img, which needs QEMU gone (it holds the
+      // image's lock; and QEMU 7.2's change-backing-file writes the wrong backing format).
+      const relink = this.disk.format === 'qcow2' && (await wantedBackingName(this.disk.path, { finalDir: targetDir, formerDir: path.dirname(this.disk.path) })) !== undefined;
+      // Those two end QEMU before the files are checksummed, so a failure later cannot give the VM back.
+      const endFirst = Boolean(options.compact) || relink;
+      clock.mark('prepare');
       progress.stopped = true;
       await this.qmp.execute('stop', {});
+      clock.mark('pause');
       // With the vCPUs stopped (and the disk drained), guest RAM and disk do not change any
       // more: their checksums and fsyncs start now, on open files, while the device state is
       // saved and the files are renamed. (A compacted snapshot punches zeros out first.)
       let sealed: Promise<[DataChecksum[], unknown]> | undefined;
-      if (!options.compact) {
+      if (!endFirst) {
         for (const file of [this.ramPath, this.disk.path]) handles.push(await fs.promises.open(file, 'r'));
         sealed = sealData(handles, durable);
         sealed.catch(() => undefined); // awaited below unless something fails first
       }
       const state = await saveDeviceState(this.qmp, path.join(qemuDirOf(this.runDir), 'migrate.sock'), path.join(partial, 'state'));
+      clock.mark('device_state_save');
       // From here on the paused VM's RAM and disk files match the saved state: should this
       // process die, `recoverSnapshot` can complete the snapshot from what the pending record says.
       const pending: PendingSnapshot = {
@@ -402,6 +434,7 @@ export class QemuVm implements Vm {
         },
       };
       await writePendingSnapshot(partial, pending, durable);
+      clock.mark('pending_record');
       await options.onStateSaved?.();
       // Renaming the files does not disturb QEMU's open files and mapping.
       const mem = path.join(partial, 'mem');
@@ -410,15 +443,20 @@ export class QemuVm implements Vm {
         await moveFile(from, to);
         progress.moved.push({ from, to });
       }
-      if (options.compact) {
+      clock.mark('move_files');
+      if (endFirst) {
         progress.killed = true;
         await this.kill(); // zero pages are punched out of a file no process maps any more
-        await digHoles(mem);
+        if (options.compact) await digHoles(mem);
+        if (relink) await relinkBacking(disk, { finalDir: targetDir, formerDir: path.dirname(this.disk.path) });
+        clock.mark('compact');
         for (const file of [mem, disk]) handles.push(await fs.promises.open(file, 'r'));
         sealed = sealData(handles, durable);
       }
       const [checksums] = await (sealed as Promise<[DataChecksum[], unknown]>);
+      clock.mark('checksums_fsync');
       await sealSnapshotFiles(this.runDir, { mem, disk });
+      clock.mark('seal_files');
       manifest = {
         ...pending.manifest,
         files: {
@@ -430,6 +468,7 @@ export class QemuVm implements Vm {
       await commitSnapshot(partial, targetDir, manifest, durable);
       progress.committed = true;
       if (durable) await fsyncDir(path.dirname(targetDir));
+      clock.mark('commit');
     } catch (error) {
       throw await this.abandonSnapshot(error, partial, targetDir, progress);
     } finally {
@@ -437,6 +476,7 @@ export class QemuVm implements Vm {
     }
     await this.kill();
     await fs.promises.rm(path.join(this.runDir, LAUNCH_FILE), { force: true });
+    clock.mark('process_end');
     // The RAM file's blocks that were reserved and never written go back to the filesystem, in
     // the background (the content does not change; restores read only written extents), and
     // after this returns: starting the helper takes the event loop a few milliseconds.
@@ -629,8 +669,9 @@ export class QemuVm implements Vm {
     cmdline: string,
     disk: DiskSpec,
     ramPath: string,
-    steps: { incoming?: boolean; guestProtocol?: number; prepare: () => Promise<void>; start: (vm: QemuVm) => Promise<void> },
+    steps: { clock: PhaseClock; incoming?: boolean; guestProtocol?: number; prepare: () => Promise<string>; start: (vm: QemuVm) => Promise<void> },
   ): Promise<QemuVm> {
+    const { clock } = steps;
     validateId(options.id);
     const runDirExisted = fs.existsSync(options.runDir);
     await fs.promises.mkdir(options.runDir, { recursive: true, mode: 0o700 }).catch((error: unknown) => {
@@ -660,7 +701,8 @@ export class QemuVm implements Vm {
       // QEMU's own policy) from the host's services; only a VM with egress needs it in place.
       if (options.network.egress) await ensureEgressGuard(identity);
       else await ensureEgressGuard(identity, { bestEffort: true });
-      await steps.prepare();
+      clock.mark('sandbox_setup');
+      clock.mark(await steps.prepare());
       if (identity) {
         try {
           await grantQemuAccess(identity, { runDir: options.runDir, qemuDir, ramPath, disk, guest: shape.guest });
@@ -685,7 +727,9 @@ export class QemuVm implements Vm {
         sandbox: setting('COCOON_QEMU_SANDBOX'),
       };
       const cgroup = createVmCgroup(options.id, { ...defaultLimits(shape), ...options.limits });
+      clock.mark('sandbox_setup');
       started = startQemu(launch, options.runDir, identity, cgroup);
+      clock.mark('process_spawn');
       const { child, exit } = started;
       const launched = launch;
       const record: LaunchRecord = {
@@ -703,6 +747,7 @@ export class QemuVm implements Vm {
         ...(steps.guestProtocol !== undefined ? { guestProtocol: steps.guestProtocol } : {}),
       };
       await writeLaunchRecord(options.runDir, record);
+      clock.mark('launch_record');
       const [qmp, guest, serial] = await Promise.race([
         connectChannels(launched, options, giveUp.signal),
         exit.then(() => {
@@ -710,8 +755,10 @@ export class QemuVm implements Vm {
         }),
       ]);
       const proc: VmProcess = { pid: child.pid ?? -1, exit, hold: () => child.ref() };
+      clock.mark('process_channels');
       vm = new QemuVm({ launch: launched, options, proc, qmp, guest, serial });
       vm.guestProtocol = steps.guestProtocol;
+      vm.startPhases = clock.phases;
       await Promise.race([
         steps.start(vm),
         exit.then(() => {
@@ -915,6 +962,7 @@ async function completeSnapshot(partial: string, targetDir: string, pending: Pen
   const disk = path.join(partial, files.disk.name);
   if (!fs.existsSync(mem)) await moveFile(pending.ramPath, mem);
   if (!fs.existsSync(disk)) await moveFile(pending.diskPath, disk);
+  if (files.disk.format === 'qcow2') await relinkBacking(disk, { finalDir: targetDir, formerDir: path.dirname(pending.diskPath) });
   const handles = [await fs.promises.open(mem, 'r'), await fs.promises.open(disk, 'r')];
   let checksums: DataChecksum[];
   try {
@@ -946,13 +994,3 @@ async function removeLaunchFiles(runDir: string, disk: DiskSpec, ramPath: string
     disk.path.startsWith(runDir + path.sep) ? fs.promises.rm(disk.path, { force: true }) : Promise.resolve(),
   ]);
 }
-
-/** A qcow2 layer over `backing`: the VM writes there, the backing file never changes. */
-export async function createDiskLayer(backing: string, backingFormat: 'raw' | 'qcow2', layer: string): Promise<void> {
-  try {
-    await execFileAsync('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', path.resolve(backing), '-F', backingFormat, layer]);
-  } catch (error) {
-    throw new CocoonError('disk_layer_failed', `cannot create a disk layer over ${backing}: ${errorMessage(error)}`, { cause: error });
-  }
-}
-

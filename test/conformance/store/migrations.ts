@@ -17,7 +17,7 @@ export default function define({ it, tempDb, emptyDb, tables }: StoreSuite): voi
     const first = await openMetadataStore(where.dataDir, { logger: quiet, databaseUrl: where.databaseUrl });
     assert.deepEqual(first.migrations, { applied: MIGRATIONS.map((m) => m.version), version: MIGRATIONS.length });
     const present = await tables(first.db);
-    for (const table of ['api_keys', 'bundles', 'e2b_sandboxes', 'events', 'image_versions', 'images', 'microvms', 'schema_migrations', 'tenants', 'tokens']) {
+    for (const table of ['api_keys', 'bundles', 'e2b_sandboxes', 'events', 'hosts', 'image_versions', 'images', 'microvms', 'schema_migrations', 'tenants', 'tokens']) {
       assert.ok(present.includes(table), `table ${table}`);
     }
     const tenant = await someTenant(first.db, 'kept');
