@@ -1,10 +1,10 @@
 /**
  * The VM core benchmark (issue 2): cold boot, snapshot, restore (one clone, and eight started
  * together), suspend and resume, each to the first HTTP byte from the guest's app, measured
- * side by side in one run on real QEMU. And what a suspended VM keeps on disk beyond its image:
- * its memory as a diff against the image's (docs/vmm.md "Memory diffs", what a suspended microVM
- * keeps), and, from the same snapshots before they are diffed, the whole memory file (what it
- * kept before diffs).
+ * side by side in one run on real QEMU; then the same app at 16 vCPUs / 32 GiB (vm-big.ts). And
+ * what a suspended VM keeps on disk beyond its image: its memory as a diff against the image's
+ * (docs/vmm.md "Memory diffs", what a suspended microVM keeps), and, from the same snapshots
+ * before they are diffed, the whole memory file (what it kept before diffs).
  *
  *   node bench/vm.ts [--runs N]
  */
@@ -21,6 +21,7 @@ import { makeTestRootDisk } from '../test/support/rootfs.ts';
 import type { Phases } from '../src/vmm/phases.ts';
 import { PhaseSamples } from './phases.ts';
 import { elapsedMs, type Metrics, single, summarize } from './stats.ts';
+import { runBigVmBench } from './vm-big.ts';
 
 const APP_PORT = 8080;
 const MiB = 1024 * 1024;
@@ -159,9 +160,13 @@ export async function runVmBench(options: { runs?: number; accel?: Accelerator; 
     say(`resume p50 ${summarize(resume).p50} ms (${resumePhases.line()})`);
     say(`suspended on disk beyond the image: p50 ${summarize(diffMiB, 'MiB').p50} MiB with a memory diff, ${summarize(wholeMiB, 'MiB').p50} MiB with whole memory`);
 
+    // The 32 GiB / 16 vCPU shape, its wake beside the 256 MiB one above (bench/vm-big.ts).
+    const big = await runBigVmBench({ dir, rootDisk, accel, guest, runs: Math.min(runs, 5), smallWake: summarize(resume), firstByte, say });
+
     const coldSummary = summarize(cold);
     const restoreSummary = summarize(restoreOne);
     return {
+      ...big,
       'vm.cold_boot_first_byte_ms': coldSummary,
       'vm.snapshot_ms': summarize(snapshot),
       'vm.restore_first_byte_ms': restoreSummary,

@@ -22,6 +22,7 @@ import { runHooks } from './hooks.ts';
 import type { SharedSnapshots } from './shared-snapshots.ts';
 import { appendInstanceEvent, type Instance, type PauseHook, type PausePoint, type StopReason } from './instance.ts';
 import { generationDir, imageSnapshotDir, microvmDir, runDir, snapshotDirFor } from './paths.ts';
+import { assertRoomToResume } from './space-check.ts';
 import { appendLog, clearRunFiles, collectGarbage, compactGeneration, diffGeneration, runtimeRecord, type Runtime } from './storage.ts';
 import type { LifecycleTimers } from './timers.ts';
 import { allows, transition, type MicrovmEvent } from './transitions.ts';
@@ -140,7 +141,8 @@ export class HostExecutor {
     // A guest paused by its VMM for lack of space on the data directory continues once there is room.
     vm.watchDiskSpace({
       path: runDir(this.#dataDir, instance.id),
-      onPaused: () => void appendLog(this.#dataDir, instance.id, 'paused by its VMM: no space left on the data directory for its disk'),
+      onPaused: (cause) =>
+        void appendLog(this.#dataDir, instance.id, cause === 'disk' ? 'paused by its VMM: no space left on the data directory for its disk' : 'stopped: the data directory is nearly full and its memory may need more'),
       onContinued: () => void appendLog(this.#dataDir, instance.id, 'continued: the data directory has space again'),
     });
   }
@@ -400,6 +402,8 @@ export class HostExecutor {
 
   async resume(instance: Instance, reason: 'request' | 'api'): Promise<void> {
     if (!allows(instance.state, 'resume') || instance.terminating) return;
+    // Refused up front (507 no_space, still SUSPENDED, nothing touched) when the data directory cannot hold its memory.
+    await assertRoomToResume(this.#dataDir, snapshotDirFor(this.#dataDir, instance, instance.runtime.generation), `microVM ${instance.id}`);
     instance.state = transition(instance.state, 'resume');
     this.#timers.clearSuspended(instance);
     if (!(await this.#transition(instance, 'resume'))) return;
