@@ -24,7 +24,7 @@ import os from 'node:os';
 import path from 'node:path';
 import pg from 'pg';
 import { clusterDown, clusterUp, type LocalCluster } from '../src/cluster/local/cluster.ts';
-import { testAppBundle } from '../test/support/testapp-bundle.ts';
+import { testAppBundle } from '../test/support/fixtures.ts';
 import { elapsedMs, single, summarize, type Metrics } from './stats.ts';
 
 interface Answer {
@@ -90,7 +90,7 @@ export async function runClusterBench(options: { runs?: number; log?: (line: str
     };
 
     say('building the test app through host a');
-    const upload = await api('a', 'POST', '/bundles', testAppBundle(scratch));
+    const upload = await api('a', 'POST', '/bundles', testAppBundle(scratch, { secondPort: 8081 }));
     const image = await api('a', 'POST', '/images', { name: 'bench-cluster', bundle: upload.uri, port: 8080, readiness: { httpPath: '/', timeoutSeconds: 300 } });
     for (;;) {
       const state = (await api('a', 'GET', `/images/${image.id}`)).state;

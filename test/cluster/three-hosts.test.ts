@@ -24,7 +24,7 @@ import { WebSocket } from 'ws';
 import { clusterDown, clusterUp, type LocalCluster } from '../../src/cluster/local/cluster.ts';
 import { client, type Client } from '../images/helpers.ts';
 import { request } from '../support/server.ts';
-import { testAppBundle } from '../support/testapp-bundle.ts';
+import { testAppBundle } from '../support/fixtures.ts';
 
 const SLOW = { timeout: 1_200_000 };
 
@@ -92,7 +92,7 @@ describe('three hosts on one machine: build on A, start on B, serve everywhere, 
   });
 
   test('an image built through host A', SLOW, async () => {
-    const upload = await api.a!.uploadBundle(testAppBundle(scratch));
+    const upload = await api.a!.uploadBundle(testAppBundle(scratch, { secondPort: 8081 }));
     assert.equal(upload.status, 201, upload.text);
     const created = await api.a!.post('/images', { name: 'cluster-app', bundle: upload.body.uri, port: 8080, readiness: { httpPath: '/', timeoutSeconds: 300 } });
     assert.equal(created.status, 202, created.text);
