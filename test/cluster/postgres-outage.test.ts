@@ -11,11 +11,15 @@ import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 import { isCocoonError } from '../../src/common/errors.ts';
 import { loadConfig } from '../../src/config/config.ts';
-import { ADMIN_KEY_FILE, startServer } from '../../src/server.ts';
+import { ADMIN_KEY_FILE, startServer, type RunningServer } from '../../src/server.ts';
 import { getHost, listHosts } from '../../src/store/hosts.ts';
 import { openMetadataStore } from '../../src/store/open.ts';
 import { isConnectionFailure } from '../../src/store/postgres.ts';
+import { createMicrovm } from '../../src/store/microvms.ts';
+import { createToken, revokeToken } from '../../src/store/tokens.ts';
+import { createTokenVerifier } from '../../src/gateway/tokens.ts';
 import { clusterModule } from '../../src/wiring/cluster.ts';
+import { readyImage, someTenant } from '../store/helpers.ts';
 import { PostgresServer } from '../support/postgres.ts';
 
 let postgres: PostgresServer;
@@ -36,6 +40,7 @@ async function outage<T>(during: () => Promise<T>): Promise<T> {
   }
 }
 
+const POLICY = { autoResumeEnabled: true, maxIdleDurationSeconds: 300, suspendedDurationSeconds: null };
 const unavailable = (error: unknown) => isCocoonError(error, 'database_unavailable') && error.status === 503;
 
 test('the store: database_unavailable while PostgreSQL is down, a transaction cut in its middle fails cleanly, the same handle works after', async (t) => {
@@ -77,11 +82,13 @@ test('a server on PostgreSQL: the API answers 503 database_unavailable during an
   // Dead after 6 s with 1 s heartbeats: an outage longer than a heartbeat interval, shorter
   // than the self-fencing bound (dead-after minus one interval).
   const env = { COCOON_DATABASE_URL: databaseUrl, COCOON_HEARTBEAT_INTERVAL: '1', COCOON_HOST_DEAD_AFTER: '6' };
-  const servers = await Promise.all(['host-a', 'host-b'].map(async (hostId, i) => {
+  // One after the other: the first bootstraps the admin tenant, the second finds it.
+  const servers: RunningServer[] = [];
+  for (const [i, hostId] of ['host-a', 'host-b'].entries()) {
     const running = await startServer({ ...loadConfig({ COCOON_DATA_DIR: dataDirs[i]!, ...env }), apiPort: 0 }, [clusterModule({ engine: { hostId }, gatewayPort: 0 })]);
     t.after(() => running.close());
-    return running;
-  }));
+    servers.push(running);
+  }
   const key = (await readFile(join(dataDirs[0]!, ADMIN_KEY_FILE), 'utf8')).trim();
   const tenants = () => fetch(`${servers[0]!.apiUrl}/api/v1/tenants`, { headers: { authorization: `Bearer ${key}` } });
   assert.equal((await tenants()).status, 200);
@@ -106,4 +113,32 @@ test('a server on PostgreSQL: the API answers 503 database_unavailable during an
   // Past the dead-after bound, counted from the outage's start: still nobody judged dead.
   await new Promise((resolve) => setTimeout(resolve, 4000));
   assert.deepEqual((await listHosts(servers[0]!.db)).map((h) => [h.id, h.state]), [['host-a', 'LIVE'], ['host-b', 'LIVE']]);
+});
+
+test('the gateway\'s token check during an outage: a token the database accepted is still accepted, within the grace; others are database_unavailable', async (t) => {
+  const dir = await mkdtemp(join(tmpdir(), 'cocoon-pgout-'));
+  t.after(() => rm(dir, { recursive: true, force: true }));
+  const { db } = await openMetadataStore(dir, { databaseUrl: await postgres.createDatabase('outage_tokens') });
+  t.after(() => db.close());
+  const tenant = await someTenant(db);
+  const image = await readyImage(db, tenant.id);
+  const { microvm } = await createMicrovm(db, { tenantId: tenant.id, region: 'local', imageId: image.id, idlePolicy: POLICY, maximumDurationSeconds: 3600 });
+  const used = await createToken(db, { microvmId: microvm.id, tenantId: tenant.id });
+  const neverUsed = await createToken(db, { microvmId: microvm.id, tenantId: tenant.id });
+  const revoked = await createToken(db, { microvmId: microvm.id, tenantId: tenant.id });
+  const clock = { ms: Date.now() };
+  const tokens = createTokenVerifier(db, { now: () => clock.ms, outageGraceMs: 60_000 });
+  assert.equal((await tokens.verify(microvm.id, used.secret)).ok, true);
+  assert.equal((await tokens.verify(microvm.id, revoked.secret)).ok, true);
+  await revokeToken(db, microvm.id, revoked.token.id);
+  assert.deepEqual(await tokens.verify(microvm.id, revoked.secret), { ok: false, reason: 'revoked' }, 'the refusal replaces the accepted verdict');
+
+  await outage(async () => {
+    assert.equal((await tokens.verify(microvm.id, used.secret)).ok, true, 'accepted before, accepted during the outage');
+    await assert.rejects(async () => tokens.verify('mvm-other', used.secret), unavailable, 'not for another microVM');
+    await assert.rejects(async () => tokens.verify(microvm.id, neverUsed.secret), unavailable, 'never checked: cannot be judged');
+    await assert.rejects(async () => tokens.verify(microvm.id, revoked.secret), unavailable, 'refused before: not accepted now');
+    clock.ms += 61_000;
+    await assert.rejects(async () => tokens.verify(microvm.id, used.secret), unavailable, 'past the grace');
+  });
 });
