@@ -25,7 +25,7 @@ import { appendInstanceEvent, type Instance, type PauseHook, type PausePoint, ty
 import { acquireLease } from './ownership.ts';
 import { generationDir, imageSnapshotDir, microvmDir, runDir, snapshotDirFor } from './paths.ts';
 import { assertRoomToResume } from './space-check.ts';
-import { appendLog, clearRunFiles, collectGarbage, compactGeneration, runtimeRecord, type Runtime } from './storage.ts';
+import { appendLog, clearRunFiles, collectGarbage, compactGeneration, diffGeneration, runtimeRecord, type Runtime } from './storage.ts';
 import type { LifecycleTimers } from './timers.ts';
 import { allows, transition, type MicrovmEvent } from './transitions.ts';
 
@@ -147,6 +147,8 @@ export class HostExecutor {
       runDir: runDir(this.#dataDir, instance.id),
       snapshotDir,
       verifyData,
+      // A suspended generation's memory is a diff against the image's (storage.ts diffGeneration).
+      ...(instance.imageId !== null ? { memoryBase: imageSnapshotDir(this.#dataDir, instance.imageId) } : {}),
       network: {
         forwards: await this.#forwards(snapshotDir, instance.hasAppPort ? instance.appPort : undefined, instance.httpHooks?.port),
         egress: instance.egress,
@@ -354,6 +356,7 @@ export class HostExecutor {
     instance.vm = undefined;
     instance.ports = new Map();
     await this.pause('suspend:committed', instance.id);
+    const diff = await this.#diffGeneration(instance, next);
     const runtime: Runtime = { generation: next, chain: [...instance.runtime.chain, next] };
     let stored = '';
     if (this.#shared) {
@@ -369,7 +372,7 @@ export class HostExecutor {
       stored = `, stored in the object store in ${(performance.now() - storing).toFixed(0)} ms`;
     }
     if (!(await this.#transition(instance, 'suspended', { runtime }))) return;
-    await appendLog(this.#dataDir, instance.id, `suspended (${reason}) as generation ${next} in ${snapshotMs.toFixed(0)} ms${stored}`);
+    await appendLog(this.#dataDir, instance.id, `suspended (${reason}) as generation ${next} in ${snapshotMs.toFixed(0)} ms${diff}${stored}`);
     await collectGarbage(this.#dataDir, instance.id, instance.runtime);
     await this.#compactIfLong(instance);
     this.#timers.armSuspended(instance);
@@ -415,6 +418,21 @@ export class HostExecutor {
     this.#log.warn({ microvm: instance.id, code: error.code }, 'suspend abandoned (object store); the microVM runs on');
     instance.activity.lastActivity = Date.now();
     this.#timers.armIdle(instance);
+  }
+
+  /**
+   * Keeps only the memory pages the new generation changed from its image's (storage.ts), before
+   * it is stored or recorded; a failure leaves the generation whole. Answers a note for the log.
+   */
+  async #diffGeneration(instance: Instance, generation: number): Promise<string> {
+    if (instance.imageId === null) return '';
+    try {
+      const diff = await diffGeneration(this.#dataDir, instance.id, generation, imageSnapshotDir(this.#dataDir, instance.imageId), this.#durable);
+      return diff ? `, memory diff ${diff.diffPages} of ${diff.pages} pages in ${diff.compareMs.toFixed(0)} ms` : '';
+    } catch (error) {
+      this.#log.warn({ err: error, microvm: instance.id }, 'cannot keep only the changed memory pages; the generation stays whole');
+      return '';
+    }
   }
 
   async #compactIfLong(instance: Instance): Promise<void> {
