@@ -10,6 +10,7 @@ import { type ApiContext, type ApiRoutes, buildApiServer } from './api/app.ts';
 import { log } from './common/log.ts';
 import type { CocoonConfig } from './config/config.ts';
 import { objectStoreFromEnv } from './objectstore/factory.ts';
+import { sharedSnapshotStore } from './snapshots/mode.ts';
 import { createApiKey } from './store/api-keys.ts';
 import { openMetadataStore } from './store/open.ts';
 import { sealerForDataDir } from './store/sealed-secrets.ts';
@@ -46,10 +47,12 @@ export async function startServer(config: CocoonConfig, modules: ServerModule[] 
   fs.mkdirSync(config.dataDir, { recursive: true, mode: 0o700 });
   const { db } = await openMetadataStore(config.dataDir, { databaseUrl: config.databaseUrl });
   let ready = false;
+  const objects = objectStoreFromEnv({ ...process.env, COCOON_DATA_DIR: config.dataDir });
   const context: ApiContext = {
     config,
     db,
-    objects: objectStoreFromEnv({ ...process.env, COCOON_DATA_DIR: config.dataDir }),
+    objects,
+    snapshots: sharedSnapshotStore(config.databaseUrl, objects),
     ready: () => ready,
     // A module that runs the gateway says where (the microVM module exposes `gatewayPort`).
     gatewayPort: () => {

@@ -9,6 +9,7 @@ import Fastify, { type FastifyInstance, type FastifySchema, type RouteOptions } 
 import { CocoonError } from '../common/errors.ts';
 import type { CocoonConfig } from '../config/config.ts';
 import type { ObjectStore } from '../objectstore/object-store.ts';
+import type { SnapshotStore } from '../snapshots/snapshot-store.ts';
 import type { Db } from '../store/sql.ts';
 import { registerAuth } from './auth.ts';
 import { clientErrorResponse, errorBody, handleError } from './errors.ts';
@@ -25,6 +26,11 @@ export interface ApiContext {
   config: CocoonConfig;
   db: Db;
   objects: ObjectStore;
+  /**
+   * Snapshots shared through the object store (a cluster: PostgreSQL and S3, src/snapshots/mode.ts);
+   * undefined on a single host, where snapshots stay local files.
+   */
+  snapshots?: SnapshotStore | undefined;
   /** Set once the server accepts work (health answers 503 before). */
   ready: () => boolean;
   /** The gateway's bound port once it listens (null: no gateway runs). */

@@ -1,5 +1,5 @@
 /**
- * The exec service (types.ts) on the lifecycle engine and the guest agent: checks the tenant,
+ * The exec service (types.ts) on the lifecycle's runtime service and the guest agent: checks the tenant,
  * wakes the microVM as the gateway does, keeps one agent connection per running microVM,
  * counts sessions as activity and ends them when the microVM stops.
  */
@@ -9,7 +9,7 @@ import { CocoonError } from '../common/errors.ts';
 import { log } from '../common/log.ts';
 import { AgentClient, type AgentStream, type OpenKind, guestError } from '../guest/agent/client.ts';
 import { type Fields, FrameType, decodeFields, field, fieldsAll } from '../guest/agent/wire.ts';
-import type { LifecycleEngine } from '../lifecycle/engine.ts';
+import type { MicrovmRuntime } from '../lifecycle/service.ts';
 import { findTenantMicrovm } from '../store/microvms.ts';
 import type { Db } from '../store/sql.ts';
 import type { DirWatch, ExecEvent, ExecRequest, ExecService, ExecSession, ExitReason, FileStat, ProcessInfo, WatchEvent } from './types.ts';
@@ -17,7 +17,7 @@ import { STREAM_WINDOW } from '../guest/agent/client.ts';
 
 export interface ExecServiceOptions {
   db: Db;
-  engine: () => LifecycleEngine;
+  engine: () => MicrovmRuntime;
   /** Open sessions one microVM may have (default 32); more → 429 too_many_sessions. */
   maxSessionsPerMicrovm?: number;
   /** How long a call waits for a SUSPENDED microVM to wake (default 60 s). */
@@ -213,7 +213,7 @@ class Session implements ExecSession {
 
 export class AgentExecService implements ExecService {
   readonly #db: Db;
-  readonly #engine: () => LifecycleEngine;
+  readonly #engine: () => MicrovmRuntime;
   readonly #maxSessions: number;
   readonly #wakeTimeoutMs: number;
   readonly #agents = new Map<string, Agent>();

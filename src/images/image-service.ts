@@ -10,6 +10,7 @@ import type { CocoonConfig } from '../config/config.ts';
 import { loadGuestArtifacts, type GuestArtifacts } from '../guest/artifacts.ts';
 import { parseBundleRef } from '../objectstore/bundle-ref.ts';
 import type { ObjectStore } from '../objectstore/object-store.ts';
+import { imageSnapshotPrefix, type SnapshotStore } from '../snapshots/snapshot-store.ts';
 import { findBundle } from '../store/bundles.ts';
 import {
   createImage, deleteImage, getImage, listImagesInStates, setImageBuildLogPath, transitionImage,
@@ -117,15 +118,18 @@ export class ImageService implements ImageOperations {
   private readonly config: CocoonConfig;
   private readonly db: Db;
   private readonly objects: ObjectStore;
+  /** Where READY images' snapshots are published in a cluster (undefined: one host). */
+  private readonly snapshots: SnapshotStore | undefined;
   private readonly queue: string[] = [];
   private readonly running = new Map<string, RunningBuild>();
   private vmm: Promise<{ guest: GuestArtifacts; accel: Accelerator }> | undefined;
   private accepting = false;
 
-  constructor(deps: { config: CocoonConfig; db: Db; objects: ObjectStore }, options: Partial<ImageServiceOptions> = {}) {
+  constructor(deps: { config: CocoonConfig; db: Db; objects: ObjectStore; snapshots?: SnapshotStore | undefined }, options: Partial<ImageServiceOptions> = {}) {
     this.config = deps.config;
     this.db = deps.db;
     this.objects = deps.objects;
+    this.snapshots = deps.snapshots;
     this.options = { ...imageServiceOptionsFromEnv(), ...options };
   }
 
@@ -232,6 +236,9 @@ export class ImageService implements ImageOperations {
       await running.done;
     }
     await removeTree(imageDir(this.dataDir, imageId));
+    // Best effort: an orphaned stored snapshot is never read (no image row names it).
+    await this.snapshots?.remove(imageSnapshotPrefix(imageId)).catch((error: unknown) =>
+      log.warn({ image: imageId, err: errorMessage(error) }, 'could not remove the image snapshot from the object store'));
     this.events.emit('changed', imageId);
     return 'deleted';
   }
@@ -298,6 +305,7 @@ export class ImageService implements ImageOperations {
         config: this.config,
         db: this.db,
         objects: this.objects,
+        snapshots: this.snapshots,
         vmm: () => this.resolveVmm(),
         bundleLimits: this.options.bundleLimits,
         bootTimeoutMs: this.options.bootTimeoutMs,

@@ -24,6 +24,7 @@ import { log } from '../common/log.ts';
 import type { GuestArtifacts } from '../guest/artifacts.ts';
 import { parseBundleRef, type BundleRef } from '../objectstore/bundle-ref.ts';
 import type { ObjectStore } from '../objectstore/object-store.ts';
+import { imageSnapshotPrefix, type SnapshotStore } from '../snapshots/snapshot-store.ts';
 import { S3ObjectStore } from '../objectstore/s3.ts';
 import { getImage, transitionImage, type Image, type ImageState } from '../store/images.ts';
 import type { Db } from '../store/sql.ts';
@@ -43,6 +44,8 @@ export interface PipelineContext {
   config: CocoonConfig;
   db: Db;
   objects: ObjectStore;
+  /** In a cluster: the image's snapshot is published there before the image is READY. */
+  snapshots?: SnapshotStore | undefined;
   /** Kernel and initramfs, and the accelerator, resolved once by the service. */
   vmm: () => Promise<{ guest: GuestArtifacts; accel: Accelerator }>;
   bundleLimits: Partial<BundleLimits>;
@@ -239,6 +242,15 @@ export async function runImageBuild(ctx: PipelineContext, imageId: string, build
     await makeReadOnly(paths.snapshot);
     const memBytes = fs.statSync(`${paths.snapshot}/${manifest.files.mem.name}`).blocks * 512;
     await cleanup();
+    if (ctx.snapshots) {
+      // A cluster: every host may start microVMs of this image, so it is READY only once its
+      // snapshot is in the object store (a failed upload fails the build: build it again).
+      t = performance.now();
+      const index = await ctx.snapshots.publish(imageSnapshotPrefix(imageId), paths.snapshot);
+      timings.publishMs = ms(t);
+      const stored = index.files.reduce((sum, file) => sum + file.objectBytes, 0);
+      buildLog.say(`snapshot stored in the object store (${mib(stored)}) in ${timings.publishMs} ms`);
+    }
     timings.totalMs = ms(started);
     buildLog.say(`snapshot taken in ${timings.snapshotMs} ms (memory ${mib(memBytes)} allocated, disk ${mib(manifest.files.disk.sizeBytes)} sparse)`);
     buildLog.say(

@@ -26,6 +26,8 @@ export interface ImageTimings {
   readyMs?: number;
   /** Snapshot of the ready VM, compacted. */
   snapshotMs?: number;
+  /** In a cluster: the snapshot's upload to the object store. */
+  publishMs?: number;
   /** Start of the build (after the queue) to READY. */
   totalMs?: number;
 }

@@ -24,11 +24,14 @@ import { CocoonError } from '../common/errors.ts';
 import { log as rootLog, type Logger } from '../common/log.ts';
 import type { MicroVMDirectory, MicroVMRoute } from '../gateway/types.ts';
 import { getMicrovm, listHostMicrovms, type Microvm } from '../store/microvms.ts';
+import type { SnapshotStore } from '../snapshots/snapshot-store.ts';
 import type { Db } from '../store/sql.ts';
 import type { Vm, VmDriver } from '../vmm/driver.ts';
 import { defaultVmDriver } from '../vmm/drivers.ts';
 import { liveRoute, storedRoute } from './directory.ts';
+import { SharedSnapshots } from './shared-snapshots.ts';
 import { HostExecutor } from './executor.ts';
+import type { MicrovmRuntime } from './service.ts';
 import { dataDirHostId } from './host-id.ts';
 import { loadInstance, type Instance, type Operation, type OperationSource, type PauseHook, type PausePoint } from './instance.ts';
 import { StopListeners, type StopListener } from './stop-listeners.ts';
@@ -60,9 +63,12 @@ export interface LifecycleOptions {
   activityFlushMs?: number;
   /** For crash tests: awaited at each point (a test makes it hang, then kills the process). */
   pauseAt?: PauseHook;
+  /** In a cluster: snapshots are committed to and fetched from the object store (shared-snapshots.ts). */
+  snapshots?: SnapshotStore | undefined;
 }
 
-export class LifecycleEngine implements MicroVMDirectory {
+/** The facade: the gateway's directory and the runtime exec sessions use; `MicrovmService` on top of it is service.ts. */
+export class LifecycleEngine implements MicroVMDirectory, MicrovmRuntime {
   readonly db: Db;
   readonly dataDir: string;
   readonly driver: VmDriver;
@@ -80,6 +86,8 @@ export class LifecycleEngine implements MicroVMDirectory {
   /** Told when a microVM's VM is about to stop (exec sessions end with this reason). */
   readonly #stopListeners: StopListeners;
   readonly #scanIntervalMs: number;
+  /** In a cluster: this host's view of the snapshots in the object store (recovery uses it too). */
+  readonly shared: SharedSnapshots | undefined;
   #scanTimer: NodeJS.Timeout | undefined;
   #closed = false;
 
@@ -93,7 +101,9 @@ export class LifecycleEngine implements MicroVMDirectory {
     this.#durable = options.durable ?? true;
     this.#onStop = options.onStop ?? 'suspend';
     this.#stopListeners = new StopListeners(this.#log);
+    this.shared = options.snapshots ? new SharedSnapshots(options.snapshots, this.dataDir) : undefined;
     this.#executor = new HostExecutor({
+      shared: this.shared,
       db: this.db,
       dataDir: this.dataDir,
       driver: this.driver,

@@ -19,6 +19,7 @@ import type { Vm, VmDriver } from '../vmm/driver.ts';
 import { readSnapshotManifest } from '../vmm/snapshot.ts';
 import { applyInstanceEvent } from './apply-event.ts';
 import { runHooks } from './hooks.ts';
+import type { SharedSnapshots } from './shared-snapshots.ts';
 import { appendInstanceEvent, type Instance, type PauseHook, type PausePoint, type StopReason } from './instance.ts';
 import { generationDir, imageSnapshotDir, microvmDir, runDir, snapshotDirFor } from './paths.ts';
 import { appendLog, clearRunFiles, collectGarbage, compactGeneration, runtimeRecord, type Runtime } from './storage.ts';
@@ -43,6 +44,8 @@ export interface ExecutorOptions {
   forget: (microvmId: string) => void;
   /** A microVM's VM is about to stop (exec sessions end with this reason). */
   notifyStopping: (microvmId: string, reason: StopReason) => void;
+  /** In a cluster: snapshots committed to and fetched from the object store; undefined on one host. */
+  shared?: SharedSnapshots | undefined;
 }
 
 export class HostExecutor {
@@ -59,6 +62,7 @@ export class HostExecutor {
   /** VMs this executor is stopping on purpose: their exit is no surprise. */
   readonly #stopping = new WeakSet<Vm>();
   readonly #notifyStopping: (microvmId: string, reason: StopReason) => void;
+  readonly #shared: SharedSnapshots | undefined;
   #closed = false;
 
   constructor(options: ExecutorOptions) {
@@ -73,6 +77,7 @@ export class HostExecutor {
     this.#timers = options.timers;
     this.#forget = options.forget;
     this.#notifyStopping = options.notifyStopping;
+    this.#shared = options.shared;
   }
 
   async pause(point: PausePoint, id: string): Promise<void> {
@@ -207,6 +212,7 @@ export class HostExecutor {
     const { generation, chain } = instance.runtime;
     let vm: Vm;
     try {
+      await this.#shared?.ensureLocal(instance, instance.runtime);
       vm = await this.#restore(instance, snapshotDirFor(this.#dataDir, instance, generation), verifyData);
     } catch (error) {
       await this.#fail(instance, `the microVM could not start from ${generation === 0 ? 'its image' : 'its fork point'}: ${errorMessage(error)}`);
@@ -246,6 +252,15 @@ export class HostExecutor {
     if (reason === 'idle' && !this.isIdle(instance)) {
       this.#timers.armIdle(instance);
       return;
+    }
+    if (this.#shared) {
+      // A cluster: unless the object store answers, the VM is not touched (object_store_unavailable).
+      try {
+        await this.#shared.ready(instance, instance.runtime);
+      } catch (error) {
+        this.#timers.armIdle(instance);
+        throw error;
+      }
     }
     // Decided: from here on the gateway sees SUSPENDING and holds new requests for the resume.
     instance.state = transition(instance.state, 'suspend');
@@ -290,6 +305,14 @@ export class HostExecutor {
     instance.ports = new Map();
     await this.pause('suspend:committed', instance.id);
     const runtime: Runtime = { generation: next, chain: [...instance.runtime.chain, next] };
+    if (this.#shared) {
+      try {
+        await this.#shared.commit(instance, runtime);
+      } catch (error) {
+        await this.#runOnUnstored(instance, runtime, error as CocoonError);
+        throw error;
+      }
+    }
     if (!(await this.#transition(instance, 'suspended', { runtime }))) return;
     await appendLog(this.#dataDir, instance.id, `suspended (${reason}) as generation ${next} in ${snapshotMs.toFixed(0)} ms`);
     await collectGarbage(this.#dataDir, instance.id, instance.runtime);
@@ -313,13 +336,43 @@ export class HostExecutor {
     this.#timers.armIdle(instance);
   }
 
+  /**
+   * A cluster's suspend whose generation is committed here but could not be stored in the object
+   * store: not SUSPENDED (no other host could resume it), so the VM is restored from that
+   * generation and the microVM goes back to RUNNING as it was; a later suspend stores both.
+   */
+  async #runOnUnstored(instance: Instance, runtime: Runtime, error: CocoonError): Promise<void> {
+    let vm: Vm;
+    try {
+      vm = await this.#restore(instance, generationDir(this.#dataDir, instance.id, runtime.generation), 'if-present');
+    } catch (restoreError) {
+      const reason = `its snapshot could not be stored in the object store (${error.message}) nor restored here: ${errorMessage(restoreError)}`;
+      await this.#fail(instance, reason);
+      throw new CocoonError('microvm_failed', `microVM ${instance.id} has failed: ${reason}`, { status: 409, cause: restoreError });
+    }
+    await this.#hook(instance, vm, 'resume');
+    const running: Runtime = { ...runtime, pid: vm.pid, ports: Object.fromEntries(vm.hostPorts) };
+    if (!(await this.#transition(instance, 'suspend_abandoned', { runtime: running }))) {
+      await this.#discard(instance);
+      return;
+    }
+    await appendLog(this.#dataDir, instance.id, `suspend abandoned, running on from generation ${runtime.generation}: ${error.message}`);
+    this.#log.warn({ microvm: instance.id, code: error.code }, 'suspend abandoned (object store); the microVM runs on');
+    instance.activity.lastActivity = Date.now();
+    this.#timers.armIdle(instance);
+  }
+
   async #compactIfLong(instance: Instance): Promise<void> {
     if (instance.runtime.chain.length <= this.#maxChain || instance.imageId === null) return;
     try {
       const runtime = await compactGeneration(this.#driver, this.#dataDir, instance.id, imageSnapshotDir(this.#dataDir, instance.imageId), instance.runtime, this.#durable);
+      // A cluster: the folded generation is stored before it is recorded (else the chain stays).
+      await this.#shared?.commit(instance, runtime);
+      const folded = instance.runtime.chain.filter((generation) => !runtime.chain.includes(generation));
       if (await setMicrovmRuntimeIf(this.#db, instance.id, 'SUSPENDED', runtimeRecord(runtime))) {
         instance.runtime = runtime;
         await collectGarbage(this.#dataDir, instance.id, runtime);
+        await this.#shared?.forget(instance.id, folded);
       }
     } catch (error) {
       // Not fatal: the chain stays as it was and works, only longer.
@@ -337,6 +390,8 @@ export class HostExecutor {
     const started = performance.now();
     let vm: Vm;
     try {
+      // A cluster: what this host lacks (suspended elsewhere, or a new host) is downloaded first.
+      await this.#shared?.ensureLocal(instance, instance.runtime);
       vm = await this.#restore(instance, snapshotDirFor(this.#dataDir, instance, generation));
     } catch (error) {
       if (isCocoonError(error, 'snapshot_corrupt') || isCocoonError(error, 'snapshot_not_found')) {
@@ -388,6 +443,8 @@ export class HostExecutor {
     await this.#driver.sweep(microvmDir(this.#dataDir, instance.id));
     await fs.promises.rm(microvmDir(this.#dataDir, instance.id), { recursive: true, force: true });
     await this.#transition(instance, 'terminated');
+    // In the background (best effort): a slow or unreachable object store does not hold up the end.
+    void this.#shared?.forget(instance.id, [...new Set([...instance.runtime.chain, instance.runtime.generation])].filter((g) => g > 0));
     // A payload whose run hook was never sent (terminated while PENDING) is not kept either.
     await clearRunHookPayload(this.#db, instance.id);
     await appendInstanceEvent(this.#db, instance, 'terminated', reason);

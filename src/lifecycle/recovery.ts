@@ -115,6 +115,10 @@ export async function recoverMicrovms(engine: LifecycleEngine, db: Db, dataDir: 
           if (outcome !== 'none') {
             await driver.sweep(run);
             const done = { generation: next, chain: [...runtime.chain, next] };
+            // A cluster: stored before SUSPENDED as a suspend does; if the object store is down,
+            // it is SUSPENDED here all the same (this host can resume it; its next suspend stores it).
+            await engine.shared?.commit(found, done).catch((error: unknown) =>
+              log.warn({ microvm: id, err: errorMessage(error) }, 'a suspend completed at start-up could not be stored in the object store'));
             await applyMicrovmEvent(db, id, 'suspended', { runtime: runtimeRecord(done) });
             await clearRunFiles(driver, dataDir, id);
             await collectGarbage(dataDir, id, done);
@@ -157,13 +161,18 @@ export async function recoverMicrovms(engine: LifecycleEngine, db: Db, dataDir: 
       const current = (await getMicrovm(db, id))!;
       if (current.state === 'SUSPENDED') {
         const currentRuntime = parseRuntime(current.runtime);
+        let local = true;
         try {
           await readSnapshotManifest(snapshotDirFor(dataDir, current, currentRuntime.generation));
         } catch (error) {
-          await fail(current, `its saved state is missing: ${errorMessage(error)}`);
-          continue;
+          // A cluster: its state may live in the object store only (suspended on another host).
+          local = false;
+          if (!(await engine.shared?.isStored(current, currentRuntime).catch(() => false))) {
+            await fail(current, `its saved state is missing: ${errorMessage(error)}`);
+            continue;
+          }
         }
-        await collectGarbage(dataDir, id, currentRuntime);
+        if (local) await collectGarbage(dataDir, id, currentRuntime);
       }
       await engine.adoptLoaded(current, undefined);
     } catch (error) {

@@ -18,7 +18,7 @@ export function imagesModule(options: Partial<ImageServiceOptions> = {}): Images
   const resolved = { ...imageServiceOptionsFromEnv(), ...options };
   let service: ImageService | undefined;
   const ensure = (context: ApiContext): ImageService => {
-    service ??= new ImageService({ config: context.config, db: context.db, objects: context.objects }, resolved);
+    service ??= new ImageService({ config: context.config, db: context.db, objects: context.objects, snapshots: context.snapshots }, resolved);
     return service;
   };
   const current = (): ImageService => {

@@ -100,6 +100,7 @@ export function microvmModule(options: MicrovmModuleOptions = {}): MicrovmModule
         ...(config.hostId ? { hostId: config.hostId } : {}),
         ...(config.hostAddress ? { hostAddress: config.hostAddress } : {}),
         ...options.lifecycle,
+        snapshots: context.snapshots,
         db,
         dataDir: config.dataDir,
       });

@@ -4,7 +4,7 @@
  */
 import type { CocoonConfig } from '../../config/config.ts';
 import type { ImageService } from '../../images/image-service.ts';
-import type { LifecycleEngine } from '../../lifecycle/engine.ts';
+import type { MicrovmService } from '../../lifecycle/service.ts';
 import type { Db } from '../../store/sql.ts';
 import type { Tenant } from '../../store/tenants.ts';
 import type { Json } from './validate.ts';
@@ -13,7 +13,7 @@ export interface AwsServices {
   db: Db;
   config: CocoonConfig;
   images: () => ImageService;
-  engine: () => LifecycleEngine;
+  microvms: () => MicrovmService;
   /** The gateway's bound port (microVM endpoints). */
   gatewayPort: () => number;
 }

@@ -1,11 +1,10 @@
 /**
- * The microVM operations on Cocoon's lifecycle engine and microVM store: run, get, list,
+ * The microVM operations on Cocoon's microVM service and microVM store: run, get, list,
  * suspend, resume, terminate. A microVM's id is Cocoon's (`mvm-…`); its endpoint is its host on
  * the gateway (`<id>.<gateway domain>:<gateway port>`), where requests carry `X-aws-proxy-auth`.
  */
 import { encodeCursor } from '../../store/pagination.ts';
 import { createHash } from 'node:crypto';
-import { startMicrovm } from '../../lifecycle/start.ts';
 import { MAX_SESSION_SECONDS, findTenantMicrovm, listMicrovms, type IdlePolicy, type Microvm } from '../../store/microvms.ts';
 import type { Tenant } from '../../store/tenants.ts';
 import type { AwsRequest, AwsServices } from './context.ts';
@@ -178,7 +177,7 @@ export async function runMicrovm(services: AwsServices, request: AwsRequest) {
   if (!version) throw conflict(`image ${image.name} has no ACTIVE version that finished building (CREATED); wait for its build or UpdateMicrovmImageVersion`, 'MicrovmImage', image.name);
   if (statusOf(image.records, version) === 'INACTIVE') throw conflict(`version ${version.version} of image ${image.name} is INACTIVE; microVMs start only from ACTIVE versions`, 'MicrovmImageVersion', `${image.name}:${version.version}`);
 
-  const { microvm } = await startMicrovm(services.db, services.engine(), services.config.region, {
+  const { microvm } = await services.microvms().start({
     tenantId: request.tenant.id,
     image: version,
     idlePolicy,
@@ -193,19 +192,19 @@ export async function runMicrovm(services: AwsServices, request: AwsRequest) {
 
 export async function suspendMicrovm(services: AwsServices, request: AwsRequest) {
   const microvm = await findMicrovm(services, request.tenant, str(request.params, 'microvmIdentifier', IDENTIFIER));
-  await withDeadline(services.engine().suspend(microvm.id), OPERATION_WAIT_MS);
+  await withDeadline(services.microvms().suspend(microvm.id), OPERATION_WAIT_MS);
   return { body: {} };
 }
 
 export async function resumeMicrovm(services: AwsServices, request: AwsRequest) {
   const microvm = await findMicrovm(services, request.tenant, str(request.params, 'microvmIdentifier', IDENTIFIER));
-  await withDeadline(services.engine().resume(microvm.id), OPERATION_WAIT_MS);
+  await withDeadline(services.microvms().resume(microvm.id), OPERATION_WAIT_MS);
   return { body: {} };
 }
 
 /** Idempotent: a terminated microVM answers success again. */
 export async function terminateMicrovm(services: AwsServices, request: AwsRequest) {
   const microvm = await findMicrovm(services, request.tenant, str(request.params, 'microvmIdentifier', IDENTIFIER));
-  await services.engine().terminate(microvm.id, 'terminated through the AWS API');
+  await services.microvms().terminate(microvm.id, 'terminated through the AWS API');
   return { body: {} };
 }

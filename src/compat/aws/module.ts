@@ -1,6 +1,6 @@
 /**
  * The AWS Lambda MicroVMs surface as a server module: the model's routes at the root of the API
- * port (routes.ts), on Cocoon's image service and lifecycle engine through their modules.
+ * port (routes.ts), on Cocoon's image service and microVM service through their modules.
  * See docs/aws.md.
  */
 import type { ApiContext } from '../../api/app.ts';
@@ -23,7 +23,7 @@ export function awsModule(images: ImagesModule, microvms: MicrovmModule): Server
           if (!service) throw new CocoonError('unavailable', 'the image service is starting', { status: 503 });
           return service;
         },
-        engine: () => microvms.engine,
+        microvms: () => microvms.microvms,
         gatewayPort: () => microvms.gatewayPort,
       };
       awsRoutes(app, services, () => sealerForDataDir(context.config.dataDir));

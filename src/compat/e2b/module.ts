@@ -1,7 +1,7 @@
 /**
  * The E2B compatibility surface as a server module: the control plane under `/e2b` on the API
  * port (control.ts) and envd on the gateway port (envd.ts), both on Cocoon's own services
- * (lifecycle engine, exec service) through the microVM module. See docs/e2b.md.
+ * (the microVM service, exec service) through the microVM module. See docs/e2b.md.
  */
 import type { ApiContext } from '../../api/app.ts';
 import { CocoonError } from '../../common/errors.ts';
@@ -31,7 +31,7 @@ export function e2bModule(microvms: MicrovmModule): E2bModule {
     rootRoutes: (app, context) => e2bControlRoutes(app, context, requireSandboxes),
     async start(context: ApiContext) {
       domain = context.config.gatewayDomain;
-      sandboxes = new E2bSandboxes({ db: context.db, engine: () => microvms.engine, region: context.config.region, dataDir: context.config.dataDir });
+      sandboxes = new E2bSandboxes({ db: context.db, microvms: () => microvms.microvms, region: context.config.region, dataDir: context.config.dataDir });
       await sandboxes.start();
     },
     async stop() {

@@ -19,8 +19,7 @@ import { createHmac, randomBytes, timingSafeEqual } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { log as rootLog } from '../../common/log.ts';
-import type { LifecycleEngine } from '../../lifecycle/engine.ts';
-import { checkpointMicrovm, forkMicrovm, MAX_FORKS } from '../../lifecycle/fork.ts';
+import { MAX_FORKS, type MicrovmService } from '../../lifecycle/service.ts';
 import { isArn } from '../../store/arn.ts';
 import { findTenantImage, getImage, type Image } from '../../store/images.ts';
 import {
@@ -102,14 +101,14 @@ function checkStrings(what: string, value: Record<string, string> | undefined, m
 
 export class E2bSandboxes {
   readonly #db: Db;
-  readonly #engine: () => LifecycleEngine;
+  readonly #microvms: () => MicrovmService;
   readonly #region: string;
   readonly #key: Buffer;
   readonly #timers = new Map<string, NodeJS.Timeout>();
 
-  constructor(options: { db: Db; engine: () => LifecycleEngine; region: string; dataDir: string }) {
+  constructor(options: { db: Db; microvms: () => MicrovmService; region: string; dataDir: string }) {
     this.#db = options.db;
-    this.#engine = options.engine;
+    this.#microvms = options.microvms;
     this.#region = options.region;
     this.#key = loadKey(options.dataDir);
   }
@@ -221,7 +220,7 @@ export class E2bSandboxes {
       endAt: new Date(now.getTime() + timeout * 1000).toISOString(),
     };
     await insertSandbox(this.#db, sandbox);
-    await this.#engine().launch(microvm);
+    await this.#microvms().launch(microvm);
     this.#schedule(sandbox);
     return { sandbox, microvm, image, state: 'running' };
   }
@@ -229,7 +228,7 @@ export class E2bSandboxes {
   async kill(tenantId: string, sandboxId: string): Promise<void> {
     const view = await this.get(tenantId, sandboxId);
     this.#unschedule(sandboxId);
-    await withDeadline(this.#engine().terminate(view.microvm.id, 'killed through the E2B API'), OPERATION_WAIT_MS);
+    await withDeadline(this.#microvms().terminate(view.microvm.id, 'killed through the E2B API'), OPERATION_WAIT_MS);
   }
 
   async setTimeout(tenantId: string, sandboxId: string, seconds: number): Promise<void> {
@@ -245,7 +244,7 @@ export class E2bSandboxes {
     if (view.sandbox.paused) return false;
     this.#unschedule(sandboxId);
     await setSandboxPaused(this.#db, sandboxId, true);
-    await this.#engine().suspend(view.microvm.id);
+    await this.#microvms().suspend(view.microvm.id);
     return true;
   }
 
@@ -274,7 +273,7 @@ export class E2bSandboxes {
   /** Resumes a paused sandbox (connect, or envd traffic with autoResume). */
   async #wake(view: SandboxView): Promise<void> {
     await setSandboxPaused(this.#db, view.sandbox.microvmId, false);
-    await withDeadline(this.#engine().resume(view.microvm.id), OPERATION_WAIT_MS);
+    await withDeadline(this.#microvms().resume(view.microvm.id), OPERATION_WAIT_MS);
   }
 
   /** envd traffic for a paused sandbox: resumed when it has autoResume (answers whether it may go on). */
@@ -293,7 +292,7 @@ export class E2bSandboxes {
     const n = count ?? 1;
     if (!Number.isInteger(n) || n < 1 || n > MAX_FORKS) throw new E2bError(400, `count must be from 1 to ${MAX_FORKS}`);
     const timeout = this.#timeout(timeoutSeconds);
-    const { forks } = await forkMicrovm(this.#engine(), this.#db, this.#region, view.microvm, { count: n });
+    const { forks } = await this.#microvms().fork(view.microvm, { count: n });
     const views: SandboxView[] = [];
     const now = new Date();
     for (const fork of forks) {
@@ -314,7 +313,7 @@ export class E2bSandboxes {
   /** A snapshot is a Cocoon checkpoint: a new image version, usable as a template by its name. */
   async snapshot(tenantId: string, sandboxId: string, name: string | undefined): Promise<Image> {
     const view = await this.get(tenantId, sandboxId);
-    const { image, done } = await checkpointMicrovm(this.#engine(), this.#db, this.#region, view.microvm, name);
+    const { image, done } = await this.#microvms().checkpoint(view.microvm, name);
     await withDeadline(done, OPERATION_WAIT_MS);
     return (await getImage(this.#db, image.id)) ?? image;
   }
@@ -359,9 +358,9 @@ export class E2bSandboxes {
     }
     if (sandbox.autoPause) {
       await setSandboxPaused(this.#db, id, true);
-      await this.#engine().suspend(id);
+      await this.#microvms().suspend(id);
     } else {
-      await this.#engine().terminate(id, 'the E2B sandbox timeout passed');
+      await this.#microvms().terminate(id, 'the E2B sandbox timeout passed');
     }
   }
 }
