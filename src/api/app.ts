@@ -3,6 +3,8 @@
  * validation and the OpenAPI 3.1 document come. Routes live in `routes/`, one plugin per
  * resource; each receives the platform's services through `ApiContext`.
  */
+import type { IncomingMessage, ServerResponse } from 'node:http';
+import type { Duplex } from 'node:stream';
 import swagger from '@fastify/swagger';
 import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox';
 import Fastify, { type FastifyInstance, type FastifySchema, type RouteOptions } from 'fastify';
@@ -35,6 +37,18 @@ export interface ApiContext {
   ready: () => boolean;
   /** The gateway's bound port once it listens (null: no gateway runs). */
   gatewayPort?: () => number | null;
+  /** In a cluster (set at start by src/wiring/cluster-net.ts): requests for a microVM another host runs go there. */
+  forwarding?: ApiForwarding;
+}
+
+/**
+ * Hands a request to the host that runs its microVM (src/cluster/api-forwarding.ts). `request`
+ * answers true when it took the request (it called `take` first, then answered it completely),
+ * false when this host serves it; `upgrade` likewise for a WebSocket handshake.
+ */
+export interface ApiForwarding {
+  request(req: IncomingMessage, res: ServerResponse, take: () => void): Promise<boolean>;
+  upgrade(req: IncomingMessage, socket: Duplex, head: Buffer): Promise<boolean>;
 }
 
 export type ApiRoutes = (app: FastifyInstance, context: ApiContext) => Promise<void> | void;
@@ -127,6 +141,11 @@ export async function buildApiServer(context: ApiContext, extraRoutes: ApiRoutes
     }
   });
   registerAuth(app, context.db);
+  // After the API key check (a request refused here is not forwarded): microVMs another host runs.
+  app.addHook('onRequest', async (request, reply) => {
+    const forwarding = context.forwarding;
+    if (forwarding) await forwarding.request(request.raw, reply.raw, () => reply.hijack());
+  });
 
   await app.register(
     async (api) => {

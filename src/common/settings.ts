@@ -183,7 +183,7 @@ export const SETTINGS = define({
   },
   COCOON_HOST_ADDRESS: {
     group: 'server', default: '`127.0.0.1`', values: 'an IP address or host name',
-    meaning: 'Where the gateway reaches the guest ports this host forwards (the directory\'s upstream address).',
+    meaning: 'Where the other hosts of a cluster reach this host: its API and gateway URLs in the `hosts` table are `http://<address>:<port>` (docs/cluster.md). On one machine the default is right; on several, an address the others can route to.',
     parse: (raw) => {
       if (unset(raw)) return '127.0.0.1';
       if (!/^[A-Za-z0-9.:-]{1,253}$/.test(raw)) throw new Invalid('must be an IP address or host name');

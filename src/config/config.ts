@@ -26,7 +26,7 @@ export interface CocoonConfig {
    * made on first start by the lifecycle: src/lifecycle/host-id.ts).
    */
   hostId?: string | undefined;
-  /** `COCOON_HOST_ADDRESS`: where the gateway reaches the guest ports this host forwards (default 127.0.0.1). */
+  /** `COCOON_HOST_ADDRESS`: where the other hosts of a cluster reach this host's API and gateway (default 127.0.0.1). */
   hostAddress?: string | undefined;
   /**
    * A cluster's timing and this host's offered capacity (docs/cluster.md; used only with a

@@ -26,6 +26,7 @@ import {
 } from './credentials.ts';
 import { AWS_SUBPROTOCOL, readAwsCredentials } from './aws-credentials.ts';
 import { clientAddress, upstreamRequestHeaders } from './headers.ts';
+import { PEER_HEADER, peerRequestHeaders, type PeerClaims, type PeerGatewayAuth, type PeerTarget } from './peer.ts';
 import { isShellPath, subprotocolToken, type ShellHandler } from './shell.ts';
 import type { GatewaySurface } from './surfaces.ts';
 import { DEFAULT_GATEWAY_DOMAIN, normalizeDomain, parsePortHeader, resolveMicroVM } from './routing.ts';
@@ -46,6 +47,12 @@ export interface GatewayOptions {
   logger?: Logger;
   /** Upstream HTTP client: `undici` (default, measured faster) or `node` (node:http Agent). */
   upstreamClient?: 'undici' | 'node';
+  /**
+   * In a cluster: signs requests forwarded to the host that runs a microVM (`route.peer`) and
+   * checks X-Cocoon-Peer on requests other hosts forward here (peer.ts). Absent: one host; an
+   * X-Cocoon-Peer header is then only stripped, never believed.
+   */
+  peers?: PeerGatewayAuth;
   /** Trust and extend incoming X-Forwarded-* (only behind a proxy you run). Default false. */
   trustForwardedHeaders?: boolean;
   /** Largest request head (bytes). Default 16 KiB. */
@@ -182,11 +189,15 @@ export function createGateway(options: GatewayOptions): Gateway {
   const webSockets = new Map<string, number>();
   const tunnels = new Set<{ abort(): void }>();
   const expectsContinue = new WeakSet<IncomingMessage>();
+  /** Requests another host of the cluster forwarded here (a valid X-Cocoon-Peer): never forwarded again. */
+  const fromPeer = new WeakMap<IncomingMessage, PeerClaims>();
   let closing = false;
 
   // ---- admission: everything before any backend is touched -------------------------------
 
   function protoOf(req: IncomingMessage): string {
+    const peer = fromPeer.get(req);
+    if (peer) return peer.proto;
     if (trustForwarded) {
       const xfp = req.headers['x-forwarded-proto'];
       const first = (Array.isArray(xfp) ? xfp[0] : xfp)?.split(',')[0]?.trim().toLowerCase();
@@ -328,6 +339,92 @@ export function createGateway(options: GatewayOptions): Gateway {
     return reject(503, 'gateway_unavailable', 'the gateway could not check this request; retry shortly', { 'retry-after': retryAfter });
   }
 
+  // ---- cluster: requests from and to other hosts (peer.ts) ---------------------------------
+
+  function clientIpOf(req: IncomingMessage): string {
+    return fromPeer.get(req)?.clientIp ?? clientAddress(req.socket.remoteAddress);
+  }
+
+  /** Checks X-Cocoon-Peer: null when the request may go on (absent, or valid and recorded), else the refusal. */
+  function checkPeer(req: IncomingMessage): Rejection | null {
+    const header = req.headers[PEER_HEADER];
+    if (header === undefined || !options.peers) return null;
+    const v = options.peers.verify(req.method ?? 'GET', req.url ?? '', header);
+    if (!v.ok) {
+      logger.warn({ path: pathOnly(req.url), reason: v.reason, from: clientAddress(req.socket.remoteAddress) }, 'refused a request with a bad X-Cocoon-Peer');
+      return reject(401, 'peer_auth_failed', `X-Cocoon-Peer is for hosts of this cluster only (${v.reason})`);
+    }
+    fromPeer.set(req, { clientIp: v.clientIp, proto: v.proto });
+    return null;
+  }
+
+  /** The request as the client sent it, for the owner's gateway, with this host's X-Cocoon-Peer. */
+  function toPeer(req: IncomingMessage, peer: PeerTarget, proto: string, upgrade: boolean): string[] | Rejection {
+    if (fromPeer.has(req) || !options.peers) {
+      // One hop at most: the host that forwarded this believed the microVM was here.
+      return reject(503, 'microvm_moved', `microVM is on another host now; retry`, { 'retry-after': retryAfter });
+    }
+    const headers = peerRequestHeaders(req.rawHeaders, upgrade);
+    headers.push('X-Cocoon-Peer', options.peers.sign(req.method ?? 'GET', req.url ?? '/', peer.hostId, {
+      clientIp: clientIpOf(req),
+      proto: proto === 'https' ? 'https' : 'http',
+    }));
+    return headers;
+  }
+
+  async function forwardToPeer(req: IncomingMessage, res: ServerResponse, a: Admitted, peer: PeerTarget): Promise<void> {
+    const headers = toPeer(req, peer, a.proto, false);
+    if (!Array.isArray(headers)) {
+      sendError(req, res, headers);
+      return;
+    }
+    if (expectsContinue.has(req)) res.writeContinue();
+    const meter = requestHasBody(req) ? new BodyMeter(req, maxBodyBytes, bodyIdleTimeoutMs) : null;
+    try {
+      await upstream.forward({ host: peer.host, port: peer.port, method: req.method ?? 'GET', path: req.url ?? '/', headers, body: meter, res });
+    } catch (error) {
+      const failure = error instanceof UpstreamFailure ? error : new UpstreamFailure(String(error), 'error', res.headersSent, error);
+      if (meter?.failure !== undefined) {
+        sendError(req, res, reject(meter.failure.status, meter.failure.code, meter.failure.message), true);
+        return;
+      }
+      if (failure.kind === 'client_gone') return;
+      if (failure.headersSent) {
+        res.destroy();
+        return;
+      }
+      logger.warn({ microvmId: a.microvmId, peer: peer.hostId, err: failure.message }, 'forwarding to the owner host failed');
+      sendError(req, res, failure.kind === 'timeout'
+        ? reject(504, 'upstream_timeout', `microVM ${a.microvmId} did not answer in time (through host ${peer.hostId})`)
+        : reject(502, 'peer_unreachable', `host ${peer.hostId}, which runs microVM ${a.microvmId}, did not answer; retry shortly`));
+    }
+  }
+
+  function upgradeToPeer(req: IncomingMessage, socket: Duplex, head: Buffer, a: Admitted, peer: PeerTarget): void {
+    const headers = toPeer(req, peer, a.proto, true);
+    if (!Array.isArray(headers)) {
+      refuseUpgrade(req, socket, headers);
+      return;
+    }
+    const tunnel = proxyWebSocket({
+      req,
+      socket,
+      head,
+      host: peer.host,
+      port: peer.port,
+      path: req.url ?? '/',
+      headers,
+      handshakeTimeoutMs: Math.min(upstreamHeadersTimeoutMs, 60_000),
+      onOpen: () => undefined,
+      onClose: () => tunnels.delete(tunnel),
+      onHandshakeEnd: (status) => {
+        tunnels.delete(tunnel);
+        if (status >= 500) logger.warn({ microvmId: a.microvmId, peer: peer.hostId, status }, 'WebSocket handshake through the owner host failed');
+      },
+    });
+    tunnels.add(tunnel);
+  }
+
   // ---- accounting ------------------------------------------------------------------------
 
   /** Takes an in-flight slot and reports the request; answers the release (idempotent). */
@@ -347,7 +444,7 @@ export function createGateway(options: GatewayOptions): Gateway {
     };
   }
 
-  type Resolved = { ok: true; host: string; port: number } | { ok: false; rejection: Rejection | null };
+  type Resolved = { ok: true; host: string; port: number } | { ok: true; peer: PeerTarget } | { ok: false; rejection: Rejection | null };
 
   /** RUNNING route, or wake it; then the upstream address for the guest port. */
   async function resolveUpstream(a: Admitted, gone: AbortSignal): Promise<Resolved> {
@@ -373,6 +470,8 @@ export function createGateway(options: GatewayOptions): Gateway {
         case 'running':
           route = outcome.route;
       }
+      // Woken on (or found running by) another host of the cluster: forward there.
+      if (route.peer) return { ok: true, peer: route.peer };
     }
     let port = route.upstreamPortFor(a.guestPort);
     // A port the token allows but nothing forwards yet (X-aws-proxy-port / X-Cocoon-Port): forward it now.
@@ -416,7 +515,7 @@ export function createGateway(options: GatewayOptions): Gateway {
   async function onRequest(req: IncomingMessage, res: ServerResponse): Promise<void> {
     let admission: Rejection | Redirect | Admitted;
     try {
-      admission = closing ? reject(503, 'gateway_closing', 'the gateway is shutting down', { 'retry-after': retryAfter }) : await admit(req, false);
+      admission = closing ? reject(503, 'gateway_closing', 'the gateway is shutting down', { 'retry-after': retryAfter }) : (checkPeer(req) ?? (await admit(req, false)));
     } catch (error) {
       admission = dependencyFailure(error);
     }
@@ -439,6 +538,11 @@ export function createGateway(options: GatewayOptions): Gateway {
     }
 
     const a = admission;
+    if (a.route.peer) {
+      // Another host runs it: its gateway counts the request, wakes and proxies.
+      await forwardToPeer(req, res, a, a.route.peer);
+      return;
+    }
     const release = acquire(a.microvmId);
     if (release === null) {
       sendError(req, res, reject(503, 'microvm_busy', `microVM ${a.microvmId} has too many requests in flight; retry shortly`, { 'retry-after': retryAfter }));
@@ -463,9 +567,14 @@ export function createGateway(options: GatewayOptions): Gateway {
       if (resolved.rejection !== null) sendError(req, res, resolved.rejection);
       return;
     }
+    if ('peer' in resolved) {
+      release();
+      await forwardToPeer(req, res, a, resolved.peer);
+      return;
+    }
 
     const headers = upstreamRequestHeaders(req.rawHeaders, {
-      clientIp: clientAddress(req.socket.remoteAddress),
+      clientIp: clientIpOf(req),
       proto: a.proto,
       upgrade: false,
       trustForwarded,
@@ -519,7 +628,7 @@ export function createGateway(options: GatewayOptions): Gateway {
     socket.on('error', () => socket.destroy());
     let admission: Rejection | Redirect | Admitted;
     try {
-      admission = closing ? reject(503, 'gateway_closing', 'the gateway is shutting down') : await admit(req, true);
+      admission = closing ? reject(503, 'gateway_closing', 'the gateway is shutting down') : (checkPeer(req) ?? (await admit(req, true)));
     } catch (error) {
       admission = dependencyFailure(error);
     }
@@ -528,6 +637,11 @@ export function createGateway(options: GatewayOptions): Gateway {
       return;
     }
     const a = admission;
+    if (a.route.peer) {
+      // Another host runs it (its shell too): its gateway serves the WebSocket.
+      upgradeToPeer(req, socket, head, a, a.route.peer);
+      return;
+    }
     if (options.shell && isShellPath(a.target)) {
       // Served by the platform's exec service (it wakes the microVM and counts the session).
       options.shell(a.microvmId, req, socket, head);
@@ -558,8 +672,13 @@ export function createGateway(options: GatewayOptions): Gateway {
       else socket.destroy();
       return;
     }
+    if ('peer' in resolved) {
+      release();
+      upgradeToPeer(req, socket, head, a, resolved.peer);
+      return;
+    }
     const headers = upstreamRequestHeaders(req.rawHeaders, {
-      clientIp: clientAddress(req.socket.remoteAddress),
+      clientIp: clientIpOf(req),
       proto: a.proto,
       upgrade: true,
       trustForwarded,

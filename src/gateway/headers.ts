@@ -3,6 +3,7 @@
  */
 import type { IncomingHttpHeaders, OutgoingHttpHeaders } from 'node:http';
 import { isAwsProxyHeader, stripAwsSubprotocols } from './aws-credentials.ts';
+import { PEER_HEADER } from './peer.ts';
 import { MICROVM_HEADER, PORT_HEADER, TOKEN_COOKIE, TOKEN_HEADER, filterGuestSetCookies, stripCookie } from './credentials.ts';
 
 /** Hop-by-hop headers (RFC 9110 §7.6.1) and ones a proxy must not pass on. */
@@ -20,7 +21,7 @@ const HOP_BY_HOP = new Set([
   'http2-settings',
 ]);
 
-const GATEWAY_HEADERS = new Set([TOKEN_HEADER, PORT_HEADER, MICROVM_HEADER]);
+const GATEWAY_HEADERS = new Set([TOKEN_HEADER, PORT_HEADER, MICROVM_HEADER, PEER_HEADER]);
 
 const FORWARDING_HEADERS = new Set(['forwarded', 'x-forwarded-for', 'x-forwarded-proto', 'x-forwarded-host', 'x-forwarded-port', 'x-real-ip']);
 

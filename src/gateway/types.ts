@@ -5,6 +5,7 @@
  */
 import type { MicrovmState } from '../common/microvm-states.ts';
 import { portInSpecs, type PortSpec } from '../common/ports.ts';
+import type { PeerTarget } from './peer.ts';
 
 /** The one state union (src/common/microvm-states.ts), re-exported for the gateway's users. */
 export type { MicrovmState } from '../common/microvm-states.ts';
@@ -70,6 +71,11 @@ export interface MicroVMRoute {
    * Optional: without it such a port answers 404 port_not_exposed.
    */
   exposePort?(guestPort: number): Promise<number | null>;
+  /**
+   * Another host of the cluster runs the microVM: the gateway forwards the request to that
+   * host's gateway (peer.ts) instead of a guest port. Absent on one host.
+   */
+  readonly peer?: PeerTarget;
 }
 
 /**

@@ -286,6 +286,18 @@ export const MIGRATIONS: readonly Migration[] = [
       ALTER TABLE microvms ADD COLUMN lease_epoch ${ddl.bigint(d)} NOT NULL DEFAULT 0;
     `,
   },
+  {
+    version: 10,
+    name: 'cluster secrets',
+    // Secrets every host of a cluster shares, made once by the first host that needs one (insert
+    // if missing; the others read the winner's): `peer-hmac`, the key that authenticates requests
+    // one host forwards to another (src/cluster/peer-auth.ts). value: base64url of 32 random bytes.
+    sql: `CREATE TABLE cluster_secrets (
+            name        TEXT PRIMARY KEY,
+            value       TEXT NOT NULL,
+            created_at  TEXT NOT NULL
+          );`,
+  },
 ];
 
 export interface MigrationReport {

@@ -81,6 +81,11 @@ export interface RestoreOptions extends CommonVmOptions {
    * fork point this process made moments ago from a running VM (its checksums come later).
    */
   verifyData?: boolean | 'if-present';
+  /**
+   * The snapshot directory whose memory a diff-form snapshot stands on (its image's snapshot):
+   * required to restore one whose manifest's `files.mem.base` is set, ignored otherwise.
+   */
+  memoryBase?: string;
 }
 
 /** A snapshot on disk: `manifest.json`, `state` (device state), `mem` (guest RAM), `disk`. */
@@ -94,7 +99,19 @@ export interface SnapshotManifest {
   files: {
     state: { name: string; sizeBytes: number; sha256: string };
     /** `checksum` is filled in when the manifest is written, and required by every restore. */
-    mem: { name: string; sizeBytes: number; checksum?: DataChecksum };
+    mem: {
+      name: string;
+      sizeBytes: number;
+      checksum?: DataChecksum;
+      /**
+       * Present when the file is a memory diff (docs/vmm.md "Memory diffs"): the checksum and
+       * size of the base memory it stands on (the image snapshot's `mem`, given to a restore as
+       * `RestoreOptions.memoryBase`); `checksum` is then the diff file's, `memoryChecksum` the
+       * whole memory's.
+       */
+      base?: { checksum: DataChecksum; sizeBytes: number };
+      memoryChecksum?: DataChecksum;
+    };
     disk: { name: string; format: 'raw' | 'qcow2'; sizeBytes: number; checksum?: DataChecksum };
   };
   /** Guest ports the VM forwarded when it was snapshotted (a restore forwards the same by default). */

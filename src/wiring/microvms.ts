@@ -15,6 +15,7 @@ import { createGateway, type Gateway, type GatewayOptions } from '../gateway/gat
 import type { GatewaySurface } from '../gateway/surfaces.ts';
 import { createTokenVerifier } from '../gateway/tokens.ts';
 import type { ServerModule } from '../server.ts';
+import { startClusterNet, type ClusterNet } from './cluster-net.ts';
 import { LifecycleEngine, type LifecycleOptions } from '../lifecycle/engine.ts';
 import { recoverMicrovms, type RecoveryReport } from '../lifecycle/recovery.ts';
 import { engineMicrovmService, type MicrovmService } from '../lifecycle/service.ts';
@@ -49,6 +50,7 @@ export function microvmModule(options: MicrovmModuleOptions = {}): MicrovmModule
   let gatewayPort = 0;
   let domain = 'vm.localhost';
   let recovery: RecoveryReport | undefined;
+  let clusterNet: ClusterNet | undefined;
   let exec: ExecService | undefined;
   let shell: ReturnType<typeof createShellHandler> | undefined;
   const surfaces: GatewaySurface[] = [];
@@ -98,7 +100,8 @@ export function microvmModule(options: MicrovmModuleOptions = {}): MicrovmModule
       domain = config.gatewayDomain;
       engine = new LifecycleEngine({
         ...(config.hostId ? { hostId: config.hostId } : {}),
-        ...(config.hostAddress ? { hostAddress: config.hostAddress } : {}),
+        // Guest ports are forwarded on loopback (QEMU hostfwd 127.0.0.1): this host's gateway
+        // reaches them there; other hosts reach this host's gateway at COCOON_HOST_ADDRESS.
         ...options.lifecycle,
         snapshots: context.snapshots,
         db,
@@ -109,9 +112,12 @@ export function microvmModule(options: MicrovmModuleOptions = {}): MicrovmModule
       try {
         recovery = await recoverMicrovms(engine, db, config.dataDir, log.child({ component: 'lifecycle' }));
         shell = createShellHandler(db, requireExec);
+        // In a cluster: forwarding to the host that runs a microVM (wiring/cluster-net.ts).
+        clusterNet = await startClusterNet(context, engine.hostId);
         gateway = createGateway({
           ...options.gateway,
-          directory: engine,
+          directory: clusterNet ? clusterNet.directory(engine) : engine,
+          ...(clusterNet ? { peers: clusterNet.peers } : {}),
           tokens: createTokenVerifier(db),
           domain: config.gatewayDomain,
           shell: shell.handler,
@@ -122,6 +128,7 @@ export function microvmModule(options: MicrovmModuleOptions = {}): MicrovmModule
         log.info({ gateway: `http://${config.host}:${gatewayPort}`, domain }, 'gateway listening');
       } catch (error) {
         await gateway?.close();
+        await clusterNet?.close();
         await exec.close();
         await engine.close();
         throw error;
@@ -130,6 +137,7 @@ export function microvmModule(options: MicrovmModuleOptions = {}): MicrovmModule
     async stop() {
       shell?.close();
       await gateway?.close();
+      await clusterNet?.close();
       await exec?.close();
       await engine?.close();
     },

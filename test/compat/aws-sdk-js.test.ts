@@ -9,9 +9,7 @@
  * shows the calls).
  */
 import assert from 'node:assert/strict';
-import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
-import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import {
   ConflictException, CreateMicrovmAuthTokenCommand, CreateMicrovmImageCommand, CreateMicrovmShellAuthTokenCommand, DeleteMicrovmImageCommand,
@@ -20,15 +18,12 @@ import {
   type GetMicrovmCommandOutput,
 } from '@aws-sdk/client-lambda-microvms';
 import { awsModule } from '../../src/compat/aws/module.ts';
-import { loadConfig } from '../../src/config/config.ts';
-import { imagesModule } from '../../src/wiring/images.ts';
-import { microvmModule } from '../../src/wiring/microvms.ts';
-import { startServer, type RunningServer } from '../../src/server.ts';
-import { client } from '../images/helpers.ts';
+import type { RunningServer } from '../../src/server.ts';
+import type { MicrovmModule } from '../../src/wiring/microvms.ts';
+import { client, type Client } from '../images/helpers.ts';
+import { startPlatform, stopPlatform, testAppBundle, type Platform } from '../support/fixtures.ts';
 import { request } from '../support/server.ts';
-import { buildTestApp } from '../support/testapp.ts';
-import { writeTree } from '../support/tree.ts';
-import { cleanupDir, tempDir } from '../support/vm.ts';
+import { tempDir } from '../support/vm.ts';
 
 const SLOW = { timeout: 900_000 };
 const HOOKS_PORT = 9000;
@@ -39,25 +34,13 @@ interface Credentials {
   secretAccessKey: string;
 }
 
-/** A .tar.gz of a busybox image running the test app on 8080 (the app) and 9000 (hooks). */
-function bundle(dir: string): Buffer {
-  const root = path.join(dir, 'bundle');
-  fs.mkdirSync(root, { recursive: true });
-  writeTree(root, {
-    Dockerfile: ['FROM busybox', 'COPY testapp /testapp', 'EXPOSE 8080', `CMD ["sh", "-c", "/testapp ${HOOKS_PORT} & exec /testapp 8080"]`, ''].join('\n'),
-  });
-  fs.copyFileSync(buildTestApp(path.join(dir, 'testapp-build')), path.join(root, 'testapp'));
-  fs.chmodSync(path.join(root, 'testapp'), 0o755);
-  const out = path.join(dir, 'bundle.tar.gz');
-  execFileSync('tar', ['-czf', out, '-C', root, '.']);
-  return fs.readFileSync(out);
-}
-
 describe('the AWS SDK for JavaScript drives Cocoon through the Lambda MicroVMs API', () => {
   const dataDir = tempDir('cocoon-aws-js-');
   const scratch = tempDir('cocoon-aws-js-bundle-');
   let server: RunningServer;
-  let microvms: ReturnType<typeof microvmModule>;
+  let platform: Platform | undefined;
+  let microvms: MicrovmModule;
+  let api: Client;
   let admin: Credentials;
   let other: Credentials;
   let lmv: LambdaMicrovmsClient;
@@ -88,11 +71,9 @@ describe('the AWS SDK for JavaScript drives Cocoon through the Lambda MicroVMs A
   }
 
   before(async () => {
-    microvms = microvmModule();
-    const images = imagesModule();
-    server = await startServer({ ...loadConfig({ COCOON_DATA_DIR: dataDir }), apiPort: 0, gatewayPort: 0 }, [images, microvms, awsModule(images, microvms)]);
-    const key = fs.readFileSync(path.join(dataDir, 'admin-api-key'), 'utf8').trim();
-    const api = client(server.apiUrl, key);
+    platform = await startPlatform({ dataDir, surfaces: (images, modules) => [awsModule(images, modules)] });
+    ({ server, microvms, api } = platform);
+    const key = platform.adminKey;
     admin = { accessKeyId: (await api.get('/api-keys')).body.items[0].id, secretAccessKey: key };
     const tenant = await api.post('/tenants', { name: 'other' });
     assert.equal(tenant.status, 201, tenant.text);
@@ -100,7 +81,7 @@ describe('the AWS SDK for JavaScript drives Cocoon through the Lambda MicroVMs A
     lmv = clientFor(admin);
 
     // The bundle goes up through Cocoon's API (AWS would take an S3 URI); its URI is the code artifact.
-    const upload = await api.uploadBundle(bundle(scratch));
+    const upload = await api.uploadBundle(testAppBundle(scratch, { secondPort: HOOKS_PORT }));
     assert.equal(upload.status, 201, upload.text);
     const input = {
       name: 'counter',
@@ -141,9 +122,9 @@ describe('the AWS SDK for JavaScript drives Cocoon through the Lambda MicroVMs A
 
   after(async () => {
     for (const id of started) await microvms?.engine.terminate(id).catch(() => undefined);
-    await server?.close();
+    const leaked = await stopPlatform(platform, dataDir);
     fs.rmSync(scratch, { recursive: true, force: true });
-    assert.deepEqual(cleanupDir(dataDir), [], 'no QEMU left');
+    assert.deepEqual(leaked, [], 'no QEMU left');
   });
 
   test('the image: CREATED, its version SUCCESSFUL with what was asked, tags kept', async () => {

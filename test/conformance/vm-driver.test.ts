@@ -213,6 +213,24 @@ for (const { driver, skips } of IMPLEMENTATIONS) {
       assert.deepEqual(driver.processesUnder(path.join(dir, 'missing')), []);
     });
 
+    test('a snapshot chain moved elsewhere (its layout kept) restores: layers name their backing files relatively', async () => {
+      // A tree of its own: a (hard-linked) copy of the snapshot, a VM restored from it, whose
+      // snapshot goes two levels deeper; then the whole tree is renamed, as a moved data
+      // directory or a chain copied into another host's cache would be.
+      const tree = path.join(dir, 'tree');
+      fs.mkdirSync(path.join(tree, 'base'), { recursive: true });
+      for (const file of fs.readdirSync(path.join(dir, 'snapshot'))) fs.linkSync(path.join(dir, 'snapshot', file), path.join(tree, 'base', file));
+      const vm = await restore('chain-vm', path.join(tree, 'base'));
+      const count = Number(await get(vm, '/cgi-bin/count'));
+      await vm.snapshot(path.join(tree, 'deeper', 'still', 'gen'));
+      await driver.clearRunFiles(vm.runDir);
+      const moved = path.join(dir, 'moved-tree');
+      fs.renameSync(tree, moved);
+      const again = await restore('chain-again', path.join(moved, 'deeper', 'still', 'gen'));
+      assert.equal(Number(await get(again, '/cgi-bin/count')), count + 1, 'the moved chain continues where it was');
+      await again.destroy();
+    });
+
     test('disk layers: a layer over a disk, rebased onto a copy of it', skip('diskLayers'), async () => {
       // The booted root disk became the snapshot's (a snapshot takes the VM's disk): layer over that.
       const backing = path.join(dir, 'snapshot', 'disk.raw');

@@ -7,12 +7,13 @@
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { after, before, describe, test } from 'node:test';
+import { before, describe, test } from 'node:test';
 import { microvmDir } from '../../src/lifecycle/paths.ts';
 import { getImage, type Image } from '../../src/store/images.ts';
-import { createTestImage, TESTAPP_PORT } from '../support/image.ts';
-import { startTestServer, stopTestServer, type TestServer } from '../support/server.ts';
-import { qemuProcessesMentioning, tempDir } from '../support/vm.ts';
+import { useTestImageServer } from '../support/fixtures.ts';
+import { TESTAPP_PORT } from '../support/image.ts';
+import type { TestServer } from '../support/server.ts';
+import { qemuProcessesMentioning } from '../support/vm.ts';
 
 const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
 
@@ -22,23 +23,14 @@ interface Started {
 }
 
 describe('fork and checkpoint', () => {
-  const dataDir = tempDir('cocoon-fork-');
+  const fixture = useTestImageServer({
+    prefix: 'cocoon-fork-',
+    image: { hooks: { resume: { command: 'echo resumed >> /tmp/hooks.log', timeoutSeconds: 10 } } },
+  });
+  const dataDir = fixture.dataDir;
   let s: TestServer;
   let image: Image;
-
-  before(async () => {
-    s = await startTestServer({ dataDir });
-    image = await createTestImage({
-      db: s.server.db,
-      dataDir,
-      tenantId: s.adminTenantId,
-      hooks: { resume: { command: 'echo resumed >> /tmp/hooks.log', timeoutSeconds: 10 } },
-    });
-  });
-  after(async () => {
-    const leaked = await stopTestServer(s, dataDir);
-    assert.deepEqual(leaked, [], 'a test left QEMU processes running');
-  });
+  before(() => ({ server: s, image } = fixture));
 
   async function start(imageRef: string = image.arn): Promise<Started> {
     const answer = await s.api('POST', '/microvms', { image: imageRef, idlePolicy: { maxIdleDurationSeconds: 600 } });

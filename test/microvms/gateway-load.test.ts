@@ -12,13 +12,13 @@
  */
 import assert from 'node:assert/strict';
 import net from 'node:net';
-import { after, before, describe, test } from 'node:test';
+import { before, describe, test } from 'node:test';
 import { Client, errors as undiciErrors } from 'undici';
 import { getMicrovm } from '../../src/store/microvms.ts';
 import type { Image } from '../../src/store/images.ts';
-import { APP_PORT, createTestImage } from '../support/image.ts';
-import { startTestServer, stopTestServer, type TestServer } from '../support/server.ts';
-import { tempDir } from '../support/vm.ts';
+import { useTestImageServer } from '../support/fixtures.ts';
+import { APP_PORT } from '../support/image.ts';
+import type { TestServer } from '../support/server.ts';
 
 const CLIENTS = 32;
 const SECONDS = 20;
@@ -79,18 +79,10 @@ async function rawAnswer(port: number, route: string): Promise<string> {
 }
 
 describe('the gateway with 32 clients for 20 s against apps that close every connection', () => {
-  const dataDir = tempDir('cocoon-mvm-');
+  const fixture = useTestImageServer({ image: { idle: true } });
   let s: TestServer;
   let image: Image;
-
-  before(async () => {
-    s = await startTestServer({ dataDir });
-    image = await createTestImage({ db: s.server.db, dataDir, tenantId: s.adminTenantId, idle: true });
-  });
-  after(async () => {
-    const leaked = await stopTestServer(s, dataDir);
-    assert.deepEqual(leaked, [], 'a test left QEMU processes running');
-  });
+  before(() => ({ server: s, image } = fixture));
 
   async function start(): Promise<{ id: string; token: string; hostPort: number }> {
     const answer = await s.api('POST', '/microvms', { image: image.id, idlePolicy: { maxIdleDurationSeconds: 600 } });

@@ -8,7 +8,7 @@ import { once } from 'node:events';
 import http from 'node:http';
 import { Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
-import { after, before, describe, test } from 'node:test';
+import { before, describe, test } from 'node:test';
 import { setFlagsFromString } from 'node:v8';
 import { runInNewContext } from 'node:vm';
 import { WebSocket } from 'ws';
@@ -17,26 +17,20 @@ import { createTokenVerifier } from '../../src/gateway/tokens.ts';
 import { microvmDir } from '../../src/lifecycle/paths.ts';
 import { listEvents } from '../../src/store/events.ts';
 import type { Image } from '../../src/store/images.ts';
-import { createTestImage, TESTAPP_PORT } from '../support/image.ts';
-import { gatewayRequest, request, startTestServer, stopTestServer, type TestServer } from '../support/server.ts';
-import { qemuProcessesMentioning, tempDir } from '../support/vm.ts';
+import { useTestImageServer } from '../support/fixtures.ts';
+import { TESTAPP_PORT } from '../support/image.ts';
+import { gatewayRequest, request, type TestServer } from '../support/server.ts';
+import { qemuProcessesMentioning } from '../support/vm.ts';
 
 const MiB = 1024 * 1024;
 const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
 
 describe('the gateway in front of real microVMs', () => {
-  const dataDir = tempDir('cocoon-mvm-');
+  const fixture = useTestImageServer();
+  const dataDir = fixture.dataDir;
   let s: TestServer;
   let image: Image;
-
-  before(async () => {
-    s = await startTestServer({ dataDir });
-    image = await createTestImage({ db: s.server.db, dataDir, tenantId: s.adminTenantId });
-  });
-  after(async () => {
-    const leaked = await stopTestServer(s, dataDir);
-    assert.deepEqual(leaked, [], 'a test left QEMU processes running');
-  });
+  before(() => ({ server: s, image } = fixture));
 
   async function start(body: Record<string, unknown> = {}): Promise<{ id: string; token: string }> {
     const answer = await s.api('POST', '/microvms', { image: image.id, idlePolicy: { maxIdleDurationSeconds: 600 }, ...body });

@@ -11,61 +11,37 @@
  *   - a ready hook on a port nothing listens on fails the build after its timeout.
  */
 import assert from 'node:assert/strict';
-import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
-import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
-import { loadConfig } from '../../src/config/config.ts';
-import { imagesModule } from '../../src/wiring/images.ts';
-import { microvmModule } from '../../src/wiring/microvms.ts';
-import { startServer, type RunningServer } from '../../src/server.ts';
-import { client, type Client } from '../images/helpers.ts';
+import type { RunningServer } from '../../src/server.ts';
+import type { MicrovmModule } from '../../src/wiring/microvms.ts';
+import type { Client } from '../images/helpers.ts';
+import { startPlatform, stopPlatform, testAppBundle, type Platform } from '../support/fixtures.ts';
 import { gatewayRequest } from '../support/server.ts';
-import { buildTestApp } from '../support/testapp.ts';
-import { writeTree } from '../support/tree.ts';
-import { cleanupDir, tempDir } from '../support/vm.ts';
+import { tempDir } from '../support/vm.ts';
 
 const SLOW = { timeout: 900_000 };
 const HOOKS_PORT = 9000;
 const PAYLOAD = 'payload: {"job": 42}\nsecond line ü';
 
-/** A .tar.gz of a busybox image running the test app on 8080 and 9000 (hooks). */
-function hooksBundle(dir: string): Buffer {
-  const root = path.join(dir, 'bundle');
-  fs.mkdirSync(root, { recursive: true });
-  writeTree(root, {
-    Dockerfile: [
-      'FROM busybox',
-      'COPY testapp /testapp',
-      'ENV TESTAPP_HOOK_READY=unavailable=2 TESTAPP_HOOK_VALIDATE=status=500 TESTAPP_HOOK_TERMINATE=sleep=5000',
-      'EXPOSE 8080',
-      `CMD ["sh", "-c", "/testapp ${HOOKS_PORT} & exec /testapp 8080"]`,
-      '',
-    ].join('\n'),
-  });
-  fs.copyFileSync(buildTestApp(path.join(dir, 'testapp-build')), path.join(root, 'testapp'));
-  fs.chmodSync(path.join(root, 'testapp'), 0o755);
-  const out = path.join(dir, 'bundle.tar.gz');
-  execFileSync('tar', ['-czf', out, '-C', root, '.']);
-  return fs.readFileSync(out);
-}
+/** The test app on 8080 and 9000 (hooks): ready answers 503 twice then 200, validate 500, terminate sleeps 5 s. */
+const HOOKS_ENV = { TESTAPP_HOOK_READY: 'unavailable=2', TESTAPP_HOOK_VALIDATE: 'status=500', TESTAPP_HOOK_TERMINATE: 'sleep=5000' };
 
 describe('HTTP hooks (AWS Lambda MicroVMs style)', () => {
   const dataDir = tempDir('cocoon-http-hooks-');
   const scratch = tempDir('cocoon-http-hooks-bundle-');
+  let platform: Platform | undefined;
   let server: RunningServer;
-  let microvms: ReturnType<typeof microvmModule>;
+  let microvms: MicrovmModule;
   let api: Client;
   let bundleUri: string;
   let goodImage: any;
   const started: string[] = [];
 
   before(async () => {
-    microvms = microvmModule();
-    server = await startServer({ ...loadConfig({ COCOON_DATA_DIR: dataDir }), apiPort: 0, gatewayPort: 0 }, [imagesModule(), microvms]);
-    const key = fs.readFileSync(path.join(dataDir, 'admin-api-key'), 'utf8').trim();
-    api = client(server.apiUrl, key);
-    const upload = await api.uploadBundle(hooksBundle(scratch));
+    platform = await startPlatform({ dataDir });
+    ({ server, microvms, api } = platform);
+    const upload = await api.uploadBundle(testAppBundle(scratch, { secondPort: HOOKS_PORT, env: HOOKS_ENV }));
     assert.equal(upload.status, 201, upload.text);
     bundleUri = upload.body.uri;
     const created = await api.post('/images', {
@@ -95,9 +71,9 @@ describe('HTTP hooks (AWS Lambda MicroVMs style)', () => {
 
   after(async () => {
     for (const id of started) await api?.delete(`/microvms/${id}`).catch(() => undefined);
-    await server?.close();
+    const leaked = await stopPlatform(platform, dataDir);
     fs.rmSync(scratch, { recursive: true, force: true });
-    assert.deepEqual(cleanupDir(dataDir), [], 'no QEMU left');
+    assert.deepEqual(leaked, [], 'no QEMU left');
   });
 
   async function waitState(id: string, state: string): Promise<any> {

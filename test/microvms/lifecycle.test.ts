@@ -6,13 +6,14 @@
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { after, before, describe, test } from 'node:test';
+import { before, describe, test } from 'node:test';
 import { microvmDir } from '../../src/lifecycle/paths.ts';
 import { listEvents } from '../../src/store/events.ts';
 import type { Image } from '../../src/store/images.ts';
-import { createTestImage, TESTAPP_PORT } from '../support/image.ts';
-import { gatewayRequest, startTestServer, stopTestServer, type TestServer } from '../support/server.ts';
-import { qemuProcessesMentioning, tempDir } from '../support/vm.ts';
+import { useTestImageServer } from '../support/fixtures.ts';
+import { TESTAPP_PORT } from '../support/image.ts';
+import { gatewayRequest, type TestServer } from '../support/server.ts';
+import { qemuProcessesMentioning } from '../support/vm.ts';
 
 const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
 
@@ -23,27 +24,19 @@ function parseBackground(answer: string): { pid: number; ticks: number } {
 }
 
 describe('microVM lifecycle through the gateway', () => {
-  const dataDir = tempDir('cocoon-mvm-');
-  let s: TestServer;
-  let image: Image;
-
-  before(async () => {
-    s = await startTestServer({ dataDir });
-    image = await createTestImage({
-      db: s.server.db,
-      dataDir,
-      tenantId: s.adminTenantId,
+  const fixture = useTestImageServer({
+    image: {
       hooks: {
         run: { command: 'echo run >> /tmp/hooks.log', timeoutSeconds: 10 },
         suspend: { command: 'echo suspending >> /tmp/hooks.log', timeoutSeconds: 10 },
         resume: { command: 'echo "resumed $(date +%s)" >> /tmp/hooks.log', timeoutSeconds: 10 },
       },
-    });
+    },
   });
-  after(async () => {
-    const leaked = await stopTestServer(s, dataDir);
-    assert.deepEqual(leaked, [], 'a test left QEMU processes running');
-  });
+  const dataDir = fixture.dataDir;
+  let s: TestServer;
+  let image: Image;
+  before(() => ({ server: s, image } = fixture));
 
   async function start(body: Record<string, unknown> = {}): Promise<{ id: string; token: string; body: Record<string, unknown> }> {
     const answer = await s.api('POST', '/microvms', { image: image.arn, ...body });

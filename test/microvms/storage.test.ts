@@ -1,8 +1,9 @@
 /**
  * A microVM's files over many suspends: each suspend commits a generation, older generations
  * keep only the disk layers the current one stands on, and a long chain is folded into one
- * layer over the image's disk, with memory, processes and files intact. And a VM that dies on
- * its own is FAILED, not silently restarted.
+ * layer over the image's disk, with memory, processes and files intact; every layer names its
+ * backing file by a relative path, so a data directory moved elsewhere still resumes. And a VM
+ * that dies on its own is FAILED, not silently restarted.
  */
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
@@ -17,12 +18,13 @@ import { gatewayRequest, startTestServer, stopTestServer, type TestServer } from
 import { qemuProcessesMentioning, tempDir } from '../support/vm.ts';
 
 describe("a microVM's files over many suspends", () => {
-  const dataDir = tempDir('cocoon-mvm-');
+  let dataDir = tempDir('cocoon-mvm-');
+  const options = { lifecycle: { maxDiskChain: 2 } };
   let s: TestServer;
   let image: Image;
 
   before(async () => {
-    s = await startTestServer({ dataDir, options: { lifecycle: { maxDiskChain: 2 } } });
+    s = await startTestServer({ dataDir, options });
     image = await createTestImage({ db: s.server.db, dataDir, tenantId: s.adminTenantId });
   });
   after(async () => {
@@ -52,13 +54,39 @@ describe("a microVM's files over many suspends", () => {
       }
       assert.deepEqual(generations(id), runtime.chain.map((g) => `gen-${g}`).sort(), 'nothing outside the chain');
       // The current disk's backing chain: its own layers, then the image's disk.
-      const info = JSON.parse(execFileSync('qemu-img', ['info', '--output=json', '--backing-chain', '-U', path.join(current, 'disk.qcow2')], { encoding: 'utf8' })) as unknown[];
+      const info = JSON.parse(execFileSync('qemu-img', ['info', '--output=json', '--backing-chain', '-U', path.join(current, 'disk.qcow2')], { encoding: 'utf8' })) as Array<{ filename: string; 'backing-filename'?: string }>;
       assert.equal(info.length, runtime.chain.length + 1, `chain ${JSON.stringify(runtime.chain)} over the image's disk`);
+      // Every layer names its backing file relative to its own directory.
+      for (const layer of info.slice(0, -1)) {
+        assert.ok(layer['backing-filename'] && !path.isAbsolute(layer['backing-filename']), `${layer.filename} names ${layer['backing-filename']}`);
+      }
     }
     // Generations 1, 2, then 3 folded into 4 ([4]), then 5 over it.
     assert.deepEqual(runtimes.map((r) => r.chain), [[1], [1, 2], [4], [4, 5]]);
     assert.equal(await s.get(id, token, '/count', { port: TESTAPP_PORT }), '5', 'memory intact through folds');
     assert.equal(await s.get(id, token, '/cgi-bin/file'), 'cycle-4', 'disk intact through folds');
+    assert.equal((await s.api('DELETE', `/microvms/${id}`)).status, 204);
+  });
+
+  test('a data directory moved to another path (server stopped, renamed, started there) resumes a SUSPENDED microVM with its files', async () => {
+    const started = await s.api('POST', '/microvms', { image: image.id, idlePolicy: { maxIdleDurationSeconds: 600 } });
+    const { id, token } = started.body as { id: string; token: string };
+    // Two suspends: the disk is a layer over a layer over the image's disk.
+    for (const cycle of [1, 2]) {
+      assert.equal(await s.get(id, token, '/count', { port: TESTAPP_PORT }), String(cycle));
+      assert.equal(await s.get(id, token, `/cgi-bin/write?moved-${cycle}`), 'written');
+      assert.equal((await s.api('POST', `/microvms/${id}/suspend`)).body.state, 'SUSPENDED');
+    }
+    assert.deepEqual(((await getMicrovm(s.server.db, id))!.runtime as { chain: number[] }).chain, [1, 2]);
+    await s.close();
+    const moved = `${dataDir}-moved`;
+    fs.renameSync(dataDir, moved);
+    dataDir = moved;
+    s = await startTestServer({ dataDir, options });
+    assert.equal((await s.api('GET', `/microvms/${id}`)).body.state, 'SUSPENDED');
+    assert.equal((await s.api('POST', `/microvms/${id}/resume`)).body.state, 'RUNNING');
+    assert.equal(await s.get(id, token, '/cgi-bin/file'), 'moved-2', 'the disk, through both layers and the image');
+    assert.equal(await s.get(id, token, '/count', { port: TESTAPP_PORT }), '3', 'the memory');
     assert.equal((await s.api('DELETE', `/microvms/${id}`)).status, 204);
   });
 

@@ -86,7 +86,8 @@ export async function execApiRoutes(parent: FastifyInstance, context: ApiContext
   });
 }
 
-function execRoutes(app: FastifyInstance, { db }: ApiContext, exec: () => ExecService): void {
+function execRoutes(app: FastifyInstance, context: ApiContext, exec: () => ExecService): void {
+  const { db } = context;
 
   app.post<{ Params: Static<typeof IdParams>; Body: Static<typeof ExecBody> }>(
     '/microvms/:id/exec',
@@ -223,6 +224,20 @@ function execRoutes(app: FastifyInstance, { db }: ApiContext, exec: () => ExecSe
   const wss = new WebSocketServer({ noServer: true, maxPayload: MAX_WS_MESSAGE });
   const pattern = new RegExp(`^${API_PREFIX}/microvms/([^/?]{1,300})/exec/ws(?:\\?.*)?$`);
   app.server.on('upgrade', (req: IncomingMessage, socket: Duplex, head: Buffer) => {
+    const forwarding = context.forwarding;
+    if (!forwarding) {
+      serveUpgrade(req, socket, head);
+      return;
+    }
+    // In a cluster, a microVM another host runs is served by that host's API.
+    forwarding.upgrade(req, socket, head).then(
+      (taken: boolean) => {
+        if (!taken) serveUpgrade(req, socket, head);
+      },
+      () => socket.destroy(),
+    );
+  });
+  const serveUpgrade = (req: IncomingMessage, socket: Duplex, head: Buffer): void => {
     const match = pattern.exec(req.url ?? '');
     if (!match) {
       socket.end('HTTP/1.1 404 Not Found\r\nConnection: close\r\nContent-Length: 0\r\n\r\n');
@@ -243,7 +258,7 @@ function execRoutes(app: FastifyInstance, { db }: ApiContext, exec: () => ExecSe
         },
       });
     });
-  });
+  };
   app.addHook('onClose', async () => {
     for (const client of wss.clients) client.terminate();
     wss.close();

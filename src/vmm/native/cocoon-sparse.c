@@ -24,6 +24,17 @@
  *                                 nothing on tmpfs, where that would take RAM at once
  *   cocoon-sparse trim FILE       sync FILE, then punch out its unwritten (allocated, never
  *                                 written) extents: the space `alloc` reserved and nobody used
+ *   cocoon-sparse diff BASE MEM OUT [sync]
+ *                                 a new OUT: MEM as a memory diff against BASE (docs/vmm.md
+ *                                 "Memory diffs"): the pages where MEM differs from BASE, packed,
+ *                                 with a bitmap of which they are; with `sync`, OUT is fdatasynced.
+ *                                 Prints OUT's checksum line (as `sum`), then "<diff pages> <pages>"
+ *   cocoon-sparse undiff BASE DIFF TARGET [reserve] [sumbase] [sum] [-- FILE...]
+ *                                 a new TARGET with the memory DIFF describes: BASE's data extents
+ *                                 copied (as `copy`), DIFF's pages written over them; `reserve` as
+ *                                 for copy. `sumbase`: BASE's checksum line (taken while copying);
+ *                                 `sum`: then DIFF's (taken before its pages are applied); then the lines of FILEs. Exit 3: DIFF is not a
+ *                                 valid diff for BASE (header, sizes, bitmap)
  *   cocoon-sparse map FILE        one line per data range of FILE, "<start> <end>" (bytes,
  *                                 page-aligned, end clamped to the size), as `sum` finds them:
  *                                 what an upload of the file must read (src/snapshots/)
@@ -41,7 +52,8 @@
  * original have the same checksum, only the data extents are read, and segments are hashed on
  * several cores at once (up to 4): a big guest's memory takes a fraction of the time.
  *
- * Exit status: 0 ok, 28 (ENOSPC) no space, 1 any other error (message on stderr).
+ * Exit status: 0 ok, 28 (ENOSPC) no space, 3 not a valid memory diff, 1 any other error (message on
+ * stderr).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -245,9 +257,10 @@ static void sum_range(const uint8_t *map, uint64_t size, uint64_t start, uint64_
 typedef struct { uint64_t start, end; } range_t;
 
 /* All data ranges of a file, cut at segment boundaries, in order. */
-static int collect_ranges(int fd, uint64_t size, range_t **out, size_t *count) {
+static int collect_ranges_mode(int fd, uint64_t size, range_t **out, size_t *count, int nosync) {
   ranges_t ranges;
   if (ranges_init(&ranges, fd, size) < 0) return -1;
+  if (nosync) ranges.mode = 2;
   size_t n = 0, capacity = 64;
   range_t *list = malloc(capacity * sizeof *list);
   uint64_t start, end;
@@ -270,6 +283,10 @@ static int collect_ranges(int fd, uint64_t size, range_t **out, size_t *count) {
   *out = list;
   *count = n;
   return 0;
+}
+
+static int collect_ranges(int fd, uint64_t size, range_t **out, size_t *count) {
+  return collect_ranges_mode(fd, size, out, count, 0);
 }
 
 typedef struct {
@@ -522,6 +539,167 @@ static int trim_file(const char *file) {
   return 0;
 }
 
+/* ---- memory diffs (docs/vmm.md "Memory diffs") ---- */
+
+static const char DIFF_MAGIC[8] = {'C', 'O', 'C', 'O', 'O', 'N', 'M', 'D'};
+enum { DIFF_VERSION = 1, DIFF_INVALID = 3 };
+
+static uint64_t get_le64(const uint8_t *p) { uint64_t v = 0; for (int i = 7; i >= 0; i--) v = (v << 8) | p[i]; return v; }
+static uint64_t align_page(uint64_t n) { return (n + PAGE - 1) & ~(uint64_t)(PAGE - 1); }
+
+/* Marks in `candidate` every page of the file's data ranges. */
+static int mark_ranges(int fd, uint64_t size, uint8_t *candidate, int nosync) {
+  range_t *ranges = NULL;
+  size_t count = 0;
+  if (collect_ranges_mode(fd, size, &ranges, &count, nosync) < 0) return -1;
+  for (size_t i = 0; i < count; i++)
+    for (uint64_t at = ranges[i].start; at < ranges[i].end; at += PAGE) candidate[at / PAGE] = 1;
+  free(ranges);
+  return 0;
+}
+
+static int write_all(int fd, const uint8_t *p, size_t n, uint64_t at) {
+  while (n > 0) {
+    ssize_t w = pwrite(fd, p, n, (off_t)at);
+    if (w < 0 && errno == EINTR) continue;
+    if (w <= 0) { if (w == 0) errno = EIO; return -1; }
+    p += w; n -= (size_t)w; at += (uint64_t)w;
+  }
+  return 0;
+}
+
+/*
+ * Only the pages in either file's data ranges are compared (a page that is a hole in both is
+ * zeros in both); MEM's are found with SEEK_DATA (no writeback: a suspend's RAM file is still in
+ * the page cache). A page that differs is in the diff even when it is zeros (the base has data
+ * there).
+ */
+static int diff_file(const char *base_file, const char *mem_file, const char *out_file, int sync) {
+  int base = open(base_file, O_RDONLY | O_CLOEXEC);
+  if (base < 0) return fail("cannot open", base_file);
+  int mem = open(mem_file, O_RDONLY | O_CLOEXEC);
+  if (mem < 0) { int r = fail("cannot open", mem_file); close(base); return r; }
+  int r = 0, out = -1;
+  uint8_t *candidate = NULL, *bitmap = NULL, *buffer = NULL;
+  const uint8_t *bmap = MAP_FAILED, *mmap_ = MAP_FAILED;
+  struct stat bs, ms;
+  if (fstat(base, &bs) < 0) { r = fail("cannot stat", base_file); goto done; }
+  if (fstat(mem, &ms) < 0) { r = fail("cannot stat", mem_file); goto done; }
+  const uint64_t size = (uint64_t)ms.st_size, pages = size / PAGE;
+  if ((uint64_t)bs.st_size != size || size % PAGE || size == 0) {
+    fprintf(stderr, "cocoon-sparse: diff: %s is %llu bytes and %s %llu: not memory files of one size\n", mem_file,
+            (unsigned long long)size, base_file, (unsigned long long)bs.st_size);
+    r = DIFF_INVALID;
+    goto done;
+  }
+  const uint64_t bitmap_bytes = (pages + 7) / 8, data_at = PAGE + align_page(bitmap_bytes);
+  candidate = calloc(pages, 1);
+  bitmap = calloc(1, align_page(bitmap_bytes));
+  enum { BATCH = 256 };
+  buffer = malloc((size_t)BATCH * PAGE);
+  if (!candidate || !bitmap || !buffer) { r = fail("out of memory for", mem_file); goto done; }
+  if (mark_ranges(base, size, candidate, 0) < 0) { r = fail("cannot find the data of", base_file); goto done; }
+  if (mark_ranges(mem, size, candidate, 1) < 0) { r = fail("cannot find the data of", mem_file); goto done; }
+  bmap = mmap(NULL, size, PROT_READ, MAP_SHARED, base, 0);
+  if (bmap == MAP_FAILED) { r = fail("cannot map", base_file); goto done; }
+  mmap_ = mmap(NULL, size, PROT_READ, MAP_SHARED, mem, 0);
+  if (mmap_ == MAP_FAILED) { r = fail("cannot map", mem_file); goto done; }
+  out = open(out_file, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+  if (out < 0) { r = fail("cannot create", out_file); goto done; }
+  uint64_t n = 0;          /* pages in the diff so far */
+  unsigned batched = 0;    /* pages in `buffer`, the diff's pages n - batched .. n - 1 */
+  for (uint64_t i = 0; i < pages; i++) {
+    if (!candidate[i]) continue;
+    const uint8_t *now = mmap_ + i * PAGE;
+    if (memcmp(now, bmap + i * PAGE, PAGE) == 0) continue;
+    bitmap[i / 8] |= (uint8_t)(1u << (i % 8));
+    memcpy(buffer + (size_t)batched * PAGE, now, PAGE);
+    batched++;
+    n++;
+    if (batched == BATCH) {
+      if (write_all(out, buffer, (size_t)batched * PAGE, data_at + (n - batched) * PAGE) < 0) { r = fail("cannot write", out_file); goto done; }
+      batched = 0;
+    }
+  }
+  if (batched && write_all(out, buffer, (size_t)batched * PAGE, data_at + (n - batched) * PAGE) < 0) { r = fail("cannot write", out_file); goto done; }
+  uint8_t header[PAGE];
+  memset(header, 0, PAGE);
+  memcpy(header, DIFF_MAGIC, 8);
+  header[8] = DIFF_VERSION;                 /* u32 version, little-endian */
+  header[12] = PAGE & 0xff; header[13] = PAGE >> 8; /* u32 page size */
+  put_le64(header + 16, size);
+  put_le64(header + 24, n);
+  put_le64(header + 32, bitmap_bytes);
+  if (write_all(out, header, PAGE, 0) < 0 || write_all(out, bitmap, align_page(bitmap_bytes), PAGE) < 0) { r = fail("cannot write", out_file); goto done; }
+  if (ftruncate(out, (off_t)(data_at + n * PAGE)) < 0) { r = fail("cannot size", out_file); goto done; }
+  if (sync && fdatasync(out) < 0) { r = fail("cannot sync", out_file); goto done; }
+  r = sum_fd(out, out_file, -1);
+  if (r == 0) printf("%llu %llu\n", (unsigned long long)n, (unsigned long long)pages);
+done:
+  if (bmap != MAP_FAILED) munmap((void *)bmap, (size_t)bs.st_size);
+  if (mmap_ != MAP_FAILED) munmap((void *)mmap_, (size_t)ms.st_size);
+  free(candidate);
+  free(bitmap);
+  free(buffer);
+  close(base);
+  close(mem);
+  if (out >= 0 && close(out) < 0 && r == 0) r = fail("cannot write", out_file);
+  if (r && out >= 0) unlink(out_file);
+  return r;
+}
+
+static int invalid_diff(const char *file, const char *why) {
+  fprintf(stderr, "cocoon-sparse: %s is not a valid memory diff: %s\n", file, why);
+  return DIFF_INVALID;
+}
+
+static int undiff_file(const char *base_file, const char *diff_file_, const char *target, int reserve, int sumbase, int sum) {
+  int fd = open(diff_file_, O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return fail("cannot open", diff_file_);
+  struct stat ds, bs;
+  int r = 0, out = -1;
+  const uint8_t *map = MAP_FAILED;
+  if (fstat(fd, &ds) < 0) { r = fail("cannot stat", diff_file_); goto done; }
+  if (stat(base_file, &bs) < 0) { r = fail("cannot stat", base_file); goto done; }
+  if ((uint64_t)ds.st_size < 2 * PAGE) { r = invalid_diff(diff_file_, "too short"); goto done; }
+  map = mmap(NULL, (size_t)ds.st_size, PROT_READ, MAP_SHARED, fd, 0);
+  if (map == MAP_FAILED) { r = fail("cannot map", diff_file_); goto done; }
+  const uint64_t size = get_le64(map + 16), n = get_le64(map + 24), bitmap_bytes = get_le64(map + 32);
+  const uint64_t pages = size / PAGE;
+  if (memcmp(map, DIFF_MAGIC, 8) != 0) { r = invalid_diff(diff_file_, "no magic"); goto done; }
+  if (get_le64(map + 8) != ((uint64_t)PAGE << 32 | DIFF_VERSION)) { r = invalid_diff(diff_file_, "unknown version or page size"); goto done; }
+  if (size != (uint64_t)bs.st_size || size % PAGE || size == 0) { r = invalid_diff(diff_file_, "its memory size is not the base's"); goto done; }
+  if (bitmap_bytes != (pages + 7) / 8 || n > pages) { r = invalid_diff(diff_file_, "bad bitmap or page count"); goto done; }
+  const uint64_t data_at = PAGE + align_page(bitmap_bytes);
+  if ((uint64_t)ds.st_size != data_at + n * PAGE) { r = invalid_diff(diff_file_, "its size does not match its header"); goto done; }
+  const uint8_t *bitmap = map + PAGE;
+  uint64_t set = 0;
+  for (uint64_t b = 0; b < bitmap_bytes; b++) set += (uint64_t)__builtin_popcount(bitmap[b]);
+  if (set != n || (pages % 8 && bitmap[bitmap_bytes - 1] >> (pages % 8))) { r = invalid_diff(diff_file_, "its bitmap does not match its page count"); goto done; }
+  /* The base's data first (checksummed as it is copied with `sumbase`), then the diff's sum, taken
+   * from the mapping its pages are then written from. */
+  r = copy_file(base_file, target, 0, sumbase, 0, 0);
+  if (r) goto done;
+  if (sum && (r = sum_fd(fd, diff_file_, -1)) != 0) { unlink(target); goto done; }
+  out = open(target, O_WRONLY | O_CLOEXEC);
+  if (out < 0) { r = fail("cannot open", target); unlink(target); goto done; }
+  for (uint64_t i = 0, k = 0; i < pages;) {
+    if (!(bitmap[i / 8] >> (i % 8) & 1)) { i++; continue; }
+    uint64_t j = i;
+    while (j < pages && (bitmap[j / 8] >> (j % 8) & 1)) j++;
+    if (write_all(out, map + data_at + k * PAGE, (size_t)((j - i) * PAGE), i * PAGE) < 0) { r = fail("cannot write", target); break; }
+    k += j - i;
+    i = j;
+  }
+  if (r == 0 && reserve) r = reserve_fd(out, target);
+  if (close(out) < 0 && r == 0) r = fail("cannot write", target);
+  if (r) unlink(target);
+done:
+  if (map != MAP_FAILED) munmap((void *)map, (size_t)ds.st_size);
+  close(fd);
+  return r;
+}
+
 /* Prints the data ranges of a file (`map`). */
 static int map_file(const char *file) {
   int fd = open(file, O_RDONLY | O_CLOEXEC);
@@ -569,9 +747,26 @@ int main(int argc, char **argv) {
     printf("done\n");
     return fflush(stdout) == 0 ? 0 : 1;
   }
+  if ((argc == 5 || argc == 6) && strcmp(argv[1], "diff") == 0) {
+    if (argc == 6 && strcmp(argv[5], "sync") != 0) { fprintf(stderr, "cocoon-sparse: unknown diff option %s\n", argv[5]); return 2; }
+    int r = diff_file(argv[2], argv[3], argv[4], argc == 6);
+    return r ? r : (fflush(stdout) == 0 ? 0 : 1);
+  }
+  if (argc >= 5 && strcmp(argv[1], "undiff") == 0) {
+    int reserve = 0, sumbase = 0, sum = 0, i = 5;
+    for (; i < argc && strcmp(argv[i], "--") != 0; i++) {
+      if (strcmp(argv[i], "reserve") == 0) reserve = 1;
+      else if (strcmp(argv[i], "sumbase") == 0) sumbase = 1;
+      else if (strcmp(argv[i], "sum") == 0) sum = 1;
+      else { fprintf(stderr, "cocoon-sparse: unknown undiff option %s\n", argv[i]); return 2; }
+    }
+    int r = undiff_file(argv[2], argv[3], argv[4], reserve, sumbase, sum);
+    for (i++; r == 0 && i < argc; i++) r = sum_file(argv[i]);
+    return r ? r : (fflush(stdout) == 0 ? 0 : 1);
+  }
   if (argc == 3 && strcmp(argv[1], "alloc") == 0) return alloc_file(argv[2]);
   if (argc == 3 && strcmp(argv[1], "trim") == 0) return trim_file(argv[2]);
   if (argc == 3 && strcmp(argv[1], "map") == 0) return map_file(argv[2]);
-  fprintf(stderr, "usage: cocoon-sparse sum FILE... | copy SRC DST [reserve] [sum] [-- FILE...] | alloc FILE | trim FILE | map FILE\n");
+  fprintf(stderr, "usage: cocoon-sparse sum FILE... | copy SRC DST [reserve] [sum] [-- FILE...] | alloc FILE | trim FILE | map FILE | diff BASE MEM OUT [sync] | undiff BASE DIFF TARGET [reserve] [sumbase] [sum] [-- FILE...]\n");
   return 2;
 }

@@ -2,8 +2,8 @@
 import type { VmDriver } from '../driver.ts';
 import { chooseAccelerator } from './accel.ts';
 import { QEMU_ARCH } from './arch.ts';
-import { rebaseDisk } from './fork-point.ts';
-import { QemuVm, clearRunFiles, createDiskLayer, findQemuProcesses, killQemuProcesses } from './qemu.ts';
+import { createDiskLayer, rebaseDisk } from './disk-layers.ts';
+import { QemuVm, clearRunFiles, findQemuProcesses, killQemuProcesses } from './qemu.ts';
 
 export const qemuDriver: VmDriver = {
   name: 'qemu',

@@ -20,10 +20,8 @@
  * Should this process die in the middle, nothing needs completing: the partial directory is
  * garbage, and a QEMU left paused is continued when the lifecycle adopts it again.
  */
-import { execFile } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
-import { promisify } from 'node:util';
 import { CocoonError, errorMessage } from '../../common/errors.ts';
 import { log } from '../../common/log.ts';
 import { saveDeviceState } from './migration.ts';
@@ -33,21 +31,11 @@ import { fsyncDir } from '../../common/fs.ts';
 import { qemuDirOf, sealSnapshotFiles } from '../snapshot-safety.ts';
 import { writeManifestFile } from '../fork-point.ts';
 import { dataChecksums, writeSnapshotManifest } from '../snapshot.ts';
-import type { BackingDisk, ForkPoint, ForkPointOptions } from '../driver.ts';
+import type { ForkPoint, ForkPointOptions } from '../driver.ts';
+import { rebaseDisk, relinkBacking } from './disk-layers.ts';
 import type { DataChecksum, SnapshotManifest } from '../types.ts';
 
-const run = promisify(execFile);
-
 export type { ForkPoint, ForkPointOptions };
-
-/** Points a qcow2 layer at another backing file (`sameContent`: the header only, else qemu-img's safe rebase). */
-export async function rebaseDisk(disk: string, onto: BackingDisk): Promise<void> {
-  try {
-    await run('qemu-img', ['rebase', '-q', ...(onto.sameContent ? ['-u'] : []), '-f', 'qcow2', '-b', path.resolve(onto.path), '-F', onto.format, disk]);
-  } catch (error) {
-    throw new CocoonError('disk_layer_failed', `cannot rebase ${disk} onto ${onto.path}: ${errorMessage(error)}`, { cause: error });
-  }
-}
 
 /**
  * Takes a fork point of `vm` into `targetDir` (which must not exist). The VM must be running;
@@ -100,7 +88,9 @@ export async function takeForkPoint(vm: QemuVm, targetDir: string, options: Fork
     stopped = false;
     pausedMs = performance.now() - started;
     const after = performance.now();
+    // The copy names its backing file relative to where it lives now (disk-layers.ts).
     if (options.rebaseOnto) await rebaseDisk(disk, options.rebaseOnto);
+    else if (vm.disk.format === 'qcow2') await relinkBacking(disk, { finalDir: targetDir, formerDir: path.dirname(vm.disk.path) });
     let checksums: DataChecksum[] = [];
     if (!options.deferChecksums) {
       const handles = [await fs.promises.open(mem, 'r'), await fs.promises.open(disk, 'r'), await fs.promises.open(path.join(partial, 'state'), 'r')];

@@ -6,10 +6,9 @@
  * restarted daemon can adopt it). Every failure path kills what it started and removes what it
  * made: a caller never has to clean up after a failed boot or restore.
  */
-import { type ChildProcess, execFile, spawn } from 'node:child_process';
+import { type ChildProcess, spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
-import { promisify } from 'node:util';
 import { CocoonError, errorMessage, isCocoonError } from '../../common/errors.ts';
 import { fsyncDir, fsyncFile } from '../../common/fs.ts';
 import { log } from '../../common/log.ts';
@@ -19,12 +18,14 @@ import { QEMU_ARCH } from './arch.ts';
 import { noSpaceError, qemuKilledError, qemuStartError } from './start-errors.ts';
 import { commitSnapshot, fsyncFailure, moveFile, sealData } from '../snapshot-commit.ts';
 import { takeForkPoint } from './fork-point.ts';
+import { createDiskLayer, relinkBacking, wantedBackingName } from './disk-layers.ts';
 import { watchDiskSpace } from './space-watch.ts';
 import { loadDeviceState, saveDeviceState } from './migration.ts';
 import { type QemuLaunch, hostTscKhz, kernelCmdline, qemuArgs } from './qemu-args.ts';
 import { QmpClient } from './qmp.ts';
 import { assertPortFree, freeLoopbackPort } from '../../net/ports.ts';
 import { cloneRamFile, createEmptyRamFile, createRamFile, digHoles, releaseUnusedRam } from '../ram-file.ts';
+import { isMemoryDiff, restoreMemoryDiff } from '../mem-diff.ts';
 import { type VmCgroup, createVmCgroup, defaultLimits, joinCgroupScript, removeVmCgroup } from '../../host/cgroups.ts';
 import { ensureEgressGuard } from '../../net/egress-guard.ts';
 import { findProcesses, killProcesses, processStats, processAlive, processCmdline, processStartTime, waitForProcessExit } from '../../host/processes.ts';
@@ -57,7 +58,6 @@ import {
 } from '../types.ts';
 import { setting } from '../../common/settings.ts';
 
-const execFileAsync = promisify(execFile);
 const QEMU_BINARY = setting('COCOON_QEMU');
 const ID_PATTERN = /^[a-z0-9][a-z0-9-]{0,62}$/;
 /** Unix socket paths are limited to 108 bytes by the kernel. */
@@ -310,6 +310,13 @@ export class QemuVm implements Vm {
     const stateFile = path.join(options.snapshotDir, manifest.files.state.name);
     const memFile = path.join(options.snapshotDir, manifest.files.mem.name);
     const diskLayer = () => createDiskLayer(snapshotDisk, manifest.files.disk.format, disk.path);
+    // A suspended microVM's memory: the image's plus the pages it changed (mem-diff.ts). It is
+    // rebuilt into a new file, before QEMU starts.
+    const memoryDiff = isMemoryDiff(manifest);
+    const memoryFromDiff = async (): Promise<string> => {
+      await restoreMemoryDiff({ dir: options.snapshotDir, manifest, baseDir: options.memoryBase, target: ramPath, verify: Boolean(verify), alsoVerifyDisk: Boolean(verify) });
+      return verify ? 'ram_from_diff_checksums' : 'ram_from_diff';
+    };
     /**
      * The snapshot's memory copied into the VM's RAM file (`into`: the file exists, QEMU may map
      * it); answers the phase name, which says whether the data was read for its checksums.
@@ -342,7 +349,7 @@ export class QemuVm implements Vm {
       clock,
       incoming: true,
       ...(manifest.guestProtocol !== undefined ? { guestProtocol: manifest.guestProtocol } : {}),
-      ...(restoreTuning.overlap
+      ...(restoreTuning.overlap && !memoryDiff
         ? {
             // QEMU starts on an empty RAM file while the memory is copied (and checked) into
             // it: QEMU waiting for its device state does not touch guest RAM, and `start`
@@ -354,7 +361,7 @@ export class QemuVm implements Vm {
             fill: () => copyMemory(true),
           }
         : {
-            prepare: async () => `${(await Promise.all([copyMemory(false), diskLayer()]))[0]}_disk_layer`,
+            prepare: async () => `${(await Promise.all([memoryDiff ? memoryFromDiff() : copyMemory(false), diskLayer()]))[0]}_disk_layer`,
           }),
       start: async (vm) => {
         try {
@@ -405,6 +412,14 @@ export class QemuVm implements Vm {
       progress.wasRunning = (await this.qmp.execute('query-status', {})).running;
       await fs.promises.rm(partial, { recursive: true, force: true });
       await fs.promises.mkdir(partial, { recursive: true, mode: 0o700 });
+      // The disk layer must name its backing file relative to the directory it moves to
+      // (disk-layers.ts). A layer made beside targetDir (a run directory beside the
+      // generations) does already; another (one with an absolute name, made before names were
+      // relative) is rewritten after the move, by qemu-img, which needs QEMU gone (it holds the
+      // image's lock; and QEMU 7.2's change-backing-file writes the wrong backing format).
+      const relink = this.disk.format === 'qcow2' && (await wantedBackingName(this.disk.path, { finalDir: targetDir, formerDir: path.dirname(this.disk.path) })) !== undefined;
+      // Those two end QEMU before the files are checksummed, so a failure later cannot give the VM back.
+      const endFirst = Boolean(options.compact) || relink;
       clock.mark('prepare');
       progress.stopped = true;
       await this.qmp.execute('stop', {});
@@ -413,7 +428,7 @@ export class QemuVm implements Vm {
       // more: their checksums and fsyncs start now, on open files, while the device state is
       // saved and the files are renamed. (A compacted snapshot punches zeros out first.)
       let sealed: Promise<[DataChecksum[], unknown]> | undefined;
-      if (!options.compact) {
+      if (!endFirst) {
         for (const file of [this.ramPath, this.disk.path]) handles.push(await fs.promises.open(file, 'r'));
         sealed = sealData(handles, durable);
         sealed.catch(() => undefined); // awaited below unless something fails first
@@ -452,10 +467,11 @@ export class QemuVm implements Vm {
         progress.moved.push({ from, to });
       }
       clock.mark('move_files');
-      if (options.compact) {
+      if (endFirst) {
         progress.killed = true;
         await this.kill(); // zero pages are punched out of a file no process maps any more
-        await digHoles(mem);
+        if (options.compact) await digHoles(mem);
+        if (relink) await relinkBacking(disk, { finalDir: targetDir, formerDir: path.dirname(this.disk.path) });
         clock.mark('compact');
         for (const file of [mem, disk]) handles.push(await fs.promises.open(file, 'r'));
         sealed = sealData(handles, durable);
@@ -1000,6 +1016,7 @@ async function completeSnapshot(partial: string, targetDir: string, pending: Pen
   const disk = path.join(partial, files.disk.name);
   if (!fs.existsSync(mem)) await moveFile(pending.ramPath, mem);
   if (!fs.existsSync(disk)) await moveFile(pending.diskPath, disk);
+  if (files.disk.format === 'qcow2') await relinkBacking(disk, { finalDir: targetDir, formerDir: path.dirname(pending.diskPath) });
   const handles = [await fs.promises.open(mem, 'r'), await fs.promises.open(disk, 'r')];
   let checksums: DataChecksum[];
   try {
@@ -1031,13 +1048,3 @@ async function removeLaunchFiles(runDir: string, disk: DiskSpec, ramPath: string
     disk.path.startsWith(runDir + path.sep) ? fs.promises.rm(disk.path, { force: true }) : Promise.resolve(),
   ]);
 }
-
-/** A qcow2 layer over `backing`: the VM writes there, the backing file never changes. */
-export async function createDiskLayer(backing: string, backingFormat: 'raw' | 'qcow2', layer: string): Promise<void> {
-  try {
-    await execFileAsync('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', path.resolve(backing), '-F', backingFormat, layer]);
-  } catch (error) {
-    throw new CocoonError('disk_layer_failed', `cannot create a disk layer over ${backing}: ${errorMessage(error)}`, { cause: error });
-  }
-}
-

@@ -1,0 +1,41 @@
+/**
+ * The gateway's directory in a cluster: this host's (the lifecycle's) directory, plus where
+ * other hosts run microVMs. A microVM this host runs answers at once, with no database read
+ * (the lifecycle's lookup is synchronous then: the hot path stays as on one host). For any
+ * other, its lease says who owns it (owners.ts): another live host → the route carries `peer`
+ * and the gateway forwards the request to that host's gateway; none, this host, or a lost one
+ * → served here, where waking it is the lifecycle's (and placement's) job.
+ */
+import { isPromiseLike, type MicroVMDirectory, type MicroVMRoute } from '../gateway/types.ts';
+import { peerTarget } from '../gateway/peer.ts';
+import type { OwnerLookup } from './owners.ts';
+
+export function clusterDirectory(local: MicroVMDirectory, owners: OwnerLookup): MicroVMDirectory {
+  async function elsewhere(route: MicroVMRoute): Promise<MicroVMRoute> {
+    const owner = await owners.ownerOf(route.id);
+    if (owner?.kind !== 'peer') return route;
+    const peer = peerTarget(owner.host.hostId, owner.host.gatewayUrl);
+    return peer ? { ...route, peer } : route;
+  }
+  return {
+    lookup(microvmId) {
+      const found = local.lookup(microvmId);
+      if (!isPromiseLike(found)) return found; // held by this host's lifecycle
+      return found.then((route) => (route === null ? null : elsewhere(route)));
+    },
+    async ensureRunning(microvmId, signal) {
+      const owner = await owners.ownerOf(microvmId);
+      if (owner?.kind === 'peer') {
+        const peer = peerTarget(owner.host.hostId, owner.host.gatewayUrl);
+        const found = local.lookup(microvmId);
+        const route = isPromiseLike(found) ? await found : found;
+        if (peer && route) return { ...route, peer };
+      }
+      return local.ensureRunning(microvmId, signal);
+    },
+    requestStarted: (id) => local.requestStarted(id),
+    requestFinished: (id) => local.requestFinished(id),
+    webSocketOpened: (id) => local.webSocketOpened(id),
+    webSocketClosed: (id) => local.webSocketClosed(id),
+  };
+}

@@ -1,0 +1,168 @@
+/**
+ * Memory diffs (docs/vmm.md "Memory diffs"): a suspended microVM's snapshot keeps only the
+ * memory pages that differ from its image's, as `mem.diff` next to a manifest that names the
+ * base's checksum; a restore rebuilds the RAM file from the base and the diff. The format and
+ * the page comparison are in the native helper (`cocoon-sparse diff` / `undiff`).
+ *
+ * Guarantees kept from whole-memory snapshots:
+ * - crash safety: the diff is written and synced beside the committed memory file, the manifest
+ *   that names it is written aside, synced and renamed over the old one, and only then is the
+ *   whole memory file removed: the snapshot is valid (whole or diff) at every moment;
+ * - nothing restored unverified: the diff is checksummed as it is read for the restore, and the
+ *   base is checked against its own manifest's checksum (once per file identity:
+ *   verified-files.ts), and must be the base the diff was made against.
+ */
+import fs from 'node:fs';
+import path from 'node:path';
+import { CocoonError, isCocoonError } from '../common/errors.ts';
+import { fsyncDir } from '../common/fs.ts';
+import { runSparseHelper } from './native/helper.ts';
+import { checkDataChecksum, dataChecksumKey, parseChecksumLine, readSnapshotManifest, verifySnapshotData } from './snapshot.ts';
+import type { SnapshotManifest } from './types.ts';
+import { identityBeforeReading, isVerified, rememberVerified } from './verified-files.ts';
+
+export const MEMORY_DIFF_NAME = 'mem.diff';
+
+export interface MemoryDiffResult {
+  /** Pages in the diff, and in the whole memory. */
+  diffPages: number;
+  pages: number;
+  /** The diff file's size. */
+  diffBytes: number;
+  /** How long the comparison and writing the diff took (the helper's run), ms. */
+  compareMs: number;
+}
+
+function corrupt(dir: string, why: string): CocoonError {
+  return new CocoonError('snapshot_corrupt', `snapshot ${dir} is unusable: ${why}`, { status: 422 });
+}
+
+/** Whether a snapshot's memory is a diff (then a restore needs its base). */
+export function isMemoryDiff(manifest: SnapshotManifest): boolean {
+  return manifest.files.mem.base !== undefined;
+}
+
+/**
+ * Turns the committed snapshot in `dir` into its diff form against the memory of the snapshot
+ * in `baseDir` (an image's). Answers undefined, changing nothing, when the snapshot is a diff
+ * already or cannot stand on that base (another memory size, no checksums). The base is
+ * verified first: a diff against damaged base pages would be restored onto the intact ones.
+ */
+export async function diffSnapshotMemory(dir: string, baseDir: string, options: { durable: boolean }): Promise<MemoryDiffResult | undefined> {
+  const manifest = await readSnapshotManifest(dir);
+  const base = await readSnapshotManifest(baseDir);
+  const { mem } = manifest.files;
+  if (mem.base || base.files.mem.base || !mem.checksum || !base.files.mem.checksum) return undefined;
+  if (base.shape.memoryMiB !== manifest.shape.memoryMiB) return undefined;
+  await verifySnapshotData(baseDir, base, ['mem']);
+  const memFile = path.join(dir, mem.name);
+  const diffFile = path.join(dir, MEMORY_DIFF_NAME);
+  await fs.promises.rm(diffFile, { force: true }); // a leftover of an interrupted diff
+  const started = performance.now();
+  const out = await runSparseHelper(['diff', path.join(baseDir, base.files.mem.name), memFile, diffFile, ...(options.durable ? ['sync'] : [])]);
+  const compareMs = performance.now() - started;
+  const [sumLine = '', countLine = ''] = out.trim().split('\n');
+  const checksum = parseChecksumLine(sumLine);
+  const [diffPages, pages] = countLine.split(' ').map(Number) as [number, number];
+  const diffBytes = (await fs.promises.stat(diffFile)).size;
+  const next: SnapshotManifest = {
+    ...manifest,
+    files: {
+      ...manifest.files,
+      mem: {
+        name: MEMORY_DIFF_NAME,
+        sizeBytes: diffBytes,
+        checksum,
+        base: { checksum: base.files.mem.checksum, sizeBytes: manifest.shape.memoryMiB * 1024 * 1024 },
+        memoryChecksum: mem.checksum,
+      },
+    },
+  };
+  await replaceManifest(dir, next, options.durable);
+  await fs.promises.rm(memFile, { force: true });
+  return { diffPages, pages, diffBytes, compareMs };
+}
+
+/** Writes `manifest.json` aside, syncs it and renames it over the old one (one atomic step). */
+async function replaceManifest(dir: string, manifest: SnapshotManifest, durable: boolean): Promise<void> {
+  const file = path.join(dir, 'manifest.json');
+  const temp = `${file}.next`;
+  await fs.promises.rm(temp, { force: true });
+  const handle = await fs.promises.open(temp, 'wx', 0o600);
+  try {
+    await handle.writeFile(JSON.stringify(manifest, null, 2));
+    if (durable) await handle.sync();
+  } finally {
+    await handle.close();
+  }
+  await fs.promises.rename(temp, file);
+  if (durable) await fsyncDir(dir);
+}
+
+/**
+ * Builds the RAM file `target` of the diff-form snapshot in `dir` on the memory of `baseDir`.
+ * With `verify`, the diff (and `alsoVerifyDisk`, the snapshot's disk, in the same helper run)
+ * are checksummed as they are read, and the base is checked against its manifest unless it was
+ * verified before and is unchanged since (then its identity is checked again once the file is
+ * built, so a change meanwhile is caught). Every failure removes `target`.
+ */
+export async function restoreMemoryDiff(options: {
+  dir: string;
+  manifest: SnapshotManifest;
+  baseDir: string | undefined;
+  target: string;
+  verify: boolean;
+  alsoVerifyDisk?: boolean;
+}): Promise<void> {
+  const { dir, manifest, target } = options;
+  const { mem, disk } = manifest.files;
+  if (!mem.base) throw new Error(`snapshot ${dir} holds whole memory, not a diff`);
+  if (!options.baseDir) throw corrupt(dir, 'its memory is a diff against its image\'s, and no image snapshot was given');
+  const base = await readSnapshotManifest(options.baseDir);
+  if (base.files.mem.base || base.files.mem.checksum?.value !== mem.base.checksum.value || base.shape.memoryMiB * 1024 * 1024 !== mem.base.sizeBytes) {
+    throw corrupt(dir, `its memory is a diff against another base than ${options.baseDir}`);
+  }
+  const baseFile = path.join(options.baseDir, base.files.mem.name);
+  const diffFile = path.join(dir, mem.name);
+  const diskFile = path.join(dir, disk.name);
+  const run = async (args: string[]): Promise<string> => {
+    try {
+      return await runSparseHelper(['undiff', baseFile, diffFile, target, 'reserve', ...args]);
+    } catch (error) {
+      await fs.promises.rm(target, { force: true });
+      if (isCocoonError(error, 'no_space') || isCocoonError(error, 'helper_missing')) throw error;
+      throw corrupt(dir, `its memory cannot be rebuilt from the diff: ${(error as Error).message}`);
+    }
+  };
+  if (!options.verify) {
+    await run([]);
+    return;
+  }
+  const baseKey = dataChecksumKey(base.files.mem.checksum)!;
+  const withDisk = options.alsoVerifyDisk === true;
+  const check = async (withBase: boolean): Promise<void> => {
+    const files = [diffFile, ...(withDisk ? [diskFile] : []), ...(withBase ? [baseFile] : [])];
+    const before = await Promise.all(files.map((file) => identityBeforeReading(file)));
+    const lines = (await run([...(withBase ? ['sumbase'] : []), 'sum', ...(withDisk ? ['--', diskFile] : [])])).trim().split('\n');
+    try {
+      const sums = lines.map(parseChecksumLine);
+      if (withBase) {
+        const baseSum = sums.shift();
+        if (baseSum?.value !== base.files.mem.checksum?.value) throw corrupt(options.baseDir!, `${base.files.mem.name} does not match its checksum`);
+      }
+      checkDataChecksum(dir, manifest, 'mem', sums[0]);
+      if (withDisk) checkDataChecksum(dir, manifest, 'disk', sums[1]);
+    } catch (error) {
+      await fs.promises.rm(target, { force: true });
+      throw error;
+    }
+    const keys = [dataChecksumKey(mem.checksum)!, ...(withDisk ? [dataChecksumKey(disk.checksum)!] : []), ...(withBase ? [baseKey] : [])];
+    await Promise.all(files.map((file, index) => rememberVerified(file, before[index], keys[index]!)));
+  };
+  if (await isVerified(baseFile, baseKey)) {
+    await check(false);
+    if (await isVerified(baseFile, baseKey)) return;
+    await fs.promises.rm(target, { force: true });
+  }
+  await check(true);
+}

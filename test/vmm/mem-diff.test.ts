@@ -1,0 +1,124 @@
+/**
+ * Memory diffs without a VM (src/vmm/mem-diff.ts, cocoon-sparse diff/undiff): a snapshot's
+ * memory turned into a diff against a base and rebuilt gives the same bytes back; a damaged
+ * diff, a damaged base and the wrong base are refused, and nothing is left of a refused rebuild.
+ */
+import assert from 'node:assert/strict';
+import { createHash, randomBytes } from 'node:crypto';
+import fs from 'node:fs';
+import path from 'node:path';
+import { describe, test } from 'node:test';
+import { diffSnapshotMemory, MEMORY_DIFF_NAME, restoreMemoryDiff } from '../../src/vmm/mem-diff.ts';
+import { readSnapshotManifest, writeSnapshotManifest } from '../../src/vmm/snapshot.ts';
+import type { SnapshotManifest } from '../../src/vmm/types.ts';
+import { useTempDir } from '../support/vm.ts';
+
+const PAGE = 4096;
+const MEMORY = 8 * 1024 * 1024; // 2048 pages
+
+/** A snapshot directory with `mem` written at the given pages (the rest holes). */
+async function snapshot(dir: string, pages: Map<number, Buffer>): Promise<void> {
+  fs.mkdirSync(dir, { recursive: true });
+  const mem = path.join(dir, 'mem');
+  const fd = fs.openSync(mem, 'w', 0o600);
+  fs.ftruncateSync(fd, MEMORY);
+  for (const [index, data] of pages) fs.writeSync(fd, data, 0, PAGE, index * PAGE);
+  fs.closeSync(fd);
+  const state = Buffer.from('device state');
+  fs.writeFileSync(path.join(dir, 'state'), state);
+  fs.writeFileSync(path.join(dir, 'disk.raw'), randomBytes(PAGE));
+  const manifest: SnapshotManifest = {
+    formatVersion: 1,
+    createdAt: new Date().toISOString(),
+    shape: { vcpus: 1, memoryMiB: MEMORY / 1024 / 1024, accel: 'tcg', guest: { kernel: '/k', initramfs: '/i' } },
+    cmdline: 'console=ttyS0',
+    files: {
+      state: { name: 'state', sizeBytes: state.length, sha256: createHash('sha256').update(state).digest('hex') },
+      mem: { name: 'mem', sizeBytes: MEMORY },
+      disk: { name: 'disk.raw', format: 'raw', sizeBytes: PAGE },
+    },
+    guestPorts: [],
+  };
+  await writeSnapshotManifest(dir, manifest, false);
+}
+
+const page = (byte?: number) => (byte === undefined ? randomBytes(PAGE) : Buffer.alloc(PAGE, byte));
+
+function flip(file: string, at: number): void {
+  const fd = fs.openSync(file, 'r+');
+  const one = Buffer.alloc(1);
+  fs.readSync(fd, one, 0, 1, at);
+  one[0]! ^= 0x01;
+  fs.writeSync(fd, one, 0, 1, at);
+  fs.closeSync(fd);
+}
+
+describe('memory diffs', () => {
+  test('a diff keeps only the changed pages, and rebuilds the memory byte for byte; damage and the wrong base are refused', async (t) => {
+    const dir = useTempDir(t, 'cocoon-memdiff-');
+    const base = path.join(dir, 'base');
+    const current = path.join(dir, 'current');
+    const basePages = new Map<number, Buffer>(Array.from({ length: 600 }, (_, i) => [i * 3, page()]));
+    await snapshot(base, basePages);
+    // The guest's memory: mostly the base's, some pages changed, one zeroed where the base has
+    // data, some written where the base has a hole, the last page too.
+    const now = new Map(basePages);
+    for (const index of [0, 3, 300, 1200]) now.set(index, page());
+    now.set(6, page(0));
+    for (const index of [1, 2, 1000, 2047]) now.set(index, page());
+    await snapshot(current, now);
+    const whole = fs.readFileSync(path.join(current, 'mem'));
+
+    const result = await diffSnapshotMemory(current, base, { durable: true });
+    assert.ok(result);
+    assert.equal(result.diffPages, 9, 'the changed pages only');
+    assert.equal(result.pages, MEMORY / PAGE);
+    const manifest = await readSnapshotManifest(current);
+    assert.equal(manifest.files.mem.name, MEMORY_DIFF_NAME);
+    assert.equal(manifest.files.mem.sizeBytes, fs.statSync(path.join(current, MEMORY_DIFF_NAME)).size);
+    assert.equal(manifest.files.mem.sizeBytes, PAGE + PAGE + 9 * PAGE, 'header, bitmap, pages');
+    assert.equal(fs.existsSync(path.join(current, 'mem')), false, 'the whole memory file is gone');
+    assert.equal(await diffSnapshotMemory(current, base, { durable: true }), undefined, 'a diff is not diffed again');
+
+    const target = path.join(dir, 'rebuilt');
+    await restoreMemoryDiff({ dir: current, manifest, baseDir: base, target, verify: true, alsoVerifyDisk: true });
+    assert.ok(fs.readFileSync(target).equals(whole), 'the memory, byte for byte');
+    fs.rmSync(target);
+    await restoreMemoryDiff({ dir: current, manifest, baseDir: base, target, verify: false });
+    assert.ok(fs.readFileSync(target).equals(whole), 'unverified (a fork point of this process) too');
+    fs.rmSync(target);
+
+    const refused = async (message: RegExp, options: { baseDir?: string } = {}) => {
+      await assert.rejects(
+        restoreMemoryDiff({ dir: current, manifest, baseDir: options.baseDir ?? base, target, verify: true }),
+        (error: { code?: string; message: string }) => error.code === 'snapshot_corrupt' && message.test(error.message),
+      );
+      assert.equal(fs.existsSync(target), false, 'nothing is left of a refused rebuild');
+    };
+    await refused(/no image snapshot was given/, { baseDir: '' });
+
+    // Another base (same size, other content) is not the one the diff stands on.
+    const other = path.join(dir, 'other');
+    await snapshot(other, new Map([[5, page()]]));
+    await refused(/diff against another base/, { baseDir: other });
+
+    // A flipped byte in a page of the diff.
+    const diffFile = path.join(current, MEMORY_DIFF_NAME);
+    flip(diffFile, 2 * PAGE + 100);
+    await refused(/mem\.diff does not match its checksum/);
+    flip(diffFile, 2 * PAGE + 100);
+
+    // A bitmap that does not match the page count (a bit moved).
+    flip(diffFile, PAGE);
+    await refused(/not a valid memory diff|does not match its checksum/);
+    flip(diffFile, PAGE);
+
+    // A flipped byte in the base, where the diff takes the base's page.
+    flip(path.join(base, 'mem'), 9 * PAGE + 7);
+    await refused(/mem does not match its checksum/);
+    flip(path.join(base, 'mem'), 9 * PAGE + 7);
+
+    await restoreMemoryDiff({ dir: current, manifest, baseDir: base, target, verify: true });
+    assert.ok(fs.readFileSync(target).equals(whole), 'the repaired files restore again');
+  });
+});
