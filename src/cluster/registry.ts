@@ -74,7 +74,14 @@ export class HostRegistry {
   async start(): Promise<void> {
     await this.register();
     this.#timer = setInterval(() => {
-      if (this.#tick === undefined) this.#tick = this.tick().finally(() => { this.#tick = undefined; });
+      // A round that fails (the database went away between the heartbeat and the sweep, or
+      // while registering again) must neither end the process (an unhandled rejection) nor the
+      // timer: log it, and the next interval tries again.
+      if (this.#tick === undefined) {
+        this.#tick = this.tick()
+          .catch((error: unknown) => this.#o.logger.warn({ host: this.hostId, err: (error as Error).message }, 'heartbeat round failed; trying again next interval'))
+          .finally(() => { this.#tick = undefined; });
+      }
     }, this.#o.settings.heartbeatIntervalMs);
     this.#timer.unref();
   }

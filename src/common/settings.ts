@@ -312,6 +312,11 @@ export const SETTINGS = define({
     meaning: 'The host firewall rules that keep VMs with egress from the host\'s own services; `off` accepts the risk where they cannot be installed.',
     parse: switchOn(true, ['on'], ['off']),
   },
+  COCOON_RAM_RESERVE_MAX_MIB: {
+    group: 'vmm', default: '`2048`', values: 'MiB, `0` to `32768`',
+    meaning: 'Guest RAM files up to this size have all their blocks reserved on the data directory\'s disk (a disk filled by anything cannot crash such a guest); bigger ones stay sparse (disk follows what the guest touches) and are protected by the space ledger and the space watch (docs/reliability.md).',
+    parse: integer(2048, 0, 32768),
+  },
   COCOON_VM_CGROUPS: {
     group: 'vmm', default: '`1`', values: '`1`, `0`',
     meaning: 'Per-VM cgroups (CPU, memory, pids limits); `0` turns them off.',

@@ -1,22 +1,25 @@
 /**
- * Least privilege for QEMU: when the daemon runs as root, QEMU does not.
+ * Least privilege for a VM's process (QEMU today; any VMM the same way): when the daemon runs
+ * as root, the VM process does not.
  *
- * - Every QEMU runs with its own uid (picked per VM from a range no account uses) and the
- *   group of the `cocoon-qemu` system user (created at first use, or by `npm run setup`), with
- *   no supplementary groups and no_new_privs, on top of its seccomp sandbox (src/vmm/qemu/qemu-args.ts).
- *   Two QEMUs cannot open each other's files: RAM, disk layer, sockets.
+ * - Every VM process runs with its own uid (picked per VM from a range no account uses) and
+ *   the group of the `cocoon-qemu` system user (created at first use, or by `npm run setup`;
+ *   the name is kept: hosts have it), with no supplementary groups and no_new_privs, on top
+ *   of the VMM's own sandbox (QEMU's seccomp: src/vmm/qemu/qemu-args.ts). Two VMs' processes
+ *   cannot open each other's files: RAM, disk layer, sockets.
  * - It can reach only what it needs: its run directory's files (RAM file and disk layer: its
- *   own, 0600), a `qemu/` subdirectory for the sockets and pid file it creates, the guest
- *   kernel and initramfs (read), and snapshot disks as read-only backing files (root-owned,
- *   group `cocoon-qemu`, 0640). The run directory itself stays root's (0710, group
- *   `cocoon-qemu`): QEMU cannot replace the logs and records the daemon reads there.
+ *   own, 0600), a subdirectory for the sockets and pid file it creates, the guest kernel and
+ *   initramfs (read), and snapshot disks as read-only backing files (root-owned, group
+ *   `cocoon-qemu`, 0640). The run directory itself stays root's (0710, group `cocoon-qemu`):
+ *   the VM process cannot replace the logs and records the daemon reads there.
  * - Directories on those paths get group `cocoon-qemu` search permission (no listing) when
  *   they are inside the data directory or the temp directory; anything else on the way must
  *   already be searchable, or the VM is refused with `qemu_no_access` and what to change.
  *   Everything else the daemon keeps (database, keys, objects) is 0600/0700 and out of reach.
  *
- * `COCOON_QEMU_USER=root` keeps QEMU as root (diagnosis only); a daemon that is not root runs
- * QEMU as itself.
+ * `COCOON_QEMU_USER=root` keeps the VM processes as root (diagnosis only); a daemon that is
+ * not root runs them as itself. (The settings and error codes keep their QEMU names: they are
+ * public.)
  */
 import { execFile } from 'node:child_process';
 import fs from 'node:fs';
@@ -34,11 +37,11 @@ const run = promisify(execFile);
  * Per-VM uids: 0x70000000 + 2^27. systemd's UID ranges document 1879048192-2147483647 as
  * unused (regular, dynamic and container ranges all lie below).
  */
-export const QEMU_UID_BASE = 0x70000000;
-export const QEMU_UID_COUNT = 1 << 27;
+export const VM_UID_BASE = 0x70000000;
+export const VM_UID_COUNT = 1 << 27;
 
-/** Who a QEMU process runs as. */
-export interface QemuIdentity {
+/** Who a VM's process runs as. */
+export interface VmIdentity {
   uid: number;
   gid: number;
   /** The shared group's name (also the system user's). */
@@ -48,8 +51,8 @@ export interface QemuIdentity {
 let account: Promise<{ uid: number; gid: number; name: string } | undefined> | undefined;
 let warned = false;
 
-/** The name of the system user whose group QEMU runs in, or undefined when QEMU keeps the daemon's user. */
-export function qemuUserName(): string | undefined {
+/** The name of the system user whose group VM processes run in, or undefined when they keep the daemon's user. */
+export function vmUserName(): string | undefined {
   if (typeof process.getuid !== 'function' || process.getuid() !== 0) {
     if (!warned) log.info('the daemon is not root: QEMU runs as the daemon\'s own user');
     warned = true;
@@ -74,7 +77,7 @@ function lookupUser(name: string): { uid: number; gid: number; name: string } | 
 }
 
 /** Creates the `cocoon-qemu` system user and group if missing (idempotent; concurrent callers are fine). */
-export async function ensureQemuAccount(name: string): Promise<{ uid: number; gid: number; name: string }> {
+export async function ensureVmAccount(name: string): Promise<{ uid: number; gid: number; name: string }> {
   const existing = lookupUser(name);
   if (existing) return existing;
   try {
@@ -92,14 +95,14 @@ export async function ensureQemuAccount(name: string): Promise<{ uid: number; gi
 }
 
 /**
- * The identity QEMU of the VM in `runDir` runs as, or undefined when QEMU keeps the daemon's
- * user. The uid is derived from the run directory's inode (and device): distinct for every run
+ * The identity the process of the VM in `runDir` runs as, or undefined when it keeps the
+ * daemon's user. The uid is derived from the run directory's inode (and device): distinct for every run
  * directory that exists at the same time on one filesystem, and stable for the VM's life.
  */
-export async function qemuIdentity(runDir: string): Promise<QemuIdentity | undefined> {
-  const name = qemuUserName();
+export async function vmIdentity(runDir: string): Promise<VmIdentity | undefined> {
+  const name = vmUserName();
   if (!name) return undefined;
-  account ??= ensureQemuAccount(name).catch((error: unknown) => {
+  account ??= ensureVmAccount(name).catch((error: unknown) => {
     account = undefined;
     throw error;
   });
@@ -107,12 +110,12 @@ export async function qemuIdentity(runDir: string): Promise<QemuIdentity | undef
   if (!user) return undefined;
   if (setting('COCOON_QEMU_UIDS') === 'shared') return { uid: user.uid, gid: user.gid, group: name };
   const st = fs.statSync(runDir, { bigint: true });
-  const slot = (st.ino + st.dev * 0x9e3779b1n) % BigInt(QEMU_UID_COUNT);
-  return { uid: QEMU_UID_BASE + Number(slot), gid: user.gid, group: name };
+  const slot = (st.ino + st.dev * 0x9e3779b1n) % BigInt(VM_UID_COUNT);
+  return { uid: VM_UID_BASE + Number(slot), gid: user.gid, group: name };
 }
 
-/** The argv that starts `command` as `identity`: setpriv drops root before QEMU runs. */
-export function dropPrivilegesArgv(identity: QemuIdentity | undefined, command: string, args: string[]): string[] {
+/** The argv that starts `command` as `identity`: setpriv drops root before the command runs. */
+export function dropPrivilegesArgv(identity: VmIdentity | undefined, command: string, args: string[]): string[] {
   if (!identity) return [command, ...args];
   return [
     'setpriv',
@@ -132,7 +135,7 @@ export function dropPrivilegesArgv(identity: QemuIdentity | undefined, command: 
 
 type Need = 'search' | 'read' | 'write';
 
-function allows(st: fs.Stats, identity: QemuIdentity, need: Need): boolean {
+function allows(st: fs.Stats, identity: VmIdentity, need: Need): boolean {
   const bit = need === 'search' ? 1 : need === 'read' ? 4 : 2;
   if (st.uid === identity.uid) return (st.mode & (bit << 6)) !== 0;
   if (st.gid === identity.gid) return (st.mode & (bit << 3)) !== 0;
@@ -151,7 +154,7 @@ function inside(child: string, parent: string): boolean {
   return relative === '' || (!relative.startsWith('..') && !path.isAbsolute(relative));
 }
 
-function noAccess(target: string, blocking: string, identity: QemuIdentity, why: string): CocoonError {
+function noAccess(target: string, blocking: string, identity: VmIdentity, why: string): CocoonError {
   return new CocoonError(
     'qemu_no_access',
     `QEMU runs as an unprivileged user (uid ${identity.uid}, group ${identity.group}) and cannot reach ${target}: ${blocking} ${why}. ` +
@@ -167,7 +170,7 @@ function noAccess(target: string, blocking: string, identity: QemuIdentity, why:
  * directory get group `cocoon-qemu` and g+x when their group has no rights yet; any other
  * directory must already be searchable.
  */
-export async function grantSearch(target: string, identity: QemuIdentity): Promise<void> {
+export async function grantSearch(target: string, identity: VmIdentity): Promise<void> {
   const roots = grantRoots();
   const absolute = path.resolve(target);
   const parts = absolute.split(path.sep).filter(Boolean);
@@ -184,7 +187,7 @@ export async function grantSearch(target: string, identity: QemuIdentity): Promi
 }
 
 /** Fails with `qemu_no_access` unless QEMU can read `file` (a guest kernel, an initramfs). */
-export async function assertReadable(file: string, identity: QemuIdentity): Promise<void> {
+export async function assertReadable(file: string, identity: VmIdentity): Promise<void> {
   const absolute = path.resolve(file);
   const parts = absolute.split(path.sep).filter(Boolean);
   let dir: string = path.sep;
@@ -196,7 +199,7 @@ export async function assertReadable(file: string, identity: QemuIdentity): Prom
 }
 
 /** Gives a file to the VM's QEMU alone: owner uid, group `cocoon-qemu`, 0600. */
-export async function giveToQemu(file: string, identity: QemuIdentity): Promise<void> {
+export async function giveToVm(file: string, identity: VmIdentity): Promise<void> {
   await fs.promises.chown(file, identity.uid, identity.gid);
   await fs.promises.chmod(file, 0o600);
 }
@@ -205,16 +208,56 @@ export async function giveToQemu(file: string, identity: QemuIdentity): Promise<
  * A file every VM may read but none may change: root-owned, group `cocoon-qemu`, 0640 (snapshot
  * disks, which later VMs use as backing files). Its directories are made searchable.
  */
-export async function shareReadOnly(file: string, identity: QemuIdentity): Promise<void> {
+export async function shareReadOnly(file: string, identity: VmIdentity): Promise<void> {
   await fs.promises.chown(file, 0, identity.gid);
   await fs.promises.chmod(file, 0o640);
   await grantSearch(file, identity);
 }
 
 /** Takes a file back from QEMU: root's alone (snapshot memory, device state). */
-export async function keepFromQemu(file: string): Promise<void> {
+export async function keepFromVm(file: string): Promise<void> {
   await fs.promises.chown(file, 0, 0);
   await fs.promises.chmod(file, 0o600);
+}
+
+/**
+ * Before a VM's process starts: the run directory is root's (0710, the VM group may enter),
+ * `processDir` in it is the process's own (its sockets, pid file), and so are the RAM file and
+ * the disk it writes; the disk's backing files must be readable by it. `openedFiles` (a guest
+ * kernel and initramfs) reach the process as open descriptors: only their own permissions
+ * matter, not their directories'.
+ */
+export async function grantVmAccess(
+  identity: VmIdentity,
+  paths: { runDir: string; processDir: string; ramPath: string; disk: { path: string; readOnly?: boolean }; openedFiles: string[] },
+): Promise<void> {
+  await fs.promises.chown(paths.runDir, 0, identity.gid);
+  await fs.promises.chmod(paths.runDir, 0o710);
+  await grantSearch(paths.runDir, identity);
+  await fs.promises.chown(paths.processDir, identity.uid, identity.gid);
+  await fs.promises.chmod(paths.processDir, 0o700);
+  await giveToVm(paths.ramPath, identity);
+  // A missing disk is the VMM's to report (vm_start_failed, in its own words).
+  if (!fs.existsSync(paths.disk.path)) return;
+  if (paths.disk.readOnly) await shareReadOnly(paths.disk.path, identity);
+  else {
+    await giveToVm(paths.disk.path, identity);
+    await grantSearch(paths.disk.path, identity);
+  }
+  for (const backing of await backingChain(paths.disk.path)) {
+    const st = await fs.promises.stat(backing);
+    // Snapshot disks are sealed 0640 root:cocoon-qemu; older ones (or a caller's base) are made so.
+    if (st.uid !== 0 || st.gid !== identity.gid || (st.mode & 0o040) === 0 || (st.mode & 0o022) !== 0) {
+      if (st.uid === 0) await shareReadOnly(backing, identity);
+    }
+    await grantSearch(backing, identity);
+    await assertReadable(backing, identity);
+  }
+  for (const file of paths.openedFiles) {
+    if ((fs.statSync(file).mode & 0o004) === 0) {
+      throw new CocoonError('qemu_no_access', `the VM's process runs as an unprivileged user and cannot read ${file}: make it readable by all (chmod a+r)`);
+    }
+  }
 }
 
 /**

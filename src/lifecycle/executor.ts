@@ -22,6 +22,7 @@ import { runHooks } from './hooks.ts';
 import type { SharedSnapshots } from './shared-snapshots.ts';
 import { appendInstanceEvent, type Instance, type PauseHook, type PausePoint, type StopReason } from './instance.ts';
 import { generationDir, imageSnapshotDir, microvmDir, runDir, snapshotDirFor } from './paths.ts';
+import { assertRoomToResume } from './space-check.ts';
 import { appendLog, clearRunFiles, collectGarbage, compactGeneration, runtimeRecord, type Runtime } from './storage.ts';
 import type { LifecycleTimers } from './timers.ts';
 import { allows, transition, type MicrovmEvent } from './transitions.ts';
@@ -138,7 +139,8 @@ export class HostExecutor {
     // A guest paused by its VMM for lack of space on the data directory continues once there is room.
     vm.watchDiskSpace({
       path: runDir(this.#dataDir, instance.id),
-      onPaused: () => void appendLog(this.#dataDir, instance.id, 'paused by its VMM: no space left on the data directory for its disk'),
+      onPaused: (cause) =>
+        void appendLog(this.#dataDir, instance.id, cause === 'disk' ? 'paused by its VMM: no space left on the data directory for its disk' : 'stopped: the data directory is nearly full and its memory may need more'),
       onContinued: () => void appendLog(this.#dataDir, instance.id, 'continued: the data directory has space again'),
     });
   }
@@ -305,16 +307,21 @@ export class HostExecutor {
     instance.ports = new Map();
     await this.pause('suspend:committed', instance.id);
     const runtime: Runtime = { generation: next, chain: [...instance.runtime.chain, next] };
+    let stored = '';
     if (this.#shared) {
+      // Last, after whatever rewrites the generation (its memory diff): what is stored is what
+      // the generation holds, so a diff stays a diff in the object store too.
+      const storing = performance.now();
       try {
-        await this.#shared.commit(instance, runtime);
+        await this.#shared.commit(instance, runtime, { fresh: true });
       } catch (error) {
         await this.#runOnUnstored(instance, runtime, error as CocoonError);
         throw error;
       }
+      stored = `, stored in the object store in ${(performance.now() - storing).toFixed(0)} ms`;
     }
     if (!(await this.#transition(instance, 'suspended', { runtime }))) return;
-    await appendLog(this.#dataDir, instance.id, `suspended (${reason}) as generation ${next} in ${snapshotMs.toFixed(0)} ms`);
+    await appendLog(this.#dataDir, instance.id, `suspended (${reason}) as generation ${next} in ${snapshotMs.toFixed(0)} ms${stored}`);
     await collectGarbage(this.#dataDir, instance.id, instance.runtime);
     await this.#compactIfLong(instance);
     this.#timers.armSuspended(instance);
@@ -367,7 +374,7 @@ export class HostExecutor {
     try {
       const runtime = await compactGeneration(this.#driver, this.#dataDir, instance.id, imageSnapshotDir(this.#dataDir, instance.imageId), instance.runtime, this.#durable);
       // A cluster: the folded generation is stored before it is recorded (else the chain stays).
-      await this.#shared?.commit(instance, runtime);
+      await this.#shared?.commit(instance, runtime, { fresh: true });
       const folded = instance.runtime.chain.filter((generation) => !runtime.chain.includes(generation));
       if (await setMicrovmRuntimeIf(this.#db, instance.id, 'SUSPENDED', runtimeRecord(runtime))) {
         instance.runtime = runtime;
@@ -382,16 +389,22 @@ export class HostExecutor {
 
   async resume(instance: Instance, reason: 'request' | 'api'): Promise<void> {
     if (!allows(instance.state, 'resume') || instance.terminating) return;
+    // Refused up front (507 no_space, still SUSPENDED, nothing touched) when the data directory cannot hold its memory.
+    await assertRoomToResume(this.#dataDir, snapshotDirFor(this.#dataDir, instance, instance.runtime.generation), `microVM ${instance.id}`);
     instance.state = transition(instance.state, 'resume');
     this.#timers.clearSuspended(instance);
     if (!(await this.#transition(instance, 'resume'))) return;
     await this.pause('resume:persisted', instance.id);
     const generation = instance.runtime.generation;
     const started = performance.now();
+    let fetched = '';
     let vm: Vm;
     try {
       // A cluster: what this host lacks (suspended elsewhere, or a new host) is downloaded first.
-      await this.#shared?.ensureLocal(instance, instance.runtime);
+      if (this.#shared) {
+        await this.#shared.ensureLocal(instance, instance.runtime);
+        fetched = `, ${(performance.now() - started).toFixed(0)} ms of it fetching from the object store`;
+      }
       vm = await this.#restore(instance, snapshotDirFor(this.#dataDir, instance, generation));
     } catch (error) {
       if (isCocoonError(error, 'snapshot_corrupt') || isCocoonError(error, 'snapshot_not_found')) {
@@ -412,7 +425,7 @@ export class HostExecutor {
     }
     instance.activity.lastActivity = Date.now();
     this.#timers.armIdle(instance);
-    await appendLog(this.#dataDir, instance.id, `resumed (${reason}) from generation ${generation} in ${(performance.now() - started).toFixed(0)} ms (pid ${vm.pid})`);
+    await appendLog(this.#dataDir, instance.id, `resumed (${reason}) from generation ${generation} in ${(performance.now() - started).toFixed(0)} ms${fetched} (pid ${vm.pid})`);
   }
 
   async terminate(instance: Instance, reason: string): Promise<void> {

@@ -18,8 +18,11 @@ import { CocoonError, errorMessage } from '../common/errors.ts';
 import { generationPrefix, imageSnapshotPrefix, type SnapshotStore } from '../snapshots/snapshot-store.ts';
 import { generationDir, imageSnapshotDir } from './paths.ts';
 
-/** Files of an older generation that a resume never reads (collectGarbage removes them too). */
-const CURRENT_ONLY = ['mem', 'state'];
+/**
+ * Files of an older generation that a resume never reads (collectGarbage removes them too): its
+ * memory (whole, or a diff against the image's: docs/vmm.md "Memory diffs") and device state.
+ */
+const CURRENT_ONLY = ['mem', 'mem.diff', 'state'];
 
 interface Owner {
   id: string;
@@ -75,8 +78,25 @@ export class SharedSnapshots {
     }
   }
 
-  /** Uploads every generation of the chain (and the image's snapshot) that the object store lacks. */
-  async commit(microvm: Owner, runtime: Chain): Promise<void> {
+  /**
+   * Uploads every generation of the chain (and the image's snapshot) that the object store
+   * lacks. `fresh`: `runtime.generation` was just written here, so finding it stored already
+   * means another host wrote it (this one lost the microVM meanwhile: a partition, a slow
+   * host): `lease_lost`, and nothing of the other host's is overwritten.
+   */
+  async commit(microvm: Owner, runtime: Chain, options: { fresh?: boolean } = {}): Promise<void> {
+    if (options.fresh) {
+      const prefix = generationPrefix(microvm.id, runtime.generation);
+      let taken: boolean;
+      try {
+        taken = await this.store.objects.exists(`${prefix}/index.json`);
+      } catch (error) {
+        throw notStored(microvm.id, error);
+      }
+      if (taken) {
+        throw new CocoonError('lease_lost', `generation ${runtime.generation} of microVM ${microvm.id} is in the object store already: another host wrote it, so this host no longer holds the microVM; its snapshot here is not stored`, { status: 409 });
+      }
+    }
     try {
       if (microvm.imageId !== null) {
         const prefix = imageSnapshotPrefix(microvm.imageId);

@@ -9,6 +9,7 @@ import type { Image } from '../store/images.ts';
 import { MAX_RUN_HOOK_PAYLOAD_BYTES, MAX_SESSION_SECONDS, createMicrovm, type IdlePolicy, type Microvm } from '../store/microvms.ts';
 import type { Db } from '../store/sql.ts';
 import type { LifecycleEngine } from './engine.ts';
+import { assertRoomToLaunch } from './space-check.ts';
 
 export const DEFAULT_MAX_IDLE_SECONDS = 300;
 
@@ -45,6 +46,8 @@ export async function startMicrovm(
   if (payload !== undefined) requestParts.push(createHash('sha256').update(payload).digest('hex'));
   if (input.requestParts?.length) requestParts.push(...input.requestParts);
   const clientRequestHash = createHash('sha256').update(JSON.stringify(requestParts)).digest('hex');
+  // Refused up front (507 no_space, no microVM made) when the data directory cannot hold its memory.
+  await assertRoomToLaunch(engine.dataDir, input.image.memoryMiB, `a microVM of image ${input.image.id}`);
   const { microvm, created } = await createMicrovm(db, {
     tenantId: input.tenantId,
     region,

@@ -25,7 +25,7 @@
 import { CocoonError, errorMessage } from '../common/errors.ts';
 import { log } from '../common/log.ts';
 import { type IptablesBinary, iptables } from './iptables.ts';
-import { type QemuIdentity, QEMU_UID_BASE, QEMU_UID_COUNT } from '../host/sandbox.ts';
+import { type VmIdentity, VM_UID_BASE, VM_UID_COUNT } from '../host/sandbox.ts';
 import { setting } from '../common/settings.ts';
 
 export const EGRESS_CHAIN = 'COCOON-QEMU';
@@ -74,7 +74,7 @@ let failedOnce = false;
  * Puts the guard in place (once per process) for QEMU running as `identity`; throws
  * `egress_unguarded` where it cannot be (no iptables; QEMU not running as a Cocoon uid).
  */
-export function ensureEgressGuard(identity: QemuIdentity | undefined, options: { bestEffort?: boolean } = {}): Promise<void> {
+export function ensureEgressGuard(identity: VmIdentity | undefined, options: { bestEffort?: boolean } = {}): Promise<void> {
   if (!setting('COCOON_EGRESS_GUARD')) return Promise.resolve();
   if (options.bestEffort) {
     // For VMs without egress: tried once in the background, a failure logged once, never in the way.
@@ -96,8 +96,8 @@ export function ensureEgressGuard(identity: QemuIdentity | undefined, options: {
       ),
     );
   }
-  const range = `${QEMU_UID_BASE}-${QEMU_UID_BASE + QEMU_UID_COUNT - 1}`;
-  const owners = identity.uid >= QEMU_UID_BASE && identity.uid < QEMU_UID_BASE + QEMU_UID_COUNT ? [range] : [range, String(identity.uid)];
+  const range = `${VM_UID_BASE}-${VM_UID_BASE + VM_UID_COUNT - 1}`;
+  const owners = identity.uid >= VM_UID_BASE && identity.uid < VM_UID_BASE + VM_UID_COUNT ? [range] : [range, String(identity.uid)];
   guarded ??= (async () => {
     try {
       await install('iptables', 4, owners);

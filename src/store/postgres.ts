@@ -1,5 +1,6 @@
 import { AsyncLocalStorage } from 'node:async_hooks';
 import pg from 'pg';
+import { CocoonError } from '../common/errors.ts';
 import { log } from '../common/log.ts';
 import type { Database, Db, RunResult, SqlParam } from './sql.ts';
 
@@ -11,6 +12,12 @@ const MAX_ATTEMPTS = 20;
 const RETRYABLE = new Set(['40001', '40P01']);
 /** pg_advisory_xact_lock key of the migration lock (any fixed 64-bit number: "cocoon:m"). */
 const MIGRATION_LOCK_KEY = '7165064620143045997';
+/**
+ * How long opening a connection may take before the caller gets `database_unavailable`: a
+ * server that is down must answer API calls with a quick 503, not hold them until the client's
+ * own timeout (a unix socket is refused at once; a TCP peer that vanished is not).
+ */
+const CONNECT_TIMEOUT_MS = 5_000;
 
 /**
  * PostgreSQL behind the `Database` interface, on the `pg` driver's connection pool.
@@ -44,6 +51,9 @@ export class PostgresDb implements Database {
       max: options.poolSize ?? POOL_SIZE,
       types: { getTypeParser: typeParser } as pg.CustomTypesConfig,
       application_name: 'cocoon',
+      connectionTimeoutMillis: CONNECT_TIMEOUT_MS,
+      // TCP keep-alive: a connection to a server that vanished without a FIN is found dead.
+      keepAlive: true,
     });
     // An idle connection that the server drops (restart, failover) must not crash the process:
     // the pool discards it and the next query opens a new one.
@@ -60,17 +70,25 @@ export class PostgresDb implements Database {
 
   async get<T>(sql: string, params: readonly SqlParam[] = []): Promise<T | undefined> {
     this.#refuseInsideTransaction();
-    return (await query<T>(this.#pool, sql, params)).rows[0];
+    return (await this.#outsideTransaction<T>(sql, params)).rows[0];
   }
 
   async all<T>(sql: string, params: readonly SqlParam[] = []): Promise<T[]> {
     this.#refuseInsideTransaction();
-    return (await query<T>(this.#pool, sql, params)).rows;
+    return (await this.#outsideTransaction<T>(sql, params)).rows;
   }
 
   async run(sql: string, params: readonly SqlParam[] = []): Promise<RunResult> {
     this.#refuseInsideTransaction();
-    return { changes: (await query(this.#pool, sql, params)).rowCount ?? 0 };
+    return { changes: (await this.#outsideTransaction(sql, params)).rowCount ?? 0 };
+  }
+
+  async #outsideTransaction<T>(sql: string, params: readonly SqlParam[]): Promise<pg.QueryResult<T & pg.QueryResultRow>> {
+    try {
+      return await query<T>(this.#pool, sql, params);
+    } catch (error) {
+      throw this.#unavailable(error);
+    }
   }
 
   async transaction<T>(fn: (tx: Db) => Promise<T>): Promise<T> {
@@ -79,7 +97,12 @@ export class PostgresDb implements Database {
       try {
         return await this.#once('BEGIN ISOLATION LEVEL SERIALIZABLE', (tx) => fn(tx));
       } catch (error) {
-        if (attempt >= MAX_ATTEMPTS || !RETRYABLE.has(sqlState(error))) throw error;
+        // A connection that broke before its BEGIN ran (one the server dropped while it sat idle
+        // in the pool, during a restart) did nothing: the first such failure is tried again on a
+        // new connection. Any other connection failure is the caller's `database_unavailable`.
+        if (error instanceof NotStarted && attempt === 1) continue;
+        if (error instanceof NotStarted) throw this.#unavailable(error.cause);
+        if (attempt >= MAX_ATTEMPTS || !RETRYABLE.has(sqlState(error))) throw this.#unavailable(error);
         // Back off a little, with jitter, so that the racers do not collide again at once.
         await new Promise((resolve) => setTimeout(resolve, Math.random() * Math.min(100, 2 ** attempt)));
       }
@@ -92,10 +115,24 @@ export class PostgresDb implements Database {
    */
   async migrationTransaction<T>(fn: (tx: Db, exec: (sql: string) => Promise<void>) => Promise<T>): Promise<T> {
     this.#refuseInsideTransaction();
-    return this.#once('BEGIN', async (tx, client) => {
-      await client.query(`SELECT pg_advisory_xact_lock(${MIGRATION_LOCK_KEY})`);
-      return fn(tx, async (sql) => { await client.query(sql); });
-    });
+    try {
+      return await this.#once('BEGIN', async (tx, client) => {
+        await client.query(`SELECT pg_advisory_xact_lock(${MIGRATION_LOCK_KEY})`);
+        return fn(tx, async (sql) => { await client.query(sql); });
+      });
+    } catch (error) {
+      throw this.#unavailable(error instanceof NotStarted ? error.cause : error);
+    }
+  }
+
+  /** A failure of the connection (not of the statement) as `database_unavailable`, 503; anything else as it is. */
+  #unavailable(error: unknown): unknown {
+    if (!isConnectionFailure(error)) return error;
+    return new CocoonError(
+      'database_unavailable',
+      `the PostgreSQL database at ${this.location} cannot be reached (${(error as Error).message}); retry shortly`,
+      { status: 503, cause: error },
+    );
   }
 
   async close(): Promise<void> {
@@ -105,17 +142,28 @@ export class PostgresDb implements Database {
   }
 
   async #once<T>(begin: string, fn: (tx: Db, client: pg.PoolClient) => Promise<T>): Promise<T> {
-    const client = await this.#pool.connect();
+    let client: pg.PoolClient;
+    try {
+      client = await this.#pool.connect();
+    } catch (error) {
+      throw new NotStarted(error);
+    }
     const tx = new PostgresTransaction(client, 0);
     // A connection is given back to the pool only when it is known to be idle and healthy: a
     // failed BEGIN/COMMIT without a server error, or a failed ROLLBACK, means it dropped.
     let broken: Error | undefined;
+    // The pool listens for errors of idle connections only: one that breaks while checked out
+    // here (the server shut down between two statements) emits 'error' with no listener, which
+    // would end the process. Catch it; the statement that follows fails and the caller gets
+    // `database_unavailable`.
+    const onError = (error: Error) => { broken ??= error; };
+    client.on('error', onError);
     try {
       try {
         await client.query(begin);
       } catch (error) {
         if (sqlState(error) === '') broken = error as Error;
-        throw error;
+        throw isConnectionFailure(error) ? new NotStarted(error) : error;
       }
       let result: T;
       try {
@@ -137,6 +185,7 @@ export class PostgresDb implements Database {
       return result;
     } finally {
       tx.finish();
+      client.removeListener('error', onError);
       client.release(broken);
     }
   }
@@ -202,6 +251,33 @@ class PostgresTransaction implements Db {
   #check(): void {
     if (!this.#open) throw new Error('this transaction has already ended');
   }
+}
+
+/** The connection failed before the transaction began: nothing of it ran. */
+class NotStarted extends Error {
+  constructor(cause: unknown) {
+    super((cause as Error | undefined)?.message ?? String(cause), { cause });
+  }
+}
+
+/**
+ * SQLSTATEs that say the server is going away or not there yet: class 08 (connection
+ * exception), admin_shutdown, crash_shutdown, cannot_connect_now (starting up, shutting down).
+ */
+const CONNECTION_STATES = /^(08...|57P01|57P02|57P03)$/;
+/** What the socket says when the server is not there (TCP refused/reset, unix socket missing). */
+const SOCKET_ERRORS = new Set(['ECONNREFUSED', 'ECONNRESET', 'ENOENT', 'EPIPE', 'ETIMEDOUT', 'EHOSTUNREACH', 'ENETUNREACH', 'ENOTCONN', 'EAI_AGAIN']);
+/** What `pg` itself says when a connection ends under it or cannot be opened in time. */
+const DRIVER_MESSAGES = /Connection terminated|connection timeout|timeout exceeded when trying to connect|is not queryable|Connection ended/i;
+
+/** Whether `error` is the database being unreachable (down, restarting, the network), not a statement that failed. */
+export function isConnectionFailure(error: unknown): boolean {
+  if (error instanceof NotStarted) return true;
+  const code = (error as { code?: unknown } | null)?.code;
+  if (typeof code === 'string' && SOCKET_ERRORS.has(code)) return true;
+  const state = sqlState(error);
+  if (state !== '') return CONNECTION_STATES.test(state);
+  return error instanceof Error && DRIVER_MESSAGES.test(error.message);
 }
 
 function query<T>(on: pg.Pool | pg.PoolClient, sql: string, params: readonly SqlParam[]): Promise<pg.QueryResult<T & pg.QueryResultRow>> {

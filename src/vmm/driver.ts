@@ -67,11 +67,15 @@ export interface ForkPoint {
 export interface SpaceWatchOptions {
   /** A path on the filesystem the VM's files live on (its run directory). */
   path: string;
-  /** Free bytes needed before the guest is continued (default 64 MiB). */
+  /**
+   * Free bytes needed before a guest paused on a disk write is continued (default 64 MiB); a
+   * guest with a sparse RAM file is stopped below it and continued at twice it.
+   */
   minFreeBytes?: number;
-  /** How often free space is checked while the guest is paused (default 2 s). */
+  /** How often free space is checked while the guest is paused, or runs with a sparse RAM file (default 2 s). */
   intervalMs?: number;
-  onPaused?: () => void;
+  /** `disk`: QEMU paused it on a disk write; `memory`: stopped because its sparse RAM file could not grow. */
+  onPaused?: (cause: 'disk' | 'memory') => void;
   onContinued?: () => void;
 }
 
@@ -121,7 +125,11 @@ export interface Vm {
   forkPoint(targetDir: string, options?: ForkPointOptions): Promise<ForkPoint>;
   /** Continues the guest if it is paused (one adopted in the middle of a snapshot, say). */
   ensureRunning(): Promise<void>;
-  /** Continues a guest that the VMM paused for lack of disk space once there is room; answers a stop function. */
+  /**
+   * Continues a guest that the VMM paused for lack of disk space once there is room; stops one
+   * whose memory is not reserved when the disk is nearly full (and continues it with room again).
+   * Answers a stop function.
+   */
   watchDiskSpace(options: SpaceWatchOptions): () => void;
   /** Ends the VM at once and waits until its process is gone. Idempotent. */
   kill(): Promise<void>;

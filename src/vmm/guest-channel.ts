@@ -10,7 +10,7 @@ import { randomBytes } from 'node:crypto';
 import { EventEmitter } from 'node:events';
 import type net from 'node:net';
 import { CocoonError } from '../common/errors.ts';
-import { connectUnix } from './qemu/qmp.ts';
+import { connectUnix } from '../net/unix-socket.ts';
 
 const MAX_LINE = 4096;
 

@@ -17,7 +17,9 @@ import path from 'node:path';
 import { CocoonError, isCocoonError } from '../common/errors.ts';
 import { fsyncDir } from '../common/fs.ts';
 import { runSparseHelper } from './native/helper.ts';
+import { reservesRam } from './ram-file.ts';
 import { checkDataChecksum, dataChecksumKey, parseChecksumLine, readSnapshotManifest, verifySnapshotData } from './snapshot.ts';
+import { admitRam } from './space-ledger.ts';
 import type { SnapshotManifest } from './types.ts';
 import { identityBeforeReading, isVerified, rememberVerified } from './verified-files.ts';
 
@@ -125,9 +127,12 @@ export async function restoreMemoryDiff(options: {
   const baseFile = path.join(options.baseDir, base.files.mem.name);
   const diffFile = path.join(dir, mem.name);
   const diskFile = path.join(dir, disk.name);
+  // The RAM file is admitted by the space ledger first and reserved only when small (ram-file.ts).
+  await admitRam(target, mem.base.sizeBytes, `a VM from ${dir}`);
+  const reserve = reservesRam(mem.base.sizeBytes) ? ['reserve'] : [];
   const run = async (args: string[]): Promise<string> => {
     try {
-      return await runSparseHelper(['undiff', baseFile, diffFile, target, 'reserve', ...args]);
+      return await runSparseHelper(['undiff', baseFile, diffFile, target, ...reserve, ...args]);
     } catch (error) {
       await fs.promises.rm(target, { force: true });
       if (isCocoonError(error, 'no_space') || isCocoonError(error, 'helper_missing')) throw error;

@@ -13,39 +13,60 @@
  * the whole RAM on every later suspend (measured: ~450 ms for 256 MiB against ~6 ms), so they
  * are not used.
  *
- * A running VM's RAM file has all its blocks reserved (`reserveRamFile`): a guest touching a page
- * of a sparse file on a full disk would make QEMU die of SIGBUS (seen: a full data directory
- * killed running VMs at their next request). With the blocks reserved, a full disk refuses new
- * VMs (`no_space`) and leaves running ones alone. Snapshots give the unused reservation back
- * (`releaseUnusedRam`). On tmpfs a reservation would cost RAM up front, so it is skipped there.
+ * A guest touching a page of a sparse RAM file on a full disk makes QEMU die of SIGBUS (seen: a
+ * full data directory killed running VMs at their next request). Two protections, by size:
+ *
+ * - RAM files up to `COCOON_RAM_RESERVE_MAX_MIB` (2 GiB by default) have all their blocks
+ *   reserved (`reserveRamFile`): whatever fills the disk, the guest's pages have their blocks.
+ *   Snapshots give the unused reservation back (`releaseUnusedRam`; a compacted one at once).
+ * - Bigger ones stay sparse: their disk use follows what the guest touches (a 32 GiB busybox
+ *   guest touches ~700 MiB, its struct pages alone are 512 MiB), where a reservation would take
+ *   32 GiB per RUNNING VM. The space ledger (space-ledger.ts) admits them only where the free
+ *   space, less what other live RAM files may still claim, holds them whole; the space watch
+ *   pauses them if the disk fills anyway.
+ *
+ * Every RAM file, reserved or not, is admitted by the ledger before it is made (`no_space` up
+ * front, nothing copied). On tmpfs a reservation would cost RAM up front, so it is skipped there.
  */
 import { execFile } from 'node:child_process';
 import fs from 'node:fs';
 import { promisify } from 'node:util';
 import { CocoonError, isCocoonError } from '../common/errors.ts';
+import { setting } from '../common/settings.ts';
 import { runSparseHelper } from './native/helper.ts';
 import { parseChecksumLine } from './snapshot.ts';
+import { admitRam, releaseRam } from './space-ledger.ts';
 import type { DataChecksum } from './types.ts';
 
 const run = promisify(execFile);
 
+/** Whether a RAM file of `sizeBytes` has all its blocks reserved (see the top of this file). */
+export function reservesRam(sizeBytes: number): boolean {
+  return sizeBytes <= setting('COCOON_RAM_RESERVE_MAX_MIB') * 1024 * 1024;
+}
+
+/** A new RAM file of `memoryMiB`, admitted by the space ledger (`no_space` up front), reserved when small. */
 export async function createRamFile(path: string, memoryMiB: number): Promise<void> {
-  const handle = await fs.promises.open(path, 'wx', 0o600);
+  const size = memoryMiB * 1024 * 1024;
+  await admitRam(path, size, 'a new VM');
+  let handle: fs.promises.FileHandle | undefined;
   try {
-    await handle.truncate(memoryMiB * 1024 * 1024);
-  } finally {
+    handle = await fs.promises.open(path, 'wx', 0o600);
+    await handle.truncate(size);
     await handle.close();
-  }
-  try {
-    await reserveRamFile(path);
+    handle = undefined;
+    if (reservesRam(size)) await reserveRamFile(path);
   } catch (error) {
+    await handle?.close().catch(() => undefined);
     await fs.promises.rm(path, { force: true });
+    releaseRam(path);
     throw error;
   }
 }
 
 /**
- * Clones `source` into a new `target` with all its blocks reserved. With `checksum`, the data is
+ * Clones `source` into a new `target`, admitted by the space ledger and, when small, with all
+ * its blocks reserved. With `checksum`, the data is
  * checksummed as it is copied, and so are the files of `alsoChecksum` (one helper run); the
  * checksums come back in that order (`checkDataChecksum` compares them with a manifest's).
  * With `into`, `target` exists (made by `createEmptyRamFile`, maybe mapped by a VMM that has not
@@ -59,16 +80,23 @@ export async function cloneRamFile(
   options: { checksum?: boolean; alsoChecksum?: string[]; nosync?: boolean; into?: boolean } = {},
 ): Promise<DataChecksum[] | void> {
   try {
-    // A reflink where the filesystem can, else a copy of the data extents only; then the rest
-    // of the file is reserved.
+    // Admitted by the ledger first (the whole size: what the copy takes and what the guest may
+    // still touch); then a reflink where the filesystem can, else a copy of the data extents
+    // only; then, for a small one, the rest of the file is reserved.
+    const size = (await fs.promises.stat(source)).size;
+    await admitRam(target, size, `a VM from ${source}`);
+    const reserve = reservesRam(size) ? ['reserve'] : [];
     const extra = options.checksum && options.alsoChecksum?.length ? ['--', ...options.alsoChecksum] : [];
     // `nosync`: a source written moments ago and still in the page cache (a fork point) is not
     // written back first, as a FIEMAP would need: its data is found with SEEK_DATA.
-    const flags = [...(options.checksum ? ['sum'] : []), ...(options.nosync ? ['nosync'] : []), ...(options.into ? ['into'] : [])];
-    const out = await runSparseHelper(['copy', source, target, 'reserve', ...flags, ...extra]);
+    const flags = [...reserve, ...(options.checksum ? ['sum'] : []), ...(options.nosync ? ['nosync'] : []), ...(options.into ? ['into'] : [])];
+    const out = await runSparseHelper(['copy', source, target, ...flags, ...extra]);
     if (options.checksum) return out.trim().split('\n').map(parseChecksumLine);
   } catch (error) {
-    if (!options.into) await fs.promises.rm(target, { force: true });
+    if (!options.into) {
+      await fs.promises.rm(target, { force: true });
+      releaseRam(target);
+    }
     if (isCocoonError(error, 'no_space') || isCocoonError(error, 'helper_missing')) throw error;
     throw new CocoonError('ram_clone_failed', `cannot clone guest memory ${source}: ${(error as Error).message}`, {
       cause: error,
@@ -77,12 +105,19 @@ export async function cloneRamFile(
 }
 
 /**
- * An empty RAM file for `cloneRamFile(..., { into: true })` to fill: the VMM can be started on it
- * (and map it) while the memory is still being copied. Size 0: the VMM sizes it, or the copy.
+ * An empty RAM file for `cloneRamFile(..., { into: true })` to fill, admitted by the space ledger
+ * for `sizeBytes` (`no_space` up front, nothing made): the VMM can be started on it (and map it)
+ * while the memory is still being copied. Size 0: the VMM sizes it, or the copy.
  */
-export async function createEmptyRamFile(path: string): Promise<void> {
-  const handle = await fs.promises.open(path, 'wx', 0o600);
-  await handle.close();
+export async function createEmptyRamFile(path: string, sizeBytes: number, what: string): Promise<void> {
+  await admitRam(path, sizeBytes, what);
+  try {
+    const handle = await fs.promises.open(path, 'wx', 0o600);
+    await handle.close();
+  } catch (error) {
+    releaseRam(path);
+    throw error;
+  }
 }
 
 /** Reserves every block of a RAM file (fallocate; data stays as it is). `no_space` on a full disk. */

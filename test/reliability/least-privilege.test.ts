@@ -18,7 +18,7 @@ import { DATABASE_FILE } from '../../src/store/open.ts';
 import { cgroupSupport } from '../../src/host/cgroups.ts';
 import { ensureEgressGuard } from '../../src/net/egress-guard.ts';
 import { QemuVm } from '../../src/vmm/qemu/qemu.ts';
-import { QEMU_UID_BASE, QEMU_UID_COUNT, ensureQemuAccount } from '../../src/host/sandbox.ts';
+import { VM_UID_BASE, VM_UID_COUNT, ensureVmAccount } from '../../src/host/sandbox.ts';
 import { makeHostileRootDisk } from '../support/hostile-rootfs.ts';
 import { cleanupDir, httpGet, qemuProcessesMentioning, tempDir } from '../support/vm.ts';
 
@@ -85,12 +85,12 @@ describe('least privilege for QEMU', { skip: isRoot ? false : 'needs root (the d
   });
 
   test('QEMU runs as its own unprivileged uid (one per VM) in the cocoon-qemu group, without capabilities, with no_new_privs and seccomp', async () => {
-    const account = await ensureQemuAccount('cocoon-qemu');
+    const account = await ensureVmAccount('cocoon-qemu');
     const uids = new Set<number>();
     for (const vm of vms) {
       const s = status(vm.pid);
       const [uid, euid, suid, fsuid] = (s.Uid ?? '').split(/\s+/).map(Number);
-      assert.ok(uid !== undefined && uid >= QEMU_UID_BASE && uid < QEMU_UID_BASE + QEMU_UID_COUNT, `uid ${uid}`);
+      assert.ok(uid !== undefined && uid >= VM_UID_BASE && uid < VM_UID_BASE + VM_UID_COUNT, `uid ${uid}`);
       assert.deepEqual([euid, suid, fsuid], [uid, uid, uid], 'real, effective, saved and filesystem uids alike');
       assert.deepEqual((s.Gid ?? '').split(/\s+/).map(Number), [account.gid, account.gid, account.gid, account.gid]);
       assert.equal((s.Groups ?? '').trim(), '', 'no supplementary groups');
@@ -146,12 +146,12 @@ describe('least privilege for QEMU', { skip: isRoot ? false : 'needs root (the d
     const listener = net.createServer((socket) => socket.end('hello\n'));
     await new Promise<void>((resolve) => listener.listen(0, '127.0.0.1', resolve));
     const port = (listener.address() as net.AddressInfo).port;
-    const account = await ensureQemuAccount('cocoon-qemu');
-    await ensureEgressGuard({ uid: QEMU_UID_BASE + 4242, gid: account.gid, group: 'cocoon-qemu' }); // in place since the first VM; waits if still going
+    const account = await ensureVmAccount('cocoon-qemu');
+    await ensureEgressGuard({ uid: VM_UID_BASE + 4242, gid: account.gid, group: 'cocoon-qemu' }); // in place since the first VM; waits if still going
     const connect = (asQemu: boolean) =>
       new Promise<number | null>((resolve) => {
         const argv = ['busybox', 'nc', '-w', '3', '127.0.0.1', String(port)];
-        const command = asQemu ? ['setpriv', `--reuid=${QEMU_UID_BASE + 4242}`, `--regid=${account.gid}`, '--clear-groups', ...argv] : argv;
+        const command = asQemu ? ['setpriv', `--reuid=${VM_UID_BASE + 4242}`, `--regid=${account.gid}`, '--clear-groups', ...argv] : argv;
         const child = spawn(command[0] as string, command.slice(1), { stdio: ['ignore', 'ignore', 'ignore'] });
         child.once('exit', (code) => resolve(code));
       });
@@ -197,7 +197,7 @@ describe('least privilege for QEMU', { skip: isRoot ? false : 'needs root (the d
     });
     try {
       assert.equal(await httpGet(`http://127.0.0.1:${vm.hostPort(APP_PORT)}/`), 'hostile');
-      assert.ok(Number((status(vm.pid).Uid ?? '').split(/\s+/)[0]) >= QEMU_UID_BASE);
+      assert.ok(Number((status(vm.pid).Uid ?? '').split(/\s+/)[0]) >= VM_UID_BASE);
       assert.equal(fs.statSync(hidden).mode & 0o777, 0o700, 'the kernel\'s directory was left alone');
     } finally {
       await vm.destroy();

@@ -12,6 +12,7 @@ import { after, before, describe, test } from 'node:test';
 import { isCocoonError } from '../../src/common/errors.ts';
 import { LocalObjectStore } from '../../src/objectstore/local.ts';
 import { S3ObjectStore } from '../../src/objectstore/s3.ts';
+import { SharedSnapshots } from '../../src/lifecycle/shared-snapshots.ts';
 import { generationPrefix, SnapshotStore } from '../../src/snapshots/snapshot-store.ts';
 import { writeSnapshotManifest } from '../../src/vmm/snapshot.ts';
 import type { SnapshotManifest } from '../../src/vmm/types.ts';
@@ -129,6 +130,34 @@ describe('snapshot store (local object store)', () => {
     // An upload that never got to its index is not a snapshot.
     fs.rmSync(indexFile);
     await refused('no index', 'snapshot_not_found');
+  });
+});
+
+describe("a microVM's generations (lifecycle/shared-snapshots.ts)", () => {
+  test('another host resumes a chain: older generations come as their disk only; a generation another host stored is never overwritten (lease_lost)', async (t) => {
+    const root = useTempDir(t, 'cocoon-snapstore-');
+    const objects = path.join(root, 'objects');
+    const id = 'mvm-01jtestsharedsnapshots000';
+    const hostA = path.join(root, 'a');
+    const hostB = path.join(root, 'b');
+    for (const generation of [1, 2]) await makeSnapshot(path.join(hostA, 'microvms', id, `gen-${generation}`));
+    const a = new SharedSnapshots(new SnapshotStore(new LocalObjectStore(objects)), hostA);
+    const microvm = { id, imageId: null };
+    await a.commit(microvm, { generation: 2, chain: [1, 2] }, { fresh: true });
+    assert.equal(await a.isStored(microvm, { generation: 2, chain: [1, 2] }), true);
+
+    const b = new SharedSnapshots(new SnapshotStore(new LocalObjectStore(objects)), hostB);
+    await b.ensureLocal(microvm, { generation: 2, chain: [1, 2] });
+    assert.deepEqual(fs.readdirSync(path.join(hostB, 'microvms', id, 'gen-1')).sort(), ['disk.raw', 'manifest.json'], 'an older generation: its disk layer');
+    assert.deepEqual(fs.readdirSync(path.join(hostB, 'microvms', id, 'gen-2')).sort(), ['disk.raw', 'manifest.json', 'mem', 'state'], 'the current one whole');
+
+    // Host A, cut off, writes its own generation 3 after host B stored one: refused, B's stays.
+    await makeSnapshot(path.join(hostB, 'microvms', id, 'gen-3'));
+    await b.commit(microvm, { generation: 3, chain: [1, 2, 3] }, { fresh: true });
+    const storedIndex = fs.readFileSync(path.join(objects, generationPrefix(id, 3), 'index.json'));
+    await makeSnapshot(path.join(hostA, 'microvms', id, 'gen-3'));
+    await assert.rejects(a.commit(microvm, { generation: 3, chain: [1, 2, 3] }, { fresh: true }), (error: unknown) => isCocoonError(error, 'lease_lost'));
+    assert.deepEqual(fs.readFileSync(path.join(objects, generationPrefix(id, 3), 'index.json')), storedIndex, "host B's generation 3 is untouched");
   });
 });
 

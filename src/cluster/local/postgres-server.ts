@@ -55,6 +55,8 @@ export class PostgresServer {
   #databases = 0;
   #stopped = false;
   #watchdog: ChildProcess | undefined;
+  /** The postmaster's options (`pg_ctl start -o`), kept for `startAgain`. */
+  #serverOptions: string[] = [];
 
   private constructor(dir: string, bin: string, asUser: string[], keep: boolean, tied: boolean) {
     this.dir = dir;
@@ -86,10 +88,10 @@ export class PostgresServer {
       }
       // A server already running on this directory (`cluster up` twice) is used as it is.
       if (options.keep && (await server.#running())) return server;
-      const options_ = [`-k ${dir}`, "-c listen_addresses=''", `-p ${PORT}`];
+      server.#serverOptions = [`-k ${dir}`, "-c listen_addresses=''", `-p ${PORT}`];
       // A throwaway cluster: durability off, for speed.
-      if (!options.durable) options_.push('-c fsync=off', '-c synchronous_commit=off', '-c full_page_writes=off');
-      await server.#pg('pg_ctl', ['start', '-w', '-t', '60', '-D', data, '-l', join(dir, 'server.log'), '-o', options_.join(' ')]);
+      if (!options.durable) server.#serverOptions.push('-c fsync=off', '-c synchronous_commit=off', '-c full_page_writes=off');
+      await server.#startPostmaster();
     } catch (error) {
       await server.stop();
       throw error;
@@ -134,6 +136,25 @@ export class PostgresServer {
   async restart(): Promise<void> {
     // -l: the new postmaster must not inherit (and hold open) this process's output pipes.
     await this.#pg('pg_ctl', ['restart', '-w', '-t', '60', '-m', 'fast', '-D', join(this.dir, 'data'), '-l', join(this.dir, 'server.log')]);
+  }
+
+  /**
+   * Stops the server the way an outage looks to its clients (a fast shutdown: every connection
+   * is cut), keeping the data, the directory and the socket path; `startAgain` brings it back.
+   */
+  async halt(): Promise<void> {
+    await this.#pg('pg_ctl', ['stop', '-w', '-t', '60', '-m', 'fast', '-D', join(this.dir, 'data')]);
+  }
+
+  /** Starts the server `halt` stopped, on the same socket, with the same options. */
+  async startAgain(): Promise<void> {
+    await this.#startPostmaster();
+  }
+
+  async #startPostmaster(): Promise<void> {
+    // -l: the postmaster must not inherit (and hold open) this process's output pipes.
+    const data = join(this.dir, 'data');
+    await this.#pg('pg_ctl', ['start', '-w', '-t', '60', '-D', data, '-l', join(this.dir, 'server.log'), '-o', this.#serverOptions.join(' ')]);
   }
 
   /** The postmaster's pid, or undefined when it does not run. */

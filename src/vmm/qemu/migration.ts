@@ -10,7 +10,7 @@ import net from 'node:net';
 import { pipeline } from 'node:stream/promises';
 import { CocoonError } from '../../common/errors.ts';
 import type { QmpClient, QmpEvent } from './qmp.ts';
-import { connectUnix } from './qmp.ts';
+import { connectUnix } from '../../net/unix-socket.ts';
 
 const CAPABILITIES = [
   { capability: 'x-ignore-shared', state: true },

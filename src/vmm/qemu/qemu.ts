@@ -6,7 +6,7 @@
  * restarted daemon can adopt it). Every failure path kills what it started and removes what it
  * made: a caller never has to clean up after a failed boot or restore.
  */
-import { type ChildProcess, spawn } from 'node:child_process';
+import type { ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { CocoonError, errorMessage, isCocoonError } from '../../common/errors.ts';
@@ -24,16 +24,16 @@ import { loadDeviceState, saveDeviceState } from './migration.ts';
 import { type QemuLaunch, hostTscKhz, kernelCmdline, qemuArgs } from './qemu-args.ts';
 import { QmpClient } from './qmp.ts';
 import { assertPortFree, freeLoopbackPort } from '../../net/ports.ts';
-import { cloneRamFile, createEmptyRamFile, createRamFile, digHoles, releaseUnusedRam } from '../ram-file.ts';
+import { cloneRamFile, createEmptyRamFile, createRamFile, digHoles, releaseUnusedRam, reservesRam } from '../ram-file.ts';
+import { holdRam, releaseRam } from '../space-ledger.ts';
 import { isMemoryDiff, restoreMemoryDiff } from '../mem-diff.ts';
-import { type VmCgroup, createVmCgroup, defaultLimits, joinCgroupScript, removeVmCgroup } from '../../host/cgroups.ts';
-import { ensureEgressGuard } from '../../net/egress-guard.ts';
 import { findProcesses, killProcesses, processStats, processAlive, processCmdline, processStartTime, waitForProcessExit } from '../../host/processes.ts';
-import { type QemuIdentity, dropPrivilegesArgv, qemuIdentity } from '../../host/sandbox.ts';
+import { type SandboxedProcess, type VmCgroup, type VmIdentity, grantLaunchAccess, launchIdentity, launchLimits, removeVmCgroup, startSandboxed } from '../launch-sandbox.ts';
 import { SerialLog, tailSerialLog } from './serial-log.ts';
 import { PhaseClock, type Phases } from '../phases.ts';
 import { identityBeforeReading, isVerified, rememberVerified } from '../verified-files.ts';
-import { grantQemuAccess, qemuDirOf, sealSnapshotFiles, snapshotFailure, takeBackSnapshotFiles } from '../snapshot-safety.ts';
+import { sealSnapshotFiles, snapshotFailure, takeBackSnapshotFiles } from '../snapshot-safety.ts';
+import { qemuDirOf } from './paths.ts';
 import {
   type PendingSnapshot,
   assertDataChecksums,
@@ -54,6 +54,7 @@ import {
   type PortForward,
   type RestoreOptions,
   type SnapshotManifest,
+  type VmLimits,
   type VmStats,
 } from '../types.ts';
 import { setting } from '../../common/settings.ts';
@@ -151,6 +152,8 @@ export class QemuVm implements Vm {
   private storageFailed: string | undefined;
   /** Guest ports being forwarded by `forwardPort` right now (concurrent callers share one). */
   private readonly pendingForwards = new Map<number, Promise<number>>();
+  /** Snapshots and fork points under way (`pauseHeld`). */
+  private pauseHolds = 0;
 
   private constructor(parts: {
     launch: Pick<QemuLaunch, 'shape' | 'cmdline' | 'disk' | 'ram' | 'forwards' | 'sockets'>;
@@ -168,8 +171,11 @@ export class QemuVm implements Vm {
     this.ramPath = parts.launch.ram.path;
     this.hostPorts = new Map(parts.launch.forwards.map((f) => [f.guestPort, f.hostPort]));
     this.proc = parts.proc;
+    // The RAM file is a promise of the space ledger while QEMU maps it (again, for an adopted VM).
+    holdRam(this.ramPath, this.shape.memoryMiB * 1024 * 1024);
     this.exitPromise = parts.proc.exit.then(() => {
       this.gone = true;
+      releaseRam(this.ramPath);
     });
     this.qmp = parts.qmp;
     this.guest = parts.guest;
@@ -254,7 +260,25 @@ export class QemuVm implements Vm {
 
   /** A fork point of the running VM (fork-point.ts). */
   forkPoint(targetDir: string, options: ForkPointOptions = {}): Promise<ForkPoint> {
-    return takeForkPoint(this, targetDir, options);
+    return this.holdingPause(() => takeForkPoint(this, targetDir, options));
+  }
+
+  /**
+   * True while a snapshot or fork point has (or may have) the vCPUs stopped: the space watch
+   * then neither stops nor continues the guest (a `cont` in the middle would change memory under
+   * the checksums and the saved device state).
+   */
+  get pauseHeld(): boolean {
+    return this.pauseHolds > 0;
+  }
+
+  private async holdingPause<T>(work: () => Promise<T>): Promise<T> {
+    this.pauseHolds++;
+    try {
+      return await work();
+    } finally {
+      this.pauseHolds--;
+    }
   }
 
   /** Continues the guest if QEMU has it paused (adopted in the middle of a snapshot or fork point). */
@@ -355,7 +379,7 @@ export class QemuVm implements Vm {
             // it: QEMU waiting for its device state does not touch guest RAM, and `start`
             // (state load, then the vCPUs) runs only once the copy is done and matched.
             prepare: async () => {
-              await Promise.all([createEmptyRamFile(ramPath), diskLayer()]);
+              await Promise.all([createEmptyRamFile(ramPath, manifest.files.mem.sizeBytes, `a VM from ${options.snapshotDir}`), diskLayer()]);
               return 'disk_layer';
             },
             fill: () => copyMemory(true),
@@ -393,6 +417,10 @@ export class QemuVm implements Vm {
    * way, the error is `vm_gone`. Earlier snapshots are never touched.
    */
   async snapshot(targetDir: string, options: SnapshotOptions = {}): Promise<SnapshotManifest> {
+    return this.holdingPause(() => this.takeSnapshot(targetDir, options));
+  }
+
+  private async takeSnapshot(targetDir: string, options: SnapshotOptions): Promise<SnapshotManifest> {
     const durable = options.durable ?? true;
     const partial = `${targetDir}.partial`;
     if (fs.existsSync(targetDir)) throw new CocoonError('snapshot_exists', `snapshot ${targetDir} already exists`, { status: 409 });
@@ -470,7 +498,13 @@ export class QemuVm implements Vm {
       if (endFirst) {
         progress.killed = true;
         await this.kill(); // zero pages are punched out of a file no process maps any more
-        if (options.compact) await digHoles(mem);
+        if (options.compact) {
+          // Blocks reserved and never written go first (FIEMAP's unwritten extents: `dig-holes`
+          // skips those it finds no page cache for), then the pages that hold only zeros: the
+          // snapshot holds what the guest wrote, no more, before it is checksummed and measured.
+          await releaseUnusedRam(mem);
+          await digHoles(mem);
+        }
         if (relink) await relinkBacking(disk, { finalDir: targetDir, formerDir: path.dirname(this.disk.path) });
         clock.mark('compact');
         for (const file of [mem, disk]) handles.push(await fs.promises.open(file, 'r'));
@@ -503,7 +537,8 @@ export class QemuVm implements Vm {
     // The RAM file's blocks that were reserved and never written go back to the filesystem, in
     // the background (the content does not change; restores read only written extents), and
     // after this returns: starting the helper takes the event loop a few milliseconds.
-    setTimeout(() => {
+    // (A compacted snapshot gave them back already; a sparse RAM file never had any.)
+    if (!options.compact && reservesRam(this.shape.memoryMiB * 1024 * 1024)) setTimeout(() => {
       releaseUnusedRam(path.join(targetDir, 'mem')).catch((error: unknown) =>
         log.debug({ vm: this.id, error: errorMessage(error) }, 'cannot give back the unused blocks of a snapshot\'s memory file'),
       );
@@ -719,7 +754,7 @@ export class QemuVm implements Vm {
       agent: path.join(qemuDir, 'agent.sock'),
     };
     let vm: QemuVm | undefined;
-    let started: { child: ChildProcess; exit: Promise<void> } | undefined;
+    let started: SandboxedProcess | undefined;
     let launch: QemuLaunch | undefined;
     const giveUp = new AbortController();
     try {
@@ -729,24 +764,15 @@ export class QemuVm implements Vm {
         }
       }
       await fs.promises.mkdir(qemuDir, { recursive: true, mode: 0o700 });
-      let identity = await qemuIdentity(options.runDir);
-      // The guard also keeps a QEMU that escaped its guest (egress or not: slirp's restrict is
-      // QEMU's own policy) from the host's services; only a VM with egress needs it in place.
-      if (options.network.egress) await ensureEgressGuard(identity);
-      else await ensureEgressGuard(identity, { bestEffort: true });
+      // The host side of the launch is every driver's (launch-sandbox.ts): the uid and the
+      // egress guard before the files are made, the files given to that uid after. (The guard
+      // also keeps a QEMU that escaped its guest from the host's services: slirp's restrict is
+      // QEMU's own policy.)
+      const egress = options.network.egress ?? false;
+      let identity = await launchIdentity(options.runDir, egress);
       clock.mark('sandbox_setup');
       clock.mark(await steps.prepare());
-      if (identity) {
-        try {
-          await grantQemuAccess(identity, { runDir: options.runDir, qemuDir, ramPath, disk, guest: shape.guest });
-        } catch (error) {
-          // A layout QEMU's user cannot reach (a data directory under a private home): run this
-          // QEMU as root, as before, and say how to get the sandbox back; or refuse, if asked to.
-          if (!isCocoonError(error, 'qemu_no_access') || setting('COCOON_QEMU_USER_REQUIRED') || options.network.egress) throw error;
-          warnRootFallback(error.message);
-          identity = undefined;
-        }
-      }
+      identity = await grantLaunchAccess(identity, { runDir: options.runDir, processDir: qemuDir, ramPath, disk, openedFiles: [shape.guest.kernel, shape.guest.initramfs] }, { egress });
       launch = {
         shape,
         cmdline,
@@ -759,13 +785,13 @@ export class QemuVm implements Vm {
         incoming: steps.incoming ?? false,
         sandbox: setting('COCOON_QEMU_SANDBOX'),
       };
-      const cgroup = createVmCgroup(options.id, { ...defaultLimits(shape), ...options.limits });
       clock.mark('sandbox_setup');
       filling = steps.fill?.();
       filling?.catch(() => undefined); // awaited below, or settled in the clean-up
-      started = startQemu(launch, options.runDir, identity, cgroup);
+      // (The VM's cgroup is made as the process starts: startSandboxed.)
+      started = startQemu(options.id, launch, options.runDir, identity, launchLimits(shape, options.limits));
       clock.mark('process_spawn');
-      const { child, exit } = started;
+      const { child, exit, cgroup } = started;
       const launched = launch;
       const record: LaunchRecord = {
         formatVersion: 1,
@@ -844,6 +870,7 @@ export class QemuVm implements Vm {
       await filling?.catch(() => undefined); // no copy writes into what is removed next
       if (runDirExisted) await removeLaunchFiles(options.runDir, disk, ramPath);
       else await fs.promises.rm(options.runDir, { recursive: true, force: true });
+      releaseRam(ramPath);
       throw error;
     }
   }
@@ -901,15 +928,10 @@ async function resolveForwards(forwards: PortForward[]): Promise<Required<PortFo
 }
 
 /**
- * Starts QEMU through `sh`, which joins the VM's cgroups, then `setpriv`, which drops root
- * (src/host/sandbox.ts); both exec, so the pid is QEMU's. The cgroups go when QEMU does.
+ * Starts QEMU in the VM's cgroup as its identity (launch-sandbox.ts `startSandboxed`), its
+ * stdout and stderr to `qemu.log` in the run directory.
  */
-function startQemu(
-  launch: QemuLaunch,
-  runDir: string,
-  identity: QemuIdentity | undefined,
-  cgroup: VmCgroup | undefined,
-): { child: ChildProcess; exit: Promise<void> } {
+function startQemu(id: string, launch: QemuLaunch, runDir: string, identity: VmIdentity | undefined, limits: Required<VmLimits>): SandboxedProcess {
   const logFd = fs.openSync(path.join(runDir, 'qemu.log'), 'w', 0o600);
   const guestFds: number[] = [];
   try {
@@ -920,29 +942,11 @@ function startQemu(
       guestFds.push(fs.openSync(kernel, 'r'), fs.openSync(initramfs, 'r'));
       args = qemuArgs({ ...launch, shape: { ...launch.shape, guest: { ...launch.shape.guest, kernel: '/dev/fd/3', initramfs: '/dev/fd/4' } } });
     }
-    const argv = dropPrivilegesArgv(identity, QEMU_BINARY, args);
-    const child = spawn('/bin/sh', ['-c', joinCgroupScript(cgroup), 'cocoon-qemu-start', ...argv], {
-      stdio: ['ignore', logFd, logFd, ...guestFds],
-      detached: true, // own process group: a Ctrl-C to the daemon does not kill guests
-    });
-    child.unref();
-    const exit = new Promise<void>((resolve) => {
-      child.once('exit', () => resolve());
-      child.once('error', () => resolve());
-    }).then(() => removeVmCgroup(cgroup));
-    return { child, exit };
+    return startSandboxed({ id, argv: [QEMU_BINARY, ...args], identity, limits, logFd, fds: guestFds });
   } finally {
     fs.closeSync(logFd);
     for (const fd of guestFds) fs.closeSync(fd);
   }
-}
-
-const rootFallbackWarned = new Set<string>();
-
-function warnRootFallback(why: string): void {
-  if (rootFallbackWarned.has(why)) return;
-  rootFallbackWarned.add(why);
-  log.warn({ why }, 'QEMU runs as root for this VM: its files are out of reach of an unprivileged user (COCOON_QEMU_USER_REQUIRED=1 refuses instead)');
 }
 
 /**

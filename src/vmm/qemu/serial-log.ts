@@ -13,7 +13,7 @@
  */
 import fs from 'node:fs';
 import type net from 'node:net';
-import { connectUnix } from './qmp.ts';
+import { connectUnix } from '../../net/unix-socket.ts';
 
 export const DEFAULT_SERIAL_LOG_MAX_BYTES = 4 * 1024 * 1024;
 export const DEFAULT_SERIAL_BYTES_PER_SECOND = 64 * 1024;
