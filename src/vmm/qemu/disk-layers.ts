@@ -15,6 +15,7 @@ import { promisify } from 'node:util';
 import { CocoonError, errorMessage } from '../../common/errors.ts';
 import type { BackingDisk } from '../driver.ts';
 import { writeLayerFromTemplate } from './layer-template.ts';
+import { restoreTuning } from './tuning.ts';
 
 const run = promisify(execFile);
 
@@ -31,7 +32,7 @@ export async function createDiskLayer(backing: string, backingFormat: 'raw' | 'q
   const name = relativeBackingName(layer, backing);
   try {
     // The same bytes as qemu-img's, without starting it for every layer (layer-template.ts).
-    if (await writeLayerFromTemplate(backing, backingFormat, layer, name)) return;
+    if (restoreTuning.layerTemplate && (await writeLayerFromTemplate(backing, backingFormat, layer, name))) return;
     await run('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', name, '-F', backingFormat, layer]);
   } catch (error) {
     throw new CocoonError('disk_layer_failed', `cannot create a disk layer over ${backing}: ${errorMessage(error)}`, { cause: error });

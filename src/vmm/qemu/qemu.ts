@@ -31,6 +31,7 @@ import { findProcesses, killProcesses, processStats, processAlive, processCmdlin
 import { type SandboxedProcess, type VmCgroup, type VmIdentity, grantLaunchAccess, launchIdentity, launchLimits, removeVmCgroup, startSandboxed } from '../launch-sandbox.ts';
 import { SerialLog, tailSerialLog } from './serial-log.ts';
 import { PhaseClock, type Phases } from '../phases.ts';
+import { restoreTuning } from './tuning.ts';
 import { identityBeforeReading, isVerified, rememberVerified } from '../verified-files.ts';
 import { sealSnapshotFiles, snapshotFailure, takeBackSnapshotFiles } from '../snapshot-safety.ts';
 import { qemuDirOf } from './paths.ts';
@@ -66,13 +67,8 @@ const MAX_SOCKET_PATH = 107;
 
 export const DEFAULT_BOOT_TIMEOUT_MS = 120_000;
 
-/**
- * How a restore starts QEMU (issue 12). `overlap` (the default): QEMU starts, and its channels
- * connect, while the snapshot's memory is copied and checked into its RAM file, and the launch
- * record is written while the channels connect; off: one after the other, as before. Only the
- * VM benchmark turns it off, to measure both side by side in one run.
- */
-export const restoreTuning = { overlap: true };
+/** How a restore starts QEMU (tuning.ts); exported for the vm benchmark. */
+export { restoreTuning };
 
 /** What every QEMU's command line has (`qemu-system-<arch>`), to find ours among the host's processes. */
 const QEMU_PROGRAM = 'qemu-system';
