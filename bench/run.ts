@@ -32,10 +32,11 @@ const SUITES: Record<string, (options: SuiteOptions) => Promise<Metrics>> = {
   soak: async (o) => (await import('./soak.ts')).runSoakBench(o),
   exec: async (o) => (await import('./exec.ts')).runExecBench(o),
   e2b: async (o) => (await import('./e2b.ts')).runE2bBench(o),
+  cluster: async (o) => (await import('./cluster.ts')).runClusterBench(o),
 };
 
-/** Run only when named: minutes of load, not a side-by-side figure. */
-const OPT_IN = new Set(['soak']);
+/** Run only when named: minutes of load, not a side-by-side figure; or a cluster of three hosts. */
+const OPT_IN = new Set(['soak', 'cluster']);
 
 function parseArgs(argv: string[]): { json: boolean; runs: number | undefined; seconds: number | undefined; suites: string[] } {
   let json = false;

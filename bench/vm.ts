@@ -1,7 +1,10 @@
 /**
  * The VM core benchmark (issue 2): cold boot, snapshot, restore (one clone, and eight started
  * together), suspend and resume, each to the first HTTP byte from the guest's app, measured
- * side by side in one run on real QEMU; then the same app at 16 vCPUs / 32 GiB (vm-big.ts).
+ * side by side in one run on real QEMU; then the same app at 16 vCPUs / 32 GiB (vm-big.ts). And
+ * what a suspended VM keeps on disk beyond its image: its memory as a diff against the image's
+ * (docs/vmm.md "Memory diffs", what a suspended microVM keeps), and, from the same snapshots
+ * before they are diffed, the whole memory file (what it kept before diffs).
  *
  *   node bench/vm.ts [--runs N]
  */
@@ -11,6 +14,8 @@ import path from 'node:path';
 import { loadGuestArtifacts } from '../src/guest/artifacts.ts';
 import { chooseAccelerator, parseAcceleratorChoice } from '../src/vmm/qemu/accel.ts';
 import { QemuVm } from '../src/vmm/qemu/qemu.ts';
+import { diffSnapshotMemory } from '../src/vmm/mem-diff.ts';
+import { releaseUnusedRam } from '../src/vmm/ram-file.ts';
 import type { Accelerator } from '../src/vmm/types.ts';
 import { makeTestRootDisk } from '../test/support/rootfs.ts';
 import type { Phases } from '../src/vmm/phases.ts';
@@ -19,6 +24,12 @@ import { elapsedMs, type Metrics, single, summarize } from './stats.ts';
 import { runBigVmBench } from './vm-big.ts';
 
 const APP_PORT = 8080;
+const MiB = 1024 * 1024;
+
+/** Allocated bytes (st_blocks) of the files in a directory. */
+function allocatedIn(dir: string): number {
+  return fs.readdirSync(dir).reduce((sum, name) => sum + fs.statSync(path.join(dir, name)).blocks * 512, 0);
+}
 const network = { forwards: [{ guestPort: APP_PORT }] };
 
 /** Polls the app until it answers 200; the first byte of a real HTTP answer is the signal. */
@@ -54,7 +65,8 @@ export async function runVmBench(options: { runs?: number; accel?: Accelerator; 
       fs.copyFileSync(rootDisk, disk);
       return QemuVm.boot({ id, runDir: path.join(dir, id), vcpus: 1, memoryMiB: 256, accel, guest, disk: { path: disk, format: 'raw' }, network });
     };
-    const restore = (id: string, snapshotDir: string) => QemuVm.restore({ id, runDir: path.join(dir, id), snapshotDir, network });
+    const restore = (id: string, snapshotDir: string, memoryBase?: string) =>
+      QemuVm.restore({ id, runDir: path.join(dir, id), snapshotDir, network, ...(memoryBase ? { memoryBase } : {}) });
 
     const cold: number[] = [];
     const snapshot: number[] = [];
@@ -112,6 +124,9 @@ export async function runVmBench(options: { runs?: number; accel?: Accelerator; 
 
     const suspend: number[] = [];
     const resume: number[] = [];
+    const diffMs: number[] = [];
+    const wholeMiB: number[] = [];
+    const diffMiB: number[] = [];
     const suspendPhases = new PhaseSamples();
     const resumePhases = new PhaseSamples();
     let vm = track(await restore('cycle-0', baseSnapshot));
@@ -124,16 +139,26 @@ export async function runVmBench(options: { runs?: number; accel?: Accelerator; 
       suspend.push(elapsedMs(suspendStart));
       suspendPhases.add(phases);
       running.delete(vm);
+      // What the suspended VM holds with whole memory (its reservation given back, as a snapshot
+      // does in the background), then as a diff against the image's (the lifecycle does this
+      // before a microVM counts as SUSPENDED; measured apart from the suspend above).
+      await releaseUnusedRam(path.join(suspended, 'mem'));
+      wholeMiB.push(allocatedIn(suspended) / MiB);
+      const diffStart = performance.now();
+      await diffSnapshotMemory(suspended, baseSnapshot, { durable: true });
+      diffMs.push(elapsedMs(diffStart));
+      diffMiB.push(allocatedIn(suspended) / MiB);
       const resumeStart = performance.now();
-      vm = track(await restore(`cycle-${i + 1}`, suspended));
+      vm = track(await restore(`cycle-${i + 1}`, suspended, baseSnapshot));
       await firstByte(vm);
       resume.push(elapsedMs(resumeStart));
       resumePhases.add(vm.startPhases, resume.at(-1));
     }
     await vm.destroy();
     running.delete(vm);
-    say(`suspend p50 ${summarize(suspend).p50} ms (${suspendPhases.line()})`);
+    say(`suspend p50 ${summarize(suspend).p50} ms (${suspendPhases.line()}) + memory diff ${summarize(diffMs).p50} ms`);
     say(`resume p50 ${summarize(resume).p50} ms (${resumePhases.line()})`);
+    say(`suspended on disk beyond the image: p50 ${summarize(diffMiB, 'MiB').p50} MiB with a memory diff, ${summarize(wholeMiB, 'MiB').p50} MiB with whole memory`);
 
     // The 32 GiB / 16 vCPU shape, its wake beside the 256 MiB one above (bench/vm-big.ts).
     const big = await runBigVmBench({ dir, rootDisk, accel, guest, runs: Math.min(runs, 5), smallWake: summarize(resume), firstByte, say });
@@ -148,6 +173,9 @@ export async function runVmBench(options: { runs?: number; accel?: Accelerator; 
       'vm.restore8_first_byte_ms': summarize(restoreEight),
       'vm.suspend_ms': summarize(suspend),
       'vm.resume_first_byte_ms': summarize(resume),
+      'vm.suspend_diff_ms': summarize(diffMs),
+      'vm.suspended_disk_mib': summarize(diffMiB, 'MiB'),
+      'vm.suspended_disk_whole_memory_mib': summarize(wholeMiB, 'MiB'),
       'vm.restore_speedup_ratio': single(coldSummary.p50 / restoreSummary.p50, 'ratio'),
       ...restorePhases.metrics('vm.restore_phase'),
       ...suspendPhases.metrics('vm.suspend_phase'),

@@ -4,7 +4,8 @@
  * (the lifecycle's lookup is synchronous then: the hot path stays as on one host). For any
  * other, its lease says who owns it (owners.ts): another live host → the route carries `peer`
  * and the gateway forwards the request to that host's gateway; none, this host, or a lost one
- * → served here, where waking it is the lifecycle's (and placement's) job.
+ * → served here, where waking it is the lifecycle's (and placement's) job. A host that loses
+ * the race to wake a microVM (another host took its lease first) forwards to the winner.
  */
 import { isPromiseLike, type MicroVMDirectory, type MicroVMRoute } from '../gateway/types.ts';
 import { peerTarget } from '../gateway/peer.ts';
@@ -17,6 +18,16 @@ export function clusterDirectory(local: MicroVMDirectory, owners: OwnerLookup): 
     const peer = peerTarget(owner.host.hostId, owner.host.gatewayUrl);
     return peer ? { ...route, peer } : route;
   }
+  /** The microVM's route with `peer` set when another live host owns it now, else undefined. */
+  async function peerRoute(microvmId: string): Promise<MicroVMRoute | undefined> {
+    const owner = await owners.ownerOf(microvmId);
+    if (owner?.kind !== 'peer') return undefined;
+    const peer = peerTarget(owner.host.hostId, owner.host.gatewayUrl);
+    if (!peer) return undefined;
+    const found = local.lookup(microvmId);
+    const route = isPromiseLike(found) ? await found : found;
+    return route ? { ...route, peer } : undefined;
+  }
   return {
     lookup(microvmId) {
       const found = local.lookup(microvmId);
@@ -24,14 +35,16 @@ export function clusterDirectory(local: MicroVMDirectory, owners: OwnerLookup): 
       return found.then((route) => (route === null ? null : elsewhere(route)));
     },
     async ensureRunning(microvmId, signal) {
-      const owner = await owners.ownerOf(microvmId);
-      if (owner?.kind === 'peer') {
-        const peer = peerTarget(owner.host.hostId, owner.host.gatewayUrl);
-        const found = local.lookup(microvmId);
-        const route = isPromiseLike(found) ? await found : found;
-        if (peer && route) return { ...route, peer };
+      const forwarded = await peerRoute(microvmId);
+      if (forwarded) return forwarded;
+      try {
+        return await local.ensureRunning(microvmId, signal);
+      } catch (error) {
+        // Another host won the race to wake it (its lease): forward there instead.
+        const winner = await peerRoute(microvmId).catch(() => undefined);
+        if (winner) return winner;
+        throw error;
       }
-      return local.ensureRunning(microvmId, signal);
     },
     requestStarted: (id) => local.requestStarted(id),
     requestFinished: (id) => local.requestFinished(id),

@@ -26,6 +26,8 @@ export interface RegistryHooks {
   onDeclaredDead?(): Promise<void>;
   /** No heartbeat reached the database for dead-after minus one interval: stop every VM before others may take over. */
   onLeaseExpiring?(): Promise<void>;
+  /** Heartbeats are accepted again after `onLeaseExpiring` or `onDeclaredDead`: settle what was stopped. */
+  onReconnected?(): Promise<void>;
   /** This host's sweep declared another host dead. */
   onHostLost?(hostId: string, loss: HostLoss): void;
 }
@@ -136,14 +138,18 @@ export class HostRegistry {
       return;
     }
     if (alive) {
+      const wasFenced = this.#fenced;
       this.#accepted(sentAt);
+      if (wasFenced) await this.#o.hooks?.onReconnected?.();
       return;
     }
     this.#o.logger.error({ host: this.hostId }, 'this host was declared dead by another host: stopping its VMs, then registering again');
     this.#connectedSince = undefined;
     this.#fenced = true;
     await this.#o.hooks?.onDeclaredDead?.();
-    if (!this.#stopped) await this.register();
+    if (this.#stopped) return;
+    await this.register();
+    await this.#o.hooks?.onReconnected?.();
   }
 
   /** Declares dead the hosts silent longer than the bound (only once this host has been connected that long itself). */

@@ -372,7 +372,7 @@ export function createGateway(options: GatewayOptions): Gateway {
     return headers;
   }
 
-  async function forwardToPeer(req: IncomingMessage, res: ServerResponse, a: Admitted, peer: PeerTarget): Promise<void> {
+  async function forwardToPeer(req: IncomingMessage, res: ServerResponse, a: Pick<Admitted, 'microvmId' | 'proto'>, peer: PeerTarget): Promise<void> {
     const headers = toPeer(req, peer, a.proto, false);
     if (!Array.isArray(headers)) {
       sendError(req, res, headers);
@@ -398,6 +398,27 @@ export function createGateway(options: GatewayOptions): Gateway {
         ? reject(504, 'upstream_timeout', `microVM ${a.microvmId} did not answer in time (through host ${peer.hostId})`)
         : reject(502, 'peer_unreachable', `host ${peer.hostId}, which runs microVM ${a.microvmId}, did not answer; retry shortly`));
     }
+  }
+
+  /**
+   * A request a surface claims (E2B's envd) for a microVM another host runs: that host's
+   * gateway serves it (its surface); a request forwarded here is served here.
+   */
+  async function surfaceOrPeer(surface: GatewaySurface, microvmId: string, req: IncomingMessage, res: ServerResponse): Promise<void> {
+    const refused = checkPeer(req);
+    if (refused) {
+      sendError(req, res, refused);
+      return;
+    }
+    if (!fromPeer.has(req)) {
+      const found = directory.lookup(microvmId);
+      const route = isPromiseLike(found) ? await found : found;
+      if (route?.peer) {
+        await forwardToPeer(req, res, { microvmId, proto: protoOf(req) }, route.peer);
+        return;
+      }
+    }
+    surface.handle(req, res);
   }
 
   function upgradeToPeer(req: IncomingMessage, socket: Duplex, head: Buffer, a: Admitted, peer: PeerTarget): void {
@@ -730,7 +751,14 @@ export function createGateway(options: GatewayOptions): Gateway {
     res.on('error', () => {});
     const surface = closing ? undefined : options.surfaces?.find((s) => s.claims(req));
     if (surface) {
-      surface.handle(req, res);
+      const microvmId = options.peers ? surface.microvmOf?.(req) : undefined;
+      if (microvmId === undefined) surface.handle(req, res);
+      else {
+        surfaceOrPeer(surface, microvmId, req, res).catch((error: unknown) => {
+          logger.warn({ err: error, path: pathOnly(req.url) }, 'forwarding a surface request failed');
+          sendError(req, res, dependencyFailure(error));
+        });
+      }
       return;
     }
     onRequest(req, res).catch((error: unknown) => {

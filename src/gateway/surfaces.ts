@@ -13,4 +13,9 @@ export interface GatewaySurface {
   claims(req: IncomingMessage): boolean;
   /** Answers the request; must end `res` (or destroy it) in every case. */
   handle(req: IncomingMessage, res: ServerResponse): void;
+  /**
+   * The microVM a claimed request is for (optional): in a cluster, a request for a microVM
+   * another host runs is forwarded to that host's gateway, whose surface answers it.
+   */
+  microvmOf?(req: IncomingMessage): string | undefined;
 }

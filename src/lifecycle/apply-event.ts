@@ -26,6 +26,8 @@ export interface EventTarget {
   state: MicrovmState;
   runtime: Runtime;
   suspendedAt: number;
+  /** In a cluster: the lease epoch this host holds; the move happens only while the row still has it. */
+  readonly leaseEpoch?: number | undefined;
 }
 
 /**
@@ -37,6 +39,7 @@ export async function applyInstanceEvent(db: Db, instance: EventTarget, event: M
   const moved = await applyMicrovmEvent(db, instance.id, event, {
     ...(patch.runtime ? { runtime: runtimeRecord(patch.runtime) } : {}),
     ...(patch.error !== undefined ? { error: patch.error } : {}),
+    ...(instance.leaseEpoch !== undefined ? { leaseEpoch: instance.leaseEpoch } : {}),
   });
   if (moved) {
     instance.state = to;

@@ -23,7 +23,7 @@
 import { CocoonError } from '../common/errors.ts';
 import { log as rootLog, type Logger } from '../common/log.ts';
 import type { MicroVMDirectory, MicroVMRoute } from '../gateway/types.ts';
-import { getMicrovm, listHostMicrovms, type Microvm } from '../store/microvms.ts';
+import { getMicrovm, listHostMicrovms, transitionMicrovm, type Microvm } from '../store/microvms.ts';
 import type { SnapshotStore } from '../snapshots/snapshot-store.ts';
 import type { Db } from '../store/sql.ts';
 import type { Vm, VmDriver } from '../vmm/driver.ts';
@@ -33,6 +33,7 @@ import { SharedSnapshots } from './shared-snapshots.ts';
 import { HostExecutor } from './executor.ts';
 import type { MicrovmRuntime } from './service.ts';
 import { dataDirHostId } from './host-id.ts';
+import { ownableMicrovm } from './ownership.ts';
 import { loadInstance, type Instance, type Operation, type OperationSource, type PauseHook, type PausePoint } from './instance.ts';
 import { StopListeners, type StopListener } from './stop-listeners.ts';
 import { dueWithoutTimer, TERMINATION_REASONS, type TimerKind } from './scheduler.ts';
@@ -55,6 +56,12 @@ export interface LifecycleOptions {
   onStop?: 'suspend' | 'leave';
   /** This host's identity (config `hostId`): the microVMs it launches are claimed for it. Default: the id kept in `dataDir` (host-id.ts). */
   hostId?: string;
+  /**
+   * Hosts share the database (a cluster, docs/cluster.md): launch and resume acquire the
+   * microVM's lease first, state writes carry its epoch, and a microVM this process does not
+   * hold is loaded on demand when no live host runs it (ownership.ts). Default false: one host.
+   */
+  leases?: boolean;
   /** Where the gateway reaches this host's forwarded guest ports (config `hostAddress`, default 127.0.0.1). */
   hostAddress?: string;
   /** How often the scheduler scans this host's rows for SUSPENDED microVMs due to end that no timer here covers (default 30 s; see `startDueScan`). */
@@ -73,6 +80,7 @@ export class LifecycleEngine implements MicroVMDirectory, MicrovmRuntime {
   readonly dataDir: string;
   readonly driver: VmDriver;
   readonly hostId: string;
+  readonly #leases: boolean;
   readonly #hostAddress: string;
   readonly #log: Logger;
   readonly #durable: boolean;
@@ -89,6 +97,8 @@ export class LifecycleEngine implements MicroVMDirectory, MicrovmRuntime {
   /** In a cluster: this host's view of the snapshots in the object store (recovery uses it too). */
   readonly shared: SharedSnapshots | undefined;
   #scanTimer: NodeJS.Timeout | undefined;
+  /** MicroVMs whose VM `fenceAll` stopped, with the lease epoch held then (`settleFenced`). */
+  readonly #fenced: Array<{ id: string; epoch: number }> = [];
   #closed = false;
 
   constructor(options: LifecycleOptions) {
@@ -96,6 +106,7 @@ export class LifecycleEngine implements MicroVMDirectory, MicrovmRuntime {
     this.dataDir = options.dataDir;
     this.driver = options.driver ?? defaultVmDriver();
     this.hostId = options.hostId ?? dataDirHostId(options.dataDir);
+    this.#leases = options.leases ?? false;
     this.#hostAddress = options.hostAddress ?? '127.0.0.1';
     this.#log = (options.logger ?? rootLog).child({ component: 'lifecycle' });
     this.#durable = options.durable ?? true;
@@ -108,6 +119,7 @@ export class LifecycleEngine implements MicroVMDirectory, MicrovmRuntime {
       dataDir: this.dataDir,
       driver: this.driver,
       hostId: this.hostId,
+      leases: this.#leases,
       log: this.#log,
       durable: this.#durable,
       maxDiskChain: options.maxDiskChain ?? 8,
@@ -127,7 +139,7 @@ export class LifecycleEngine implements MicroVMDirectory, MicrovmRuntime {
   async #load(microvm: Microvm): Promise<Instance> {
     const existing = this.#instances.get(microvm.id);
     if (existing) return existing;
-    const instance = await loadInstance(this.db, microvm);
+    const instance = await loadInstance(this.db, microvm, { leases: this.#leases, hostId: this.hostId });
     this.#instances.set(microvm.id, instance);
     this.#timers.armExpiry(instance);
     return instance;
@@ -142,6 +154,49 @@ export class LifecycleEngine implements MicroVMDirectory, MicrovmRuntime {
     const instance = await this.#load(microvm);
     const verifyData = options.verifyData ?? (instance.runtime.generation > 0 ? 'if-present' : true);
     void this.#enqueue(instance, 'launch', () => this.#executor.launch(instance, verifyData)).catch(() => undefined);
+  }
+
+  /**
+   * In a cluster: the instance of a microVM this process does not hold yet, loaded from the store
+   * when no live host runs it (made ownerless by a host's loss, say); throws
+   * `microvm_on_other_host` when one does. With one host: only what it holds.
+   */
+  async #instanceOrLoad(microvmId: string): Promise<Instance | undefined> {
+    const held = this.#instances.get(microvmId);
+    if (held || !this.#leases || this.#closed) return held;
+    const microvm = await ownableMicrovm(this.db, microvmId, this.hostId);
+    if (microvm?.state !== 'SUSPENDED') return undefined;
+    return this.#load(microvm);
+  }
+
+  /**
+   * This host lost its leases (declared dead by another host, or it fenced itself after its
+   * heartbeats stopped reaching the database): every VM it runs stops, and it forgets every
+   * microVM; a later request loads what it may run again (cluster only).
+   */
+  async fenceAll(): Promise<void> {
+    const instances = [...this.#instances.values()];
+    for (const instance of instances) {
+      this.#timers.clear(instance);
+      if (instance.vm && instance.leaseEpoch !== undefined) this.#fenced.push({ id: instance.id, epoch: instance.leaseEpoch });
+    }
+    await this.#executor.fence(instances);
+  }
+
+  /**
+   * After `fenceAll`, once this host reaches the database again: the microVMs whose VM it
+   * stopped and whose lease it still holds (no other host declared it dead meanwhile) end
+   * FAILED with `host_lost`, since their memory is gone; those another host settled already
+   * are left alone (the epoch fences the write).
+   */
+  async settleFenced(): Promise<void> {
+    const fenced = this.#fenced.splice(0);
+    for (const { id, epoch } of fenced) {
+      await transitionMicrovm(this.db, id, ['PENDING', 'RUNNING', 'RESUMING', 'SUSPENDING'], 'FAILED', {
+        leaseEpoch: epoch,
+        error: `host_lost: host ${this.hostId} could not reach the database for too long and stopped the microVM's VM before another host could take it over; its memory is lost`,
+      });
+    }
   }
 
   #enqueue<T>(instance: Instance, operation: Operation, fn: () => Promise<T>): Promise<T> {
@@ -255,7 +310,7 @@ export class LifecycleEngine implements MicroVMDirectory, MicrovmRuntime {
   async ensureRunning(microvmId: string, signal: AbortSignal): Promise<MicroVMRoute> {
     for (let round = 0; ; round++) {
       signal.throwIfAborted();
-      const instance = this.#instances.get(microvmId);
+      const instance = await this.#instanceOrLoad(microvmId);
       if (!instance) throw await this.#goneError(microvmId);
       if (instance.terminating) throw terminatedError(microvmId);
       switch (instance.state) {
@@ -293,7 +348,7 @@ export class LifecycleEngine implements MicroVMDirectory, MicrovmRuntime {
 
   /** Suspends a RUNNING microVM (waits out PENDING/RESUMING first); no-op when already SUSPENDED. */
   async suspend(microvmId: string): Promise<void> {
-    const instance = this.#require(microvmId);
+    const instance = await this.#require(microvmId);
     await instance.ops.settled;
     if (instance.state === 'FAILED') throw new CocoonError('microvm_failed', `microVM ${microvmId} has failed`, { status: 409 });
     await this.#enqueue(instance, 'suspend', () => this.#executor.suspend(instance, 'api'));
@@ -301,7 +356,7 @@ export class LifecycleEngine implements MicroVMDirectory, MicrovmRuntime {
 
   /** Resumes a SUSPENDED microVM (whatever autoResumeEnabled says); no-op when RUNNING. */
   async resume(microvmId: string): Promise<void> {
-    const instance = this.#require(microvmId);
+    const instance = await this.#require(microvmId);
     await instance.ops.settled;
     if (instance.state === 'FAILED') throw new CocoonError('microvm_failed', `microVM ${microvmId} has failed`, { status: 409 });
     await this.#enqueue(instance, 'resume', () => this.#executor.resume(instance, 'api'));
@@ -309,7 +364,7 @@ export class LifecycleEngine implements MicroVMDirectory, MicrovmRuntime {
 
   /** Terminates whatever the state; resolves once its files are gone. No-op for unknown or ended microVMs. */
   async terminate(microvmId: string, reason = 'terminated through the API'): Promise<void> {
-    const instance = this.#instances.get(microvmId);
+    const instance = await this.#instanceOrLoad(microvmId);
     if (!instance) return;
     instance.terminating = true;
     this.#timers.clear(instance);
@@ -321,7 +376,7 @@ export class LifecycleEngine implements MicroVMDirectory, MicrovmRuntime {
    * run meanwhile), once it has settled: forks and checkpoints take their snapshot this way.
    */
   async exclusive<T>(microvmId: string, operation: 'fork' | 'checkpoint', fn: (source: OperationSource) => Promise<T>): Promise<T> {
-    const instance = this.#require(microvmId);
+    const instance = await this.#require(microvmId);
     return this.#enqueue(instance, operation, async () => {
       if (instance.terminating) throw terminatedError(microvmId, 409);
       return fn({
@@ -353,8 +408,8 @@ export class LifecycleEngine implements MicroVMDirectory, MicrovmRuntime {
     return this.#durable;
   }
 
-  #require(microvmId: string): Instance {
-    const instance = this.#instances.get(microvmId);
+  async #require(microvmId: string): Promise<Instance> {
+    const instance = await this.#instanceOrLoad(microvmId);
     if (!instance || instance.terminating) throw terminatedError(microvmId, 409);
     return instance;
   }

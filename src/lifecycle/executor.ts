@@ -13,7 +13,8 @@ import fs from 'node:fs';
 import { CocoonError, errorMessage, isCocoonError } from '../common/errors.ts';
 import type { Logger } from '../common/log.ts';
 import type { HookName } from '../store/images.ts';
-import { claimMicrovm, clearRunHookPayload, setMicrovmRuntimeIf, touchMicrovmActivity } from '../store/microvms.ts';
+import { holdsMicrovmLease } from '../store/leases.ts';
+import { claimMicrovm, clearRunHookPayload, getMicrovm, setMicrovmRuntimeIf, touchMicrovmActivity } from '../store/microvms.ts';
 import type { Db } from '../store/sql.ts';
 import type { Vm, VmDriver } from '../vmm/driver.ts';
 import { readSnapshotManifest } from '../vmm/snapshot.ts';
@@ -21,9 +22,10 @@ import { applyInstanceEvent } from './apply-event.ts';
 import { runHooks } from './hooks.ts';
 import type { SharedSnapshots } from './shared-snapshots.ts';
 import { appendInstanceEvent, type Instance, type PauseHook, type PausePoint, type StopReason } from './instance.ts';
+import { acquireLease } from './ownership.ts';
 import { generationDir, imageSnapshotDir, microvmDir, runDir, snapshotDirFor } from './paths.ts';
 import { assertRoomToResume } from './space-check.ts';
-import { appendLog, clearRunFiles, collectGarbage, compactGeneration, runtimeRecord, type Runtime } from './storage.ts';
+import { appendLog, clearRunFiles, collectGarbage, compactGeneration, diffGeneration, runtimeRecord, type Runtime } from './storage.ts';
 import type { LifecycleTimers } from './timers.ts';
 import { allows, transition, type MicrovmEvent } from './transitions.ts';
 
@@ -33,6 +35,8 @@ export interface ExecutorOptions {
   driver: VmDriver;
   /** The microVMs this executor launches are claimed for this host. */
   hostId: string;
+  /** Hosts share the database (a cluster): launch and resume acquire the microVM's lease, writes carry its epoch (ownership.ts). */
+  leases: boolean;
   log: Logger;
   /** fsync snapshots. */
   durable: boolean;
@@ -54,6 +58,7 @@ export class HostExecutor {
   readonly #dataDir: string;
   readonly #driver: VmDriver;
   readonly #hostId: string;
+  readonly #leases: boolean;
   readonly #log: Logger;
   readonly #durable: boolean;
   readonly #maxChain: number;
@@ -71,6 +76,7 @@ export class HostExecutor {
     this.#dataDir = options.dataDir;
     this.#driver = options.driver;
     this.#hostId = options.hostId;
+    this.#leases = options.leases;
     this.#log = options.log;
     this.#durable = options.durable;
     this.#maxChain = options.maxDiskChain;
@@ -85,8 +91,36 @@ export class HostExecutor {
     if (this.#pauseAt) await this.#pauseAt(point, id);
   }
 
-  #transition(instance: Instance, event: MicrovmEvent, patch: { runtime?: Runtime; error?: string } = {}): Promise<boolean> {
-    return applyInstanceEvent(this.#db, instance, event, patch);
+  async #transition(instance: Instance, event: MicrovmEvent, patch: { runtime?: Runtime; error?: string } = {}): Promise<boolean> {
+    const moved = await applyInstanceEvent(this.#db, instance, event, patch);
+    const epoch = instance.leaseEpoch;
+    if (!moved && epoch !== undefined && !(await holdsMicrovmLease(this.#db, instance.id, this.#hostId, epoch))) await this.#leaseLost(instance);
+    return moved;
+  }
+
+  /**
+   * Another host took this microVM's lease over (this one was declared dead, or was too slow):
+   * whatever it runs here of it must stop, and it is not this host's to manage any more. Its
+   * files stay (they may be what the new owner resumes from where hosts share a directory).
+   */
+  async #leaseLost(instance: Instance): Promise<void> {
+    this.#log.warn({ microvm: instance.id, epoch: instance.leaseEpoch }, 'another host holds this microVM\'s lease now: stopping its VM here');
+    this.#timers.clear(instance);
+    instance.leaseEpoch = undefined;
+    const vm = instance.vm;
+    if (vm) {
+      this.#notifyStopping(instance.id, 'failed');
+      this.#stopping.add(vm);
+      await vm.kill();
+    }
+    instance.vm = undefined;
+    instance.ports = new Map();
+    this.#forget(instance.id);
+  }
+
+  /** Stops the VM of every microVM given (this host lost its leases: declared dead, or fenced itself). */
+  async fence(instances: readonly Instance[]): Promise<void> {
+    for (const instance of instances) await this.#leaseLost(instance);
   }
 
   #hook(instance: Instance, vm: Vm, name: HookName): Promise<void> {
@@ -113,6 +147,8 @@ export class HostExecutor {
       runDir: runDir(this.#dataDir, instance.id),
       snapshotDir,
       verifyData,
+      // A suspended generation's memory is a diff against the image's (storage.ts diffGeneration).
+      ...(instance.imageId !== null ? { memoryBase: imageSnapshotDir(this.#dataDir, instance.imageId) } : {}),
       network: {
         forwards: await this.#forwards(snapshotDir, instance.hasAppPort ? instance.appPort : undefined, instance.httpHooks?.port),
         egress: instance.egress,
@@ -203,7 +239,7 @@ export class HostExecutor {
     if (!allows(instance.state, 'started') || instance.terminating) return;
     await this.pause('launch:starting', instance.id);
     // Another host launched it meanwhile (several hosts on one store): not ours to run.
-    if (!(await claimMicrovm(this.#db, instance.id, this.#hostId))) {
+    if (!(await this.#claim(instance))) {
       this.#log.warn({ microvm: instance.id }, 'another host runs this microVM; not launching it here');
       this.#timers.clear(instance);
       this.#forget(instance.id);
@@ -230,6 +266,20 @@ export class HostExecutor {
     instance.activity.lastActivity = Date.now();
     this.#timers.armIdle(instance);
     await appendLog(this.#dataDir, instance.id, `started from ${generation === 0 ? 'its image' : 'its fork point'} (pid ${vm.pid})`);
+  }
+
+  /** Makes the PENDING microVM this host's: its lease in a cluster, else the plain claim. */
+  async #claim(instance: Instance): Promise<boolean> {
+    if (!this.#leases) return claimMicrovm(this.#db, instance.id, this.#hostId);
+    try {
+      const epoch = await acquireLease(this.#db, instance.id, this.#hostId, ['PENDING']);
+      if (epoch === undefined) return false;
+      instance.leaseEpoch = epoch;
+      return true;
+    } catch (error) {
+      if (isCocoonError(error, 'microvm_on_other_host')) return false;
+      throw error;
+    }
   }
 
   /** Stops a VM that must not go on (its microVM moved on meanwhile), keeping the log. */
@@ -306,6 +356,7 @@ export class HostExecutor {
     instance.vm = undefined;
     instance.ports = new Map();
     await this.pause('suspend:committed', instance.id);
+    const diff = await this.#diffGeneration(instance, next);
     const runtime: Runtime = { generation: next, chain: [...instance.runtime.chain, next] };
     let stored = '';
     if (this.#shared) {
@@ -321,7 +372,7 @@ export class HostExecutor {
       stored = `, stored in the object store in ${(performance.now() - storing).toFixed(0)} ms`;
     }
     if (!(await this.#transition(instance, 'suspended', { runtime }))) return;
-    await appendLog(this.#dataDir, instance.id, `suspended (${reason}) as generation ${next} in ${snapshotMs.toFixed(0)} ms${stored}`);
+    await appendLog(this.#dataDir, instance.id, `suspended (${reason}) as generation ${next} in ${snapshotMs.toFixed(0)} ms${diff}${stored}`);
     await collectGarbage(this.#dataDir, instance.id, instance.runtime);
     await this.#compactIfLong(instance);
     this.#timers.armSuspended(instance);
@@ -369,6 +420,21 @@ export class HostExecutor {
     this.#timers.armIdle(instance);
   }
 
+  /**
+   * Keeps only the memory pages the new generation changed from its image's (storage.ts), before
+   * it is stored or recorded; a failure leaves the generation whole. Answers a note for the log.
+   */
+  async #diffGeneration(instance: Instance, generation: number): Promise<string> {
+    if (instance.imageId === null) return '';
+    try {
+      const diff = await diffGeneration(this.#dataDir, instance.id, generation, imageSnapshotDir(this.#dataDir, instance.imageId), this.#durable);
+      return diff ? `, memory diff ${diff.diffPages} of ${diff.pages} pages in ${diff.compareMs.toFixed(0)} ms` : '';
+    } catch (error) {
+      this.#log.warn({ err: error, microvm: instance.id }, 'cannot keep only the changed memory pages; the generation stays whole');
+      return '';
+    }
+  }
+
   async #compactIfLong(instance: Instance): Promise<void> {
     if (instance.runtime.chain.length <= this.#maxChain || instance.imageId === null) return;
     try {
@@ -376,7 +442,7 @@ export class HostExecutor {
       // A cluster: the folded generation is stored before it is recorded (else the chain stays).
       await this.#shared?.commit(instance, runtime, { fresh: true });
       const folded = instance.runtime.chain.filter((generation) => !runtime.chain.includes(generation));
-      if (await setMicrovmRuntimeIf(this.#db, instance.id, 'SUSPENDED', runtimeRecord(runtime))) {
+      if (await setMicrovmRuntimeIf(this.#db, instance.id, 'SUSPENDED', runtimeRecord(runtime), new Date(), instance.leaseEpoch)) {
         instance.runtime = runtime;
         await collectGarbage(this.#dataDir, instance.id, runtime);
         await this.#shared?.forget(instance.id, folded);
@@ -391,6 +457,27 @@ export class HostExecutor {
     if (!allows(instance.state, 'resume') || instance.terminating) return;
     // Refused up front (507 no_space, still SUSPENDED, nothing touched) when the data directory cannot hold its memory.
     await assertRoomToResume(this.#dataDir, snapshotDirFor(this.#dataDir, instance, instance.runtime.generation), `microVM ${instance.id}`);
+    if (this.#leases) {
+      // The lease first: of several hosts waking it at once, one runs it; the others answer
+      // microvm_on_other_host (and forget it here) so that their caller forwards to the winner.
+      let epoch: number | undefined;
+      try {
+        epoch = await acquireLease(this.#db, instance.id, this.#hostId, ['SUSPENDED']);
+      } catch (error) {
+        if (isCocoonError(error, 'microvm_on_other_host')) {
+          this.#timers.clear(instance);
+          this.#forget(instance.id);
+        }
+        throw error;
+      }
+      if (epoch === undefined) {
+        // Not SUSPENDED any more (ended while this host looked away): follow the store.
+        const row = await getMicrovm(this.#db, instance.id);
+        if (row) instance.state = row.state;
+        return;
+      }
+      instance.leaseEpoch = epoch;
+    }
     instance.state = transition(instance.state, 'resume');
     this.#timers.clearSuspended(instance);
     if (!(await this.#transition(instance, 'resume'))) return;

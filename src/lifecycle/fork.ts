@@ -154,6 +154,8 @@ async function takeSourcePoint(
     return point.pausedMs;
   }
   if (source.state === 'SUSPENDED' && source.runtime.generation > 0) {
+    // A cluster: the source may have been suspended on another host (its state is in the object store).
+    await engine.shared?.ensureLocal(source, source.runtime);
     await snapshotFrom(generationDir(engine.dataDir, source.id, source.runtime.generation), target, {
       driver: engine.driver,
       durable,

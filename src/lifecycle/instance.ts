@@ -74,10 +74,15 @@ export interface Instance {
   readonly activity: Activity;
   /** This microVM's operations, one at a time (queue.ts). */
   readonly ops: OperationQueue<Operation>;
+  /**
+   * In a cluster: the epoch of this host's lease on the microVM (ownership.ts), carried by every
+   * state write; undefined with one host (writes are not fenced) or before the lease is held.
+   */
+  leaseEpoch: number | undefined;
 }
 
 /** The in-memory record of a microVM the store knows (its image's hooks read once, here). */
-export async function loadInstance(db: Db, microvm: Microvm): Promise<Instance> {
+export async function loadInstance(db: Db, microvm: Microvm, options: { leases?: boolean; hostId?: string } = {}): Promise<Instance> {
   const image = microvm.imageId === null ? undefined : await getImage(db, microvm.imageId);
   return {
     id: microvm.id,
@@ -100,6 +105,7 @@ export async function loadInstance(db: Db, microvm: Microvm): Promise<Instance> 
     ports: new Map(),
     activity: new Activity(Date.parse(microvm.lastActivityAt)),
     ops: new OperationQueue<Operation>(),
+    leaseEpoch: options.leases && microvm.hostId !== null && microvm.hostId === options.hostId ? microvm.leaseEpoch : undefined,
   };
 }
 

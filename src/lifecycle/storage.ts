@@ -9,6 +9,7 @@ import { promisify } from 'node:util';
 import { CocoonError, errorMessage } from '../common/errors.ts';
 import { fsyncDir } from '../common/fs.ts';
 import type { VmDriver } from '../vmm/driver.ts';
+import { MEMORY_DIFF_NAME, type MemoryDiffResult, diffSnapshotMemory } from '../vmm/mem-diff.ts';
 import { sealSnapshotFiles } from '../vmm/snapshot-safety.ts';
 import { dataChecksums, readSnapshotManifest, writeSnapshotManifest } from '../vmm/snapshot.ts';
 import { GENERATION_DIR, generationDir, logPath, microvmDir, runDir } from './paths.ts';
@@ -60,9 +61,35 @@ export async function collectGarbage(dataDir: string, id: string, runtime: Runti
     if (generation === undefined || !runtime.chain.includes(generation)) {
       await fs.promises.rm(full, { recursive: true, force: true });
     } else if (generation !== runtime.generation) {
-      await Promise.all(['mem', 'state'].map((name) => fs.promises.rm(path.join(full, name), { force: true })));
+      await Promise.all(['mem', MEMORY_DIFF_NAME, 'state'].map((name) => fs.promises.rm(path.join(full, name), { force: true })));
+    } else {
+      await removeUnreferencedMemory(full);
     }
   }
+}
+
+/**
+ * The memory file the current generation's manifest does not name: the whole `mem` left by a
+ * daemon that died between a diff's commit and the file's removal, or a diff that was never
+ * committed. Both are unreferenced: a restore reads only what the manifest names.
+ */
+async function removeUnreferencedMemory(dir: string): Promise<void> {
+  let name: string;
+  try {
+    name = (await readSnapshotManifest(dir)).files.mem.name;
+  } catch {
+    return; // no manifest: nothing to compare with (the generation is not this code's to judge)
+  }
+  await Promise.all(['mem', MEMORY_DIFF_NAME].filter((other) => other !== name).map((other) => fs.promises.rm(path.join(dir, other), { force: true })));
+}
+
+/**
+ * Makes a just committed generation keep only the memory pages that differ from its image's
+ * (docs/vmm.md "Memory diffs"): crash-safe, the generation valid throughout. Answers what was
+ * done, or undefined when the generation cannot stand on that image's memory (it stays whole).
+ */
+export async function diffGeneration(dataDir: string, id: string, generation: number, imageSnapshot: string, durable: boolean): Promise<MemoryDiffResult | undefined> {
+  return diffSnapshotMemory(generationDir(dataDir, id, generation), imageSnapshot, { durable });
 }
 
 /** Removes a dead VM's files from the run directory (its memory and disk layer), keeping the log. */

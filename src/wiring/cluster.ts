@@ -27,7 +27,8 @@ function urlOf(address: string, port: number): string {
 
 /** What the cluster needs of the microVM module: this host's id and the gateway's bound port. */
 export interface ClusterHostSide {
-  readonly engine: Pick<MicrovmModule['engine'], 'hostId'>;
+  /** Its lifecycle: who this host is, and (absent without microVMs) how it stops its VMs when it loses its leases. */
+  readonly engine: Pick<MicrovmModule['engine'], 'hostId'> & Partial<Pick<MicrovmModule['engine'], 'fenceAll' | 'settleFenced'>>;
   readonly gatewayPort: number;
 }
 
@@ -59,6 +60,12 @@ export function clusterModule(microvms: ClusterHostSide): ClusterModule {
         apiUrl: urlOf(address, apiPort),
         gatewayUrl: gatewayPort > 0 ? urlOf(address, gatewayPort) : null,
         logger,
+        hooks: {
+          // Every lease this host held is (or is about to be) another's: its VMs must stop.
+          onDeclaredDead: async () => { await microvms.engine.fenceAll?.(); },
+          onLeaseExpiring: async () => { await microvms.engine.fenceAll?.(); },
+          onReconnected: async () => { await microvms.engine.settleFenced?.(); },
+        },
       });
       await registry.start();
       logger.info({ host: registry.hostId, api: urlOf(address, apiPort), capacity: settings.capacity }, 'registered in the cluster');

@@ -102,6 +102,9 @@ export function microvmModule(options: MicrovmModuleOptions = {}): MicrovmModule
         ...(config.hostId ? { hostId: config.hostId } : {}),
         // Guest ports are forwarded on loopback (QEMU hostfwd 127.0.0.1): this host's gateway
         // reaches them there; other hosts reach this host's gateway at COCOON_HOST_ADDRESS.
+
+        // Hosts sharing a PostgreSQL database are a cluster: microVMs run under leases (docs/cluster.md).
+        leases: config.databaseUrl !== undefined && config.databaseUrl !== '',
         ...options.lifecycle,
         snapshots: context.snapshots,
         db,

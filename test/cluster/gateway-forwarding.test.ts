@@ -83,13 +83,18 @@ async function twoHosts(t: TestContext): Promise<Pair> {
   });
   const authA = new PeerAuth({ hostId: 'host-a', secret: SECRET });
   const authB = new PeerAuth({ hostId: 'host-b', secret: SECRET });
-  const a = await startGateway(t, { peers: authA });
+  const surface = (name: string) => ({
+    claims: (req: http.IncomingMessage) => req.headers['x-test-surface'] !== undefined,
+    microvmOf: () => 'vm1',
+    handle: (_req: http.IncomingMessage, res: http.ServerResponse) => res.end(`surface on ${name}`),
+  });
+  const a = await startGateway(t, { peers: authA, surfaces: [surface('a')] });
   a.directory.add({ id: 'vm1', ports: new Map([[8080, guest.port]]) });
   let connections = 0;
   a.gateway.server.on('connection', () => connections++);
   const bDirectory = new PeerDirectory({ hostId: 'host-a', port: a.port });
   // B reads tokens from the same database as A (one cluster, one store).
-  const b = await startGateway(t, { peers: authB, directory: bDirectory, tokens: createTokenVerifier(a.db) });
+  const b = await startGateway(t, { peers: authB, directory: bDirectory, tokens: createTokenVerifier(a.db), surfaces: [surface('b')] });
   const { token } = await a.token('vm1');
   return { a, b, bDirectory, authA, authB, guestPort: guest.port, guestSeen, connectionsToA: () => connections, token };
 }
@@ -215,4 +220,13 @@ test('an owner that does not answer: 502 peer_unreachable', async (t) => {
   const r = await request(p.b.port, { path: '/', headers: { host: 'vm1.vm.localhost', 'x-cocoon-token': p.token } });
   assert.equal(r.status, 502);
   assert.equal(errorCode(r), 'peer_unreachable');
+});
+
+test('a surface request (E2B envd) for a microVM host A runs is answered by host A\'s surface', async (t) => {
+  const p = await twoHosts(t);
+  const r = await request(p.b.port, { path: '/envd', headers: { host: 'whatever', 'x-test-surface': '1' } });
+  assert.equal(r.status, 200);
+  assert.equal(r.body, 'surface on a');
+  const local = await request(p.a.port, { path: '/envd', headers: { host: 'whatever', 'x-test-surface': '1' } });
+  assert.equal(local.body, 'surface on a');
 });

@@ -12,6 +12,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { after, before, test } from 'node:test';
 import { promisify } from 'node:util';
+import pg from 'pg';
 import { clusterDown, clusterUp, processAlive, readClusterState, type LocalCluster } from '../../src/cluster/local/cluster.ts';
 
 const run = promisify(execFile);
@@ -55,6 +56,18 @@ test('up: two hosts with their own ids and ports on one database and one bucket'
     fs.readFileSync(path.join(a.dataDir, 'secrets-seal.key'), 'utf8'),
     fs.readFileSync(path.join(b.dataDir, 'secrets-seal.key'), 'utf8'),
   );
+  // Each registered itself with the URLs the others reach it at.
+  const client = new pg.Client({ connectionString: cluster.state.databaseUrl });
+  await client.connect();
+  try {
+    const { rows } = await client.query<{ id: string; api_url: string; gateway_url: string; state: string }>('SELECT id, api_url, gateway_url, state FROM hosts ORDER BY id');
+    assert.deepEqual(rows, [
+      { id: 'host-a', api_url: a.apiUrl, gateway_url: a.gatewayUrl, state: 'LIVE' },
+      { id: 'host-b', api_url: b.apiUrl, gateway_url: b.gatewayUrl, state: 'LIVE' },
+    ]);
+  } finally {
+    await client.end();
+  }
   const s3 = await fetch(`${cluster.state.s3.endpoint}/`);
   assert.equal(s3.status < 500, true);
   await s3.body?.cancel();

@@ -132,7 +132,7 @@ after(async () => { await postgres?.stop(); });
 async function server(t: { after: (fn: () => Promise<void>) => void }, env: Record<string, string>, hostId: string) {
   const dataDir = await mkdtemp(join(tmpdir(), 'cocoon-cluster-'));
   t.after(() => rm(dataDir, { recursive: true, force: true }));
-  const cluster = clusterModule({ engine: { hostId }, gatewayPort: 7999 });
+  const cluster = clusterModule({ engine: { hostId, fenceAll: async () => undefined, settleFenced: async () => undefined }, gatewayPort: 7999 });
   const running = await startServer({ ...loadConfig({ COCOON_DATA_DIR: dataDir, ...env }), apiPort: 0 }, [cluster]);
   let closed = false;
   const close = async () => { if (!closed) { closed = true; await running.close(); } };

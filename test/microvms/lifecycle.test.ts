@@ -7,6 +7,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { before, describe, test } from 'node:test';
+import { readSnapshotManifest } from '../../src/vmm/snapshot.ts';
 import { microvmDir } from '../../src/lifecycle/paths.ts';
 import { listEvents } from '../../src/store/events.ts';
 import type { Image } from '../../src/store/images.ts';
@@ -81,7 +82,9 @@ describe('microVM lifecycle through the gateway', () => {
     assert.ok(suspended.suspendedAt);
     assert.deepEqual(qemuProcessesMentioning(microvmDir(dataDir, id)), [], 'no QEMU process while SUSPENDED');
     const generation = path.join(microvmDir(dataDir, id), 'gen-1');
-    for (const file of ['manifest.json', 'state', 'mem', 'disk.qcow2']) assert.ok(fs.existsSync(path.join(generation, file)), file);
+    // Its memory: the pages it changed from its image's (`mem.diff`, docs/vmm.md "Memory diffs").
+    const memory = (await readSnapshotManifest(generation)).files.mem.name;
+    for (const file of ['manifest.json', 'state', memory, 'disk.qcow2']) assert.ok(fs.existsSync(path.join(generation, file)), file);
     assert.equal(fs.existsSync(path.join(microvmDir(dataDir, id), 'vm', 'mem')), false, 'no RAM file of a running VM');
 
     // A request wakes it: answered with no error, memory, processes and files as they were.
@@ -185,7 +188,8 @@ describe('microVM lifecycle through the gateway', () => {
     const { id, token } = await start({ idlePolicy: { maxIdleDurationSeconds: 1, suspendedDurationSeconds: 2 } });
     assert.equal(await s.get(id, token, '/cgi-bin/count'), '1');
     await waitForState(id, 'SUSPENDED');
-    assert.ok(fs.existsSync(path.join(microvmDir(dataDir, id), 'gen-1', 'mem')));
+    const gen1 = path.join(microvmDir(dataDir, id), 'gen-1');
+    assert.ok(fs.existsSync(path.join(gen1, (await readSnapshotManifest(gen1)).files.mem.name)));
     await waitForState(id, 'TERMINATED');
     assert.equal(fs.existsSync(microvmDir(dataDir, id)), false);
     assert.equal((await gatewayRequest(s.gatewayPort, id, token, '/')).status, 410);

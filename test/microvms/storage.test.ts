@@ -10,6 +10,7 @@ import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
+import { readSnapshotManifest } from '../../src/vmm/snapshot.ts';
 import { microvmDir } from '../../src/lifecycle/paths.ts';
 import { getMicrovm } from '../../src/store/microvms.ts';
 import type { Image } from '../../src/store/images.ts';
@@ -46,11 +47,12 @@ describe("a microVM's files over many suspends", () => {
       const runtime = (await getMicrovm(s.server.db, id))!.runtime as { generation: number; chain: number[] };
       runtimes.push({ generation: runtime.generation, chain: runtime.chain });
       const current = path.join(microvmDir(dataDir, id), `gen-${runtime.generation}`);
-      for (const file of ['manifest.json', 'state', 'mem', 'disk.qcow2']) assert.ok(fs.existsSync(path.join(current, file)), `${file} of the current generation`);
+      const memory = (await readSnapshotManifest(current)).files.mem.name; // mem.diff: docs/vmm.md "Memory diffs"
+      for (const file of ['manifest.json', 'state', memory, 'disk.qcow2']) assert.ok(fs.existsSync(path.join(current, file)), `${file} of the current generation`);
       for (const generation of runtime.chain.filter((g) => g !== runtime.generation)) {
         const dir = path.join(microvmDir(dataDir, id), `gen-${generation}`);
         assert.ok(fs.existsSync(path.join(dir, 'disk.qcow2')), 'a layer the current disk stands on is kept');
-        assert.equal(fs.existsSync(path.join(dir, 'mem')), false, "an old generation's memory is removed");
+        for (const file of ['mem', 'mem.diff']) assert.equal(fs.existsSync(path.join(dir, file)), false, "an old generation's memory is removed");
       }
       assert.deepEqual(generations(id), runtime.chain.map((g) => `gen-${g}`).sort(), 'nothing outside the chain');
       // The current disk's backing chain: its own layers, then the image's disk.

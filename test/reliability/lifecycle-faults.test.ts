@@ -18,7 +18,7 @@ import type { PausePoint } from '../../src/lifecycle/engine.ts';
 import { generationDir, microvmDir, microvmsRoot, runDir } from '../../src/lifecycle/paths.ts';
 import type { Image } from '../../src/store/images.ts';
 import type { Database } from '../../src/store/sql.ts';
-import { dataChecksums } from '../../src/vmm/snapshot.ts';
+import { dataChecksums, readSnapshotManifest } from '../../src/vmm/snapshot.ts';
 import * as imageHelpers from '../images/helpers.ts';
 import { waitForPause } from '../support/daemon.ts';
 import { fillFilesystem, freeBytes, killQemuWhenItAppears, useFaultDir, waitUntil } from '../support/faults.ts';
@@ -58,7 +58,8 @@ async function settle(db: Database, id: string, timeoutMs = 120_000): Promise<st
 /** Checksums of a committed generation's memory and disk (to show that it was not touched). */
 async function generationSums(dataDir: string, id: string, generation: number): Promise<string> {
   const dir = generationDir(dataDir, id, generation);
-  return JSON.stringify(await dataChecksums([path.join(dir, 'mem'), path.join(dir, 'disk.qcow2')]));
+  const { files } = await readSnapshotManifest(dir); // its memory is `mem.diff` (docs/vmm.md "Memory diffs")
+  return JSON.stringify(await dataChecksums([path.join(dir, files.mem.name), path.join(dir, 'disk.qcow2')]));
 }
 
 describe('the daemon killed during a launch and during a terminate, QEMU killed during a suspend and a resume', () => {

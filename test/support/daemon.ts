@@ -8,6 +8,8 @@
  *   COCOON_TEST_PAUSE_AT       a lifecycle pause point ('suspend:state-saved', …): on reaching
  *                              it the daemon writes `<data dir>/paused` and hangs there
  *   COCOON_ON_STOP             `suspend` (default) or `leave` RUNNING microVMs on SIGTERM
+ *   COCOON_DATABASE_URL        a PostgreSQL database: the daemon is a host of a cluster
+ *                              (registers, heartbeats, runs microVMs under leases)
  * Once up it prints one line `COCOON_DAEMON_READY {"apiUrl", "gatewayPort", "pid", "recovery"}`.
  */
 import { type ChildProcess, spawn } from 'node:child_process';
@@ -94,6 +96,7 @@ async function main(): Promise<void> {
   const { loadConfig } = await import('../../src/config/config.ts');
   const { microvmModule } = await import('../../src/wiring/microvms.ts');
   const { startServer } = await import('../../src/server.ts');
+  const { clusterModule } = await import('../../src/wiring/cluster.ts');
   const config = loadConfig();
   const pausePoint = process.env.COCOON_TEST_PAUSE_AT;
   const module = microvmModule({
@@ -113,7 +116,8 @@ async function main(): Promise<void> {
         : {}),
     },
   });
-  const server = await startServer(config, [module]);
+  // The cluster module does nothing unless COCOON_DATABASE_URL names a PostgreSQL database.
+  const server = await startServer(config, [module, clusterModule(module)]);
   const info: DaemonInfo = { apiUrl: server.apiUrl, gatewayPort: module.gatewayPort, pid: process.pid, recovery: module.recovery! };
   process.stdout.write(`${READY}${JSON.stringify(info)}\n`);
   const stop = async () => {

@@ -8,7 +8,7 @@ import http from 'node:http';
 import path from 'node:path';
 import { loadConfig } from '../../src/config/config.ts';
 import { microvmModule, type MicrovmModule, type MicrovmModuleOptions } from '../../src/wiring/microvms.ts';
-import { ADMIN_KEY_FILE, startServer, type RunningServer } from '../../src/server.ts';
+import { ADMIN_KEY_FILE, startServer, type RunningServer, type ServerModule } from '../../src/server.ts';
 import { findTenantByName } from '../../src/store/tenants.ts';
 import { cleanupDir, tempDir } from './vm.ts';
 
@@ -92,11 +92,14 @@ export interface TestServer {
   close(): Promise<void>;
 }
 
-export async function startTestServer(o: { dataDir?: string; options?: MicrovmModuleOptions; env?: Record<string, string> } = {}): Promise<TestServer> {
+/** `modules`: more server modules, started before the microVM module (e.g. the images module, for its routes). */
+export async function startTestServer(
+  o: { dataDir?: string; options?: MicrovmModuleOptions; env?: Record<string, string>; modules?: ServerModule[] } = {},
+): Promise<TestServer> {
   const dataDir = o.dataDir ?? tempDir('cocoon-mvm-');
   const config = { ...loadConfig({ COCOON_DATA_DIR: dataDir, ...o.env }), apiPort: 0, gatewayPort: 0 };
   const module = microvmModule(o.options);
-  const server = await startServer(config, [module]);
+  const server = await startServer(config, [...(o.modules ?? []), module]);
   const adminKey = fs.readFileSync(path.join(dataDir, ADMIN_KEY_FILE), 'utf8').trim();
   const admin = await findTenantByName(server.db, 'admin');
   const gatewayPort = module.gatewayPort;

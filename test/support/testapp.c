@@ -20,6 +20,11 @@
  *                            "unavailable=N" 503 for the first N calls, "status=S" answer S,
  *                            "sleep=MS" wait first; default 200
  *   GET  /aws-hooks          /tmp/aws-hooks.log
+ *   POST /grow?bytes=N&seed=S appends N bytes (a multiple of 4, at most 32 MiB in all) to a buffer
+ *                            kept in memory (shared by all connections): xorshift32 from seed S,
+ *                            each state as 4 little-endian bytes; answers the buffer's size
+ *   GET  /buffer             the buffer
+ *   GET  /buffer/hash        "<bytes> <fnv1a-64 hex>" of the buffer
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -44,6 +49,9 @@
 #define LOG_FILE "/tmp/requests.log"
 
 static volatile uint64_t *counter;
+#define GROWN_MAX ((uint64_t)32 << 20)
+static unsigned char *grown; /* the /grow buffer, and its size */
+static volatile uint64_t *grown_len;
 static int fd;
 static char buf[65536];
 static size_t have; /* bytes in buf not yet consumed */
@@ -467,6 +475,26 @@ static void serve(void) {
       r = respond_text(200, "slept\n", keep);
     } else if (!strncmp(path, HOOK_PREFIX, strlen(HOOK_PREFIX)) && !strcmp(method, "POST")) {
       r = hook(path + strlen(HOOK_PREFIX), keep);
+    } else if (!strcmp(path, "/grow") && !strcmp(method, "POST")) {
+      uint64_t n = (uint64_t)query_number(target, "bytes="), at = *grown_len;
+      uint32_t x = (uint32_t)query_number(target, "seed=");
+      if (n % 4 || n > GROWN_MAX - at || x == 0) r = respond_text(400, "bad size or seed\n", keep);
+      else {
+        for (uint64_t i = 0; i < n; i += 4) {
+          x ^= x << 13; x ^= x >> 17; x ^= x << 5;
+          memcpy(grown + at + i, &x, 4); /* x86: little-endian */
+        }
+        *grown_len = at + n;
+        snprintf(text, sizeof text, "%llu\n", (unsigned long long)(at + n));
+        r = respond_text(200, text, keep);
+      }
+    } else if (!strcmp(path, "/buffer")) {
+      r = respond(200, "application/octet-stream", (const char *)grown, (size_t)*grown_len, keep);
+    } else if (!strcmp(path, "/buffer/hash")) {
+      uint64_t h = 0xcbf29ce484222325ULL;
+      for (uint64_t i = 0; i < *grown_len; i++) { h ^= grown[i]; h *= 0x100000001b3ULL; }
+      snprintf(text, sizeof text, "%llu %016llx\n", (unsigned long long)*grown_len, (unsigned long long)h);
+      r = respond_text(200, text, keep);
     } else if (!strcmp(path, "/aws-hooks")) {
       r = respond_file(HOOKS_LOG, keep);
     } else if (!strcmp(path, "/ws")) {
@@ -485,6 +513,9 @@ int main(int argc, char **argv) {
   if (counter == MAP_FAILED) return 1;
   hook_calls = mmap(NULL, 8 * sizeof *hook_calls, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
   if (hook_calls == MAP_FAILED) return 1;
+  grown_len = mmap(NULL, sizeof *grown_len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+  grown = mmap(NULL, GROWN_MAX, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (grown_len == MAP_FAILED || grown == MAP_FAILED) return 1;
   int s = socket(AF_INET, SOCK_STREAM, 0);
   int one = 1;
   setsockopt(s, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);

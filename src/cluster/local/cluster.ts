@@ -22,6 +22,7 @@ import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import pg from 'pg';
 import { PostgresServer } from './postgres-server.ts';
 import { S3_CREDENTIALS, S3_READY } from './s3-server.ts';
 
@@ -88,6 +89,8 @@ export interface LocalCluster {
   killHost(name: string): Promise<void>;
   /** Starts a stopped or killed host again (same data directory, ports and id). */
   startHost(name: string): Promise<LocalHost>;
+  /** A microVM's lease as the database has it (tests, benchmarks): its owner, fencing epoch and state. */
+  lease(microvmId: string): Promise<{ hostId: string | null; epoch: number; state: string }>;
   /** Stops everything (as `clusterDown`). */
   down(options?: { purge?: boolean }): Promise<void>;
 }
@@ -242,6 +245,20 @@ function localCluster(state: LocalClusterState, env: Record<string, string>): Lo
       const host = find(name);
       await ensureHost(state, host, env, () => undefined);
       return host;
+    },
+    async lease(microvmId) {
+      const client = new pg.Client({ connectionString: state.databaseUrl });
+      await client.connect();
+      try {
+        const { rows } = await client.query<{ host_id: string | null; lease_epoch: string | number; state: string }>(
+          'SELECT host_id, lease_epoch, state FROM microvms WHERE id = $1',
+          [microvmId],
+        );
+        if (!rows[0]) throw new Error(`no microVM ${microvmId}`);
+        return { hostId: rows[0].host_id, epoch: Number(rows[0].lease_epoch), state: rows[0].state };
+      } finally {
+        await client.end();
+      }
     },
     async down(options) {
       await clusterDown(state.dir, options);

@@ -692,6 +692,7 @@ export function createEnvdSurface(options: EnvdOptions): GatewaySurface & { clos
       const t = target(req);
       return t !== undefined && (typeof req.headers['e2b-sandbox-id'] === 'string' || t.port === ENVD_PORT);
     },
+    microvmOf: (req) => target(req)?.sandboxId,
     handle(req, res) {
       const t = target(req)!;
       void (async () => {

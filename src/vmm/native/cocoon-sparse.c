@@ -553,6 +553,17 @@ static int mark_ranges(int fd, uint64_t size, uint8_t *candidate, int nosync) {
   return 0;
 }
 
+/* Reads exactly n bytes at `at` (the file is at least that long: a read past its end is an error). */
+static int read_all(int fd, uint8_t *p, size_t n, uint64_t at) {
+  while (n > 0) {
+    ssize_t got = pread(fd, p, n, (off_t)at);
+    if (got < 0 && errno == EINTR) continue;
+    if (got <= 0) { if (got == 0) errno = EIO; return -1; }
+    p += got; n -= (size_t)got; at += (uint64_t)got;
+  }
+  return 0;
+}
+
 static int write_all(int fd, const uint8_t *p, size_t n, uint64_t at) {
   while (n > 0) {
     ssize_t w = pwrite(fd, p, n, (off_t)at);
@@ -575,8 +586,7 @@ static int diff_file(const char *base_file, const char *mem_file, const char *ou
   int mem = open(mem_file, O_RDONLY | O_CLOEXEC);
   if (mem < 0) { int r = fail("cannot open", mem_file); close(base); return r; }
   int r = 0, out = -1;
-  uint8_t *candidate = NULL, *bitmap = NULL, *buffer = NULL;
-  const uint8_t *bmap = MAP_FAILED, *mmap_ = MAP_FAILED;
+  uint8_t *candidate = NULL, *bitmap = NULL, *buffer = NULL, *was = NULL, *now = NULL;
   struct stat bs, ms;
   if (fstat(base, &bs) < 0) { r = fail("cannot stat", base_file); goto done; }
   if (fstat(mem, &ms) < 0) { r = fail("cannot stat", mem_file); goto done; }
@@ -590,31 +600,39 @@ static int diff_file(const char *base_file, const char *mem_file, const char *ou
   const uint64_t bitmap_bytes = (pages + 7) / 8, data_at = PAGE + align_page(bitmap_bytes);
   candidate = calloc(pages, 1);
   bitmap = calloc(1, align_page(bitmap_bytes));
-  enum { BATCH = 256 };
+  enum { BATCH = 256 }; /* pages read (and written) at once: 1 MiB */
   buffer = malloc((size_t)BATCH * PAGE);
-  if (!candidate || !bitmap || !buffer) { r = fail("out of memory for", mem_file); goto done; }
+  was = malloc((size_t)BATCH * PAGE);
+  now = malloc((size_t)BATCH * PAGE);
+  if (!candidate || !bitmap || !buffer || !was || !now) { r = fail("out of memory for", mem_file); goto done; }
   if (mark_ranges(base, size, candidate, 0) < 0) { r = fail("cannot find the data of", base_file); goto done; }
   if (mark_ranges(mem, size, candidate, 1) < 0) { r = fail("cannot find the data of", mem_file); goto done; }
-  bmap = mmap(NULL, size, PROT_READ, MAP_SHARED, base, 0);
-  if (bmap == MAP_FAILED) { r = fail("cannot map", base_file); goto done; }
-  mmap_ = mmap(NULL, size, PROT_READ, MAP_SHARED, mem, 0);
-  if (mmap_ == MAP_FAILED) { r = fail("cannot map", mem_file); goto done; }
   out = open(out_file, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
   if (out < 0) { r = fail("cannot create", out_file); goto done; }
   uint64_t n = 0;          /* pages in the diff so far */
   unsigned batched = 0;    /* pages in `buffer`, the diff's pages n - batched .. n - 1 */
-  for (uint64_t i = 0; i < pages; i++) {
-    if (!candidate[i]) continue;
-    const uint8_t *now = mmap_ + i * PAGE;
-    if (memcmp(now, bmap + i * PAGE, PAGE) == 0) continue;
-    bitmap[i / 8] |= (uint8_t)(1u << (i % 8));
-    memcpy(buffer + (size_t)batched * PAGE, now, PAGE);
-    batched++;
-    n++;
-    if (batched == BATCH) {
-      if (write_all(out, buffer, (size_t)batched * PAGE, data_at + (n - batched) * PAGE) < 0) { r = fail("cannot write", out_file); goto done; }
-      batched = 0;
+  /* Runs of candidate pages are read with pread (measured: a third of the time of faulting
+   * both files in through mappings), up to BATCH pages at once. */
+  for (uint64_t i = 0; i < pages;) {
+    if (!candidate[i]) { i++; continue; }
+    uint64_t j = i;
+    while (j < pages && j - i < BATCH && candidate[j]) j++;
+    const size_t bytes = (size_t)((j - i) * PAGE);
+    if (read_all(base, was, bytes, i * PAGE) < 0) { r = fail("cannot read", base_file); goto done; }
+    if (read_all(mem, now, bytes, i * PAGE) < 0) { r = fail("cannot read", mem_file); goto done; }
+    for (uint64_t k = i; k < j; k++) {
+      const uint8_t *page = now + (k - i) * PAGE;
+      if (memcmp(page, was + (k - i) * PAGE, PAGE) == 0) continue;
+      bitmap[k / 8] |= (uint8_t)(1u << (k % 8));
+      memcpy(buffer + (size_t)batched * PAGE, page, PAGE);
+      batched++;
+      n++;
+      if (batched == BATCH) {
+        if (write_all(out, buffer, (size_t)batched * PAGE, data_at + (n - batched) * PAGE) < 0) { r = fail("cannot write", out_file); goto done; }
+        batched = 0;
+      }
     }
+    i = j;
   }
   if (batched && write_all(out, buffer, (size_t)batched * PAGE, data_at + (n - batched) * PAGE) < 0) { r = fail("cannot write", out_file); goto done; }
   uint8_t header[PAGE];
@@ -631,8 +649,8 @@ static int diff_file(const char *base_file, const char *mem_file, const char *ou
   r = sum_fd(out, out_file, -1);
   if (r == 0) printf("%llu %llu\n", (unsigned long long)n, (unsigned long long)pages);
 done:
-  if (bmap != MAP_FAILED) munmap((void *)bmap, (size_t)bs.st_size);
-  if (mmap_ != MAP_FAILED) munmap((void *)mmap_, (size_t)ms.st_size);
+  free(was);
+  free(now);
   free(candidate);
   free(bitmap);
   free(buffer);
