@@ -8,12 +8,12 @@ import { type Metrics, summarize } from './stats.ts';
 
 export class PhaseSamples {
   readonly #samples = new Map<string, number[]>();
-  #runs = 0;
 
   /**
    * Adds one run's phases; `totalMs`, when given, is the whole as the caller measured it, and
    * what the phases do not cover of it is counted as `rest` (for a restore: from the driver
-   * handing the VM back to the first HTTP byte).
+   * handing the VM back to the first HTTP byte). A phase that only some runs have (another path
+   * taken: its name says which) has only their samples (its metric's n says how many).
    */
   add(phases: Readonly<Phases> | undefined, totalMs?: number, rest = 'first_byte'): void {
     if (!phases) return;
@@ -21,13 +21,9 @@ export class PhaseSamples {
     if (totalMs !== undefined) entries.push([rest, Math.max(0, totalMs - entries.reduce((sum, [, ms]) => sum + ms, 0))]);
     for (const [name, ms] of entries) {
       const list = this.#samples.get(name) ?? [];
-      // A phase missing in earlier runs (another path taken) counts as 0 there.
-      while (list.length < this.#runs) list.push(0);
       list.push(ms);
       this.#samples.set(name, list);
     }
-    this.#runs++;
-    for (const list of this.#samples.values()) while (list.length < this.#runs) list.push(0);
   }
 
   /** One metric per phase, in the order the phases first happened. */

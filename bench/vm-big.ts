@@ -72,9 +72,7 @@ export async function runBigVmBench(o: {
       vm = track(await restore(`big-${i + 1}`, suspended));
       await o.firstByte(vm);
       wake.push(elapsedMs(started));
-      // Only the last generation is needed by the next wake; the others would pile up GiBs.
-      fs.rmSync(path.join(o.dir, `big-${i}`), { recursive: true, force: true });
-      if (i > 0) fs.rmSync(path.join(o.dir, `big-${i - 1}-suspended`), { recursive: true, force: true });
+      // (Each suspended snapshot stays: the next one's disk layer stands on it.)
     }
     await vm.destroy();
     running.delete(vm);

@@ -13,7 +13,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { loadGuestArtifacts } from '../src/guest/artifacts.ts';
 import { chooseAccelerator, parseAcceleratorChoice } from '../src/vmm/qemu/accel.ts';
-import { QemuVm } from '../src/vmm/qemu/qemu.ts';
+import { QemuVm, restoreTuning } from '../src/vmm/qemu/qemu.ts';
 import { diffSnapshotMemory } from '../src/vmm/mem-diff.ts';
 import { releaseUnusedRam } from '../src/vmm/ram-file.ts';
 import type { Accelerator } from '../src/vmm/types.ts';
@@ -91,18 +91,28 @@ export async function runVmBench(options: { runs?: number; accel?: Accelerator; 
     await base.snapshot(baseSnapshot, { compact: true });
     running.delete(base);
 
-    const restoreOne: number[] = [];
-    const restorePhases = new PhaseSamples();
+    // Each restore and resume is measured both ways, interleaved (issue 12): as the driver does
+    // it (QEMU started while the memory is copied, disk layers from a template) and one step
+    // after the other with a qemu-img per layer, as before (src/vmm/qemu/tuning.ts).
+    const variants = [
+      { name: 'overlap', overlap: true, restore: [] as number[], resume: [] as number[], restorePhases: new PhaseSamples(), resumePhases: new PhaseSamples() },
+      { name: 'sequential', overlap: false, restore: [] as number[], resume: [] as number[], restorePhases: new PhaseSamples(), resumePhases: new PhaseSamples() },
+    ];
+    const inTurn = (i: number) => (i % 2 === 0 ? variants : [...variants].reverse());
     for (let i = 0; i < runs; i++) {
-      const start = performance.now();
-      const vm = track(await restore(`r1-${i}`, baseSnapshot));
-      await firstByte(vm);
-      restoreOne.push(elapsedMs(start));
-      restorePhases.add(vm.startPhases, restoreOne.at(-1));
-      await vm.destroy();
-      running.delete(vm);
+      for (const variant of inTurn(i)) {
+        restoreTuning.overlap = restoreTuning.layerTemplate = variant.overlap;
+        const start = performance.now();
+        const vm = track(await restore(`r1-${i}-${variant.name}`, baseSnapshot));
+        await firstByte(vm);
+        variant.restore.push(elapsedMs(start));
+        variant.restorePhases.add(vm.startPhases, variant.restore.at(-1));
+        await vm.destroy();
+        running.delete(vm);
+      }
     }
-    say(`restore, one clone: p50 ${summarize(restoreOne).p50} ms (${restorePhases.line()})`);
+    restoreTuning.overlap = restoreTuning.layerTemplate = true;
+    for (const v of variants) say(`restore, one clone (${v.name}): p50 ${summarize(v.restore).p50} ms (${v.restorePhases.line()})`);
 
     const restoreEight: number[] = [];
     for (let i = 0; i < runs; i++) {
@@ -123,48 +133,52 @@ export async function runVmBench(options: { runs?: number; accel?: Accelerator; 
     say(`restore, eight together: p50 ${summarize(restoreEight).p50} ms`);
 
     const suspend: number[] = [];
-    const resume: number[] = [];
     const diffMs: number[] = [];
     const wholeMiB: number[] = [];
     const diffMiB: number[] = [];
     const suspendPhases = new PhaseSamples();
-    const resumePhases = new PhaseSamples();
     let vm = track(await restore('cycle-0', baseSnapshot));
     await firstByte(vm);
+    let cycle = 0;
     for (let i = 0; i < runs; i++) {
-      const suspended = path.join(dir, `cycle-${i}-suspended`);
-      const phases: Phases = {};
-      const suspendStart = performance.now();
-      await vm.snapshot(suspended, { phases });
-      suspend.push(elapsedMs(suspendStart));
-      suspendPhases.add(phases);
-      running.delete(vm);
-      // What the suspended VM holds with whole memory (its reservation given back, as a snapshot
-      // does in the background), then as a diff against the image's (the lifecycle does this
-      // before a microVM counts as SUSPENDED; measured apart from the suspend above).
-      await releaseUnusedRam(path.join(suspended, 'mem'));
-      wholeMiB.push(allocatedIn(suspended) / MiB);
-      const diffStart = performance.now();
-      await diffSnapshotMemory(suspended, baseSnapshot, { durable: true });
-      diffMs.push(elapsedMs(diffStart));
-      diffMiB.push(allocatedIn(suspended) / MiB);
-      const resumeStart = performance.now();
-      vm = track(await restore(`cycle-${i + 1}`, suspended, baseSnapshot));
-      await firstByte(vm);
-      resume.push(elapsedMs(resumeStart));
-      resumePhases.add(vm.startPhases, resume.at(-1));
+      for (const variant of inTurn(i)) {
+        const suspended = path.join(dir, `cycle-${cycle}-suspended`);
+        const phases: Phases = {};
+        const suspendStart = performance.now();
+        await vm.snapshot(suspended, { phases });
+        suspend.push(elapsedMs(suspendStart));
+        suspendPhases.add(phases);
+        running.delete(vm);
+        // What the suspended VM holds with whole memory (its reservation given back, as a snapshot
+        // does in the background), then as a diff against the image's (the lifecycle does this
+        // before a microVM counts as SUSPENDED; measured apart from the suspend above).
+        await releaseUnusedRam(path.join(suspended, 'mem'));
+        wholeMiB.push(allocatedIn(suspended) / MiB);
+        const diffStart = performance.now();
+        await diffSnapshotMemory(suspended, baseSnapshot, { durable: true });
+        diffMs.push(elapsedMs(diffStart));
+        diffMiB.push(allocatedIn(suspended) / MiB);
+        restoreTuning.overlap = restoreTuning.layerTemplate = variant.overlap;
+        const resumeStart = performance.now();
+        vm = track(await restore(`cycle-${++cycle}`, suspended, baseSnapshot));
+        await firstByte(vm);
+        variant.resume.push(elapsedMs(resumeStart));
+        variant.resumePhases.add(vm.startPhases, variant.resume.at(-1));
+        restoreTuning.overlap = restoreTuning.layerTemplate = true;
+      }
     }
     await vm.destroy();
     running.delete(vm);
     say(`suspend p50 ${summarize(suspend).p50} ms (${suspendPhases.line()}) + memory diff ${summarize(diffMs).p50} ms`);
-    say(`resume p50 ${summarize(resume).p50} ms (${resumePhases.line()})`);
+    for (const v of variants) say(`resume (${v.name}) p50 ${summarize(v.resume).p50} ms (${v.resumePhases.line()})`);
     say(`suspended on disk beyond the image: p50 ${summarize(diffMiB, 'MiB').p50} MiB with a memory diff, ${summarize(wholeMiB, 'MiB').p50} MiB with whole memory`);
 
+    const [overlap, sequential] = variants as [(typeof variants)[number], (typeof variants)[number]];
     // The 32 GiB / 16 vCPU shape, its wake beside the 256 MiB one above (bench/vm-big.ts).
-    const big = await runBigVmBench({ dir, rootDisk, accel, guest, runs: Math.min(runs, 5), smallWake: summarize(resume), firstByte, say });
+    const big = await runBigVmBench({ dir, rootDisk, accel, guest, runs: Math.min(runs, 5), smallWake: summarize(overlap.resume), firstByte, say });
 
     const coldSummary = summarize(cold);
-    const restoreSummary = summarize(restoreOne);
+    const restoreSummary = summarize(overlap.restore);
     return {
       ...big,
       'vm.cold_boot_first_byte_ms': coldSummary,
@@ -172,16 +186,21 @@ export async function runVmBench(options: { runs?: number; accel?: Accelerator; 
       'vm.restore_first_byte_ms': restoreSummary,
       'vm.restore8_first_byte_ms': summarize(restoreEight),
       'vm.suspend_ms': summarize(suspend),
-      'vm.resume_first_byte_ms': summarize(resume),
+      'vm.resume_first_byte_ms': summarize(overlap.resume),
       'vm.suspend_diff_ms': summarize(diffMs),
       'vm.suspended_disk_mib': summarize(diffMiB, 'MiB'),
       'vm.suspended_disk_whole_memory_mib': summarize(wholeMiB, 'MiB'),
       'vm.restore_speedup_ratio': single(coldSummary.p50 / restoreSummary.p50, 'ratio'),
-      ...restorePhases.metrics('vm.restore_phase'),
+      'vm.restore_first_byte_sequential_ms': summarize(sequential.restore),
+      'vm.resume_first_byte_sequential_ms': summarize(sequential.resume),
+      ...overlap.restorePhases.metrics('vm.restore_phase'),
       ...suspendPhases.metrics('vm.suspend_phase'),
-      ...resumePhases.metrics('vm.resume_phase'),
+      ...overlap.resumePhases.metrics('vm.resume_phase'),
+      ...sequential.restorePhases.metrics('vm.restore_sequential_phase'),
+      ...sequential.resumePhases.metrics('vm.resume_sequential_phase'),
     };
   } finally {
+    restoreTuning.overlap = restoreTuning.layerTemplate = true;
     for (const vm of running) await vm.destroy().catch(() => undefined);
     fs.rmSync(dir, { recursive: true, force: true });
   }

@@ -49,6 +49,20 @@ export interface ApiContext {
 export interface ApiForwarding {
   request(req: IncomingMessage, res: ServerResponse, take: () => void): Promise<boolean>;
   upgrade(req: IncomingMessage, socket: Duplex, head: Buffer): Promise<boolean>;
+  /**
+   * A launch: placement picks the host (src/cluster/placement.ts). Answers true when it took the
+   * request (another host runs it: forwarded there with `body` as the request's JSON body),
+   * false when this host runs it; throws `no_host_capacity` when no live host has room.
+   */
+  place?(req: IncomingMessage, res: ServerResponse, take: () => void, size: LaunchSize, body: unknown): Promise<boolean>;
+}
+
+/** What a launch needs of a host, for placement. */
+export interface LaunchSize {
+  vcpus: number;
+  memoryMiB: number;
+  diskMiB: number;
+  imageId: string;
 }
 
 export type ApiRoutes = (app: FastifyInstance, context: ApiContext) => Promise<void> | void;

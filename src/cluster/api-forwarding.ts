@@ -8,8 +8,8 @@
  * answered by any host from the database.
  */
 import type { IncomingMessage, ServerResponse } from 'node:http';
-import type { Duplex } from 'node:stream';
-import type { ApiForwarding } from '../api/app.ts';
+import { Readable, type Duplex } from 'node:stream';
+import type { ApiForwarding, LaunchSize } from '../api/app.ts';
 import type { Logger } from '../common/log.ts';
 import { PEER_HEADER, peerRequestHeaders, peerTarget, type PeerTarget } from '../gateway/peer.ts';
 import { UndiciUpstreamClient, UpstreamFailure } from '../gateway/upstream.ts';
@@ -54,10 +54,12 @@ export interface ApiForwarderOptions {
   owners: OwnerLookup;
   auth: PeerAuth;
   logger: Logger;
+  /** Placement of a launch (placement.ts, this host preferred); throws `no_host_capacity`. */
+  place?: (size: LaunchSize) => Promise<{ id: string; apiUrl: string | null }>;
 }
 
 export function createApiForwarder(options: ApiForwarderOptions): ApiForwarding & { close(): Promise<void> } {
-  const { owners, auth, logger } = options;
+  const { owners, auth, logger, place } = options;
   const client = new UndiciUpstreamClient({
     connectionsPerUpstream: 256,
     connectTimeoutMs: 5_000,
@@ -121,6 +123,35 @@ export function createApiForwarder(options: ApiForwarderOptions): ApiForwarding 
         owners.forget(target.hostId);
         logger.warn({ peer: target.hostId, path: (req.url ?? '').split('?')[0], err: failure.message }, 'forwarding an API request to the owner host failed');
         sendJson(res, 502, 'peer_unreachable', `host ${target.hostId}, which runs this microVM, did not answer; retry shortly`, { connection: 'close' });
+      }
+      return true;
+    },
+    async place(req, res, take, size, body) {
+      // A launch another host forwarded here runs here (one hop, never a loop): its X-Cocoon-Peer
+      // was verified by `request` before the route ran.
+      if (!place || req.headers[PEER_HEADER] !== undefined) return false;
+      const host = await place(size);
+      if (host.id === owners.selfId || !host.apiUrl) return false;
+      const target = peerTarget(host.id, host.apiUrl);
+      if (!target) return false;
+      take();
+      // The body was parsed by the route: it goes on re-serialized, with its own length.
+      const payload = Buffer.from(JSON.stringify(body ?? {}));
+      const headers = signedHeaders(req, target, false);
+      const keep: string[] = [];
+      for (let i = 0; i < headers.length; i += 2) {
+        if (/^(content-length|content-type|transfer-encoding)$/i.test(headers[i]!)) continue;
+        keep.push(headers[i]!, headers[i + 1]!);
+      }
+      keep.push('content-type', 'application/json', 'content-length', String(payload.length));
+      try {
+        await client.forward({ host: target.host, port: target.port, method: 'POST', path: req.url ?? '/', headers: keep, body: Readable.from([payload]), res });
+      } catch (error) {
+        const failure = error instanceof UpstreamFailure ? error : new UpstreamFailure(String(error), 'error', res.headersSent, error);
+        if (failure.kind === 'client_gone') return true;
+        owners.forget(target.hostId);
+        logger.warn({ peer: target.hostId, err: failure.message }, 'forwarding a launch to the host placement chose failed');
+        sendJson(res, 502, 'peer_unreachable', `host ${target.hostId}, chosen to run this microVM, did not answer; retry shortly`, { connection: 'close' });
       }
       return true;
     },

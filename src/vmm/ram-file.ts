@@ -69,13 +69,15 @@ export async function createRamFile(path: string, memoryMiB: number): Promise<vo
  * its blocks reserved. With `checksum`, the data is
  * checksummed as it is copied, and so are the files of `alsoChecksum` (one helper run); the
  * checksums come back in that order (`checkDataChecksum` compares them with a manifest's).
+ * With `into`, `target` exists (made by `createEmptyRamFile`, maybe mapped by a VMM that has not
+ * run the guest yet) and is filled in place; on failure it stays, for the caller to remove.
  */
-export async function cloneRamFile(source: string, target: string, options?: { nosync?: boolean }): Promise<void>;
-export async function cloneRamFile(source: string, target: string, options: { checksum: true; alsoChecksum?: string[] }): Promise<DataChecksum[]>;
+export async function cloneRamFile(source: string, target: string, options?: { nosync?: boolean; into?: boolean }): Promise<void>;
+export async function cloneRamFile(source: string, target: string, options: { checksum: true; alsoChecksum?: string[]; into?: boolean }): Promise<DataChecksum[]>;
 export async function cloneRamFile(
   source: string,
   target: string,
-  options: { checksum?: boolean; alsoChecksum?: string[]; nosync?: boolean } = {},
+  options: { checksum?: boolean; alsoChecksum?: string[]; nosync?: boolean; into?: boolean } = {},
 ): Promise<DataChecksum[] | void> {
   try {
     // Admitted by the ledger first (the whole size: what the copy takes and what the guest may
@@ -87,15 +89,34 @@ export async function cloneRamFile(
     const extra = options.checksum && options.alsoChecksum?.length ? ['--', ...options.alsoChecksum] : [];
     // `nosync`: a source written moments ago and still in the page cache (a fork point) is not
     // written back first, as a FIEMAP would need: its data is found with SEEK_DATA.
-    const out = await runSparseHelper(['copy', source, target, ...reserve, ...(options.checksum ? ['sum'] : []), ...(options.nosync ? ['nosync'] : []), ...extra]);
+    const flags = [...reserve, ...(options.checksum ? ['sum'] : []), ...(options.nosync ? ['nosync'] : []), ...(options.into ? ['into'] : [])];
+    const out = await runSparseHelper(['copy', source, target, ...flags, ...extra]);
     if (options.checksum) return out.trim().split('\n').map(parseChecksumLine);
   } catch (error) {
-    await fs.promises.rm(target, { force: true });
-    releaseRam(target);
+    if (!options.into) {
+      await fs.promises.rm(target, { force: true });
+      releaseRam(target);
+    }
     if (isCocoonError(error, 'no_space') || isCocoonError(error, 'helper_missing')) throw error;
     throw new CocoonError('ram_clone_failed', `cannot clone guest memory ${source}: ${(error as Error).message}`, {
       cause: error,
     });
+  }
+}
+
+/**
+ * An empty RAM file for `cloneRamFile(..., { into: true })` to fill, admitted by the space ledger
+ * for `sizeBytes` (`no_space` up front, nothing made): the VMM can be started on it (and map it)
+ * while the memory is still being copied. Size 0: the VMM sizes it, or the copy.
+ */
+export async function createEmptyRamFile(path: string, sizeBytes: number, what: string): Promise<void> {
+  await admitRam(path, sizeBytes, what);
+  try {
+    const handle = await fs.promises.open(path, 'wx', 0o600);
+    await handle.close();
+  } catch (error) {
+    releaseRam(path);
+    throw error;
   }
 }
 

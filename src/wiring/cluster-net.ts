@@ -12,6 +12,7 @@ import { clusterSettings } from '../cluster/config.ts';
 import { clusterDirectory } from '../cluster/directory.ts';
 import { OwnerLookup } from '../cluster/owners.ts';
 import { PeerAuth } from '../cluster/peer-auth.ts';
+import { placeMicrovm } from '../cluster/placement.ts';
 import { log } from '../common/log.ts';
 import type { PeerGatewayAuth } from '../gateway/peer.ts';
 import type { MicroVMDirectory } from '../gateway/types.ts';
@@ -31,7 +32,13 @@ export async function startClusterNet(context: ApiContext, hostId: string): Prom
   const { db } = context;
   const auth = new PeerAuth({ hostId, secret: await ensureClusterSecret(db, PEER_HMAC_SECRET) });
   const owners = new OwnerLookup({ db, selfId: hostId, deadAfterMs: settings.deadAfterMs });
-  const forwarder = createApiForwarder({ owners, auth, logger: log.child({ component: 'cluster-forwarding' }) });
+  const forwarder = createApiForwarder({
+    owners,
+    auth,
+    logger: log.child({ component: 'cluster-forwarding' }),
+    // A launch runs on the host placement picks: this one whenever it has room.
+    place: (size) => placeMicrovm(db, { ...size, preferHostId: hostId }, { deadAfterMs: settings.deadAfterMs }),
+  });
   context.forwarding = forwarder;
   return {
     directory: (local) => clusterDirectory(local, owners),

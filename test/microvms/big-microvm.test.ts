@@ -10,6 +10,10 @@
  *   guest's RAM file is sparse and may grow to its size) is refused up front with 507 `no_space`:
  *   no microVM made, the SUSPENDED one stays SUSPENDED, and wakes once there is room.
  *
+ * And the space watch for such a guest (sparse RAM file): a disk filled from outside the ledger
+ * stops the guest before its memory meets a full disk, and it continues with room again (a
+ * 256 MiB guest made sparse by `COCOON_RAM_RESERVE_MAX_MIB=0`, to keep it cheap).
+ *
  * No timings are asserted (the bench's `vm.big_*` figures measure them).
  */
 import assert from 'node:assert/strict';
@@ -23,9 +27,12 @@ import { microvmDir } from '../../src/lifecycle/paths.ts';
 import { startServer, type RunningServer } from '../../src/server.ts';
 import { imagesModule } from '../../src/wiring/images.ts';
 import { microvmModule } from '../../src/wiring/microvms.ts';
-import { useFaultDir } from '../support/faults.ts';
+import { loadGuestArtifacts } from '../../src/guest/artifacts.ts';
+import { defaultVmDriver } from '../../src/vmm/drivers.ts';
+import { fillFilesystem, useFaultDir, waitUntil } from '../support/faults.ts';
+import { makeTestRootDisk } from '../support/rootfs.ts';
 import { apiClient, gatewayRequest, type ApiClient } from '../support/server.ts';
-import { qemuProcessesMentioning } from '../support/vm.ts';
+import { httpGet, qemuProcessesMentioning } from '../support/vm.ts';
 import { BUSYBOX_APP, client as imagesClient, makeBundle, removeDataDir } from '../images/helpers.ts';
 
 const MiB = 1024 * 1024;
@@ -149,5 +156,46 @@ describe('a 32 GiB / 16 vCPU image of the busybox app and microVMs from it', () 
     assert.equal(answer.body, 'hello from cocoon\n');
     assert.equal((await api('DELETE', `/microvms/${vm.id}`)).status, 204);
     assert.deepEqual(qemuProcessesMentioning(dataDir), []);
+  });
+});
+
+describe('a guest whose RAM file is sparse, on a disk filled from outside', () => {
+  const fault = useFaultDir({ after }, 'cocoon-sparse-');
+
+  test('the space watch stops it while the disk is nearly full (never a SIGBUS) and continues it with its state once there is room', SLOW, async () => {
+    const data = fault.ext4('data', 640);
+    const disk = path.join(fault.dir, 'root.raw');
+    makeTestRootDisk(disk);
+    const previous = process.env.COCOON_RAM_RESERVE_MAX_MIB;
+    process.env.COCOON_RAM_RESERVE_MAX_MIB = '0';
+    const vm = await defaultVmDriver()
+      .boot({ id: 'sparse-ram', runDir: path.join(data, 'vm'), vcpus: 1, memoryMiB: 256, accel: 'tcg', guest: loadGuestArtifacts(), disk: { path: disk, format: 'raw' }, network: { forwards: [{ guestPort: 8080 }] } })
+      .finally(() => {
+        if (previous === undefined) delete process.env.COCOON_RAM_RESERVE_MAX_MIB;
+        else process.env.COCOON_RAM_RESERVE_MAX_MIB = previous;
+      });
+    try {
+      const url = (route: string) => `http://127.0.0.1:${vm.endpoint(8080).port}${route}`;
+      assert.equal(await httpGet(url('/cgi-bin/count')), '1');
+      const ram = path.join(data, 'vm', 'mem');
+      assert.ok(allocated(ram) < 256 * MiB, `the RAM file is sparse: ${mib(allocated(ram))} allocated`);
+      const events: string[] = [];
+      const stopWatch = vm.watchDiskSpace({ path: data, intervalMs: 100, onPaused: (cause) => events.push(`paused:${cause}`), onContinued: () => events.push('continued') });
+      // Nearly full: 16 MiB left, below the watch's 64 MiB floor (room enough that the guest
+      // cannot run into the wall before the watch stops it).
+      const filler = fillFilesystem(data);
+      fs.truncateSync(filler, fs.statSync(filler).size - 16 * MiB);
+      assert.ok(await waitUntil(() => events.includes('paused:memory'), 10_000, 20), `stopped: ${events.join(', ')}`);
+      await new Promise((resolve) => setTimeout(resolve, 500)); // a few more checks: it stays stopped
+      assert.deepEqual(events, ['paused:memory']);
+      assert.equal(vm.exited, false);
+      fs.rmSync(filler);
+      assert.ok(await waitUntil(() => events.includes('continued'), 10_000, 20), `continued: ${events.join(', ')}`);
+      assert.equal(await httpGet(url('/cgi-bin/count')), '2', 'its memory kept');
+      assert.equal(vm.exited, false);
+      stopWatch();
+    } finally {
+      await vm.destroy();
+    }
   });
 });

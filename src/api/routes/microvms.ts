@@ -177,7 +177,8 @@ async function withDeadline(work: Promise<void>, ms: number): Promise<void> {
   }
 }
 
-export function microvmRoutes(app: FastifyInstance, { db }: ApiContext, services: MicrovmRouteServices): void {
+export function microvmRoutes(app: FastifyInstance, context: ApiContext, services: MicrovmRouteServices): void {
+  const { db } = context;
   const view = (m: Microvm) => ({
     id: m.id,
     arn: m.arn,
@@ -216,6 +217,9 @@ export function microvmRoutes(app: FastifyInstance, { db }: ApiContext, services
       const body = request.body;
       const image = await findTenantImage(db, request.tenant.id, body.image);
       if (!image) throw new CocoonError('image_not_found', `no image '${body.image}'`, { status: 404 });
+      // In a cluster, placement may pick another host: the request is forwarded there whole.
+      const size = { vcpus: image.vcpus, memoryMiB: image.memoryMiB, diskMiB: image.diskMiB, imageId: image.id };
+      if (await context.forwarding?.place?.(request.raw, reply.raw, () => reply.hijack(), size, body)) return reply;
       const { microvm } = await services.microvms().start({
         tenantId: request.tenant.id,
         image,

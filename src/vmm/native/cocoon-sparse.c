@@ -3,7 +3,7 @@
  * SEEK_DATA, no fallocate, no FIEMAP). Built on the host by src/vmm/native/helper.ts; no dependencies.
  *
  *   cocoon-sparse sum FILE...     one line per file: "<xxh64 hex> <non-zero pages> <size>"
- *   cocoon-sparse copy SRC DST [reserve] [sum] [nosync] [-- FILE...]
+ *   cocoon-sparse copy SRC DST [reserve] [sum] [nosync] [into] [-- FILE...]
  *                                 a new DST with SRC's content: a reflink where the filesystem
  *                                 can, else a copy of SRC's data extents only (DST is sparse);
  *                                 with `reserve`, then allocate the rest as `alloc` does; with
@@ -11,7 +11,10 @@
  *                                 the checksum lines of FILEs, as `sum` does; with `nosync`,
  *                                 the data is found with SEEK_DATA instead of a synced FIEMAP
  *                                 (no writeback first: a fork copies a paused VM's RAM this way;
- *                                 pages cached over unwritten extents are copied too, zeros or not)
+ *                                 pages cached over unwritten extents are copied too, zeros or not);
+ *                                 with `into`, DST exists already and is emptied first (a VMM may
+ *                                 map it: a restore starts QEMU while the memory is copied), and
+ *                                 is left in place on failure
  *   cocoon-sparse snap SRC DST [SRC DST...]
  *                                 prints "ready", waits for a byte on stdin, then copies each SRC
  *                                 to a new DST as `copy SRC DST nosync` does and prints "done":
@@ -429,11 +432,13 @@ static void *hash_in_background(void *arg) {
   return NULL;
 }
 
-static int copy_file(const char *source, const char *target, int reserve, int hash, int nosync) {
+static int copy_file(const char *source, const char *target, int reserve, int hash, int nosync, int into) {
   int in = open(source, O_RDONLY | O_CLOEXEC);
   if (in < 0) return fail("cannot open", source);
-  int out = open(target, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
-  if (out < 0) { int r = fail("cannot create", target); close(in); return r; }
+  /* `into`: the file is there already, maybe mapped by a QEMU that has not run the guest yet
+   * (its size is set to the source's below, as QEMU sets it: either order gives that size). */
+  int out = into ? open(target, O_WRONLY | O_TRUNC | O_NOFOLLOW | O_CLOEXEC) : open(target, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+  if (out < 0) { int r = fail(into ? "cannot open" : "cannot create", target); close(in); return r; }
   struct stat st;
   int r = 0;
   ranges_t ranges = {0};
@@ -480,7 +485,7 @@ done:
   if (r == 0 && reserve) r = reserve_fd(out, target);
   close(in);
   if (close(out) < 0 && r == 0) r = fail("cannot write", target);
-  if (r) unlink(target);
+  if (r && !into) unlink(target);
   return r;
 }
 
@@ -691,7 +696,7 @@ static int undiff_file(const char *base_file, const char *diff_file_, const char
   if (set != n || (pages % 8 && bitmap[bitmap_bytes - 1] >> (pages % 8))) { r = invalid_diff(diff_file_, "its bitmap does not match its page count"); goto done; }
   /* The base's data first (checksummed as it is copied with `sumbase`), then the diff's sum, taken
    * from the mapping its pages are then written from. */
-  r = copy_file(base_file, target, 0, sumbase, 0);
+  r = copy_file(base_file, target, 0, sumbase, 0, 0);
   if (r) goto done;
   if (sum && (r = sum_fd(fd, diff_file_, -1)) != 0) { unlink(target); goto done; }
   out = open(target, O_WRONLY | O_CLOEXEC);
@@ -737,14 +742,15 @@ int main(int argc, char **argv) {
     return fflush(stdout) == 0 ? 0 : 1;
   }
   if (argc >= 4 && strcmp(argv[1], "copy") == 0) {
-    int reserve = 0, hash = 0, nosync = 0, i = 4;
+    int reserve = 0, hash = 0, nosync = 0, into = 0, i = 4;
     for (; i < argc && strcmp(argv[i], "--") != 0; i++) {
       if (strcmp(argv[i], "reserve") == 0) reserve = 1;
       else if (strcmp(argv[i], "sum") == 0) hash = 1;
       else if (strcmp(argv[i], "nosync") == 0) nosync = 1;
+      else if (strcmp(argv[i], "into") == 0) into = 1;
       else { fprintf(stderr, "cocoon-sparse: unknown copy option %s\n", argv[i]); return 2; }
     }
-    int r = copy_file(argv[2], argv[3], reserve, hash, nosync);
+    int r = copy_file(argv[2], argv[3], reserve, hash, nosync, into);
     for (i++; r == 0 && i < argc; i++) r = sum_file(argv[i]); /* after `--`: more files to sum */
     return r ? r : (fflush(stdout) == 0 ? 0 : 1);
   }
@@ -753,7 +759,7 @@ int main(int argc, char **argv) {
     if (printf("ready\n") < 0 || fflush(stdout) != 0) return 1;
     if (read(0, &go, 1) != 1) { fprintf(stderr, "cocoon-sparse: snap: no go on stdin\n"); return 1; }
     for (int i = 2; i < argc; i += 2) {
-      int r = copy_file(argv[i], argv[i + 1], 0, 0, 1);
+      int r = copy_file(argv[i], argv[i + 1], 0, 0, 1, 0);
       if (r) return r;
     }
     printf("done\n");

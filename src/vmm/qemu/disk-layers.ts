@@ -14,6 +14,8 @@ import path from 'node:path';
 import { promisify } from 'node:util';
 import { CocoonError, errorMessage } from '../../common/errors.ts';
 import type { BackingDisk } from '../driver.ts';
+import { writeLayerFromTemplate } from './layer-template.ts';
+import { restoreTuning } from './tuning.ts';
 
 const run = promisify(execFile);
 
@@ -27,8 +29,11 @@ export function relativeBackingName(layer: string, backing: string): string {
 
 /** A qcow2 layer over `backing`: the VM writes there, the backing file never changes. */
 export async function createDiskLayer(backing: string, backingFormat: 'raw' | 'qcow2', layer: string): Promise<void> {
+  const name = relativeBackingName(layer, backing);
   try {
-    await run('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', relativeBackingName(layer, backing), '-F', backingFormat, layer]);
+    // The same bytes as qemu-img's, without starting it for every layer (layer-template.ts).
+    if (restoreTuning.layerTemplate && (await writeLayerFromTemplate(backing, backingFormat, layer, name))) return;
+    await run('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', name, '-F', backingFormat, layer]);
   } catch (error) {
     throw new CocoonError('disk_layer_failed', `cannot create a disk layer over ${backing}: ${errorMessage(error)}`, { cause: error });
   }

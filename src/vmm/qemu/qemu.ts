@@ -24,13 +24,14 @@ import { loadDeviceState, saveDeviceState } from './migration.ts';
 import { type QemuLaunch, hostTscKhz, kernelCmdline, qemuArgs } from './qemu-args.ts';
 import { QmpClient } from './qmp.ts';
 import { assertPortFree, freeLoopbackPort } from '../../net/ports.ts';
-import { cloneRamFile, createRamFile, digHoles, releaseUnusedRam, reservesRam } from '../ram-file.ts';
+import { cloneRamFile, createEmptyRamFile, createRamFile, digHoles, releaseUnusedRam, reservesRam } from '../ram-file.ts';
 import { holdRam, releaseRam } from '../space-ledger.ts';
 import { isMemoryDiff, restoreMemoryDiff } from '../mem-diff.ts';
 import { findProcesses, killProcesses, processStats, processAlive, processCmdline, processStartTime, waitForProcessExit } from '../../host/processes.ts';
 import { type SandboxedProcess, type VmCgroup, type VmIdentity, grantLaunchAccess, launchIdentity, launchLimits, removeVmCgroup, startSandboxed } from '../launch-sandbox.ts';
 import { SerialLog, tailSerialLog } from './serial-log.ts';
 import { PhaseClock, type Phases } from '../phases.ts';
+import { restoreTuning } from './tuning.ts';
 import { identityBeforeReading, isVerified, rememberVerified } from '../verified-files.ts';
 import { sealSnapshotFiles, snapshotFailure, takeBackSnapshotFiles } from '../snapshot-safety.ts';
 import { qemuDirOf } from './paths.ts';
@@ -65,6 +66,9 @@ const ID_PATTERN = /^[a-z0-9][a-z0-9-]{0,62}$/;
 const MAX_SOCKET_PATH = 107;
 
 export const DEFAULT_BOOT_TIMEOUT_MS = 120_000;
+
+/** How a restore starts QEMU (tuning.ts); exported for the vm benchmark. */
+export { restoreTuning };
 
 /** What every QEMU's command line has (`qemu-system-<arch>`), to find ours among the host's processes. */
 const QEMU_PROGRAM = 'qemu-system';
@@ -317,53 +321,68 @@ export class QemuVm implements Vm {
     const hasChecksums = Boolean(manifest.files.mem.checksum && manifest.files.disk.checksum);
     const verify = options.verifyData === false ? false : options.verifyData === 'if-present' ? hasChecksums : true;
     // The memory file is checked as it is copied for the new VM, and the disk along with it
-    // (one helper run), before QEMU starts: the guest runs only on what matches the checksums.
+    // (one helper run), before the device state is loaded: the guest runs only on what matches
+    // the checksums.
     if (verify) assertDataChecksums(options.snapshotDir, manifest);
     const ramPath = path.join(options.runDir, 'mem');
     const disk: DiskSpec = { path: path.join(options.runDir, 'disk.qcow2'), format: 'qcow2' };
     const snapshotDisk = path.join(options.snapshotDir, manifest.files.disk.name);
     const stateFile = path.join(options.snapshotDir, manifest.files.state.name);
+    const memFile = path.join(options.snapshotDir, manifest.files.mem.name);
+    const diskLayer = () => createDiskLayer(snapshotDisk, manifest.files.disk.format, disk.path);
+    // A suspended microVM's memory: the image's plus the pages it changed (mem-diff.ts). It is
+    // rebuilt into a new file, before QEMU starts.
+    const memoryDiff = isMemoryDiff(manifest);
+    const memoryFromDiff = async (): Promise<string> => {
+      await restoreMemoryDiff({ dir: options.snapshotDir, manifest, baseDir: options.memoryBase, target: ramPath, verify: Boolean(verify), alsoVerifyDisk: Boolean(verify) });
+      return verify ? 'ram_from_diff_checksums' : 'ram_from_diff';
+    };
+    /**
+     * The snapshot's memory copied into the VM's RAM file (`into`: the file exists, QEMU may map
+     * it); answers the phase name, which says whether the data was read for its checksums.
+     */
+    const copyMemory = async (into: boolean): Promise<string> => {
+      if (!verify) {
+        // Unverified means made moments ago: still in the page cache, not yet written back.
+        await cloneRamFile(memFile, ramPath, { nosync: true, into });
+        return 'ram_clone';
+      }
+      // Files verified before and unchanged since (same identity: verified-files.ts, e.g. an
+      // image snapshot restored again) are copied without reading them for a checksum; their
+      // identity is checked again once the copy is made, so a change meanwhile is caught.
+      const memKey = dataChecksumKey(manifest.files.mem.checksum)!;
+      const diskKey = dataChecksumKey(manifest.files.disk.checksum)!;
+      const remembered = async () => (await Promise.all([isVerified(memFile, memKey), isVerified(snapshotDisk, diskKey)])).every(Boolean);
+      if (await remembered()) {
+        await cloneRamFile(memFile, ramPath, { into });
+        if (await remembered()) return 'ram_clone';
+        if (!into) await fs.promises.rm(ramPath, { force: true }); // (`into` empties it again)
+      }
+      const [memBefore, diskBefore] = await Promise.all([identityBeforeReading(memFile), identityBeforeReading(snapshotDisk)]);
+      const [memChecksum, diskChecksum] = await cloneRamFile(memFile, ramPath, { checksum: true, alsoChecksum: [snapshotDisk], into });
+      checkDataChecksum(options.snapshotDir, manifest, 'mem', memChecksum);
+      checkDataChecksum(options.snapshotDir, manifest, 'disk', diskChecksum);
+      await Promise.all([rememberVerified(memFile, memBefore, memKey), rememberVerified(snapshotDisk, diskBefore, diskKey)]);
+      return 'ram_clone_checksums';
+    };
     return QemuVm.launch(options, manifest.shape, manifest.cmdline, disk, ramPath, {
       clock,
       incoming: true,
       ...(manifest.guestProtocol !== undefined ? { guestProtocol: manifest.guestProtocol } : {}),
-      prepare: async () => {
-        if (isMemoryDiff(manifest)) {
-          // A suspended microVM's memory: the image's plus the pages it changed (mem-diff.ts).
-          const memory = restoreMemoryDiff({ dir: options.snapshotDir, manifest, baseDir: options.memoryBase, target: ramPath, verify: Boolean(verify), alsoVerifyDisk: Boolean(verify) });
-          await Promise.all([memory, createDiskLayer(snapshotDisk, manifest.files.disk.format, disk.path)]);
-          return verify ? 'ram_from_diff_checksums_disk_layer' : 'ram_from_diff_disk_layer';
-        }
-        if (!verify) {
-          // Unverified means made moments ago: still in the page cache, not yet written back.
-          await Promise.all([cloneRamFile(path.join(options.snapshotDir, manifest.files.mem.name), ramPath, { nosync: true }), createDiskLayer(snapshotDisk, manifest.files.disk.format, disk.path)]);
-          return 'ram_clone_disk_layer';
-        }
-        // Files verified before and unchanged since (same identity: verified-files.ts, e.g. an
-        // image snapshot restored again) are copied without reading them for a checksum; their
-        // identity is checked again once the copy is made, so a change meanwhile is caught.
-        const memFile = path.join(options.snapshotDir, manifest.files.mem.name);
-        const memKey = dataChecksumKey(manifest.files.mem.checksum)!;
-        const diskKey = dataChecksumKey(manifest.files.disk.checksum)!;
-        const remembered = async () => (await Promise.all([isVerified(memFile, memKey), isVerified(snapshotDisk, diskKey)])).every(Boolean);
-        // The phase says whether the data was read for its checksums on the way (phases.ts).
-        let phase = 'ram_clone_disk_layer';
-        const copyMemory = async (): Promise<void> => {
-          if (await remembered()) {
-            await cloneRamFile(memFile, ramPath);
-            if (await remembered()) return;
-            await fs.promises.rm(ramPath, { force: true });
+      ...(restoreTuning.overlap && !memoryDiff
+        ? {
+            // QEMU starts on an empty RAM file while the memory is copied (and checked) into
+            // it: QEMU waiting for its device state does not touch guest RAM, and `start`
+            // (state load, then the vCPUs) runs only once the copy is done and matched.
+            prepare: async () => {
+              await Promise.all([createEmptyRamFile(ramPath, manifest.files.mem.sizeBytes, `a VM from ${options.snapshotDir}`), diskLayer()]);
+              return 'disk_layer';
+            },
+            fill: () => copyMemory(true),
           }
-          phase = 'ram_clone_checksums_disk_layer';
-          const [memBefore, diskBefore] = await Promise.all([identityBeforeReading(memFile), identityBeforeReading(snapshotDisk)]);
-          const [memChecksum, diskChecksum] = await cloneRamFile(memFile, ramPath, { checksum: true, alsoChecksum: [snapshotDisk] });
-          checkDataChecksum(options.snapshotDir, manifest, 'mem', memChecksum);
-          checkDataChecksum(options.snapshotDir, manifest, 'disk', diskChecksum);
-          await Promise.all([rememberVerified(memFile, memBefore, memKey), rememberVerified(snapshotDisk, diskBefore, diskKey)]);
-        };
-        await Promise.all([copyMemory(), createDiskLayer(snapshotDisk, manifest.files.disk.format, disk.path)]);
-        return phase;
-      },
+        : {
+            prepare: async () => `${(await Promise.all([memoryDiff ? memoryFromDiff() : copyMemory(false), diskLayer()]))[0]}_disk_layer`,
+          }),
       start: async (vm) => {
         try {
           await loadDeviceState(vm.qmp, path.join(qemuDirOf(options.runDir), 'incoming.sock'), stateFile);
@@ -704,9 +723,19 @@ export class QemuVm implements Vm {
     cmdline: string,
     disk: DiskSpec,
     ramPath: string,
-    steps: { clock: PhaseClock; incoming?: boolean; guestProtocol?: number; prepare: () => Promise<string>; start: (vm: QemuVm) => Promise<void> },
+    steps: {
+      clock: PhaseClock;
+      incoming?: boolean;
+      guestProtocol?: number;
+      /** Before QEMU starts (its files must exist); answers the phase's name. */
+      prepare: () => Promise<string>;
+      /** While QEMU starts, done before `start` (the RAM file's content); answers the phase's name. */
+      fill?: () => Promise<string>;
+      start: (vm: QemuVm) => Promise<void>;
+    },
   ): Promise<QemuVm> {
     const { clock } = steps;
+    let filling: Promise<string> | undefined;
     validateId(options.id);
     const runDirExisted = fs.existsSync(options.runDir);
     await fs.promises.mkdir(options.runDir, { recursive: true, mode: 0o700 }).catch((error: unknown) => {
@@ -753,6 +782,8 @@ export class QemuVm implements Vm {
         sandbox: setting('COCOON_QEMU_SANDBOX'),
       };
       clock.mark('sandbox_setup');
+      filling = steps.fill?.();
+      filling?.catch(() => undefined); // awaited below, or settled in the clean-up
       // (The VM's cgroup is made as the process starts: startSandboxed.)
       started = startQemu(options.id, launch, options.runDir, identity, launchLimits(shape, options.limits));
       clock.mark('process_spawn');
@@ -772,19 +803,37 @@ export class QemuVm implements Vm {
         cgroup,
         ...(steps.guestProtocol !== undefined ? { guestProtocol: steps.guestProtocol } : {}),
       };
-      await writeLaunchRecord(options.runDir, record);
-      clock.mark('launch_record');
-      const [qmp, guest, serial] = await Promise.race([
-        connectChannels(launched, options, giveUp.signal),
-        exit.then(() => {
-          throw qemuStartError(options.runDir, launched);
-        }),
-      ]);
+      const connected = () =>
+        Promise.race([
+          connectChannels(launched, options, giveUp.signal),
+          exit.then(() => {
+            throw qemuStartError(options.runDir, launched);
+          }),
+        ]);
+      let channels: [QmpClient, GuestChannel, SerialLog];
+      if (restoreTuning.overlap) {
+        // The record is written while the channels connect; both settle before going on, so a
+        // failure never leaves a record written after the clean-up removed it.
+        const recorded = writeLaunchRecord(options.runDir, record);
+        try {
+          channels = await connected();
+        } finally {
+          await recorded.catch(() => undefined);
+        }
+        await recorded;
+        clock.mark('launch_record_process_channels');
+      } else {
+        await writeLaunchRecord(options.runDir, record);
+        clock.mark('launch_record');
+        channels = await connected();
+        clock.mark('process_channels');
+      }
+      const [qmp, guest, serial] = channels;
       const proc: VmProcess = { pid: child.pid ?? -1, exit, hold: () => child.ref() };
-      clock.mark('process_channels');
       vm = new QemuVm({ launch: launched, options, proc, qmp, guest, serial });
       vm.guestProtocol = steps.guestProtocol;
       vm.startPhases = clock.phases;
+      if (filling) clock.mark(`${await filling}_wait`);
       await Promise.race([
         steps.start(vm),
         exit.then(() => {
@@ -814,6 +863,7 @@ export class QemuVm implements Vm {
       error = noSpaceError(error, options.id) ?? error;
       if (vm) await vm.kill();
       else if (started) await killAndWait(started);
+      await filling?.catch(() => undefined); // no copy writes into what is removed next
       if (runDirExisted) await removeLaunchFiles(options.runDir, disk, ramPath);
       else await fs.promises.rm(options.runDir, { recursive: true, force: true });
       releaseRam(ramPath);

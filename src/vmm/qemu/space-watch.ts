@@ -28,11 +28,24 @@ import type { QemuVm } from './qemu.ts';
 
 export type { SpaceWatchOptions };
 
+/**
+ * Whether the VM's RAM file has blocks still to allocate: not reserved (a big guest, or tmpfs, or
+ * a setting changed since), as the file itself says.
+ */
+function ramIsSparse(vm: QemuVm): boolean {
+  try {
+    const stats = fs.statSync(vm.ramPath);
+    return stats.blocks * 512 < stats.size;
+  } catch {
+    return !reservesRam(vm.shape.memoryMiB * 1024 * 1024); // moved away meanwhile (a snapshot)
+  }
+}
+
 /** Starts watching; the returned function stops (it also stops by itself when QEMU exits). */
 export function watchDiskSpace(vm: QemuVm, options: SpaceWatchOptions): () => void {
   const minFree = options.minFreeBytes ?? 64 * 1024 * 1024;
   const intervalMs = options.intervalMs ?? 2000;
-  const sparseRam = !reservesRam(vm.shape.memoryMiB * 1024 * 1024);
+  const sparseRam = ramIsSparse(vm);
   let timer: NodeJS.Timeout | undefined;
   let stopped = false;
   /** QEMU paused the guest on a disk write that found no space (`io-error`). */

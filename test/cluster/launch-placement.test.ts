@@ -1,0 +1,98 @@
+/**
+ * Placement of a launch, without QEMU: two Cocoon servers (every default module) on one
+ * PostgreSQL. Host B, which receives `POST /microvms`, offers fewer vCPUs than the image needs
+ * (COCOON_HOST_VCPUS), so placement picks host A and B forwards the launch there (signed): the
+ * microVM's row is A's (its lease). Both hosts too small: 503 `no_host_capacity`, no row made.
+ * The same through E2B's create. (The image has no snapshot behind it: the launch itself then fails
+ * on A, which is not the point.)
+ */
+import assert from 'node:assert/strict';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
+import { after, before, test } from 'node:test';
+import { loadConfig } from '../../src/config/config.ts';
+import { defaultModules } from '../../src/modules.ts';
+import { startServer, type RunningServer } from '../../src/server.ts';
+import { findTenantByName } from '../../src/store/tenants.ts';
+import { PostgresServer } from '../support/postgres.ts';
+import { apiClient } from '../support/server.ts';
+import { readyImage } from '../store/helpers.ts';
+
+let postgres: PostgresServer;
+const servers: RunningServer[] = [];
+const dirs: string[] = [];
+before(async () => {
+  postgres = await PostgresServer.start();
+});
+after(async () => {
+  for (const s of servers.reverse()) await s.close().catch(() => undefined);
+  for (const d of dirs) await rm(d, { recursive: true, force: true });
+  await postgres?.stop();
+});
+
+async function host(databaseUrl: string, id: string, env: Record<string, string> = {}): Promise<RunningServer> {
+  const dataDir = await mkdtemp(path.join(tmpdir(), `cocoon-place-${id}-`));
+  dirs.push(dataDir);
+  const server = await startServer(
+    { ...loadConfig({ COCOON_DATA_DIR: dataDir, COCOON_DATABASE_URL: databaseUrl, COCOON_HOST_ID: id, COCOON_ACCEL: 'tcg', ...env }), apiPort: 0, gatewayPort: 0 },
+    defaultModules(),
+  );
+  servers.push(server);
+  return server;
+}
+
+/** The host whose lease the launch took (a launch may still be queued when the answer comes). */
+async function ownerOf(server: RunningServer, id: string): Promise<string | null> {
+  for (let i = 0; i < 200; i++) {
+    const row = await server.db.get<{ host_id: string | null }>('SELECT host_id FROM microvms WHERE id = ?', [id]);
+    if (row?.host_id) return row.host_id;
+    await new Promise((resolve) => setTimeout(resolve, 50));
+  }
+  return null;
+}
+
+test('a launch sent to a host without room runs on the host placement picks; none with room: no_host_capacity', async () => {
+  const databaseUrl = await postgres.createDatabase('place');
+  const a = await host(databaseUrl, 'host-a', { COCOON_HOST_VCPUS: '3' });
+  const b = await host(databaseUrl, 'host-b', { COCOON_HOST_VCPUS: '1' });
+  const tenant = (await findTenantByName(a.db, 'admin'))!;
+  const image = await readyImage(a.db, tenant.id, { vcpus: 2 });
+  const viaB = apiClient(b.apiUrl, a.newAdminKey!);
+
+  const started = await viaB('POST', '/microvms', { image: image.id, clientToken: 'placed-1' });
+  assert.equal(started.status, 201, JSON.stringify(started.body));
+  // Host A launched it: the launch took A's lease before anything else ran.
+  assert.equal(await ownerOf(a, started.body.id), 'host-a');
+  // A replay of the same clientToken answers the same microVM (idempotency is cluster-wide).
+  const replay = await viaB('POST', '/microvms', { image: image.id, clientToken: 'placed-1' });
+  assert.equal(replay.status, 201, JSON.stringify(replay.body));
+  assert.equal(replay.body.id, started.body.id);
+
+  // E2B's create likewise (its wire format, X-API-Key): the sandbox is host A's.
+  const sandbox = await fetch(`${b.apiUrl}/e2b/sandboxes`, {
+    method: 'POST',
+    headers: { 'x-api-key': a.newAdminKey!, 'content-type': 'application/json' },
+    body: JSON.stringify({ templateID: image.id, timeout: 60 }),
+  });
+  const created = (await sandbox.json()) as { sandboxID: string };
+  assert.equal(sandbox.status, 201, JSON.stringify(created));
+  assert.equal(await ownerOf(a, created.sandboxID), 'host-a');
+
+  // An image that needs more vCPUs than either host offers: refused, and no row is made.
+  const big = await readyImage(a.db, tenant.id, { vcpus: 4 });
+  const count = async (): Promise<number> => Number((await a.db.get<{ n: number | string }>('SELECT count(*) AS n FROM microvms'))!.n);
+  const rows = await count();
+  const refused = await viaB('POST', '/microvms', { image: big.id });
+  assert.equal(refused.status, 503, JSON.stringify(refused.body));
+  assert.equal(refused.body.error.code, 'no_host_capacity');
+  assert.equal(await count(), rows);
+  const e2bRefused = await fetch(`${b.apiUrl}/e2b/sandboxes`, {
+    method: 'POST',
+    headers: { 'x-api-key': a.newAdminKey!, 'content-type': 'application/json' },
+    body: JSON.stringify({ templateID: big.id }),
+  });
+  assert.equal(e2bRefused.status, 503);
+  assert.match(await e2bRefused.text(), /no_host_capacity/);
+  assert.equal(await count(), rows);
+});
