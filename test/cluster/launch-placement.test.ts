@@ -3,7 +3,8 @@
  * PostgreSQL. Host B, which receives `POST /microvms`, offers fewer vCPUs than the image needs
  * (COCOON_HOST_VCPUS), so placement picks host A and B forwards the launch there (signed): the
  * microVM's row is A's (its lease). Both hosts too small: 503 `no_host_capacity`, no row made.
- * (The image has no snapshot behind it: the launch itself then fails on A, which is not the point.)
+ * The same through E2B's create. (The image has no snapshot behind it: the launch itself then fails
+ * on A, which is not the point.)
  */
 import assert from 'node:assert/strict';
 import { mkdtemp, rm } from 'node:fs/promises';
@@ -41,6 +42,16 @@ async function host(databaseUrl: string, id: string, env: Record<string, string>
   return server;
 }
 
+/** The host whose lease the launch took (a launch may still be queued when the answer comes). */
+async function ownerOf(server: RunningServer, id: string): Promise<string | null> {
+  for (let i = 0; i < 200; i++) {
+    const row = await server.db.get<{ host_id: string | null }>('SELECT host_id FROM microvms WHERE id = ?', [id]);
+    if (row?.host_id) return row.host_id;
+    await new Promise((resolve) => setTimeout(resolve, 50));
+  }
+  return null;
+}
+
 test('a launch sent to a host without room runs on the host placement picks; none with room: no_host_capacity', async () => {
   const databaseUrl = await postgres.createDatabase('place');
   const a = await host(databaseUrl, 'host-a', { COCOON_HOST_VCPUS: '3' });
@@ -52,12 +63,21 @@ test('a launch sent to a host without room runs on the host placement picks; non
   const started = await viaB('POST', '/microvms', { image: image.id, clientToken: 'placed-1' });
   assert.equal(started.status, 201, JSON.stringify(started.body));
   // Host A launched it: the launch took A's lease before anything else ran.
-  const seen = await a.db.get<{ host_id: string | null; state: string }>('SELECT host_id, state FROM microvms WHERE id = ?', [started.body.id]);
-  assert.equal(seen?.host_id, 'host-a', `the launch ran on ${String(seen?.host_id)}, not on host A`);
+  assert.equal(await ownerOf(a, started.body.id), 'host-a');
   // A replay of the same clientToken answers the same microVM (idempotency is cluster-wide).
   const replay = await viaB('POST', '/microvms', { image: image.id, clientToken: 'placed-1' });
   assert.equal(replay.status, 201, JSON.stringify(replay.body));
   assert.equal(replay.body.id, started.body.id);
+
+  // E2B's create likewise (its wire format, X-API-Key): the sandbox is host A's.
+  const sandbox = await fetch(`${b.apiUrl}/e2b/sandboxes`, {
+    method: 'POST',
+    headers: { 'x-api-key': a.newAdminKey!, 'content-type': 'application/json' },
+    body: JSON.stringify({ templateID: image.id, timeout: 60 }),
+  });
+  const created = (await sandbox.json()) as { sandboxID: string };
+  assert.equal(sandbox.status, 201, JSON.stringify(created));
+  assert.equal(await ownerOf(a, created.sandboxID), 'host-a');
 
   // An image that needs more vCPUs than either host offers: refused, and no row is made.
   const big = await readyImage(a.db, tenant.id, { vcpus: 4 });
@@ -66,5 +86,13 @@ test('a launch sent to a host without room runs on the host placement picks; non
   const refused = await viaB('POST', '/microvms', { image: big.id });
   assert.equal(refused.status, 503, JSON.stringify(refused.body));
   assert.equal(refused.body.error.code, 'no_host_capacity');
+  assert.equal(await count(), rows);
+  const e2bRefused = await fetch(`${b.apiUrl}/e2b/sandboxes`, {
+    method: 'POST',
+    headers: { 'x-api-key': a.newAdminKey!, 'content-type': 'application/json' },
+    body: JSON.stringify({ templateID: big.id }),
+  });
+  assert.equal(e2bRefused.status, 503);
+  assert.match(await e2bRefused.text(), /no_host_capacity/);
   assert.equal(await count(), rows);
 });

@@ -100,6 +100,10 @@ export async function e2bControlRoutes(app: FastifyInstance, context: ApiContext
         const b = body(request) ?? {};
         const autoResume = b.autoResume as { enabled?: unknown } | undefined;
         if (b.volumeMounts !== undefined) throw new E2bError(400, 'volume mounts are not supported by Cocoon');
+        // In a cluster, placement may pick another host: the request is forwarded there whole.
+        const image = await sandboxes().template(tenant(request), typeof b.templateID === 'string' ? b.templateID : '');
+        const size = { vcpus: image.vcpus, memoryMiB: image.memoryMiB, diskMiB: image.diskMiB, imageId: image.id };
+        if (await context.forwarding?.place?.(request.raw, reply.raw, () => reply.hijack(), size, b)) return reply;
         const view = await sandboxes().create(tenant(request), {
           template: typeof b.templateID === 'string' ? b.templateID : '',
           timeoutSeconds: optionalInt(b, 'timeout'),

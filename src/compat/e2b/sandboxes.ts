@@ -163,7 +163,8 @@ export class E2bSandboxes {
 
   // ---- template → image ----------------------------------------------------------------------
 
-  async #template(tenantId: string, template: string): Promise<Image> {
+  /** The READY image a template names (a Cocoon image name, id or ARN). */
+  async template(tenantId: string, template: string): Promise<Image> {
     if (typeof template !== 'string' || template.length === 0 || template.length > 300) throw new E2bError(400, 'templateID must be a template name, id or ARN');
     let image: Image | undefined;
     if (isArn(template) || /^img-/.test(template)) image = await findTenantImage(this.#db, tenantId, template);
@@ -191,7 +192,7 @@ export class E2bSandboxes {
   // ---- lifecycle ------------------------------------------------------------------------------
 
   async create(tenantId: string, input: CreateInput): Promise<SandboxView> {
-    const image = await this.#template(tenantId, input.template);
+    const image = await this.template(tenantId, input.template);
     const timeout = this.#timeout(input.timeoutSeconds);
     const metadata = checkStrings('metadata', input.metadata, MAX_METADATA_ENTRIES);
     const envs = checkStrings('envVars', input.envs, MAX_ENV_ENTRIES);
