@@ -7,6 +7,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import type { FastifyInstance } from 'fastify';
 import { type ApiContext, type ApiRoutes, buildApiServer } from './api/app.ts';
+import { isCocoonError } from './common/errors.ts';
 import { log } from './common/log.ts';
 import type { CocoonConfig } from './config/config.ts';
 import { objectStoreFromEnv } from './objectstore/factory.ts';
@@ -116,7 +117,15 @@ export async function startServer(config: CocoonConfig, modules: ServerModule[] 
 async function ensureAdminKey(db: Database, dataDir: string): Promise<string | undefined> {
   const keyFile = path.join(dataDir, ADMIN_KEY_FILE);
   if (await findTenantByName(db, ADMIN_TENANT)) return undefined;
-  const tenant = await createTenant(db, { name: ADMIN_TENANT, isAdmin: true });
+  let tenant;
+  try {
+    tenant = await createTenant(db, { name: ADMIN_TENANT, isAdmin: true });
+  } catch (error) {
+    // Another host starting on the same database at the same moment made it first: its key is
+    // in that host's data directory (docs/cluster.md), and this host has nothing to create.
+    if (isCocoonError(error, 'tenant_exists')) return undefined;
+    throw error;
+  }
   const { secret } = await createApiKey(db, tenant.id, { name: 'admin', sealer: sealerForDataDir(dataDir) });
   fs.writeFileSync(keyFile, secret + '\n', { mode: 0o600 });
   return secret;

@@ -108,7 +108,7 @@ async function snapshotFrom(
       await fs.promises.link(path.join(from, 'manifest.json'), path.join(partial, 'manifest.json'));
     } else {
       await run('cp', ['--sparse=always', '--', path.join(from, files.disk.name), disk]);
-      await options.driver.rebaseDisk(disk, options.rebaseOnto);
+      await options.driver.rebaseDisk(disk, options.rebaseOnto, { copiedFrom: from });
       if (options.durable) {
         const handle = await fs.promises.open(disk, 'r+');
         try {

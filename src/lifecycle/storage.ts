@@ -126,7 +126,7 @@ export async function compactGeneration(
     await fs.promises.link(path.join(from, files.state.name), path.join(partial, files.state.name));
     const disk = path.join(partial, files.disk.name);
     await run('cp', ['--sparse=always', '--', path.join(from, files.disk.name), disk]);
-    await driver.rebaseDisk(disk, { path: path.resolve(imageSnapshot, base.files.disk.name), format: base.files.disk.format });
+    await driver.rebaseDisk(disk, { path: path.resolve(imageSnapshot, base.files.disk.name), format: base.files.disk.format }, { copiedFrom: from });
     if (durable) {
       const handle = await fs.promises.open(disk, 'r+');
       try {

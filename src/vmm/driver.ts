@@ -168,6 +168,10 @@ export interface VmDriver {
   clearRunFiles(runDir: string): Promise<void>;
   /** A copy-on-write layer at `layer` over `backing`: the VM writes there, the backing file never changes. */
   createDiskLayer(backing: string, backingFormat: DiskSpec['format'], layer: string): Promise<void>;
-  /** Points a disk layer at another backing file (only what differs from it is kept). */
-  rebaseDisk(disk: string, onto: BackingDisk): Promise<void>;
+  /**
+   * Points a disk layer at another backing file (only what differs from it is kept).
+   * `copiedFrom`: the directory the layer was copied from, where the backing name it carries
+   * (relative to the layer's directory) still resolves; the safe rebase reads the old backing.
+   */
+  rebaseDisk(disk: string, onto: BackingDisk, options?: { copiedFrom?: string }): Promise<void>;
 }

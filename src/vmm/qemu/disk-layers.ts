@@ -39,8 +39,13 @@ export async function createDiskLayer(backing: string, backingFormat: 'raw' | 'q
   }
 }
 
-/** Points a qcow2 layer at another backing file (`sameContent`: the header only, else qemu-img's safe rebase). */
-export async function rebaseDisk(disk: string, onto: BackingDisk): Promise<void> {
+/**
+ * Points a qcow2 layer at another backing file (`sameContent`: the header only, else qemu-img's
+ * safe rebase, which reads the old backing file). A layer copied from `copiedFrom` into another
+ * directory carries a relative name that resolves only from there: it is rewritten first.
+ */
+export async function rebaseDisk(disk: string, onto: BackingDisk, options: { copiedFrom?: string } = {}): Promise<void> {
+  if (options.copiedFrom && !onto.sameContent) await relinkBacking(disk, { finalDir: path.dirname(disk), formerDir: options.copiedFrom });
   try {
     await run('qemu-img', ['rebase', '-q', ...(onto.sameContent ? ['-u'] : []), '-f', 'qcow2', '-b', relativeBackingName(disk, onto.path), '-F', onto.format, disk]);
   } catch (error) {

@@ -90,7 +90,7 @@ export async function takeForkPoint(vm: QemuVm, targetDir: string, options: Fork
     pausedMs = performance.now() - started;
     const after = performance.now();
     // The copy names its backing file relative to where it lives now (disk-layers.ts).
-    if (options.rebaseOnto) await rebaseDisk(disk, options.rebaseOnto);
+    if (options.rebaseOnto) await rebaseDisk(disk, options.rebaseOnto, { copiedFrom: path.dirname(vm.disk.path) });
     else if (vm.disk.format === 'qcow2') await relinkBacking(disk, { finalDir: targetDir, formerDir: path.dirname(vm.disk.path) });
     let checksums: DataChecksum[] = [];
     if (!options.deferChecksums) {
