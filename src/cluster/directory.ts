@@ -4,14 +4,21 @@
  * (the lifecycle's lookup is synchronous then: the hot path stays as on one host). For any
  * other, its lease says who owns it (owners.ts): another live host → the route carries `peer`
  * and the gateway forwards the request to that host's gateway; none, this host, or a lost one
- * → served here, where waking it is the lifecycle's (and placement's) job. A host that loses
+ * → served here, or woken on the host placement picks when this one lacks room. A host that loses
  * the race to wake a microVM (another host took its lease first) forwards to the winner.
  */
 import { isPromiseLike, type MicroVMDirectory, type MicroVMRoute } from '../gateway/types.ts';
-import { peerTarget } from '../gateway/peer.ts';
+import { peerTarget, type PeerTarget } from '../gateway/peer.ts';
 import type { OwnerLookup } from './owners.ts';
 
-export function clusterDirectory(local: MicroVMDirectory, owners: OwnerLookup): MicroVMDirectory {
+/**
+ * Where placement would wake a SUSPENDED microVM that no live host runs: another host's
+ * gateway, or undefined for this host (it has room, or the microVM is not such a one). Throws
+ * `no_host_capacity` when no host has room.
+ */
+export type WakePlacement = (microvmId: string) => Promise<PeerTarget | undefined>;
+
+export function clusterDirectory(local: MicroVMDirectory, owners: Pick<OwnerLookup, 'ownerOf'>, placeWake?: WakePlacement): MicroVMDirectory {
   async function elsewhere(route: MicroVMRoute): Promise<MicroVMRoute> {
     const owner = await owners.ownerOf(route.id);
     if (owner?.kind !== 'peer') return route;
@@ -37,6 +44,14 @@ export function clusterDirectory(local: MicroVMDirectory, owners: OwnerLookup): 
     async ensureRunning(microvmId, signal) {
       const forwarded = await peerRoute(microvmId);
       if (forwarded) return forwarded;
+      // No live host runs it: placement picks where it wakes (this host whenever it has room).
+      // The chosen host's gateway wakes it there; a request forwarded to it is never placed again.
+      const placed = placeWake ? await placeWake(microvmId) : undefined;
+      if (placed) {
+        const found = local.lookup(microvmId);
+        const route = isPromiseLike(found) ? await found : found;
+        if (route) return { ...route, peer: placed };
+      }
       try {
         return await local.ensureRunning(microvmId, signal);
       } catch (error) {

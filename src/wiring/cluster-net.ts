@@ -14,9 +14,10 @@ import { OwnerLookup } from '../cluster/owners.ts';
 import { PeerAuth } from '../cluster/peer-auth.ts';
 import { placeMicrovm } from '../cluster/placement.ts';
 import { log } from '../common/log.ts';
-import type { PeerGatewayAuth } from '../gateway/peer.ts';
+import { peerTarget, type PeerGatewayAuth, type PeerTarget } from '../gateway/peer.ts';
 import type { MicroVMDirectory } from '../gateway/types.ts';
 import { ensureClusterSecret, PEER_HMAC_SECRET } from '../store/cluster-secrets.ts';
+import { getMicrovm } from '../store/microvms.ts';
 
 export interface ClusterNet {
   /** This host's directory, wrapped: microVMs other hosts run carry their `peer`. */
@@ -40,8 +41,21 @@ export async function startClusterNet(context: ApiContext, hostId: string): Prom
     place: (size) => placeMicrovm(db, { ...size, preferHostId: hostId }, { deadAfterMs: settings.deadAfterMs }),
   });
   context.forwarding = forwarder;
+  /** A SUSPENDED microVM that no live host runs wakes where placement picks: here whenever this host has room. */
+  async function placeWake(microvmId: string): Promise<PeerTarget | undefined> {
+    const owner = await owners.ownerOf(microvmId);
+    if (owner === undefined || owner.kind === 'self' || owner.kind === 'peer') return undefined;
+    const microvm = await getMicrovm(db, microvmId);
+    if (!microvm || microvm.state !== 'SUSPENDED') return undefined;
+    const host = await placeMicrovm(
+      db,
+      { vcpus: microvm.vcpus, memoryMiB: microvm.memoryMiB, diskMiB: microvm.diskMiB, imageId: microvm.imageId, preferHostId: hostId, holderHostId: microvm.hostId },
+      { deadAfterMs: settings.deadAfterMs },
+    );
+    return host.id === hostId ? undefined : peerTarget(host.id, host.gatewayUrl);
+  }
   return {
-    directory: (local) => clusterDirectory(local, owners),
+    directory: (local) => clusterDirectory(local, owners, (microvmId) => placeWake(microvmId)),
     peers: auth,
     async close() {
       if (context.forwarding === forwarder) delete context.forwarding;
