@@ -19,10 +19,10 @@
 import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
-import net from 'node:net';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import pg from 'pg';
+import { freeLoopbackPort } from '../../net/ports.ts';
 import { PostgresServer } from './postgres-server.ts';
 import { S3_CREDENTIALS, S3_READY } from './s3-server.ts';
 
@@ -124,17 +124,6 @@ export function processAlive(pid: number | undefined): boolean {
   }
 }
 
-async function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const server = net.createServer();
-    server.once('error', reject);
-    server.listen(0, '127.0.0.1', () => {
-      const { port } = server.address() as net.AddressInfo;
-      server.close(() => resolve(port));
-    });
-  });
-}
-
 function tail(file: string, bytes = 3000): string {
   try {
     const text = fs.readFileSync(file, 'utf8');
@@ -185,8 +174,8 @@ export async function clusterUp(options: ClusterUpOptions): Promise<LocalCluster
         name,
         id: `host-${name}`,
         dataDir: path.join(dir, 'hosts', name),
-        apiPort: await freePort(),
-        gatewayPort: await freePort(),
+        apiPort: await freeLoopbackPort(),
+        gatewayPort: await freeLoopbackPort(),
         apiUrl: '',
         gatewayUrl: '',
         pid: 0,
@@ -327,7 +316,7 @@ async function startS3(dir: string, progress: (line: string) => void): Promise<L
   progress('s3: starting (s3rver)');
   const s3Dir = path.join(dir, 's3');
   const logFile = path.join(dir, 'logs', 's3.log');
-  const port = await freePort();
+  const port = await freeLoopbackPort();
   const out = fs.openSync(logFile, 'a', 0o600);
   const child = spawn(NODE, ['--disable-warning=ExperimentalWarning', path.join(HERE, 's3-server.ts'), s3Dir, String(port), BUCKET], {
     detached: true,
