@@ -10,6 +10,7 @@
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import { Readable, type Duplex } from 'node:stream';
 import type { ApiForwarding, LaunchSize } from '../api/app.ts';
+import { isCocoonError } from '../common/errors.ts';
 import type { Logger } from '../common/log.ts';
 import { PEER_HEADER, peerRequestHeaders, peerTarget, type PeerTarget } from '../gateway/peer.ts';
 import { UndiciUpstreamClient, UpstreamFailure } from '../gateway/upstream.ts';
@@ -36,6 +37,12 @@ export function microvmOfRequest(method: string, url: string): string | undefine
   return MICROVM_ID.exec(segment)?.[1];
 }
 
+/** A request that wakes the microVM it names: Cocoon's and AWS's resume, E2B's resume and connect. */
+export function isWakeRequest(method: string, url: string): boolean {
+  const m = MICROVM_PATH.exec(url);
+  return method === 'POST' && m !== null && (m[2] === '/resume' || (m[2] === '/connect' && url.startsWith('/e2b/')));
+}
+
 function errorJson(status: number, code: string, message: string): string {
   return JSON.stringify({ error: { code, message } });
 }
@@ -56,10 +63,15 @@ export interface ApiForwarderOptions {
   logger: Logger;
   /** Placement of a launch (placement.ts, this host preferred); throws `no_host_capacity`. */
   place?: (size: LaunchSize) => Promise<{ id: string; apiUrl: string | null }>;
+  /**
+   * Placement of a wake of a SUSPENDED microVM that no live host runs: the host chosen, or
+   * undefined where it is not such a microVM; throws `no_host_capacity`.
+   */
+  placeWake?: (microvmId: string) => Promise<{ id: string; apiUrl: string | null } | undefined>;
 }
 
 export function createApiForwarder(options: ApiForwarderOptions): ApiForwarding & { close(): Promise<void> } {
-  const { owners, auth, logger, place } = options;
+  const { owners, auth, logger, place, placeWake } = options;
   const client = new UndiciUpstreamClient({
     connectionsPerUpstream: 256,
     connectTimeoutMs: 5_000,
@@ -87,6 +99,14 @@ export function createApiForwarder(options: ApiForwarderOptions): ApiForwarding 
     return peerTarget(owner.host.hostId, owner.host.apiUrl);
   }
 
+  /** Where a resume of a microVM no live host runs goes when placement picks another host. */
+  async function placedTarget(req: IncomingMessage): Promise<PeerTarget | undefined> {
+    if (!placeWake || !isWakeRequest(req.method ?? 'GET', req.url ?? '')) return undefined;
+    const microvmId = microvmOfRequest(req.method ?? 'GET', req.url ?? '');
+    const host = microvmId ? await placeWake(microvmId) : undefined;
+    return host && host.id !== owners.selfId ? peerTarget(host.id, host.apiUrl) : undefined;
+  }
+
   function signedHeaders(req: IncomingMessage, target: PeerTarget, upgrade: boolean): string[] {
     const headers = peerRequestHeaders(req.rawHeaders, upgrade);
     const clientIp = (req.socket.remoteAddress ?? '').replace(/^::ffff:/, '');
@@ -103,7 +123,15 @@ export function createApiForwarder(options: ApiForwarderOptions): ApiForwarding 
         sendJson(res, 401, 'peer_auth_failed', peer);
         return true;
       }
-      const target = await ownerTarget(req);
+      let target: PeerTarget | undefined;
+      try {
+        target = (await ownerTarget(req)) ?? (await placedTarget(req));
+      } catch (error) {
+        if (!isCocoonError(error, 'no_host_capacity')) throw error;
+        take();
+        sendJson(res, error.status, error.code, error.message, { 'retry-after': '5' });
+        return true;
+      }
       if (!target) return false;
       take();
       const hasBody = req.headers['transfer-encoding'] !== undefined || (req.headers['content-length'] !== undefined && req.headers['content-length'] !== '0');

@@ -14,9 +14,10 @@ import { OwnerLookup } from '../cluster/owners.ts';
 import { PeerAuth } from '../cluster/peer-auth.ts';
 import { placeMicrovm } from '../cluster/placement.ts';
 import { log } from '../common/log.ts';
-import { peerTarget, type PeerGatewayAuth, type PeerTarget } from '../gateway/peer.ts';
+import { peerTarget, type PeerGatewayAuth } from '../gateway/peer.ts';
 import type { MicroVMDirectory } from '../gateway/types.ts';
 import { ensureClusterSecret, PEER_HMAC_SECRET } from '../store/cluster-secrets.ts';
+import type { Host } from '../store/hosts.ts';
 import { getMicrovm } from '../store/microvms.ts';
 
 export interface ClusterNet {
@@ -33,29 +34,34 @@ export async function startClusterNet(context: ApiContext, hostId: string): Prom
   const { db } = context;
   const auth = new PeerAuth({ hostId, secret: await ensureClusterSecret(db, PEER_HMAC_SECRET) });
   const owners = new OwnerLookup({ db, selfId: hostId, deadAfterMs: settings.deadAfterMs });
-  const forwarder = createApiForwarder({
+  /** Where a SUSPENDED microVM that no live host runs wakes: placement's pick, this host whenever it has room. */
+  async function placeWake(microvmId: string): Promise<Host | undefined> {
+    const owner = await owners.ownerOf(microvmId);
+    if (owner === undefined || owner.kind === 'self' || owner.kind === 'peer') return undefined;
+    const microvm = await getMicrovm(db, microvmId);
+    if (!microvm || microvm.state !== 'SUSPENDED') return undefined;
+    return placeMicrovm(
+      db,
+      { vcpus: microvm.vcpus, memoryMiB: microvm.memoryMiB, diskMiB: microvm.diskMiB, imageId: microvm.imageId, preferHostId: hostId, holderHostId: microvm.hostId },
+      { deadAfterMs: settings.deadAfterMs },
+    );
+  }  const forwarder = createApiForwarder({
     owners,
     auth,
     logger: log.child({ component: 'cluster-forwarding' }),
     // A launch runs on the host placement picks: this one whenever it has room.
     place: (size) => placeMicrovm(db, { ...size, preferHostId: hostId }, { deadAfterMs: settings.deadAfterMs }),
+    // A resume of a SUSPENDED microVM no live host runs, likewise (and the gateway's wakes, below).
+    placeWake,
   });
   context.forwarding = forwarder;
-  /** A SUSPENDED microVM that no live host runs wakes where placement picks: here whenever this host has room. */
-  async function placeWake(microvmId: string): Promise<PeerTarget | undefined> {
-    const owner = await owners.ownerOf(microvmId);
-    if (owner === undefined || owner.kind === 'self' || owner.kind === 'peer') return undefined;
-    const microvm = await getMicrovm(db, microvmId);
-    if (!microvm || microvm.state !== 'SUSPENDED') return undefined;
-    const host = await placeMicrovm(
-      db,
-      { vcpus: microvm.vcpus, memoryMiB: microvm.memoryMiB, diskMiB: microvm.diskMiB, imageId: microvm.imageId, preferHostId: hostId, holderHostId: microvm.hostId },
-      { deadAfterMs: settings.deadAfterMs },
-    );
-    return host.id === hostId ? undefined : peerTarget(host.id, host.gatewayUrl);
-  }
+
+
   return {
-    directory: (local) => clusterDirectory(local, owners, (microvmId) => placeWake(microvmId)),
+    directory: (local) => clusterDirectory(local, owners, async (microvmId) => {
+      const host = await placeWake(microvmId);
+      return host && host.id !== hostId ? peerTarget(host.id, host.gatewayUrl) : undefined;
+    }),
     peers: auth,
     async close() {
       if (context.forwarding === forwarder) delete context.forwarding;

@@ -14,6 +14,7 @@ import { after, before, test } from 'node:test';
 import { loadConfig } from '../../src/config/config.ts';
 import { defaultModules } from '../../src/modules.ts';
 import { startServer, type RunningServer } from '../../src/server.ts';
+import { createMicrovm } from '../../src/store/microvms.ts';
 import { findTenantByName } from '../../src/store/tenants.ts';
 import { PostgresServer } from '../support/postgres.ts';
 import { apiClient } from '../support/server.ts';
@@ -95,4 +96,36 @@ test('a launch sent to a host without room runs on the host placement picks; non
   assert.equal(e2bRefused.status, 503);
   assert.match(await e2bRefused.text(), /no_host_capacity/);
   assert.equal(await count(), rows);
+});
+
+test('a resume of a SUSPENDED microVM no live host runs, sent to a host without room, runs where placement picks', async () => {
+  const databaseUrl = await postgres.createDatabase('placeresume');
+  const a = await host(databaseUrl, 'host-a', { COCOON_HOST_VCPUS: '3' });
+  const b = await host(databaseUrl, 'host-b', { COCOON_HOST_VCPUS: '1' });
+  const tenant = (await findTenantByName(a.db, 'admin'))!;
+  const image = await readyImage(a.db, tenant.id, { vcpus: 2 });
+  const viaB = apiClient(b.apiUrl, a.newAdminKey!);
+  // What a host's loss leaves: SUSPENDED, ownerless (made in the store: no host holds it in memory).
+  const { microvm } = await createMicrovm(a.db, {
+    tenantId: tenant.id, region: 'local', imageId: image.id, maximumDurationSeconds: 3600,
+    idlePolicy: { autoResumeEnabled: true, maxIdleDurationSeconds: 300, suspendedDurationSeconds: null },
+  });
+  const id = microvm.id;
+  await a.db.run("UPDATE microvms SET state = 'SUSPENDED', host_id = NULL WHERE id = ?", [id]);
+
+  // Through B, which lacks the room: host A resumes it (this store-made microVM has no saved
+  // generation, so the resume fails there; the failure names host A's data directory).
+  const resumed = await viaB('POST', `/microvms/${id}/resume`);
+  assert.notEqual(resumed.status, 200, JSON.stringify(resumed.body));
+  assert.ok(JSON.stringify(resumed.body).includes(a.config.dataDir) || JSON.stringify(await a.db.all('SELECT message FROM events WHERE resource_id = ?', [id])).includes(a.config.dataDir),
+    `the resume ran on host A: ${JSON.stringify(resumed.body)}`);
+  assert.ok(!JSON.stringify(await a.db.all('SELECT message FROM events WHERE resource_id = ?', [id])).includes(b.config.dataDir));
+
+  // No host with room: refused before anything is touched, the microVM stays SUSPENDED.
+  await a.db.run("UPDATE microvms SET state = 'SUSPENDED', host_id = NULL, vcpus = 4 WHERE id = ?", [id]);
+  const refused = await viaB('POST', `/microvms/${id}/resume`);
+  assert.equal(refused.status, 503, JSON.stringify(refused.body));
+  assert.equal(refused.body.error.code, 'no_host_capacity');
+  const row = await a.db.get<{ state: string; host_id: string | null }>('SELECT state, host_id FROM microvms WHERE id = ?', [id]);
+  assert.deepEqual({ ...row }, { state: 'SUSPENDED', host_id: null });
 });
