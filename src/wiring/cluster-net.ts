@@ -12,7 +12,8 @@ import { clusterSettings } from '../cluster/config.ts';
 import { clusterDirectory } from '../cluster/directory.ts';
 import { OwnerLookup } from '../cluster/owners.ts';
 import { PeerAuth } from '../cluster/peer-auth.ts';
-import { placeMicrovm } from '../cluster/placement.ts';
+import { placeMicrovm, type PlacementRequest } from '../cluster/placement.ts';
+import { isCocoonError } from '../common/errors.ts';
 import { log } from '../common/log.ts';
 import { peerTarget, type PeerGatewayAuth } from '../gateway/peer.ts';
 import type { MicroVMDirectory } from '../gateway/types.ts';
@@ -40,17 +41,26 @@ export async function startClusterNet(context: ApiContext, hostId: string): Prom
     if (owner === undefined || owner.kind === 'self' || owner.kind === 'peer') return undefined;
     const microvm = await getMicrovm(db, microvmId);
     if (!microvm || microvm.state !== 'SUSPENDED') return undefined;
-    return placeMicrovm(
-      db,
-      { vcpus: microvm.vcpus, memoryMiB: microvm.memoryMiB, diskMiB: microvm.diskMiB, imageId: microvm.imageId, preferHostId: hostId, holderHostId: microvm.hostId },
-      { deadAfterMs: settings.deadAfterMs },
-    );
+    return place({ vcpus: microvm.vcpus, memoryMiB: microvm.memoryMiB, diskMiB: microvm.diskMiB, imageId: microvm.imageId, preferHostId: hostId, holderHostId: microvm.hostId });
+  }
+  /**
+   * Placement's pick, or undefined (here) while no host is registered as live: the registry
+   * registers a host only once its API listens, and a host without the cluster module never
+   * does; placement cannot judge then, and this host runs what it was sent.
+   */
+  async function place(request: PlacementRequest): Promise<Host | undefined> {
+    try {
+      return await placeMicrovm(db, request, { deadAfterMs: settings.deadAfterMs });
+    } catch (error) {
+      if (isCocoonError(error, 'no_host_capacity') && error.details?.liveHosts === 0) return undefined;
+      throw error;
+    }
   }  const forwarder = createApiForwarder({
     owners,
     auth,
     logger: log.child({ component: 'cluster-forwarding' }),
     // A launch runs on the host placement picks: this one whenever it has room.
-    place: (size) => placeMicrovm(db, { ...size, preferHostId: hostId }, { deadAfterMs: settings.deadAfterMs }),
+    place: async (size) => (await place({ ...size, preferHostId: hostId })) ?? { id: hostId, apiUrl: null },
     // A resume of a SUSPENDED microVM no live host runs, likewise (and the gateway's wakes, below).
     placeWake,
   });
