@@ -41,6 +41,7 @@ import {
   assertDataChecksums,
   checkDataChecksum,
   dataChecksumKey,
+  kernelBootId,
   readPendingSnapshot,
   readSnapshotManifest,
   verifySnapshot,
@@ -471,6 +472,7 @@ export class QemuVm implements Vm {
       // process die, `recoverSnapshot` can complete the snapshot from what the pending record says.
       const pending: PendingSnapshot = {
         formatVersion: 1,
+        ...(kernelBootId() ? { bootId: kernelBootId() } : {}),
         runDir: this.runDir,
         ramPath: this.ramPath,
         diskPath: this.disk.path,
@@ -682,6 +684,11 @@ export class QemuVm implements Vm {
       return 'none';
     }
     await killQemuProcesses(pending.runDir);
+    // After a reboot the RAM file's unsynced pages may be old ones: nothing to complete from.
+    if (pending.bootId !== undefined && pending.bootId !== kernelBootId()) {
+      await fs.promises.rm(partial, { recursive: true, force: true });
+      return 'none';
+    }
     const stateFile = path.join(partial, pending.manifest.files.state.name);
     const stateOk = fs.existsSync(stateFile) && fs.statSync(stateFile).size === pending.manifest.files.state.sizeBytes;
     const memThere = fs.existsSync(pending.ramPath) || fs.existsSync(path.join(partial, pending.manifest.files.mem.name));
