@@ -33,6 +33,7 @@ import { SharedSnapshots } from './shared-snapshots.ts';
 import { HostExecutor } from './executor.ts';
 import type { MicrovmRuntime } from './service.ts';
 import { dataDirHostId } from './host-id.ts';
+import { vmPoolDir } from './paths.ts';
 import { ownableMicrovm } from './ownership.ts';
 import { loadInstance, type Instance, type Operation, type OperationSource, type PauseHook, type PausePoint } from './instance.ts';
 import { StopListeners, type StopListener } from './stop-listeners.ts';
@@ -100,6 +101,7 @@ export class LifecycleEngine implements MicroVMDirectory, MicrovmRuntime {
   /** MicroVMs whose VM `fenceAll` stopped, with the lease epoch held then (`settleFenced`). */
   readonly #fenced: Array<{ id: string; epoch: number }> = [];
   #closed = false;
+  readonly #pool: Promise<{ close(): Promise<void> } | undefined>;
 
   constructor(options: LifecycleOptions) {
     this.db = options.db;
@@ -131,6 +133,12 @@ export class LifecycleEngine implements MicroVMDirectory, MicrovmRuntime {
     this.#activityTimer = setInterval(() => void this.#flushActivity(), options.activityFlushMs ?? 1000);
     this.#activityTimer.unref();
     this.#scanIntervalMs = options.scanIntervalMs ?? 30_000;
+    // VM processes started ahead make restores and resumes faster (issue 12); opened in the
+    // background: a restore before it is open starts its own.
+    this.#pool = (this.driver.openPool?.(vmPoolDir(this.dataDir)) ?? Promise.resolve(undefined)).catch((error: unknown) => {
+      this.#log.warn({ err: error }, 'the pool of VM processes started ahead could not be opened; restores start their own');
+      return undefined;
+    });
   }
 
   // ---- loading ------------------------------------------------------------------------------
@@ -461,6 +469,7 @@ export class LifecycleEngine implements MicroVMDirectory, MicrovmRuntime {
       }
     }
     this.#instances.clear();
+    await (await this.#pool)?.close().catch((error: unknown) => this.#log.error({ err: error }, 'closing the pool of VM processes failed'));
   }
 }
 
