@@ -3,7 +3,8 @@
  * the VM is the same as one started for it (its app answers, its memory and files survive a
  * suspend and a resume from a memory diff, a restarted daemon adopts it, the driver finds its
  * process by its run directory and it runs as the uid its run directory names); a failed
- * restore leaves nothing; closing the pool leaves no process.
+ * restore leaves nothing; a full disk pauses its guest as it does any; closing the pool leaves
+ * no process.
  */
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
@@ -17,7 +18,9 @@ import { type QemuPool, closeQemuPool, openQemuPool } from '../../src/vmm/qemu/p
 import { QemuVm, findQemuProcesses, startQemu } from '../../src/vmm/qemu/qemu.ts';
 import { isCocoonError } from '../../src/common/errors.ts';
 import { makeTestRootDisk } from '../support/rootfs.ts';
-import { cleanupDir, httpGet, qemuProcessesMentioning, tempDir } from '../support/vm.ts';
+import { fillFilesystem, useFaultDir } from '../support/faults.ts';
+import { watchDiskSpace } from '../../src/vmm/qemu/space-watch.ts';
+import { cleanupDir, httpGet, qemuProcessesMentioning } from '../support/vm.ts';
 
 const APP_PORT = 8080;
 const network = { forwards: [{ guestPort: APP_PORT }] };
@@ -36,7 +39,8 @@ function processUid(pid: number): number {
 }
 
 describe('QEMU processes started ahead (the pool)', () => {
-  const dir = tempDir('cocoon-pool-');
+  const fault = useFaultDir({ after }, 'cocoon-pool-');
+  const dir = fault.dir;
   const guest = loadGuestArtifacts();
   const snapshotDir = path.join(dir, 'snapshot');
   let pool: QemuPool | undefined;
@@ -127,6 +131,36 @@ describe('QEMU processes started ahead (the pool)', () => {
     assert.deepEqual(findQemuProcesses(path.join(dir, 'conflict')), []);
     assert.equal(fs.existsSync(path.join(dir, 'conflict')), false, 'the run directory it made is gone');
     await until('the pool to refill', () => pool!.readyCount === 1);
+  });
+
+  test('a full disk pauses a guest in a QEMU from the pool (its disk attached over QMP), and it goes on once there is room', { timeout: 300_000 }, async () => {
+    // A pool on a small filesystem of its own, as the run directory must be (renames).
+    const data = fault.ext4('data-disk', 512);
+    await closeQemuPool();
+    pool = await openQemuPool(path.join(data, 'vm-pool'), startQemu, 1);
+    const teach = await QemuVm.restore({ id: 'full-teach', runDir: path.join(data, 'teach'), snapshotDir, network });
+    await teach.destroy();
+    await until('the pool to hold a QEMU', () => pool!.readyCount === 1);
+    const vm = await QemuVm.restore({ id: 'full-disk', runDir: path.join(data, 'vm'), snapshotDir, network });
+    try {
+      assert.ok(vm.startPhases?.pool_place !== undefined, 'taken from the pool');
+      assert.equal(await httpGet(url(vm, '/cgi-bin/count')), '1');
+      const continued = new Promise<void>((resolve) => watchDiskSpace(vm, { path: data, intervalMs: 200, onContinued: resolve }));
+      const stopped = vm.qmp.waitForEvent('BLOCK_IO_ERROR', 60_000, (event) => event.data?.nospace === true);
+      await closeQemuPool(); // its waiting QEMU holds no space the guest needs then
+      const filler = fillFilesystem(data);
+      const write = httpGet(url(vm, '/cgi-bin/write?survives-a-full-disk'), 120_000);
+      await stopped;
+      assert.equal((await vm.qmp.execute('query-status', {})).status, 'io-error', 'paused by QEMU, not given an I/O error');
+      fs.rmSync(filler);
+      await continued;
+      assert.equal(await write, 'written', 'the write completes once there is space');
+      assert.equal(await httpGet(url(vm, '/cgi-bin/file')), 'survives-a-full-disk');
+    } finally {
+      await vm.destroy();
+    }
+    pool = await openQemuPool(path.join(dir, 'vm-pool'), startQemu, 1);
+    await restore('relearn').then((again) => again.destroy());
   });
 
   test('closing the pool ends every QEMU it holds and removes its directory', async () => {
