@@ -320,7 +320,8 @@ async function eachLimited<T>(items: readonly T[], parallel: number, work: (item
  * one at a time (launched, answered once, then idle), probe after every 5; then the footprint
  * of an idle one (QEMU's resident memory and host CPU). SUSPENDED: the RUNNING ones are
  * suspended, then forks left SUSPENDED of them are added, 16 per request; a probe (a wake of a
- * random one through the gateway with its token, then suspend it again) after every 250.
+ * random one through the gateway with its token, then suspend it again) after every 250. A
+ * probe over the limit is repeated once before it ends a count (`probeTwice`).
  */
 async function density(
   dataDir: string,
@@ -354,6 +355,20 @@ async function density(
     }
     return worst;
   };
+  /**
+   * A probe, repeated once when it is over the limit: the host is shared (other jobs' CPU
+   * bursts), and one slow answer should not end a count that the next probe passes. Both are
+   * recorded.
+   */
+  const probeTwice = async (wake: boolean, into: number[]): Promise<number> => {
+    const first = await probe(wake);
+    into.push(first);
+    if (first <= PROBE_LIMIT_MS) return first;
+    const second = await probe(wake);
+    into.push(second);
+    say(`  a probe took ${first.toFixed(0)} ms; again: ${second.toFixed(0)} ms`);
+    return second;
+  };
   const bound = (what: string): string | undefined => {
     if (Date.now() > deadline) return 'the time budget';
     if (what === 'running' && memAvailableBytes() < 3 * 1024 * MiB) return 'host memory below 3 GiB available';
@@ -370,8 +385,7 @@ async function density(
       await vms.get(vm, '/');
       all.push(vm);
       if (all.length % 5 !== 0 && all.length !== runningMax) continue;
-      const worst = await probe(false);
-      probesRunning.push(worst);
+      const worst = await probeTwice(false, probesRunning);
       say(`  ${all.length} idle RUNNING: a request answers in ${worst.toFixed(0)} ms (${(memAvailableBytes() / 1024 / MiB).toFixed(1)} GiB available)`);
       if (worst > PROBE_LIMIT_MS) {
         stop = `a request that took ${worst.toFixed(0)} ms`;
@@ -410,8 +424,7 @@ async function density(
       forkMs.push(elapsedMs(started) / count);
       if (all.length < nextProbe) continue;
       nextProbe = Math.min(all.length + SUSPENDED_PROBE_EVERY, suspendedMax);
-      const worst = await probe(true);
-      probesSuspended.push(worst);
+      const worst = await probeTwice(true, probesSuspended);
       say(`  ${all.length} SUSPENDED: a wake answers in ${worst.toFixed(0)} ms; a fork left SUSPENDED ${forkMs.at(-1)!.toFixed(1)} ms each (${(diskFreeBytes(dataDir) / 1024 / MiB).toFixed(1)} GiB disk free)`);
       if (worst > PROBE_LIMIT_MS) {
         stop = `a wake that took ${worst.toFixed(0)} ms`;
