@@ -33,6 +33,12 @@ export interface SnapshotOptions {
   onStateSaved?: () => Promise<void>;
   /** Filled in with the milliseconds of each step of the snapshot (phases.ts), for benchmarks. */
   phases?: Phases;
+  /**
+   * A snapshot directory (the image's) whose memory this snapshot's may stand on: the memory is
+   * then kept as a diff against it (docs/vmm.md "Memory diffs"), made inside the commit, when
+   * the driver can (same memory size, not compacted); else it is whole. The manifest says which.
+   */
+  memoryBase?: string;
 }
 
 /** A disk that a disk layer stands on (`sameContent`: a hard link of the current backing file, so only the header changes). */

@@ -24,14 +24,15 @@ import { loadDeviceState, saveDeviceState } from './migration.ts';
 import { type QemuLaunch, hostTscKhz, kernelCmdline, qemuArgs } from './qemu-args.ts';
 import { QmpClient } from './qmp.ts';
 import { assertPortFree, freeLoopbackPort } from '../../net/ports.ts';
-import { cloneRamFile, createEmptyRamFile, createRamFile, digHoles, releaseUnusedRam, reservesRam } from '../ram-file.ts';
+import { DISCARDED_RAM_NAME, cloneRamFile, createEmptyRamFile, createRamFile, digHoles, discardRamFile, releaseUnusedRam, reservesRam } from '../ram-file.ts';
 import { holdRam, releaseRam } from '../space-ledger.ts';
 import { isMemoryDiff, restoreMemoryDiff } from '../mem-diff.ts';
+import { type SnapshotMemory, startMemoryDiff } from '../snapshot-memory.ts';
 import { findProcesses, killProcesses, processStats, processAlive, processCmdline, processStartTime, waitForProcessExit } from '../../host/processes.ts';
 import { type SandboxedProcess, type VmCgroup, type VmIdentity, grantLaunchAccess, launchIdentity, launchLimits, removeVmCgroup, startSandboxed } from '../launch-sandbox.ts';
 import { SerialLog, tailSerialLog } from './serial-log.ts';
 import { PhaseClock, type Phases } from '../phases.ts';
-import { restoreTuning } from './tuning.ts';
+import { restoreTuning, suspendTuning } from './tuning.ts';
 import { identityBeforeReading, isVerified, rememberVerified } from '../verified-files.ts';
 import { sealSnapshotFiles, snapshotFailure, takeBackSnapshotFiles } from '../snapshot-safety.ts';
 import { qemuDirOf } from './paths.ts';
@@ -40,6 +41,7 @@ import {
   assertDataChecksums,
   checkDataChecksum,
   dataChecksumKey,
+  kernelBootId,
   readPendingSnapshot,
   readSnapshotManifest,
   verifySnapshot,
@@ -85,7 +87,7 @@ export function killQemuProcesses(marker: string, keep?: ReadonlySet<number>): P
 
 /** Removes a dead VM's files from its run directory (its RAM, disk layer and sockets), keeping the logs. */
 export async function clearRunFiles(runDir: string): Promise<void> {
-  const names = ['mem', 'disk.qcow2', LAUNCH_FILE, 'qemu.pid', 'qmp.sock', 'guest.sock', 'serial.sock', 'incoming.sock', 'migrate.sock'];
+  const names = ['mem', DISCARDED_RAM_NAME, 'disk.qcow2', LAUNCH_FILE, 'qemu.pid', 'qmp.sock', 'guest.sock', 'serial.sock', 'incoming.sock', 'migrate.sock'];
   await Promise.all(names.map((name) => fs.promises.rm(path.join(runDir, name), { force: true })));
 }
 
@@ -429,7 +431,7 @@ export class QemuVm implements Vm {
     }
     const diskName = this.disk.format === 'qcow2' ? 'disk.qcow2' : 'disk.raw';
     const clock = new PhaseClock(options.phases);
-    const progress = { wasRunning: false, stopped: false, moved: [] as Array<{ from: string; to: string }>, killed: false, committed: false };
+    const progress = { wasRunning: false, stopped: false, moved: [] as Array<{ from: string; to: string }>, killed: false, committed: false, memory: undefined as SnapshotMemory | undefined };
     let manifest: SnapshotManifest;
     const handles: fs.promises.FileHandle[] = [];
     try {
@@ -444,16 +446,23 @@ export class QemuVm implements Vm {
       const relink = this.disk.format === 'qcow2' && (await wantedBackingName(this.disk.path, { finalDir: targetDir, formerDir: path.dirname(this.disk.path) })) !== undefined;
       // Those two end QEMU before the files are checksummed, so a failure later cannot give the VM back.
       const endFirst = Boolean(options.compact) || relink;
+      // A suspend's memory as a diff against its image's, made inside this commit from the RAM
+      // file (snapshot-memory.ts); the RAM file itself then never enters the snapshot.
+      const memory = options.memoryBase && !endFirst && suspendTuning.diffInCommit
+        ? await startMemoryDiff({ vm: this.id, baseDir: options.memoryBase, ramPath: this.ramPath, partial, memoryBytes: this.shape.memoryMiB * 1024 * 1024, durable })
+        : undefined;
+      progress.memory = memory;
       clock.mark('prepare');
       progress.stopped = true;
       await this.qmp.execute('stop', {});
       clock.mark('pause');
+      memory?.go();
       // With the vCPUs stopped (and the disk drained), guest RAM and disk do not change any
       // more: their checksums and fsyncs start now, on open files, while the device state is
       // saved and the files are renamed. (A compacted snapshot punches zeros out first.)
       let sealed: Promise<[DataChecksum[], unknown]> | undefined;
       if (!endFirst) {
-        for (const file of [this.ramPath, this.disk.path]) handles.push(await fs.promises.open(file, 'r'));
+        for (const file of memory ? [this.disk.path] : [this.ramPath, this.disk.path]) handles.push(await fs.promises.open(file, 'r'));
         sealed = sealData(handles, durable);
         sealed.catch(() => undefined); // awaited below unless something fails first
       }
@@ -463,6 +472,7 @@ export class QemuVm implements Vm {
       // process die, `recoverSnapshot` can complete the snapshot from what the pending record says.
       const pending: PendingSnapshot = {
         formatVersion: 1,
+        ...(kernelBootId() ? { bootId: kernelBootId() } : {}),
         runDir: this.runDir,
         ramPath: this.ramPath,
         diskPath: this.disk.path,
@@ -484,9 +494,9 @@ export class QemuVm implements Vm {
       clock.mark('pending_record');
       await options.onStateSaved?.();
       // Renaming the files does not disturb QEMU's open files and mapping.
-      const mem = path.join(partial, 'mem');
+      let mem = path.join(partial, 'mem');
       const disk = path.join(partial, diskName);
-      for (const [from, to] of [[this.ramPath, mem], [this.disk.path, disk]] as const) {
+      for (const [from, to] of memory ? [[this.disk.path, disk] as const] : ([[this.ramPath, mem], [this.disk.path, disk]] as const)) {
         await moveFile(from, to);
         progress.moved.push({ from, to });
       }
@@ -506,16 +516,20 @@ export class QemuVm implements Vm {
         for (const file of [mem, disk]) handles.push(await fs.promises.open(file, 'r'));
         sealed = sealData(handles, durable);
       }
+      // The diff (or, should it fail, the whole RAM file moved in, checksummed and synced).
+      const memEntry = memory ? await memory.finish(mem, (from, to) => progress.moved.push({ from, to })) : undefined;
+      if (memory) clock.mark('memory_diff');
       const [checksums] = await (sealed as Promise<[DataChecksum[], unknown]>);
       clock.mark('checksums_fsync');
+      if (memEntry) mem = path.join(partial, memEntry.name);
       await sealSnapshotFiles(this.runDir, { mem, disk });
       clock.mark('seal_files');
       manifest = {
         ...pending.manifest,
         files: {
           state: pending.manifest.files.state,
-          mem: { ...pending.manifest.files.mem, checksum: checksums[0] },
-          disk: { ...pending.manifest.files.disk, sizeBytes: (await fs.promises.stat(disk)).size, checksum: checksums[1] },
+          mem: memEntry ?? { ...pending.manifest.files.mem, checksum: checksums[0] },
+          disk: { ...pending.manifest.files.disk, sizeBytes: (await fs.promises.stat(disk)).size, checksum: checksums.at(-1) },
         },
       };
       await commitSnapshot(partial, targetDir, manifest, durable);
@@ -523,18 +537,25 @@ export class QemuVm implements Vm {
       if (durable) await fsyncDir(path.dirname(targetDir));
       clock.mark('commit');
     } catch (error) {
+      progress.memory?.cancel();
       throw await this.abandonSnapshot(error, partial, targetDir, progress);
     } finally {
       for (const handle of handles) await handle.close().catch(() => undefined);
     }
     await this.kill();
-    await fs.promises.rm(path.join(this.runDir, LAUNCH_FILE), { force: true });
+    clock.mark('process_kill');
+    // A RAM file the snapshot did not take (its memory is a diff) goes with the VM.
+    const ramLeft = manifest.files.mem.base !== undefined;
+    await Promise.all([
+      fs.promises.rm(path.join(this.runDir, LAUNCH_FILE), { force: true }),
+      ramLeft ? discardRamFile(this.ramPath) : undefined,
+    ]);
     clock.mark('process_end');
     // The RAM file's blocks that were reserved and never written go back to the filesystem, in
     // the background (the content does not change; restores read only written extents), and
     // after this returns: starting the helper takes the event loop a few milliseconds.
     // (A compacted snapshot gave them back already; a sparse RAM file never had any.)
-    if (!options.compact && reservesRam(this.shape.memoryMiB * 1024 * 1024)) setTimeout(() => {
+    if (!options.compact && !ramLeft && reservesRam(this.shape.memoryMiB * 1024 * 1024)) setTimeout(() => {
       releaseUnusedRam(path.join(targetDir, 'mem')).catch((error: unknown) =>
         log.debug({ vm: this.id, error: errorMessage(error) }, 'cannot give back the unused blocks of a snapshot\'s memory file'),
       );
@@ -663,6 +684,11 @@ export class QemuVm implements Vm {
       return 'none';
     }
     await killQemuProcesses(pending.runDir);
+    // After a reboot the RAM file's unsynced pages may be old ones: nothing to complete from.
+    if (pending.bootId !== undefined && pending.bootId !== kernelBootId()) {
+      await fs.promises.rm(partial, { recursive: true, force: true });
+      return 'none';
+    }
     const stateFile = path.join(partial, pending.manifest.files.state.name);
     const stateOk = fs.existsSync(stateFile) && fs.statSync(stateFile).size === pending.manifest.files.state.sizeBytes;
     const memThere = fs.existsSync(pending.ramPath) || fs.existsSync(path.join(partial, pending.manifest.files.mem.name));
