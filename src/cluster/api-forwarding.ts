@@ -13,7 +13,7 @@ import type { ApiForwarding, LaunchSize } from '../api/app.ts';
 import { isCocoonError } from '../common/errors.ts';
 import type { Logger } from '../common/log.ts';
 import { PEER_HEADER, peerRequestHeaders, peerTarget, type PeerTarget } from '../gateway/peer.ts';
-import { UndiciUpstreamClient, UpstreamFailure } from '../gateway/upstream.ts';
+import { forwardAndSettle, UndiciUpstreamClient, type UpstreamFailure } from '../gateway/upstream.ts';
 import { proxyWebSocket, rawResponse } from '../gateway/websocket.ts';
 import type { OwnerLookup } from './owners.ts';
 import type { PeerAuth } from './peer-auth.ts';
@@ -135,23 +135,25 @@ export function createApiForwarder(options: ApiForwarderOptions): ApiForwarding 
       if (!target) return false;
       take();
       const hasBody = req.headers['transfer-encoding'] !== undefined || (req.headers['content-length'] !== undefined && req.headers['content-length'] !== '0');
-      try {
-        await client.forward({
-          host: target.host,
-          port: target.port,
-          method: req.method ?? 'GET',
-          path: req.url ?? '/',
-          headers: signedHeaders(req, target, false),
-          body: hasBody ? req : null,
-          res,
-        });
-      } catch (error) {
-        const failure = error instanceof UpstreamFailure ? error : new UpstreamFailure(String(error), 'error', res.headersSent, error);
-        if (failure.kind === 'client_gone') return true;
+      const failed = (failure: UpstreamFailure): void => {
         owners.forget(target.hostId);
         logger.warn({ peer: target.hostId, path: (req.url ?? '').split('?')[0], err: failure.message }, 'forwarding an API request to the owner host failed');
-        sendJson(res, 502, 'peer_unreachable', `host ${target.hostId}, which runs this microVM, did not answer; retry shortly`, { connection: 'close' });
-      }
+      };
+      await forwardAndSettle(client, {
+        host: target.host,
+        port: target.port,
+        method: req.method ?? 'GET',
+        path: req.url ?? '/',
+        headers: signedHeaders(req, target, false),
+        body: hasBody ? req : null,
+        res,
+      }, {
+        unanswered: (failure) => {
+          failed(failure);
+          sendJson(res, 502, 'peer_unreachable', `host ${target.hostId}, which runs this microVM, did not answer; retry shortly`, { connection: 'close' });
+        },
+        cut: failed,
+      });
       return true;
     },
     async place(req, res, take, size, body) {
@@ -172,15 +174,17 @@ export function createApiForwarder(options: ApiForwarderOptions): ApiForwarding 
         keep.push(headers[i]!, headers[i + 1]!);
       }
       keep.push('content-type', 'application/json', 'content-length', String(payload.length));
-      try {
-        await client.forward({ host: target.host, port: target.port, method: 'POST', path: req.url ?? '/', headers: keep, body: Readable.from([payload]), res });
-      } catch (error) {
-        const failure = error instanceof UpstreamFailure ? error : new UpstreamFailure(String(error), 'error', res.headersSent, error);
-        if (failure.kind === 'client_gone') return true;
+      const failed = (failure: UpstreamFailure): void => {
         owners.forget(target.hostId);
         logger.warn({ peer: target.hostId, err: failure.message }, 'forwarding a launch to the host placement chose failed');
-        sendJson(res, 502, 'peer_unreachable', `host ${target.hostId}, chosen to run this microVM, did not answer; retry shortly`, { connection: 'close' });
-      }
+      };
+      await forwardAndSettle(client, { host: target.host, port: target.port, method: 'POST', path: req.url ?? '/', headers: keep, body: Readable.from([payload]), res }, {
+        unanswered: (failure) => {
+          failed(failure);
+          sendJson(res, 502, 'peer_unreachable', `host ${target.hostId}, chosen to run this microVM, did not answer; retry shortly`, { connection: 'close' });
+        },
+        cut: failed,
+      });
       return true;
     },
     async upgrade(req: IncomingMessage, socket: Duplex, head: Buffer) {

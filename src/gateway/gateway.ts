@@ -10,7 +10,7 @@
 import http, { type IncomingMessage, type OutgoingHttpHeaders, type ServerResponse } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import type { Duplex } from 'node:stream';
-import { isCocoonError, type ErrorCode } from '../common/errors.ts';
+import { isCocoonError, type CocoonError, type ErrorCode } from '../common/errors.ts';
 import { log as rootLog, type Logger } from '../common/log.ts';
 import { BodyMeter } from './body.ts';
 import {
@@ -31,7 +31,7 @@ import { isShellPath, subprotocolToken, type ShellHandler } from './shell.ts';
 import type { GatewaySurface } from './surfaces.ts';
 import { DEFAULT_GATEWAY_DOMAIN, normalizeDomain, parsePortHeader, resolveMicroVM } from './routing.ts';
 import { isPromiseLike, portIsAllowed, type MicroVMDirectory, type MicroVMRoute, type TokenFailureReason, type TokenVerification, type TokenVerifier } from './types.ts';
-import { NodeUpstreamClient, UndiciUpstreamClient, UpstreamFailure, type UpstreamClient, type UpstreamClientOptions } from './upstream.ts';
+import { forwardAndSettle, NodeUpstreamClient, UndiciUpstreamClient, type UpstreamClient, type UpstreamClientOptions } from './upstream.ts';
 import { WakeCoalescer } from './wake.ts';
 import { proxyWebSocket, rawResponse } from './websocket.ts';
 
@@ -383,24 +383,16 @@ export function createGateway(options: GatewayOptions): Gateway {
     }
     if (expectsContinue.has(req)) res.writeContinue();
     const meter = requestHasBody(req) ? new BodyMeter(req, maxBodyBytes, bodyIdleTimeoutMs) : null;
-    try {
-      await upstream.forward({ host: peer.host, port: peer.port, method: req.method ?? 'GET', path: req.url ?? '/', headers, body: meter, res });
-    } catch (error) {
-      const failure = error instanceof UpstreamFailure ? error : new UpstreamFailure(String(error), 'error', res.headersSent, error);
-      if (meter?.failure !== undefined) {
-        sendError(req, res, reject(meter.failure.status, meter.failure.code, meter.failure.message), true);
-        return;
-      }
-      if (failure.kind === 'client_gone') return;
-      if (failure.headersSent) {
-        res.destroy();
-        return;
-      }
-      logger.warn({ microvmId: a.microvmId, peer: peer.hostId, err: failure.message }, 'forwarding to the owner host failed');
-      sendError(req, res, failure.kind === 'timeout'
-        ? reject(504, 'upstream_timeout', `microVM ${a.microvmId} did not answer in time (through host ${peer.hostId})`)
-        : reject(502, 'peer_unreachable', `host ${peer.hostId}, which runs microVM ${a.microvmId}, did not answer; retry shortly`));
-    }
+    await forwardAndSettle(upstream, { host: peer.host, port: peer.port, method: req.method ?? 'GET', path: req.url ?? '/', headers, body: meter, res }, {
+      meter,
+      bodyRefused: (refusal) => sendBodyRefusal(req, res, refusal),
+      unanswered: (failure) => {
+        logger.warn({ microvmId: a.microvmId, peer: peer.hostId, err: failure.message }, 'forwarding to the owner host failed');
+        sendError(req, res, failure.kind === 'timeout'
+          ? reject(504, 'upstream_timeout', `microVM ${a.microvmId} did not answer in time (through host ${peer.hostId})`)
+          : reject(502, 'peer_unreachable', `host ${peer.hostId}, which runs microVM ${a.microvmId}, did not answer; retry shortly`));
+      },
+    });
   }
 
   /**
@@ -536,6 +528,11 @@ export function createGateway(options: GatewayOptions): Gateway {
     res.end(req.method === 'HEAD' ? undefined : body);
   }
 
+  /** The body meter stopped the client's request body (too large, too slow): say so, and close. */
+  function sendBodyRefusal(req: IncomingMessage, res: ServerResponse, refusal: CocoonError): void {
+    sendError(req, res, reject(refusal.status, refusal.code, refusal.message), true);
+  }
+
   async function onRequest(req: IncomingMessage, res: ServerResponse): Promise<void> {
     let admission: Rejection | Redirect | Admitted;
     try {
@@ -606,36 +603,18 @@ export function createGateway(options: GatewayOptions): Gateway {
     // `Expect: 100-continue`: the client sends its body only now that the request is admitted.
     if (expectsContinue.has(req)) res.writeContinue();
     const meter = requestHasBody(req) ? new BodyMeter(req, maxBodyBytes, bodyIdleTimeoutMs) : null;
-    try {
-      await upstream.forward({
-        host: resolved.host,
-        port: resolved.port,
-        method: req.method ?? 'GET',
-        path: a.target,
-        headers,
-        body: meter,
-        res,
-      });
-    } catch (error) {
-      const failure = error instanceof UpstreamFailure ? error : new UpstreamFailure(String(error), 'error', res.headersSent, error);
-      if (meter?.failure !== undefined) {
-        sendError(req, res, reject(meter.failure.status, meter.failure.code, meter.failure.message), true);
-        return;
-      }
-      if (failure.kind === 'client_gone') return;
-      if (failure.headersSent) {
-        logger.warn({ microvmId: a.microvmId, path: pathOnly(req.url), err: failure.message }, 'upstream failed mid-response');
-        res.destroy();
-        return;
-      }
-      sendError(
+    await forwardAndSettle(upstream, { host: resolved.host, port: resolved.port, method: req.method ?? 'GET', path: a.target, headers, body: meter, res }, {
+      meter,
+      bodyRefused: (refusal) => sendBodyRefusal(req, res, refusal),
+      unanswered: (failure) => sendError(
         req,
         res,
         failure.kind === 'timeout'
           ? reject(504, 'upstream_timeout', `microVM ${a.microvmId} did not answer in time`)
           : reject(502, 'upstream_unreachable', `the gateway could not reach the app of microVM ${a.microvmId} on port ${a.guestPort}`),
-      );
-    }
+      ),
+      cut: (failure) => logger.warn({ microvmId: a.microvmId, path: pathOnly(req.url), err: failure.message }, 'upstream failed mid-response'),
+    });
   }
 
   // ---- WebSocket upgrades ----------------------------------------------------------------

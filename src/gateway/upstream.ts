@@ -6,6 +6,8 @@
 import http, { type ServerResponse } from 'node:http';
 import type { Readable } from 'node:stream';
 import { Agent, buildConnector, type Dispatcher } from 'undici';
+import type { CocoonError } from '../common/errors.ts';
+import type { BodyMeter } from './body.ts';
 import { clientResponseHeaders } from './headers.ts';
 
 export interface ForwardRequest {
@@ -41,6 +43,46 @@ export interface UpstreamClient {
    */
   forward(request: ForwardRequest): Promise<void>;
   close(): Promise<void>;
+}
+
+/** What a caller of forwardAndSettle says to each way the exchange can end badly. */
+export interface ForwardFailureAnswers {
+  /** The meter of the request body, if it has one: its refusal is what the client is told. */
+  readonly meter?: BodyMeter | null;
+  /** The meter stopped the request body (too large, client too slow): answer that refusal. */
+  bodyRefused?(refusal: CocoonError): void;
+  /** The upstream failed before the client had a status line: answer 502 or 504. */
+  unanswered(failure: UpstreamFailure): void;
+  /** The upstream failed mid-response: `res` is destroyed already (the client sees the cut). */
+  cut?(failure: UpstreamFailure): void;
+}
+
+/**
+ * Forwards one exchange and settles its failure the way every proxy path does (the gateway to a
+ * guest or to a peer host, the API to a peer host): a request body the meter refused is answered
+ * with that refusal (the upstream failing is its consequence, not the cause); a client that went
+ * away needs no answer; a response whose head the client already has can only be cut (destroyed);
+ * anything else is the caller's 502/504 to answer. Resolves once settled, never rejects.
+ */
+export async function forwardAndSettle(client: UpstreamClient, request: ForwardRequest, answers: ForwardFailureAnswers): Promise<void> {
+  try {
+    await client.forward(request);
+  } catch (error) {
+    const { res } = request;
+    const failure = error instanceof UpstreamFailure ? error : new UpstreamFailure(String(error), 'error', res.headersSent, error);
+    const refusal = answers.meter?.failure;
+    if (refusal !== undefined && answers.bodyRefused) {
+      answers.bodyRefused(refusal);
+      return;
+    }
+    if (failure.kind === 'client_gone') return;
+    if (failure.headersSent || res.headersSent) {
+      res.destroy();
+      answers.cut?.(failure);
+      return;
+    }
+    answers.unanswered(failure);
+  }
 }
 
 export interface UpstreamClientOptions {
