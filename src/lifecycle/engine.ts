@@ -27,12 +27,14 @@ import { getMicrovm, listHostMicrovms, transitionMicrovm, type Microvm } from '.
 import type { SnapshotStore } from '../snapshots/snapshot-store.ts';
 import type { Db } from '../store/sql.ts';
 import type { Vm, VmDriver } from '../vmm/driver.ts';
+import { PhaseClock, type Phases } from '../vmm/phases.ts';
 import { defaultVmDriver } from '../vmm/drivers.ts';
 import { liveRoute, storedRoute } from './directory.ts';
 import { SharedSnapshots } from './shared-snapshots.ts';
 import { HostExecutor } from './executor.ts';
 import type { MicrovmRuntime } from './service.ts';
 import { dataDirHostId } from './host-id.ts';
+import { vmPoolDir } from './paths.ts';
 import { ownableMicrovm } from './ownership.ts';
 import { loadInstance, type Instance, type Operation, type OperationSource, type PauseHook, type PausePoint } from './instance.ts';
 import { StopListeners, type StopListener } from './stop-listeners.ts';
@@ -41,6 +43,14 @@ import { LifecycleTimers } from './timers.ts';
 import type { MicrovmState } from './transitions.ts';
 
 export type { OperationSource, PausePoint } from './instance.ts';
+
+/**
+ * A resume's steps in milliseconds (phases.ts), from the wake's start in the engine (a gateway
+ * request's `ensureRunning`, or the API's `resume`) to the microVM answered RUNNING: `queue`,
+ * `space_check`, `lease` (a cluster), `store_resuming`, `fetch` (a cluster), the VM's `vm_*`,
+ * `restore_rest`, `resume_hook`, `store_running`, `log`, then `wake_return` (to the caller).
+ */
+export type ResumePhasesObserver = (microvmId: string, reason: 'request' | 'api', phases: Readonly<Phases>) => void;
 
 export interface LifecycleOptions {
   db: Db;
@@ -70,6 +80,11 @@ export interface LifecycleOptions {
   activityFlushMs?: number;
   /** For crash tests: awaited at each point (a test makes it hang, then kills the process). */
   pauseAt?: PauseHook;
+  /**
+   * For benchmarks: told where each resume's time went, step by step (executor.ts `resume`),
+   * once the microVM runs again. Without it no clock is kept.
+   */
+  onResumePhases?: ResumePhasesObserver;
   /** In a cluster: snapshots are committed to and fetched from the object store (shared-snapshots.ts). */
   snapshots?: SnapshotStore | undefined;
 }
@@ -97,9 +112,11 @@ export class LifecycleEngine implements MicroVMDirectory, MicrovmRuntime {
   /** In a cluster: this host's view of the snapshots in the object store (recovery uses it too). */
   readonly shared: SharedSnapshots | undefined;
   #scanTimer: NodeJS.Timeout | undefined;
+  readonly #onResumePhases: ResumePhasesObserver | undefined;
   /** MicroVMs whose VM `fenceAll` stopped, with the lease epoch held then (`settleFenced`). */
   readonly #fenced: Array<{ id: string; epoch: number }> = [];
   #closed = false;
+  readonly #pool: Promise<{ close(): Promise<void> } | undefined>;
 
   constructor(options: LifecycleOptions) {
     this.db = options.db;
@@ -131,6 +148,13 @@ export class LifecycleEngine implements MicroVMDirectory, MicrovmRuntime {
     this.#activityTimer = setInterval(() => void this.#flushActivity(), options.activityFlushMs ?? 1000);
     this.#activityTimer.unref();
     this.#scanIntervalMs = options.scanIntervalMs ?? 30_000;
+    this.#onResumePhases = options.onResumePhases;
+    // VM processes started ahead make restores and resumes faster (issue 12); opened in the
+    // background: a restore before it is open starts its own.
+    this.#pool = (this.driver.openPool?.(vmPoolDir(this.dataDir)) ?? Promise.resolve(undefined)).catch((error: unknown) => {
+      this.#log.warn({ err: error }, 'the pool of VM processes started ahead could not be opened; restores start their own');
+      return undefined;
+    });
   }
 
   // ---- loading ------------------------------------------------------------------------------
@@ -308,6 +332,8 @@ export class LifecycleEngine implements MicroVMDirectory, MicrovmRuntime {
   }
 
   async ensureRunning(microvmId: string, signal: AbortSignal): Promise<MicroVMRoute> {
+    const clock = this.#onResumePhases ? new PhaseClock() : undefined;
+    let resumed = false;
     for (let round = 0; ; round++) {
       signal.throwIfAborted();
       const instance = await this.#instanceOrLoad(microvmId);
@@ -315,14 +341,17 @@ export class LifecycleEngine implements MicroVMDirectory, MicrovmRuntime {
       if (instance.terminating) throw terminatedError(microvmId);
       switch (instance.state) {
         case 'RUNNING':
-          if (instance.vm) return this.#route(instance);
+          if (instance.vm) {
+            if (resumed) this.#reportResume(microvmId, 'request', clock);
+            return this.#route(instance);
+          }
           await instance.ops.settled;
           break;
         case 'SUSPENDED':
           if (!instance.autoResume) {
             throw new CocoonError('microvm_suspended', `microVM ${microvmId} is suspended and autoResumeEnabled is false: resume it with POST /api/v1/microvms/${microvmId}/resume`, { status: 409 });
           }
-          await this.#enqueue(instance, 'resume', () => this.#executor.resume(instance, 'request'));
+          resumed = (await this.#enqueue(instance, 'resume', () => this.#executor.resume(instance, 'request', clock))) || resumed;
           break;
         case 'TERMINATING':
         case 'TERMINATED':
@@ -356,10 +385,22 @@ export class LifecycleEngine implements MicroVMDirectory, MicrovmRuntime {
 
   /** Resumes a SUSPENDED microVM (whatever autoResumeEnabled says); no-op when RUNNING. */
   async resume(microvmId: string): Promise<void> {
+    const clock = this.#onResumePhases ? new PhaseClock() : undefined;
     const instance = await this.#require(microvmId);
     await instance.ops.settled;
     if (instance.state === 'FAILED') throw new CocoonError('microvm_failed', `microVM ${microvmId} has failed`, { status: 409 });
-    await this.#enqueue(instance, 'resume', () => this.#executor.resume(instance, 'api'));
+    if (await this.#enqueue(instance, 'resume', () => this.#executor.resume(instance, 'api', clock))) this.#reportResume(microvmId, 'api', clock);
+  }
+
+  /** Hands a finished resume's phases to the observer (benchmarks); an observer's error is only logged. */
+  #reportResume(microvmId: string, reason: 'request' | 'api', clock: PhaseClock | undefined): void {
+    if (!clock || !this.#onResumePhases) return;
+    clock.mark('wake_return');
+    try {
+      this.#onResumePhases(microvmId, reason, clock.phases);
+    } catch (error) {
+      this.#log.warn({ err: error, microvm: microvmId }, 'the resume phases observer failed');
+    }
   }
 
   /** Terminates whatever the state; resolves once its files are gone. No-op for unknown or ended microVMs. */
@@ -461,6 +502,7 @@ export class LifecycleEngine implements MicroVMDirectory, MicrovmRuntime {
       }
     }
     this.#instances.clear();
+    await (await this.#pool)?.close().catch((error: unknown) => this.#log.error({ err: error }, 'closing the pool of VM processes failed'));
   }
 }
 
