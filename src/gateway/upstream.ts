@@ -20,6 +20,24 @@ export interface ForwardRequest {
   readonly headers: string[];
   readonly body: Readable | null;
   readonly res: ServerResponse;
+  /**
+   * New connections to this upstream that may wait for its accept at once (guestConnector's
+   * `pendingPerUpstream` for this request; absent: the connector's own, 2). See
+   * `pendingConnectsFor`.
+   */
+  readonly pendingConnects?: number;
+}
+
+/** Most new connections to one guest port the gateway lets wait for QEMU's accept at once. */
+export const MAX_PENDING_CONNECTS = 64;
+
+/**
+ * How many new connections to a forwarded guest port may wait for its accept at once, from the
+ * backlog its listener was given (gateway/types.ts `MicroVMRoute.upstreamBacklog`): the kernel
+ * queues backlog + 1 connections (libslirp's backlog 1: 2), at most MAX_PENDING_CONNECTS.
+ */
+export function pendingConnectsFor(backlog: number | undefined): number {
+  return Math.min(MAX_PENDING_CONNECTS, Math.max(1, backlog ?? 1) + 1);
 }
 
 /** Why an exchange failed; `headersSent` says whether the client already has a status line. */
@@ -208,15 +226,24 @@ export type GuestConnectorOptions = buildConnector.BuildOptions & {
  * was fine but some requests stalled for minutes; 2 pending gave direct's throughput with no
  * stall over 0.3 s.
  */
+/** The request a new connection is opened for (GuestConnector.forRequest). */
+export interface ConnectOwner {
+  /** Aborts when the request's client went away. */
+  readonly signal: AbortSignal;
+  /** The pending bound of its upstream (default: the connector's `pendingPerUpstream`). */
+  readonly pending?: number | undefined;
+}
+
 export type GuestConnector = buildConnector.connector & {
   /**
-   * Runs `dispatch` (an undici dispatch) with `signal` as the owner of any new connection the
-   * dispatch asks for: a connect still queued when `signal` aborts (the request's client went
-   * away) is dropped, never opened. undici asks for a connection synchronously inside
-   * `dispatch` (a bodiless request on a Pool with one request per connection), so the owner is
-   * exact; a connect asked for later (outside any `forRequest`) has no owner and is opened.
+   * Runs `dispatch` (an undici dispatch) with `request` as the owner of any new connection the
+   * dispatch asks for: the connect waits under the owner's pending bound, and one still queued
+   * when its signal aborts (the request's client went away) is dropped, never opened. undici
+   * asks for a connection synchronously inside `dispatch` (a bodiless request on a Pool with one
+   * request per connection), so the owner is exact; a connect asked for later (outside any
+   * `forRequest`) has no owner: it is opened under the default bound.
    */
-  forRequest<T>(signal: AbortSignal, dispatch: () => T): T;
+  forRequest<T>(request: ConnectOwner, dispatch: () => T): T;
 };
 
 /** The error a dropped connect answers undici with (its request is gone already). */
@@ -227,20 +254,23 @@ function abandoned(): Error {
 export function guestConnector(options: GuestConnectorOptions): GuestConnector {
   const { pendingPerUpstream = 2, pendingHoldMs = 500, ...connectOptions } = options;
   const connect = buildConnector(connectOptions);
-  const upstreams = new Map<string, { pending: number; waiting: Set<() => void> }>();
-  let owner: AbortSignal | undefined;
+  const upstreams = new Map<string, { pending: number; waiting: Map<() => void, number> }>();
+  let owner: ConnectOwner | undefined;
   const connector: buildConnector.connector = (opts, callback) => {
     const answer = callback as (...a: [null, import('node:net').Socket] | [Error, null] | [Error]) => void;
-    const signal = owner;
+    const signal = owner?.signal;
+    const bound = owner?.pending ?? pendingPerUpstream;
     if (signal?.aborted) return answer(abandoned());
     const key = `${opts.hostname}:${opts.port}`;
     let upstream = upstreams.get(key);
-    if (!upstream) upstreams.set(key, (upstream = { pending: 0, waiting: new Set() }));
+    if (!upstream) upstreams.set(key, (upstream = { pending: 0, waiting: new Map() }));
     const u = upstream;
     const next = (): void => {
-      const first = u.waiting.values().next();
-      if (!first.done) first.value();
-      else if (u.pending === 0) upstreams.delete(key);
+      const first = u.waiting.entries().next();
+      if (!first.done) {
+        const [waiter, waiterBound] = first.value;
+        if (u.pending < waiterBound) waiter();
+      } else if (u.pending === 0) upstreams.delete(key);
     };
     const open = (): void => {
       u.waiting.delete(open);
@@ -272,16 +302,16 @@ export function guestConnector(options: GuestConnectorOptions): GuestConnector {
       if (u.waiting.size === 0 && u.pending === 0) upstreams.delete(key);
       answer(abandoned());
     };
-    if (u.pending < pendingPerUpstream) open();
+    if (u.pending < bound) open();
     else {
-      u.waiting.add(open);
+      u.waiting.set(open, bound);
       signal?.addEventListener('abort', drop, { once: true });
     }
   };
   return Object.assign(connector, {
-    forRequest<T>(signal: AbortSignal, dispatch: () => T): T {
+    forRequest<T>(request: ConnectOwner, dispatch: () => T): T {
       const outer = owner;
-      owner = signal;
+      owner = request;
       try {
         return dispatch();
       } finally {
@@ -331,7 +361,7 @@ export class UndiciUpstreamClient implements UpstreamClient {
     return new Promise<void>((resolve, reject) => {
       const handler = new ForwardHandler(r.res, resolve, reject);
       try {
-        this.#connector.forRequest(handler.gone, () => this.#agent.dispatch(
+        this.#connector.forRequest({ signal: handler.gone, pending: r.pendingConnects }, () => this.#agent.dispatch(
           {
             origin: `http://${hostForUrl(r.host)}:${r.port}`,
             path: r.path,

@@ -85,12 +85,15 @@ export function startSandboxed(options: {
   limits: Required<VmLimits>;
   logFd: number;
   fds?: number[];
+  /** Added to the daemon's environment for the command (e.g. LD_PRELOAD). */
+  env?: Record<string, string>;
 }): SandboxedProcess {
   const cgroup = createVmCgroup(options.id, options.limits);
   const [command, ...args] = options.argv;
   const child = spawn('/bin/sh', ['-c', joinCgroupScript(cgroup), 'cocoon-vm-start', ...dropPrivilegesArgv(options.identity, command as string, args)], {
     stdio: ['ignore', options.logFd, options.logFd, ...(options.fds ?? [])],
     detached: true,
+    ...(options.env ? { env: { ...process.env, ...options.env } } : {}),
   });
   child.unref();
   const exit = new Promise<void>((resolve) => {
