@@ -210,22 +210,6 @@ export type GuestConnectorOptions = buildConnector.BuildOptions & {
   pendingHoldMs?: number;
 };
 
-/**
- * A connector that keeps at most `pendingPerUpstream` new connections per upstream (host:port)
- * "pending": opened but not yet known to be accepted by the listener. Guests are reached
- * through QEMU's user-mode networking, whose forwarded ports listen with a backlog of 1
- * (libslirp's `listen(s, 1)`): the host kernel queues at most 2 connections for QEMU to accept.
- * A third concurrent connect overflows it: the kernel drops the SYN (or the handshake's last
- * ACK), and that client waits for retransmission: 1, 3, 7… s, up to ~60 s. A connection stops
- * being pending once its first response bytes arrive (QEMU accepted it), when it closes, or
- * after `pendingHoldMs` (a slow app that holds its answer must not block the others for long);
- * connections reused by keep-alive never count. Measured (docs/gateway.md): with an app that
- * closes every connection (busybox httpd) at 32 concurrent requests, opening connections one at
- * a time (the connector before this one: a connect "done" on the client side proves nothing
- * about QEMU's queue) collapsed to ~10 req/s with stalls of up to 65 s; unbounded, throughput
- * was fine but some requests stalled for minutes; 2 pending gave direct's throughput with no
- * stall over 0.3 s.
- */
 /** The request a new connection is opened for (GuestConnector.forRequest). */
 export interface ConnectOwner {
   /** Aborts when the request's client went away. */
@@ -251,6 +235,23 @@ function abandoned(): Error {
   return Object.assign(new Error('the request that asked for this connection was abandoned'), { code: 'UND_ERR_ABORTED' });
 }
 
+/**
+ * A connector that keeps at most `pendingPerUpstream` (or its owner's `pending`) new connections
+ * per upstream (host:port) "pending": opened but not yet known to be accepted by the listener.
+ * Guests are reached through QEMU's user-mode networking, whose forwarded ports listen with a
+ * backlog of 1 (libslirp's `listen(s, 1)`) unless QEMU runs with native/cocoon-listen.so (256):
+ * with backlog 1 the host kernel queues at most 2 connections for QEMU to accept, and a third
+ * concurrent connect overflows it: the kernel drops the SYN (or the handshake's last ACK), and
+ * that client waits for retransmission: 1, 3, 7… s, up to ~60 s. A connection stops being
+ * pending once its first response bytes arrive (QEMU accepted it), when it closes, or after
+ * `pendingHoldMs` (a slow app that holds its answer must not block the others for long);
+ * connections reused by keep-alive never count. Measured (docs/gateway.md): with an app that
+ * closes every connection (busybox httpd) at 32 concurrent requests on a backlog-1 port,
+ * opening connections one at a time collapsed to ~10 req/s with stalls of up to 65 s;
+ * unbounded, throughput was fine but some requests stalled for minutes; 2 pending gave direct's
+ * throughput with no stall over 0.3 s. A connect waiting for a slot whose request's client went
+ * away is dropped (`forRequest`).
+ */
 export function guestConnector(options: GuestConnectorOptions): GuestConnector {
   const { pendingPerUpstream = 2, pendingHoldMs = 500, ...connectOptions } = options;
   const connect = buildConnector(connectOptions);
