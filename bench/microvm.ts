@@ -3,6 +3,12 @@
  * own CPU and memory stay apart) with real QEMU, measured side by side in one run:
  *
  *   microvm.launch_first_byte_ms   POST /microvms → first answer through the gateway (a restore of the image)
+ *   microvm.resume_first_byte_ms, microvm.resume_phase_*_ms
+ *                                  a request through the gateway to a SUSPENDED microVM → its answer, and
+ *                                  where the time went: the daemon's steps as its engine records them
+ *                                  (src/lifecycle/engine.ts `onResumePhases`), the rest `first_byte`
+ *   microvm.api_resume_first_byte_ms, microvm.api_resume_phase_*_ms
+ *                                  the same for POST /microvms/{id}/resume, then a request through the gateway
  *   gateway.resume_on_request_ms   a request to a SUSPENDED microVM → its answer (the wake included)
  *   gateway.added_latency_c1_ms    gateway minus direct (127.0.0.1:<forwarded port>) latency, one request at a time
  *   gateway.throughput_ratio_c32   requests/s through the gateway ÷ direct, 32 concurrent keep-alive connections
@@ -15,7 +21,7 @@
  * disk), so the whole suite stays within ~10 minutes; the log says which bound stopped a count.
  * The guests run the test app without its background loop: idle means idle.
  *
- *   node bench/microvm.ts [--runs N] [--parts launch,gateway,density] [--running-max 100] [--suspended-max 500]
+ *   node bench/microvm.ts [--runs N] [--parts launch,resume,gateway,density] [--running-max 100] [--suspended-max 500]
  */
 import fs from 'node:fs';
 import os from 'node:os';
@@ -34,9 +40,11 @@ import { findQemuProcesses } from '../src/vmm/qemu/qemu.ts';
 import { endDaemonRun } from './cleanup.ts';
 import { gatewayVsNginx } from './gateway-apps.ts';
 import { wrkAvailable } from './wrk.ts';
+import { PhaseSamples } from './phases.ts';
 import { elapsedMs, type Metrics, single, summarize } from './stats.ts';
+import type { Phases } from '../src/vmm/phases.ts';
 
-export type MicrovmBenchPart = 'launch' | 'gateway' | 'density';
+export type MicrovmBenchPart = 'launch' | 'resume' | 'gateway' | 'density';
 
 export interface MicrovmBenchOptions {
   runs?: number;
@@ -63,14 +71,15 @@ interface Vm {
 
 export async function runMicrovmBench(options: MicrovmBenchOptions = {}): Promise<Metrics> {
   const runs = options.runs ?? 10;
-  const parts = new Set(options.parts ?? ['launch', 'gateway', 'density']);
+  const parts = new Set(options.parts ?? ['launch', 'resume', 'gateway', 'density']);
   const say = options.log ?? (() => undefined);
   const dataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'cocoon-bench-mvm-'));
   let daemon: Daemon | undefined;
   let db: Database | undefined;
   const metrics: Metrics = {};
   try {
-    daemon = await spawnDaemon(dataDir);
+    const phasesFile = path.join(dataDir, 'resume-phases.ndjson');
+    daemon = await spawnDaemon(dataDir, { COCOON_TEST_RESUME_PHASES: phasesFile });
     const adminKey = fs.readFileSync(path.join(dataDir, 'admin-api-key'), 'utf8').trim();
     const api = apiClient(daemon.info.apiUrl, adminKey);
     const gatewayPort = daemon.info.gatewayPort;
@@ -113,6 +122,37 @@ export async function runMicrovmBench(options: MicrovmBenchOptions = {}): Promis
       await terminate(made);
       metrics['microvm.launch_first_byte_ms'] = summarize(launch);
       say(`launch to first byte: p50 ${metrics['microvm.launch_first_byte_ms'].p50} ms`);
+    }
+
+    if (parts.has('resume')) {
+      const vm = await start();
+      await get(vm, '/');
+      const phases = new ResumePhasesFile(phasesFile);
+      const onRequest = { total: [] as number[], phases: new PhaseSamples() };
+      const throughApi = { total: [] as number[], phases: new PhaseSamples() };
+      // Interleaved: a wake by a gateway request, then one by the API, run after run.
+      for (let i = 0; i < runs; i++) {
+        await suspend(vm);
+        let started = performance.now();
+        await get(vm, '/');
+        onRequest.total.push(elapsedMs(started));
+        onRequest.phases.add(await phases.next(vm.id, 'request'), onRequest.total.at(-1));
+
+        await suspend(vm);
+        started = performance.now();
+        const answer = await api('POST', `/microvms/${vm.id}/resume`);
+        if (answer.body?.state !== 'RUNNING') throw new Error(`resume of ${vm.id}: ${answer.status} ${JSON.stringify(answer.body)}`);
+        await get(vm, '/');
+        throughApi.total.push(elapsedMs(started));
+        throughApi.phases.add(await phases.next(vm.id, 'api'), throughApi.total.at(-1));
+      }
+      await terminate([vm]);
+      metrics['microvm.resume_first_byte_ms'] = summarize(onRequest.total);
+      Object.assign(metrics, onRequest.phases.metrics('microvm.resume_phase'));
+      metrics['microvm.api_resume_first_byte_ms'] = summarize(throughApi.total);
+      Object.assign(metrics, throughApi.phases.metrics('microvm.api_resume_phase'));
+      say(`resume on request: p50 ${metrics['microvm.resume_first_byte_ms'].p50} ms (${onRequest.phases.line()})`);
+      say(`resume through the API: p50 ${metrics['microvm.api_resume_first_byte_ms'].p50} ms (${throughApi.phases.line()})`);
     }
 
     if (parts.has('gateway')) {
@@ -160,6 +200,35 @@ export async function runMicrovmBench(options: MicrovmBenchOptions = {}): Promis
     throw error;
   } finally {
     await endDaemonRun({ daemon, db, dataDir });
+  }
+}
+
+/**
+ * The daemon's record of each resume (test/support/daemon.ts COCOON_TEST_RESUME_PHASES): one JSON
+ * line per resume, appended once the microVM runs again, so possibly just after its answer.
+ */
+class ResumePhasesFile {
+  readonly #file: string;
+  #seen = 0;
+
+  constructor(file: string) {
+    this.#file = file;
+  }
+
+  /** The next resume's phases (of `microvmId`, for `reason`), waiting up to 5 s for its line. */
+  async next(microvmId: string, reason: 'request' | 'api'): Promise<Phases> {
+    const deadline = Date.now() + 5000;
+    for (;;) {
+      const lines = fs.existsSync(this.#file) ? fs.readFileSync(this.#file, 'utf8').split('\n').filter((l) => l.endsWith('}')) : [];
+      if (lines.length > this.#seen) {
+        const record = JSON.parse(lines[this.#seen]!) as { microvmId: string; reason: string; phases: Phases };
+        this.#seen++;
+        if (record.microvmId !== microvmId || record.reason !== reason) throw new Error(`unexpected resume record ${lines[this.#seen - 1]} (waiting for ${reason} of ${microvmId})`);
+        return record.phases;
+      }
+      if (Date.now() > deadline) throw new Error(`the daemon recorded no phases for the ${reason} resume of ${microvmId} (${this.#file})`);
+      await new Promise((resolve) => setTimeout(resolve, 10));
+    }
   }
 }
 

@@ -25,7 +25,7 @@ const SUITES: Record<string, (options: SuiteOptions) => Promise<Metrics>> = {
   vm: async (o) => (await import('./vm.ts')).runVmBench(o),
   reliability: async (o) => (await import('./reliability.ts')).runReliabilityBench(o),
   image: async (o) => (await import('./image.ts')).runImageBench(o),
-  microvm: async (o) => (await import('./microvm.ts')).runMicrovmBench({ ...o, parts: ['launch'] }),
+  microvm: async (o) => (await import('./microvm.ts')).runMicrovmBench({ ...o, parts: ['launch', 'resume'] }),
   gateway: async (o) => (await import('./microvm.ts')).runMicrovmBench({ ...o, parts: ['gateway'] }),
   density: async (o) => (await import('./microvm.ts')).runMicrovmBench({ ...o, parts: ['density'] }),
   fork: async (o) => (await import('./fork.ts')).runForkBench(o),

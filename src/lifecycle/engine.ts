@@ -27,6 +27,7 @@ import { getMicrovm, listHostMicrovms, transitionMicrovm, type Microvm } from '.
 import type { SnapshotStore } from '../snapshots/snapshot-store.ts';
 import type { Db } from '../store/sql.ts';
 import type { Vm, VmDriver } from '../vmm/driver.ts';
+import { PhaseClock, type Phases } from '../vmm/phases.ts';
 import { defaultVmDriver } from '../vmm/drivers.ts';
 import { liveRoute, storedRoute } from './directory.ts';
 import { SharedSnapshots } from './shared-snapshots.ts';
@@ -41,6 +42,14 @@ import { LifecycleTimers } from './timers.ts';
 import type { MicrovmState } from './transitions.ts';
 
 export type { OperationSource, PausePoint } from './instance.ts';
+
+/**
+ * A resume's steps in milliseconds (phases.ts), from the wake's start in the engine (a gateway
+ * request's `ensureRunning`, or the API's `resume`) to the microVM answered RUNNING: `queue`,
+ * `space_check`, `lease` (a cluster), `store_resuming`, `fetch` (a cluster), the VM's `vm_*`,
+ * `restore_rest`, `resume_hook`, `store_running`, `log`, then `wake_return` (to the caller).
+ */
+export type ResumePhasesObserver = (microvmId: string, reason: 'request' | 'api', phases: Readonly<Phases>) => void;
 
 export interface LifecycleOptions {
   db: Db;
@@ -70,6 +79,11 @@ export interface LifecycleOptions {
   activityFlushMs?: number;
   /** For crash tests: awaited at each point (a test makes it hang, then kills the process). */
   pauseAt?: PauseHook;
+  /**
+   * For benchmarks: told where each resume's time went, step by step (executor.ts `resume`),
+   * once the microVM runs again. Without it no clock is kept.
+   */
+  onResumePhases?: ResumePhasesObserver;
   /** In a cluster: snapshots are committed to and fetched from the object store (shared-snapshots.ts). */
   snapshots?: SnapshotStore | undefined;
 }
@@ -97,6 +111,7 @@ export class LifecycleEngine implements MicroVMDirectory, MicrovmRuntime {
   /** In a cluster: this host's view of the snapshots in the object store (recovery uses it too). */
   readonly shared: SharedSnapshots | undefined;
   #scanTimer: NodeJS.Timeout | undefined;
+  readonly #onResumePhases: ResumePhasesObserver | undefined;
   /** MicroVMs whose VM `fenceAll` stopped, with the lease epoch held then (`settleFenced`). */
   readonly #fenced: Array<{ id: string; epoch: number }> = [];
   #closed = false;
@@ -131,6 +146,7 @@ export class LifecycleEngine implements MicroVMDirectory, MicrovmRuntime {
     this.#activityTimer = setInterval(() => void this.#flushActivity(), options.activityFlushMs ?? 1000);
     this.#activityTimer.unref();
     this.#scanIntervalMs = options.scanIntervalMs ?? 30_000;
+    this.#onResumePhases = options.onResumePhases;
   }
 
   // ---- loading ------------------------------------------------------------------------------
@@ -308,6 +324,8 @@ export class LifecycleEngine implements MicroVMDirectory, MicrovmRuntime {
   }
 
   async ensureRunning(microvmId: string, signal: AbortSignal): Promise<MicroVMRoute> {
+    const clock = this.#onResumePhases ? new PhaseClock() : undefined;
+    let resumed = false;
     for (let round = 0; ; round++) {
       signal.throwIfAborted();
       const instance = await this.#instanceOrLoad(microvmId);
@@ -315,14 +333,17 @@ export class LifecycleEngine implements MicroVMDirectory, MicrovmRuntime {
       if (instance.terminating) throw terminatedError(microvmId);
       switch (instance.state) {
         case 'RUNNING':
-          if (instance.vm) return this.#route(instance);
+          if (instance.vm) {
+            if (resumed) this.#reportResume(microvmId, 'request', clock);
+            return this.#route(instance);
+          }
           await instance.ops.settled;
           break;
         case 'SUSPENDED':
           if (!instance.autoResume) {
             throw new CocoonError('microvm_suspended', `microVM ${microvmId} is suspended and autoResumeEnabled is false: resume it with POST /api/v1/microvms/${microvmId}/resume`, { status: 409 });
           }
-          await this.#enqueue(instance, 'resume', () => this.#executor.resume(instance, 'request'));
+          resumed = (await this.#enqueue(instance, 'resume', () => this.#executor.resume(instance, 'request', clock))) || resumed;
           break;
         case 'TERMINATING':
         case 'TERMINATED':
@@ -356,10 +377,22 @@ export class LifecycleEngine implements MicroVMDirectory, MicrovmRuntime {
 
   /** Resumes a SUSPENDED microVM (whatever autoResumeEnabled says); no-op when RUNNING. */
   async resume(microvmId: string): Promise<void> {
+    const clock = this.#onResumePhases ? new PhaseClock() : undefined;
     const instance = await this.#require(microvmId);
     await instance.ops.settled;
     if (instance.state === 'FAILED') throw new CocoonError('microvm_failed', `microVM ${microvmId} has failed`, { status: 409 });
-    await this.#enqueue(instance, 'resume', () => this.#executor.resume(instance, 'api'));
+    if (await this.#enqueue(instance, 'resume', () => this.#executor.resume(instance, 'api', clock))) this.#reportResume(microvmId, 'api', clock);
+  }
+
+  /** Hands a finished resume's phases to the observer (benchmarks); an observer's error is only logged. */
+  #reportResume(microvmId: string, reason: 'request' | 'api', clock: PhaseClock | undefined): void {
+    if (!clock || !this.#onResumePhases) return;
+    clock.mark('wake_return');
+    try {
+      this.#onResumePhases(microvmId, reason, clock.phases);
+    } catch (error) {
+      this.#log.warn({ err: error, microvm: microvmId }, 'the resume phases observer failed');
+    }
   }
 
   /** Terminates whatever the state; resolves once its files are gone. No-op for unknown or ended microVMs. */

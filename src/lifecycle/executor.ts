@@ -17,6 +17,7 @@ import { holdsMicrovmLease } from '../store/leases.ts';
 import { claimMicrovm, clearRunHookPayload, getMicrovm, setMicrovmRuntimeIf, touchMicrovmActivity } from '../store/microvms.ts';
 import type { Db } from '../store/sql.ts';
 import type { Vm, VmDriver } from '../vmm/driver.ts';
+import type { PhaseClock } from '../vmm/phases.ts';
 import { readSnapshotManifest } from '../vmm/snapshot.ts';
 import { applyInstanceEvent } from './apply-event.ts';
 import { runHooks } from './hooks.ts';
@@ -453,10 +454,17 @@ export class HostExecutor {
     }
   }
 
-  async resume(instance: Instance, reason: 'request' | 'api'): Promise<void> {
-    if (!allows(instance.state, 'resume') || instance.terminating) return;
+  /**
+   * Resumes a SUSPENDED microVM; answers whether this call did (false: nothing to do, or another
+   * host's now). `clock`, when given, is charged each step (phases.ts): the wait before it as
+   * `queue`, then space check, lease, store writes, the VM's own restore phases (`vm_*`), hook, log.
+   */
+  async resume(instance: Instance, reason: 'request' | 'api', clock?: PhaseClock): Promise<boolean> {
+    if (!allows(instance.state, 'resume') || instance.terminating) return false;
+    clock?.mark('queue');
     // Refused up front (507 no_space, still SUSPENDED, nothing touched) when the data directory cannot hold its memory.
     await assertRoomToResume(this.#dataDir, snapshotDirFor(this.#dataDir, instance, instance.runtime.generation), `microVM ${instance.id}`);
+    clock?.mark('space_check');
     if (this.#leases) {
       // The lease first: of several hosts waking it at once, one runs it; the others answer
       // microvm_on_other_host (and forget it here) so that their caller forwards to the winner.
@@ -474,13 +482,15 @@ export class HostExecutor {
         // Not SUSPENDED any more (ended while this host looked away): follow the store.
         const row = await getMicrovm(this.#db, instance.id);
         if (row) instance.state = row.state;
-        return;
+        return false;
       }
       instance.leaseEpoch = epoch;
+      clock?.mark('lease');
     }
     instance.state = transition(instance.state, 'resume');
     this.#timers.clearSuspended(instance);
-    if (!(await this.#transition(instance, 'resume'))) return;
+    if (!(await this.#transition(instance, 'resume'))) return false;
+    clock?.mark('store_resuming');
     await this.pause('resume:persisted', instance.id);
     const generation = instance.runtime.generation;
     const started = performance.now();
@@ -491,8 +501,11 @@ export class HostExecutor {
       if (this.#shared) {
         await this.#shared.ensureLocal(instance, instance.runtime);
         fetched = `, ${(performance.now() - started).toFixed(0)} ms of it fetching from the object store`;
+        clock?.mark('fetch');
       }
       vm = await this.#restore(instance, snapshotDirFor(this.#dataDir, instance, generation));
+      // The driver's own phases; `restore_rest` is what they leave out (the manifest read for the forwards, a retry).
+      clock?.markParts(vm.startPhases, 'vm_', 'restore_rest');
     } catch (error) {
       if (isCocoonError(error, 'snapshot_corrupt') || isCocoonError(error, 'snapshot_not_found')) {
         await this.#fail(instance, `the microVM's saved state cannot be restored: ${errorMessage(error)}`);
@@ -504,15 +517,19 @@ export class HostExecutor {
       throw new CocoonError('resume_failed', `microVM ${instance.id} could not be resumed: ${errorMessage(error)}`, { status: 503, cause: error });
     }
     await this.#hook(instance, vm, 'resume');
+    clock?.mark('resume_hook');
     await this.pause('resume:restored', instance.id);
     const runtime: Runtime = { ...instance.runtime, pid: vm.pid, ports: Object.fromEntries(vm.hostPorts) };
     if (!(await this.#transition(instance, 'resumed', { runtime }))) {
       await this.#discard(instance);
-      return;
+      return false;
     }
+    clock?.mark('store_running');
     instance.activity.lastActivity = Date.now();
     this.#timers.armIdle(instance);
     await appendLog(this.#dataDir, instance.id, `resumed (${reason}) from generation ${generation} in ${(performance.now() - started).toFixed(0)} ms${fetched} (pid ${vm.pid})`);
+    clock?.mark('log');
+    return true;
   }
 
   async terminate(instance: Instance, reason: string): Promise<void> {

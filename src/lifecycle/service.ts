@@ -10,6 +10,7 @@ import type { LifecycleEngine } from './engine.ts';
 import type { StopReason } from './instance.ts';
 import { checkpointMicrovm, forkMicrovm, type CheckpointResult, type ForkInput, type ForkResult } from './fork.ts';
 import { startMicrovm, type StartMicrovmInput } from './start.ts';
+import { assertRoomToLaunch } from './space-check.ts';
 import { readLogTail } from './storage.ts';
 
 export { MAX_FORKS, type CheckpointResult, type ForkInput, type ForkResult } from './fork.ts';
@@ -20,6 +21,12 @@ export interface MicrovmService {
   start(input: StartMicrovmInput): Promise<{ microvm: Microvm; created: boolean }>;
   /** A microVM just created in the store (PENDING): starts it in the background. */
   launch(microvm: Microvm): Promise<void>;
+  /**
+   * Refuses with 507 `no_space` unless this host's data directory can hold what a new microVM of
+   * `image` could need (space-check.ts): for a front end that creates the microVM itself, to
+   * refuse before anything is made (`start` checks on its own).
+   */
+  assertRoomToLaunch(image: { readonly id: string; readonly memoryMiB: number }): Promise<void>;
   /** Suspends a RUNNING microVM; no-op when already SUSPENDED. */
   suspend(microvmId: string): Promise<void>;
   /** Resumes a SUSPENDED microVM; no-op when RUNNING. */
@@ -50,6 +57,7 @@ export function engineMicrovmService(engine: LifecycleEngine, db: Db, region: st
   return {
     start: (input) => startMicrovm(db, engine, region, input),
     launch: (microvm) => engine.launch(microvm),
+    assertRoomToLaunch: (image) => assertRoomToLaunch(engine.dataDir, image.memoryMiB, `a microVM of image ${image.id}`),
     suspend: (id) => engine.suspend(id),
     resume: (id) => engine.resume(id),
     terminate: (id, reason) => engine.terminate(id, reason),

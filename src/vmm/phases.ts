@@ -26,4 +26,20 @@ export class PhaseClock {
     this.phases[name] = (this.phases[name] ?? 0) + (now - this.#last);
     this.#last = now;
   }
+
+  /**
+   * Charges the time since the previous mark to a step that measured its own phases (a VM's
+   * `startPhases` inside a lifecycle operation): each of `parts` as `prefix` + its name, and
+   * what they do not cover of that time as `rest`, so that the record still adds up.
+   */
+  markParts(parts: Readonly<Phases> | undefined, prefix: string, rest: string): void {
+    const now = performance.now();
+    let covered = 0;
+    for (const [name, ms] of Object.entries(parts ?? {})) {
+      this.phases[prefix + name] = (this.phases[prefix + name] ?? 0) + ms;
+      covered += ms;
+    }
+    this.phases[rest] = (this.phases[rest] ?? 0) + Math.max(0, now - this.#last - covered);
+    this.#last = now;
+  }
 }

@@ -8,12 +8,13 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
-import { AuthenticationError, CommandExitError, NotFoundError, Sandbox, SandboxNotFoundError } from 'e2b';
+import { AuthenticationError, CommandExitError, NotFoundError, Sandbox, SandboxError, SandboxNotFoundError } from 'e2b';
 import { loadConfig } from '../../src/config/config.ts';
 import { e2bModule } from '../../src/compat/e2b/module.ts';
 import { imagesModule } from '../../src/wiring/images.ts';
 import { microvmModule } from '../../src/wiring/microvms.ts';
 import { startServer, type RunningServer } from '../../src/server.ts';
+import { holdRam, releaseRam } from '../../src/vmm/space-ledger.ts';
 import { client, makeBundle } from '../images/helpers.ts';
 import { cleanupDir, tempDir } from '../support/vm.ts';
 
@@ -259,5 +260,35 @@ describe('the e2b SDK drives Cocoon', () => {
     assert.equal(await Sandbox.kill(sandbox.sandboxId, { apiKey: otherKey }), false);
     assert.deepEqual(await Sandbox.list({ apiKey: otherKey }).nextItems(), []);
     assert.equal((await sandbox.commands.run('echo still here')).stdout, 'still here\n');
+  });
+
+  test('a data directory too full for a sandbox\'s memory: create refused up front (SandboxError "507: no_space: …"), nothing made; with room again it starts', SLOW, async () => {
+    const api = client(server.apiUrl, key);
+    const microvmIds = async () => ((await api.get('/microvms')).body.items as Array<{ id: string }>).map((m) => m.id).sort();
+    const sandboxIds = async () => (await Sandbox.list({ query: { state: ['running', 'paused'] } }).nextItems()).map((s) => s.sandboxId).sort();
+    const before = { microvms: await microvmIds(), sandboxes: await sandboxIds() };
+    // What the space check weighs (src/vmm/space-ledger.ts): the free space less what the RAM
+    // files of live VMs there may still claim. A sparse "RAM file" entered as live, as large as
+    // the free space, leaves no room for any guest's memory, as a disk that full would.
+    const ram = path.join(dataDir, 'no-room.ram');
+    const stats = fs.statfsSync(path.dirname(ram));
+    fs.writeFileSync(ram, '');
+    fs.truncateSync(ram, stats.bavail * stats.bsize);
+    holdRam(ram, stats.bavail * stats.bsize);
+    try {
+      await assert.rejects(Sandbox.create(TEMPLATE), (error: unknown) => {
+        assert.ok(error instanceof SandboxError, String(error));
+        assert.match(error.message, /^507: no_space: no space left on the data directory's disk for a microVM of image img-/);
+        return true;
+      });
+      assert.deepEqual(await microvmIds(), before.microvms, 'no microVM made');
+      assert.deepEqual(await sandboxIds(), before.sandboxes, 'no sandbox made');
+    } finally {
+      releaseRam(ram);
+      fs.rmSync(ram, { force: true });
+    }
+    const sandbox = await create();
+    assert.equal((await sandbox.commands.run('echo room again')).stdout, 'room again\n');
+    await sandbox.kill();
   });
 });

@@ -8,6 +8,8 @@
  *   COCOON_TEST_PAUSE_AT       a lifecycle pause point ('suspend:state-saved', …): on reaching
  *                              it the daemon writes `<data dir>/paused` and hangs there
  *   COCOON_ON_STOP             `suspend` (default) or `leave` RUNNING microVMs on SIGTERM
+ *   COCOON_TEST_RESUME_PHASES  a file: each resume's phases are appended to it, one JSON line
+ *                              {"microvmId", "reason", "phases"} (bench/microvm.ts reads them)
  *   COCOON_DATABASE_URL        a PostgreSQL database: the daemon is a host of a cluster
  *                              (registers, heartbeats, runs microVMs under leases)
  * Once up it prints one line `COCOON_DAEMON_READY {"apiUrl", "gatewayPort", "pid", "recovery"}`.
@@ -99,9 +101,17 @@ async function main(): Promise<void> {
   const { clusterModule } = await import('../../src/wiring/cluster.ts');
   const config = loadConfig();
   const pausePoint = process.env.COCOON_TEST_PAUSE_AT;
+  const phasesFile = process.env.COCOON_TEST_RESUME_PHASES;
   const module = microvmModule({
     lifecycle: {
       onStop: process.env.COCOON_ON_STOP === 'leave' ? 'leave' : 'suspend',
+      ...(phasesFile
+        ? {
+            // Written after the answer's way is clear (not awaited): the bench waits for the line.
+            onResumePhases: (microvmId: string, reason: string, phases: Readonly<Record<string, number>>) =>
+              void fs.promises.appendFile(phasesFile, `${JSON.stringify({ microvmId, reason, phases })}\n`),
+          }
+        : {}),
       ...(pausePoint
         ? {
             pauseAt: async (point: string, microvmId: string) => {

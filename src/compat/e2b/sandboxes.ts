@@ -199,6 +199,9 @@ export class E2bSandboxes {
     const autoPause = input.autoPause === true;
     const autoResume = input.autoResume === true;
     if (autoResume && !autoPause) throw new E2bError(400, 'autoResume needs autoPause (onTimeout: pause)');
+    // A data directory too full for its memory: refused now (507 no_space, in E2B's error body:
+    // the SDKs raise SandboxError "507: no_space: …"), before a sandbox exists that would only fail.
+    await this.#microvms().assertRoomToLaunch(image);
     const { microvm } = await createMicrovm(this.#db, {
       tenantId,
       region: this.#region,
