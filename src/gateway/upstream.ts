@@ -31,9 +31,9 @@ export interface ForwardRequest {
 /**
  * Most new connections to one guest port the gateway lets wait at once, whatever QEMU's backlog:
  * a pending connection is also one the guest's own kernel must queue for the app, and apps
- * listen with small backlogs (busybox httpd 9: 10 queued; Python's http.server 5: 6). A SYN the guest drops
- * waits for slirp's retransmission (6 s, then 12 s: libslirp's tcp_timer.h): with 64, 32
- * clients for 20 s against busybox httpd left 12 requests unanswered after 60 s
+ * listen with small backlogs (busybox httpd 9: 10 queued; Python's http.server 5: 6). A SYN
+ * the guest drops waits for slirp's retransmission (6 s, then 12 s: libslirp's tcp_timer.h):
+ * with 64, 32 clients for 20 s against busybox httpd left 12 requests unanswered after 60 s
  * (test/microvms/gateway-load.test.ts).
  */
 export const MAX_PENDING_CONNECTS = 4;
