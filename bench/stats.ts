@@ -1,6 +1,6 @@
 /** Shared by every benchmark suite: the metric shape of docs/contract.md and percentiles. */
 
-export type Unit = 'ms' | 'rps' | 'ratio' | 'count' | 'MiB' | 'MiB/s';
+export type Unit = 'ms' | 'rps' | 'ratio' | 'count' | 'MiB' | 'MiB/s' | 'percent';
 
 export interface Metric {
   p50: number;

@@ -13,7 +13,9 @@ import os from 'node:os';
 import path from 'node:path';
 import { loadGuestArtifacts } from '../src/guest/artifacts.ts';
 import { chooseAccelerator, parseAcceleratorChoice } from '../src/vmm/qemu/accel.ts';
-import { QemuVm, restoreTuning } from '../src/vmm/qemu/qemu.ts';
+import { QemuVm, restoreTuning, startQemu } from '../src/vmm/qemu/qemu.ts';
+import { closeQemuPool, openQemuPool } from '../src/vmm/qemu/pool.ts';
+import { suspendTuning } from '../src/vmm/qemu/tuning.ts';
 import { diffSnapshotMemory } from '../src/vmm/mem-diff.ts';
 import { releaseUnusedRam } from '../src/vmm/ram-file.ts';
 import type { Accelerator } from '../src/vmm/types.ts';
@@ -91,17 +93,33 @@ export async function runVmBench(options: { runs?: number; accel?: Accelerator; 
     await base.snapshot(baseSnapshot, { compact: true });
     running.delete(base);
 
-    // Each restore and resume is measured both ways, interleaved (issue 12): as the driver does
-    // it (QEMU started while the memory is copied, disk layers from a template) and one step
-    // after the other with a qemu-img per layer, as before (src/vmm/qemu/tuning.ts).
+    // Each restore and resume is measured three ways, interleaved (issue 12): as the driver does
+    // it (a QEMU started ahead taken from the pool: src/vmm/qemu/pool.ts; the memory copied into
+    // it), the same without the pool (QEMU started while the memory is copied, disk layers from
+    // a template), and one step after the other with a qemu-img per layer, as before
+    // (src/vmm/qemu/tuning.ts).
+    await openQemuPool(path.join(dir, 'vm-pool'), startQemu, 2);
     const variants = [
-      { name: 'overlap', overlap: true, restore: [] as number[], resume: [] as number[], restorePhases: new PhaseSamples(), resumePhases: new PhaseSamples() },
-      { name: 'sequential', overlap: false, restore: [] as number[], resume: [] as number[], restorePhases: new PhaseSamples(), resumePhases: new PhaseSamples() },
+      { name: 'pool', pool: true, overlap: true, restore: [] as number[], resume: [] as number[], restorePhases: new PhaseSamples(), resumePhases: new PhaseSamples() },
+      { name: 'nopool', pool: false, overlap: true, restore: [] as number[], resume: [] as number[], restorePhases: new PhaseSamples(), resumePhases: new PhaseSamples() },
+      { name: 'sequential', pool: false, overlap: false, restore: [] as number[], resume: [] as number[], restorePhases: new PhaseSamples(), resumePhases: new PhaseSamples() },
     ];
+    const use = (variant: { pool: boolean; overlap: boolean }) => {
+      restoreTuning.overlap = restoreTuning.layerTemplate = variant.overlap;
+      restoreTuning.pool = variant.pool;
+    };
+    const asTheDriverDoes = { pool: true, overlap: true };
+    // The pool refills in the background after a take: each measurement starts once it has.
+    const settle = () => new Promise((resolve) => setTimeout(resolve, 400));
     const inTurn = (i: number) => (i % 2 === 0 ? variants : [...variants].reverse());
+    // The pool learns a machine from a restore of it: one first, not measured.
+    const teach = track(await restore('teach-pool', baseSnapshot));
+    await teach.destroy();
+    running.delete(teach);
     for (let i = 0; i < runs; i++) {
       for (const variant of inTurn(i)) {
-        restoreTuning.overlap = restoreTuning.layerTemplate = variant.overlap;
+        use(variant);
+        await settle();
         const start = performance.now();
         const vm = track(await restore(`r1-${i}-${variant.name}`, baseSnapshot));
         await firstByte(vm);
@@ -111,7 +129,7 @@ export async function runVmBench(options: { runs?: number; accel?: Accelerator; 
         running.delete(vm);
       }
     }
-    restoreTuning.overlap = restoreTuning.layerTemplate = true;
+    use(asTheDriverDoes);
     for (const v of variants) say(`restore, one clone (${v.name}): p50 ${summarize(v.restore).p50} ms (${v.restorePhases.line()})`);
 
     const restoreEight: number[] = [];
@@ -132,11 +150,19 @@ export async function runVmBench(options: { runs?: number; accel?: Accelerator; 
     }
     say(`restore, eight together: p50 ${summarize(restoreEight).p50} ms`);
 
+    // Suspends, committed with their memory as a diff against the image's, both ways in turn
+    // (issue 12; src/vmm/qemu/tuning.ts `suspendTuning`): the diff made inside the snapshot's
+    // commit, from the paused VM's RAM file while the device state is saved (as the lifecycle
+    // suspends), and the old way: the whole RAM file checksummed, synced and committed, then
+    // diffed (`diffSnapshotMemory`) before the microVM counted as SUSPENDED.
     const suspend: number[] = [];
+    const wholeThenDiff: number[] = [];
+    const wholeSnapshot: number[] = [];
     const diffMs: number[] = [];
     const wholeMiB: number[] = [];
     const diffMiB: number[] = [];
     const suspendPhases = new PhaseSamples();
+    const wholeThenDiffPhases = new PhaseSamples();
     let vm = track(await restore('cycle-0', baseSnapshot));
     await firstByte(vm);
     let cycle = 0;
@@ -144,36 +170,48 @@ export async function runVmBench(options: { runs?: number; accel?: Accelerator; 
       for (const variant of inTurn(i)) {
         const suspended = path.join(dir, `cycle-${cycle}-suspended`);
         const phases: Phases = {};
+        const inCommit = cycle % 2 === 0;
+        suspendTuning.diffInCommit = inCommit;
         const suspendStart = performance.now();
-        await vm.snapshot(suspended, { phases });
-        suspend.push(elapsedMs(suspendStart));
-        suspendPhases.add(phases);
+        const manifest = await vm.snapshot(suspended, { phases, memoryBase: baseSnapshot });
+        const snapshotMs = elapsedMs(suspendStart);
+        suspendTuning.diffInCommit = true;
         running.delete(vm);
-        // What the suspended VM holds with whole memory (its reservation given back, as a snapshot
-        // does in the background), then as a diff against the image's (the lifecycle does this
-        // before a microVM counts as SUSPENDED; measured apart from the suspend above).
-        await releaseUnusedRam(path.join(suspended, 'mem'));
-        wholeMiB.push(allocatedIn(suspended) / MiB);
-        const diffStart = performance.now();
-        await diffSnapshotMemory(suspended, baseSnapshot, { durable: true });
-        diffMs.push(elapsedMs(diffStart));
+        if (inCommit) {
+          if (!manifest.files.mem.base) throw new Error('the suspend did not keep a memory diff');
+          suspend.push(snapshotMs);
+          suspendPhases.add(phases);
+        } else {
+          // What the suspended VM holds with whole memory (its reservation given back, as a
+          // snapshot does in the background), then as a diff against the image's.
+          wholeSnapshot.push(snapshotMs);
+          await releaseUnusedRam(path.join(suspended, 'mem'));
+          wholeMiB.push(allocatedIn(suspended) / MiB);
+          const diffStart = performance.now();
+          await diffSnapshotMemory(suspended, baseSnapshot, { durable: true });
+          diffMs.push(elapsedMs(diffStart));
+          wholeThenDiff.push(snapshotMs + diffMs.at(-1)!);
+          wholeThenDiffPhases.add({ ...phases, memory_diff_after: diffMs.at(-1)! });
+        }
         diffMiB.push(allocatedIn(suspended) / MiB);
-        restoreTuning.overlap = restoreTuning.layerTemplate = variant.overlap;
+        use(variant);
+        await settle();
         const resumeStart = performance.now();
         vm = track(await restore(`cycle-${++cycle}`, suspended, baseSnapshot));
         await firstByte(vm);
         variant.resume.push(elapsedMs(resumeStart));
         variant.resumePhases.add(vm.startPhases, variant.resume.at(-1));
-        restoreTuning.overlap = restoreTuning.layerTemplate = true;
+        use(asTheDriverDoes);
       }
     }
     await vm.destroy();
     running.delete(vm);
-    say(`suspend p50 ${summarize(suspend).p50} ms (${suspendPhases.line()}) + memory diff ${summarize(diffMs).p50} ms`);
+    say(`suspend (committed, memory diff made in the commit) p50 ${summarize(suspend).p50} ms (${suspendPhases.line()})`);
+    say(`suspend the old way (whole memory committed, then diffed) p50 ${summarize(wholeThenDiff).p50} ms (${wholeThenDiffPhases.line()})`);
     for (const v of variants) say(`resume (${v.name}) p50 ${summarize(v.resume).p50} ms (${v.resumePhases.line()})`);
     say(`suspended on disk beyond the image: p50 ${summarize(diffMiB, 'MiB').p50} MiB with a memory diff, ${summarize(wholeMiB, 'MiB').p50} MiB with whole memory`);
 
-    const [overlap, sequential] = variants as [(typeof variants)[number], (typeof variants)[number]];
+    const [overlap, nopool, sequential] = variants as [(typeof variants)[number], (typeof variants)[number], (typeof variants)[number]];
     // The 32 GiB / 16 vCPU shape, its wake beside the 256 MiB one above (bench/vm-big.ts).
     const big = await runBigVmBench({ dir, rootDisk, accel, guest, runs: Math.min(runs, 5), smallWake: summarize(overlap.resume), firstByte, say });
 
@@ -188,19 +226,28 @@ export async function runVmBench(options: { runs?: number; accel?: Accelerator; 
       'vm.suspend_ms': summarize(suspend),
       'vm.resume_first_byte_ms': summarize(overlap.resume),
       'vm.suspend_diff_ms': summarize(diffMs),
+      'vm.suspend_whole_then_diff_ms': summarize(wholeThenDiff),
+      'vm.suspend_whole_snapshot_ms': summarize(wholeSnapshot),
       'vm.suspended_disk_mib': summarize(diffMiB, 'MiB'),
       'vm.suspended_disk_whole_memory_mib': summarize(wholeMiB, 'MiB'),
       'vm.restore_speedup_ratio': single(coldSummary.p50 / restoreSummary.p50, 'ratio'),
+      'vm.restore_first_byte_nopool_ms': summarize(nopool.restore),
+      'vm.resume_first_byte_nopool_ms': summarize(nopool.resume),
       'vm.restore_first_byte_sequential_ms': summarize(sequential.restore),
       'vm.resume_first_byte_sequential_ms': summarize(sequential.resume),
       ...overlap.restorePhases.metrics('vm.restore_phase'),
       ...suspendPhases.metrics('vm.suspend_phase'),
+      ...wholeThenDiffPhases.metrics('vm.suspend_whole_then_diff_phase'),
       ...overlap.resumePhases.metrics('vm.resume_phase'),
+      ...nopool.restorePhases.metrics('vm.restore_nopool_phase'),
+      ...nopool.resumePhases.metrics('vm.resume_nopool_phase'),
       ...sequential.restorePhases.metrics('vm.restore_sequential_phase'),
       ...sequential.resumePhases.metrics('vm.resume_sequential_phase'),
     };
   } finally {
-    restoreTuning.overlap = restoreTuning.layerTemplate = true;
+    restoreTuning.overlap = restoreTuning.layerTemplate = restoreTuning.pool = true;
+    suspendTuning.diffInCommit = true;
+    await closeQemuPool().catch(() => undefined);
     for (const vm of running) await vm.destroy().catch(() => undefined);
     fs.rmSync(dir, { recursive: true, force: true });
   }

@@ -340,8 +340,13 @@ export class HostExecutor {
     await fs.promises.rm(target, { recursive: true, force: true });
     this.#stopping.add(vm);
     const started = performance.now();
+    // Its memory as a diff against its image's, made inside the snapshot's commit where the VMM
+    // can (docs/vmm.md "Memory diffs"); otherwise whole, and diffed below.
+    const memoryBase = instance.imageId !== null ? imageSnapshotDir(this.#dataDir, instance.imageId) : undefined;
+    let memory: string;
     try {
-      await vm.snapshot(target, { durable: this.#durable, onStateSaved: () => this.pause('suspend:state-saved', instance.id) });
+      const manifest = await vm.snapshot(target, { durable: this.#durable, onStateSaved: () => this.pause('suspend:state-saved', instance.id), ...(memoryBase ? { memoryBase } : {}) });
+      memory = manifest.files.mem.base ? `, memory diff of ${Math.ceil(manifest.files.mem.sizeBytes / 4096)} pages made in the snapshot` : '';
     } catch (error) {
       if (isCocoonError(error) && error.code !== 'vm_gone' && error.details?.vmAlive === true && !vm.exited) {
         await this.#keepRunning(instance, vm, error);
@@ -357,7 +362,7 @@ export class HostExecutor {
     instance.vm = undefined;
     instance.ports = new Map();
     await this.pause('suspend:committed', instance.id);
-    const diff = await this.#diffGeneration(instance, next);
+    const diff = memory || (await this.#diffGeneration(instance, next));
     const runtime: Runtime = { generation: next, chain: [...instance.runtime.chain, next] };
     let stored = '';
     if (this.#shared) {

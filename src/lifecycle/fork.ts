@@ -57,6 +57,12 @@ export interface ForkInput {
   count: number;
   idlePolicy?: IdlePolicy;
   maximumDurationSeconds?: number;
+  /**
+   * Leave the forks SUSPENDED (no VM started): their generation 1 is committed (checksummed,
+   * fsynced when durable) before the rows say SUSPENDED, and each wakes on its first request or
+   * resume. Cheap: of a SUSPENDED source, hard links and a few fsyncs per fork.
+   */
+  suspended?: boolean;
 }
 
 export interface ForkResult {
@@ -106,6 +112,8 @@ async function snapshotFrom(
     if (!options.rebaseOnto) {
       await fs.promises.link(path.join(from, files.disk.name), disk);
       await fs.promises.link(path.join(from, 'manifest.json'), path.join(partial, 'manifest.json'));
+      // The links' own entries, before the rename publishes them (the files are durable already).
+      if (options.durable) await fsyncDir(partial);
     } else {
       await run('cp', ['--sparse=always', '--', path.join(from, files.disk.name), disk]);
       await options.driver.rebaseDisk(disk, options.rebaseOnto, { copiedFrom: from });
@@ -185,6 +193,7 @@ export async function forkMicrovm(engine: LifecycleEngine, db: Db, region: strin
     throw new CocoonError('invalid_request', `count must be an integer from 1 to ${MAX_FORKS}`, { status: 400 });
   }
   const dataDir = engine.dataDir;
+  const suspended = input.suspended === true;
   const ids = Array.from({ length: input.count }, () => newId('microvm'));
   const started = performance.now();
   const { forks, pausedMs, live } = await engine.exclusive(source.id, 'fork', async (current) => {
@@ -197,16 +206,23 @@ export async function forkMicrovm(engine: LifecycleEngine, db: Db, region: strin
       // background, before anything depends on it for long (a RUNNING microVM whose host
       // crashed is FAILED anyway; its first suspend comes later).
       const live = current.state === 'RUNNING';
-      const pausedMs = await takeSourcePoint(engine, current, first, rebaseOnto, 'fork:paused', false, live);
-      await Promise.all(ids.slice(1).map((id) => snapshotFrom(first, generationDir(dataDir, id, 1), { driver: engine.driver, durable: false, runDir: runDir(dataDir, source.id) })));
+      // Suspended forks are committed before their rows say SUSPENDED (checksums, fsyncs).
+      const durable = suspended && engine.durable;
+      const pausedMs = await takeSourcePoint(engine, current, first, rebaseOnto, 'fork:paused', durable, live && !suspended);
+      await Promise.all(ids.slice(1).map((id) => snapshotFrom(first, generationDir(dataDir, id, 1), { driver: engine.driver, durable, runDir: runDir(dataDir, source.id) })));
+      if (durable) await fsyncDir(path.dirname(microvmDir(dataDir, ids[0] as string)));
+      const runtime = { generation: 1, chain: [1] };
+      // A cluster: any host may wake a suspended fork, so its generation 1 goes to the object store first.
+      if (suspended && engine.shared) for (const id of ids) await engine.shared.commit({ id, imageId: current.imageId }, runtime);
       await engine.pausePoint('fork:linked', source.id);
       const forks = await createForks(db, {
         source,
         region,
         ids,
-        runtime: runtimeRecord({ generation: 1, chain: [1] }),
+        runtime: runtimeRecord(runtime),
         ...(input.idlePolicy ? { idlePolicy: input.idlePolicy } : {}),
         ...(input.maximumDurationSeconds ? { maximumDurationSeconds: input.maximumDurationSeconds } : {}),
+        ...(suspended ? { suspendedOn: { hostId: engine.hostId } } : {}),
       });
       return { forks, pausedMs, live };
     } catch (error) {
@@ -214,7 +230,13 @@ export async function forkMicrovm(engine: LifecycleEngine, db: Db, region: strin
       throw error;
     }
   });
-  await appendLog(dataDir, source.id, `forked ${ids.length}× (${ids.join(', ')}); paused ${pausedMs.toFixed(1)} ms`);
+  await appendLog(dataDir, source.id, `forked ${ids.length}× (${ids.join(', ')})${suspended ? ', suspended' : ''}; paused ${pausedMs.toFixed(1)} ms`);
+  if (suspended) {
+    // Managed here from now on like a microVM this host suspended (its timers armed); nothing runs.
+    for (const fork of forks) await engine.adoptLoaded(fork, undefined);
+    log.info({ microvm: source.id, forks: ids, pausedMs: Math.round(pausedMs * 10) / 10, forkMs: Math.round(performance.now() - started) }, 'microVM forked, suspended');
+    return { forks, pausedMs };
+  }
   const forked = performance.now();
   for (const fork of forks) await engine.launch(fork, { verifyData: live ? false : 'if-present' });
   void completeForkPoint(

@@ -442,12 +442,18 @@ export interface NewForks {
   maximumDurationSeconds?: number;
   /** What the lifecycle records for each (it starts from its own generation 1). */
   runtime: Record<string, unknown>;
+  /**
+   * Created SUSPENDED on this host (`hostId`) instead of PENDING: generation 1 is committed
+   * already, and each fork wakes on its first request or resume like any suspended microVM.
+   */
+  suspendedOn?: { hostId: string };
   now?: Date;
 }
 
 /**
- * Creates PENDING forks of a microVM, all or none (one transaction): each is a microVM of its
- * own (own session, idle policy, tokens) that the lifecycle starts from its fork point.
+ * Creates PENDING (or, with `suspendedOn`, SUSPENDED) forks of a microVM, all or none (one
+ * transaction): each is a microVM of its own (own session, idle policy, tokens) that the
+ * lifecycle starts (or wakes) from its fork point.
  */
 export async function createForks(db: Db, input: NewForks): Promise<Microvm[]> {
   const now = input.now ?? new Date();
@@ -467,7 +473,7 @@ export async function createForks(db: Db, input: NewForks): Promise<Microvm[]> {
         image_id: source.imageId,
         image_arn: source.imageArn,
         arn: microvmArn(input.region, account, id),
-        state: 'PENDING',
+        state: input.suspendedOn ? 'SUSPENDED' : 'PENDING',
         error: null,
         vcpus: source.vcpus,
         memory_mib: source.memoryMiB,
@@ -485,13 +491,15 @@ export async function createForks(db: Db, input: NewForks): Promise<Microvm[]> {
         updated_at: iso(now),
         expires_at: iso(new Date(now.getTime() + maximumDurationSeconds * 1000)),
         last_activity_at: iso(now),
-        suspended_at: null,
+        suspended_at: input.suspendedOn ? iso(now) : null,
         terminated_at: null,
+        // Claimed for this host like a launch claims it (claimMicrovm: a change of owner counts the epoch up).
+        ...(input.suspendedOn ? { host_id: input.suspendedOn.hostId, lease_epoch: 1 } : {}),
       };
       await insertRow(tx, 'microvms', row);
       await appendEvent(tx, {
-        tenantId: row.tenant_id, resourceType: 'microvm', resourceId: id, type: 'created', toState: 'PENDING',
-        message: `forked from ${source.id}`, now,
+        tenantId: row.tenant_id, resourceType: 'microvm', resourceId: id, type: 'created', toState: row.state,
+        message: `forked from ${source.id}${input.suspendedOn ? ', suspended' : ''}`, now,
       });
       created.push(toMicrovm(row));
     }

@@ -33,6 +33,12 @@ export interface SnapshotOptions {
   onStateSaved?: () => Promise<void>;
   /** Filled in with the milliseconds of each step of the snapshot (phases.ts), for benchmarks. */
   phases?: Phases;
+  /**
+   * A snapshot directory (the image's) whose memory this snapshot's may stand on: the memory is
+   * then kept as a diff against it (docs/vmm.md "Memory diffs"), made inside the commit, when
+   * the driver can (same memory size, not compacted); else it is whole. The manifest says which.
+   */
+  memoryBase?: string;
 }
 
 /** A disk that a disk layer stands on (`sameContent`: a hard link of the current backing file, so only the header changes). */
@@ -171,6 +177,12 @@ export interface VmDriver {
   processesUnder(dir: string): number[];
   /** Removes a dead VM's files from its run directory (memory, disk layer, sockets), keeping logs. */
   clearRunFiles(runDir: string): Promise<void>;
+  /**
+   * Opens this host's pool of VM processes started ahead for restores, in `dir` (on the run
+   * directories' filesystem; emptied first). Undefined where the driver keeps none or it is off
+   * (QEMU: `COCOON_QEMU_POOL`, src/vmm/qemu/pool.ts). `close` ends every process it holds.
+   */
+  openPool?(dir: string): Promise<{ close(): Promise<void> } | undefined>;
   /** A copy-on-write layer at `layer` over `backing`: the VM writes there, the backing file never changes. */
   createDiskLayer(backing: string, backingFormat: DiskSpec['format'], layer: string): Promise<void>;
   /**

@@ -85,6 +85,8 @@ export function startSandboxed(options: {
   limits: Required<VmLimits>;
   logFd: number;
   fds?: number[];
+  /** Its working directory (a process started ahead names its files relative to it: vmm/qemu/pool.ts). */
+  cwd?: string;
   /** Added to the daemon's environment for the command (e.g. LD_PRELOAD). */
   env?: Record<string, string>;
 }): SandboxedProcess {
@@ -93,6 +95,7 @@ export function startSandboxed(options: {
   const child = spawn('/bin/sh', ['-c', joinCgroupScript(cgroup), 'cocoon-vm-start', ...dropPrivilegesArgv(options.identity, command as string, args)], {
     stdio: ['ignore', options.logFd, options.logFd, ...(options.fds ?? [])],
     detached: true,
+    ...(options.cwd ? { cwd: options.cwd } : {}),
     ...(options.env ? { env: { ...process.env, ...options.env } } : {}),
   });
   child.unref();

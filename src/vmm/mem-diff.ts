@@ -4,6 +4,12 @@
  * base's checksum; a restore rebuilds the RAM file from the base and the diff. The format and
  * the page comparison are in the native helper (`cocoon-sparse diff` / `undiff`).
  *
+ * A suspend makes the diff inside its snapshot's commit (`prepareMemoryDiff`, called by the
+ * driver's `snapshot` when given `memoryBase`): the diff is compared straight from the paused
+ * VM's RAM file while the device state is saved, and only the diff is written and synced; the
+ * whole memory file never enters the snapshot. `diffSnapshotMemory` turns a committed snapshot
+ * with whole memory into its diff form afterwards (the old way, and the fallback).
+ *
  * Guarantees kept from whole-memory snapshots:
  * - crash safety: the diff is written and synced beside the committed memory file, the manifest
  *   that names it is written aside, synced and renamed over the old one, and only then is the
@@ -16,7 +22,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { CocoonError, isCocoonError } from '../common/errors.ts';
 import { fsyncDir } from '../common/fs.ts';
-import { runSparseHelper } from './native/helper.ts';
+import { runSparseHelper, startHeldHelper } from './native/helper.ts';
 import { reservesRam } from './ram-file.ts';
 import { checkDataChecksum, dataChecksumKey, parseChecksumLine, readSnapshotManifest, verifySnapshotData } from './snapshot.ts';
 import { admitRam } from './space-ledger.ts';
@@ -85,6 +91,48 @@ export async function diffSnapshotMemory(dir: string, baseDir: string, options: 
   return { diffPages, pages, diffBytes, compareMs };
 }
 
+/** A memory diff prepared for a snapshot's commit: the helper started, held until the VM is paused. */
+export interface HeldMemoryDiff {
+  /**
+   * Lets the helper compare the RAM file (which must not change any more: the vCPUs are
+   * stopped) with the base and write the diff (synced when durable). Answers the manifest's
+   * `files.mem` for it, and the page counts.
+   */
+  go(): Promise<{ mem: SnapshotManifest['files']['mem']; diffPages: number; pages: number }>;
+  /** Ends the helper; the caller removes what it wrote. */
+  cancel(): void;
+}
+
+/**
+ * Prepares the memory diff of a snapshot being taken: `memFile` (a VM's RAM file, `memoryBytes`
+ * long) against the memory of the snapshot in `baseDir` (an image's), into `outFile`. Answers
+ * undefined when the memory cannot stand on that base (another size, a diff itself, no
+ * checksum). The base is verified first (once per file identity, verified-files.ts): a diff
+ * against damaged base pages would be restored onto the intact ones. Everything that does not
+ * need the paused VM (the base checked, the helper started, the files opened) happens here.
+ */
+export async function prepareMemoryDiff(options: { baseDir: string; memFile: string; outFile: string; memoryBytes: number; durable: boolean }): Promise<HeldMemoryDiff | undefined> {
+  const base = await readSnapshotManifest(options.baseDir);
+  const baseMem = base.files.mem;
+  if (baseMem.base || !baseMem.checksum || base.shape.memoryMiB * 1024 * 1024 !== options.memoryBytes) return undefined;
+  await verifySnapshotData(options.baseDir, base, ['mem']);
+  await fs.promises.rm(options.outFile, { force: true });
+  const held = await startHeldHelper(['diff', path.join(options.baseDir, baseMem.name), options.memFile, options.outFile, ...(options.durable ? ['sync'] : []), 'wait']);
+  const baseChecksum = baseMem.checksum;
+  return {
+    go: async () => {
+      const [sumLine = '', countLine = ''] = (await held.go()).trim().split('\n');
+      const [diffPages, pages] = countLine.split(' ').map(Number) as [number, number];
+      return {
+        mem: { name: MEMORY_DIFF_NAME, sizeBytes: Number(sumLine.trim().split(' ')[2]), checksum: parseChecksumLine(sumLine), base: { checksum: baseChecksum, sizeBytes: options.memoryBytes } },
+        diffPages,
+        pages,
+      };
+    },
+    cancel: held.cancel,
+  };
+}
+
 /** Writes `manifest.json` aside, syncs it and renames it over the old one (one atomic step). */
 async function replaceManifest(dir: string, manifest: SnapshotManifest, durable: boolean): Promise<void> {
   const file = path.join(dir, 'manifest.json');
@@ -115,6 +163,8 @@ export async function restoreMemoryDiff(options: {
   target: string;
   verify: boolean;
   alsoVerifyDisk?: boolean;
+  /** `target` exists already (mapped by a QEMU waiting for its device state: qemu/pool.ts) and is emptied first. */
+  into?: boolean;
 }): Promise<void> {
   const { dir, manifest, target } = options;
   const { mem, disk } = manifest.files;
@@ -132,7 +182,7 @@ export async function restoreMemoryDiff(options: {
   const reserve = reservesRam(mem.base.sizeBytes) ? ['reserve'] : [];
   const run = async (args: string[]): Promise<string> => {
     try {
-      return await runSparseHelper(['undiff', baseFile, diffFile, target, ...reserve, ...args]);
+      return await runSparseHelper(['undiff', baseFile, diffFile, target, ...reserve, ...(options.into ? ['into'] : []), ...args]);
     } catch (error) {
       await fs.promises.rm(target, { force: true });
       if (isCocoonError(error, 'no_space') || isCocoonError(error, 'helper_missing')) throw error;

@@ -169,6 +169,27 @@ export interface PendingSnapshot {
   diskPath: string;
   /** The manifest to write; the disk's size is filled in once the disk is moved. */
   manifest: SnapshotManifest;
+  /**
+   * The kernel boot (`/proc/sys/kernel/random/boot_id`) the RAM file's pages are from. A RAM
+   * file is not synced before the commit (a suspend keeping a memory diff never syncs it), so
+   * after a reboot its pages may be old ones: such a snapshot is not completed. Absent in
+   * records of older versions (completed as before).
+   */
+  bootId?: string;
+}
+
+let currentBootId: string | undefined;
+
+/** This kernel boot's id (see `PendingSnapshot.bootId`); undefined where the kernel has none. */
+export function kernelBootId(): string | undefined {
+  if (currentBootId === undefined) {
+    try {
+      currentBootId = fs.readFileSync('/proc/sys/kernel/random/boot_id', 'utf8').trim();
+    } catch {
+      return undefined;
+    }
+  }
+  return currentBootId;
 }
 
 export async function writePendingSnapshot(dir: string, pending: PendingSnapshot, durable: boolean): Promise<void> {

@@ -7,46 +7,21 @@
  */
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
-import { mkdtemp, rm } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
 import path from 'node:path';
-import { after, before, test } from 'node:test';
-import { loadConfig } from '../../src/config/config.ts';
+import { test } from 'node:test';
 import { logPath } from '../../src/lifecycle/paths.ts';
-import { defaultModules } from '../../src/modules.ts';
-import { startServer, type RunningServer } from '../../src/server.ts';
 import { listLiveHosts } from '../../src/store/hosts.ts';
 import { createMicrovm } from '../../src/store/microvms.ts';
 import { findTenantByName } from '../../src/store/tenants.ts';
-import { PostgresServer } from '../support/postgres.ts';
+import { useClusterDatabase } from '../support/cluster.ts';
 import { apiClient } from '../support/server.ts';
 import { readyImage } from '../store/helpers.ts';
 
-let postgres: PostgresServer;
-const servers: RunningServer[] = [];
-const dirs: string[] = [];
-before(async () => {
-  postgres = await PostgresServer.start();
-});
-after(async () => {
-  for (const s of servers.reverse()) await s.close().catch(() => undefined);
-  for (const d of dirs) await rm(d, { recursive: true, force: true });
-  await postgres?.stop();
-});
-
-async function host(databaseUrl: string, id: string): Promise<RunningServer> {
-  const dataDir = await mkdtemp(path.join(tmpdir(), `cocoon-fwd-${id}-`));
-  dirs.push(dataDir);
-  const server = await startServer(
-    { ...loadConfig({ COCOON_DATA_DIR: dataDir, COCOON_DATABASE_URL: databaseUrl, COCOON_HOST_ID: id, COCOON_ACCEL: 'tcg' }), apiPort: 0, gatewayPort: 0 },
-    defaultModules(),
-  );
-  servers.push(server);
-  return server;
-}
+const cluster = useClusterDatabase();
+const host = (databaseUrl: string, id: string) => cluster.host(databaseUrl, id, { prefix: 'fwd' });
 
 test('a request for a microVM host A owns, sent to host B, is answered by host A', async () => {
-  const databaseUrl = await postgres.createDatabase('fwd');
+  const databaseUrl = await cluster.createDatabase('fwd');
   const a = await host(databaseUrl, 'host-a');
   const b = await host(databaseUrl, 'host-b');
   const adminKey = a.newAdminKey!;
@@ -88,7 +63,6 @@ test('a request for a microVM host A owns, sent to host B, is answered by host A
 
   // Host A gone (its registration stays LIVE until declared dead): B says so, 502 peer_unreachable.
   await a.close();
-  servers.splice(servers.indexOf(a), 1);
   const gone = await viaB('GET', `/microvms/${microvm.id}/logs`);
   assert.equal(gone.status, 502);
   assert.equal(gone.body.error.code, 'peer_unreachable');

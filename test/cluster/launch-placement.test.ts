@@ -7,54 +7,18 @@
  * on A, which is not the point.)
  */
 import assert from 'node:assert/strict';
-import { mkdtemp, rm } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
-import path from 'node:path';
-import { after, before, test } from 'node:test';
-import { loadConfig } from '../../src/config/config.ts';
-import { defaultModules } from '../../src/modules.ts';
-import { startServer, type RunningServer } from '../../src/server.ts';
+import { test } from 'node:test';
 import { createMicrovm } from '../../src/store/microvms.ts';
 import { findTenantByName } from '../../src/store/tenants.ts';
-import { PostgresServer } from '../support/postgres.ts';
+import { ownerOf, useClusterDatabase } from '../support/cluster.ts';
 import { apiClient } from '../support/server.ts';
 import { readyImage } from '../store/helpers.ts';
 
-let postgres: PostgresServer;
-const servers: RunningServer[] = [];
-const dirs: string[] = [];
-before(async () => {
-  postgres = await PostgresServer.start();
-});
-after(async () => {
-  for (const s of servers.reverse()) await s.close().catch(() => undefined);
-  for (const d of dirs) await rm(d, { recursive: true, force: true });
-  await postgres?.stop();
-});
-
-async function host(databaseUrl: string, id: string, env: Record<string, string> = {}): Promise<RunningServer> {
-  const dataDir = await mkdtemp(path.join(tmpdir(), `cocoon-place-${id}-`));
-  dirs.push(dataDir);
-  const server = await startServer(
-    { ...loadConfig({ COCOON_DATA_DIR: dataDir, COCOON_DATABASE_URL: databaseUrl, COCOON_HOST_ID: id, COCOON_ACCEL: 'tcg', ...env }), apiPort: 0, gatewayPort: 0 },
-    defaultModules(),
-  );
-  servers.push(server);
-  return server;
-}
-
-/** The host whose lease the launch took (a launch may still be queued when the answer comes). */
-async function ownerOf(server: RunningServer, id: string): Promise<string | null> {
-  for (let i = 0; i < 200; i++) {
-    const row = await server.db.get<{ host_id: string | null }>('SELECT host_id FROM microvms WHERE id = ?', [id]);
-    if (row?.host_id) return row.host_id;
-    await new Promise((resolve) => setTimeout(resolve, 50));
-  }
-  return null;
-}
+const cluster = useClusterDatabase();
+const host = (databaseUrl: string, id: string, env: Record<string, string> = {}) => cluster.host(databaseUrl, id, { env, prefix: 'place' });
 
 test('a launch sent to a host without room runs on the host placement picks; none with room: no_host_capacity', async () => {
-  const databaseUrl = await postgres.createDatabase('place');
+  const databaseUrl = await cluster.createDatabase('place');
   const a = await host(databaseUrl, 'host-a', { COCOON_HOST_VCPUS: '3' });
   const b = await host(databaseUrl, 'host-b', { COCOON_HOST_VCPUS: '1' });
   const tenant = (await findTenantByName(a.db, 'admin'))!;
@@ -64,7 +28,7 @@ test('a launch sent to a host without room runs on the host placement picks; non
   const started = await viaB('POST', '/microvms', { image: image.id, clientToken: 'placed-1' });
   assert.equal(started.status, 201, JSON.stringify(started.body));
   // Host A launched it: the launch took A's lease before anything else ran.
-  assert.equal(await ownerOf(a, started.body.id), 'host-a');
+  assert.equal(await ownerOf(a.db, started.body.id), 'host-a');
   // A replay of the same clientToken answers the same microVM (idempotency is cluster-wide).
   const replay = await viaB('POST', '/microvms', { image: image.id, clientToken: 'placed-1' });
   assert.equal(replay.status, 201, JSON.stringify(replay.body));
@@ -78,7 +42,7 @@ test('a launch sent to a host without room runs on the host placement picks; non
   });
   const created = (await sandbox.json()) as { sandboxID: string };
   assert.equal(sandbox.status, 201, JSON.stringify(created));
-  assert.equal(await ownerOf(a, created.sandboxID), 'host-a');
+  assert.equal(await ownerOf(a.db, created.sandboxID), 'host-a');
 
   // An image that needs more vCPUs than either host offers: refused, and no row is made.
   const big = await readyImage(a.db, tenant.id, { vcpus: 4 });
@@ -99,7 +63,7 @@ test('a launch sent to a host without room runs on the host placement picks; non
 });
 
 test('a resume of a SUSPENDED microVM no live host runs, sent to a host without room, runs where placement picks', async () => {
-  const databaseUrl = await postgres.createDatabase('placeresume');
+  const databaseUrl = await cluster.createDatabase('placeresume');
   const a = await host(databaseUrl, 'host-a', { COCOON_HOST_VCPUS: '3' });
   const b = await host(databaseUrl, 'host-b', { COCOON_HOST_VCPUS: '1' });
   const tenant = (await findTenantByName(a.db, 'admin'))!;

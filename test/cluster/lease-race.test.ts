@@ -13,48 +13,37 @@
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { after, before, test } from 'node:test';
+import { after, test } from 'node:test';
 import { getHost } from '../../src/store/hosts.ts';
 import { getMicrovm } from '../../src/store/microvms.ts';
 import { openMetadataStore } from '../../src/store/open.ts';
-import type { Database } from '../../src/store/sql.ts';
 import { findTenantByName } from '../../src/store/tenants.ts';
 import { ADMIN_KEY_FILE } from '../../src/server.ts';
-import { spawnDaemon, type Daemon } from '../support/daemon.ts';
 import { createTestImage, TESTAPP_PORT } from '../support/image.ts';
-import { PostgresServer } from '../support/postgres.ts';
+import { useClusterDatabase } from '../support/cluster.ts';
 import { apiClient, gatewayRequest } from '../support/server.ts';
 import { cleanupDir, qemuProcessesMentioning, tempDir } from '../support/vm.ts';
 import { quiet } from '../store/helpers.ts';
 
 const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
 
-let postgres: PostgresServer;
-let db: Database;
 const dataDir = tempDir('cocoon-race-');
-const daemons: Daemon[] = [];
-
-before(async () => {
-  postgres = await PostgresServer.start();
-});
-after(async () => {
-  for (const d of daemons) await d.stop().catch(() => undefined);
-  await db?.close();
-  await postgres?.stop();
+// Daemons and the store handle end before PostgreSQL; then no QEMU may be left.
+const cluster = useClusterDatabase();
+after(() => {
   const leaked = cleanupDir(dataDir);
   assert.deepEqual(leaked, [], 'QEMU processes left behind');
 });
 
 test('three hosts, one dead: two race to resume its SUSPENDED microVM, exactly one runs it', async () => {
-  const databaseUrl = await postgres.createDatabase('race');
+  const databaseUrl = await cluster.createDatabase('race');
   const env = (host: string) => ({
     COCOON_DATABASE_URL: databaseUrl, COCOON_HOST_ID: host, COCOON_HEARTBEAT_INTERVAL: '1', COCOON_HOST_DEAD_AFTER: '3', COCOON_LOG_LEVEL: 'warn',
   });
-  const a = await spawnDaemon(dataDir, env('host-a'));
-  daemons.push(a);
-  const [b, c] = await Promise.all([spawnDaemon(dataDir, env('host-b')), spawnDaemon(dataDir, env('host-c'))]);
-  daemons.push(b, c);
-  db = (await openMetadataStore(dataDir, { databaseUrl, logger: quiet })).db;
+  const a = await cluster.daemon(dataDir, env('host-a'));
+  const [b, c] = await Promise.all([cluster.daemon(dataDir, env('host-b')), cluster.daemon(dataDir, env('host-c'))]);
+  const db = (await openMetadataStore(dataDir, { databaseUrl, logger: quiet })).db;
+  cluster.onEnd(() => db.close());
   const adminKey = fs.readFileSync(path.join(dataDir, ADMIN_KEY_FILE), 'utf8').trim();
   const admin = await findTenantByName(db, 'admin');
   const image = await createTestImage({ db, dataDir, tenantId: admin!.id });

@@ -149,6 +149,51 @@ describe('fork and checkpoint', () => {
     for (const vm of [child, a, b]) assert.equal((await s.api('DELETE', `/microvms/${vm.id}`)).status, 204);
   });
 
+  test('forks left SUSPENDED: committed without a QEMU, each wakes on its own request and continues the source', async () => {
+    const source = await start();
+    assert.equal(await counter(source), '1');
+    assert.equal(await s.get(source.id, source.token, '/cgi-bin/write?kept-suspended'), 'written');
+    assert.equal((await s.api('POST', `/microvms/${source.id}/suspend`)).body.state, 'SUSPENDED');
+
+    const answer = await s.api('POST', `/microvms/${source.id}/fork`, { count: 3, suspended: true });
+    assert.equal(answer.status, 201, JSON.stringify(answer.body));
+    assert.equal(answer.body.sourcePausedMs, 0);
+    const forks: Started[] = answer.body.items.map((item: Record<string, string>) => ({ id: item.id, token: item.token }));
+    for (const item of answer.body.items) assert.equal(item.state, 'SUSPENDED', JSON.stringify(item));
+    for (const vm of [source, ...forks]) {
+      assert.deepEqual(qemuProcessesMentioning(microvmDir(dataDir, vm.id)), [], `${vm.id} runs no QEMU`);
+      assert.equal((await s.api('GET', `/microvms/${vm.id}`)).body.state, 'SUSPENDED');
+    }
+    // Committed before the answer: a complete manifest (checksums) in each fork's own generation 1.
+    for (const f of forks) {
+      const { files } = JSON.parse(fs.readFileSync(path.join(microvmDir(dataDir, f.id), 'gen-1', 'manifest.json'), 'utf8'));
+      assert.match(files.mem?.checksum?.value ?? '', /^[0-9a-f]{16}$/, `${f.id}: the memory's checksum`);
+      assert.match(files.disk?.checksum?.value ?? '', /^[0-9a-f]{16}$/, `${f.id}: the disk's checksum`);
+    }
+
+    // The source is terminated; each fork wakes on its own request from the source's state.
+    assert.equal((await s.api('DELETE', `/microvms/${source.id}`)).status, 204);
+    assert.equal(await counter(forks[0]!), '2');
+    assert.equal(await counter(forks[0]!), '3');
+    assert.equal(await counter(forks[1]!), '2');
+    assert.equal(await s.get(forks[1]!.id, forks[1]!.token, '/cgi-bin/file'), 'kept-suspended');
+    await assert.rejects(s.get(forks[2]!.id, forks[0]!.token, '/'), /40[13]/);
+    assert.equal((await s.api('GET', `/microvms/${forks[2]!.id}`)).body.state, 'SUSPENDED', 'untouched until asked');
+    assert.equal((await s.api('POST', `/microvms/${forks[2]!.id}/resume`)).body.state, 'RUNNING');
+    assert.equal(await counter(forks[2]!), '2');
+
+    // A RUNNING source: its fork is left SUSPENDED too, and the source runs on.
+    const running = forks[0]!;
+    const again = await s.api('POST', `/microvms/${running.id}/fork`, { suspended: true });
+    assert.equal(again.status, 201, JSON.stringify(again.body));
+    const child: Started = { id: again.body.items[0].id, token: again.body.items[0].token };
+    assert.equal(again.body.items[0].state, 'SUSPENDED');
+    assert.deepEqual(qemuProcessesMentioning(microvmDir(dataDir, child.id)), []);
+    assert.equal(await counter(running), '4');
+    assert.equal(await counter(child), '4');
+    for (const vm of [...forks, child]) assert.equal((await s.api('DELETE', `/microvms/${vm.id}`)).status, 204);
+  });
+
   test('checkpoint: a new image version READY once committed; microVMs from it start exactly there', async () => {
     const source = await start();
     assert.equal(await counter(source), '1');

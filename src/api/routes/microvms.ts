@@ -135,6 +135,11 @@ const ForkBody = Type.Object(
     count: Type.Optional(Type.Integer({ minimum: 1, maximum: MAX_FORKS, description: `How many forks (1–${MAX_FORKS}, default 1)` })),
     idlePolicy: Type.Optional(IdlePolicyInput),
     maximumDurationSeconds: Type.Optional(Seconds("Each fork's session (default: the source's maximumDurationSeconds, counted from the fork)")),
+    suspended: Type.Optional(
+      Type.Boolean({
+        description: 'Leave the forks SUSPENDED (default false): none is started; each wakes on its first request or resume. Answers once they are committed',
+      }),
+    ),
   },
   { additionalProperties: false },
 );
@@ -345,6 +350,7 @@ export function microvmRoutes(app: FastifyInstance, context: ApiContext, service
             }
           : {}),
         ...(body.maximumDurationSeconds ? { maximumDurationSeconds: body.maximumDurationSeconds } : {}),
+        ...(body.suspended ? { suspended: true } : {}),
       });
       const items = [];
       for (const fork of forks) {

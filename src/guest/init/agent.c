@@ -50,6 +50,7 @@
 static const struct agent_defaults *defs;
 static int port = -1;
 static int host_gone;
+static int port_async; /* O_ASYNC set on the port: a SIGIO says the host connected */
 static int syncing = 1; /* until the host's HELLO: everything else is stale */
 
 /* ---------- outbox ---------- */
@@ -1251,6 +1252,31 @@ static int open_port(void) {
   return -1;
 }
 
+/*
+ * While no host is connected the port polls POLLHUP at once, so waiting for one used to be a
+ * 100 ms tick: ten guest wakeups a second in every idle microVM, dozens of host wakeups in
+ * its VMM (timer, kick, halt), a share of a host core per hundred idle guests. Instead the
+ * port raises SIGIO (O_ASYNC, F_SETOWN) when the host connects (virtio_console sends it on
+ * PORT_OPEN), which wakes the signalfd. On only while the host is away: with it on, every
+ * buffer of data would raise one too. Answers whether the host is still away (looked again
+ * after arming, so that a connection in between is not missed).
+ */
+static int await_host(void) {
+  if (!port_async) {
+    fcntl(port, F_SETOWN, getpid());
+    fcntl(port, F_SETFL, fcntl(port, F_GETFL) | O_ASYNC);
+    port_async = 1;
+  }
+  struct pollfd p = {.fd = port, .events = POLLIN};
+  return poll(&p, 1, 0) >= 0 && (p.revents & POLLHUP);
+}
+
+static void host_back(void) {
+  if (!port_async) return;
+  fcntl(port, F_SETFL, fcntl(port, F_GETFL) & ~O_ASYNC);
+  port_async = 0;
+}
+
 __attribute__((noreturn)) void agent_main(const struct agent_defaults *d) {
   defs = d;
   signal(SIGPIPE, SIG_IGN);
@@ -1261,6 +1287,7 @@ __attribute__((noreturn)) void agent_main(const struct agent_defaults *d) {
   sigset_t set;
   sigemptyset(&set);
   sigaddset(&set, SIGCHLD);
+  sigaddset(&set, SIGIO); /* await_host */
   sigprocmask(SIG_BLOCK, &set, NULL);
   int sfd = signalfd(-1, &set, SFD_NONBLOCK | SFD_CLOEXEC);
   if (sfd < 0) _exit(1);
@@ -1300,7 +1327,8 @@ __attribute__((noreturn)) void agent_main(const struct agent_defaults *d) {
     }
     if (busy && out_len <= OUTBOX_LOW) timeout = 0;
     else if (busy && (timeout < 0 || timeout > 5)) timeout = 5;
-    if (host_gone && (timeout < 0 || timeout > 100)) timeout = 100;
+    /* A SIGIO wakes us when the host connects; the timeout is only a safety net. */
+    if (host_gone && (timeout < 0 || timeout > 5000)) timeout = 5000;
     int ready = poll(fds, n, timeout);
     if (ready < 0 && errno != EINTR) _exit(1);
     host_gone = 0;
@@ -1314,13 +1342,14 @@ __attribute__((noreturn)) void agent_main(const struct agent_defaults *d) {
       short ev = fds[port_at].revents;
       if (ev & POLLHUP) {
         /* No host connected (a daemon restart, a snapshot restore): its streams are gone. */
-        host_gone = 1;
+        host_gone = await_host();
         if (!syncing || out_len) {
           reset_streams();
           syncing = 1;
           inbox_len = 0;
         }
       } else {
+        host_back();
         if (ev & POLLIN) read_port();
       }
     }

@@ -24,15 +24,18 @@
  *                                 nothing on tmpfs, where that would take RAM at once
  *   cocoon-sparse trim FILE       sync FILE, then punch out its unwritten (allocated, never
  *                                 written) extents: the space `alloc` reserved and nobody used
- *   cocoon-sparse diff BASE MEM OUT [sync]
+ *   cocoon-sparse diff BASE MEM OUT [sync] [wait] [threads=N]
  *                                 a new OUT: MEM as a memory diff against BASE (docs/vmm.md
  *                                 "Memory diffs"): the pages where MEM differs from BASE, packed,
  *                                 with a bitmap of which they are; with `sync`, OUT is fdatasynced.
- *                                 Prints OUT's checksum line (as `sum`), then "<diff pages> <pages>"
- *   cocoon-sparse undiff BASE DIFF TARGET [reserve] [sumbase] [sum] [-- FILE...]
+ *                                 Prints OUT's checksum line (as `sum`), then "<diff pages> <pages>".
+ *                                 `wait`: prints "ready" once the files are open and waits for a
+ *                                 byte on stdin before it reads MEM (a suspend starts it before the
+ *                                 pause); `threads=N`: compare on N threads (default 1, at most 4)
+ *   cocoon-sparse undiff BASE DIFF TARGET [reserve] [into] [sumbase] [sum] [-- FILE...]
  *                                 a new TARGET with the memory DIFF describes: BASE's data extents
- *                                 copied (as `copy`), DIFF's pages written over them; `reserve` as
- *                                 for copy. `sumbase`: BASE's checksum line (taken while copying);
+ *                                 copied (as `copy`), DIFF's pages written over them; `reserve` and
+ *                                 `into` (TARGET exists and is emptied first) as for copy. `sumbase`: BASE's checksum line (taken while copying);
  *                                 `sum`: then DIFF's (taken before its pages are applied); then the lines of FILEs. Exit 3: DIFF is not a
  *                                 valid diff for BASE (header, sizes, bitmap)
  *   cocoon-sparse map FILE        one line per data range of FILE, "<start> <end>" (bytes,
@@ -579,19 +582,75 @@ static int write_all(int fd, const uint8_t *p, size_t n, uint64_t at) {
   return 0;
 }
 
+/* One thread's share of a diff's comparison: runs of candidate pages taken in turn. */
+typedef struct {
+  int base, mem;
+  const uint8_t *candidate;
+  uint8_t *bitmap;
+  uint64_t pages;
+  int error;             /* errno of a failed read (the first) */
+  const char *failed;    /* which file it was */
+  pthread_mutex_t lock;
+  uint64_t next;         /* the next page to look at */
+} compare_t;
+
+enum { BATCH = 256 }; /* pages read (and written) at once: 1 MiB */
+
+/* Marks in the bitmap every candidate page where MEM differs from BASE (pread: measured faster
+ * than faulting both files in through mappings, also with MADV_POPULATE_READ). */
+static void *compare_worker(void *arg) {
+  compare_t *c = arg;
+  uint8_t *was = malloc((size_t)BATCH * PAGE), *now = malloc((size_t)BATCH * PAGE);
+  if (!was || !now) {
+    pthread_mutex_lock(&c->lock);
+    if (!c->error) { c->error = ENOMEM; c->failed = "memory"; }
+    pthread_mutex_unlock(&c->lock);
+  }
+  for (;;) {
+    pthread_mutex_lock(&c->lock);
+    uint64_t i = c->next;
+    while (i < c->pages && !c->candidate[i]) i++;
+    uint64_t j = i;
+    while (j < c->pages && j - i < BATCH && c->candidate[j]) j++;
+    c->next = j;
+    const int stop = c->error != 0;
+    pthread_mutex_unlock(&c->lock);
+    if (stop || i >= c->pages) break;
+    const size_t bytes = (size_t)((j - i) * PAGE);
+    const char *failed = NULL;
+    if (read_all(c->base, was, bytes, i * PAGE) < 0) failed = "base";
+    else if (read_all(c->mem, now, bytes, i * PAGE) < 0) failed = "mem";
+    if (failed) {
+      pthread_mutex_lock(&c->lock);
+      if (!c->error) { c->error = errno ? errno : EIO; c->failed = failed; }
+      pthread_mutex_unlock(&c->lock);
+      break;
+    }
+    for (uint64_t k = i; k < j; k++)
+      if (memcmp(now + (k - i) * PAGE, was + (k - i) * PAGE, PAGE) != 0)
+        __atomic_fetch_or(&c->bitmap[k / 8], (uint8_t)(1u << (k % 8)), __ATOMIC_RELAXED);
+  }
+  free(was);
+  free(now);
+  return NULL;
+}
+
 /*
  * Only the pages in either file's data ranges are compared (a page that is a hole in both is
  * zeros in both); MEM's are found with SEEK_DATA (no writeback: a suspend's RAM file is still in
- * the page cache). A page that differs is in the diff even when it is zeros (the base has data
- * there).
+ * the page cache, or still QEMU's). A page that differs is in the diff even when it is zeros
+ * (the base has data there). The comparison runs on `threads` threads; the changed pages are
+ * then copied into OUT in order. With `wait`, everything that does not depend on MEM's content
+ * (the files opened, BASE's data found) is done first, then "ready" is printed and the diff
+ * starts on a byte on stdin: a suspend starts the helper before it pauses the VM.
  */
-static int diff_file(const char *base_file, const char *mem_file, const char *out_file, int sync) {
+static int diff_file(const char *base_file, const char *mem_file, const char *out_file, int sync, int wait, int threads) {
   int base = open(base_file, O_RDONLY | O_CLOEXEC);
   if (base < 0) return fail("cannot open", base_file);
   int mem = open(mem_file, O_RDONLY | O_CLOEXEC);
   if (mem < 0) { int r = fail("cannot open", mem_file); close(base); return r; }
   int r = 0, out = -1;
-  uint8_t *candidate = NULL, *bitmap = NULL, *buffer = NULL, *was = NULL, *now = NULL;
+  uint8_t *candidate = NULL, *bitmap = NULL, *buffer = NULL;
   struct stat bs, ms;
   if (fstat(base, &bs) < 0) { r = fail("cannot stat", base_file); goto done; }
   if (fstat(mem, &ms) < 0) { r = fail("cannot stat", mem_file); goto done; }
@@ -605,41 +664,38 @@ static int diff_file(const char *base_file, const char *mem_file, const char *ou
   const uint64_t bitmap_bytes = (pages + 7) / 8, data_at = PAGE + align_page(bitmap_bytes);
   candidate = calloc(pages, 1);
   bitmap = calloc(1, align_page(bitmap_bytes));
-  enum { BATCH = 256 }; /* pages read (and written) at once: 1 MiB */
   buffer = malloc((size_t)BATCH * PAGE);
-  was = malloc((size_t)BATCH * PAGE);
-  now = malloc((size_t)BATCH * PAGE);
-  if (!candidate || !bitmap || !buffer || !was || !now) { r = fail("out of memory for", mem_file); goto done; }
+  if (!candidate || !bitmap || !buffer) { r = fail("out of memory for", mem_file); goto done; }
   if (mark_ranges(base, size, candidate, 0) < 0) { r = fail("cannot find the data of", base_file); goto done; }
-  if (mark_ranges(mem, size, candidate, 1) < 0) { r = fail("cannot find the data of", mem_file); goto done; }
   out = open(out_file, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
   if (out < 0) { r = fail("cannot create", out_file); goto done; }
-  uint64_t n = 0;          /* pages in the diff so far */
-  unsigned batched = 0;    /* pages in `buffer`, the diff's pages n - batched .. n - 1 */
-  /* Runs of candidate pages are read with pread (measured: a third of the time of faulting
-   * both files in through mappings), up to BATCH pages at once. */
+  if (wait) {
+    char go;
+    if (printf("ready\n") < 0 || fflush(stdout) != 0) { r = 1; goto done; }
+    if (read(0, &go, 1) != 1) { fprintf(stderr, "cocoon-sparse: diff: no go on stdin\n"); r = 1; goto done; }
+  }
+  if (mark_ranges(mem, size, candidate, 1) < 0) { r = fail("cannot find the data of", mem_file); goto done; }
+  compare_t c = { .base = base, .mem = mem, .candidate = candidate, .bitmap = bitmap, .pages = pages };
+  pthread_mutex_init(&c.lock, NULL);
+  pthread_t ids[MAX_THREADS];
+  int started = 0;
+  for (int t = 1; t < threads && t < MAX_THREADS; t++) if (pthread_create(&ids[started], NULL, compare_worker, &c) == 0) started++;
+  compare_worker(&c);
+  for (int t = 0; t < started; t++) pthread_join(ids[t], NULL);
+  pthread_mutex_destroy(&c.lock);
+  if (c.error) { errno = c.error; r = fail("cannot read", c.failed && strcmp(c.failed, "base") == 0 ? base_file : mem_file); goto done; }
+  /* The changed pages, in order, packed after the header and bitmap. */
+  uint64_t n = 0;
   for (uint64_t i = 0; i < pages;) {
-    if (!candidate[i]) { i++; continue; }
+    if (!(bitmap[i / 8] >> (i % 8) & 1)) { i++; continue; }
     uint64_t j = i;
-    while (j < pages && j - i < BATCH && candidate[j]) j++;
+    while (j < pages && j - i < BATCH && (bitmap[j / 8] >> (j % 8) & 1)) j++;
     const size_t bytes = (size_t)((j - i) * PAGE);
-    if (read_all(base, was, bytes, i * PAGE) < 0) { r = fail("cannot read", base_file); goto done; }
-    if (read_all(mem, now, bytes, i * PAGE) < 0) { r = fail("cannot read", mem_file); goto done; }
-    for (uint64_t k = i; k < j; k++) {
-      const uint8_t *page = now + (k - i) * PAGE;
-      if (memcmp(page, was + (k - i) * PAGE, PAGE) == 0) continue;
-      bitmap[k / 8] |= (uint8_t)(1u << (k % 8));
-      memcpy(buffer + (size_t)batched * PAGE, page, PAGE);
-      batched++;
-      n++;
-      if (batched == BATCH) {
-        if (write_all(out, buffer, (size_t)batched * PAGE, data_at + (n - batched) * PAGE) < 0) { r = fail("cannot write", out_file); goto done; }
-        batched = 0;
-      }
-    }
+    if (read_all(mem, buffer, bytes, i * PAGE) < 0) { r = fail("cannot read", mem_file); goto done; }
+    if (write_all(out, buffer, bytes, data_at + n * PAGE) < 0) { r = fail("cannot write", out_file); goto done; }
+    n += j - i;
     i = j;
   }
-  if (batched && write_all(out, buffer, (size_t)batched * PAGE, data_at + (n - batched) * PAGE) < 0) { r = fail("cannot write", out_file); goto done; }
   uint8_t header[PAGE];
   memset(header, 0, PAGE);
   memcpy(header, DIFF_MAGIC, 8);
@@ -650,12 +706,14 @@ static int diff_file(const char *base_file, const char *mem_file, const char *ou
   put_le64(header + 32, bitmap_bytes);
   if (write_all(out, header, PAGE, 0) < 0 || write_all(out, bitmap, align_page(bitmap_bytes), PAGE) < 0) { r = fail("cannot write", out_file); goto done; }
   if (ftruncate(out, (off_t)(data_at + n * PAGE)) < 0) { r = fail("cannot size", out_file); goto done; }
-  if (sync && fdatasync(out) < 0) { r = fail("cannot sync", out_file); goto done; }
-  r = sum_fd(out, out_file, -1);
+  /* The checksum is taken from the page cache while the data is written back (both only read it). */
+  hasher_t hasher = { .fd = out, .file = out_file };
+  int hashing = pthread_create(&hasher.thread, NULL, hash_in_background, &hasher) == 0;
+  if (sync && fdatasync(out) < 0) r = fail("cannot sync", out_file);
+  if (hashing) { pthread_join(hasher.thread, NULL); if (r == 0) r = hasher.result; }
+  else if (r == 0) r = sum_fd(out, out_file, -1);
   if (r == 0) printf("%llu %llu\n", (unsigned long long)n, (unsigned long long)pages);
 done:
-  free(was);
-  free(now);
   free(candidate);
   free(bitmap);
   free(buffer);
@@ -671,7 +729,7 @@ static int invalid_diff(const char *file, const char *why) {
   return DIFF_INVALID;
 }
 
-static int undiff_file(const char *base_file, const char *diff_file_, const char *target, int reserve, int sumbase, int sum) {
+static int undiff_file(const char *base_file, const char *diff_file_, const char *target, int reserve, int sumbase, int sum, int into) {
   int fd = open(diff_file_, O_RDONLY | O_CLOEXEC);
   if (fd < 0) return fail("cannot open", diff_file_);
   struct stat ds, bs;
@@ -696,7 +754,7 @@ static int undiff_file(const char *base_file, const char *diff_file_, const char
   if (set != n || (pages % 8 && bitmap[bitmap_bytes - 1] >> (pages % 8))) { r = invalid_diff(diff_file_, "its bitmap does not match its page count"); goto done; }
   /* The base's data first (checksummed as it is copied with `sumbase`), then the diff's sum, taken
    * from the mapping its pages are then written from. */
-  r = copy_file(base_file, target, 0, sumbase, 0, 0);
+  r = copy_file(base_file, target, 0, sumbase, 0, into);
   if (r) goto done;
   if (sum && (r = sum_fd(fd, diff_file_, -1)) != 0) { unlink(target); goto done; }
   out = open(target, O_WRONLY | O_CLOEXEC);
@@ -765,26 +823,33 @@ int main(int argc, char **argv) {
     printf("done\n");
     return fflush(stdout) == 0 ? 0 : 1;
   }
-  if ((argc == 5 || argc == 6) && strcmp(argv[1], "diff") == 0) {
-    if (argc == 6 && strcmp(argv[5], "sync") != 0) { fprintf(stderr, "cocoon-sparse: unknown diff option %s\n", argv[5]); return 2; }
-    int r = diff_file(argv[2], argv[3], argv[4], argc == 6);
+  if (argc >= 5 && strcmp(argv[1], "diff") == 0) {
+    int sync = 0, wait = 0, threads = 1;
+    for (int i = 5; i < argc; i++) {
+      if (strcmp(argv[i], "sync") == 0) sync = 1;
+      else if (strcmp(argv[i], "wait") == 0) wait = 1;
+      else if (strncmp(argv[i], "threads=", 8) == 0 && atoi(argv[i] + 8) >= 1) threads = atoi(argv[i] + 8);
+      else { fprintf(stderr, "cocoon-sparse: unknown diff option %s\n", argv[i]); return 2; }
+    }
+    int r = diff_file(argv[2], argv[3], argv[4], sync, wait, threads);
     return r ? r : (fflush(stdout) == 0 ? 0 : 1);
   }
   if (argc >= 5 && strcmp(argv[1], "undiff") == 0) {
-    int reserve = 0, sumbase = 0, sum = 0, i = 5;
+    int reserve = 0, sumbase = 0, sum = 0, into = 0, i = 5;
     for (; i < argc && strcmp(argv[i], "--") != 0; i++) {
       if (strcmp(argv[i], "reserve") == 0) reserve = 1;
+      else if (strcmp(argv[i], "into") == 0) into = 1;
       else if (strcmp(argv[i], "sumbase") == 0) sumbase = 1;
       else if (strcmp(argv[i], "sum") == 0) sum = 1;
       else { fprintf(stderr, "cocoon-sparse: unknown undiff option %s\n", argv[i]); return 2; }
     }
-    int r = undiff_file(argv[2], argv[3], argv[4], reserve, sumbase, sum);
+    int r = undiff_file(argv[2], argv[3], argv[4], reserve, sumbase, sum, into);
     for (i++; r == 0 && i < argc; i++) r = sum_file(argv[i]);
     return r ? r : (fflush(stdout) == 0 ? 0 : 1);
   }
   if (argc == 3 && strcmp(argv[1], "alloc") == 0) return alloc_file(argv[2]);
   if (argc == 3 && strcmp(argv[1], "trim") == 0) return trim_file(argv[2]);
   if (argc == 3 && strcmp(argv[1], "map") == 0) return map_file(argv[2]);
-  fprintf(stderr, "usage: cocoon-sparse sum FILE... | copy SRC DST [reserve] [sum] [-- FILE...] | alloc FILE | trim FILE | map FILE | diff BASE MEM OUT [sync] | undiff BASE DIFF TARGET [reserve] [sumbase] [sum] [-- FILE...]\n");
+  fprintf(stderr, "usage: cocoon-sparse sum FILE... | copy SRC DST [reserve] [sum] [-- FILE...] | alloc FILE | trim FILE | map FILE | diff BASE MEM OUT [sync] [wait] [threads=N] | undiff BASE DIFF TARGET [reserve] [into] [sumbase] [sum] [-- FILE...]\n");
   return 2;
 }

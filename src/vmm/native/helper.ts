@@ -79,13 +79,14 @@ export async function runSparseHelper(args: string[], fds: number[] = []): Promi
 if (import.meta.main) console.log(await sparseHelper());
 
 /**
- * `cocoon-sparse snap`: a helper started ahead of a pause that copies `pairs` ([source, target])
- * when told to. Resolves once it is ready; `go()` starts the copies and resolves when they are
- * done (rejects as `runSparseHelper` does); `cancel()` ends it without copying.
+ * A helper run started ahead and held until told to go (`cocoon-sparse snap`, `diff … wait`): it
+ * prints "ready" once prepared, then waits for a byte on stdin. Resolves once it is ready;
+ * `go()` lets it run and resolves with its output after "ready" (rejects as `runSparseHelper`
+ * does); `cancel()` ends it without running.
  */
-export async function prepareSnapCopy(pairs: Array<[string, string]>): Promise<{ go: () => Promise<void>; cancel: () => void }> {
+export async function startHeldHelper(args: string[]): Promise<{ go: () => Promise<string>; cancel: () => void }> {
   const binary = await sparseHelper();
-  const child = spawn(binary, ['snap', ...pairs.flat()], { stdio: ['pipe', 'pipe', 'pipe'] });
+  const child = spawn(binary, args, { stdio: ['pipe', 'pipe', 'pipe'] });
   let out = '';
   const err: Buffer[] = [];
   child.stderr?.on('data', (chunk: Buffer) => err.push(chunk));
@@ -95,7 +96,7 @@ export async function prepareSnapCopy(pairs: Array<[string, string]>): Promise<{
     child.once('close', (status) => resolve(status));
   });
   const failure = (code: number | null) => {
-    const message = Buffer.concat(err).toString('utf8').trim() || `cocoon-sparse snap exited with ${code}`;
+    const message = Buffer.concat(err).toString('utf8').trim() || `cocoon-sparse ${args[0]} exited with ${code}`;
     return code === 28
       ? new CocoonError('no_space', `no space left on the data directory's disk: ${message}`, { status: 507 })
       : new CocoonError('sparse_helper_failed', message);
@@ -111,10 +112,26 @@ export async function prepareSnapCopy(pairs: Array<[string, string]>): Promise<{
     go: async () => {
       child.stdin?.end('g');
       const code = await exit;
-      if (code !== 0 || !out.includes('done\n')) throw failure(code);
+      if (code !== 0) throw failure(code);
+      return out.slice('ready\n'.length);
     },
     cancel: () => {
       child.kill('SIGKILL');
     },
+  };
+}
+
+/**
+ * `cocoon-sparse snap`: a helper started ahead of a pause that copies `pairs` ([source, target])
+ * when told to. Resolves once it is ready; `go()` starts the copies and resolves when they are
+ * done (rejects as `runSparseHelper` does); `cancel()` ends it without copying.
+ */
+export async function prepareSnapCopy(pairs: Array<[string, string]>): Promise<{ go: () => Promise<void>; cancel: () => void }> {
+  const held = await startHeldHelper(['snap', ...pairs.flat()]);
+  return {
+    go: async () => {
+      if (!(await held.go()).includes('done\n')) throw new CocoonError('sparse_helper_failed', 'cocoon-sparse snap ended without copying');
+    },
+    cancel: held.cancel,
   };
 }

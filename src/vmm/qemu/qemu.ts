@@ -24,14 +24,16 @@ import { loadDeviceState, saveDeviceState } from './migration.ts';
 import { type QemuLaunch, hostTscKhz, kernelCmdline, qemuArgs } from './qemu-args.ts';
 import { QmpClient } from './qmp.ts';
 import { assertPortFree, freeLoopbackPort } from '../../net/ports.ts';
-import { cloneRamFile, createEmptyRamFile, createRamFile, digHoles, releaseUnusedRam, reservesRam } from '../ram-file.ts';
+import { DISCARDED_RAM_NAME, cloneRamFile, createEmptyRamFile, createRamFile, digHoles, discardRamFile, releaseUnusedRam, reservesRam } from '../ram-file.ts';
 import { holdRam, releaseRam } from '../space-ledger.ts';
 import { isMemoryDiff, restoreMemoryDiff } from '../mem-diff.ts';
-import { findProcesses, killProcesses, processStats, processAlive, processCmdline, processStartTime, waitForProcessExit } from '../../host/processes.ts';
+import { type SnapshotMemory, startMemoryDiff } from '../snapshot-memory.ts';
+import { findProcesses, killProcesses, processStats, processAlive, processCmdline, processCwd, processStartTime, waitForProcessExit } from '../../host/processes.ts';
 import { type SandboxedProcess, type VmCgroup, type VmIdentity, grantLaunchAccess, launchIdentity, launchLimits, removeVmCgroup, startSandboxed } from '../launch-sandbox.ts';
 import { SerialLog, tailSerialLog } from './serial-log.ts';
 import { PhaseClock, type Phases } from '../phases.ts';
-import { restoreTuning } from './tuning.ts';
+import { restoreTuning, suspendTuning } from './tuning.ts';
+import { type PooledQemu, activeQemuPool } from './pool.ts';
 import { identityBeforeReading, isVerified, rememberVerified } from '../verified-files.ts';
 import { sealSnapshotFiles, snapshotFailure, takeBackSnapshotFiles } from '../snapshot-safety.ts';
 import { qemuDirOf } from './paths.ts';
@@ -41,6 +43,7 @@ import {
   assertDataChecksums,
   checkDataChecksum,
   dataChecksumKey,
+  kernelBootId,
   readPendingSnapshot,
   readSnapshotManifest,
   verifySnapshot,
@@ -74,19 +77,29 @@ export { restoreTuning };
 /** What every QEMU's command line has (`qemu-system-<arch>`), to find ours among the host's processes. */
 const QEMU_PROGRAM = 'qemu-system';
 
-/** PIDs of live QEMU processes whose command line mentions `marker` (a run directory). */
-export function findQemuProcesses(marker: string): number[] {
-  return findProcesses(QEMU_PROGRAM, marker);
+/**
+ * How a VM's QEMU is found: its command line mentions its run directory, or (started ahead by
+ * the pool, then placed: pool.ts) its working directory is in it. A pool's waiting processes
+ * are the pool's, not a VM's.
+ */
+function byCwd(): { byCwd: true; exceptCwd?: string } {
+  const pool = activeQemuPool();
+  return { byCwd: true, ...(pool ? { exceptCwd: pool.root + path.sep } : {}) };
 }
 
-/** SIGKILLs every QEMU mentioning `marker` (but those in `keep`) and waits until they are gone; answers their pids. */
+/** PIDs of live QEMU processes of `marker` (a run directory, or one above run directories). */
+export function findQemuProcesses(marker: string): number[] {
+  return findProcesses(QEMU_PROGRAM, marker, byCwd());
+}
+
+/** SIGKILLs every QEMU of `marker` (but those in `keep`) and waits until they are gone; answers their pids. */
 export function killQemuProcesses(marker: string, keep?: ReadonlySet<number>): Promise<number[]> {
-  return killProcesses(QEMU_PROGRAM, marker, keep);
+  return killProcesses(QEMU_PROGRAM, marker, keep, byCwd());
 }
 
 /** Removes a dead VM's files from its run directory (its RAM, disk layer and sockets), keeping the logs. */
 export async function clearRunFiles(runDir: string): Promise<void> {
-  const names = ['mem', 'disk.qcow2', LAUNCH_FILE, 'qemu.pid', 'qmp.sock', 'guest.sock', 'serial.sock', 'incoming.sock', 'migrate.sock'];
+  const names = ['mem', DISCARDED_RAM_NAME, 'disk.qcow2', LAUNCH_FILE, 'qemu.pid', 'qmp.sock', 'guest.sock', 'serial.sock', 'incoming.sock', 'migrate.sock'];
   await Promise.all(names.map((name) => fs.promises.rm(path.join(runDir, name), { force: true })));
 }
 
@@ -372,6 +385,40 @@ export class QemuVm implements Vm {
       await Promise.all([rememberVerified(memFile, memBefore, memKey), rememberVerified(snapshotDisk, diskBefore, diskKey)]);
       return 'ram_clone_checksums';
     };
+    const start = async (vm: QemuVm): Promise<void> => {
+      try {
+        await loadDeviceState(vm.qmp, path.join(qemuDirOf(options.runDir), 'incoming.sock'), stateFile);
+        clock.mark('device_state_load');
+      } catch (error) {
+        if (error instanceof CocoonError && error.code === 'snapshot_corrupt') throw error;
+        throw new CocoonError('snapshot_corrupt', `the snapshot in ${options.snapshotDir} cannot be restored: ${errorMessage(error)}`, {
+          status: 422,
+          cause: error,
+        });
+      }
+      await vm.qmp.execute('cont', {});
+      clock.mark('cont');
+      await vm.guest.restoreFromSnapshot(5000);
+      clock.mark('guest_clock_rng');
+    };
+    // A QEMU started ahead for this machine (pool.ts): its memory is filled in place, as below.
+    const pooled = restoreTuning.pool
+      ? activeQemuPool()?.take({ shape: manifest.shape, cmdline: manifest.cmdline, egress: options.network.egress ?? false, limits: launchLimits(manifest.shape, options.limits) })
+      : undefined;
+    if (pooled) {
+      validateShape(manifest.shape);
+      return QemuVm.launchPooled(pooled, options, disk, {
+        clock,
+        ...(manifest.guestProtocol !== undefined ? { guestProtocol: manifest.guestProtocol } : {}),
+        diskLayer,
+        fill: async () => {
+          if (!memoryDiff) return copyMemory(true);
+          await restoreMemoryDiff({ dir: options.snapshotDir, manifest, baseDir: options.memoryBase, target: ramPath, verify: Boolean(verify), alsoVerifyDisk: Boolean(verify), into: true });
+          return verify ? 'ram_from_diff_checksums' : 'ram_from_diff';
+        },
+        start,
+      });
+    }
     return QemuVm.launch(options, manifest.shape, manifest.cmdline, disk, ramPath, {
       clock,
       incoming: true,
@@ -390,22 +437,7 @@ export class QemuVm implements Vm {
         : {
             prepare: async () => `${(await Promise.all([memoryDiff ? memoryFromDiff() : copyMemory(false), diskLayer()]))[0]}_disk_layer`,
           }),
-      start: async (vm) => {
-        try {
-          await loadDeviceState(vm.qmp, path.join(qemuDirOf(options.runDir), 'incoming.sock'), stateFile);
-          clock.mark('device_state_load');
-        } catch (error) {
-          if (error instanceof CocoonError && error.code === 'snapshot_corrupt') throw error;
-          throw new CocoonError('snapshot_corrupt', `the snapshot in ${options.snapshotDir} cannot be restored: ${errorMessage(error)}`, {
-            status: 422,
-            cause: error,
-          });
-        }
-        await vm.qmp.execute('cont', {});
-        clock.mark('cont');
-        await vm.guest.restoreFromSnapshot(5000);
-        clock.mark('guest_clock_rng');
-      },
+      start,
     });
   }
 
@@ -436,7 +468,7 @@ export class QemuVm implements Vm {
     }
     const diskName = this.disk.format === 'qcow2' ? 'disk.qcow2' : 'disk.raw';
     const clock = new PhaseClock(options.phases);
-    const progress = { wasRunning: false, stopped: false, moved: [] as Array<{ from: string; to: string }>, killed: false, committed: false };
+    const progress = { wasRunning: false, stopped: false, moved: [] as Array<{ from: string; to: string }>, killed: false, committed: false, memory: undefined as SnapshotMemory | undefined };
     let manifest: SnapshotManifest;
     const handles: fs.promises.FileHandle[] = [];
     try {
@@ -451,16 +483,23 @@ export class QemuVm implements Vm {
       const relink = this.disk.format === 'qcow2' && (await wantedBackingName(this.disk.path, { finalDir: targetDir, formerDir: path.dirname(this.disk.path) })) !== undefined;
       // Those two end QEMU before the files are checksummed, so a failure later cannot give the VM back.
       const endFirst = Boolean(options.compact) || relink;
+      // A suspend's memory as a diff against its image's, made inside this commit from the RAM
+      // file (snapshot-memory.ts); the RAM file itself then never enters the snapshot.
+      const memory = options.memoryBase && !endFirst && suspendTuning.diffInCommit
+        ? await startMemoryDiff({ vm: this.id, baseDir: options.memoryBase, ramPath: this.ramPath, partial, memoryBytes: this.shape.memoryMiB * 1024 * 1024, durable })
+        : undefined;
+      progress.memory = memory;
       clock.mark('prepare');
       progress.stopped = true;
       await this.qmp.execute('stop', {});
       clock.mark('pause');
+      memory?.go();
       // With the vCPUs stopped (and the disk drained), guest RAM and disk do not change any
       // more: their checksums and fsyncs start now, on open files, while the device state is
       // saved and the files are renamed. (A compacted snapshot punches zeros out first.)
       let sealed: Promise<[DataChecksum[], unknown]> | undefined;
       if (!endFirst) {
-        for (const file of [this.ramPath, this.disk.path]) handles.push(await fs.promises.open(file, 'r'));
+        for (const file of memory ? [this.disk.path] : [this.ramPath, this.disk.path]) handles.push(await fs.promises.open(file, 'r'));
         sealed = sealData(handles, durable);
         sealed.catch(() => undefined); // awaited below unless something fails first
       }
@@ -470,6 +509,7 @@ export class QemuVm implements Vm {
       // process die, `recoverSnapshot` can complete the snapshot from what the pending record says.
       const pending: PendingSnapshot = {
         formatVersion: 1,
+        ...(kernelBootId() ? { bootId: kernelBootId() } : {}),
         runDir: this.runDir,
         ramPath: this.ramPath,
         diskPath: this.disk.path,
@@ -491,9 +531,9 @@ export class QemuVm implements Vm {
       clock.mark('pending_record');
       await options.onStateSaved?.();
       // Renaming the files does not disturb QEMU's open files and mapping.
-      const mem = path.join(partial, 'mem');
+      let mem = path.join(partial, 'mem');
       const disk = path.join(partial, diskName);
-      for (const [from, to] of [[this.ramPath, mem], [this.disk.path, disk]] as const) {
+      for (const [from, to] of memory ? [[this.disk.path, disk] as const] : ([[this.ramPath, mem], [this.disk.path, disk]] as const)) {
         await moveFile(from, to);
         progress.moved.push({ from, to });
       }
@@ -513,16 +553,20 @@ export class QemuVm implements Vm {
         for (const file of [mem, disk]) handles.push(await fs.promises.open(file, 'r'));
         sealed = sealData(handles, durable);
       }
+      // The diff (or, should it fail, the whole RAM file moved in, checksummed and synced).
+      const memEntry = memory ? await memory.finish(mem, (from, to) => progress.moved.push({ from, to })) : undefined;
+      if (memory) clock.mark('memory_diff');
       const [checksums] = await (sealed as Promise<[DataChecksum[], unknown]>);
       clock.mark('checksums_fsync');
+      if (memEntry) mem = path.join(partial, memEntry.name);
       await sealSnapshotFiles(this.runDir, { mem, disk });
       clock.mark('seal_files');
       manifest = {
         ...pending.manifest,
         files: {
           state: pending.manifest.files.state,
-          mem: { ...pending.manifest.files.mem, checksum: checksums[0] },
-          disk: { ...pending.manifest.files.disk, sizeBytes: (await fs.promises.stat(disk)).size, checksum: checksums[1] },
+          mem: memEntry ?? { ...pending.manifest.files.mem, checksum: checksums[0] },
+          disk: { ...pending.manifest.files.disk, sizeBytes: (await fs.promises.stat(disk)).size, checksum: checksums.at(-1) },
         },
       };
       await commitSnapshot(partial, targetDir, manifest, durable);
@@ -530,18 +574,25 @@ export class QemuVm implements Vm {
       if (durable) await fsyncDir(path.dirname(targetDir));
       clock.mark('commit');
     } catch (error) {
+      progress.memory?.cancel();
       throw await this.abandonSnapshot(error, partial, targetDir, progress);
     } finally {
       for (const handle of handles) await handle.close().catch(() => undefined);
     }
     await this.kill();
-    await fs.promises.rm(path.join(this.runDir, LAUNCH_FILE), { force: true });
+    clock.mark('process_kill');
+    // A RAM file the snapshot did not take (its memory is a diff) goes with the VM.
+    const ramLeft = manifest.files.mem.base !== undefined;
+    await Promise.all([
+      fs.promises.rm(path.join(this.runDir, LAUNCH_FILE), { force: true }),
+      ramLeft ? discardRamFile(this.ramPath) : undefined,
+    ]);
     clock.mark('process_end');
     // The RAM file's blocks that were reserved and never written go back to the filesystem, in
     // the background (the content does not change; restores read only written extents), and
     // after this returns: starting the helper takes the event loop a few milliseconds.
     // (A compacted snapshot gave them back already; a sparse RAM file never had any.)
-    if (!options.compact && reservesRam(this.shape.memoryMiB * 1024 * 1024)) setTimeout(() => {
+    if (!options.compact && !ramLeft && reservesRam(this.shape.memoryMiB * 1024 * 1024)) setTimeout(() => {
       releaseUnusedRam(path.join(targetDir, 'mem')).catch((error: unknown) =>
         log.debug({ vm: this.id, error: errorMessage(error) }, 'cannot give back the unused blocks of a snapshot\'s memory file'),
       );
@@ -603,7 +654,8 @@ export class QemuVm implements Vm {
     if (record.formatVersion !== 1 || record.id !== options.id || !processAlive(record.pid, record.startTime)) {
       throw new CocoonError('vm_gone', `QEMU of ${options.id} (pid ${record.pid}) is not running any more`);
     }
-    if (!processCmdline(record.pid).includes(options.runDir)) {
+    const cwd = processCwd(record.pid);
+    if (!processCmdline(record.pid).includes(options.runDir) && !(cwd !== undefined && cwd.startsWith(options.runDir + path.sep))) {
       throw new CocoonError('vm_gone', `pid ${record.pid} is not the QEMU of ${options.id}`);
     }
     if (record.guestProtocol !== undefined) checkGuestProtocol(record.guestProtocol, `the guest of ${options.id}`);
@@ -670,6 +722,11 @@ export class QemuVm implements Vm {
       return 'none';
     }
     await killQemuProcesses(pending.runDir);
+    // After a reboot the RAM file's unsynced pages may be old ones: nothing to complete from.
+    if (pending.bootId !== undefined && pending.bootId !== kernelBootId()) {
+      await fs.promises.rm(partial, { recursive: true, force: true });
+      return 'none';
+    }
     const stateFile = path.join(partial, pending.manifest.files.state.name);
     const stateOk = fs.existsSync(stateFile) && fs.statSync(stateFile).size === pending.manifest.files.state.sizeBytes;
     const memThere = fs.existsSync(pending.ramPath) || fs.existsSync(path.join(partial, pending.manifest.files.mem.name));
@@ -721,6 +778,114 @@ export class QemuVm implements Vm {
   /** The last lines of the serial console, for error messages and logs. */
   serialTail(lines = 30): string {
     return tailSerialLog(this.serialLogPath, lines);
+  }
+
+  /**
+   * A restore into a QEMU the pool started ahead (pool.ts): its files are placed into the run
+   * directory, its memory filled (`fill`) while the disk layer is made and attached and the
+   * ports forwarded, then `start` as for any restore. A failure kills it and removes what was
+   * made, as `launch` does.
+   */
+  private static async launchPooled(
+    pooled: PooledQemu,
+    options: CommonVmOptions,
+    disk: DiskSpec,
+    steps: { clock: PhaseClock; guestProtocol?: number; diskLayer: () => Promise<void>; fill: () => Promise<string>; start: (vm: QemuVm) => Promise<void> },
+  ): Promise<QemuVm> {
+    const { clock } = steps;
+    const { shape, cmdline } = pooled.key;
+    const ramPath = path.join(options.runDir, 'mem');
+    const qemuDir = qemuDirOf(options.runDir);
+    const sockets = {
+      qmp: path.join(qemuDir, 'qmp.sock'),
+      guest: path.join(qemuDir, 'guest.sock'),
+      serial: path.join(qemuDir, 'serial.sock'),
+      agent: path.join(qemuDir, 'agent.sock'),
+    };
+    let filling: Promise<string> | undefined;
+    let serial: SerialLog | undefined;
+    let vm: QemuVm | undefined;
+    const runDirExisted = fs.existsSync(options.runDir);
+    try {
+      validateId(options.id);
+      for (const socket of [...Object.values(sockets), path.join(qemuDir, 'incoming.sock'), path.join(qemuDir, 'migrate.sock')]) {
+        if (Buffer.byteLength(socket) > MAX_SOCKET_PATH) {
+          throw new CocoonError('path_too_long', `run directory ${options.runDir} is too long for unix sockets; use a shorter data directory`);
+        }
+      }
+      await fs.promises.mkdir(options.runDir, { recursive: true, mode: 0o700 }).catch((error: unknown) => {
+        throw noSpaceError(error, options.id) ?? error;
+      });
+      pooled.place(options.runDir);
+      clock.mark('pool_place');
+      // The layer first: a small write, slowed much by the memory copy beside it.
+      await steps.diskLayer();
+      clock.mark('disk_layer');
+      filling = steps.fill();
+      filling.catch(() => undefined); // awaited below, or settled in the clean-up
+      // The ports and the disk side by side (QMP answers one command after the other).
+      const forwarding = resolveForwards(options.network.forwards).then(async (resolved) => {
+        await pooled.forward(resolved);
+        return resolved;
+      });
+      forwarding.catch(() => undefined);
+      await grantLaunchAccess(pooled.identity, { runDir: options.runDir, processDir: qemuDir, ramPath, disk, openedFiles: [] }, { egress: pooled.key.egress });
+      clock.mark('disk_grant');
+      await pooled.attachDisk(disk);
+      clock.mark('disk_attach');
+      const forwards = await forwarding;
+      const { child, exit, cgroup } = pooled.process;
+      await writeLaunchRecord(options.runDir, {
+        formatVersion: 1,
+        id: options.id,
+        pid: pooled.pid,
+        startTime: processStartTime(pooled.pid),
+        shape,
+        cmdline,
+        disk,
+        ramPath,
+        forwards,
+        sockets,
+        cgroup,
+        ...(steps.guestProtocol !== undefined ? { guestProtocol: steps.guestProtocol } : {}),
+        portBacklog: pooled.portBacklog,
+      });
+      clock.mark('forwards_record');
+      serial = new SerialLog(path.join(options.runDir, 'serial.log'), options.serialLogMaxBytes);
+      serial.attachSocket(pooled.serialSocket);
+      const launch = { shape, cmdline, disk, ram: { path: ramPath, share: true }, forwards, sockets };
+      const proc: VmProcess = { pid: pooled.pid, exit, hold: () => child.ref() };
+      vm = new QemuVm({ launch, options, proc, qmp: pooled.qmp, guest: pooled.guest, serial, portBacklog: pooled.portBacklog });
+      vm.guestProtocol = steps.guestProtocol;
+      vm.startPhases = clock.phases;
+      clock.mark(`${await filling}_wait`);
+      await Promise.race([
+        steps.start(vm),
+        exit.then(() => {
+          throw qemuStartError(options.runDir, { forwards, incoming: true }, vm);
+        }),
+      ]);
+      log.info({ vm: options.id, pid: pooled.pid, accel: shape.accel, restore: true, pooled: true }, 'vm started');
+      fsyncFile(ramPath).catch(() => undefined);
+      return vm;
+    } catch (caught) {
+      let error = caught;
+      if (await exitedWithin(pooled.process.exit, vm ? 500 : 0)) {
+        if (pooled.process.child.signalCode) error = qemuKilledError(options.id, pooled.process.child.signalCode, true);
+        else if (!isCocoonError(error, 'snapshot_corrupt')) error = qemuStartError(options.runDir, { forwards: [], incoming: true }, vm);
+      }
+      error = noSpaceError(error, options.id) ?? error;
+      if (vm) await vm.kill();
+      else {
+        serial?.close();
+        await pooled.discard();
+      }
+      await filling?.catch(() => undefined);
+      if (runDirExisted) await removeLaunchFiles(options.runDir, disk, ramPath);
+      else await fs.promises.rm(options.runDir, { recursive: true, force: true });
+      releaseRam(ramPath);
+      throw error;
+    }
   }
 
   /** Shared by boot and restore: start QEMU, connect its channels, run `start`, clean up on failure. */
@@ -793,7 +958,7 @@ export class QemuVm implements Vm {
       filling?.catch(() => undefined); // awaited below, or settled in the clean-up
       // (The VM's cgroup is made as the process starts: startSandboxed.)
       const shim = setting('COCOON_QEMU_LISTEN_SHIM') ? await listenShim() : undefined;
-      started = startQemu(options.id, launch, options.runDir, identity, launchLimits(shape, options.limits), shim);
+      started = startQemu(options.id, launch, options.runDir, identity, launchLimits(shape, options.limits), undefined, shim);
       clock.mark('process_spawn');
       const { child, exit, cgroup } = started;
       const launched = launch;
@@ -936,14 +1101,15 @@ async function resolveForwards(forwards: PortForward[]): Promise<Required<PortFo
  * Starts QEMU in the VM's cgroup as its identity (launch-sandbox.ts `startSandboxed`), its
  * stdout and stderr to `qemu.log` in the run directory.
  */
-function startQemu(
+export function startQemu(
   id: string,
   launch: QemuLaunch,
   runDir: string,
   identity: VmIdentity | undefined,
   limits: Required<VmLimits>,
+  cwd?: string,
   /** native/listen-shim.ts: forwarded ports listen with a real backlog (undefined: libslirp's 1). */
-  listenShim: string | undefined,
+  listenShim?: string,
 ): SandboxedProcess {
   const logFd = fs.openSync(path.join(runDir, 'qemu.log'), 'w', 0o600);
   const guestFds: number[] = [];
@@ -960,7 +1126,16 @@ function startQemu(
         preload = '/dev/fd/5';
       }
     }
-    return startSandboxed({ id, argv: [QEMU_BINARY, ...args], identity, limits, logFd, fds: guestFds, ...(preload !== undefined ? { env: { LD_PRELOAD: preload } } : {}) });
+    return startSandboxed({
+      id,
+      argv: [QEMU_BINARY, ...args],
+      identity,
+      limits,
+      logFd,
+      fds: guestFds,
+      ...(cwd ? { cwd } : {}),
+      ...(preload !== undefined ? { env: { LD_PRELOAD: preload } } : {}),
+    });
   } finally {
     fs.closeSync(logFd);
     for (const fd of guestFds) fs.closeSync(fd);

@@ -7,5 +7,18 @@
  *   off: one step after the other.
  * - `layerTemplate`: disk layers are written from a template (layer-template.ts); off: one
  *   `qemu-img create` each.
+ * - `pool`: a restore takes a QEMU started ahead from the open pool (pool.ts) when one of its
+ *   machine waits there; off: it always starts its own.
  */
-export const restoreTuning = { overlap: true, layerTemplate: true };
+export const restoreTuning = { overlap: true, layerTemplate: true, pool: true };
+
+/**
+ * How a snapshot given `memoryBase` (a suspend) keeps its memory (issue 12), as a switch so that
+ * the vm benchmark can measure the old way beside the new one in one run (`vm.suspend_*`).
+ *
+ * - `diffInCommit`: the memory diff against the base is made inside the snapshot's commit,
+ *   straight from the paused VM's RAM file while the device state is saved; only the diff is
+ *   written and synced (mem-diff.ts `prepareMemoryDiff`). Off: the whole RAM file is
+ *   checksummed, synced and committed, and the caller diffs it afterwards (`diffSnapshotMemory`).
+ */
+export const suspendTuning = { diffInCommit: true };
