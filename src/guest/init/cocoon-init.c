@@ -577,7 +577,7 @@ static void begin_shutdown(long grace_ms) {
 
 /*
  * The legacy PIT (i8254), when the kernel does not use it: a kernel with a TSC-deadline local
- * APIC timer never programs it (Linux before 6.13 does not stop it either), so it stays in its
+ * APIC timer never programs it (and the guest's 6.1 kernel does not stop it), so it stays in its
  * reset state, mode 3 with the longest count, and the VMM's emulation raises its (masked) IRQ 0
  * on every edge: ~36 host timer wakeups a second in every idle microVM, forever. Stopped the way
  * Linux's clockevent_i8253_disable does (mode 0, count 0, the mode written last). Only when no
