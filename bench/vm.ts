@@ -13,7 +13,8 @@ import os from 'node:os';
 import path from 'node:path';
 import { loadGuestArtifacts } from '../src/guest/artifacts.ts';
 import { chooseAccelerator, parseAcceleratorChoice } from '../src/vmm/qemu/accel.ts';
-import { QemuVm, restoreTuning } from '../src/vmm/qemu/qemu.ts';
+import { QemuVm, restoreTuning, startQemu } from '../src/vmm/qemu/qemu.ts';
+import { closeQemuPool, openQemuPool } from '../src/vmm/qemu/pool.ts';
 import { suspendTuning } from '../src/vmm/qemu/tuning.ts';
 import { diffSnapshotMemory } from '../src/vmm/mem-diff.ts';
 import { releaseUnusedRam } from '../src/vmm/ram-file.ts';
@@ -92,17 +93,33 @@ export async function runVmBench(options: { runs?: number; accel?: Accelerator; 
     await base.snapshot(baseSnapshot, { compact: true });
     running.delete(base);
 
-    // Each restore and resume is measured both ways, interleaved (issue 12): as the driver does
-    // it (QEMU started while the memory is copied, disk layers from a template) and one step
-    // after the other with a qemu-img per layer, as before (src/vmm/qemu/tuning.ts).
+    // Each restore and resume is measured three ways, interleaved (issue 12): as the driver does
+    // it (a QEMU started ahead taken from the pool: src/vmm/qemu/pool.ts; the memory copied into
+    // it), the same without the pool (QEMU started while the memory is copied, disk layers from
+    // a template), and one step after the other with a qemu-img per layer, as before
+    // (src/vmm/qemu/tuning.ts).
+    await openQemuPool(path.join(dir, 'vm-pool'), startQemu, 2);
     const variants = [
-      { name: 'overlap', overlap: true, restore: [] as number[], resume: [] as number[], restorePhases: new PhaseSamples(), resumePhases: new PhaseSamples() },
-      { name: 'sequential', overlap: false, restore: [] as number[], resume: [] as number[], restorePhases: new PhaseSamples(), resumePhases: new PhaseSamples() },
+      { name: 'pool', pool: true, overlap: true, restore: [] as number[], resume: [] as number[], restorePhases: new PhaseSamples(), resumePhases: new PhaseSamples() },
+      { name: 'nopool', pool: false, overlap: true, restore: [] as number[], resume: [] as number[], restorePhases: new PhaseSamples(), resumePhases: new PhaseSamples() },
+      { name: 'sequential', pool: false, overlap: false, restore: [] as number[], resume: [] as number[], restorePhases: new PhaseSamples(), resumePhases: new PhaseSamples() },
     ];
+    const use = (variant: { pool: boolean; overlap: boolean }) => {
+      restoreTuning.overlap = restoreTuning.layerTemplate = variant.overlap;
+      restoreTuning.pool = variant.pool;
+    };
+    const asTheDriverDoes = { pool: true, overlap: true };
+    // The pool refills in the background after a take: each measurement starts once it has.
+    const settle = () => new Promise((resolve) => setTimeout(resolve, 400));
     const inTurn = (i: number) => (i % 2 === 0 ? variants : [...variants].reverse());
+    // The pool learns a machine from a restore of it: one first, not measured.
+    const teach = track(await restore('teach-pool', baseSnapshot));
+    await teach.destroy();
+    running.delete(teach);
     for (let i = 0; i < runs; i++) {
       for (const variant of inTurn(i)) {
-        restoreTuning.overlap = restoreTuning.layerTemplate = variant.overlap;
+        use(variant);
+        await settle();
         const start = performance.now();
         const vm = track(await restore(`r1-${i}-${variant.name}`, baseSnapshot));
         await firstByte(vm);
@@ -112,7 +129,7 @@ export async function runVmBench(options: { runs?: number; accel?: Accelerator; 
         running.delete(vm);
       }
     }
-    restoreTuning.overlap = restoreTuning.layerTemplate = true;
+    use(asTheDriverDoes);
     for (const v of variants) say(`restore, one clone (${v.name}): p50 ${summarize(v.restore).p50} ms (${v.restorePhases.line()})`);
 
     const restoreEight: number[] = [];
@@ -177,13 +194,14 @@ export async function runVmBench(options: { runs?: number; accel?: Accelerator; 
           wholeThenDiffPhases.add({ ...phases, memory_diff_after: diffMs.at(-1)! });
         }
         diffMiB.push(allocatedIn(suspended) / MiB);
-        restoreTuning.overlap = restoreTuning.layerTemplate = variant.overlap;
+        use(variant);
+        await settle();
         const resumeStart = performance.now();
         vm = track(await restore(`cycle-${++cycle}`, suspended, baseSnapshot));
         await firstByte(vm);
         variant.resume.push(elapsedMs(resumeStart));
         variant.resumePhases.add(vm.startPhases, variant.resume.at(-1));
-        restoreTuning.overlap = restoreTuning.layerTemplate = true;
+        use(asTheDriverDoes);
       }
     }
     await vm.destroy();
@@ -193,7 +211,7 @@ export async function runVmBench(options: { runs?: number; accel?: Accelerator; 
     for (const v of variants) say(`resume (${v.name}) p50 ${summarize(v.resume).p50} ms (${v.resumePhases.line()})`);
     say(`suspended on disk beyond the image: p50 ${summarize(diffMiB, 'MiB').p50} MiB with a memory diff, ${summarize(wholeMiB, 'MiB').p50} MiB with whole memory`);
 
-    const [overlap, sequential] = variants as [(typeof variants)[number], (typeof variants)[number]];
+    const [overlap, nopool, sequential] = variants as [(typeof variants)[number], (typeof variants)[number], (typeof variants)[number]];
     // The 32 GiB / 16 vCPU shape, its wake beside the 256 MiB one above (bench/vm-big.ts).
     const big = await runBigVmBench({ dir, rootDisk, accel, guest, runs: Math.min(runs, 5), smallWake: summarize(overlap.resume), firstByte, say });
 
@@ -213,18 +231,23 @@ export async function runVmBench(options: { runs?: number; accel?: Accelerator; 
       'vm.suspended_disk_mib': summarize(diffMiB, 'MiB'),
       'vm.suspended_disk_whole_memory_mib': summarize(wholeMiB, 'MiB'),
       'vm.restore_speedup_ratio': single(coldSummary.p50 / restoreSummary.p50, 'ratio'),
+      'vm.restore_first_byte_nopool_ms': summarize(nopool.restore),
+      'vm.resume_first_byte_nopool_ms': summarize(nopool.resume),
       'vm.restore_first_byte_sequential_ms': summarize(sequential.restore),
       'vm.resume_first_byte_sequential_ms': summarize(sequential.resume),
       ...overlap.restorePhases.metrics('vm.restore_phase'),
       ...suspendPhases.metrics('vm.suspend_phase'),
       ...wholeThenDiffPhases.metrics('vm.suspend_whole_then_diff_phase'),
       ...overlap.resumePhases.metrics('vm.resume_phase'),
+      ...nopool.restorePhases.metrics('vm.restore_nopool_phase'),
+      ...nopool.resumePhases.metrics('vm.resume_nopool_phase'),
       ...sequential.restorePhases.metrics('vm.restore_sequential_phase'),
       ...sequential.resumePhases.metrics('vm.resume_sequential_phase'),
     };
   } finally {
-    restoreTuning.overlap = restoreTuning.layerTemplate = true;
+    restoreTuning.overlap = restoreTuning.layerTemplate = restoreTuning.pool = true;
     suspendTuning.diffInCommit = true;
+    await closeQemuPool().catch(() => undefined);
     for (const vm of running) await vm.destroy().catch(() => undefined);
     fs.rmSync(dir, { recursive: true, force: true });
   }

@@ -317,6 +317,11 @@ export const SETTINGS = define({
     meaning: 'Guest RAM files up to this size have all their blocks reserved on the data directory\'s disk (a disk filled by anything cannot crash such a guest); bigger ones stay sparse (disk follows what the guest touches) and are protected by the space ledger and the space watch (docs/reliability.md).',
     parse: integer(2048, 0, 32768),
   },
+  COCOON_QEMU_POOL: {
+    group: 'vmm', default: '`2`', values: '`0` to `16`',
+    meaning: 'QEMU processes started ahead and kept waiting for a restore (src/vmm/qemu/pool.ts): a restore or resume of a machine shape restored before takes one instead of starting QEMU. Refilled in the background, one at a time; `0` turns the pool off.',
+    parse: integer(2, 0, 16),
+  },
   COCOON_VM_CGROUPS: {
     group: 'vmm', default: '`1`', values: '`1`, `0`',
     meaning: 'Per-VM cgroups (CPU, memory, pids limits); `0` turns them off.',

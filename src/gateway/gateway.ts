@@ -31,7 +31,7 @@ import { isShellPath, subprotocolToken, type ShellHandler } from './shell.ts';
 import type { GatewaySurface } from './surfaces.ts';
 import { DEFAULT_GATEWAY_DOMAIN, normalizeDomain, parsePortHeader, resolveMicroVM } from './routing.ts';
 import { isPromiseLike, portIsAllowed, type MicroVMDirectory, type MicroVMRoute, type TokenFailureReason, type TokenVerification, type TokenVerifier } from './types.ts';
-import { forwardAndSettle, NodeUpstreamClient, UndiciUpstreamClient, type UpstreamClient } from './upstream.ts';
+import { forwardAndSettle, NodeUpstreamClient, UndiciUpstreamClient, type UpstreamClient, type UpstreamClientOptions } from './upstream.ts';
 import { WakeCoalescer } from './wake.ts';
 import { proxyWebSocket, rawResponse } from './websocket.ts';
 
@@ -80,6 +80,8 @@ export interface GatewayOptions {
   upstreamBodyTimeoutMs?: number;
   /** Idle pooled guest connections close after this. Default 4 s (guests often use 5 s). */
   upstreamKeepAliveTimeoutMs?: number;
+  /** How new guest connections are opened (upstream.ts guestConnector); benchmarks compare. */
+  guestConnect?: UpstreamClientOptions['guestConnect'];
 }
 
 export interface GatewayStats {
@@ -180,6 +182,7 @@ export function createGateway(options: GatewayOptions): Gateway {
     headersTimeoutMs: upstreamHeadersTimeoutMs,
     bodyTimeoutMs: options.upstreamBodyTimeoutMs ?? 300_000,
     keepAliveTimeoutMs: options.upstreamKeepAliveTimeoutMs ?? 4_000,
+    ...(options.guestConnect ? { guestConnect: options.guestConnect } : {}),
   };
   const upstream: UpstreamClient =
     options.upstreamClient === 'node' ? new NodeUpstreamClient(upstreamOptions) : new UndiciUpstreamClient(upstreamOptions);

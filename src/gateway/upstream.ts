@@ -95,6 +95,8 @@ export interface UpstreamClientOptions {
   bodyTimeoutMs: number;
   /** Idle pooled connections are closed after this long (guests often close at 5 s). */
   keepAliveTimeoutMs: number;
+  /** How new guest connections are opened (guestConnector's options); undici client only. */
+  guestConnect?: { pendingPerUpstream?: number; pendingHoldMs?: number };
 }
 
 const TIMEOUT_CODES = new Set(['UND_ERR_HEADERS_TIMEOUT', 'UND_ERR_BODY_TIMEOUT', 'UND_ERR_CONNECT_TIMEOUT', 'ETIMEDOUT']);
@@ -128,6 +130,9 @@ class ForwardHandler implements Dispatcher.DispatchHandler {
   readonly #reject: (e: UpstreamFailure) => void;
   #controller: Dispatcher.DispatchController | undefined;
   #settled = false;
+  readonly #gone = new AbortController();
+  /** Aborts when the client goes away before the exchange is complete (guestConnector drops its queued connect). */
+  readonly gone = this.#gone.signal;
 
   constructor(res: ServerResponse, resolve: () => void, reject: (e: UpstreamFailure) => void) {
     this.#res = res;
@@ -138,6 +143,7 @@ class ForwardHandler implements Dispatcher.DispatchHandler {
       if (!this.#settled && !res.writableFinished) {
         this.#fail(new UpstreamFailure('the client closed the connection', 'client_gone', res.headersSent));
         this.#controller?.abort(new Error('the client closed the connection'));
+        this.#gone.abort();
       }
     });
   }
@@ -202,25 +208,50 @@ export type GuestConnectorOptions = buildConnector.BuildOptions & {
  * was fine but some requests stalled for minutes; 2 pending gave direct's throughput with no
  * stall over 0.3 s.
  */
-export function guestConnector(options: GuestConnectorOptions): buildConnector.connector {
+export type GuestConnector = buildConnector.connector & {
+  /**
+   * Runs `dispatch` (an undici dispatch) with `signal` as the owner of any new connection the
+   * dispatch asks for: a connect still queued when `signal` aborts (the request's client went
+   * away) is dropped, never opened. undici asks for a connection synchronously inside
+   * `dispatch` (a bodiless request on a Pool with one request per connection), so the owner is
+   * exact; a connect asked for later (outside any `forRequest`) has no owner and is opened.
+   */
+  forRequest<T>(signal: AbortSignal, dispatch: () => T): T;
+};
+
+/** The error a dropped connect answers undici with (its request is gone already). */
+function abandoned(): Error {
+  return Object.assign(new Error('the request that asked for this connection was abandoned'), { code: 'UND_ERR_ABORTED' });
+}
+
+export function guestConnector(options: GuestConnectorOptions): GuestConnector {
   const { pendingPerUpstream = 2, pendingHoldMs = 500, ...connectOptions } = options;
   const connect = buildConnector(connectOptions);
-  const upstreams = new Map<string, { pending: number; waiting: (() => void)[] }>();
-  return (opts, callback) => {
+  const upstreams = new Map<string, { pending: number; waiting: Set<() => void> }>();
+  let owner: AbortSignal | undefined;
+  const connector: buildConnector.connector = (opts, callback) => {
+    const answer = callback as (...a: [null, import('node:net').Socket] | [Error, null] | [Error]) => void;
+    const signal = owner;
+    if (signal?.aborted) return answer(abandoned());
     const key = `${opts.hostname}:${opts.port}`;
     let upstream = upstreams.get(key);
-    if (!upstream) upstreams.set(key, (upstream = { pending: 0, waiting: [] }));
+    if (!upstream) upstreams.set(key, (upstream = { pending: 0, waiting: new Set() }));
     const u = upstream;
+    const next = (): void => {
+      const first = u.waiting.values().next();
+      if (!first.done) first.value();
+      else if (u.pending === 0) upstreams.delete(key);
+    };
     const open = (): void => {
+      u.waiting.delete(open);
+      signal?.removeEventListener('abort', drop);
       u.pending++;
       let released = false;
       const release = (): void => {
         if (released) return;
         released = true;
         u.pending--;
-        const next = u.waiting.shift();
-        if (next) next();
-        else if (u.pending === 0) upstreams.delete(key);
+        next();
       };
       connect(opts, (...args: [null, import('node:net').Socket] | [Error, null] | [Error]) => {
         // A failed connect answers (error) alone: no socket argument at all.
@@ -232,21 +263,43 @@ export function guestConnector(options: GuestConnectorOptions): buildConnector.c
           socket.once('close', release);
           setTimeout(release, pendingHoldMs).unref();
         }
-        (callback as (...a: typeof args) => void)(...args);
+        answer(...args);
       });
     };
+    // Its request went away while it waited: it leaves the queue at once and takes no slot.
+    const drop = (): void => {
+      if (!u.waiting.delete(open)) return;
+      if (u.waiting.size === 0 && u.pending === 0) upstreams.delete(key);
+      answer(abandoned());
+    };
     if (u.pending < pendingPerUpstream) open();
-    else u.waiting.push(open);
+    else {
+      u.waiting.add(open);
+      signal?.addEventListener('abort', drop, { once: true });
+    }
   };
+  return Object.assign(connector, {
+    forRequest<T>(signal: AbortSignal, dispatch: () => T): T {
+      const outer = owner;
+      owner = signal;
+      try {
+        return dispatch();
+      } finally {
+        owner = outer;
+      }
+    },
+  });
 }
 
 /** undici Agent: one keep-alive Pool per upstream origin. */
 export class UndiciUpstreamClient implements UpstreamClient {
   readonly #agent: Agent;
+  readonly #connector: GuestConnector;
   readonly #o: UpstreamClientOptions;
 
   constructor(options: UpstreamClientOptions) {
     this.#o = options;
+    this.#connector = guestConnector({ ...options.guestConnect, timeout: options.connectTimeoutMs });
     this.#agent = new Agent({
       connections: options.connectionsPerUpstream,
       pipelining: 1,
@@ -254,7 +307,7 @@ export class UndiciUpstreamClient implements UpstreamClient {
       keepAliveMaxTimeout: options.keepAliveTimeoutMs,
       headersTimeout: options.headersTimeoutMs,
       bodyTimeout: options.bodyTimeoutMs,
-      connect: guestConnector({ timeout: options.connectTimeoutMs }),
+      connect: this.#connector,
     });
   }
 
@@ -278,7 +331,7 @@ export class UndiciUpstreamClient implements UpstreamClient {
     return new Promise<void>((resolve, reject) => {
       const handler = new ForwardHandler(r.res, resolve, reject);
       try {
-        this.#agent.dispatch(
+        this.#connector.forRequest(handler.gone, () => this.#agent.dispatch(
           {
             origin: `http://${hostForUrl(r.host)}:${r.port}`,
             path: r.path,
@@ -289,7 +342,7 @@ export class UndiciUpstreamClient implements UpstreamClient {
             bodyTimeout: this.#o.bodyTimeoutMs,
           },
           handler,
-        );
+        ));
       } catch (error) {
         reject(classify(error, r.res));
       }

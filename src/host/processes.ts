@@ -39,13 +39,39 @@ export function processCmdline(pid: number): string {
   }
 }
 
-/** PIDs of live processes whose command line mentions both `program` and `marker` (a run directory). */
-export function findProcesses(program: string, marker: string): number[] {
+/** The working directory of `pid` (it follows renames of the directory), or undefined when unreadable. */
+export function processCwd(pid: number): string | undefined {
+  try {
+    return fs.readlinkSync(`/proc/${pid}/cwd`);
+  } catch {
+    return undefined;
+  }
+}
+
+/** Whether `file` is `dir` or below it. */
+function isAtOrUnder(file: string, dir: string): boolean {
+  const base = dir.endsWith('/') && dir.length > 1 ? dir.slice(0, -1) : dir;
+  return file === base || file.startsWith(`${base}/`);
+}
+
+/**
+ * PIDs of live processes whose command line mentions both `program` and `marker` (a run
+ * directory). `byCwd`: also those of `program` whose working directory is at or below `marker`
+ * (a VM process started ahead with relative paths, then given its run directory by a rename:
+ * src/vmm/qemu/pool.ts), except where that directory's path contains `exceptCwd`.
+ */
+export function findProcesses(program: string, marker: string, options: { byCwd?: boolean; exceptCwd?: string } = {}): number[] {
   const pids: number[] = [];
   for (const entry of fs.readdirSync('/proc')) {
     if (!/^\d+$/.test(entry)) continue;
     const cmdline = processCmdline(Number(entry));
-    if (cmdline.includes(program) && cmdline.includes(marker) && processAlive(Number(entry))) pids.push(Number(entry));
+    if (!cmdline.includes(program)) continue;
+    let matches = cmdline.includes(marker);
+    if (!matches && options.byCwd) {
+      const cwd = processCwd(Number(entry));
+      matches = cwd !== undefined && isAtOrUnder(cwd, marker) && !(options.exceptCwd && cwd.includes(options.exceptCwd));
+    }
+    if (matches && processAlive(Number(entry))) pids.push(Number(entry));
   }
   return pids;
 }
@@ -64,8 +90,13 @@ export function waitForProcessExit(pid: number, startTime: number | undefined, o
 }
 
 /** SIGKILLs every process `findProcesses` finds (but those in `keep`) and waits until they are gone; answers their pids. */
-export async function killProcesses(program: string, marker: string, keep?: ReadonlySet<number>): Promise<number[]> {
-  const pids = findProcesses(program, marker).filter((pid) => !keep?.has(pid));
+export async function killProcesses(
+  program: string,
+  marker: string,
+  keep?: ReadonlySet<number>,
+  options: { byCwd?: boolean; exceptCwd?: string } = {},
+): Promise<number[]> {
+  const pids = findProcesses(program, marker, options).filter((pid) => !keep?.has(pid));
   for (const pid of pids) {
     try {
       process.kill(pid, 'SIGKILL');

@@ -97,7 +97,9 @@ export async function ensureVmAccount(name: string): Promise<{ uid: number; gid:
 /**
  * The identity the process of the VM in `runDir` runs as, or undefined when it keeps the
  * daemon's user. The uid is derived from the run directory's inode (and device): distinct for every run
- * directory that exists at the same time on one filesystem, and stable for the VM's life.
+ * directory that exists at the same time on one filesystem, and stable for the VM's life. A
+ * process started ahead of its VM (src/vmm/qemu/pool.ts) got its uid from the directory it was
+ * started in; its run directory then records that uid (`recordVmUid`), and that record wins.
  */
 export async function vmIdentity(runDir: string): Promise<VmIdentity | undefined> {
   const name = vmUserName();
@@ -109,9 +111,33 @@ export async function vmIdentity(runDir: string): Promise<VmIdentity | undefined
   const user = await account;
   if (!user) return undefined;
   if (setting('COCOON_QEMU_UIDS') === 'shared') return { uid: user.uid, gid: user.gid, group: name };
+  const recorded = recordedVmUid(runDir);
+  if (recorded !== undefined) return { uid: recorded, gid: user.gid, group: name };
   const st = fs.statSync(runDir, { bigint: true });
   const slot = (st.ino + st.dev * 0x9e3779b1n) % BigInt(VM_UID_COUNT);
   return { uid: VM_UID_BASE + Number(slot), gid: user.gid, group: name };
+}
+
+/** The file in a run directory that records its VM process's uid (root's: a guest cannot write it). */
+const VM_UID_FILE = 'vm-uid';
+
+/** Records that the VM in `runDir` runs as `uid` (a process started ahead, in another directory). */
+export function recordVmUid(runDir: string, uid: number): void {
+  const file = path.join(runDir, VM_UID_FILE);
+  fs.writeFileSync(`${file}.tmp`, String(uid), { mode: 0o600 });
+  fs.renameSync(`${file}.tmp`, file);
+}
+
+function recordedVmUid(runDir: string): number | undefined {
+  try {
+    const file = path.join(runDir, VM_UID_FILE);
+    const st = fs.lstatSync(file);
+    if (!st.isFile() || st.uid !== 0) return undefined;
+    const uid = Number(fs.readFileSync(file, 'utf8').trim());
+    return Number.isInteger(uid) && uid >= VM_UID_BASE && uid < VM_UID_BASE + VM_UID_COUNT ? uid : undefined;
+  } catch {
+    return undefined;
+  }
 }
 
 /** The argv that starts `command` as `identity`: setpriv drops root before the command runs. */

@@ -22,6 +22,11 @@ export function microvmDir(dataDir: string, id: string): string {
   return path.join(microvmsRoot(dataDir), id);
 }
 
+/** Where the VM driver keeps the processes it starts ahead for restores (src/vmm/driver.ts `openPool`). */
+export function vmPoolDir(dataDir: string): string {
+  return path.join(dataDir, 'vm-pool');
+}
+
 export function runDir(dataDir: string, id: string): string {
   return path.join(microvmDir(dataDir, id), 'vm');
 }

@@ -172,6 +172,12 @@ export interface VmDriver {
   processesUnder(dir: string): number[];
   /** Removes a dead VM's files from its run directory (memory, disk layer, sockets), keeping logs. */
   clearRunFiles(runDir: string): Promise<void>;
+  /**
+   * Opens this host's pool of VM processes started ahead for restores, in `dir` (on the run
+   * directories' filesystem; emptied first). Undefined where the driver keeps none or it is off
+   * (QEMU: `COCOON_QEMU_POOL`, src/vmm/qemu/pool.ts). `close` ends every process it holds.
+   */
+  openPool?(dir: string): Promise<{ close(): Promise<void> } | undefined>;
   /** A copy-on-write layer at `layer` over `backing`: the VM writes there, the backing file never changes. */
   createDiskLayer(backing: string, backingFormat: DiskSpec['format'], layer: string): Promise<void>;
   /**

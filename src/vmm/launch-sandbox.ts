@@ -85,12 +85,15 @@ export function startSandboxed(options: {
   limits: Required<VmLimits>;
   logFd: number;
   fds?: number[];
+  /** Its working directory (a process started ahead names its files relative to it: vmm/qemu/pool.ts). */
+  cwd?: string;
 }): SandboxedProcess {
   const cgroup = createVmCgroup(options.id, options.limits);
   const [command, ...args] = options.argv;
   const child = spawn('/bin/sh', ['-c', joinCgroupScript(cgroup), 'cocoon-vm-start', ...dropPrivilegesArgv(options.identity, command as string, args)], {
     stdio: ['ignore', options.logFd, options.logFd, ...(options.fds ?? [])],
     detached: true,
+    ...(options.cwd ? { cwd: options.cwd } : {}),
   });
   child.unref();
   const exit = new Promise<void>((resolve) => {

@@ -163,6 +163,8 @@ export async function restoreMemoryDiff(options: {
   target: string;
   verify: boolean;
   alsoVerifyDisk?: boolean;
+  /** `target` exists already (mapped by a QEMU waiting for its device state: qemu/pool.ts) and is emptied first. */
+  into?: boolean;
 }): Promise<void> {
   const { dir, manifest, target } = options;
   const { mem, disk } = manifest.files;
@@ -180,7 +182,7 @@ export async function restoreMemoryDiff(options: {
   const reserve = reservesRam(mem.base.sizeBytes) ? ['reserve'] : [];
   const run = async (args: string[]): Promise<string> => {
     try {
-      return await runSparseHelper(['undiff', baseFile, diffFile, target, ...reserve, ...args]);
+      return await runSparseHelper(['undiff', baseFile, diffFile, target, ...reserve, ...(options.into ? ['into'] : []), ...args]);
     } catch (error) {
       await fs.promises.rm(target, { force: true });
       if (isCocoonError(error, 'no_space') || isCocoonError(error, 'helper_missing')) throw error;

@@ -262,7 +262,10 @@ describe('the e2b SDK drives Cocoon', () => {
     assert.equal((await sandbox.commands.run('echo still here')).stdout, 'still here\n');
   });
 
-  test('a data directory too full for a sandbox\'s memory: create refused up front (SandboxError "507: no_space: …"), nothing made; with room again it starts', SLOW, async () => {
+  test('a data directory too full for a sandbox\'s memory: create refused up front (SandboxError "507: no_space: …"), nothing made; a paused one stays paused; with room again they start', SLOW, async () => {
+    const paused = await create({ metadata: { case: 'no-space' } });
+    await paused.files.write('/home/user/kept.txt', 'kept through a refused connect');
+    await paused.pause();
     const api = client(server.apiUrl, key);
     const microvmIds = async () => ((await api.get('/microvms')).body.items as Array<{ id: string }>).map((m) => m.id).sort();
     const sandboxIds = async () => (await Sandbox.list({ query: { state: ['running', 'paused'] } }).nextItems()).map((s) => s.sandboxId).sort();
@@ -283,6 +286,13 @@ describe('the e2b SDK drives Cocoon', () => {
       });
       assert.deepEqual(await microvmIds(), before.microvms, 'no microVM made');
       assert.deepEqual(await sandboxIds(), before.sandboxes, 'no sandbox made');
+
+      await assert.rejects(Sandbox.connect(paused.sandboxId), (error: unknown) => {
+        assert.ok(error instanceof SandboxError, String(error));
+        assert.match(error.message, /^507: no_space: /);
+        return true;
+      });
+      assert.equal((await Sandbox.getInfo(paused.sandboxId)).state, 'paused', 'not woken, still paused');
     } finally {
       releaseRam(ram);
       fs.rmSync(ram, { force: true });
@@ -290,5 +300,8 @@ describe('the e2b SDK drives Cocoon', () => {
     const sandbox = await create();
     assert.equal((await sandbox.commands.run('echo room again')).stdout, 'room again\n');
     await sandbox.kill();
+    const woken = await Sandbox.connect(paused.sandboxId);
+    assert.equal(await woken.files.read('/home/user/kept.txt'), 'kept through a refused connect');
+    await woken.kill();
   });
 });

@@ -12,14 +12,20 @@ export function tempDir(prefix = 'cocoon-test-'): string {
   return fs.mkdtempSync(path.join(os.tmpdir(), prefix));
 }
 
-/** PIDs of QEMU processes whose command line mentions `marker` (a test's directory). */
-export function qemuProcessesMentioning(marker: string): number[] {
+/**
+ * PIDs of QEMU processes whose command line mentions `marker` (a test's directory), or whose
+ * working directory is below it (a QEMU started ahead and then given its run directory:
+ * src/vmm/qemu/pool.ts), but not one still waiting in a pool (`vm-pool/`, closed with its engine).
+ */
+export function qemuProcessesMentioning(marker: string, options: { withPools?: boolean } = {}): number[] {
   const pids: number[] = [];
   for (const entry of fs.readdirSync('/proc')) {
     if (!/^\d+$/.test(entry)) continue;
     try {
       const cmdline = fs.readFileSync(`/proc/${entry}/cmdline`, 'utf8');
-      if (cmdline.includes('qemu-system') && cmdline.includes(marker)) pids.push(Number(entry));
+      if (!cmdline.includes('qemu-system')) continue;
+      const cwd = cmdline.includes(marker) ? '' : fs.readlinkSync(`/proc/${entry}/cwd`);
+      if (cmdline.includes(marker) || (cwd.startsWith(`${marker}/`) && (options.withPools || !cwd.includes('/vm-pool/')))) pids.push(Number(entry));
     } catch {
       // exited meanwhile
     }
@@ -27,10 +33,13 @@ export function qemuProcessesMentioning(marker: string): number[] {
   return pids;
 }
 
-/** Kills any QEMU left under `dir` (a failed test must not leak) and removes the directory. */
+/**
+ * Kills any QEMU left under `dir` (a failed test must not leak) and removes the directory;
+ * answers those of VMs (a pool's waiting processes, left by a daemon that died, are killed too).
+ */
 export function cleanupDir(dir: string): number[] {
   const leaked = qemuProcessesMentioning(dir);
-  for (const pid of leaked) {
+  for (const pid of qemuProcessesMentioning(dir, { withPools: true })) {
     try {
       process.kill(pid, 'SIGKILL');
     } catch {

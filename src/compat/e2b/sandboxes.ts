@@ -277,7 +277,14 @@ export class E2bSandboxes {
   /** Resumes a paused sandbox (connect, or envd traffic with autoResume). */
   async #wake(view: SandboxView): Promise<void> {
     await setSandboxPaused(this.#db, view.sandbox.microvmId, false);
-    await withDeadline(this.#microvms().resume(view.microvm.id), OPERATION_WAIT_MS);
+    try {
+      await withDeadline(this.#microvms().resume(view.microvm.id), OPERATION_WAIT_MS);
+    } catch (error) {
+      // Not woken (507 no_space, a failed restore: its microVM stays SUSPENDED): the sandbox
+      // stays paused too, as E2B lists it and as its timeout and envd traffic treat it.
+      if ((await getMicrovm(this.#db, view.microvm.id))?.state === 'SUSPENDED') await setSandboxPaused(this.#db, view.sandbox.microvmId, true);
+      throw error;
+    }
   }
 
   /** envd traffic for a paused sandbox: resumed when it has autoResume (answers whether it may go on). */

@@ -32,10 +32,10 @@
  *                                 `wait`: prints "ready" once the files are open and waits for a
  *                                 byte on stdin before it reads MEM (a suspend starts it before the
  *                                 pause); `threads=N`: compare on N threads (default 1, at most 4)
- *   cocoon-sparse undiff BASE DIFF TARGET [reserve] [sumbase] [sum] [-- FILE...]
+ *   cocoon-sparse undiff BASE DIFF TARGET [reserve] [into] [sumbase] [sum] [-- FILE...]
  *                                 a new TARGET with the memory DIFF describes: BASE's data extents
- *                                 copied (as `copy`), DIFF's pages written over them; `reserve` as
- *                                 for copy. `sumbase`: BASE's checksum line (taken while copying);
+ *                                 copied (as `copy`), DIFF's pages written over them; `reserve` and
+ *                                 `into` (TARGET exists and is emptied first) as for copy. `sumbase`: BASE's checksum line (taken while copying);
  *                                 `sum`: then DIFF's (taken before its pages are applied); then the lines of FILEs. Exit 3: DIFF is not a
  *                                 valid diff for BASE (header, sizes, bitmap)
  *   cocoon-sparse map FILE        one line per data range of FILE, "<start> <end>" (bytes,
@@ -729,7 +729,7 @@ static int invalid_diff(const char *file, const char *why) {
   return DIFF_INVALID;
 }
 
-static int undiff_file(const char *base_file, const char *diff_file_, const char *target, int reserve, int sumbase, int sum) {
+static int undiff_file(const char *base_file, const char *diff_file_, const char *target, int reserve, int sumbase, int sum, int into) {
   int fd = open(diff_file_, O_RDONLY | O_CLOEXEC);
   if (fd < 0) return fail("cannot open", diff_file_);
   struct stat ds, bs;
@@ -754,7 +754,7 @@ static int undiff_file(const char *base_file, const char *diff_file_, const char
   if (set != n || (pages % 8 && bitmap[bitmap_bytes - 1] >> (pages % 8))) { r = invalid_diff(diff_file_, "its bitmap does not match its page count"); goto done; }
   /* The base's data first (checksummed as it is copied with `sumbase`), then the diff's sum, taken
    * from the mapping its pages are then written from. */
-  r = copy_file(base_file, target, 0, sumbase, 0, 0);
+  r = copy_file(base_file, target, 0, sumbase, 0, into);
   if (r) goto done;
   if (sum && (r = sum_fd(fd, diff_file_, -1)) != 0) { unlink(target); goto done; }
   out = open(target, O_WRONLY | O_CLOEXEC);
@@ -835,20 +835,21 @@ int main(int argc, char **argv) {
     return r ? r : (fflush(stdout) == 0 ? 0 : 1);
   }
   if (argc >= 5 && strcmp(argv[1], "undiff") == 0) {
-    int reserve = 0, sumbase = 0, sum = 0, i = 5;
+    int reserve = 0, sumbase = 0, sum = 0, into = 0, i = 5;
     for (; i < argc && strcmp(argv[i], "--") != 0; i++) {
       if (strcmp(argv[i], "reserve") == 0) reserve = 1;
+      else if (strcmp(argv[i], "into") == 0) into = 1;
       else if (strcmp(argv[i], "sumbase") == 0) sumbase = 1;
       else if (strcmp(argv[i], "sum") == 0) sum = 1;
       else { fprintf(stderr, "cocoon-sparse: unknown undiff option %s\n", argv[i]); return 2; }
     }
-    int r = undiff_file(argv[2], argv[3], argv[4], reserve, sumbase, sum);
+    int r = undiff_file(argv[2], argv[3], argv[4], reserve, sumbase, sum, into);
     for (i++; r == 0 && i < argc; i++) r = sum_file(argv[i]);
     return r ? r : (fflush(stdout) == 0 ? 0 : 1);
   }
   if (argc == 3 && strcmp(argv[1], "alloc") == 0) return alloc_file(argv[2]);
   if (argc == 3 && strcmp(argv[1], "trim") == 0) return trim_file(argv[2]);
   if (argc == 3 && strcmp(argv[1], "map") == 0) return map_file(argv[2]);
-  fprintf(stderr, "usage: cocoon-sparse sum FILE... | copy SRC DST [reserve] [sum] [-- FILE...] | alloc FILE | trim FILE | map FILE | diff BASE MEM OUT [sync] [wait] [threads=N] | undiff BASE DIFF TARGET [reserve] [sumbase] [sum] [-- FILE...]\n");
+  fprintf(stderr, "usage: cocoon-sparse sum FILE... | copy SRC DST [reserve] [sum] [-- FILE...] | alloc FILE | trim FILE | map FILE | diff BASE MEM OUT [sync] [wait] [threads=N] | undiff BASE DIFF TARGET [reserve] [into] [sumbase] [sum] [-- FILE...]\n");
   return 2;
 }

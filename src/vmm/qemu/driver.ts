@@ -3,7 +3,8 @@ import type { VmDriver } from '../driver.ts';
 import { chooseAccelerator } from './accel.ts';
 import { QEMU_ARCH } from './arch.ts';
 import { createDiskLayer, rebaseDisk } from './disk-layers.ts';
-import { QemuVm, clearRunFiles, findQemuProcesses, killQemuProcesses } from './qemu.ts';
+import { openQemuPool } from './pool.ts';
+import { QemuVm, clearRunFiles, findQemuProcesses, killQemuProcesses, startQemu } from './qemu.ts';
 
 export const qemuDriver: VmDriver = {
   name: 'qemu',
@@ -16,6 +17,7 @@ export const qemuDriver: VmDriver = {
   sweep: (dir, options) => killQemuProcesses(dir, options?.keep),
   processesUnder: (dir) => findQemuProcesses(dir),
   clearRunFiles,
+  openPool: (dir) => openQemuPool(dir, startQemu),
   createDiskLayer,
   rebaseDisk,
 };

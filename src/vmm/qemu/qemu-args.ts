@@ -34,7 +34,17 @@ export interface QemuLaunch {
   incoming: boolean;
   /** Seccomp: deny spawning, privilege elevation and obsolete syscalls (off only for diagnosis). */
   sandbox: boolean;
+  /**
+   * A QEMU started ahead (pool.ts): the disk is attached later, over QMP, so the block device
+   * starts on a placeholder under a filter whose child is then swapped (`disk` is not used).
+   */
+  diskLater?: boolean;
 }
+
+/** Node names of the block graph of a QEMU started with `diskLater` (pool.ts swaps `DISK_PLACEHOLDER` for the layer). */
+export const DISK_NODE = 'root';
+export const DISK_PLACEHOLDER = 'root-placeholder';
+export const DISK_THROTTLE_GROUP = 'root-tg';
 
 /**
  * Cocoon's part of the kernel command line; cocoon-init reads the cocoon.* parameters.
@@ -77,8 +87,19 @@ export function qemuArgs(launch: QemuLaunch): string[] {
     '-append', launch.cmdline,
     '-chardev', `socket,id=serial0,path=${launch.sockets.serial},server=on,wait=off`,
     '-serial', 'chardev:serial0',
-    '-drive', `id=root,file=${launch.disk.path},format=${launch.disk.format},if=none,cache=writeback,discard=unmap,detect-zeroes=unmap${launch.disk.readOnly ? ',readonly=on' : ''}`,
-    '-device', 'virtio-blk-device,drive=root',
+    ...(launch.diskLater
+      ? [
+          // A throttle filter with no limits (its group sets none): the one kind of node whose
+          // child `blockdev-reopen` may swap. Errors as `-drive` has them (ENOSPC pauses the guest).
+          '-object', `throttle-group,id=${DISK_THROTTLE_GROUP}`,
+          '-blockdev', `driver=null-co,node-name=${DISK_PLACEHOLDER},size=1073741824,read-zeroes=on`,
+          '-blockdev', `driver=throttle,node-name=${DISK_NODE},throttle-group=${DISK_THROTTLE_GROUP},file=${DISK_PLACEHOLDER}`,
+          '-device', `virtio-blk-device,drive=${DISK_NODE},werror=enospc,rerror=report`,
+        ]
+      : [
+          '-drive', `id=root,file=${launch.disk.path},format=${launch.disk.format},if=none,cache=writeback,discard=unmap,detect-zeroes=unmap${launch.disk.readOnly ? ',readonly=on' : ''}`,
+          '-device', 'virtio-blk-device,drive=root',
+        ]),
     '-netdev', `user,id=net0,restrict=${launch.egress ? 'off' : 'on'}${hostfwd}`,
     '-device', 'virtio-net-device,netdev=net0',
     '-device', 'virtio-serial-device',
@@ -94,5 +115,7 @@ export function qemuArgs(launch: QemuLaunch): string[] {
     args.push('-sandbox', 'on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny');
   }
   if (launch.incoming) args.push('-incoming', 'defer');
+  // Its command line names no directory: this names it as Cocoon's for whoever looks for leaks.
+  if (launch.diskLater) args.push('-name', 'cocoon-started-ahead');
   return args;
 }

@@ -28,11 +28,12 @@ import { DISCARDED_RAM_NAME, cloneRamFile, createEmptyRamFile, createRamFile, di
 import { holdRam, releaseRam } from '../space-ledger.ts';
 import { isMemoryDiff, restoreMemoryDiff } from '../mem-diff.ts';
 import { type SnapshotMemory, startMemoryDiff } from '../snapshot-memory.ts';
-import { findProcesses, killProcesses, processStats, processAlive, processCmdline, processStartTime, waitForProcessExit } from '../../host/processes.ts';
+import { findProcesses, killProcesses, processStats, processAlive, processCmdline, processCwd, processStartTime, waitForProcessExit } from '../../host/processes.ts';
 import { type SandboxedProcess, type VmCgroup, type VmIdentity, grantLaunchAccess, launchIdentity, launchLimits, removeVmCgroup, startSandboxed } from '../launch-sandbox.ts';
 import { SerialLog, tailSerialLog } from './serial-log.ts';
 import { PhaseClock, type Phases } from '../phases.ts';
 import { restoreTuning, suspendTuning } from './tuning.ts';
+import { type PooledQemu, activeQemuPool } from './pool.ts';
 import { identityBeforeReading, isVerified, rememberVerified } from '../verified-files.ts';
 import { sealSnapshotFiles, snapshotFailure, takeBackSnapshotFiles } from '../snapshot-safety.ts';
 import { qemuDirOf } from './paths.ts';
@@ -75,14 +76,24 @@ export { restoreTuning };
 /** What every QEMU's command line has (`qemu-system-<arch>`), to find ours among the host's processes. */
 const QEMU_PROGRAM = 'qemu-system';
 
-/** PIDs of live QEMU processes whose command line mentions `marker` (a run directory). */
-export function findQemuProcesses(marker: string): number[] {
-  return findProcesses(QEMU_PROGRAM, marker);
+/**
+ * How a VM's QEMU is found: its command line mentions its run directory, or (started ahead by
+ * the pool, then placed: pool.ts) its working directory is in it. A pool's waiting processes
+ * are the pool's, not a VM's.
+ */
+function byCwd(): { byCwd: true; exceptCwd?: string } {
+  const pool = activeQemuPool();
+  return { byCwd: true, ...(pool ? { exceptCwd: pool.root + path.sep } : {}) };
 }
 
-/** SIGKILLs every QEMU mentioning `marker` (but those in `keep`) and waits until they are gone; answers their pids. */
+/** PIDs of live QEMU processes of `marker` (a run directory, or one above run directories). */
+export function findQemuProcesses(marker: string): number[] {
+  return findProcesses(QEMU_PROGRAM, marker, byCwd());
+}
+
+/** SIGKILLs every QEMU of `marker` (but those in `keep`) and waits until they are gone; answers their pids. */
 export function killQemuProcesses(marker: string, keep?: ReadonlySet<number>): Promise<number[]> {
-  return killProcesses(QEMU_PROGRAM, marker, keep);
+  return killProcesses(QEMU_PROGRAM, marker, keep, byCwd());
 }
 
 /** Removes a dead VM's files from its run directory (its RAM, disk layer and sockets), keeping the logs. */
@@ -367,6 +378,40 @@ export class QemuVm implements Vm {
       await Promise.all([rememberVerified(memFile, memBefore, memKey), rememberVerified(snapshotDisk, diskBefore, diskKey)]);
       return 'ram_clone_checksums';
     };
+    const start = async (vm: QemuVm): Promise<void> => {
+      try {
+        await loadDeviceState(vm.qmp, path.join(qemuDirOf(options.runDir), 'incoming.sock'), stateFile);
+        clock.mark('device_state_load');
+      } catch (error) {
+        if (error instanceof CocoonError && error.code === 'snapshot_corrupt') throw error;
+        throw new CocoonError('snapshot_corrupt', `the snapshot in ${options.snapshotDir} cannot be restored: ${errorMessage(error)}`, {
+          status: 422,
+          cause: error,
+        });
+      }
+      await vm.qmp.execute('cont', {});
+      clock.mark('cont');
+      await vm.guest.restoreFromSnapshot(5000);
+      clock.mark('guest_clock_rng');
+    };
+    // A QEMU started ahead for this machine (pool.ts): its memory is filled in place, as below.
+    const pooled = restoreTuning.pool
+      ? activeQemuPool()?.take({ shape: manifest.shape, cmdline: manifest.cmdline, egress: options.network.egress ?? false, limits: launchLimits(manifest.shape, options.limits) })
+      : undefined;
+    if (pooled) {
+      validateShape(manifest.shape);
+      return QemuVm.launchPooled(pooled, options, disk, {
+        clock,
+        ...(manifest.guestProtocol !== undefined ? { guestProtocol: manifest.guestProtocol } : {}),
+        diskLayer,
+        fill: async () => {
+          if (!memoryDiff) return copyMemory(true);
+          await restoreMemoryDiff({ dir: options.snapshotDir, manifest, baseDir: options.memoryBase, target: ramPath, verify: Boolean(verify), alsoVerifyDisk: Boolean(verify), into: true });
+          return verify ? 'ram_from_diff_checksums' : 'ram_from_diff';
+        },
+        start,
+      });
+    }
     return QemuVm.launch(options, manifest.shape, manifest.cmdline, disk, ramPath, {
       clock,
       incoming: true,
@@ -385,22 +430,7 @@ export class QemuVm implements Vm {
         : {
             prepare: async () => `${(await Promise.all([memoryDiff ? memoryFromDiff() : copyMemory(false), diskLayer()]))[0]}_disk_layer`,
           }),
-      start: async (vm) => {
-        try {
-          await loadDeviceState(vm.qmp, path.join(qemuDirOf(options.runDir), 'incoming.sock'), stateFile);
-          clock.mark('device_state_load');
-        } catch (error) {
-          if (error instanceof CocoonError && error.code === 'snapshot_corrupt') throw error;
-          throw new CocoonError('snapshot_corrupt', `the snapshot in ${options.snapshotDir} cannot be restored: ${errorMessage(error)}`, {
-            status: 422,
-            cause: error,
-          });
-        }
-        await vm.qmp.execute('cont', {});
-        clock.mark('cont');
-        await vm.guest.restoreFromSnapshot(5000);
-        clock.mark('guest_clock_rng');
-      },
+      start,
     });
   }
 
@@ -617,7 +647,8 @@ export class QemuVm implements Vm {
     if (record.formatVersion !== 1 || record.id !== options.id || !processAlive(record.pid, record.startTime)) {
       throw new CocoonError('vm_gone', `QEMU of ${options.id} (pid ${record.pid}) is not running any more`);
     }
-    if (!processCmdline(record.pid).includes(options.runDir)) {
+    const cwd = processCwd(record.pid);
+    if (!processCmdline(record.pid).includes(options.runDir) && !(cwd !== undefined && cwd.startsWith(options.runDir + path.sep))) {
       throw new CocoonError('vm_gone', `pid ${record.pid} is not the QEMU of ${options.id}`);
     }
     if (record.guestProtocol !== undefined) checkGuestProtocol(record.guestProtocol, `the guest of ${options.id}`);
@@ -740,6 +771,113 @@ export class QemuVm implements Vm {
   /** The last lines of the serial console, for error messages and logs. */
   serialTail(lines = 30): string {
     return tailSerialLog(this.serialLogPath, lines);
+  }
+
+  /**
+   * A restore into a QEMU the pool started ahead (pool.ts): its files are placed into the run
+   * directory, its memory filled (`fill`) while the disk layer is made and attached and the
+   * ports forwarded, then `start` as for any restore. A failure kills it and removes what was
+   * made, as `launch` does.
+   */
+  private static async launchPooled(
+    pooled: PooledQemu,
+    options: CommonVmOptions,
+    disk: DiskSpec,
+    steps: { clock: PhaseClock; guestProtocol?: number; diskLayer: () => Promise<void>; fill: () => Promise<string>; start: (vm: QemuVm) => Promise<void> },
+  ): Promise<QemuVm> {
+    const { clock } = steps;
+    const { shape, cmdline } = pooled.key;
+    const ramPath = path.join(options.runDir, 'mem');
+    const qemuDir = qemuDirOf(options.runDir);
+    const sockets = {
+      qmp: path.join(qemuDir, 'qmp.sock'),
+      guest: path.join(qemuDir, 'guest.sock'),
+      serial: path.join(qemuDir, 'serial.sock'),
+      agent: path.join(qemuDir, 'agent.sock'),
+    };
+    let filling: Promise<string> | undefined;
+    let serial: SerialLog | undefined;
+    let vm: QemuVm | undefined;
+    const runDirExisted = fs.existsSync(options.runDir);
+    try {
+      validateId(options.id);
+      for (const socket of [...Object.values(sockets), path.join(qemuDir, 'incoming.sock'), path.join(qemuDir, 'migrate.sock')]) {
+        if (Buffer.byteLength(socket) > MAX_SOCKET_PATH) {
+          throw new CocoonError('path_too_long', `run directory ${options.runDir} is too long for unix sockets; use a shorter data directory`);
+        }
+      }
+      await fs.promises.mkdir(options.runDir, { recursive: true, mode: 0o700 }).catch((error: unknown) => {
+        throw noSpaceError(error, options.id) ?? error;
+      });
+      pooled.place(options.runDir);
+      clock.mark('pool_place');
+      // The layer first: a small write, slowed much by the memory copy beside it.
+      await steps.diskLayer();
+      clock.mark('disk_layer');
+      filling = steps.fill();
+      filling.catch(() => undefined); // awaited below, or settled in the clean-up
+      // The ports and the disk side by side (QMP answers one command after the other).
+      const forwarding = resolveForwards(options.network.forwards).then(async (resolved) => {
+        await pooled.forward(resolved);
+        return resolved;
+      });
+      forwarding.catch(() => undefined);
+      await grantLaunchAccess(pooled.identity, { runDir: options.runDir, processDir: qemuDir, ramPath, disk, openedFiles: [] }, { egress: pooled.key.egress });
+      clock.mark('disk_grant');
+      await pooled.attachDisk(disk);
+      clock.mark('disk_attach');
+      const forwards = await forwarding;
+      const { child, exit, cgroup } = pooled.process;
+      await writeLaunchRecord(options.runDir, {
+        formatVersion: 1,
+        id: options.id,
+        pid: pooled.pid,
+        startTime: processStartTime(pooled.pid),
+        shape,
+        cmdline,
+        disk,
+        ramPath,
+        forwards,
+        sockets,
+        cgroup,
+        ...(steps.guestProtocol !== undefined ? { guestProtocol: steps.guestProtocol } : {}),
+      });
+      clock.mark('forwards_record');
+      serial = new SerialLog(path.join(options.runDir, 'serial.log'), options.serialLogMaxBytes);
+      serial.attachSocket(pooled.serialSocket);
+      const launch = { shape, cmdline, disk, ram: { path: ramPath, share: true }, forwards, sockets };
+      const proc: VmProcess = { pid: pooled.pid, exit, hold: () => child.ref() };
+      vm = new QemuVm({ launch, options, proc, qmp: pooled.qmp, guest: pooled.guest, serial });
+      vm.guestProtocol = steps.guestProtocol;
+      vm.startPhases = clock.phases;
+      clock.mark(`${await filling}_wait`);
+      await Promise.race([
+        steps.start(vm),
+        exit.then(() => {
+          throw qemuStartError(options.runDir, { forwards, incoming: true }, vm);
+        }),
+      ]);
+      log.info({ vm: options.id, pid: pooled.pid, accel: shape.accel, restore: true, pooled: true }, 'vm started');
+      fsyncFile(ramPath).catch(() => undefined);
+      return vm;
+    } catch (caught) {
+      let error = caught;
+      if (await exitedWithin(pooled.process.exit, vm ? 500 : 0)) {
+        if (pooled.process.child.signalCode) error = qemuKilledError(options.id, pooled.process.child.signalCode, true);
+        else if (!isCocoonError(error, 'snapshot_corrupt')) error = qemuStartError(options.runDir, { forwards: [], incoming: true }, vm);
+      }
+      error = noSpaceError(error, options.id) ?? error;
+      if (vm) await vm.kill();
+      else {
+        serial?.close();
+        await pooled.discard();
+      }
+      await filling?.catch(() => undefined);
+      if (runDirExisted) await removeLaunchFiles(options.runDir, disk, ramPath);
+      else await fs.promises.rm(options.runDir, { recursive: true, force: true });
+      releaseRam(ramPath);
+      throw error;
+    }
   }
 
   /** Shared by boot and restore: start QEMU, connect its channels, run `start`, clean up on failure. */
@@ -953,7 +1091,14 @@ async function resolveForwards(forwards: PortForward[]): Promise<Required<PortFo
  * Starts QEMU in the VM's cgroup as its identity (launch-sandbox.ts `startSandboxed`), its
  * stdout and stderr to `qemu.log` in the run directory.
  */
-function startQemu(id: string, launch: QemuLaunch, runDir: string, identity: VmIdentity | undefined, limits: Required<VmLimits>): SandboxedProcess {
+export function startQemu(
+  id: string,
+  launch: QemuLaunch,
+  runDir: string,
+  identity: VmIdentity | undefined,
+  limits: Required<VmLimits>,
+  cwd?: string,
+): SandboxedProcess {
   const logFd = fs.openSync(path.join(runDir, 'qemu.log'), 'w', 0o600);
   const guestFds: number[] = [];
   try {
@@ -964,7 +1109,7 @@ function startQemu(id: string, launch: QemuLaunch, runDir: string, identity: VmI
       guestFds.push(fs.openSync(kernel, 'r'), fs.openSync(initramfs, 'r'));
       args = qemuArgs({ ...launch, shape: { ...launch.shape, guest: { ...launch.shape.guest, kernel: '/dev/fd/3', initramfs: '/dev/fd/4' } } });
     }
-    return startSandboxed({ id, argv: [QEMU_BINARY, ...args], identity, limits, logFd, fds: guestFds });
+    return startSandboxed({ id, argv: [QEMU_BINARY, ...args], identity, limits, logFd, fds: guestFds, ...(cwd ? { cwd } : {}) });
   } finally {
     fs.closeSync(logFd);
     for (const fd of guestFds) fs.closeSync(fd);

@@ -38,6 +38,10 @@ export interface QmpCommands {
   'query-balloon': { args: Record<string, never>; ret: { actual: number } };
   /** A human-monitor (HMP) command; its text output is the result (hostfwd_add has no QMP form). */
   'human-monitor-command': { args: { 'command-line': string }; ret: string };
+  /** Block graph changes: a QEMU started ahead gets its disk this way (pool.ts). */
+  'blockdev-add': { args: Record<string, unknown>; ret: Record<string, never> };
+  'blockdev-reopen': { args: { options: Array<Record<string, unknown>> }; ret: Record<string, never> };
+  'blockdev-del': { args: { 'node-name': string }; ret: Record<string, never> };
 }
 
 type CommandName = keyof QmpCommands;

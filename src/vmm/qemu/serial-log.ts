@@ -40,7 +40,11 @@ export class SerialLog {
 
   /** Starts copying from QEMU's serial socket. Resolves once connected. */
   async attach(socketPath: string, timeoutMs = 5000, signal?: AbortSignal): Promise<void> {
-    const socket = await connectUnix(socketPath, timeoutMs, signal);
+    this.attachSocket(await connectUnix(socketPath, timeoutMs, signal));
+  }
+
+  /** Starts copying from a connection to QEMU's serial socket made earlier (a QEMU started ahead: pool.ts). */
+  attachSocket(socket: net.Socket): void {
     this.socket = socket;
     socket.on('data', (chunk: Buffer) => {
       this.throttle(socket, chunk.length);

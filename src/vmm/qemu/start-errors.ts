@@ -5,7 +5,7 @@ import { CocoonError, errorMessage, isCocoonError } from '../../common/errors.ts
 import { isNoSpace } from '../snapshot-safety.ts';
 import type { QemuLaunch } from './qemu-args.ts';
 
-export function qemuStartError(runDir: string, launch: QemuLaunch | undefined, vm?: { serialTail(lines?: number): string }): CocoonError {
+export function qemuStartError(runDir: string, launch: Pick<QemuLaunch, 'forwards' | 'incoming'> | undefined, vm?: { serialTail(lines?: number): string }): CocoonError {
   let output = '';
   try {
     output = fs.readFileSync(path.join(runDir, 'qemu.log'), 'utf8').trim().slice(-2000);

@@ -7,8 +7,10 @@
  *   off: one step after the other.
  * - `layerTemplate`: disk layers are written from a template (layer-template.ts); off: one
  *   `qemu-img create` each.
+ * - `pool`: a restore takes a QEMU started ahead from the open pool (pool.ts) when one of its
+ *   machine waits there; off: it always starts its own.
  */
-export const restoreTuning = { overlap: true, layerTemplate: true };
+export const restoreTuning = { overlap: true, layerTemplate: true, pool: true };
 
 /**
  * How a snapshot given `memoryBase` (a suspend) keeps its memory (issue 12), as a switch so that
