@@ -44,6 +44,30 @@ export async function saveDeviceState(
   timeoutMs = 30_000,
   options: { fsync?: boolean } = {},
 ): Promise<{ sizeBytes: number; sha256: string }> {
+  const prepared = await prepareDeviceStateSave(qmp, socketPath, file, timeoutMs);
+  return prepared.save(options);
+}
+
+/** A device-state save prepared ahead of the pause (`prepareDeviceStateSave`). */
+export interface DeviceStateSave {
+  /** Runs the migration (the VM stopped); fsyncs the file unless `fsync: false`. */
+  save(options?: { fsync?: boolean }): Promise<{ sizeBytes: number; sha256: string }>;
+  /** Closes the socket and the file without saving (idempotent). */
+  cancel(): Promise<void>;
+}
+
+/**
+ * The part of a device-state save that does not need the VM paused: `file` created, the socket
+ * QEMU will write to listening, the migration capabilities set. A snapshot does it before it
+ * pauses the VM (issue 12: beside the memory diff helper's start); `save` then runs the
+ * migration (the VM must be stopped by then), `cancel` undoes the preparation.
+ */
+export async function prepareDeviceStateSave(
+  qmp: QmpClient,
+  socketPath: string,
+  file: string,
+  timeoutMs = 30_000,
+): Promise<DeviceStateSave> {
   const hash = createHash('sha256');
   let sizeBytes = 0;
   const out = fs.createWriteStream(file, { flags: 'wx', mode: 0o600 });
@@ -71,6 +95,11 @@ export async function saveDeviceState(
     socket.once('end', () => out.end());
     socket.once('error', (error) => out.destroy(error));
   });
+  const close = async () => {
+    server.close();
+    if (!out.closed) out.destroy();
+    await fs.promises.rm(socketPath, { force: true });
+  };
   try {
     await fs.promises.rm(socketPath, { force: true }); // left by a process that died mid-snapshot
     await new Promise<void>((resolve, reject) => {
@@ -81,23 +110,31 @@ export async function saveDeviceState(
     // QEMU and root can reach it anyway (its directory is QEMU's, 0700).
     await fs.promises.chmod(socketPath, 0o666);
     await qmp.execute('migrate-set-capabilities', { capabilities: CAPABILITIES });
-    const finished = migrationFinished(timeoutMs, qmp);
-    finished.catch(() => undefined); // if `migrate` fails first, its error is the one reported
-    await qmp.execute('migrate', { uri: `unix:${socketPath}` });
-    const event = await finished;
-    if (writeError) throw writeError;
-    if (event.data?.status !== 'completed') {
-      throw new CocoonError('snapshot_failed', `QEMU could not save the VM state: ${await failureReason(qmp)}`);
-    }
-    await written;
-    // A fork point fsyncs later, once the VM runs again.
-    if (options.fsync !== false) await fsyncPath(file);
-    return { sizeBytes, sha256: hash.digest('hex') };
-  } finally {
-    server.close();
-    if (!out.closed) out.destroy();
-    await fs.promises.rm(socketPath, { force: true });
+  } catch (error) {
+    await close();
+    throw error;
   }
+  return {
+    cancel: close,
+    save: async (options = {}) => {
+      try {
+        const finished = migrationFinished(timeoutMs, qmp);
+        finished.catch(() => undefined); // if `migrate` fails first, its error is the one reported
+        await qmp.execute('migrate', { uri: `unix:${socketPath}` });
+        const event = await finished;
+        if (writeError) throw writeError;
+        if (event.data?.status !== 'completed') {
+          throw new CocoonError('snapshot_failed', `QEMU could not save the VM state: ${await failureReason(qmp)}`);
+        }
+        await written;
+        // A fork point fsyncs later, once the VM runs again.
+        if (options.fsync !== false) await fsyncPath(file);
+        return { sizeBytes, sha256: hash.digest('hex') };
+      } finally {
+        await close();
+      }
+    },
+  };
 }
 
 async function fsyncPath(file: string): Promise<void> {

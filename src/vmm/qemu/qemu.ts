@@ -20,7 +20,7 @@ import { commitSnapshot, fsyncFailure, moveFile, sealData } from '../snapshot-co
 import { takeForkPoint } from './fork-point.ts';
 import { createDiskLayer, relinkBacking, wantedBackingName } from './disk-layers.ts';
 import { watchDiskSpace } from './space-watch.ts';
-import { loadDeviceState, saveDeviceState } from './migration.ts';
+import { type DeviceStateSave, loadDeviceState, prepareDeviceStateSave, saveDeviceState } from './migration.ts';
 import { type QemuLaunch, hostTscKhz, kernelCmdline, qemuArgs } from './qemu-args.ts';
 import { QmpClient } from './qmp.ts';
 import { assertPortFree, freeLoopbackPort } from '../../net/ports.ts';
@@ -461,7 +461,7 @@ export class QemuVm implements Vm {
     }
     const diskName = this.disk.format === 'qcow2' ? 'disk.qcow2' : 'disk.raw';
     const clock = new PhaseClock(options.phases);
-    const progress = { wasRunning: false, stopped: false, moved: [] as Array<{ from: string; to: string }>, killed: false, committed: false, memory: undefined as SnapshotMemory | undefined };
+    const progress = { wasRunning: false, stopped: false, moved: [] as Array<{ from: string; to: string }>, killed: false, committed: false, memory: undefined as SnapshotMemory | undefined, stateSave: undefined as DeviceStateSave | undefined };
     let manifest: SnapshotManifest;
     const handles: fs.promises.FileHandle[] = [];
     try {
@@ -478,10 +478,18 @@ export class QemuVm implements Vm {
       const endFirst = Boolean(options.compact) || relink;
       // A suspend's memory as a diff against its image's, made inside this commit from the RAM
       // file (snapshot-memory.ts); the RAM file itself then never enters the snapshot.
-      const memory = options.memoryBase && !endFirst && suspendTuning.diffInCommit
-        ? await startMemoryDiff({ vm: this.id, baseDir: options.memoryBase, ramPath: this.ramPath, partial, memoryBytes: this.shape.memoryMiB * 1024 * 1024, durable })
+      // Beside it, what the device-state save can do before the pause (the old way: after it).
+      const statePath = path.join(partial, 'state');
+      const migrateSocket = path.join(qemuDirOf(this.runDir), 'migrate.sock');
+      const memoryStarting = options.memoryBase && !endFirst && suspendTuning.diffInCommit
+        ? startMemoryDiff({ vm: this.id, baseDir: options.memoryBase, ramPath: this.ramPath, partial, memoryBytes: this.shape.memoryMiB * 1024 * 1024, durable })
         : undefined;
-      progress.memory = memory;
+      try {
+        progress.stateSave = suspendTuning.diffInCommit ? await prepareDeviceStateSave(this.qmp, migrateSocket, statePath) : undefined;
+      } finally {
+        progress.memory = await memoryStarting; // never rejects: a diff that cannot start is no diff
+      }
+      const memory = progress.memory;
       clock.mark('prepare');
       progress.stopped = true;
       await this.qmp.execute('stop', {});
@@ -496,7 +504,14 @@ export class QemuVm implements Vm {
         sealed = sealData(handles, durable);
         sealed.catch(() => undefined); // awaited below unless something fails first
       }
-      const state = await saveDeviceState(this.qmp, path.join(qemuDirOf(this.runDir), 'migrate.sock'), path.join(partial, 'state'));
+      // The device state's fsync runs beside the pending record and the moves (issue 12); it is
+      // awaited before the manifest. The old way (suspendTuning off): inside the save.
+      const overlapStateSync = suspendTuning.diffInCommit;
+      const state = progress.stateSave
+        ? await progress.stateSave.save({ fsync: !overlapStateSync })
+        : await saveDeviceState(this.qmp, migrateSocket, statePath, undefined, { fsync: !overlapStateSync });
+      const stateSynced = overlapStateSync ? fsyncFile(statePath, 'r') : undefined;
+      stateSynced?.catch(() => undefined); // awaited below unless something fails first
       clock.mark('device_state_save');
       // From here on the paused VM's RAM and disk files match the saved state: should this
       // process die, `recoverSnapshot` can complete the snapshot from what the pending record says.
@@ -520,7 +535,9 @@ export class QemuVm implements Vm {
           ...this.madeBy(),
         },
       };
-      await writePendingSnapshot(partial, pending, durable);
+      // Not synced when it names the kernel boot: a process that dies finds it in the page cache,
+      // and after a reboot it is not used (the RAM file's pages may be lost: recoverSnapshot).
+      await writePendingSnapshot(partial, pending, durable && (!suspendTuning.diffInCommit || pending.bootId === undefined));
       clock.mark('pending_record');
       await options.onStateSaved?.();
       // Renaming the files does not disturb QEMU's open files and mapping.
@@ -550,6 +567,7 @@ export class QemuVm implements Vm {
       const memEntry = memory ? await memory.finish(mem, (from, to) => progress.moved.push({ from, to })) : undefined;
       if (memory) clock.mark('memory_diff');
       const [checksums] = await (sealed as Promise<[DataChecksum[], unknown]>);
+      await stateSynced;
       clock.mark('checksums_fsync');
       if (memEntry) mem = path.join(partial, memEntry.name);
       await sealSnapshotFiles(this.runDir, { mem, disk });
@@ -568,6 +586,7 @@ export class QemuVm implements Vm {
       clock.mark('commit');
     } catch (error) {
       progress.memory?.cancel();
+      await progress.stateSave?.cancel();
       throw await this.abandonSnapshot(error, partial, targetDir, progress);
     } finally {
       for (const handle of handles) await handle.close().catch(() => undefined);
@@ -1191,6 +1210,8 @@ async function completeSnapshot(partial: string, targetDir: string, pending: Pen
   const handles = [await fs.promises.open(mem, 'r'), await fs.promises.open(disk, 'r')];
   let checksums: DataChecksum[];
   try {
+    // The device state too: a snapshot syncs it beside the pending record, and may have died first.
+    if (durable) await fsyncFile(path.join(partial, files.state.name), 'r');
     [checksums] = await sealData(handles, durable);
   } finally {
     for (const handle of handles) await handle.close().catch(() => undefined);
