@@ -82,6 +82,8 @@ install_npm_packages
 bash scripts/build-guest.sh
 # The sparse-file helper for snapshot checksums and RAM files (src/vmm/native), built once.
 node_modules/.bin/node --disable-warning=ExperimentalWarning src/vmm/native/helper.ts >/dev/null
+# The listen() shim QEMU runs with (src/vmm/native/listen-shim.ts): forwarded ports with a real backlog.
+node_modules/.bin/node --disable-warning=ExperimentalWarning src/vmm/native/listen-shim.ts >/dev/null
 # QEMU runs unprivileged, in the group of this system user (src/host/sandbox.ts).
 if [ "$(id -u)" = 0 ] && ! getent passwd cocoon-qemu >/dev/null; then
   say "creating the system user cocoon-qemu (QEMU's group)"

@@ -277,6 +277,11 @@ export const SETTINGS = define({
     meaning: 'The QEMU binary.',
     parse: text('qemu-system-x86_64'),
   },
+  COCOON_QEMU_LISTEN_SHIM: {
+    group: 'vmm', default: '`1`', values: '`1`, `0`',
+    meaning: 'QEMU runs with cocoon-listen.so preloaded, which gives its forwarded guest ports a backlog of 256 instead of libslirp\'s 1, so the gateway opens connections to a guest port many at a time (docs/gateway.md); `0` leaves QEMU as it is (the benchmark\'s before).',
+    parse: switchOn(true, ['1'], ['0']),
+  },
   COCOON_QEMU_SANDBOX: {
     group: 'vmm', default: '`1`', values: '`1`, `0`',
     meaning: 'QEMU\'s seccomp sandbox (`-sandbox on`); `0` turns it off (diagnosis only).',

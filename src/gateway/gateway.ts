@@ -31,7 +31,7 @@ import { isShellPath, subprotocolToken, type ShellHandler } from './shell.ts';
 import type { GatewaySurface } from './surfaces.ts';
 import { DEFAULT_GATEWAY_DOMAIN, normalizeDomain, parsePortHeader, resolveMicroVM } from './routing.ts';
 import { isPromiseLike, portIsAllowed, type MicroVMDirectory, type MicroVMRoute, type TokenFailureReason, type TokenVerification, type TokenVerifier } from './types.ts';
-import { forwardAndSettle, NodeUpstreamClient, UndiciUpstreamClient, type UpstreamClient, type UpstreamClientOptions } from './upstream.ts';
+import { forwardAndSettle, pendingConnectsFor, NodeUpstreamClient, UndiciUpstreamClient, type UpstreamClient, type UpstreamClientOptions } from './upstream.ts';
 import { WakeCoalescer } from './wake.ts';
 import { proxyWebSocket, rawResponse } from './websocket.ts';
 
@@ -460,7 +460,7 @@ export function createGateway(options: GatewayOptions): Gateway {
     };
   }
 
-  type Resolved = { ok: true; host: string; port: number } | { ok: true; peer: PeerTarget } | { ok: false; rejection: Rejection | null };
+  type Resolved = { ok: true; host: string; port: number; backlog?: number | undefined } | { ok: true; peer: PeerTarget } | { ok: false; rejection: Rejection | null };
 
   /** RUNNING route, or wake it; then the upstream address for the guest port. */
   async function resolveUpstream(a: Admitted, gone: AbortSignal): Promise<Resolved> {
@@ -503,7 +503,7 @@ export function createGateway(options: GatewayOptions): Gateway {
         ? { ok: false, rejection: reject(502, 'upstream_unavailable', `microVM ${a.microvmId} exposes no route to its app port`) }
         : { ok: false, rejection: reject(404, 'port_not_exposed', `microVM ${a.microvmId} does not expose port ${a.guestPort}`) };
     }
-    return { ok: true, host: route.upstreamHost, port };
+    return { ok: true, host: route.upstreamHost, port, backlog: route.upstreamBacklog };
   }
 
   // ---- HTTP ------------------------------------------------------------------------------
@@ -574,7 +574,7 @@ export function createGateway(options: GatewayOptions): Gateway {
     let resolved: Resolved;
     if (a.route.state === 'RUNNING') {
       const port = a.route.upstreamPortFor(a.guestPort);
-      resolved = port === null ? await resolveUpstream(a, neverAborted) : { ok: true, host: a.route.upstreamHost, port };
+      resolved = port === null ? await resolveUpstream(a, neverAborted) : { ok: true, host: a.route.upstreamHost, port, backlog: a.route.upstreamBacklog };
     } else {
       const gone = new AbortController();
       res.once('close', () => gone.abort());
@@ -603,7 +603,9 @@ export function createGateway(options: GatewayOptions): Gateway {
     // `Expect: 100-continue`: the client sends its body only now that the request is admitted.
     if (expectsContinue.has(req)) res.writeContinue();
     const meter = requestHasBody(req) ? new BodyMeter(req, maxBodyBytes, bodyIdleTimeoutMs) : null;
-    await forwardAndSettle(upstream, { host: resolved.host, port: resolved.port, method: req.method ?? 'GET', path: a.target, headers, body: meter, res }, {
+    // A route that names its ports' backlog sets how many new connections may wait for the accept.
+    const pending = resolved.backlog === undefined ? {} : { pendingConnects: pendingConnectsFor(resolved.backlog) };
+    await forwardAndSettle(upstream, { host: resolved.host, port: resolved.port, method: req.method ?? 'GET', path: a.target, headers, body: meter, res, ...pending }, {
       meter,
       bodyRefused: (refusal) => sendBodyRefusal(req, res, refusal),
       unanswered: (failure) => sendError(

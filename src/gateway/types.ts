@@ -64,6 +64,12 @@ export interface MicroVMRoute {
   readonly autoResumeEnabled: boolean;
   /** Host the forwarded ports listen on, normally `127.0.0.1`. */
   readonly upstreamHost: string;
+  /**
+   * Connections each forwarded port queues for its VMM to accept (the listener's backlog):
+   * the gateway lets that many new connections wait at once (upstream.ts pendingConnectsFor).
+   * Absent: 1, libslirp's own.
+   */
+  readonly upstreamBacklog?: number;
   upstreamPortFor(guestPort: number): number | null;
   /**
    * Forwards a guest port that `upstreamPortFor` does not know yet (a request named it, and its

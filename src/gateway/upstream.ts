@@ -20,6 +20,31 @@ export interface ForwardRequest {
   readonly headers: string[];
   readonly body: Readable | null;
   readonly res: ServerResponse;
+  /**
+   * New connections to this upstream that may wait for its accept at once (guestConnector's
+   * `pendingPerUpstream` for this request; absent: the connector's own, 2). See
+   * `pendingConnectsFor`.
+   */
+  readonly pendingConnects?: number;
+}
+
+/**
+ * Most new connections to one guest port the gateway lets wait at once, whatever QEMU's backlog:
+ * a pending connection is also one the guest's own kernel must queue for the app, and apps
+ * listen with small backlogs (busybox httpd 9: 10 queued; Python's http.server 5: 6). A SYN
+ * the guest drops waits for slirp's retransmission (6 s, then 12 s: libslirp's tcp_timer.h):
+ * with 64, 32 clients for 20 s against busybox httpd left 12 requests unanswered after 60 s
+ * (test/microvms/gateway-load.test.ts).
+ */
+export const MAX_PENDING_CONNECTS = 4;
+
+/**
+ * How many new connections to a forwarded guest port may wait for its accept at once, from the
+ * backlog its listener was given (gateway/types.ts `MicroVMRoute.upstreamBacklog`): the kernel
+ * queues backlog + 1 connections (libslirp's backlog 1: 2), at most MAX_PENDING_CONNECTS.
+ */
+export function pendingConnectsFor(backlog: number | undefined): number {
+  return Math.min(MAX_PENDING_CONNECTS, Math.max(1, backlog ?? 1) + 1);
 }
 
 /** Why an exchange failed; `headersSent` says whether the client already has a status line. */
@@ -192,31 +217,24 @@ export type GuestConnectorOptions = buildConnector.BuildOptions & {
   pendingHoldMs?: number;
 };
 
-/**
- * A connector that keeps at most `pendingPerUpstream` new connections per upstream (host:port)
- * "pending": opened but not yet known to be accepted by the listener. Guests are reached
- * through QEMU's user-mode networking, whose forwarded ports listen with a backlog of 1
- * (libslirp's `listen(s, 1)`): the host kernel queues at most 2 connections for QEMU to accept.
- * A third concurrent connect overflows it: the kernel drops the SYN (or the handshake's last
- * ACK), and that client waits for retransmission: 1, 3, 7… s, up to ~60 s. A connection stops
- * being pending once its first response bytes arrive (QEMU accepted it), when it closes, or
- * after `pendingHoldMs` (a slow app that holds its answer must not block the others for long);
- * connections reused by keep-alive never count. Measured (docs/gateway.md): with an app that
- * closes every connection (busybox httpd) at 32 concurrent requests, opening connections one at
- * a time (the connector before this one: a connect "done" on the client side proves nothing
- * about QEMU's queue) collapsed to ~10 req/s with stalls of up to 65 s; unbounded, throughput
- * was fine but some requests stalled for minutes; 2 pending gave direct's throughput with no
- * stall over 0.3 s.
- */
+/** The request a new connection is opened for (GuestConnector.forRequest). */
+export interface ConnectOwner {
+  /** Aborts when the request's client went away. */
+  readonly signal: AbortSignal;
+  /** The pending bound of its upstream (default: the connector's `pendingPerUpstream`). */
+  readonly pending?: number | undefined;
+}
+
 export type GuestConnector = buildConnector.connector & {
   /**
-   * Runs `dispatch` (an undici dispatch) with `signal` as the owner of any new connection the
-   * dispatch asks for: a connect still queued when `signal` aborts (the request's client went
-   * away) is dropped, never opened. undici asks for a connection synchronously inside
-   * `dispatch` (a bodiless request on a Pool with one request per connection), so the owner is
-   * exact; a connect asked for later (outside any `forRequest`) has no owner and is opened.
+   * Runs `dispatch` (an undici dispatch) with `request` as the owner of any new connection the
+   * dispatch asks for: the connect waits under the owner's pending bound, and one still queued
+   * when its signal aborts (the request's client went away) is dropped, never opened. undici
+   * asks for a connection synchronously inside `dispatch` (a bodiless request on a Pool with one
+   * request per connection), so the owner is exact; a connect asked for later (outside any
+   * `forRequest`) has no owner: it is opened under the default bound.
    */
-  forRequest<T>(signal: AbortSignal, dispatch: () => T): T;
+  forRequest<T>(request: ConnectOwner, dispatch: () => T): T;
 };
 
 /** The error a dropped connect answers undici with (its request is gone already). */
@@ -224,23 +242,43 @@ function abandoned(): Error {
   return Object.assign(new Error('the request that asked for this connection was abandoned'), { code: 'UND_ERR_ABORTED' });
 }
 
+/**
+ * A connector that keeps at most `pendingPerUpstream` (or its owner's `pending`) new connections
+ * per upstream (host:port) "pending": opened but not yet known to be accepted by the listener.
+ * Guests are reached through QEMU's user-mode networking, whose forwarded ports listen with a
+ * backlog of 1 (libslirp's `listen(s, 1)`) unless QEMU runs with native/cocoon-listen.so (256):
+ * with backlog 1 the host kernel queues at most 2 connections for QEMU to accept, and a third
+ * concurrent connect overflows it: the kernel drops the SYN (or the handshake's last ACK), and
+ * that client waits for retransmission: 1, 3, 7… s, up to ~60 s. A connection stops being
+ * pending once its first response bytes arrive (QEMU accepted it), when it closes, or after
+ * `pendingHoldMs` (a slow app that holds its answer must not block the others for long);
+ * connections reused by keep-alive never count. Measured (docs/gateway.md): with an app that
+ * closes every connection (busybox httpd) at 32 concurrent requests on a backlog-1 port,
+ * opening connections one at a time collapsed to ~10 req/s with stalls of up to 65 s;
+ * unbounded, throughput was fine but some requests stalled for minutes; 2 pending gave direct's
+ * throughput with no stall over 0.3 s. A connect waiting for a slot whose request's client went
+ * away is dropped (`forRequest`).
+ */
 export function guestConnector(options: GuestConnectorOptions): GuestConnector {
   const { pendingPerUpstream = 2, pendingHoldMs = 500, ...connectOptions } = options;
   const connect = buildConnector(connectOptions);
-  const upstreams = new Map<string, { pending: number; waiting: Set<() => void> }>();
-  let owner: AbortSignal | undefined;
+  const upstreams = new Map<string, { pending: number; waiting: Map<() => void, number> }>();
+  let owner: ConnectOwner | undefined;
   const connector: buildConnector.connector = (opts, callback) => {
     const answer = callback as (...a: [null, import('node:net').Socket] | [Error, null] | [Error]) => void;
-    const signal = owner;
+    const signal = owner?.signal;
+    const bound = owner?.pending ?? pendingPerUpstream;
     if (signal?.aborted) return answer(abandoned());
     const key = `${opts.hostname}:${opts.port}`;
     let upstream = upstreams.get(key);
-    if (!upstream) upstreams.set(key, (upstream = { pending: 0, waiting: new Set() }));
+    if (!upstream) upstreams.set(key, (upstream = { pending: 0, waiting: new Map() }));
     const u = upstream;
     const next = (): void => {
-      const first = u.waiting.values().next();
-      if (!first.done) first.value();
-      else if (u.pending === 0) upstreams.delete(key);
+      const first = u.waiting.entries().next();
+      if (!first.done) {
+        const [waiter, waiterBound] = first.value;
+        if (u.pending < waiterBound) waiter();
+      } else if (u.pending === 0) upstreams.delete(key);
     };
     const open = (): void => {
       u.waiting.delete(open);
@@ -272,16 +310,16 @@ export function guestConnector(options: GuestConnectorOptions): GuestConnector {
       if (u.waiting.size === 0 && u.pending === 0) upstreams.delete(key);
       answer(abandoned());
     };
-    if (u.pending < pendingPerUpstream) open();
+    if (u.pending < bound) open();
     else {
-      u.waiting.add(open);
+      u.waiting.set(open, bound);
       signal?.addEventListener('abort', drop, { once: true });
     }
   };
   return Object.assign(connector, {
-    forRequest<T>(signal: AbortSignal, dispatch: () => T): T {
+    forRequest<T>(request: ConnectOwner, dispatch: () => T): T {
       const outer = owner;
-      owner = signal;
+      owner = request;
       try {
         return dispatch();
       } finally {
@@ -331,7 +369,7 @@ export class UndiciUpstreamClient implements UpstreamClient {
     return new Promise<void>((resolve, reject) => {
       const handler = new ForwardHandler(r.res, resolve, reject);
       try {
-        this.#connector.forRequest(handler.gone, () => this.#agent.dispatch(
+        this.#connector.forRequest({ signal: handler.gone, pending: r.pendingConnects }, () => this.#agent.dispatch(
           {
             origin: `http://${hostForUrl(r.host)}:${r.port}`,
             path: r.path,

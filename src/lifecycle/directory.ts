@@ -18,6 +18,8 @@ export interface LiveRouteSource {
   autoResume: boolean;
   /** Guest port → host port of the running VM. */
   ports: ReadonlyMap<number, number>;
+  /** The running VM: its forwarded ports' backlog (vmm Vm.portBacklog). */
+  vm?: { readonly portBacklog?: number } | undefined;
 }
 
 export function liveRoute(
@@ -36,6 +38,7 @@ export function liveRoute(
     autoResumeEnabled: source.autoResume,
     upstreamHost: hostAddress,
     upstreamPortFor: (guestPort) => ports.get(guestPort) ?? null,
+    ...(source.vm?.portBacklog !== undefined ? { upstreamBacklog: source.vm.portBacklog } : {}),
   };
 }
 

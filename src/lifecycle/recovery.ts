@@ -146,7 +146,9 @@ export async function recoverMicrovms(engine: LifecycleEngine, db: Db, dataDir: 
           report.resumesRolledBack.push(id);
           break;
         case 'SUSPENDED':
-          await driver.sweep(run);
+          // No sweep of its own (each is a scan of /proc: seconds at thousands of SUSPENDED
+          // microVMs): a stray QEMU of it can only run in its run directory, on files cleared
+          // here, and the sweep of microvms/ below kills every QEMU no RUNNING microVM owns.
           await clearRunFiles(driver, dataDir, id);
           break;
         case 'TERMINATING':

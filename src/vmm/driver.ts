@@ -104,6 +104,11 @@ export interface Vm {
   readonly pid: number;
   /** Guest port → host port on this host's loopback, for every forwarded port. */
   readonly hostPorts: ReadonlyMap<number, number>;
+  /**
+   * Connections each forwarded port's listener queues for the VMM to accept (its listen()
+   * backlog); absent: unknown, take 1 (QEMU's user-mode network, libslirp's `listen(s, 1)`).
+   */
+  readonly portBacklog?: number;
   /** The control channel to cocoon-init (hello, readiness, hooks, shutdown). */
   readonly channel: GuestChannel;
   /** The unix socket on the host that reaches the guest agent (src/guest/agent/). */

@@ -87,6 +87,8 @@ export function startSandboxed(options: {
   fds?: number[];
   /** Its working directory (a process started ahead names its files relative to it: vmm/qemu/pool.ts). */
   cwd?: string;
+  /** Added to the daemon's environment for the command (e.g. LD_PRELOAD). */
+  env?: Record<string, string>;
 }): SandboxedProcess {
   const cgroup = createVmCgroup(options.id, options.limits);
   const [command, ...args] = options.argv;
@@ -94,6 +96,7 @@ export function startSandboxed(options: {
     stdio: ['ignore', options.logFd, options.logFd, ...(options.fds ?? [])],
     detached: true,
     ...(options.cwd ? { cwd: options.cwd } : {}),
+    ...(options.env ? { env: { ...process.env, ...options.env } } : {}),
   });
   child.unref();
   const exit = new Promise<void>((resolve) => {

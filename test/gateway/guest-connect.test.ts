@@ -53,7 +53,7 @@ async function until(check: () => boolean): Promise<void> {
   while (!check()) await sleep(5);
 }
 
-test('a queued guest connect whose client went away is dropped; the next request gets the slot', async (t) => {
+test('a queued guest connect whose client went away is dropped; the next request gets the slot', { timeout: 60_000 }, async (t) => {
   const guest = await heldGuest(t);
   const f = await startGateway(t, { guestConnect: { pendingPerUpstream: 1, pendingHoldMs: 600_000 } });
   f.directory.add({ id: 'vm1', ports: new Map([[8080, guest.port]]) });
@@ -89,7 +89,7 @@ test('a queued guest connect whose client went away is dropped; the next request
   assert.equal(f.directory.started, f.directory.finished);
 });
 
-test('connects beyond the pending bound wait, and each opens once a slot frees', async (t) => {
+test('connects beyond the pending bound wait, and each opens once a slot frees', { timeout: 60_000 }, async (t) => {
   const guest = await heldGuest(t);
   const f = await startGateway(t, { guestConnect: { pendingPerUpstream: 2, pendingHoldMs: 600_000 } });
   f.directory.add({ id: 'vm1', ports: new Map([[8080, guest.port]]) });
@@ -107,4 +107,23 @@ test('connects beyond the pending bound wait, and each opens once a slot frees',
   const bodies = (await Promise.all(answers)).map((x) => x.body).sort();
   assert.deepEqual(bodies, ['r0', 'r1', 'r2', 'r3']);
   assert.equal(guest.connections.length, 4);
+});
+
+test('a route whose ports queue more (upstreamBacklog 256) gets MAX_PENDING_CONNECTS (4) new connections at once, not 2', { timeout: 60_000 }, async (t) => {
+  const guest = await heldGuest(t);
+  const f = await startGateway(t, { guestConnect: { pendingHoldMs: 600_000 } });
+  // QEMU with cocoon-listen.so: backlog 256 (1 allows 2, as the test above shows).
+  f.directory.add({ id: 'vm1', ports: new Map([[8080, guest.port]]), backlog: 256 });
+  const { token } = await f.token('vm1');
+  const headers = { host: 'vm1.vm.localhost', 'x-cocoon-token': token };
+  // pendingConnectsFor(256) = MAX_PENDING_CONNECTS (4): the guest app's own queue bounds it too.
+  const answers = Array.from({ length: 6 }, (_, i) => request(f.port, { headers, path: `/${i}` }));
+  await until(() => guest.connections.length === 4 && guest.connections.every((s) => guest.requested.has(s)));
+  await sleep(50);
+  assert.equal(guest.connections.length, 4, 'four at once, not two and not six');
+  for (let i = 0; i < 6; i++) {
+    await until(() => guest.connections.length > i && guest.requested.has(guest.connections[i]!));
+    guest.answer(guest.connections[i]!, `r${i}`);
+  }
+  assert.equal((await Promise.all(answers)).filter((x) => x.status === 200).length, 6);
 });

@@ -69,6 +69,8 @@ export interface FakeVM {
   autoResumeEnabled: boolean;
   /** guest port → host port */
   ports: Map<number, number>;
+  /** The route's upstreamBacklog (absent: none named). */
+  backlog?: number;
 }
 
 /** Directory double: in-memory records, a wake that takes `wakeDelayMs`, counters. */
@@ -99,6 +101,7 @@ export class FakeDirectory implements MicroVMDirectory {
       autoResumeEnabled: vm.autoResumeEnabled,
       upstreamHost: '127.0.0.1',
       upstreamPortFor: (p) => ports.get(p) ?? null,
+      ...(vm.backlog !== undefined ? { upstreamBacklog: vm.backlog } : {}),
     };
   }
 

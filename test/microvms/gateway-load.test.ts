@@ -125,4 +125,36 @@ describe('the gateway with 32 clients for 20 s against apps that close every con
     assertAllAnswered(t, 'HTTP/1.0 app', (m) => ctx.diagnostic(m));
     assert.equal((await s.api('DELETE', `/microvms/${vm.id}`)).status, 204);
   });
+
+  test('a forwarded port queues many connections while QEMU accepts none (cocoon-listen.so, not backlog 1)', async () => {
+    const vm = await start();
+    const pid = (await getMicrovm(s.server.db, vm.id))?.runtime.pid;
+    assert.ok(typeof pid === 'number' && pid > 0, 'the microVM has a QEMU process');
+    // A stopped QEMU accepts nothing: only the kernel's accept queue (backlog + 1) completes handshakes.
+    const sockets: net.Socket[] = [];
+    process.kill(pid, 'SIGSTOP');
+    try {
+      const connected = await new Promise<number>((resolve) => {
+        let n = 0;
+        const give = setTimeout(() => resolve(n), 5_000); // with backlog 1, 2 connect and the rest wait for retransmissions
+        for (let i = 0; i < 16; i++) {
+          const c = net.connect(vm.hostPort, '127.0.0.1');
+          c.on('error', () => {});
+          c.once('connect', () => {
+            if (++n === 16) {
+              clearTimeout(give);
+              resolve(n);
+            }
+          });
+          sockets.push(c);
+        }
+      });
+      assert.equal(connected, 16, 'all 16 connects completed while QEMU accepted none');
+    } finally {
+      for (const c of sockets) c.destroy();
+      process.kill(pid, 'SIGCONT');
+    }
+    assert.equal(await s.get(vm.id, vm.token, '/'), 'hello from cocoon');
+    assert.equal((await s.api('DELETE', `/microvms/${vm.id}`)).status, 204);
+  });
 });

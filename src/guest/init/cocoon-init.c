@@ -26,6 +26,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#if defined(__x86_64__)
+#include <sys/io.h>
+#endif
 #include <sys/mount.h>
 #include <sys/reboot.h>
 #include <sys/signalfd.h>
@@ -572,6 +575,34 @@ static void begin_shutdown(long grace_ms) {
   shutdown_deadline.tv_sec += grace_ms / 1000 + 1;
 }
 
+/*
+ * The legacy PIT (i8254), when the kernel does not use it: a kernel with a TSC-deadline local
+ * APIC timer never programs it (and the guest's 6.1 kernel does not stop it), so it stays in its
+ * reset state, mode 3 with the longest count, and the VMM's emulation raises its (masked) IRQ 0
+ * on every edge: ~36 host timer wakeups a second in every idle microVM, forever. Stopped the way
+ * Linux's clockevent_i8253_disable does (mode 0, count 0, the mode written last). Only when no
+ * clock event device of the kernel is the PIT (/proc/timer_list); under KVM the in-kernel PIT
+ * is stopped alike.
+ */
+static void stop_unused_pit(void) {
+#if defined(__x86_64__)
+  int fd = open("/proc/timer_list", O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return;
+  static char list[64 * 1024];
+  ssize_t n, len = 0;
+  while (len < (ssize_t)sizeof list - 1 && (n = read(fd, list + len, sizeof list - 1 - len)) > 0) len += n;
+  close(fd);
+  list[len] = 0;
+  if (len <= 0 || strstr(list, "Clock Event Device: pit")) return;
+  if (ioperm(0x40, 4, 1) < 0) return;
+  outb(0x30, 0x43);
+  outb(0, 0x40);
+  outb(0, 0x40);
+  outb(0x30, 0x43);
+  ioperm(0x40, 4, 0);
+#endif
+}
+
 static void handle_command(char *line) {
   char *words[8] = {0};
   int n = 0;
@@ -724,6 +755,7 @@ int main(void) {
   }
   mount_or_die("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
   mount_or_die("sysfs", "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
+  stop_unused_pit();
   read_cmdline();
   load_modules();
   if (!strcmp(cmdline_param("cocoon.probe", "0"), "1")) {

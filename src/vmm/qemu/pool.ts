@@ -29,6 +29,7 @@ import path from 'node:path';
 import { CocoonError, errorMessage } from '../../common/errors.ts';
 import { log } from '../../common/log.ts';
 import { setting } from '../../common/settings.ts';
+import { listenShim, SHIM_BACKLOG } from '../native/listen-shim.ts';
 import { recordVmUid } from '../../host/sandbox.ts';
 import { killProcesses } from '../../host/processes.ts';
 import { connectUnix } from '../../net/unix-socket.ts';
@@ -66,6 +67,8 @@ export type StartQemu = (
   identity: VmIdentity | undefined,
   limits: Required<VmLimits>,
   cwd: string,
+  /** native/listen-shim.ts (forwarded ports with a real backlog); undefined: none. */
+  listenShim?: string,
 ) => SandboxedProcess;
 
 export class PooledQemu {
@@ -76,6 +79,8 @@ export class PooledQemu {
   readonly qmp: QmpClient;
   readonly guest: GuestChannel;
   readonly serialSocket: net.Socket;
+  /** The backlog its forwarded ports will listen with (vmm Vm.portBacklog): 256 with cocoon-listen.so, else 1. */
+  readonly portBacklog: number;
   #exited = false;
 
   constructor(parts: {
@@ -86,8 +91,10 @@ export class PooledQemu {
     qmp: QmpClient;
     guest: GuestChannel;
     serialSocket: net.Socket;
+    portBacklog: number;
   }) {
     this.dir = parts.dir;
+    this.portBacklog = parts.portBacklog;
     this.key = parts.key;
     this.process = parts.process;
     this.identity = parts.identity;
@@ -328,7 +335,8 @@ export class QemuPool {
         incoming: true,
         sandbox: setting('COCOON_QEMU_SANDBOX'),
       };
-      started = this.#startQemu(`pool-${path.basename(dir)}`, launch, dir, identity, key.limits, qemuDir);
+      const shim = setting('COCOON_QEMU_LISTEN_SHIM') ? await listenShim() : undefined;
+      started = this.#startQemu(`pool-${path.basename(dir)}`, launch, dir, identity, key.limits, qemuDir, shim);
       const exited = started.exit.then(() => {
         throw new CocoonError('vm_start_failed', `a QEMU for the pool exited at its start: ${readLog(path.join(dir, 'qemu.log'))}`);
       });
@@ -349,7 +357,7 @@ export class QemuPool {
       }
       const [qmp, guest, serialSocket] = channels;
       serialSocket.on('error', () => undefined);
-      return new PooledQemu({ dir, key, process: started, identity, qmp, guest, serialSocket });
+      return new PooledQemu({ dir, key, process: started, identity, qmp, guest, serialSocket, portBacklog: shim !== undefined ? SHIM_BACKLOG : 1 });
     } catch (error) {
       if (started) {
         started.child.ref();

@@ -37,6 +37,7 @@ import { type PooledQemu, activeQemuPool } from './pool.ts';
 import { identityBeforeReading, isVerified, rememberVerified } from '../verified-files.ts';
 import { sealSnapshotFiles, snapshotFailure, takeBackSnapshotFiles } from '../snapshot-safety.ts';
 import { qemuDirOf } from './paths.ts';
+import { listenShim, SHIM_BACKLOG } from '../native/listen-shim.ts';
 import {
   type PendingSnapshot,
   assertDataChecksums,
@@ -123,6 +124,8 @@ interface LaunchRecord {
   cgroup?: VmCgroup;
   /** The guest protocol version (cocoon-init's hello, or the snapshot's manifest); absent in older records. */
   guestProtocol?: number;
+  /** The backlog of the forwarded ports' listeners (Vm.portBacklog); absent in older records (1). */
+  portBacklog?: number;
 }
 
 /** The QEMU process: our child, or one adopted from a previous daemon (then polled for its exit). */
@@ -144,6 +147,8 @@ export class QemuVm implements Vm {
   readonly ramPath: string;
   /** Guest port → host port on 127.0.0.1. */
   readonly hostPorts: ReadonlyMap<number, number>;
+  /** 256 when QEMU runs with native/cocoon-listen.so, else libslirp's 1 (Vm.portBacklog). */
+  readonly portBacklog: number;
   readonly qmp: QmpClient;
   readonly guest: GuestChannel;
   readonly serialLogPath: string;
@@ -171,8 +176,10 @@ export class QemuVm implements Vm {
     qmp: QmpClient;
     guest: GuestChannel;
     serial: SerialLog;
+    portBacklog: number | undefined;
   }) {
     this.id = parts.options.id;
+    this.portBacklog = parts.portBacklog ?? 1;
     this.runDir = parts.options.runDir;
     this.shape = parts.launch.shape;
     this.cmdline = parts.launch.cmdline;
@@ -710,7 +717,7 @@ export class QemuVm implements Vm {
     }
     const [qmp, guest, serial] = channels;
     guest.helloSeen = true;
-    const vm = new QemuVm({ launch, options, proc, qmp, guest, serial });
+    const vm = new QemuVm({ launch, options, proc, qmp, guest, serial, portBacklog: record.portBacklog });
     vm.guestProtocol = record.guestProtocol;
     log.info({ vm: options.id, pid: record.pid }, 'vm adopted');
     return vm;
@@ -860,13 +867,14 @@ export class QemuVm implements Vm {
         sockets,
         cgroup,
         ...(steps.guestProtocol !== undefined ? { guestProtocol: steps.guestProtocol } : {}),
+        portBacklog: pooled.portBacklog,
       });
       clock.mark('forwards_record');
       serial = new SerialLog(path.join(options.runDir, 'serial.log'), options.serialLogMaxBytes);
       serial.attachSocket(pooled.serialSocket);
       const launch = { shape, cmdline, disk, ram: { path: ramPath, share: true }, forwards, sockets };
       const proc: VmProcess = { pid: pooled.pid, exit, hold: () => child.ref() };
-      vm = new QemuVm({ launch, options, proc, qmp: pooled.qmp, guest: pooled.guest, serial });
+      vm = new QemuVm({ launch, options, proc, qmp: pooled.qmp, guest: pooled.guest, serial, portBacklog: pooled.portBacklog });
       vm.guestProtocol = steps.guestProtocol;
       vm.startPhases = clock.phases;
       clock.mark(`${await filling}_wait`);
@@ -968,7 +976,8 @@ export class QemuVm implements Vm {
       filling = steps.fill?.();
       filling?.catch(() => undefined); // awaited below, or settled in the clean-up
       // (The VM's cgroup is made as the process starts: startSandboxed.)
-      started = startQemu(options.id, launch, options.runDir, identity, launchLimits(shape, options.limits));
+      const shim = setting('COCOON_QEMU_LISTEN_SHIM') ? await listenShim() : undefined;
+      started = startQemu(options.id, launch, options.runDir, identity, launchLimits(shape, options.limits), undefined, shim);
       clock.mark('process_spawn');
       const { child, exit, cgroup } = started;
       const launched = launch;
@@ -985,6 +994,7 @@ export class QemuVm implements Vm {
         sockets,
         cgroup,
         ...(steps.guestProtocol !== undefined ? { guestProtocol: steps.guestProtocol } : {}),
+        portBacklog: shim !== undefined ? SHIM_BACKLOG : 1,
       };
       const connected = () =>
         Promise.race([
@@ -1013,7 +1023,7 @@ export class QemuVm implements Vm {
       }
       const [qmp, guest, serial] = channels;
       const proc: VmProcess = { pid: child.pid ?? -1, exit, hold: () => child.ref() };
-      vm = new QemuVm({ launch: launched, options, proc, qmp, guest, serial });
+      vm = new QemuVm({ launch: launched, options, proc, qmp, guest, serial, portBacklog: record.portBacklog });
       vm.guestProtocol = steps.guestProtocol;
       vm.startPhases = clock.phases;
       if (filling) clock.mark(`${await filling}_wait`);
@@ -1117,18 +1127,34 @@ export function startQemu(
   identity: VmIdentity | undefined,
   limits: Required<VmLimits>,
   cwd?: string,
+  /** native/listen-shim.ts: forwarded ports listen with a real backlog (undefined: libslirp's 1). */
+  listenShim?: string,
 ): SandboxedProcess {
   const logFd = fs.openSync(path.join(runDir, 'qemu.log'), 'w', 0o600);
   const guestFds: number[] = [];
   try {
     let args = qemuArgs(launch);
+    let preload = listenShim;
     if (identity) {
-      // Kernel and initramfs as open files: QEMU's user need not search the directories they are in.
+      // Kernel and initramfs (and the shim) as open files: QEMU's user need not search the directories they are in.
       const { kernel, initramfs } = launch.shape.guest;
       guestFds.push(fs.openSync(kernel, 'r'), fs.openSync(initramfs, 'r'));
       args = qemuArgs({ ...launch, shape: { ...launch.shape, guest: { ...launch.shape.guest, kernel: '/dev/fd/3', initramfs: '/dev/fd/4' } } });
+      if (listenShim !== undefined) {
+        guestFds.push(fs.openSync(listenShim, 'r'));
+        preload = '/dev/fd/5';
+      }
     }
-    return startSandboxed({ id, argv: [QEMU_BINARY, ...args], identity, limits, logFd, fds: guestFds, ...(cwd ? { cwd } : {}) });
+    return startSandboxed({
+      id,
+      argv: [QEMU_BINARY, ...args],
+      identity,
+      limits,
+      logFd,
+      fds: guestFds,
+      ...(cwd ? { cwd } : {}),
+      ...(preload !== undefined ? { env: { LD_PRELOAD: preload } } : {}),
+    });
   } finally {
     fs.closeSync(logFd);
     for (const fd of guestFds) fs.closeSync(fd);
