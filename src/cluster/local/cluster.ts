@@ -22,6 +22,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import pg from 'pg';
+import { processCwd } from '../../host/processes.ts';
 import { freeLoopbackPort } from '../../net/ports.ts';
 import { PostgresServer } from './postgres-server.ts';
 import { S3_CREDENTIALS, S3_READY } from './s3-server.ts';
@@ -418,7 +419,9 @@ async function stopProcess(pid: number, graceMs: number): Promise<boolean> {
 
 /**
  * SIGKILLs every process whose command line names a path under `dir` (a host's QEMUs name their
- * run directories; nothing else names a host's data directory). Answers how many.
+ * run directories; nothing else names a host's data directory) or whose working directory is under
+ * it (a QEMU of the host's pool, started ahead with relative paths: src/vmm/qemu/pool.ts; after a
+ * killed host, nothing else ends those). Answers how many.
  */
 async function killProcessesUnder(dir: string): Promise<number> {
   const needle = path.resolve(dir) + path.sep;
@@ -427,7 +430,8 @@ async function killProcessesUnder(dir: string): Promise<number> {
     if (!/^\d+$/.test(entry) || Number(entry) === process.pid) continue;
     try {
       const cmdline = fs.readFileSync(`/proc/${entry}/cmdline`, 'utf8');
-      if (cmdline.includes(needle)) found.push(Number(entry));
+      // A deleted working directory reads as "<path> (deleted)": still a prefix match.
+      if (cmdline.includes(needle) || (processCwd(Number(entry)) ?? '').startsWith(needle)) found.push(Number(entry));
     } catch {
       // gone meanwhile
     }
