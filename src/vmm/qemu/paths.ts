@@ -7,3 +7,13 @@ export const QEMU_SUBDIR = 'qemu';
 export function qemuDirOf(runDir: string): string {
   return path.join(runDir, QEMU_SUBDIR);
 }
+
+/** The sockets QEMU listens on inside its directory (QMP, the guest channel, the serial console, the exec agent). */
+export function qemuSocketsOf(qemuDir: string): { qmp: string; guest: string; serial: string; agent: string } {
+  return {
+    qmp: path.join(qemuDir, 'qmp.sock'),
+    guest: path.join(qemuDir, 'guest.sock'),
+    serial: path.join(qemuDir, 'serial.sock'),
+    agent: path.join(qemuDir, 'agent.sock'),
+  };
+}

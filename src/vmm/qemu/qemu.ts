@@ -36,7 +36,7 @@ import { restoreTuning, suspendTuning } from './tuning.ts';
 import { type PooledQemu, activeQemuPool } from './pool.ts';
 import { identityBeforeReading, isVerified, rememberVerified } from '../verified-files.ts';
 import { sealSnapshotFiles, snapshotFailure, takeBackSnapshotFiles } from '../snapshot-safety.ts';
-import { qemuDirOf } from './paths.ts';
+import { qemuDirOf, qemuSocketsOf } from './paths.ts';
 import { listenShim, SHIM_BACKLOG } from '../native/listen-shim.ts';
 import {
   type PendingSnapshot,
@@ -815,12 +815,7 @@ export class QemuVm implements Vm {
     const { shape, cmdline } = pooled.key;
     const ramPath = path.join(options.runDir, 'mem');
     const qemuDir = qemuDirOf(options.runDir);
-    const sockets = {
-      qmp: path.join(qemuDir, 'qmp.sock'),
-      guest: path.join(qemuDir, 'guest.sock'),
-      serial: path.join(qemuDir, 'serial.sock'),
-      agent: path.join(qemuDir, 'agent.sock'),
-    };
+    const sockets = qemuSocketsOf(qemuDir);
     let filling: Promise<string> | undefined;
     let serial: SerialLog | undefined;
     let vm: QemuVm | undefined;
@@ -934,12 +929,7 @@ export class QemuVm implements Vm {
     });
     // QEMU's sockets and pid file: a directory of its own (src/host/sandbox.ts: the run directory is root's).
     const qemuDir = qemuDirOf(options.runDir);
-    const sockets = {
-      qmp: path.join(qemuDir, 'qmp.sock'),
-      guest: path.join(qemuDir, 'guest.sock'),
-      serial: path.join(qemuDir, 'serial.sock'),
-      agent: path.join(qemuDir, 'agent.sock'),
-    };
+    const sockets = qemuSocketsOf(qemuDir);
     let vm: QemuVm | undefined;
     let started: SandboxedProcess | undefined;
     let launch: QemuLaunch | undefined;
