@@ -111,13 +111,15 @@ export interface HeldMemoryDiff {
  * against damaged base pages would be restored onto the intact ones. Everything that does not
  * need the paused VM (the base checked, the helper started, the files opened) happens here.
  */
-export async function prepareMemoryDiff(options: { baseDir: string; memFile: string; outFile: string; memoryBytes: number; durable: boolean }): Promise<HeldMemoryDiff | undefined> {
+export async function prepareMemoryDiff(options: { baseDir: string; memFile: string; outFile: string; memoryBytes: number; durable: boolean; narrow?: boolean }): Promise<HeldMemoryDiff | undefined> {
   const base = await readSnapshotManifest(options.baseDir);
   const baseMem = base.files.mem;
   if (baseMem.base || !baseMem.checksum || base.shape.memoryMiB * 1024 * 1024 !== options.memoryBytes) return undefined;
   await verifySnapshotData(options.baseDir, base, ['mem']);
   await fs.promises.rm(options.outFile, { force: true });
-  const held = await startHeldHelper(['diff', path.join(options.baseDir, baseMem.name), options.memFile, options.outFile, ...(options.durable ? ['sync'] : []), 'wait']);
+  // `narrow`: only the RAM file's pages written since it was reserved are compared, and where
+  // the base holds zeros the base is not read (cocoon-sparse.c `mark_written`; issue 12).
+  const held = await startHeldHelper(['diff', path.join(options.baseDir, baseMem.name), options.memFile, options.outFile, ...(options.durable ? ['sync'] : []), ...(options.narrow ? ['narrow'] : []), 'wait']);
   const baseChecksum = baseMem.checksum;
   return {
     go: async () => {

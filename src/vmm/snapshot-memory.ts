@@ -50,11 +50,13 @@ export async function startMemoryDiff(options: {
   partial: string;
   memoryBytes: number;
   durable: boolean;
+  /** The narrower compare (mem-diff.ts `prepareMemoryDiff`). */
+  narrow?: boolean;
 }): Promise<SnapshotMemory | undefined> {
   const outFile = path.join(options.partial, MEMORY_DIFF_NAME);
   let held: HeldMemoryDiff | undefined;
   try {
-    held = await prepareMemoryDiff({ baseDir: options.baseDir, memFile: options.ramPath, outFile, memoryBytes: options.memoryBytes, durable: options.durable });
+    held = await prepareMemoryDiff({ baseDir: options.baseDir, memFile: options.ramPath, outFile, memoryBytes: options.memoryBytes, durable: options.durable, narrow: options.narrow ?? false });
   } catch (error) {
     log.warn({ vm: options.vm, error: errorMessage(error) }, 'cannot keep only the changed memory pages; the snapshot keeps whole memory');
   }

@@ -31,7 +31,11 @@
  *                                 Prints OUT's checksum line (as `sum`), then "<diff pages> <pages>".
  *                                 `wait`: prints "ready" once the files are open and waits for a
  *                                 byte on stdin before it reads MEM (a suspend starts it before the
- *                                 pause); `threads=N`: compare on N threads (default 1, at most 4)
+ *                                 pause); `threads=N`: compare on N threads (default 1, at most 4);
+ *                                 `narrow`: MEM's pages that may hold data are found with FIEMAP
+ *                                 and cachestat(2) (the pages written since its extents were
+ *                                 reserved) instead of SEEK_DATA, and where BASE is a hole only
+ *                                 MEM is read (checked for zeros)
  *   cocoon-sparse undiff BASE DIFF TARGET [reserve] [into] [sumbase] [sum] [-- FILE...]
  *                                 a new TARGET with the memory DIFF describes: BASE's data extents
  *                                 copied (as `copy`), DIFF's pages written over them; `reserve` and
@@ -72,6 +76,7 @@
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/vfs.h>
 #include <unistd.h>
 
@@ -550,14 +555,113 @@ enum { DIFF_VERSION = 1, DIFF_INVALID = 3 };
 static uint64_t get_le64(const uint8_t *p) { uint64_t v = 0; for (int i = 7; i >= 0; i--) v = (v << 8) | p[i]; return v; }
 static uint64_t align_page(uint64_t n) { return (n + PAGE - 1) & ~(uint64_t)(PAGE - 1); }
 
-/* Marks in `candidate` every page of the file's data ranges. */
-static int mark_ranges(int fd, uint64_t size, uint8_t *candidate, int nosync) {
+/* Marks in `candidate` (|= mark) every page of the file's data ranges. */
+static int mark_ranges(int fd, uint64_t size, uint8_t *candidate, int nosync, uint8_t mark) {
   range_t *ranges = NULL;
   size_t count = 0;
   if (collect_ranges_mode(fd, size, &ranges, &count, nosync) < 0) return -1;
   for (size_t i = 0; i < count; i++)
-    for (uint64_t at = ranges[i].start; at < ranges[i].end; at += PAGE) candidate[at / PAGE] = 1;
+    for (uint64_t at = ranges[i].start; at < ranges[i].end; at += PAGE) candidate[at / PAGE] |= mark;
   free(ranges);
+  return 0;
+}
+
+/*
+ * Which pages of a paused VM's RAM file may hold anything but zeros, narrower than SEEK_DATA
+ * (issue 12: the suspend's compare). SEEK_DATA reports every cached page over an unwritten
+ * extent as data, and a RAM file is reserved (all unwritten) and full of such pages that the
+ * guest only read: zeros, about as many as the image has data pages. A page over an unwritten
+ * extent or a hole holds zeros unless it was written since; a written page is dirty (a write
+ * fault of a shared mapping dirties it before the write) until writeback, which converts its
+ * extent to written (ext4: before the page's writeback ends). So, in this order:
+ *   1. FIEMAP, not synced: the ranges that are unwritten extents or holes now;
+ *   2. cachestat(2): in those ranges, the pages dirty or under writeback (found by halving the
+ *      ranges down to NARROW_PAGES);
+ *   3. FIEMAP again: every extent that is not unwritten (written, or delayed allocation).
+ * A page written before step 2 is dirty or under writeback there, or its extent is written by
+ * step 3 (a conversion is never undone); the vCPUs are stopped, so nothing writes after.
+ * Answers 1 when the filesystem or kernel lacks FIEMAP or cachestat (the caller then uses
+ * SEEK_DATA), -1 on an error.
+ */
+#ifndef SYS_cachestat
+#define SYS_cachestat 451
+#endif
+typedef struct { uint64_t off, len; } cachestat_range_t;
+typedef struct { uint64_t nr_cache, nr_dirty, nr_writeback, nr_evicted, nr_recently_evicted; } cachestat_t;
+enum { NARROW_PAGES = 32 };
+
+/* Marks (|= mark) the pages of [start, end) that are dirty or under writeback, NARROW_PAGES at a time. */
+static int mark_unclean(int fd, uint64_t start, uint64_t end, uint8_t *candidate, uint8_t mark) {
+  if (start >= end) return 0; /* (a length of 0 would mean "to the end of the file") */
+  cachestat_range_t range = {start, end - start};
+  cachestat_t stat;
+  if (syscall(SYS_cachestat, fd, &range, &stat, 0) < 0) return -1;
+  if (stat.nr_dirty + stat.nr_writeback == 0) return 0;
+  if (end - start <= (uint64_t)NARROW_PAGES * PAGE) {
+    for (uint64_t at = start; at < end; at += PAGE) candidate[at / PAGE] |= mark;
+    return 0;
+  }
+  const uint64_t mid = start + ((end - start) / 2 & ~(uint64_t)(PAGE - 1));
+  return mark_unclean(fd, start, mid, candidate, mark) < 0 ? -1 : mark_unclean(fd, mid, end, candidate, mark);
+}
+
+/* The extents of a file as FIEMAP reports them now (no sync), page-aligned outwards. */
+typedef struct { uint64_t start, end; int unwritten; } extent_t;
+static int collect_extents(int fd, uint64_t size, extent_t **out, size_t *count) {
+  struct fiemap *map = calloc(1, sizeof(struct fiemap) + MAP_EXTENTS * sizeof(struct fiemap_extent));
+  size_t n = 0, capacity = 64;
+  extent_t *list = malloc(capacity * sizeof *list);
+  if (!map || !list) { free(map); free(list); errno = ENOMEM; return -1; }
+  uint64_t next = 0;
+  for (int last = 0; !last && next < size;) {
+    memset(map, 0, sizeof(struct fiemap));
+    map->fm_start = next;
+    map->fm_length = size - next;
+    map->fm_extent_count = MAP_EXTENTS;
+    if (ioctl(fd, FS_IOC_FIEMAP, map) < 0) { free(map); free(list); return -1; }
+    if (map->fm_mapped_extents == 0) break;
+    for (unsigned i = 0; i < map->fm_mapped_extents; i++) {
+      const struct fiemap_extent *e = &map->fm_extents[i];
+      if (e->fe_flags & FIEMAP_EXTENT_LAST) last = 1;
+      uint64_t from = e->fe_logical & ~(uint64_t)(PAGE - 1), to = align_page(e->fe_logical + e->fe_length);
+      if (to > size) to = size;
+      if (to > next) next = to;
+      if (from >= to) continue;
+      if (n == capacity) {
+        extent_t *bigger = realloc(list, (capacity *= 2) * sizeof *list);
+        if (!bigger) { free(map); free(list); errno = ENOMEM; return -1; }
+        list = bigger;
+      }
+      list[n++] = (extent_t){from, to, (e->fe_flags & FIEMAP_EXTENT_UNWRITTEN) != 0};
+    }
+  }
+  free(map);
+  *out = list;
+  *count = n;
+  return 0;
+}
+
+static int mark_written(int fd, uint64_t size, uint8_t *candidate, uint8_t mark) {
+  extent_t *extents = NULL;
+  size_t count = 0;
+  if (collect_extents(fd, size, &extents, &count) < 0) return errno == EOPNOTSUPP || errno == ENOTTY || errno == EINVAL ? 1 : -1;
+  /* 2. the dirty pages where step 1 finds no written data: unwritten extents and the holes between */
+  uint64_t at = 0;
+  int r = 0;
+  for (size_t i = 0; r == 0 && i <= count; i++) {
+    const uint64_t hole_end = i < count ? extents[i].start : size;
+    if (hole_end > at) r = mark_unclean(fd, at, hole_end, candidate, mark);
+    if (r == 0 && i < count && extents[i].unwritten) r = mark_unclean(fd, extents[i].start, extents[i].end, candidate, mark);
+    if (i < count && extents[i].end > at) at = extents[i].end;
+  }
+  free(extents);
+  if (r < 0) return errno == ENOSYS ? 1 : -1;
+  /* 3. every extent that is written (or allocated later) by now */
+  if (collect_extents(fd, size, &extents, &count) < 0) return -1;
+  for (size_t i = 0; i < count; i++)
+    if (!extents[i].unwritten)
+      for (uint64_t p = extents[i].start; p < extents[i].end; p += PAGE) candidate[p / PAGE] |= mark;
+  free(extents);
   return 0;
 }
 
@@ -588,6 +692,7 @@ typedef struct {
   const uint8_t *candidate;
   uint8_t *bitmap;
   uint64_t pages;
+  int narrow;            /* pages where BASE is a hole (candidate 2) are checked for zeros, BASE unread */
   int error;             /* errno of a failed read (the first) */
   const char *failed;    /* which file it was */
   pthread_mutex_t lock;
@@ -610,15 +715,24 @@ static void *compare_worker(void *arg) {
     pthread_mutex_lock(&c->lock);
     uint64_t i = c->next;
     while (i < c->pages && !c->candidate[i]) i++;
+    /* With `narrow`, a run is all pages where BASE has data, or all where it is a hole. */
+    const int base_hole = c->narrow && i < c->pages && !(c->candidate[i] & 1);
     uint64_t j = i;
-    while (j < c->pages && j - i < BATCH && c->candidate[j]) j++;
+    while (j < c->pages && j - i < BATCH && c->candidate[j] && (!c->narrow || ((c->candidate[j] & 1) == 0) == base_hole)) j++;
     c->next = j;
     const int stop = c->error != 0;
     pthread_mutex_unlock(&c->lock);
     if (stop || i >= c->pages) break;
     const size_t bytes = (size_t)((j - i) * PAGE);
     const char *failed = NULL;
-    if (read_all(c->base, was, bytes, i * PAGE) < 0) failed = "base";
+    if (base_hole) {
+      if (read_all(c->mem, now, bytes, i * PAGE) < 0) failed = "mem";
+      else {
+        for (uint64_t k = i; k < j; k++)
+          if (!all_zero(now + (k - i) * PAGE, PAGE)) __atomic_fetch_or(&c->bitmap[k / 8], (uint8_t)(1u << (k % 8)), __ATOMIC_RELAXED);
+        continue;
+      }
+    } else if (read_all(c->base, was, bytes, i * PAGE) < 0) failed = "base";
     else if (read_all(c->mem, now, bytes, i * PAGE) < 0) failed = "mem";
     if (failed) {
       pthread_mutex_lock(&c->lock);
@@ -644,7 +758,7 @@ static void *compare_worker(void *arg) {
  * (the files opened, BASE's data found) is done first, then "ready" is printed and the diff
  * starts on a byte on stdin: a suspend starts the helper before it pauses the VM.
  */
-static int diff_file(const char *base_file, const char *mem_file, const char *out_file, int sync, int wait, int threads) {
+static int diff_file(const char *base_file, const char *mem_file, const char *out_file, int sync, int wait, int threads, int narrow) {
   int base = open(base_file, O_RDONLY | O_CLOEXEC);
   if (base < 0) return fail("cannot open", base_file);
   int mem = open(mem_file, O_RDONLY | O_CLOEXEC);
@@ -666,7 +780,7 @@ static int diff_file(const char *base_file, const char *mem_file, const char *ou
   bitmap = calloc(1, align_page(bitmap_bytes));
   buffer = malloc((size_t)BATCH * PAGE);
   if (!candidate || !bitmap || !buffer) { r = fail("out of memory for", mem_file); goto done; }
-  if (mark_ranges(base, size, candidate, 0) < 0) { r = fail("cannot find the data of", base_file); goto done; }
+  if (mark_ranges(base, size, candidate, 0, 1) < 0) { r = fail("cannot find the data of", base_file); goto done; }
   out = open(out_file, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
   if (out < 0) { r = fail("cannot create", out_file); goto done; }
   if (wait) {
@@ -674,8 +788,10 @@ static int diff_file(const char *base_file, const char *mem_file, const char *ou
     if (printf("ready\n") < 0 || fflush(stdout) != 0) { r = 1; goto done; }
     if (read(0, &go, 1) != 1) { fprintf(stderr, "cocoon-sparse: diff: no go on stdin\n"); r = 1; goto done; }
   }
-  if (mark_ranges(mem, size, candidate, 1) < 0) { r = fail("cannot find the data of", mem_file); goto done; }
-  compare_t c = { .base = base, .mem = mem, .candidate = candidate, .bitmap = bitmap, .pages = pages };
+  int marked = narrow ? mark_written(mem, size, candidate, 2) : 1;
+  if (marked == 1) marked = mark_ranges(mem, size, candidate, 1, 2);
+  if (marked < 0) { r = fail("cannot find the data of", mem_file); goto done; }
+  compare_t c = { .base = base, .mem = mem, .candidate = candidate, .bitmap = bitmap, .pages = pages, .narrow = narrow };
   pthread_mutex_init(&c.lock, NULL);
   pthread_t ids[MAX_THREADS];
   int started = 0;
@@ -824,14 +940,15 @@ int main(int argc, char **argv) {
     return fflush(stdout) == 0 ? 0 : 1;
   }
   if (argc >= 5 && strcmp(argv[1], "diff") == 0) {
-    int sync = 0, wait = 0, threads = 1;
+    int sync = 0, wait = 0, threads = 1, narrow = 0;
     for (int i = 5; i < argc; i++) {
       if (strcmp(argv[i], "sync") == 0) sync = 1;
       else if (strcmp(argv[i], "wait") == 0) wait = 1;
+      else if (strcmp(argv[i], "narrow") == 0) narrow = 1;
       else if (strncmp(argv[i], "threads=", 8) == 0 && atoi(argv[i] + 8) >= 1) threads = atoi(argv[i] + 8);
       else { fprintf(stderr, "cocoon-sparse: unknown diff option %s\n", argv[i]); return 2; }
     }
-    int r = diff_file(argv[2], argv[3], argv[4], sync, wait, threads);
+    int r = diff_file(argv[2], argv[3], argv[4], sync, wait, threads, narrow);
     return r ? r : (fflush(stdout) == 0 ? 0 : 1);
   }
   if (argc >= 5 && strcmp(argv[1], "undiff") == 0) {
@@ -850,6 +967,6 @@ int main(int argc, char **argv) {
   if (argc == 3 && strcmp(argv[1], "alloc") == 0) return alloc_file(argv[2]);
   if (argc == 3 && strcmp(argv[1], "trim") == 0) return trim_file(argv[2]);
   if (argc == 3 && strcmp(argv[1], "map") == 0) return map_file(argv[2]);
-  fprintf(stderr, "usage: cocoon-sparse sum FILE... | copy SRC DST [reserve] [sum] [-- FILE...] | alloc FILE | trim FILE | map FILE | diff BASE MEM OUT [sync] [wait] [threads=N] | undiff BASE DIFF TARGET [reserve] [into] [sumbase] [sum] [-- FILE...]\n");
+  fprintf(stderr, "usage: cocoon-sparse sum FILE... | copy SRC DST [reserve] [sum] [-- FILE...] | alloc FILE | trim FILE | map FILE | diff BASE MEM OUT [sync] [wait] [narrow] [threads=N] | undiff BASE DIFF TARGET [reserve] [into] [sumbase] [sum] [-- FILE...]\n");
   return 2;
 }

@@ -488,7 +488,7 @@ export class QemuVm implements Vm {
       const statePath = path.join(partial, 'state');
       const migrateSocket = path.join(qemuDirOf(this.runDir), 'migrate.sock');
       const memoryStarting = options.memoryBase && !endFirst && suspendTuning.diffInCommit
-        ? startMemoryDiff({ vm: this.id, baseDir: options.memoryBase, ramPath: this.ramPath, partial, memoryBytes: this.shape.memoryMiB * 1024 * 1024, durable })
+        ? startMemoryDiff({ vm: this.id, baseDir: options.memoryBase, ramPath: this.ramPath, partial, memoryBytes: this.shape.memoryMiB * 1024 * 1024, durable, narrow: suspendTuning.narrowCompare })
         : undefined;
       try {
         progress.stateSave = suspendTuning.diffInCommit ? await prepareDeviceStateSave(this.qmp, migrateSocket, statePath) : undefined;

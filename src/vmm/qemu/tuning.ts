@@ -28,5 +28,9 @@ export const restoreTuning = { overlap: true, layerTemplate: true, pool: true, p
  *   straight from the paused VM's RAM file while the device state is saved; only the diff is
  *   written and synced (mem-diff.ts `prepareMemoryDiff`). Off: the whole RAM file is
  *   checksummed, synced and committed, and the caller diffs it afterwards (`diffSnapshotMemory`).
+ * - `narrowCompare` (issue 12, the suspend's compare): only the RAM file's pages that may hold
+ *   data are compared (its written extents and the pages dirty or under writeback, not every
+ *   cached page SEEK_DATA reports), and where the base holds zeros the base is not read
+ *   (cocoon-sparse.c `mark_written`). Off: every page SEEK_DATA finds, base and RAM file read.
  */
-export const suspendTuning = { diffInCommit: true };
+export const suspendTuning = { diffInCommit: true, narrowCompare: true };
