@@ -35,6 +35,7 @@ import { PhaseClock, type Phases } from '../phases.ts';
 import { restoreTuning, suspendTuning } from './tuning.ts';
 import { endInBackground, qemuExitsSettled } from './exits.ts';
 import { type PooledQemu, activeQemuPool } from './pool.ts';
+import { type RestoreStart, attachPooled, continueRestored, writeBackRamLater } from './pooled-restore.ts';
 import { identityBeforeReading, isVerified, rememberVerified } from '../verified-files.ts';
 import { sealSnapshotFiles, snapshotFailure, takeBackSnapshotFiles } from '../snapshot-safety.ts';
 import { qemuDirOf, qemuSocketsOf } from './paths.ts';
@@ -390,9 +391,10 @@ export class QemuVm implements Vm {
       await Promise.all([rememberVerified(memFile, memBefore, memKey), rememberVerified(snapshotDisk, diskBefore, diskKey)]);
       return 'ram_clone_checksums';
     };
-    const start = async (vm: QemuVm): Promise<void> => {
+    // `how`: into a pooled QEMU (listening for its state already), the new way or not (pooled-restore.ts).
+    const start = async (vm: QemuVm, how: RestoreStart = { listening: false, inline: false }): Promise<void> => {
       try {
-        await loadDeviceState(vm.qmp, path.join(qemuDirOf(options.runDir), 'incoming.sock'), stateFile);
+        await loadDeviceState(vm.qmp, path.join(qemuDirOf(options.runDir), 'incoming.sock'), stateFile, 30_000, how);
         clock.mark('device_state_load');
       } catch (error) {
         if (error instanceof CocoonError && error.code === 'snapshot_corrupt') throw error;
@@ -401,10 +403,7 @@ export class QemuVm implements Vm {
           cause: error,
         });
       }
-      await vm.qmp.execute('cont', {});
-      clock.mark('cont');
-      await vm.guest.restoreFromSnapshot(5000);
-      clock.mark('guest_clock_rng');
+      await continueRestored(vm, how.inline, clock);
     };
     // A QEMU started ahead for this machine (pool.ts): its memory is filled in place, as below.
     const pooled = restoreTuning.pool
@@ -827,10 +826,11 @@ export class QemuVm implements Vm {
     pooled: PooledQemu,
     options: CommonVmOptions,
     disk: DiskSpec,
-    steps: { clock: PhaseClock; guestProtocol?: number; diskLayer: () => Promise<void>; fill: () => Promise<string>; start: (vm: QemuVm) => Promise<void> },
+    steps: { clock: PhaseClock; guestProtocol?: number; diskLayer: () => Promise<void>; fill: () => Promise<string>; start: (vm: QemuVm, how: RestoreStart) => Promise<void> },
   ): Promise<QemuVm> {
     const { clock } = steps;
     const { shape, cmdline } = pooled.key;
+    const inline = restoreTuning.pooledInline; // (read once: the benchmark switches it between restores)
     const ramPath = path.join(options.runDir, 'mem');
     const qemuDir = qemuDirOf(options.runDir);
     const sockets = qemuSocketsOf(qemuDir);
@@ -855,17 +855,9 @@ export class QemuVm implements Vm {
       clock.mark('disk_layer');
       filling = steps.fill();
       filling.catch(() => undefined); // awaited below, or settled in the clean-up
-      // The ports and the disk side by side (QMP answers one command after the other).
-      const forwarding = resolveForwards(options.network.forwards).then(async (resolved) => {
-        await pooled.forward(resolved);
-        return resolved;
-      });
-      forwarding.catch(() => undefined);
-      await grantLaunchAccess(pooled.identity, { runDir: options.runDir, processDir: qemuDir, ramPath, disk, openedFiles: [] }, { egress: pooled.key.egress });
-      clock.mark('disk_grant');
-      await pooled.attachDisk(disk);
-      clock.mark('disk_attach');
-      const forwards = await forwarding;
+      const resolving = resolveForwards(options.network.forwards);
+      resolving.catch(() => undefined); // awaited in attachPooled
+      const forwards = await attachPooled(pooled, { runDir: options.runDir, qemuDir, ramPath, disk }, resolving, inline, clock);
       const { child, exit, cgroup } = pooled.process;
       await writeLaunchRecord(options.runDir, {
         formatVersion: 1,
@@ -892,13 +884,13 @@ export class QemuVm implements Vm {
       vm.startPhases = clock.phases;
       clock.mark(`${await filling}_wait`);
       await Promise.race([
-        steps.start(vm),
+        steps.start(vm, { listening: pooled.listening, inline }),
         exit.then(() => {
           throw qemuStartError(options.runDir, { forwards, incoming: true }, vm);
         }),
       ]);
       log.info({ vm: options.id, pid: pooled.pid, accel: shape.accel, restore: true, pooled: true }, 'vm started');
-      fsyncFile(ramPath).catch(() => undefined);
+      writeBackRamLater(ramPath, inline);
       return vm;
     } catch (caught) {
       let error = caught;

@@ -9,8 +9,16 @@
  *   `qemu-img create` each.
  * - `pool`: a restore takes a QEMU started ahead from the open pool (pool.ts) when one of its
  *   machine waits there; off: it always starts its own.
+ * - `pooledInline` (a restore into a pooled QEMU, pooled-restore.ts): the files given to the
+ *   QEMU's uid with each call made at once (host/sandbox.ts `inlineFs`), not one after the
+ *   other through libuv's thread pool while the memory copy keeps it and the cores busy; the
+ *   disk's three QMP commands and the port forwards sent at once, answered together; the device
+ *   state sent to a migration the pooled QEMU listens for already, read in one call; and the
+ *   guest's clock/RNG message written before `cont`, so that it waits in the guest channel when
+ *   the vCPUs start (the restore still resolves only on the guest's answer). Off: as before,
+ *   step by step.
  */
-export const restoreTuning = { overlap: true, layerTemplate: true, pool: true };
+export const restoreTuning = { overlap: true, layerTemplate: true, pool: true, pooledInline: true };
 
 /**
  * How a snapshot given `memoryBase` (a suspend) keeps its memory (issue 12), as a switch so that
