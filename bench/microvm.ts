@@ -89,7 +89,20 @@ export async function runMicrovmBench(options: MicrovmBenchOptions = {}): Promis
   const metrics: Metrics = {};
   try {
     const phasesFile = path.join(dataDir, 'resume-phases.ndjson');
-    daemon = await spawnDaemon(dataDir, { COCOON_TEST_RESUME_PHASES: phasesFile });
+    const tuningFile = path.join(dataDir, 'restore-tuning.json');
+    daemon = await spawnDaemon(dataDir, { COCOON_TEST_RESUME_PHASES: phasesFile, COCOON_TEST_RESTORE_TUNING: tuningFile });
+    const daemonPid = daemon.info.pid;
+    /** Sets the daemon's restore switches (test/support/daemon.ts) and waits until it has. */
+    const tune = async (switches: Record<string, boolean>): Promise<void> => {
+      fs.rmSync(`${tuningFile}.applied`, { force: true });
+      fs.writeFileSync(tuningFile, JSON.stringify(switches));
+      process.kill(daemonPid, 'SIGUSR2');
+      const deadline = Date.now() + 5000;
+      while (!fs.existsSync(`${tuningFile}.applied`)) {
+        if (Date.now() > deadline) throw new Error('the daemon did not apply its restore switches');
+        await new Promise((resolve) => setTimeout(resolve, 5));
+      }
+    };
     const adminKey = fs.readFileSync(path.join(dataDir, 'admin-api-key'), 'utf8').trim();
     const api = apiClient(daemon.info.apiUrl, adminKey);
     const gatewayPort = daemon.info.gatewayPort;
@@ -148,17 +161,25 @@ export async function runMicrovmBench(options: MicrovmBenchOptions = {}): Promis
       await get(vm, '/');
       const phases = new ResumePhasesFile(phasesFile);
       const onRequest = { total: [] as number[], phases: new PhaseSamples() };
+      const onRequestStepwise = { total: [] as number[], phases: new PhaseSamples() };
       const throughApi = { total: [] as number[], phases: new PhaseSamples() };
-      // Interleaved: a wake by a gateway request, then one by the API, run after run.
+      // Interleaved: a wake by a gateway request, the same with the driver's pooled restore
+      // step by step as before (`restoreTuning.pooledInline` off: src/vmm/qemu/pooled-restore.ts;
+      // every other run first), then one by the API, run after run.
       for (let i = 0; i < runs; i++) {
-        await suspend(vm);
-        let started = performance.now();
-        await get(vm, '/');
-        onRequest.total.push(elapsedMs(started));
-        onRequest.phases.add(await phases.next(vm.id, 'request'), onRequest.total.at(-1));
+        for (const inline of i % 2 === 0 ? [true, false] : [false, true]) {
+          await tune({ pooledInline: inline });
+          await suspend(vm);
+          const started = performance.now();
+          await get(vm, '/');
+          const into = inline ? onRequest : onRequestStepwise;
+          into.total.push(elapsedMs(started));
+          into.phases.add(await phases.next(vm.id, 'request'), into.total.at(-1));
+        }
+        await tune({ pooledInline: true });
 
         await suspend(vm);
-        started = performance.now();
+        const started = performance.now();
         const answer = await api('POST', `/microvms/${vm.id}/resume`);
         if (answer.body?.state !== 'RUNNING') throw new Error(`resume of ${vm.id}: ${answer.status} ${JSON.stringify(answer.body)}`);
         await get(vm, '/');
@@ -168,9 +189,12 @@ export async function runMicrovmBench(options: MicrovmBenchOptions = {}): Promis
       await terminate([vm]);
       metrics['microvm.resume_first_byte_ms'] = summarize(onRequest.total);
       Object.assign(metrics, onRequest.phases.metrics('microvm.resume_phase'));
+      metrics['microvm.resume_first_byte_stepwise_ms'] = summarize(onRequestStepwise.total);
+      Object.assign(metrics, onRequestStepwise.phases.metrics('microvm.resume_stepwise_phase'));
       metrics['microvm.api_resume_first_byte_ms'] = summarize(throughApi.total);
       Object.assign(metrics, throughApi.phases.metrics('microvm.api_resume_phase'));
       say(`resume on request: p50 ${metrics['microvm.resume_first_byte_ms'].p50} ms (${onRequest.phases.line()})`);
+      say(`resume on request, pooled restore step by step: p50 ${metrics['microvm.resume_first_byte_stepwise_ms'].p50} ms (${onRequestStepwise.phases.line()})`);
       say(`resume through the API: p50 ${metrics['microvm.api_resume_first_byte_ms'].p50} ms (${throughApi.phases.line()})`);
     }
 

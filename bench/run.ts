@@ -23,6 +23,7 @@ interface SuiteOptions {
 /** Suites by name. Each is loaded only when asked for. */
 const SUITES: Record<string, (options: SuiteOptions) => Promise<Metrics>> = {
   vm: async (o) => (await import('./vm.ts')).runVmBench(o),
+  suspend: async (o) => (await import('./suspend.ts')).runSuspendBench(o),
   reliability: async (o) => (await import('./reliability.ts')).runReliabilityBench(o),
   image: async (o) => (await import('./image.ts')).runImageBench(o),
   microvm: async (o) => (await import('./microvm.ts')).runMicrovmBench({ ...o, parts: ['launch', 'resume'] }),
@@ -35,8 +36,11 @@ const SUITES: Record<string, (options: SuiteOptions) => Promise<Metrics>> = {
   cluster: async (o) => (await import('./cluster.ts')).runClusterBench(o),
 };
 
-/** Run only when named: minutes of load, not a side-by-side figure; or a cluster of three hosts. */
-const OPT_IN = new Set(['soak', 'cluster']);
+/**
+ * Run only when named: minutes of load, not a side-by-side figure; a cluster of three hosts; or a
+ * figure the vm suite measures already (suspend: its levers before/after, the smallest run for it).
+ */
+const OPT_IN = new Set(['soak', 'cluster', 'suspend']);
 
 function parseArgs(argv: string[]): { json: boolean; runs: number | undefined; seconds: number | undefined; suites: string[] } {
   let json = false;

@@ -14,7 +14,7 @@ import path from 'node:path';
 import { loadGuestArtifacts } from '../src/guest/artifacts.ts';
 import { chooseAccelerator, parseAcceleratorChoice } from '../src/vmm/qemu/accel.ts';
 import { QemuVm, restoreTuning, startQemu } from '../src/vmm/qemu/qemu.ts';
-import { closeQemuPool, openQemuPool } from '../src/vmm/qemu/pool.ts';
+import { activeQemuPool, closeQemuPool, openQemuPool } from '../src/vmm/qemu/pool.ts';
 import { suspendTuning } from '../src/vmm/qemu/tuning.ts';
 import { diffSnapshotMemory } from '../src/vmm/mem-diff.ts';
 import { releaseUnusedRam } from '../src/vmm/ram-file.ts';
@@ -93,24 +93,33 @@ export async function runVmBench(options: { runs?: number; accel?: Accelerator; 
     await base.snapshot(baseSnapshot, { compact: true });
     running.delete(base);
 
-    // Each restore and resume is measured three ways, interleaved (issue 12): as the driver does
+    // Each restore and resume is measured four ways, interleaved (issue 12): as the driver does
     // it (a QEMU started ahead taken from the pool: src/vmm/qemu/pool.ts; the memory copied into
-    // it), the same without the pool (QEMU started while the memory is copied, disk layers from
-    // a template), and one step after the other with a qemu-img per layer, as before
-    // (src/vmm/qemu/tuning.ts).
+    // it), the same with the pooled QEMU's steps one after the other as before
+    // (`restoreTuning.pooledInline` off: src/vmm/qemu/pooled-restore.ts), without the pool (QEMU
+    // started while the memory is copied, disk layers from a template), and one step after the
+    // other with a qemu-img per layer, as before (src/vmm/qemu/tuning.ts).
     await openQemuPool(path.join(dir, 'vm-pool'), startQemu, 2);
     const variants = [
-      { name: 'pool', pool: true, overlap: true, restore: [] as number[], resume: [] as number[], restorePhases: new PhaseSamples(), resumePhases: new PhaseSamples() },
-      { name: 'nopool', pool: false, overlap: true, restore: [] as number[], resume: [] as number[], restorePhases: new PhaseSamples(), resumePhases: new PhaseSamples() },
-      { name: 'sequential', pool: false, overlap: false, restore: [] as number[], resume: [] as number[], restorePhases: new PhaseSamples(), resumePhases: new PhaseSamples() },
+      { name: 'pool', pool: true, overlap: true, inline: true, restore: [] as number[], resume: [] as number[], restorePhases: new PhaseSamples(), resumePhases: new PhaseSamples() },
+      { name: 'pool_stepwise', pool: true, overlap: true, inline: false, restore: [] as number[], resume: [] as number[], restorePhases: new PhaseSamples(), resumePhases: new PhaseSamples() },
+      { name: 'nopool', pool: false, overlap: true, inline: true, restore: [] as number[], resume: [] as number[], restorePhases: new PhaseSamples(), resumePhases: new PhaseSamples() },
+      { name: 'sequential', pool: false, overlap: false, inline: true, restore: [] as number[], resume: [] as number[], restorePhases: new PhaseSamples(), resumePhases: new PhaseSamples() },
     ];
-    const use = (variant: { pool: boolean; overlap: boolean }) => {
+    const use = (variant: { pool: boolean; overlap: boolean; inline: boolean }) => {
       restoreTuning.overlap = restoreTuning.layerTemplate = variant.overlap;
       restoreTuning.pool = variant.pool;
+      restoreTuning.pooledInline = variant.inline;
     };
-    const asTheDriverDoes = { pool: true, overlap: true };
-    // The pool refills in the background after a take: each measurement starts once it has.
-    const settle = () => new Promise((resolve) => setTimeout(resolve, 400));
+    const asTheDriverDoes = { pool: true, overlap: true, inline: true };
+    // The pool refills in the background after a take: each measurement starts once it has
+    // (a QEMU starting beside a restore takes a core from it).
+    const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
+    const settle = async () => {
+      await sleep(400);
+      const deadline = Date.now() + 3000;
+      while ((activeQemuPool()?.readyCount ?? 2) < 2 && Date.now() < deadline) await sleep(20);
+    };
     const inTurn = (i: number) => (i % 2 === 0 ? variants : [...variants].reverse());
     // The pool learns a machine from a restore of it: one first, not measured.
     const teach = track(await restore('teach-pool', baseSnapshot));
@@ -121,7 +130,7 @@ export async function runVmBench(options: { runs?: number; accel?: Accelerator; 
         use(variant);
         await settle();
         const start = performance.now();
-        const vm = track(await restore(`r1-${i}-${variant.name}`, baseSnapshot));
+        const vm = track(await restore(`r1-${i}-${variant.name.replace("_", "-")}`, baseSnapshot));
         await firstByte(vm);
         variant.restore.push(elapsedMs(start));
         variant.restorePhases.add(vm.startPhases, variant.restore.at(-1));
@@ -173,7 +182,7 @@ export async function runVmBench(options: { runs?: number; accel?: Accelerator; 
         const inCommit = cycle % 2 === 0;
         suspendTuning.diffInCommit = inCommit;
         const suspendStart = performance.now();
-        const manifest = await vm.snapshot(suspended, { phases, memoryBase: baseSnapshot });
+        const manifest = await vm.snapshot(suspended, { phases, memoryBase: baseSnapshot, endAfterAnswer: inCommit }); // (as the lifecycle suspends)
         const snapshotMs = elapsedMs(suspendStart);
         suspendTuning.diffInCommit = true;
         running.delete(vm);
@@ -211,7 +220,7 @@ export async function runVmBench(options: { runs?: number; accel?: Accelerator; 
     for (const v of variants) say(`resume (${v.name}) p50 ${summarize(v.resume).p50} ms (${v.resumePhases.line()})`);
     say(`suspended on disk beyond the image: p50 ${summarize(diffMiB, 'MiB').p50} MiB with a memory diff, ${summarize(wholeMiB, 'MiB').p50} MiB with whole memory`);
 
-    const [overlap, nopool, sequential] = variants as [(typeof variants)[number], (typeof variants)[number], (typeof variants)[number]];
+    const [overlap, stepwise, nopool, sequential] = variants as [(typeof variants)[number], (typeof variants)[number], (typeof variants)[number], (typeof variants)[number]];
     // The 32 GiB / 16 vCPU shape, its wake beside the 256 MiB one above (bench/vm-big.ts).
     const big = options.skipBig ? {} : await runBigVmBench({ dir, rootDisk, accel, guest, runs: Math.min(runs, 5), smallWake: summarize(overlap.resume), firstByte, say });
 
@@ -231,6 +240,8 @@ export async function runVmBench(options: { runs?: number; accel?: Accelerator; 
       'vm.suspended_disk_mib': summarize(diffMiB, 'MiB'),
       'vm.suspended_disk_whole_memory_mib': summarize(wholeMiB, 'MiB'),
       'vm.restore_speedup_ratio': single(coldSummary.p50 / restoreSummary.p50, 'ratio'),
+      'vm.restore_first_byte_pool_stepwise_ms': summarize(stepwise.restore),
+      'vm.resume_first_byte_pool_stepwise_ms': summarize(stepwise.resume),
       'vm.restore_first_byte_nopool_ms': summarize(nopool.restore),
       'vm.resume_first_byte_nopool_ms': summarize(nopool.resume),
       'vm.restore_first_byte_sequential_ms': summarize(sequential.restore),
@@ -239,13 +250,15 @@ export async function runVmBench(options: { runs?: number; accel?: Accelerator; 
       ...suspendPhases.metrics('vm.suspend_phase'),
       ...wholeThenDiffPhases.metrics('vm.suspend_whole_then_diff_phase'),
       ...overlap.resumePhases.metrics('vm.resume_phase'),
+      ...stepwise.restorePhases.metrics('vm.restore_pool_stepwise_phase'),
+      ...stepwise.resumePhases.metrics('vm.resume_pool_stepwise_phase'),
       ...nopool.restorePhases.metrics('vm.restore_nopool_phase'),
       ...nopool.resumePhases.metrics('vm.resume_nopool_phase'),
       ...sequential.restorePhases.metrics('vm.restore_sequential_phase'),
       ...sequential.resumePhases.metrics('vm.resume_sequential_phase'),
     };
   } finally {
-    restoreTuning.overlap = restoreTuning.layerTemplate = restoreTuning.pool = true;
+    restoreTuning.overlap = restoreTuning.layerTemplate = restoreTuning.pool = restoreTuning.pooledInline = true;
     suspendTuning.diffInCommit = true;
     await closeQemuPool().catch(() => undefined);
     for (const vm of running) await vm.destroy().catch(() => undefined);

@@ -189,16 +189,18 @@ export function registerMicrovmCommands(program: Command): void {
     .description("fork a RUNNING or SUSPENDED microVM: new microVMs that each continue its memory, disk and processes from now, on their own")
     .argument('<microvm>', 'microVM id or ARN')
     .option('--count <n>', 'how many forks (1-16)', int(1, 16), 1)
-    .action(action<{ count: number }>(async (cli, [id], options) => {
-      cli.progress(`Forking ${id} ${options.count}×…`);
-      const forked = await cli.client().microvms.fork(id!, { count: options.count });
+    .option('--suspended', 'leave the forks SUSPENDED (none is started; each wakes on its first request or resume): cheap when many are made')
+    .action(action<{ count: number; suspended?: boolean }>(async (cli, [id], options) => {
+      cli.progress(`Forking ${id} ${options.count}×${options.suspended ? ', left suspended' : ''}…`);
+      const forked = await cli.client().microvms.fork(id!, { count: options.count, ...(options.suspended ? { suspended: true } : {}) });
       cli.result(forked, () => {
         const lines = [
           `✓ ${forked.items.length} fork${forked.items.length === 1 ? '' : 's'} of ${id} (the source was paused ${forked.sourcePausedMs} ms)`,
           table(['ID', 'STATE', 'URL', 'TOKEN'], forked.items.map((f) => [f.id, f.state, f.url, f.token ?? ''])),
         ];
         const first = forked.items[0];
-        if (first) lines.push('Next:', `  cocoon vm curl ${first.id} /`);
+        if (first && options.suspended) lines.push(`Wake one: cocoon vm resume ${first.id} (or send it a request: cocoon vm curl ${first.id} /)`);
+        else if (first) lines.push('Next:', `  cocoon vm curl ${first.id} /`);
         return lines;
       });
     }));

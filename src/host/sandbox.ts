@@ -192,52 +192,98 @@ function noAccess(target: string, blocking: string, identity: VmIdentity, why: s
 }
 
 /**
+ * The file calls a grant makes. `asyncFs` goes through libuv's thread pool; `inlineFs` makes
+ * each call right away (a few microseconds each). A restore grants while its memory is copied
+ * and checked: with the pool's threads and the host's two cores busy, the grant's few dozen
+ * calls one after the other waited ~20-80 ms in all that way (issue 12), against well under
+ * 1 ms inline, which blocks the event loop for no longer than that.
+ */
+export interface GrantFs {
+  stat(file: string): Promise<fs.Stats>;
+  chown(file: string, uid: number, gid: number): Promise<void>;
+  chmod(file: string, mode: number): Promise<void>;
+  /** Up to `length` bytes of `file` at `position` (fewer at its end). */
+  readAt(file: string, length: number, position: number): Promise<Buffer>;
+}
+
+export const asyncFs: GrantFs = {
+  stat: (file) => fs.promises.stat(file),
+  chown: (file, uid, gid) => fs.promises.chown(file, uid, gid),
+  chmod: (file, mode) => fs.promises.chmod(file, mode),
+  async readAt(file, length, position) {
+    const handle = await fs.promises.open(file, 'r');
+    try {
+      const buffer = Buffer.alloc(length);
+      const { bytesRead } = await handle.read(buffer, 0, length, position);
+      return buffer.subarray(0, bytesRead);
+    } finally {
+      await handle.close();
+    }
+  },
+};
+
+export const inlineFs: GrantFs = {
+  stat: async (file) => fs.statSync(file),
+  chown: async (file, uid, gid) => fs.chownSync(file, uid, gid),
+  chmod: async (file, mode) => fs.chmodSync(file, mode),
+  async readAt(file, length, position) {
+    const fd = fs.openSync(file, 'r');
+    try {
+      const buffer = Buffer.alloc(length);
+      return buffer.subarray(0, fs.readSync(fd, buffer, 0, length, position));
+    } finally {
+      fs.closeSync(fd);
+    }
+  },
+};
+
+/**
  * Makes every directory above `target` searchable by QEMU: those inside the data or temp
  * directory get group `cocoon-qemu` and g+x when their group has no rights yet; any other
  * directory must already be searchable.
  */
-export async function grantSearch(target: string, identity: VmIdentity): Promise<void> {
+export async function grantSearch(target: string, identity: VmIdentity, f: GrantFs = asyncFs): Promise<void> {
   const roots = grantRoots();
   const absolute = path.resolve(target);
   const parts = absolute.split(path.sep).filter(Boolean);
   let dir: string = path.sep;
   for (let i = 0; i < parts.length - 1; i++) {
     dir = path.join(dir, parts[i] as string);
-    const st = await fs.promises.stat(dir);
+    const st = await f.stat(dir);
     if (allows(st, identity, 'search')) continue;
     const grantable = roots.some((root) => inside(dir, root)) && st.uid === 0 && (st.gid === identity.gid || (st.mode & 0o070) === 0);
     if (!grantable) throw noAccess(absolute, dir, identity, 'is not searchable by it');
-    await fs.promises.chown(dir, 0, identity.gid);
-    await fs.promises.chmod(dir, (st.mode & 0o7777) | 0o010);
+    await f.chown(dir, 0, identity.gid);
+    await f.chmod(dir, (st.mode & 0o7777) | 0o010);
   }
 }
 
 /** Fails with `qemu_no_access` unless QEMU can read `file` (a guest kernel, an initramfs). */
-export async function assertReadable(file: string, identity: VmIdentity): Promise<void> {
+export async function assertReadable(file: string, identity: VmIdentity, f: GrantFs = asyncFs): Promise<void> {
   const absolute = path.resolve(file);
   const parts = absolute.split(path.sep).filter(Boolean);
   let dir: string = path.sep;
   for (let i = 0; i < parts.length - 1; i++) {
     dir = path.join(dir, parts[i] as string);
-    if (!allows(await fs.promises.stat(dir), identity, 'search')) throw noAccess(absolute, dir, identity, 'is not searchable by it');
+    if (!allows(await f.stat(dir), identity, 'search')) throw noAccess(absolute, dir, identity, 'is not searchable by it');
   }
-  if (!allows(await fs.promises.stat(absolute), identity, 'read')) throw noAccess(absolute, absolute, identity, 'is not readable by it');
+  if (!allows(await f.stat(absolute), identity, 'read')) throw noAccess(absolute, absolute, identity, 'is not readable by it');
 }
 
 /** Gives a file to the VM's QEMU alone: owner uid, group `cocoon-qemu`, 0600. */
-export async function giveToVm(file: string, identity: VmIdentity): Promise<void> {
-  await fs.promises.chown(file, identity.uid, identity.gid);
-  await fs.promises.chmod(file, 0o600);
+export async function giveToVm(file: string, identity: VmIdentity, f: GrantFs = asyncFs): Promise<void> {
+  await f.chown(file, identity.uid, identity.gid);
+  await f.chmod(file, 0o600);
 }
 
 /**
  * A file every VM may read but none may change: root-owned, group `cocoon-qemu`, 0640 (snapshot
  * disks, which later VMs use as backing files). Its directories are made searchable.
  */
-export async function shareReadOnly(file: string, identity: VmIdentity): Promise<void> {
-  await fs.promises.chown(file, 0, identity.gid);
-  await fs.promises.chmod(file, 0o640);
-  await grantSearch(file, identity);
+export async function shareReadOnly(file: string, identity: VmIdentity, f: GrantFs = asyncFs): Promise<void> {
+  await f.chown(file, 0, identity.gid);
+  await f.chmod(file, 0o640);
+  await grantSearch(file, identity, f);
 }
 
 /** Takes a file back from QEMU: root's alone (snapshot memory, device state). */
@@ -256,28 +302,29 @@ export async function keepFromVm(file: string): Promise<void> {
 export async function grantVmAccess(
   identity: VmIdentity,
   paths: { runDir: string; processDir: string; ramPath: string; disk: { path: string; readOnly?: boolean }; openedFiles: string[] },
+  f: GrantFs = asyncFs,
 ): Promise<void> {
-  await fs.promises.chown(paths.runDir, 0, identity.gid);
-  await fs.promises.chmod(paths.runDir, 0o710);
-  await grantSearch(paths.runDir, identity);
-  await fs.promises.chown(paths.processDir, identity.uid, identity.gid);
-  await fs.promises.chmod(paths.processDir, 0o700);
-  await giveToVm(paths.ramPath, identity);
+  await f.chown(paths.runDir, 0, identity.gid);
+  await f.chmod(paths.runDir, 0o710);
+  await grantSearch(paths.runDir, identity, f);
+  await f.chown(paths.processDir, identity.uid, identity.gid);
+  await f.chmod(paths.processDir, 0o700);
+  await giveToVm(paths.ramPath, identity, f);
   // A missing disk is the VMM's to report (vm_start_failed, in its own words).
   if (!fs.existsSync(paths.disk.path)) return;
-  if (paths.disk.readOnly) await shareReadOnly(paths.disk.path, identity);
+  if (paths.disk.readOnly) await shareReadOnly(paths.disk.path, identity, f);
   else {
-    await giveToVm(paths.disk.path, identity);
-    await grantSearch(paths.disk.path, identity);
+    await giveToVm(paths.disk.path, identity, f);
+    await grantSearch(paths.disk.path, identity, f);
   }
-  for (const backing of await backingChain(paths.disk.path)) {
-    const st = await fs.promises.stat(backing);
+  for (const backing of await backingChain(paths.disk.path, 16, f)) {
+    const st = await f.stat(backing);
     // Snapshot disks are sealed 0640 root:cocoon-qemu; older ones (or a caller's base) are made so.
     if (st.uid !== 0 || st.gid !== identity.gid || (st.mode & 0o040) === 0 || (st.mode & 0o022) !== 0) {
-      if (st.uid === 0) await shareReadOnly(backing, identity);
+      if (st.uid === 0) await shareReadOnly(backing, identity, f);
     }
-    await grantSearch(backing, identity);
-    await assertReadable(backing, identity);
+    await grantSearch(backing, identity, f);
+    await assertReadable(backing, identity, f);
   }
   for (const file of paths.openedFiles) {
     if ((fs.statSync(file).mode & 0o004) === 0) {
@@ -290,26 +337,17 @@ export async function grantVmAccess(
  * The backing files below a qcow2 image, nearest first (read from the qcow2 headers: the
  * backing file name lives at the offset the header gives). Raw files have none.
  */
-export async function backingChain(file: string, maxDepth = 16): Promise<string[]> {
+export async function backingChain(file: string, maxDepth = 16, f: GrantFs = asyncFs): Promise<string[]> {
   const chain: string[] = [];
   let current = path.resolve(file);
   for (let depth = 0; depth < maxDepth; depth++) {
-    const handle = await fs.promises.open(current, 'r');
-    let next: string | undefined;
-    try {
-      const header = Buffer.alloc(24);
-      await handle.read(header, 0, 24, 0);
-      if (header.readUInt32BE(0) !== 0x514649fb) break; // not qcow2
-      const offset = header.readBigUInt64BE(8);
-      const size = header.readUInt32BE(16);
-      if (offset === 0n || size === 0 || size > 4096) break;
-      const name = Buffer.alloc(size);
-      await handle.read(name, 0, size, Number(offset));
-      next = path.resolve(path.dirname(current), name.toString('utf8'));
-    } finally {
-      await handle.close();
-    }
-    if (!next) break;
+    const header = await f.readAt(current, 24, 0);
+    if (header.length < 24 || header.readUInt32BE(0) !== 0x514649fb) break; // not qcow2
+    const offset = header.readBigUInt64BE(8);
+    const size = header.readUInt32BE(16);
+    if (offset === 0n || size === 0 || size > 4096) break;
+    const name = await f.readAt(current, size, Number(offset));
+    const next = path.resolve(path.dirname(current), name.toString('utf8'));
     chain.push(next);
     current = next;
   }

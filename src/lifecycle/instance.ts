@@ -68,6 +68,13 @@ export interface Instance {
   runtime: Runtime;
   suspendedAt: number;
   vm: Vm | undefined;
+  /**
+   * The VM a suspend ended whose process was not gone yet when the suspend finished (the
+   * suspend answers once its snapshot is committed and the process told to end: the driver's
+   * `endAfterAnswer`; kept only until its exit is seen). A terminate of the SUSPENDED microVM
+   * waits for it instead of scanning for processes.
+   */
+  endingVm?: Vm;
   /** Guest port → host port of the running VM. */
   ports: Map<number, number>;
   /** The gateway's reports: requests and WebSockets in flight, the last traffic (activity.ts). */

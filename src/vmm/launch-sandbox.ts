@@ -19,7 +19,7 @@ import { isCocoonError } from '../common/errors.ts';
 import { log } from '../common/log.ts';
 import { setting } from '../common/settings.ts';
 import { type VmCgroup, type VmLimits, createVmCgroup, defaultLimits, joinCgroupScript, removeVmCgroup } from '../host/cgroups.ts';
-import { type VmIdentity, dropPrivilegesArgv, grantVmAccess, vmIdentity } from '../host/sandbox.ts';
+import { type VmIdentity, asyncFs, dropPrivilegesArgv, grantVmAccess, inlineFs, vmIdentity } from '../host/sandbox.ts';
 import { ensureEgressGuard } from '../net/egress-guard.ts';
 
 export type { VmCgroup, VmIdentity };
@@ -46,11 +46,12 @@ export async function launchIdentity(runDir: string, egress: boolean): Promise<V
 export async function grantLaunchAccess(
   identity: VmIdentity | undefined,
   paths: Parameters<typeof grantVmAccess>[1],
-  options: { egress: boolean },
+  /** `inline`: each file call made at once, not through the thread pool (host/sandbox.ts `inlineFs`): a restore's. */
+  options: { egress: boolean; inline?: boolean },
 ): Promise<VmIdentity | undefined> {
   if (!identity) return undefined;
   try {
-    await grantVmAccess(identity, paths);
+    await grantVmAccess(identity, paths, options.inline ? inlineFs : asyncFs);
     return identity;
   } catch (error) {
     if (!isCocoonError(error, 'qemu_no_access') || setting('COCOON_QEMU_USER_REQUIRED') || options.egress) throw error;

@@ -10,6 +10,10 @@
  *   COCOON_ON_STOP             `suspend` (default) or `leave` RUNNING microVMs on SIGTERM
  *   COCOON_TEST_RESUME_PHASES  a file: each resume's phases are appended to it, one JSON line
  *                              {"microvmId", "reason", "phases"} (bench/microvm.ts reads them)
+ *   COCOON_TEST_RESTORE_TUNING a file: on SIGUSR2 the daemon reads it (JSON, e.g.
+ *                              {"pooledInline": false}), sets those switches of the VM driver's
+ *                              `restoreTuning` (src/vmm/qemu/tuning.ts) and writes `<file>.applied`
+ *                              (bench/microvm.ts: the old way beside the new in one run)
  *   COCOON_DATABASE_URL        a PostgreSQL database: the daemon is a host of a cluster
  *                              (registers, heartbeats, runs microVMs under leases)
  * Once up it prints one line `COCOON_DAEMON_READY {"apiUrl", "gatewayPort", "pid", "recovery"}`.
@@ -130,6 +134,17 @@ async function main(): Promise<void> {
   const server = await startServer(config, [module, clusterModule(module)]);
   const info: DaemonInfo = { apiUrl: server.apiUrl, gatewayPort: module.gatewayPort, pid: process.pid, recovery: module.recovery! };
   process.stdout.write(`${READY}${JSON.stringify(info)}\n`);
+  const tuningFile = process.env.COCOON_TEST_RESTORE_TUNING;
+  if (tuningFile) {
+    const { restoreTuning } = await import('../../src/vmm/qemu/tuning.ts');
+    process.on('SIGUSR2', () => {
+      const wanted = JSON.parse(fs.readFileSync(tuningFile, 'utf8')) as Record<string, unknown>;
+      for (const [name, value] of Object.entries(wanted)) {
+        if (name in restoreTuning && typeof value === 'boolean') (restoreTuning as Record<string, boolean>)[name] = value;
+      }
+      fs.writeFileSync(`${tuningFile}.applied`, JSON.stringify(restoreTuning));
+    });
+  }
   const stop = async () => {
     await server.close();
     process.exit(0);

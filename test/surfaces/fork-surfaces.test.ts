@@ -1,13 +1,15 @@
 /**
- * Fork and checkpoint through the CLI (`cocoon vm fork`, `cocoon vm checkpoint`) and the SDK
+ * Fork and checkpoint through the CLI (`cocoon vm fork [--suspended]`, `cocoon vm checkpoint`) and the SDK
  * (`microvms.fork`, `microvms.checkpoint`), against a real server with every default module and
  * real QEMU. One test image (test/support/image.ts, no buildah) for the file.
  */
 import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
 import { Cocoon } from '../../packages/sdk/src/index.ts';
+import { microvmDir } from '../../src/lifecycle/paths.ts';
 import { findTenantByName } from '../../src/store/tenants.ts';
 import { createTestImage } from '../support/image.ts';
+import { qemuProcessesMentioning } from '../support/vm.ts';
 import { cocoon, startTestServer, type TestServer } from './helpers.ts';
 
 let server: TestServer;
@@ -66,6 +68,54 @@ describe('fork and checkpoint through the surfaces', () => {
 
     for (const vm of [id, single, fromCheckpoint.json.id, ...forked.json.items.map((f: { id: string }) => f.id)]) {
       assert.equal((await cocoon([...flags, 'vm', 'terminate', vm])).code, 0);
+    }
+  });
+
+  it('CLI: vm fork --suspended leaves the forks SUSPENDED (no QEMU); each wakes where the source was', async () => {
+    const started = await cocoon([...flags, 'vm', 'start', imageId, '--json', '--max-idle', '600']);
+    assert.equal(started.code, 0, started.stderr);
+    const id = started.json.id as string;
+    const created = [id];
+    try {
+      const curl = async (vm: string, route: string) => {
+        const answer = await cocoon([...flags, 'vm', 'curl', vm, route]);
+        assert.equal(answer.code, 0, `${answer.stdout}\n${answer.stderr}`);
+        return answer.stdout.trim();
+      };
+      assert.equal(await curl(id, '/cgi-bin/count'), '1');
+
+      const human = await cocoon([...flags, 'vm', 'fork', id, '--suspended']);
+      assert.equal(human.code, 0, human.stderr);
+      const single = /(mvm-[0-9a-z]+) +SUSPENDED/.exec(human.stdout)?.[1];
+      assert.ok(single, human.stdout);
+      created.push(single);
+      assert.match(human.stdout, new RegExp(`Wake one: cocoon vm resume ${single} \\(or send it a request: cocoon vm curl ${single} /\\)`));
+
+      const forked = await cocoon([...flags, 'vm', 'fork', id, '--count', '2', '--suspended', '--json']);
+      assert.equal(forked.code, 0, forked.stderr);
+      const ids = (forked.json.items as { id: string; state: string; token: string }[]).map((f) => f.id);
+      created.push(...ids);
+      assert.equal(ids.length, 2);
+      for (const fork of forked.json.items) {
+        assert.equal(fork.state, 'SUSPENDED');
+        assert.ok(fork.token, 'each fork has its own first token');
+      }
+      for (const fork of [single, ...ids]) {
+        const got = await cocoon([...flags, 'vm', 'get', fork, '--json']);
+        assert.equal(got.code, 0, got.stderr);
+        assert.equal(got.json.state, 'SUSPENDED', 'still suspended: nothing woke it');
+        assert.deepEqual(qemuProcessesMentioning(microvmDir(server.dataDir, fork)), [], `${fork} runs no QEMU`);
+      }
+
+      // One wakes on a request through the gateway, one through `vm resume`: both go on from the source.
+      assert.equal(await curl(ids[0]!, '/cgi-bin/count'), '2');
+      const resumed = await cocoon([...flags, 'vm', 'resume', ids[1]!]);
+      assert.equal(resumed.code, 0, resumed.stderr);
+      assert.equal(await curl(ids[1]!, '/cgi-bin/count'), '2');
+      assert.equal(await curl(id, '/cgi-bin/count'), '2', 'the source goes on on its own');
+      assert.deepEqual(qemuProcessesMentioning(microvmDir(server.dataDir, single)), [], 'the fork nobody asked for still runs no QEMU');
+    } finally {
+      for (const vm of created) await cocoon([...flags, 'vm', 'terminate', vm]);
     }
   });
 

@@ -4,45 +4,14 @@
  * diff, a damaged base and the wrong base are refused, and nothing is left of a refused rebuild.
  */
 import assert from 'node:assert/strict';
-import { createHash, randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { describe, test } from 'node:test';
-import { diffSnapshotMemory, MEMORY_DIFF_NAME, restoreMemoryDiff } from '../../src/vmm/mem-diff.ts';
-import { readSnapshotManifest, writeSnapshotManifest } from '../../src/vmm/snapshot.ts';
-import type { SnapshotManifest } from '../../src/vmm/types.ts';
+import { diffSnapshotMemory, MEMORY_DIFF_NAME, prepareMemoryDiff, restoreMemoryDiff } from '../../src/vmm/mem-diff.ts';
+import { runSparseHelper } from '../../src/vmm/native/helper.ts';
+import { readSnapshotManifest } from '../../src/vmm/snapshot.ts';
+import { MEMORY, memFile, PAGE, page, snapshot } from '../support/mem-snapshot.ts';
 import { useTempDir } from '../support/vm.ts';
-
-const PAGE = 4096;
-const MEMORY = 8 * 1024 * 1024; // 2048 pages
-
-/** A snapshot directory with `mem` written at the given pages (the rest holes). */
-async function snapshot(dir: string, pages: Map<number, Buffer>): Promise<void> {
-  fs.mkdirSync(dir, { recursive: true });
-  const mem = path.join(dir, 'mem');
-  const fd = fs.openSync(mem, 'w', 0o600);
-  fs.ftruncateSync(fd, MEMORY);
-  for (const [index, data] of pages) fs.writeSync(fd, data, 0, PAGE, index * PAGE);
-  fs.closeSync(fd);
-  const state = Buffer.from('device state');
-  fs.writeFileSync(path.join(dir, 'state'), state);
-  fs.writeFileSync(path.join(dir, 'disk.raw'), randomBytes(PAGE));
-  const manifest: SnapshotManifest = {
-    formatVersion: 1,
-    createdAt: new Date().toISOString(),
-    shape: { vcpus: 1, memoryMiB: MEMORY / 1024 / 1024, accel: 'tcg', guest: { kernel: '/k', initramfs: '/i' } },
-    cmdline: 'console=ttyS0',
-    files: {
-      state: { name: 'state', sizeBytes: state.length, sha256: createHash('sha256').update(state).digest('hex') },
-      mem: { name: 'mem', sizeBytes: MEMORY },
-      disk: { name: 'disk.raw', format: 'raw', sizeBytes: PAGE },
-    },
-    guestPorts: [],
-  };
-  await writeSnapshotManifest(dir, manifest, false);
-}
-
-const page = (byte?: number) => (byte === undefined ? randomBytes(PAGE) : Buffer.alloc(PAGE, byte));
 
 function flip(file: string, at: number): void {
   const fd = fs.openSync(file, 'r+');
@@ -120,5 +89,48 @@ describe('memory diffs', () => {
 
     await restoreMemoryDiff({ dir: current, manifest, baseDir: base, target, verify: true });
     assert.ok(fs.readFileSync(target).equals(whole), 'the repaired files restore again');
+  });
+
+  test('the narrow compare of a suspend finds every page written into a reserved RAM file: dirty, written back, zeros over data', async (t) => {
+    const dir = useTempDir(t, 'cocoon-memdiff-');
+    const base = path.join(dir, 'base');
+    const basePages = new Map<number, Buffer>(Array.from({ length: 600 }, (_, i) => [i * 3, page()]));
+    await snapshot(base, basePages);
+    // A RAM file as a restore leaves it: the base's pages written, the rest reserved (unwritten
+    // extents), synced; then many pages only read (cached zeros over unwritten extents, which
+    // SEEK_DATA reports as data and the narrow compare skips).
+    const ram = path.join(dir, 'ram');
+    memFile(ram, basePages);
+    await runSparseHelper(['alloc', ram]);
+    const fd = fs.openSync(ram, 'r+');
+    t.after(() => fs.closeSync(fd));
+    fs.fsyncSync(fd);
+    const scratch = Buffer.alloc(PAGE);
+    for (let index = 0; index < MEMORY / PAGE; index++) if (!basePages.has(index)) fs.readSync(fd, scratch, 0, PAGE, index * PAGE);
+    const write = (index: number, data: Buffer) => fs.writeSync(fd, data, 0, PAGE, index * PAGE);
+    // Written and written back (its extent converted to written) ...
+    write(1000, page());
+    write(301, page());
+    fs.fsyncSync(fd);
+    // ... and dirty, not written back: over unwritten extents (a page read before, one not),
+    // over the base's data, zeros over the base's data, zeros where the base has none (no change).
+    for (const index of [1, 2, 2047, 1501]) write(index, page());
+    for (const index of [0, 300]) write(index, page());
+    write(6, page(0));
+    write(1700, page(0));
+    const changed = [0, 1, 2, 6, 300, 301, 1000, 1501, 2047];
+
+    const diffs: Buffer[] = [];
+    for (const narrow of [false, true]) {
+      const outFile = path.join(dir, `mem-${narrow}.diff`);
+      const held = await prepareMemoryDiff({ baseDir: base, memFile: ram, outFile, memoryBytes: MEMORY, durable: false, narrow });
+      assert.ok(held);
+      const made = await held.go();
+      assert.equal(made.diffPages, changed.length, `every changed page, no other (narrow: ${narrow})`);
+      diffs.push(fs.readFileSync(outFile));
+    }
+    assert.ok(diffs[0]!.equals(diffs[1]!), 'the narrow compare writes the same diff, byte for byte');
+    const bitmap = diffs[1]!.subarray(PAGE, 2 * PAGE);
+    for (const index of changed) assert.equal((bitmap[index >> 3]! >> (index & 7)) & 1, 1, `page ${index} is in the diff`);
   });
 });

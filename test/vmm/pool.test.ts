@@ -4,7 +4,8 @@
  * suspend and a resume from a memory diff, a restarted daemon adopts it, the driver finds its
  * process by its run directory and it runs as the uid its run directory names); a failed
  * restore leaves nothing; a full disk pauses its guest as it does any; closing the pool leaves
- * no process.
+ * no process. Clones restored into waiting QEMUs get their own randomness and the host's clock,
+ * both ways a pooled restore can go (src/vmm/qemu/pooled-restore.ts).
  */
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
@@ -15,7 +16,7 @@ import { loadGuestArtifacts } from '../../src/guest/artifacts.ts';
 import { vmIdentity } from '../../src/host/sandbox.ts';
 import { diffSnapshotMemory } from '../../src/vmm/mem-diff.ts';
 import { type QemuPool, closeQemuPool, openQemuPool } from '../../src/vmm/qemu/pool.ts';
-import { QemuVm, findQemuProcesses, startQemu } from '../../src/vmm/qemu/qemu.ts';
+import { QemuVm, findQemuProcesses, restoreTuning, startQemu } from '../../src/vmm/qemu/qemu.ts';
 import { isCocoonError } from '../../src/common/errors.ts';
 import { makeTestRootDisk } from '../support/rootfs.ts';
 import { fillFilesystem, useFaultDir } from '../support/faults.ts';
@@ -44,6 +45,7 @@ describe('QEMU processes started ahead (the pool)', () => {
   const guest = loadGuestArtifacts();
   const snapshotDir = path.join(dir, 'snapshot');
   let pool: QemuPool | undefined;
+  let snapshotTakenAt = 0;
   const url = (vm: QemuVm, route: string) => `http://127.0.0.1:${vm.hostPort(APP_PORT)}${route}`;
   const restore = (id: string, from = snapshotDir, extra: { memoryBase?: string; network?: { forwards: Array<{ guestPort: number; hostPort?: number }> } } = {}) =>
     QemuVm.restore({ id, runDir: path.join(dir, id), snapshotDir: from, network, ...extra });
@@ -54,6 +56,7 @@ describe('QEMU processes started ahead (the pool)', () => {
     try {
       assert.equal(await httpGet(url(vm, '/')), 'hello from cocoon');
       await vm.snapshot(snapshotDir, { compact: true });
+      snapshotTakenAt = Date.now();
     } finally {
       await vm.destroy();
     }
@@ -91,6 +94,35 @@ describe('QEMU processes started ahead (the pool)', () => {
     }
     assert.deepEqual(findQemuProcesses(path.join(dir, 'pooled')), []);
   });
+
+  for (const inline of [true, false]) {
+    test(`restored into waiting QEMUs ${inline ? 'with the clock/RNG message written before cont' : 'step by step (restoreTuning.pooledInline off)'}, clones have their own randomness and the host's clock`, async () => {
+      // Long enough after the snapshot that a guest clock left as it was would be seen.
+      const wait = snapshotTakenAt + 5_000 - Date.now();
+      if (wait > 0) await new Promise((resolve) => setTimeout(resolve, wait));
+      restoreTuning.pooledInline = inline;
+      const clones: QemuVm[] = [];
+      try {
+        for (const id of [`rng-${inline}-a`, `rng-${inline}-b`]) {
+          await until('the pool to refill', () => pool!.readyCount === 1);
+          clones.push(await restore(id));
+        }
+        const [a, b] = clones as [QemuVm, QemuVm];
+        for (const clone of clones) assert.ok(clone.startPhases?.pool_place !== undefined && clone.startPhases.guest_clock_rng !== undefined, `taken from the pool (phases: ${JSON.stringify(clone.startPhases)})`);
+        // Read right after the restores: each guest's kernel RNG was reseeded with host bytes before its restore returned.
+        const [randomA, randomB] = await Promise.all([httpGet(url(a, '/cgi-bin/random')), httpGet(url(b, '/cgi-bin/random'))]);
+        assert.match(randomA, /^[0-9a-f]{64}$/);
+        assert.notEqual(randomA, randomB, 'clones of one snapshot must not produce the same random bytes');
+        for (const clone of clones) {
+          const guestSeconds = Number(await httpGet(url(clone, '/cgi-bin/time')));
+          assert.ok(Math.abs(guestSeconds - Date.now() / 1000) <= 2, `guest clock ${guestSeconds} vs host ${Date.now() / 1000}`);
+        }
+      } finally {
+        restoreTuning.pooledInline = true;
+        await Promise.all(clones.map((clone) => clone.destroy()));
+      }
+    });
+  }
 
   test('suspended and resumed from a memory diff into waiting QEMUs, a guest keeps its files and processes', async () => {
     await until('the pool to refill', () => pool!.readyCount === 1);

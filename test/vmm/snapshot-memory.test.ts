@@ -6,50 +6,14 @@
  * instead; a base that cannot carry it gives no diff at all.
  */
 import assert from 'node:assert/strict';
-import { createHash, randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { describe, test } from 'node:test';
 import { diffSnapshotMemory, MEMORY_DIFF_NAME, restoreMemoryDiff } from '../../src/vmm/mem-diff.ts';
 import { startMemoryDiff } from '../../src/vmm/snapshot-memory.ts';
-import { dataChecksums, readSnapshotManifest, writeSnapshotManifest } from '../../src/vmm/snapshot.ts';
-import type { SnapshotManifest } from '../../src/vmm/types.ts';
+import { dataChecksums, readSnapshotManifest } from '../../src/vmm/snapshot.ts';
+import { MEMORY, memFile, PAGE, page, snapshot } from '../support/mem-snapshot.ts';
 import { useTempDir } from '../support/vm.ts';
-
-const PAGE = 4096;
-const MEMORY = 8 * 1024 * 1024; // 2048 pages
-
-function memFile(file: string, pages: Map<number, Buffer>, size = MEMORY): void {
-  const fd = fs.openSync(file, 'w', 0o600);
-  fs.ftruncateSync(fd, size);
-  for (const [index, data] of pages) fs.writeSync(fd, data, 0, PAGE, index * PAGE);
-  fs.closeSync(fd);
-}
-
-/** A snapshot directory with `mem` written at the given pages (the rest holes). */
-async function snapshot(dir: string, pages: Map<number, Buffer>): Promise<SnapshotManifest> {
-  fs.mkdirSync(dir, { recursive: true });
-  memFile(path.join(dir, 'mem'), pages);
-  const state = Buffer.from('device state');
-  fs.writeFileSync(path.join(dir, 'state'), state);
-  fs.writeFileSync(path.join(dir, 'disk.raw'), randomBytes(PAGE));
-  const manifest: SnapshotManifest = {
-    formatVersion: 1,
-    createdAt: new Date().toISOString(),
-    shape: { vcpus: 1, memoryMiB: MEMORY / 1024 / 1024, accel: 'tcg', guest: { kernel: '/k', initramfs: '/i' } },
-    cmdline: 'console=ttyS0',
-    files: {
-      state: { name: 'state', sizeBytes: state.length, sha256: createHash('sha256').update(state).digest('hex') },
-      mem: { name: 'mem', sizeBytes: MEMORY },
-      disk: { name: 'disk.raw', format: 'raw', sizeBytes: PAGE },
-    },
-    guestPorts: [],
-  };
-  await writeSnapshotManifest(dir, manifest, false);
-  return manifest;
-}
-
-const page = (byte?: number) => (byte === undefined ? randomBytes(PAGE) : Buffer.alloc(PAGE, byte));
 
 describe('memory diffs made in the snapshot commit', () => {
   test('the held helper diffs the RAM file as it is at go, as diffSnapshotMemory would, and leaves the RAM file in place', async (t) => {

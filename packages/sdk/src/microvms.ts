@@ -86,7 +86,7 @@ export class MicroVMs {
    * Forks a RUNNING or SUSPENDED microVM: `count` new microVMs (1–16) that each continue its
    * memory, disk and processes from this moment, on their own (own token, session, idle
    * policy, fresh RNG seed). A RUNNING source is paused for a few milliseconds; a SUSPENDED one
-   * is not woken. Answers once the forks run.
+   * is not woken. Answers once the forks run (with `suspended: true`, once they are committed, SUSPENDED).
    */
   fork(idOrArn: string, input: ForkMicroVMInput = {}, options: CallOptions = {}): Promise<ForkedMicroVMs> {
     return this.#http.json<ForkedMicroVMs>({ method: 'POST', path: `/microvms/${segment(idOrArn)}/fork`, json: input, ...options });

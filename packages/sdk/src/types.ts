@@ -116,10 +116,15 @@ export interface ForkMicroVMInput {
   idlePolicy?: Partial<IdlePolicy>;
   /** Each fork's session (default: the source's maximumDurationSeconds, counted from the fork). */
   maximumDurationSeconds?: number;
+  /**
+   * Leave the forks SUSPENDED (default false): none is started; each wakes on its first request
+   * or resume. The answer comes once they are committed.
+   */
+  suspended?: boolean;
 }
 
 export interface ForkedMicroVMs {
-  /** The forks, each RUNNING (unless it failed to start) with its own first token. */
+  /** The forks, each RUNNING (SUSPENDED with `suspended: true`; FAILED if it failed to start) with its own first token. */
   items: StartedMicroVM[];
   /** How long the source's vCPUs were stopped (0 when it was SUSPENDED). */
   sourcePausedMs: number;

@@ -31,7 +31,13 @@
  *                                 Prints OUT's checksum line (as `sum`), then "<diff pages> <pages>".
  *                                 `wait`: prints "ready" once the files are open and waits for a
  *                                 byte on stdin before it reads MEM (a suspend starts it before the
- *                                 pause); `threads=N`: compare on N threads (default 1, at most 4)
+ *                                 pause); `threads=N`: compare on N threads (default 1, at most 4);
+ *                                 `narrow`: MEM's pages that may hold data are found with FIEMAP
+ *                                 and cachestat(2) (the pages written since its extents were
+ *                                 reserved) instead of SEEK_DATA, and where BASE is a hole only
+ *                                 MEM is read (checked for zeros)
+ *   cocoon-sparse serve           one helper for many held diffs: requests on stdin, answers on
+ *                                 stdout, one line each (see `serve` below)
  *   cocoon-sparse undiff BASE DIFF TARGET [reserve] [into] [sumbase] [sum] [-- FILE...]
  *                                 a new TARGET with the memory DIFF describes: BASE's data extents
  *                                 copied (as `copy`), DIFF's pages written over them; `reserve` and
@@ -72,7 +78,10 @@
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/vfs.h>
+#include <sys/wait.h>
+#include <signal.h>
 #include <unistd.h>
 
 #define TMPFS_MAGIC 0x01021994
@@ -544,20 +553,126 @@ static int trim_file(const char *file) {
 
 /* ---- memory diffs (docs/vmm.md "Memory diffs") ---- */
 
+/* How a held run says it is ready: "ready" on stdout, or, in a job of `serve`, its own line. */
+static int (*ready_hook)(void) = NULL;
+static int announce_ready(void) {
+  if (ready_hook) return ready_hook();
+  return printf("ready\n") < 0 || fflush(stdout) != 0 ? -1 : 0;
+}
+
 static const char DIFF_MAGIC[8] = {'C', 'O', 'C', 'O', 'O', 'N', 'M', 'D'};
 enum { DIFF_VERSION = 1, DIFF_INVALID = 3 };
 
 static uint64_t get_le64(const uint8_t *p) { uint64_t v = 0; for (int i = 7; i >= 0; i--) v = (v << 8) | p[i]; return v; }
 static uint64_t align_page(uint64_t n) { return (n + PAGE - 1) & ~(uint64_t)(PAGE - 1); }
 
-/* Marks in `candidate` every page of the file's data ranges. */
-static int mark_ranges(int fd, uint64_t size, uint8_t *candidate, int nosync) {
+/* Marks in `candidate` (|= mark) every page of the file's data ranges. */
+static int mark_ranges(int fd, uint64_t size, uint8_t *candidate, int nosync, uint8_t mark) {
   range_t *ranges = NULL;
   size_t count = 0;
   if (collect_ranges_mode(fd, size, &ranges, &count, nosync) < 0) return -1;
   for (size_t i = 0; i < count; i++)
-    for (uint64_t at = ranges[i].start; at < ranges[i].end; at += PAGE) candidate[at / PAGE] = 1;
+    for (uint64_t at = ranges[i].start; at < ranges[i].end; at += PAGE) candidate[at / PAGE] |= mark;
   free(ranges);
+  return 0;
+}
+
+/*
+ * Which pages of a paused VM's RAM file may hold anything but zeros, narrower than SEEK_DATA
+ * (issue 12: the suspend's compare). SEEK_DATA reports every cached page over an unwritten
+ * extent as data, and a RAM file is reserved (all unwritten) and full of such pages that the
+ * guest only read: zeros, about as many as the image has data pages. A page over an unwritten
+ * extent or a hole holds zeros unless it was written since; a written page is dirty (a write
+ * fault of a shared mapping dirties it before the write) until writeback, which converts its
+ * extent to written (ext4: before the page's writeback ends). So, in this order:
+ *   1. FIEMAP, not synced: the ranges that are unwritten extents or holes now;
+ *   2. cachestat(2): in those ranges, the pages dirty or under writeback (found by halving the
+ *      ranges down to NARROW_PAGES);
+ *   3. FIEMAP again: every extent that is not unwritten (written, or delayed allocation).
+ * A page written before step 2 is dirty or under writeback there, or its extent is written by
+ * step 3 (a conversion is never undone); the vCPUs are stopped, so nothing writes after.
+ * Answers 1 when the filesystem or kernel lacks FIEMAP or cachestat (the caller then uses
+ * SEEK_DATA), -1 on an error.
+ */
+#ifndef SYS_cachestat
+#define SYS_cachestat 451
+#endif
+typedef struct { uint64_t off, len; } cachestat_range_t;
+typedef struct { uint64_t nr_cache, nr_dirty, nr_writeback, nr_evicted, nr_recently_evicted; } cachestat_t;
+enum { NARROW_PAGES = 32 };
+
+/* Marks (|= mark) the pages of [start, end) that are dirty or under writeback, NARROW_PAGES at a time. */
+static int mark_unclean(int fd, uint64_t start, uint64_t end, uint8_t *candidate, uint8_t mark) {
+  if (start >= end) return 0; /* (a length of 0 would mean "to the end of the file") */
+  cachestat_range_t range = {start, end - start};
+  cachestat_t stat;
+  if (syscall(SYS_cachestat, fd, &range, &stat, 0) < 0) return -1;
+  if (stat.nr_dirty + stat.nr_writeback == 0) return 0;
+  if (end - start <= (uint64_t)NARROW_PAGES * PAGE) {
+    for (uint64_t at = start; at < end; at += PAGE) candidate[at / PAGE] |= mark;
+    return 0;
+  }
+  const uint64_t mid = start + ((end - start) / 2 & ~(uint64_t)(PAGE - 1));
+  return mark_unclean(fd, start, mid, candidate, mark) < 0 ? -1 : mark_unclean(fd, mid, end, candidate, mark);
+}
+
+/* The extents of a file as FIEMAP reports them now (no sync), page-aligned outwards. */
+typedef struct { uint64_t start, end; int unwritten; } extent_t;
+static int collect_extents(int fd, uint64_t size, extent_t **out, size_t *count) {
+  struct fiemap *map = calloc(1, sizeof(struct fiemap) + MAP_EXTENTS * sizeof(struct fiemap_extent));
+  size_t n = 0, capacity = 64;
+  extent_t *list = malloc(capacity * sizeof *list);
+  if (!map || !list) { free(map); free(list); errno = ENOMEM; return -1; }
+  uint64_t next = 0;
+  for (int last = 0; !last && next < size;) {
+    memset(map, 0, sizeof(struct fiemap));
+    map->fm_start = next;
+    map->fm_length = size - next;
+    map->fm_extent_count = MAP_EXTENTS;
+    if (ioctl(fd, FS_IOC_FIEMAP, map) < 0) { free(map); free(list); return -1; }
+    if (map->fm_mapped_extents == 0) break;
+    for (unsigned i = 0; i < map->fm_mapped_extents; i++) {
+      const struct fiemap_extent *e = &map->fm_extents[i];
+      if (e->fe_flags & FIEMAP_EXTENT_LAST) last = 1;
+      uint64_t from = e->fe_logical & ~(uint64_t)(PAGE - 1), to = align_page(e->fe_logical + e->fe_length);
+      if (to > size) to = size;
+      if (to > next) next = to;
+      if (from >= to) continue;
+      if (n == capacity) {
+        extent_t *bigger = realloc(list, (capacity *= 2) * sizeof *list);
+        if (!bigger) { free(map); free(list); errno = ENOMEM; return -1; }
+        list = bigger;
+      }
+      list[n++] = (extent_t){from, to, (e->fe_flags & FIEMAP_EXTENT_UNWRITTEN) != 0};
+    }
+  }
+  free(map);
+  *out = list;
+  *count = n;
+  return 0;
+}
+
+static int mark_written(int fd, uint64_t size, uint8_t *candidate, uint8_t mark) {
+  extent_t *extents = NULL;
+  size_t count = 0;
+  if (collect_extents(fd, size, &extents, &count) < 0) return errno == EOPNOTSUPP || errno == ENOTTY || errno == EINVAL ? 1 : -1;
+  /* 2. the dirty pages where step 1 finds no written data: unwritten extents and the holes between */
+  uint64_t at = 0;
+  int r = 0;
+  for (size_t i = 0; r == 0 && i <= count; i++) {
+    const uint64_t hole_end = i < count ? extents[i].start : size;
+    if (hole_end > at) r = mark_unclean(fd, at, hole_end, candidate, mark);
+    if (r == 0 && i < count && extents[i].unwritten) r = mark_unclean(fd, extents[i].start, extents[i].end, candidate, mark);
+    if (i < count && extents[i].end > at) at = extents[i].end;
+  }
+  free(extents);
+  if (r < 0) return errno == ENOSYS ? 1 : -1;
+  /* 3. every extent that is written (or allocated later) by now */
+  if (collect_extents(fd, size, &extents, &count) < 0) return -1;
+  for (size_t i = 0; i < count; i++)
+    if (!extents[i].unwritten)
+      for (uint64_t p = extents[i].start; p < extents[i].end; p += PAGE) candidate[p / PAGE] |= mark;
+  free(extents);
   return 0;
 }
 
@@ -588,6 +703,7 @@ typedef struct {
   const uint8_t *candidate;
   uint8_t *bitmap;
   uint64_t pages;
+  int narrow;            /* pages where BASE is a hole (candidate 2) are checked for zeros, BASE unread */
   int error;             /* errno of a failed read (the first) */
   const char *failed;    /* which file it was */
   pthread_mutex_t lock;
@@ -610,15 +726,24 @@ static void *compare_worker(void *arg) {
     pthread_mutex_lock(&c->lock);
     uint64_t i = c->next;
     while (i < c->pages && !c->candidate[i]) i++;
+    /* With `narrow`, a run is all pages where BASE has data, or all where it is a hole. */
+    const int base_hole = c->narrow && i < c->pages && !(c->candidate[i] & 1);
     uint64_t j = i;
-    while (j < c->pages && j - i < BATCH && c->candidate[j]) j++;
+    while (j < c->pages && j - i < BATCH && c->candidate[j] && (!c->narrow || ((c->candidate[j] & 1) == 0) == base_hole)) j++;
     c->next = j;
     const int stop = c->error != 0;
     pthread_mutex_unlock(&c->lock);
     if (stop || i >= c->pages) break;
     const size_t bytes = (size_t)((j - i) * PAGE);
     const char *failed = NULL;
-    if (read_all(c->base, was, bytes, i * PAGE) < 0) failed = "base";
+    if (base_hole) {
+      if (read_all(c->mem, now, bytes, i * PAGE) < 0) failed = "mem";
+      else {
+        for (uint64_t k = i; k < j; k++)
+          if (!all_zero(now + (k - i) * PAGE, PAGE)) __atomic_fetch_or(&c->bitmap[k / 8], (uint8_t)(1u << (k % 8)), __ATOMIC_RELAXED);
+        continue;
+      }
+    } else if (read_all(c->base, was, bytes, i * PAGE) < 0) failed = "base";
     else if (read_all(c->mem, now, bytes, i * PAGE) < 0) failed = "mem";
     if (failed) {
       pthread_mutex_lock(&c->lock);
@@ -644,7 +769,7 @@ static void *compare_worker(void *arg) {
  * (the files opened, BASE's data found) is done first, then "ready" is printed and the diff
  * starts on a byte on stdin: a suspend starts the helper before it pauses the VM.
  */
-static int diff_file(const char *base_file, const char *mem_file, const char *out_file, int sync, int wait, int threads) {
+static int diff_file(const char *base_file, const char *mem_file, const char *out_file, int sync, int wait, int threads, int narrow) {
   int base = open(base_file, O_RDONLY | O_CLOEXEC);
   if (base < 0) return fail("cannot open", base_file);
   int mem = open(mem_file, O_RDONLY | O_CLOEXEC);
@@ -666,16 +791,18 @@ static int diff_file(const char *base_file, const char *mem_file, const char *ou
   bitmap = calloc(1, align_page(bitmap_bytes));
   buffer = malloc((size_t)BATCH * PAGE);
   if (!candidate || !bitmap || !buffer) { r = fail("out of memory for", mem_file); goto done; }
-  if (mark_ranges(base, size, candidate, 0) < 0) { r = fail("cannot find the data of", base_file); goto done; }
+  if (mark_ranges(base, size, candidate, 0, 1) < 0) { r = fail("cannot find the data of", base_file); goto done; }
   out = open(out_file, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
   if (out < 0) { r = fail("cannot create", out_file); goto done; }
   if (wait) {
     char go;
-    if (printf("ready\n") < 0 || fflush(stdout) != 0) { r = 1; goto done; }
+    if (announce_ready() < 0) { r = 1; goto done; }
     if (read(0, &go, 1) != 1) { fprintf(stderr, "cocoon-sparse: diff: no go on stdin\n"); r = 1; goto done; }
   }
-  if (mark_ranges(mem, size, candidate, 1) < 0) { r = fail("cannot find the data of", mem_file); goto done; }
-  compare_t c = { .base = base, .mem = mem, .candidate = candidate, .bitmap = bitmap, .pages = pages };
+  int marked = narrow ? mark_written(mem, size, candidate, 2) : 1;
+  if (marked == 1) marked = mark_ranges(mem, size, candidate, 1, 2);
+  if (marked < 0) { r = fail("cannot find the data of", mem_file); goto done; }
+  compare_t c = { .base = base, .mem = mem, .candidate = candidate, .bitmap = bitmap, .pages = pages, .narrow = narrow };
   pthread_mutex_init(&c.lock, NULL);
   pthread_t ids[MAX_THREADS];
   int started = 0;
@@ -791,6 +918,139 @@ static int map_file(const char *file) {
   return fflush(stdout) == 0 ? 0 : 1;
 }
 
+/* `diff BASE MEM OUT [options]` (argv[1] is "diff"). */
+static int diff_main(int argc, char **argv) {
+  int sync = 0, wait = 0, threads = 1, narrow = 0;
+  for (int i = 5; i < argc; i++) {
+    if (strcmp(argv[i], "sync") == 0) sync = 1;
+    else if (strcmp(argv[i], "wait") == 0) wait = 1;
+    else if (strcmp(argv[i], "narrow") == 0) narrow = 1;
+    else if (strncmp(argv[i], "threads=", 8) == 0 && atoi(argv[i] + 8) >= 1) threads = atoi(argv[i] + 8);
+    else { fprintf(stderr, "cocoon-sparse: unknown diff option %s\n", argv[i]); return 2; }
+  }
+  int r = diff_file(argv[2], argv[3], argv[4], sync, wait, threads, narrow);
+  return r ? r : (fflush(stdout) == 0 ? 0 : 1);
+}
+
+/*
+ * ---- serve: one helper for the suspends of a daemon (issue 12) ----
+ *
+ * Starting a helper costs a suspend ~10-20 ms on a busy 2-core host (the spawn from a large Node
+ * process, exec, the dynamic loader). `serve` is started once and takes requests on stdin, one
+ * per line, fields separated by tabs:
+ *
+ *   ID diff BASE MEM OUT [option...]   fork a job: `diff BASE MEM OUT option... wait` as above
+ *   ID go                              the job's vCPUs are stopped: let it compare
+ *   ID cancel                          end the job (SIGKILL)
+ *
+ * and answers one line per event, each written whole (one write of less than PIPE_BUF, so that
+ * jobs' lines never interleave): "ID ready", then "ID ok LINE1<tab>LINE2" (diff's output lines)
+ * or "ID fail STATUS MESSAGE" (diff's exit status and its error message). A job is a forked
+ * child, so a crash in one ends neither the server nor the others. At most SERVE_JOBS run at
+ * once; the server ends (and its jobs with it) when stdin closes: its daemon went away.
+ */
+enum { SERVE_JOBS = 64, SERVE_LINE = 16384, SERVE_ARGS = 16, SERVE_REPLY = 3072 };
+typedef struct { unsigned long long id; pid_t pid; int go; } serve_job_t;
+static serve_job_t jobs[SERVE_JOBS];
+static int serve_out = -1;
+static unsigned long long serve_id;
+
+static void serve_reply(const char *text) {
+  char line[SERVE_REPLY + 64];
+  int n = snprintf(line, sizeof line, "%llu %.*s", serve_id, SERVE_REPLY, text);
+  if (n < 0) return;
+  if ((size_t)n > sizeof line - 2) n = (int)sizeof line - 2;
+  for (int i = 0; i < n; i++) if (line[i] == '\n') line[i] = '\t';
+  line[n++] = '\n';
+  if (write(serve_out, line, (size_t)n) < 0) { /* the daemon is gone: nothing to tell */ }
+}
+
+static int serve_ready(void) { serve_reply("ready"); return 0; }
+
+/* Reads a memfd's content (at most SERVE_REPLY bytes), trailing newlines cut. */
+static void read_capture(int fd, char *into, size_t size) {
+  ssize_t n = pread(fd, into, size - 1, 0);
+  if (n < 0) n = 0;
+  while (n > 0 && (into[n - 1] == '\n' || into[n - 1] == '\t')) n--;
+  into[n] = 0;
+}
+
+/* The job, in the forked child: diff with stdin the go pipe, stdout and stderr captured. */
+static void serve_job(int argc, char **argv, int go) {
+  for (int i = 0; i < SERVE_JOBS; i++) if (jobs[i].pid > 0) close(jobs[i].go);
+  signal(SIGPIPE, SIG_DFL);
+  if (dup2(go, 0) < 0) _exit(1);
+  close(go);
+  int out = memfd_create("diff-out", MFD_CLOEXEC), err = memfd_create("diff-err", MFD_CLOEXEC);
+  if (out < 0 || err < 0 || dup2(out, 1) < 0 || dup2(err, 2) < 0) { serve_reply("fail 1 cannot capture the output"); _exit(1); }
+  ready_hook = serve_ready;
+  int r = diff_main(argc, argv);
+  fflush(stdout);
+  fflush(stderr);
+  char text[SERVE_REPLY], reply[SERVE_REPLY + 32];
+  read_capture(r ? err : out, text, sizeof text);
+  if (r) snprintf(reply, sizeof reply, "fail %d %s", r, text[0] ? text : "cocoon-sparse diff failed");
+  else snprintf(reply, sizeof reply, "ok %s", text);
+  serve_reply(reply);
+  _exit(r);
+}
+
+static void serve_reap(void) {
+  pid_t pid;
+  while ((pid = waitpid(-1, NULL, WNOHANG)) > 0)
+    for (int i = 0; i < SERVE_JOBS; i++)
+      if (jobs[i].pid == pid) { close(jobs[i].go); jobs[i].pid = 0; }
+}
+
+static int serve(void) {
+  signal(SIGPIPE, SIG_IGN); /* a job that ended before its go: its pipe is closed */
+  serve_out = dup(1);
+  if (serve_out < 0) return 1;
+  static char line[SERVE_LINE];
+  while (fgets(line, sizeof line, stdin)) {
+    size_t len = strlen(line);
+    if (len == 0 || line[len - 1] != '\n') { /* too long: skip the rest, answer nothing (no id) */
+      int c;
+      while ((c = getchar()) != EOF && c != '\n') {}
+      continue;
+    }
+    line[len - 1] = 0;
+    serve_reap();
+    char *args[SERVE_ARGS + 1];
+    int argc = 0;
+    for (char *save = NULL, *field = strtok_r(line, "\t", &save); field && argc < SERVE_ARGS; field = strtok_r(NULL, "\t", &save)) args[argc++] = field;
+    if (argc < 2) continue;
+    serve_id = strtoull(args[0], NULL, 10);
+    serve_job_t *job = NULL;
+    for (int i = 0; i < SERVE_JOBS && !job; i++) if (jobs[i].pid > 0 && jobs[i].id == serve_id) job = &jobs[i];
+    if (strcmp(args[1], "go") == 0 || strcmp(args[1], "cancel") == 0) {
+      if (!job) continue; /* ended already: its answer is on its way */
+      if (args[1][0] == 'g') { if (write(job->go, "g", 1) < 0) {} }
+      else kill(job->pid, SIGKILL);
+      continue;
+    }
+    if (strcmp(args[1], "diff") != 0 || argc < 5 || argc > SERVE_ARGS - 1) { serve_reply("fail 2 unknown request"); continue; }
+    for (int i = 0; i < SERVE_JOBS && !job; i++) if (jobs[i].pid == 0) job = &jobs[i];
+    if (!job) { serve_reply("fail 1 too many memory diffs at once"); continue; }
+    int pipefd[2];
+    if (pipe2(pipefd, O_CLOEXEC) < 0) { serve_reply("fail 1 cannot make a pipe"); continue; }
+    /* argv as `cocoon-sparse diff BASE MEM OUT option... wait` */
+    char *argv[SERVE_ARGS + 2];
+    argv[0] = "cocoon-sparse";
+    for (int i = 1; i < argc; i++) argv[i] = args[i];
+    argv[argc] = "wait";
+    argv[argc + 1] = NULL;
+    fflush(stdout);
+    pid_t pid = fork();
+    if (pid < 0) { close(pipefd[0]); close(pipefd[1]); serve_reply("fail 1 cannot fork"); continue; }
+    if (pid == 0) { close(pipefd[1]); serve_job(argc + 1, argv, pipefd[0]); }
+    close(pipefd[0]);
+    *job = (serve_job_t){serve_id, pid, pipefd[1]};
+  }
+  for (int i = 0; i < SERVE_JOBS; i++) if (jobs[i].pid > 0) kill(jobs[i].pid, SIGKILL);
+  return 0;
+}
+
 int main(int argc, char **argv) {
   if (argc >= 3 && strcmp(argv[1], "sum") == 0) {
     for (int i = 2; i < argc; i++) {
@@ -823,17 +1083,8 @@ int main(int argc, char **argv) {
     printf("done\n");
     return fflush(stdout) == 0 ? 0 : 1;
   }
-  if (argc >= 5 && strcmp(argv[1], "diff") == 0) {
-    int sync = 0, wait = 0, threads = 1;
-    for (int i = 5; i < argc; i++) {
-      if (strcmp(argv[i], "sync") == 0) sync = 1;
-      else if (strcmp(argv[i], "wait") == 0) wait = 1;
-      else if (strncmp(argv[i], "threads=", 8) == 0 && atoi(argv[i] + 8) >= 1) threads = atoi(argv[i] + 8);
-      else { fprintf(stderr, "cocoon-sparse: unknown diff option %s\n", argv[i]); return 2; }
-    }
-    int r = diff_file(argv[2], argv[3], argv[4], sync, wait, threads);
-    return r ? r : (fflush(stdout) == 0 ? 0 : 1);
-  }
+  if (argc >= 5 && strcmp(argv[1], "diff") == 0) return diff_main(argc, argv);
+  if (argc == 2 && strcmp(argv[1], "serve") == 0) return serve();
   if (argc >= 5 && strcmp(argv[1], "undiff") == 0) {
     int reserve = 0, sumbase = 0, sum = 0, into = 0, i = 5;
     for (; i < argc && strcmp(argv[i], "--") != 0; i++) {
@@ -850,6 +1101,6 @@ int main(int argc, char **argv) {
   if (argc == 3 && strcmp(argv[1], "alloc") == 0) return alloc_file(argv[2]);
   if (argc == 3 && strcmp(argv[1], "trim") == 0) return trim_file(argv[2]);
   if (argc == 3 && strcmp(argv[1], "map") == 0) return map_file(argv[2]);
-  fprintf(stderr, "usage: cocoon-sparse sum FILE... | copy SRC DST [reserve] [sum] [-- FILE...] | alloc FILE | trim FILE | map FILE | diff BASE MEM OUT [sync] [wait] [threads=N] | undiff BASE DIFF TARGET [reserve] [into] [sumbase] [sum] [-- FILE...]\n");
+  fprintf(stderr, "usage: cocoon-sparse sum FILE... | copy SRC DST [reserve] [sum] [-- FILE...] | alloc FILE | trim FILE | map FILE | diff BASE MEM OUT [sync] [wait] [narrow] [threads=N] | serve | undiff BASE DIFF TARGET [reserve] [into] [sumbase] [sum] [-- FILE...]\n");
   return 2;
 }

@@ -146,23 +146,45 @@ async function fsyncPath(file: string): Promise<void> {
   }
 }
 
-/** Feeds a saved device state into a QEMU started with `-incoming defer`. */
+/**
+ * Makes a QEMU started with `-incoming defer` listen for its device state on `socketPath`
+ * (relative: to QEMU's working directory). A QEMU started ahead (pool.ts) does it while it
+ * waits, so that a restore's `loadDeviceState({ listening: true })` only sends the state.
+ */
+export async function listenForDeviceState(qmp: QmpClient, socketPath: string): Promise<void> {
+  await qmp.execute('migrate-set-capabilities', { capabilities: CAPABILITIES });
+  await qmp.execute('migrate-incoming', { uri: `unix:${socketPath}` });
+}
+
+/**
+ * Feeds a saved device state into a QEMU started with `-incoming defer`. `listening`: QEMU
+ * listens on `socketPath` already (`listenForDeviceState`). `inline`: the file (tens of
+ * kilobytes) read in one call and the socket removed at once, not through the thread pool.
+ */
 export async function loadDeviceState(
   qmp: QmpClient,
   socketPath: string,
   file: string,
   timeoutMs = 30_000,
+  options: { listening?: boolean; inline?: boolean } = {},
 ): Promise<void> {
-  await qmp.execute('migrate-set-capabilities', { capabilities: CAPABILITIES });
+  const bytes = options.inline ? fs.readFileSync(file) : undefined;
+  if (!options.listening) await qmp.execute('migrate-set-capabilities', { capabilities: CAPABILITIES });
   const finished = migrationFinished(timeoutMs, qmp);
   finished.catch(() => undefined); // if a step below fails first (QEMU gone), its error is the one reported
-  await qmp.execute('migrate-incoming', { uri: `unix:${socketPath}` });
+  if (!options.listening) await qmp.execute('migrate-incoming', { uri: `unix:${socketPath}` });
   const socket = await connectUnix(socketPath, 5000);
   socket.on('error', () => undefined); // QEMU going away resets it, also after the pipeline is done with it
-  const sent = pipeline(fs.createReadStream(file), socket).catch(() => undefined); // QEMU may close early on a bad stream
+  const sent = bytes
+    ? new Promise<void>((resolve) => {
+        socket.once('close', () => resolve()); // (destroyed before its end was written: QEMU stopped reading)
+        socket.end(bytes, () => resolve());
+      })
+    : pipeline(fs.createReadStream(file), socket).catch(() => undefined); // QEMU may close early on a bad stream
   const event = await finished.finally(() => socket.destroy());
   await sent;
-  await fs.promises.rm(socketPath, { force: true });
+  if (bytes) fs.rmSync(socketPath, { force: true });
+  else await fs.promises.rm(socketPath, { force: true });
   if (event.data?.status !== 'completed') {
     throw new CocoonError(
       'snapshot_corrupt',

@@ -16,7 +16,9 @@
  *   - its disk: the block device starts on a placeholder under a throttle filter with no
  *     limits (qemu-args.ts `diskLater`); `attachDisk` adds the layer and swaps the filter's
  *     child (`blockdev-reopen`), before the device state is loaded;
- *   - its port forwards (`hostfwd_add`).
+ *   - its port forwards (`hostfwd_add`);
+ *   - its device state: it listens for it already (`incoming.sock` in its `qemu/`; the listening
+ *     socket stays valid through the rename), so a restore only sends it.
  *
  * The pool learns what to keep from what is asked (the last keys taken or missed), refills one
  * process at a time in the background, holds at most `size` processes (`COCOON_QEMU_POOL`),
@@ -38,6 +40,7 @@ import { type SandboxedProcess, type VmIdentity, grantLaunchAccess, launchIdenti
 import type { DiskSpec, MachineShape, PortForward, VmLimits } from '../types.ts';
 import { QEMU_SUBDIR } from './paths.ts';
 import { DISK_NODE, DISK_PLACEHOLDER, DISK_THROTTLE_GROUP, qemuArgs } from './qemu-args.ts';
+import { listenForDeviceState } from './migration.ts';
 import { QmpClient } from './qmp.ts';
 
 /** What a pooled QEMU must match to be used for a restore. */
@@ -58,6 +61,8 @@ const REFILL_DELAY_MS = 500;
 
 /** Relative to the process's working directory (`<entry>/qemu`). */
 const RELATIVE_SOCKETS = { qmp: 'qmp.sock', guest: 'guest.sock', serial: 'serial.sock', agent: 'agent.sock' };
+/** Where a waiting process listens for its device state (qemu.ts names the same file in a run directory's `qemu/`). */
+const INCOMING_SOCKET = 'incoming.sock';
 
 /** How a pooled QEMU starts (qemu.ts's `startQemu`, given to `openQemuPool` to keep the folders acyclic). */
 export type StartQemu = (
@@ -81,6 +86,8 @@ export class PooledQemu {
   readonly serialSocket: net.Socket;
   /** The backlog its forwarded ports will listen with (vmm Vm.portBacklog): 256 with cocoon-listen.so, else 1. */
   readonly portBacklog: number;
+  /** It listens for its device state on `incoming.sock` in its `qemu/` already (migration.ts `listenForDeviceState`). */
+  readonly listening = true;
   #exited = false;
 
   constructor(parts: {
@@ -155,6 +162,37 @@ export class PooledQemu {
         throw new CocoonError('port_in_use', `host port ${hostPort} (for guest port ${guestPort}) cannot be forwarded: ${output.trim().slice(0, 200)}`, { status: 409 });
       }
     }
+  }
+
+  /**
+   * `attachDisk` and `forward` in one exchange: every command written at once and the answers
+   * awaited together (QMP runs them one after the other, in order), instead of a round trip
+   * each. The first command that fails is the error (those after a failed disk step fail too).
+   */
+  async attachDiskAndForward(disk: DiskSpec, forwards: Required<PortForward>[]): Promise<void> {
+    const layer = `${DISK_NODE}-layer`;
+    const answers: Array<Promise<unknown>> = [
+      this.qmp.execute('blockdev-add', {
+        driver: disk.format,
+        'node-name': layer,
+        discard: 'unmap',
+        'detect-zeroes': 'unmap',
+        ...(disk.readOnly ? { 'read-only': true } : {}),
+        file: { driver: 'file', filename: path.resolve(disk.path), discard: 'unmap' },
+      }),
+      this.qmp.execute('blockdev-reopen', { options: [{ driver: 'throttle', 'node-name': DISK_NODE, 'throttle-group': DISK_THROTTLE_GROUP, file: layer }] }),
+      this.qmp.execute('blockdev-del', { 'node-name': DISK_PLACEHOLDER }),
+      ...forwards.map(({ hostPort, guestPort }) =>
+        this.qmp.execute('human-monitor-command', { 'command-line': `hostfwd_add net0 tcp:127.0.0.1:${hostPort}-:${guestPort}` }).then((output) => {
+          if (typeof output === 'string' && output.trim() !== '') {
+            throw new CocoonError('port_in_use', `host port ${hostPort} (for guest port ${guestPort}) cannot be forwarded: ${output.trim().slice(0, 200)}`, { status: 409 });
+          }
+        }),
+      ),
+    ];
+    const settled = await Promise.allSettled(answers);
+    const failed = settled.find((answer) => answer.status === 'rejected');
+    if (failed) throw failed.reason;
   }
 
   /** Kills the process and waits for it; removes what is left of its directory. */
@@ -357,6 +395,14 @@ export class QemuPool {
       }
       const [qmp, guest, serialSocket] = channels;
       serialSocket.on('error', () => undefined);
+      try {
+        await Promise.race([listenForDeviceState(qmp, INCOMING_SOCKET), exited]);
+      } catch (error) {
+        qmp.close();
+        guest.close();
+        serialSocket.destroy();
+        throw error;
+      }
       return new PooledQemu({ dir, key, process: started, identity, qmp, guest, serialSocket, portBacklog: shim !== undefined ? SHIM_BACKLOG : 1 });
     } catch (error) {
       if (started) {

@@ -9,8 +9,16 @@
  *   `qemu-img create` each.
  * - `pool`: a restore takes a QEMU started ahead from the open pool (pool.ts) when one of its
  *   machine waits there; off: it always starts its own.
+ * - `pooledInline` (a restore into a pooled QEMU, pooled-restore.ts): the files given to the
+ *   QEMU's uid with each call made at once (host/sandbox.ts `inlineFs`), not one after the
+ *   other through libuv's thread pool while the memory copy keeps it and the cores busy; the
+ *   disk's three QMP commands and the port forwards sent at once, answered together; the device
+ *   state sent to a migration the pooled QEMU listens for already, read in one call; and the
+ *   guest's clock/RNG message written before `cont`, so that it waits in the guest channel when
+ *   the vCPUs start (the restore still resolves only on the guest's answer). Off: as before,
+ *   step by step.
  */
-export const restoreTuning = { overlap: true, layerTemplate: true, pool: true };
+export const restoreTuning = { overlap: true, layerTemplate: true, pool: true, pooledInline: true };
 
 /**
  * How a snapshot given `memoryBase` (a suspend) keeps its memory (issue 12), as a switch so that
@@ -20,5 +28,12 @@ export const restoreTuning = { overlap: true, layerTemplate: true, pool: true };
  *   straight from the paused VM's RAM file while the device state is saved; only the diff is
  *   written and synced (mem-diff.ts `prepareMemoryDiff`). Off: the whole RAM file is
  *   checksummed, synced and committed, and the caller diffs it afterwards (`diffSnapshotMemory`).
+ * - `narrowCompare` (issue 12, the suspend's compare): only the RAM file's pages that may hold
+ *   data are compared (its written extents and the pages dirty or under writeback, not every
+ *   cached page SEEK_DATA reports), and where the base holds zeros the base is not read
+ *   (cocoon-sparse.c `mark_written`). Off: every page SEEK_DATA finds, base and RAM file read.
+ * - `diffServer`: the diff is a job of one long-lived helper per process (native/diff-server.ts),
+ *   not a helper started for each suspend (its start was most of the `prepare` phase). Off: a
+ *   helper per suspend.
  */
-export const suspendTuning = { diffInCommit: true };
+export const suspendTuning = { diffInCommit: true, narrowCompare: true, diffServer: true };
