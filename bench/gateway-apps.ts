@@ -5,13 +5,16 @@
  *                                       every connection (HTTP/1.0-style), same guest, interleaved
  *   gateway.close_timeouts              requests through the gateway that timed out in those runs
  *   gateway.nginx_throughput_ratio_c32  gateway ÷ nginx req/s to the keep-alive test app at c=32
+ *   gateway.close_{gateway,nginx}_cpu_ms_c1/_c8/_c32
+ *                                       CPU (user + system) per busybox request of the gateway's process
+ *                                       (the daemon) and of nginx: steadier than req/s on a shared host
  *
  * nginx is Debian's, started here as a one-worker reverse proxy to the same forwarded guest port
  * (see wrk.ts); wrk is the load generator for all three targets.
  */
 import type { Metrics } from './stats.ts';
 import { single } from './stats.ts';
-import { runWrk, startNginx, type WrkResult } from './wrk.ts';
+import { cpuMs, runWrk, startNginx, type WrkResult } from './wrk.ts';
 
 export interface WrkTarget {
   name: 'direct' | 'nginx' | 'gateway';
@@ -25,6 +28,8 @@ export interface AppsBenchOptions {
   closePort: number;
   keepAlivePort: number;
   gatewayPort: number;
+  /** The gateway's process (the daemon), for its CPU per request. */
+  gatewayPid?: number;
   vmId: string;
   token: string;
   closeGuestPort: number;
@@ -59,11 +64,18 @@ export async function gatewayVsNginx(o: AppsBenchOptions): Promise<Metrics> {
       gw(o.keepAliveGuestPort),
     ];
     let closeTimeouts = 0;
+    const cpuUs = new Map<string, number[]>();
     const measure = async (targets: WrkTarget[], c: number, label: string) => {
       const rps = new Map<string, number[]>(targets.map((t) => [t.name, []]));
       for (let round = 0; round < rounds; round++) {
         for (const t of round % 2 === 0 ? targets : [...targets].reverse()) {
+          const pid = t.name === 'gateway' ? o.gatewayPid : t.name === 'nginx' ? (label === 'close' ? nginxClose.pid : nginxKeep.pid) : undefined;
+          const cpuBefore = pid === undefined ? 0 : cpuMs(pid);
           const r: WrkResult = await runWrk({ url: t.url, connections: c, seconds, headers: t.headers });
+          if (pid !== undefined && r.requests > 0) {
+            const key = `${label} ${c} ${t.name}`;
+            cpuUs.set(key, [...(cpuUs.get(key) ?? []), ((cpuMs(pid) - cpuBefore) * 1000) / r.requests]);
+          }
           rps.get(t.name)!.push(r.rps);
           const bad = r.errors.timeout + r.errors.connect + r.errors.read + r.errors.write + r.non2xx;
           if (t.name === 'gateway' && label === 'close') closeTimeouts += r.errors.timeout;
@@ -78,6 +90,10 @@ export async function gatewayVsNginx(o: AppsBenchOptions): Promise<Metrics> {
       metrics[`gateway.close_direct_rps_c${c}`] = single(m.get('direct')!, 'rps');
       metrics[`gateway.close_nginx_rps_c${c}`] = single(m.get('nginx')!, 'rps');
       metrics[`gateway.close_gateway_rps_c${c}`] = single(m.get('gateway')!, 'rps');
+      for (const name of ['gateway', 'nginx']) {
+        const us = cpuUs.get(`close ${c} ${name}`);
+        if (us?.length) metrics[`gateway.close_${name}_cpu_ms_c${c}`] = { ...single(median(us) / 1000, 'ms'), n: us.length };
+      }
     }
     metrics['gateway.close_timeouts'] = single(closeTimeouts, 'count');
     const k = await measure(keep, 32, 'keep-alive');

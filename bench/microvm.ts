@@ -225,6 +225,7 @@ export async function runMicrovmBench(options: MicrovmBenchOptions = {}): Promis
             closePort,
             keepAlivePort,
             gatewayPort,
+            gatewayPid: daemon.info.pid,
             vmId: vm.id,
             token: vm.token,
             closeGuestPort: APP_PORT,

@@ -53,6 +53,17 @@ export async function runWrk(o: { url: string; connections: number; seconds: num
   return parseWrk(out);
 }
 
+/** CPU time (user + system, ms) a process has used so far; 0 when it cannot be read. */
+export function cpuMs(pid: number): number {
+  try {
+    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+    const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    return ((Number(f[11]) + Number(f[12])) * 1000) / 100; // clock ticks (USER_HZ 100)
+  } catch {
+    return 0;
+  }
+}
+
 async function freePort(): Promise<number> {
   return await new Promise((resolve, reject) => {
     const server = net.createServer();
@@ -66,6 +77,8 @@ async function freePort(): Promise<number> {
 
 export interface Nginx {
   port: number;
+  /** Its one process (master_process off). */
+  pid: number;
   stop(): Promise<void>;
 }
 
@@ -123,6 +136,7 @@ http {
   }
   return {
     port,
+    pid: child.pid!,
     async stop() {
       child.kill('SIGKILL');
       await exited;
