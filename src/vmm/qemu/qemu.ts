@@ -34,7 +34,7 @@ import { SerialLog, tailSerialLog } from './serial-log.ts';
 import { PhaseClock, type Phases } from '../phases.ts';
 import { restoreTuning, suspendTuning } from './tuning.ts';
 import { type PooledQemu, activeQemuPool } from './pool.ts';
-import { type RestoreStart, attachPooled, continueRestored, writeBackRamLater } from './pooled-restore.ts';
+import { type RestoreStart, attachPooled, continueRestored, prefilledWith, writeBackRamLater } from './pooled-restore.ts';
 import { identityBeforeReading, isVerified, rememberVerified } from '../verified-files.ts';
 import { sealSnapshotFiles, snapshotFailure, takeBackSnapshotFiles } from '../snapshot-safety.ts';
 import { qemuDirOf, qemuSocketsOf } from './paths.ts';
@@ -401,19 +401,29 @@ export class QemuVm implements Vm {
       await continueRestored(vm, how.inline, clock);
     };
     // A QEMU started ahead for this machine (pool.ts): its memory is filled in place, as below.
+    // The image snapshot whose memory the pool copies ahead for the next restores of this machine.
+    const imageMemory = memoryDiff ? options.memoryBase : verify ? options.snapshotDir : undefined;
     const pooled = restoreTuning.pool
-      ? activeQemuPool()?.take({ shape: manifest.shape, cmdline: manifest.cmdline, egress: options.network.egress ?? false, limits: launchLimits(manifest.shape, options.limits) })
+      ? activeQemuPool()?.take(
+          { shape: manifest.shape, cmdline: manifest.cmdline, egress: options.network.egress ?? false, limits: launchLimits(manifest.shape, options.limits) },
+          imageMemory !== undefined ? { snapshotDir: imageMemory } : undefined,
+        )
       : undefined;
     if (pooled) {
       validateShape(manifest.shape);
+      // What its RAM file holds already (pool.ts), used the new way only (pooled-restore.ts).
+      const ahead = restoreTuning.pooledInline ? pooled.prefilled : undefined;
       return QemuVm.launchPooled(pooled, options, disk, {
         clock,
         ...(manifest.guestProtocol !== undefined ? { guestProtocol: manifest.guestProtocol } : {}),
         diskLayer,
         fill: async () => {
-          if (!memoryDiff) return copyMemory(true);
-          await restoreMemoryDiff({ dir: options.snapshotDir, manifest, baseDir: options.memoryBase, target: ramPath, verify: Boolean(verify), alsoVerifyDisk: Boolean(verify), into: true });
-          return verify ? 'ram_from_diff_checksums' : 'ram_from_diff';
+          if (!memoryDiff) {
+            if (ahead && verify && (await prefilledWith(ahead, memFile, manifest))) return 'ram_prefilled';
+            return copyMemory(true);
+          }
+          const onBase = await restoreMemoryDiff({ dir: options.snapshotDir, manifest, baseDir: options.memoryBase, target: ramPath, verify: Boolean(verify), alsoVerifyDisk: Boolean(verify), into: true, ...(ahead ? { onBase: ahead.identity } : {}) });
+          return `${verify ? 'ram_from_diff_checksums' : 'ram_from_diff'}${onBase ? '_on_base' : ''}`;
         },
         start,
       });
