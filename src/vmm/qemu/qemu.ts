@@ -886,7 +886,8 @@ export class QemuVm implements Vm {
       return vm;
     } catch (caught) {
       let error = caught;
-      if (await exitedWithin(pooled.process.exit, vm ? 500 : 0)) {
+      // QMP's socket closing (vm_gone) is seen before the process's exit: wait for it, to say why.
+      if (await exitedWithin(pooled.process.exit, vm || isCocoonError(error, 'vm_gone') ? 500 : 0)) {
         if (pooled.process.child.signalCode) error = qemuKilledError(options.id, pooled.process.child.signalCode, true);
         else if (!isCocoonError(error, 'snapshot_corrupt')) error = qemuStartError(options.runDir, { forwards: [], incoming: true }, vm);
       }
