@@ -90,7 +90,9 @@ export async function runMicrovmBench(options: MicrovmBenchOptions = {}): Promis
   try {
     const phasesFile = path.join(dataDir, 'resume-phases.ndjson');
     const tuningFile = path.join(dataDir, 'restore-tuning.json');
-    daemon = await spawnDaemon(dataDir, { COCOON_TEST_RESUME_PHASES: phasesFile, COCOON_TEST_RESTORE_TUNING: tuningFile });
+    // COCOON_BENCH_GATEWAY_CLIENT pins the gateway's upstream client (adaptive, undici, node) for a before/after.
+    const gatewayClient = process.env.COCOON_BENCH_GATEWAY_CLIENT;
+    daemon = await spawnDaemon(dataDir, { COCOON_TEST_RESUME_PHASES: phasesFile, COCOON_TEST_RESTORE_TUNING: tuningFile, ...(gatewayClient ? { COCOON_TEST_GATEWAY_CLIENT: gatewayClient } : {}) });
     const daemonPid = daemon.info.pid;
     /** Sets the daemon's restore switches (test/support/daemon.ts) and waits until it has. */
     const tune = async (switches: Record<string, boolean>): Promise<void> => {

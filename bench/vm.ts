@@ -182,7 +182,7 @@ export async function runVmBench(options: { runs?: number; accel?: Accelerator; 
         const inCommit = cycle % 2 === 0;
         suspendTuning.diffInCommit = inCommit;
         const suspendStart = performance.now();
-        const manifest = await vm.snapshot(suspended, { phases, memoryBase: baseSnapshot });
+        const manifest = await vm.snapshot(suspended, { phases, memoryBase: baseSnapshot, endAfterAnswer: inCommit }); // (as the lifecycle suspends)
         const snapshotMs = elapsedMs(suspendStart);
         suspendTuning.diffInCommit = true;
         running.delete(vm);

@@ -31,7 +31,7 @@ import { isShellPath, subprotocolToken, type ShellHandler } from './shell.ts';
 import type { GatewaySurface } from './surfaces.ts';
 import { DEFAULT_GATEWAY_DOMAIN, normalizeDomain, parsePortHeader, resolveMicroVM } from './routing.ts';
 import { isPromiseLike, portIsAllowed, type MicroVMDirectory, type MicroVMRoute, type TokenFailureReason, type TokenVerification, type TokenVerifier } from './types.ts';
-import { forwardAndSettle, pendingConnectsFor, NodeUpstreamClient, UndiciUpstreamClient, type UpstreamClient, type UpstreamClientOptions } from './upstream.ts';
+import { AdaptiveUpstreamClient, forwardAndSettle, pendingConnectsFor, NodeUpstreamClient, UndiciUpstreamClient, type UpstreamClient, type UpstreamClientOptions } from './upstream.ts';
 import { WakeCoalescer } from './wake.ts';
 import { proxyWebSocket, rawResponse } from './websocket.ts';
 
@@ -45,8 +45,12 @@ export interface GatewayOptions {
   /** Host names are `<microvm id>.<domain>`. Default `vm.localhost`. */
   domain?: string;
   logger?: Logger;
-  /** Upstream HTTP client: `undici` (default, measured faster) or `node` (node:http Agent). */
-  upstreamClient?: 'undici' | 'node';
+  /**
+   * Upstream HTTP client (upstream.ts): `adaptive` (default: undici's pooled keep-alive
+   * connections, and a connection of its own per request for an upstream that closes every
+   * connection, the cheaper way there), `undici` alone, or `node` (node:http's keep-alive Agent).
+   */
+  upstreamClient?: 'adaptive' | 'undici' | 'node';
   /**
    * In a cluster: signs requests forwarded to the host that runs a microVM (`route.peer`) and
    * checks X-Cocoon-Peer on requests other hosts forward here (peer.ts). Absent: one host; an
@@ -185,7 +189,11 @@ export function createGateway(options: GatewayOptions): Gateway {
     ...(options.guestConnect ? { guestConnect: options.guestConnect } : {}),
   };
   const upstream: UpstreamClient =
-    options.upstreamClient === 'node' ? new NodeUpstreamClient(upstreamOptions) : new UndiciUpstreamClient(upstreamOptions);
+    options.upstreamClient === 'node'
+      ? new NodeUpstreamClient(upstreamOptions)
+      : options.upstreamClient === 'undici'
+        ? new UndiciUpstreamClient(upstreamOptions)
+        : new AdaptiveUpstreamClient(upstreamOptions);
   const wakes = new WakeCoalescer(directory);
 
   const inFlight = new Map<string, number>();

@@ -1,10 +1,12 @@
 /**
- * Sending one proxied HTTP exchange to a guest over pooled keep-alive connections, streaming
- * both bodies with backpressure. Two interchangeable clients: undici's Agent (default) and
- * node:http's keep-alive Agent; bench/gateway-overhead.ts measures both (see docs/gateway.md).
+ * Sending one proxied HTTP exchange to a guest, streaming both bodies with backpressure. Three
+ * interchangeable clients: the adaptive one (default: undici's Agent over pooled keep-alive
+ * connections, and one node:http exchange on a connection of its own for an upstream that closes
+ * every connection), undici's Agent alone, node:http's keep-alive Agent alone;
+ * bench/gateway-overhead.ts and the bench suite `gateway` measure them (see docs/gateway.md).
  */
 import http, { type ServerResponse } from 'node:http';
-import type { Readable } from 'node:stream';
+import type { Duplex, Readable } from 'node:stream';
 import { Agent, buildConnector, type Dispatcher } from 'undici';
 import type { CocoonError } from '../common/errors.ts';
 import type { BodyMeter } from './body.ts';
@@ -144,6 +146,34 @@ function retriable(error: unknown, r: ForwardRequest): boolean {
   return typeof code === 'string' && RESET_CODES.has(code);
 }
 
+/**
+ * A bodiless idempotent request whose connection the guest side reset or closed before any
+ * response byte is sent again (at most twice), as nginx's `proxy_next_upstream error` does:
+ * QEMU's forwarding closes connections it accepted for a guest port nobody listens on yet, and
+ * apps that close idle keep-alive connections race with a reuse.
+ */
+async function withRetries<T>(r: ForwardRequest, once: () => Promise<T>): Promise<T> {
+  for (let attempt = 0; ; attempt++) {
+    try {
+      return await once();
+    } catch (error) {
+      if (attempt >= 2 || !retriable(error, r)) throw error;
+    }
+  }
+}
+
+/** Whether the guest's answer said it closes the connection (`Connection: close`, or HTTP/1.0 without keep-alive). */
+export type UpstreamClosed = boolean;
+
+const CLOSE_TOKEN = /(?:^|,)\s*close\s*(?:,|$)/i;
+const KEEP_ALIVE_TOKEN = /(?:^|,)\s*keep-alive\s*(?:,|$)/i;
+
+function saysClose(connection: string | string[] | undefined, httpVersion = '1.1'): boolean {
+  const value = Array.isArray(connection) ? connection.join(',') : (connection ?? '');
+  if (CLOSE_TOKEN.test(value)) return true;
+  return httpVersion === '1.0' && !KEEP_ALIVE_TOKEN.test(value);
+}
+
 function hostForUrl(host: string): string {
   return host.includes(':') ? `[${host}]` : host;
 }
@@ -151,15 +181,16 @@ function hostForUrl(host: string): string {
 /** Streams an undici response into a ServerResponse, pausing the upstream on backpressure. */
 class ForwardHandler implements Dispatcher.DispatchHandler {
   readonly #res: ServerResponse;
-  readonly #resolve: () => void;
+  readonly #resolve: (closed: UpstreamClosed) => void;
   readonly #reject: (e: UpstreamFailure) => void;
   #controller: Dispatcher.DispatchController | undefined;
   #settled = false;
+  #closed: UpstreamClosed = false;
   readonly #gone = new AbortController();
   /** Aborts when the client goes away before the exchange is complete (guestConnector drops its queued connect). */
   readonly gone = this.#gone.signal;
 
-  constructor(res: ServerResponse, resolve: () => void, reject: (e: UpstreamFailure) => void) {
+  constructor(res: ServerResponse, resolve: (closed: UpstreamClosed) => void, reject: (e: UpstreamFailure) => void) {
     this.#res = res;
     this.#resolve = resolve;
     this.#reject = reject;
@@ -180,6 +211,7 @@ class ForwardHandler implements Dispatcher.DispatchHandler {
 
   onResponseStart(controller: Dispatcher.DispatchController, statusCode: number, headers: Record<string, string | string[] | undefined>): void {
     if (statusCode < 200) return; // 1xx: informational, not forwarded
+    this.#closed = saysClose(headers['connection']);
     try {
       this.#res.writeHead(statusCode, clientResponseHeaders(headers));
     } catch (error) {
@@ -195,7 +227,7 @@ class ForwardHandler implements Dispatcher.DispatchHandler {
     this.#res.end();
     if (!this.#settled) {
       this.#settled = true;
-      this.#resolve();
+      this.#resolve(this.#closed);
     }
   }
 
@@ -223,6 +255,13 @@ export interface ConnectOwner {
   readonly signal: AbortSignal;
   /** The pending bound of its upstream (default: the connector's `pendingPerUpstream`). */
   readonly pending?: number | undefined;
+  /**
+   * The socket event that says the first response bytes arrived (QEMU accepted the connection):
+   * 'readable' for undici (it reads on 'readable'; a 'data' listener would switch the socket to
+   * flowing under it), 'data' for node:http (it reads on 'data'; a 'readable' listener would stop
+   * its flow). Default 'readable'.
+   */
+  readonly readEvent?: 'readable' | 'data';
 }
 
 export type GuestConnector = buildConnector.connector & {
@@ -268,6 +307,7 @@ export function guestConnector(options: GuestConnectorOptions): GuestConnector {
     const answer = callback as (...a: [null, import('node:net').Socket] | [Error, null] | [Error]) => void;
     const signal = owner?.signal;
     const bound = owner?.pending ?? pendingPerUpstream;
+    const readEvent = owner?.readEvent ?? 'readable';
     if (signal?.aborted) return answer(abandoned());
     const key = `${opts.hostname}:${opts.port}`;
     let upstream = upstreams.get(key);
@@ -296,8 +336,8 @@ export function guestConnector(options: GuestConnectorOptions): GuestConnector {
         const socket = args[0] === null ? args[1] : null;
         if (!socket) release();
         else {
-          // 'readable' only signals (undici reads the socket on its own 'readable' listener).
-          socket.once('readable', release);
+          // Only a signal: the client reads the socket on its own listener of the same event.
+          socket.once(readEvent, release);
           socket.once('close', release);
           setTimeout(release, pendingHoldMs).unref();
         }
@@ -335,9 +375,9 @@ export class UndiciUpstreamClient implements UpstreamClient {
   readonly #connector: GuestConnector;
   readonly #o: UpstreamClientOptions;
 
-  constructor(options: UpstreamClientOptions) {
+  constructor(options: UpstreamClientOptions, connector?: GuestConnector) {
     this.#o = options;
-    this.#connector = guestConnector({ ...options.guestConnect, timeout: options.connectTimeoutMs });
+    this.#connector = connector ?? guestConnector({ ...options.guestConnect, timeout: options.connectTimeoutMs });
     this.#agent = new Agent({
       connections: options.connectionsPerUpstream,
       pipelining: 1,
@@ -349,24 +389,18 @@ export class UndiciUpstreamClient implements UpstreamClient {
     });
   }
 
-  /**
-   * A bodiless idempotent request whose connection the guest side reset or closed before any
-   * response byte is sent again (at most twice), as nginx's `proxy_next_upstream error` does:
-   * QEMU's forwarding closes connections it accepted for a guest port nobody listens on yet, and
-   * apps that close idle keep-alive connections race with a reuse.
-   */
+  /** Retried as `withRetries` says. */
   async forward(r: ForwardRequest): Promise<void> {
-    for (let attempt = 0; ; attempt++) {
-      try {
-        return await this.#forwardOnce(r);
-      } catch (error) {
-        if (attempt >= 2 || !retriable(error, r)) throw error;
-      }
-    }
+    await this.forwardObserved(r);
   }
 
-  #forwardOnce(r: ForwardRequest): Promise<void> {
-    return new Promise<void>((resolve, reject) => {
+  /** forward, answering whether the guest's last answer asked to close its connection. */
+  forwardObserved(r: ForwardRequest): Promise<UpstreamClosed> {
+    return withRetries(r, () => this.#forwardOnce(r));
+  }
+
+  #forwardOnce(r: ForwardRequest): Promise<UpstreamClosed> {
+    return new Promise<UpstreamClosed>((resolve, reject) => {
       const handler = new ForwardHandler(r.res, resolve, reject);
       try {
         this.#connector.forRequest({ signal: handler.gone, pending: r.pendingConnects }, () => this.#agent.dispatch(
@@ -392,6 +426,91 @@ export class UndiciUpstreamClient implements UpstreamClient {
   }
 }
 
+/**
+ * One exchange over node:http: `connection` is where its socket comes from (a keep-alive Agent,
+ * or a connect of its own through a GuestConnector).
+ */
+function nodeExchange(
+  r: ForwardRequest,
+  o: UpstreamClientOptions,
+  connection: { agent: http.Agent } | { createConnection: NonNullable<http.RequestOptions['createConnection']>; gone: AbortController },
+): Promise<UpstreamClosed> {
+  const { res } = r;
+  return new Promise<UpstreamClosed>((resolve, reject) => {
+    let settled = false;
+    const fail = (failure: UpstreamFailure): void => {
+      if (settled) return;
+      settled = true;
+      reject(failure);
+    };
+    let upReq: http.ClientRequest;
+    try {
+      upReq = http.request({
+        host: r.host,
+        port: r.port,
+        method: r.method,
+        path: r.path,
+        // One exchange per connection: say so (hop-by-hop headers were stripped already).
+        headers: 'agent' in connection ? r.headers : [...r.headers, 'connection', 'close'],
+        setHost: false,
+        ...('agent' in connection ? { agent: connection.agent } : { createConnection: connection.createConnection }),
+      });
+    } catch (error) {
+      fail(classify(error, res));
+      return;
+    }
+    const headTimer = setTimeout(() => {
+      upReq.destroy(Object.assign(new Error('the guest did not answer in time'), { code: 'ETIMEDOUT' }));
+    }, o.headersTimeoutMs);
+    headTimer.unref();
+    upReq.on('error', (error) => {
+      clearTimeout(headTimer);
+      fail(classify(error, res));
+    });
+    res.once('close', () => {
+      if (!settled && !res.writableFinished) {
+        fail(new UpstreamFailure('the client closed the connection', 'client_gone', res.headersSent));
+        if ('gone' in connection) connection.gone.abort();
+        upReq.destroy();
+      }
+    });
+    upReq.on('response', (upRes) => {
+      clearTimeout(headTimer);
+      const closed = saysClose(upRes.headers.connection, upRes.httpVersion);
+      try {
+        res.writeHead(upRes.statusCode ?? 502, clientResponseHeaders(upRes.headers));
+      } catch (error) {
+        upRes.destroy();
+        fail(classify(error, res));
+        return;
+      }
+      if (o.bodyTimeoutMs > 0) {
+        upRes.setTimeout(o.bodyTimeoutMs, () => {
+          upRes.destroy(Object.assign(new Error('the guest stopped sending the response body'), { code: 'ETIMEDOUT' }));
+        });
+      }
+      upRes.on('error', (error) => fail(classify(error, res)));
+      upRes.on('end', () => {
+        if (!upRes.complete) return;
+        res.end();
+        // A connection of its own is done with its one exchange, whatever the guest answered.
+        if ('gone' in connection) upReq.destroy();
+        if (!settled) {
+          settled = true;
+          resolve(closed);
+        }
+      });
+      upRes.on('aborted', () => fail(new UpstreamFailure('the guest closed the connection mid-response', 'error', true)));
+      upRes.pipe(res, { end: false });
+    });
+    if (r.body === null) upReq.end();
+    else {
+      r.body.on('error', (error) => upReq.destroy(error));
+      r.body.pipe(upReq);
+    }
+  });
+}
+
 /** node:http with a keep-alive Agent (LIFO socket reuse). */
 export class NodeUpstreamClient implements UpstreamClient {
   readonly #agent: http.Agent;
@@ -409,79 +528,101 @@ export class NodeUpstreamClient implements UpstreamClient {
     });
   }
 
-  forward(r: ForwardRequest): Promise<void> {
-    const { res } = r;
-    return new Promise<void>((resolve, reject) => {
-      let settled = false;
-      const fail = (failure: UpstreamFailure): void => {
-        if (settled) return;
-        settled = true;
-        reject(failure);
-      };
-      let upReq: http.ClientRequest;
-      try {
-        upReq = http.request({
-          host: r.host,
-          port: r.port,
-          method: r.method,
-          path: r.path,
-          headers: r.headers,
-          agent: this.#agent,
-          setHost: false,
-        });
-      } catch (error) {
-        fail(classify(error, res));
-        return;
-      }
-      const headTimer = setTimeout(() => {
-        upReq.destroy(Object.assign(new Error('the guest did not answer in time'), { code: 'ETIMEDOUT' }));
-      }, this.#o.headersTimeoutMs);
-      headTimer.unref();
-      upReq.on('error', (error) => {
-        clearTimeout(headTimer);
-        fail(classify(error, res));
-      });
-      res.once('close', () => {
-        if (!settled && !res.writableFinished) {
-          fail(new UpstreamFailure('the client closed the connection', 'client_gone', res.headersSent));
-          upReq.destroy();
-        }
-      });
-      upReq.on('response', (upRes) => {
-        clearTimeout(headTimer);
-        try {
-          res.writeHead(upRes.statusCode ?? 502, clientResponseHeaders(upRes.headers));
-        } catch (error) {
-          upRes.destroy();
-          fail(classify(error, res));
-          return;
-        }
-        if (this.#o.bodyTimeoutMs > 0) {
-          upRes.setTimeout(this.#o.bodyTimeoutMs, () => {
-            upRes.destroy(Object.assign(new Error('the guest stopped sending the response body'), { code: 'ETIMEDOUT' }));
-          });
-        }
-        upRes.on('error', (error) => fail(classify(error, res)));
-        upRes.on('end', () => {
-          if (!upRes.complete) return;
-          res.end();
-          if (!settled) {
-            settled = true;
-            resolve();
-          }
-        });
-        upRes.on('aborted', () => fail(new UpstreamFailure('the guest closed the connection mid-response', 'error', true)));
-        upRes.pipe(res, { end: false });
-      });
-      if (r.body === null) upReq.end();
-      else {
-        r.body.on('error', (error) => upReq.destroy(error));
-        r.body.pipe(upReq);
-      }
-    });
+  async forward(r: ForwardRequest): Promise<void> {
+    await nodeExchange(r, this.#o, { agent: this.#agent });
   }
 
   async close(): Promise<void> {
     this.#agent.destroy();
+  }
+}
+
+/**
+ * One node:http exchange per connection, opened through a GuestConnector (so under the same
+ * pending bound as undici's connects, and dropped when the client goes away first): the
+ * request says `Connection: close`, and nothing is pooled. For upstreams that close every
+ * connection anyway, this costs about half the CPU of undici's Agent per request, which for
+ * such an upstream creates and destroys a Pool, a Client and two errors with stack traces every
+ * time (measured: docs/gateway.md "Apps that close every connection").
+ */
+export class OneShotUpstreamClient implements UpstreamClient {
+  readonly #connector: GuestConnector;
+  readonly #o: UpstreamClientOptions;
+
+  constructor(options: UpstreamClientOptions, connector?: GuestConnector) {
+    this.#o = options;
+    this.#connector = connector ?? guestConnector({ ...options.guestConnect, timeout: options.connectTimeoutMs });
+  }
+
+  async forward(r: ForwardRequest): Promise<void> {
+    await this.forwardObserved(r);
+  }
+
+  forwardObserved(r: ForwardRequest): Promise<UpstreamClosed> {
+    return withRetries(r, () => {
+      const gone = new AbortController();
+      const owner: ConnectOwner = { signal: gone.signal, pending: r.pendingConnects, readEvent: 'data' };
+      const connector = this.#connector;
+      const createConnection = ((_options: unknown, oncreate: (error: Error | null, socket?: Duplex) => void): undefined => {
+        connector.forRequest(owner, () =>
+          connector({ hostname: r.host, host: r.host, protocol: 'http:', port: String(r.port) } as buildConnector.Options, (error, socket) => {
+            if (error) oncreate(error);
+            else oncreate(null, socket!);
+          }),
+        );
+        return undefined;
+      }) as unknown as NonNullable<http.RequestOptions['createConnection']>;
+      return nodeExchange(r, this.#o, { createConnection, gone });
+    });
+  }
+
+  async close(): Promise<void> {
+    // Nothing pooled: every connection belongs to its one exchange.
+  }
+}
+
+/** Upstreams remembered as closing every connection, at most (the oldest are forgotten first). */
+const CLOSING_UPSTREAMS = 4096;
+/** On a closing upstream, every this many requests one goes through undici again: has it turned to keep-alive? */
+const CLOSING_PROBE_EVERY = 64;
+
+/**
+ * undici's Agent for upstreams that keep connections alive (the default), OneShotUpstreamClient
+ * for those that close them: an upstream (host:port) whose answer through undici said
+ * `Connection: close` is sent its next requests on connections of their own, and one in
+ * CLOSING_PROBE_EVERY goes through undici again, so that an app that turns to keep-alive (a new
+ * app on the port) is pooled again. Both share one GuestConnector: one pending bound per upstream.
+ * The choice changes only the client's cost, never what the guest or the client sees (both send
+ * the same head and body, both retry the same way).
+ */
+export class AdaptiveUpstreamClient implements UpstreamClient {
+  readonly #pooled: UndiciUpstreamClient;
+  readonly #oneShot: OneShotUpstreamClient;
+  /** host:port → requests sent one-shot since its last probe. */
+  readonly #closing = new Map<string, number>();
+
+  constructor(options: UpstreamClientOptions) {
+    const connector = guestConnector({ ...options.guestConnect, timeout: options.connectTimeoutMs });
+    this.#pooled = new UndiciUpstreamClient(options, connector);
+    this.#oneShot = new OneShotUpstreamClient(options, connector);
+  }
+
+  async forward(r: ForwardRequest): Promise<void> {
+    const key = `${r.host}:${r.port}`;
+    const sent = this.#closing.get(key);
+    const oneShot = sent !== undefined && sent + 1 < CLOSING_PROBE_EVERY;
+    if (sent !== undefined) this.#closing.set(key, oneShot ? sent + 1 : 0);
+    const closed = await (oneShot ? this.#oneShot : this.#pooled).forwardObserved(r);
+    if (oneShot) return;
+    if (!closed) this.#closing.delete(key);
+    else if (sent === undefined) {
+      this.#closing.set(key, 0);
+      if (this.#closing.size > CLOSING_UPSTREAMS) this.#closing.delete(this.#closing.keys().next().value!);
+    }
+  }
+
+  async close(): Promise<void> {
+    await this.#pooled.close();
+    await this.#oneShot.close();
   }
 }

@@ -345,7 +345,7 @@ export class HostExecutor {
     const memoryBase = instance.imageId !== null ? imageSnapshotDir(this.#dataDir, instance.imageId) : undefined;
     let memory: string;
     try {
-      const manifest = await vm.snapshot(target, { durable: this.#durable, onStateSaved: () => this.pause('suspend:state-saved', instance.id), ...(memoryBase ? { memoryBase } : {}) });
+      const manifest = await vm.snapshot(target, { durable: this.#durable, onStateSaved: () => this.pause('suspend:state-saved', instance.id), endAfterAnswer: true, ...(memoryBase ? { memoryBase } : {}) });
       memory = manifest.files.mem.base ? `, memory diff of ${Math.ceil(manifest.files.mem.sizeBytes / 4096)} pages made in the snapshot` : '';
     } catch (error) {
       if (isCocoonError(error) && error.code !== 'vm_gone' && error.details?.vmAlive === true && !vm.exited) {

@@ -69,9 +69,10 @@ export interface Instance {
   suspendedAt: number;
   vm: Vm | undefined;
   /**
-   * The VM a suspend ended whose process was not gone yet when the suspend finished (none
-   * today: the driver's snapshot kills and reaps it; kept only until its exit is seen). A
-   * terminate of the SUSPENDED microVM waits for it instead of scanning for processes.
+   * The VM a suspend ended whose process was not gone yet when the suspend finished (the
+   * suspend answers once its snapshot is committed and the process told to end: the driver's
+   * `endAfterAnswer`; kept only until its exit is seen). A terminate of the SUSPENDED microVM
+   * waits for it instead of scanning for processes.
    */
   endingVm?: Vm;
   /** Guest port → host port of the running VM. */

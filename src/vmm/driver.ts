@@ -39,6 +39,14 @@ export interface SnapshotOptions {
    * the driver can (same memory size, not compacted); else it is whole. The manifest says which.
    */
   memoryBase?: string;
+  /**
+   * Answer once the snapshot is committed and the VM's process has been told to end, without
+   * waiting for its exit (a suspend: ~7 ms less). `exited` turns true a little later
+   * (`waitForExit`); the driver's own calls that could race the ending process (a boot or
+   * restore, a disk layer made or rebased, `clearRunFiles`) wait for it. Default: the process is
+   * gone when the snapshot answers.
+   */
+  endAfterAnswer?: boolean;
 }
 
 /** A disk that a disk layer stands on (`sameContent`: a hard link of the current backing file, so only the header changes). */

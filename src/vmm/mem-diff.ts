@@ -20,8 +20,10 @@
  */
 import fs from 'node:fs';
 import path from 'node:path';
-import { CocoonError, isCocoonError } from '../common/errors.ts';
+import { CocoonError, errorMessage, isCocoonError } from '../common/errors.ts';
 import { fsyncDir } from '../common/fs.ts';
+import { log } from '../common/log.ts';
+import { startHeldDiff } from './native/diff-server.ts';
 import { runSparseHelper, startHeldHelper } from './native/helper.ts';
 import { reservesRam } from './ram-file.ts';
 import { checkDataChecksum, dataChecksumKey, parseChecksumLine, readSnapshotManifest, verifySnapshotData } from './snapshot.ts';
@@ -111,7 +113,7 @@ export interface HeldMemoryDiff {
  * against damaged base pages would be restored onto the intact ones. Everything that does not
  * need the paused VM (the base checked, the helper started, the files opened) happens here.
  */
-export async function prepareMemoryDiff(options: { baseDir: string; memFile: string; outFile: string; memoryBytes: number; durable: boolean; narrow?: boolean }): Promise<HeldMemoryDiff | undefined> {
+export async function prepareMemoryDiff(options: { baseDir: string; memFile: string; outFile: string; memoryBytes: number; durable: boolean; narrow?: boolean; server?: boolean }): Promise<HeldMemoryDiff | undefined> {
   const base = await readSnapshotManifest(options.baseDir);
   const baseMem = base.files.mem;
   if (baseMem.base || !baseMem.checksum || base.shape.memoryMiB * 1024 * 1024 !== options.memoryBytes) return undefined;
@@ -119,7 +121,18 @@ export async function prepareMemoryDiff(options: { baseDir: string; memFile: str
   await fs.promises.rm(options.outFile, { force: true });
   // `narrow`: only the RAM file's pages written since it was reserved are compared, and where
   // the base holds zeros the base is not read (cocoon-sparse.c `mark_written`; issue 12).
-  const held = await startHeldHelper(['diff', path.join(options.baseDir, baseMem.name), options.memFile, options.outFile, ...(options.durable ? ['sync'] : []), ...(options.narrow ? ['narrow'] : []), 'wait']);
+  const args = ['diff', path.join(options.baseDir, baseMem.name), options.memFile, options.outFile, ...(options.durable ? ['sync'] : []), ...(options.narrow ? ['narrow'] : [])];
+  // `server`: a job of this process's long-lived helper (diff-server.ts), not a helper started
+  // for this diff; should the server fail it, a helper of its own (a real failure fails again).
+  let held: Awaited<ReturnType<typeof startHeldHelper>> | undefined;
+  if (options.server) {
+    held = await startHeldDiff(args).catch(async (error: unknown) => {
+      log.debug({ error: errorMessage(error) }, 'the memory diff server could not take a diff; starting a helper for it');
+      await fs.promises.rm(options.outFile, { force: true });
+      return undefined;
+    });
+  }
+  held ??= await startHeldHelper([...args, 'wait']);
   const baseChecksum = baseMem.checksum;
   return {
     go: async () => {

@@ -162,3 +162,27 @@ export async function discardRamFile(file: string): Promise<void> {
   }
   void fs.promises.rm(aside, { force: true }).catch(() => undefined);
 }
+
+/**
+ * Removes the name of the RAM file of a VM whose process is still ending (a suspend that does
+ * not wait for QEMU's exit: SnapshotOptions.endAfterAnswer) and answers a handle on it: the
+ * blocks stay until both QEMU's mapping and the handle are gone, and closing the handle after
+ * the exit does what the unlink of a whole RAM file costs (its pages dropped, a writeback the
+ * kernel started waited for) in the background, not in QEMU's exit. Undefined when it is gone.
+ */
+export async function unlinkRamFileHeld(file: string): Promise<fs.promises.FileHandle | undefined> {
+  let handle: fs.promises.FileHandle;
+  try {
+    handle = await fs.promises.open(file, 'r');
+  } catch (error) {
+    if ((error as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
+    throw error;
+  }
+  try {
+    await fs.promises.rm(file, { force: true });
+  } catch (error) {
+    await handle.close();
+    throw error;
+  }
+  return handle;
+}

@@ -20,6 +20,7 @@ import path from 'node:path';
 import { errorMessage } from '../common/errors.ts';
 import { log } from '../common/log.ts';
 import { MEMORY_DIFF_NAME, type HeldMemoryDiff, prepareMemoryDiff } from './mem-diff.ts';
+import { warmDiffServer } from './native/diff-server.ts';
 import { moveFile, sealData } from './snapshot-commit.ts';
 import type { SnapshotManifest } from './types.ts';
 
@@ -50,13 +51,14 @@ export async function startMemoryDiff(options: {
   partial: string;
   memoryBytes: number;
   durable: boolean;
-  /** The narrower compare (mem-diff.ts `prepareMemoryDiff`). */
+  /** The narrower compare; a job of the long-lived helper (mem-diff.ts `prepareMemoryDiff`). */
   narrow?: boolean;
+  server?: boolean;
 }): Promise<SnapshotMemory | undefined> {
   const outFile = path.join(options.partial, MEMORY_DIFF_NAME);
   let held: HeldMemoryDiff | undefined;
   try {
-    held = await prepareMemoryDiff({ baseDir: options.baseDir, memFile: options.ramPath, outFile, memoryBytes: options.memoryBytes, durable: options.durable, narrow: options.narrow ?? false });
+    held = await prepareMemoryDiff({ baseDir: options.baseDir, memFile: options.ramPath, outFile, memoryBytes: options.memoryBytes, durable: options.durable, narrow: options.narrow ?? false, server: options.server ?? false });
   } catch (error) {
     log.warn({ vm: options.vm, error: errorMessage(error) }, 'cannot keep only the changed memory pages; the snapshot keeps whole memory');
   }
@@ -90,4 +92,16 @@ export async function startMemoryDiff(options: {
     },
     cancel: () => diff.cancel(),
   };
+}
+
+let warming: NodeJS.Timeout | undefined;
+
+/**
+ * Starts the long-lived diff helper (native/diff-server.ts) soon, once per process, so that no
+ * suspend pays its start: a VM was restored, a suspend of it may follow. Two seconds later, so
+ * that the spawn does not take the cores from the restore and its guest's first answer.
+ */
+export function warmMemoryDiffs(): void {
+  warming ??= setTimeout(warmDiffServer, 2000);
+  warming.unref();
 }

@@ -169,7 +169,7 @@ test('a guest that does not answer in time → 504; a guest that dies mid-respon
 });
 
 test('upstream connections are kept alive and reused', async (t) => {
-  for (const upstreamClient of ['undici', 'node'] as const) {
+  for (const upstreamClient of ['adaptive', 'undici', 'node'] as const) {
     let connections = 0;
     const guest = await startGuest(t);
     guest.server.on('connection', () => connections++);

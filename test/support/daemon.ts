@@ -14,6 +14,8 @@
  *                              {"pooledInline": false}), sets those switches of the VM driver's
  *                              `restoreTuning` (src/vmm/qemu/tuning.ts) and writes `<file>.applied`
  *                              (bench/microvm.ts: the old way beside the new in one run)
+ *   COCOON_TEST_GATEWAY_CLIENT the gateway's upstream client (`adaptive`, `undici`, `node`;
+ *                              GatewayOptions.upstreamClient): the bench's before/after
  *   COCOON_DATABASE_URL        a PostgreSQL database: the daemon is a host of a cluster
  *                              (registers, heartbeats, runs microVMs under leases)
  * Once up it prints one line `COCOON_DAEMON_READY {"apiUrl", "gatewayPort", "pid", "recovery"}`.
@@ -106,7 +108,12 @@ async function main(): Promise<void> {
   const config = loadConfig();
   const pausePoint = process.env.COCOON_TEST_PAUSE_AT;
   const phasesFile = process.env.COCOON_TEST_RESUME_PHASES;
+  const upstreamClient = process.env.COCOON_TEST_GATEWAY_CLIENT;
+  if (upstreamClient !== undefined && upstreamClient !== 'adaptive' && upstreamClient !== 'undici' && upstreamClient !== 'node') {
+    throw new Error(`COCOON_TEST_GATEWAY_CLIENT must be adaptive, undici or node, not ${upstreamClient}`);
+  }
   const module = microvmModule({
+    ...(upstreamClient ? { gateway: { upstreamClient } } : {}),
     lifecycle: {
       onStop: process.env.COCOON_ON_STOP === 'leave' ? 'leave' : 'suspend',
       ...(phasesFile

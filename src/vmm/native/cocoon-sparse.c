@@ -36,6 +36,8 @@
  *                                 and cachestat(2) (the pages written since its extents were
  *                                 reserved) instead of SEEK_DATA, and where BASE is a hole only
  *                                 MEM is read (checked for zeros)
+ *   cocoon-sparse serve           one helper for many held diffs: requests on stdin, answers on
+ *                                 stdout, one line each (see `serve` below)
  *   cocoon-sparse undiff BASE DIFF TARGET [reserve] [into] [onbase] [sumbase] [sum] [-- FILE...]
  *                                 a new TARGET with the memory DIFF describes: BASE's data extents
  *                                 copied (as `copy`), DIFF's pages written over them; `reserve` and
@@ -80,6 +82,8 @@
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/vfs.h>
+#include <sys/wait.h>
+#include <signal.h>
 #include <unistd.h>
 
 #define TMPFS_MAGIC 0x01021994
@@ -551,6 +555,13 @@ static int trim_file(const char *file) {
 
 /* ---- memory diffs (docs/vmm.md "Memory diffs") ---- */
 
+/* How a held run says it is ready: "ready" on stdout, or, in a job of `serve`, its own line. */
+static int (*ready_hook)(void) = NULL;
+static int announce_ready(void) {
+  if (ready_hook) return ready_hook();
+  return printf("ready\n") < 0 || fflush(stdout) != 0 ? -1 : 0;
+}
+
 static const char DIFF_MAGIC[8] = {'C', 'O', 'C', 'O', 'O', 'N', 'M', 'D'};
 enum { DIFF_VERSION = 1, DIFF_INVALID = 3 };
 
@@ -787,7 +798,7 @@ static int diff_file(const char *base_file, const char *mem_file, const char *ou
   if (out < 0) { r = fail("cannot create", out_file); goto done; }
   if (wait) {
     char go;
-    if (printf("ready\n") < 0 || fflush(stdout) != 0) { r = 1; goto done; }
+    if (announce_ready() < 0) { r = 1; goto done; }
     if (read(0, &go, 1) != 1) { fprintf(stderr, "cocoon-sparse: diff: no go on stdin\n"); r = 1; goto done; }
   }
   int marked = narrow ? mark_written(mem, size, candidate, 2) : 1;
@@ -911,6 +922,139 @@ static int map_file(const char *file) {
   return fflush(stdout) == 0 ? 0 : 1;
 }
 
+/* `diff BASE MEM OUT [options]` (argv[1] is "diff"). */
+static int diff_main(int argc, char **argv) {
+  int sync = 0, wait = 0, threads = 1, narrow = 0;
+  for (int i = 5; i < argc; i++) {
+    if (strcmp(argv[i], "sync") == 0) sync = 1;
+    else if (strcmp(argv[i], "wait") == 0) wait = 1;
+    else if (strcmp(argv[i], "narrow") == 0) narrow = 1;
+    else if (strncmp(argv[i], "threads=", 8) == 0 && atoi(argv[i] + 8) >= 1) threads = atoi(argv[i] + 8);
+    else { fprintf(stderr, "cocoon-sparse: unknown diff option %s\n", argv[i]); return 2; }
+  }
+  int r = diff_file(argv[2], argv[3], argv[4], sync, wait, threads, narrow);
+  return r ? r : (fflush(stdout) == 0 ? 0 : 1);
+}
+
+/*
+ * ---- serve: one helper for the suspends of a daemon (issue 12) ----
+ *
+ * Starting a helper costs a suspend ~10-20 ms on a busy 2-core host (the spawn from a large Node
+ * process, exec, the dynamic loader). `serve` is started once and takes requests on stdin, one
+ * per line, fields separated by tabs:
+ *
+ *   ID diff BASE MEM OUT [option...]   fork a job: `diff BASE MEM OUT option... wait` as above
+ *   ID go                              the job's vCPUs are stopped: let it compare
+ *   ID cancel                          end the job (SIGKILL)
+ *
+ * and answers one line per event, each written whole (one write of less than PIPE_BUF, so that
+ * jobs' lines never interleave): "ID ready", then "ID ok LINE1<tab>LINE2" (diff's output lines)
+ * or "ID fail STATUS MESSAGE" (diff's exit status and its error message). A job is a forked
+ * child, so a crash in one ends neither the server nor the others. At most SERVE_JOBS run at
+ * once; the server ends (and its jobs with it) when stdin closes: its daemon went away.
+ */
+enum { SERVE_JOBS = 64, SERVE_LINE = 16384, SERVE_ARGS = 16, SERVE_REPLY = 3072 };
+typedef struct { unsigned long long id; pid_t pid; int go; } serve_job_t;
+static serve_job_t jobs[SERVE_JOBS];
+static int serve_out = -1;
+static unsigned long long serve_id;
+
+static void serve_reply(const char *text) {
+  char line[SERVE_REPLY + 64];
+  int n = snprintf(line, sizeof line, "%llu %.*s", serve_id, SERVE_REPLY, text);
+  if (n < 0) return;
+  if ((size_t)n > sizeof line - 2) n = (int)sizeof line - 2;
+  for (int i = 0; i < n; i++) if (line[i] == '\n') line[i] = '\t';
+  line[n++] = '\n';
+  if (write(serve_out, line, (size_t)n) < 0) { /* the daemon is gone: nothing to tell */ }
+}
+
+static int serve_ready(void) { serve_reply("ready"); return 0; }
+
+/* Reads a memfd's content (at most SERVE_REPLY bytes), trailing newlines cut. */
+static void read_capture(int fd, char *into, size_t size) {
+  ssize_t n = pread(fd, into, size - 1, 0);
+  if (n < 0) n = 0;
+  while (n > 0 && (into[n - 1] == '\n' || into[n - 1] == '\t')) n--;
+  into[n] = 0;
+}
+
+/* The job, in the forked child: diff with stdin the go pipe, stdout and stderr captured. */
+static void serve_job(int argc, char **argv, int go) {
+  for (int i = 0; i < SERVE_JOBS; i++) if (jobs[i].pid > 0) close(jobs[i].go);
+  signal(SIGPIPE, SIG_DFL);
+  if (dup2(go, 0) < 0) _exit(1);
+  close(go);
+  int out = memfd_create("diff-out", MFD_CLOEXEC), err = memfd_create("diff-err", MFD_CLOEXEC);
+  if (out < 0 || err < 0 || dup2(out, 1) < 0 || dup2(err, 2) < 0) { serve_reply("fail 1 cannot capture the output"); _exit(1); }
+  ready_hook = serve_ready;
+  int r = diff_main(argc, argv);
+  fflush(stdout);
+  fflush(stderr);
+  char text[SERVE_REPLY], reply[SERVE_REPLY + 32];
+  read_capture(r ? err : out, text, sizeof text);
+  if (r) snprintf(reply, sizeof reply, "fail %d %s", r, text[0] ? text : "cocoon-sparse diff failed");
+  else snprintf(reply, sizeof reply, "ok %s", text);
+  serve_reply(reply);
+  _exit(r);
+}
+
+static void serve_reap(void) {
+  pid_t pid;
+  while ((pid = waitpid(-1, NULL, WNOHANG)) > 0)
+    for (int i = 0; i < SERVE_JOBS; i++)
+      if (jobs[i].pid == pid) { close(jobs[i].go); jobs[i].pid = 0; }
+}
+
+static int serve(void) {
+  signal(SIGPIPE, SIG_IGN); /* a job that ended before its go: its pipe is closed */
+  serve_out = dup(1);
+  if (serve_out < 0) return 1;
+  static char line[SERVE_LINE];
+  while (fgets(line, sizeof line, stdin)) {
+    size_t len = strlen(line);
+    if (len == 0 || line[len - 1] != '\n') { /* too long: skip the rest, answer nothing (no id) */
+      int c;
+      while ((c = getchar()) != EOF && c != '\n') {}
+      continue;
+    }
+    line[len - 1] = 0;
+    serve_reap();
+    char *args[SERVE_ARGS + 1];
+    int argc = 0;
+    for (char *save = NULL, *field = strtok_r(line, "\t", &save); field && argc < SERVE_ARGS; field = strtok_r(NULL, "\t", &save)) args[argc++] = field;
+    if (argc < 2) continue;
+    serve_id = strtoull(args[0], NULL, 10);
+    serve_job_t *job = NULL;
+    for (int i = 0; i < SERVE_JOBS && !job; i++) if (jobs[i].pid > 0 && jobs[i].id == serve_id) job = &jobs[i];
+    if (strcmp(args[1], "go") == 0 || strcmp(args[1], "cancel") == 0) {
+      if (!job) continue; /* ended already: its answer is on its way */
+      if (args[1][0] == 'g') { if (write(job->go, "g", 1) < 0) {} }
+      else kill(job->pid, SIGKILL);
+      continue;
+    }
+    if (strcmp(args[1], "diff") != 0 || argc < 5 || argc > SERVE_ARGS - 1) { serve_reply("fail 2 unknown request"); continue; }
+    for (int i = 0; i < SERVE_JOBS && !job; i++) if (jobs[i].pid == 0) job = &jobs[i];
+    if (!job) { serve_reply("fail 1 too many memory diffs at once"); continue; }
+    int pipefd[2];
+    if (pipe2(pipefd, O_CLOEXEC) < 0) { serve_reply("fail 1 cannot make a pipe"); continue; }
+    /* argv as `cocoon-sparse diff BASE MEM OUT option... wait` */
+    char *argv[SERVE_ARGS + 2];
+    argv[0] = "cocoon-sparse";
+    for (int i = 1; i < argc; i++) argv[i] = args[i];
+    argv[argc] = "wait";
+    argv[argc + 1] = NULL;
+    fflush(stdout);
+    pid_t pid = fork();
+    if (pid < 0) { close(pipefd[0]); close(pipefd[1]); serve_reply("fail 1 cannot fork"); continue; }
+    if (pid == 0) { close(pipefd[1]); serve_job(argc + 1, argv, pipefd[0]); }
+    close(pipefd[0]);
+    *job = (serve_job_t){serve_id, pid, pipefd[1]};
+  }
+  for (int i = 0; i < SERVE_JOBS; i++) if (jobs[i].pid > 0) kill(jobs[i].pid, SIGKILL);
+  return 0;
+}
+
 int main(int argc, char **argv) {
   if (argc >= 3 && strcmp(argv[1], "sum") == 0) {
     for (int i = 2; i < argc; i++) {
@@ -943,18 +1087,8 @@ int main(int argc, char **argv) {
     printf("done\n");
     return fflush(stdout) == 0 ? 0 : 1;
   }
-  if (argc >= 5 && strcmp(argv[1], "diff") == 0) {
-    int sync = 0, wait = 0, threads = 1, narrow = 0;
-    for (int i = 5; i < argc; i++) {
-      if (strcmp(argv[i], "sync") == 0) sync = 1;
-      else if (strcmp(argv[i], "wait") == 0) wait = 1;
-      else if (strcmp(argv[i], "narrow") == 0) narrow = 1;
-      else if (strncmp(argv[i], "threads=", 8) == 0 && atoi(argv[i] + 8) >= 1) threads = atoi(argv[i] + 8);
-      else { fprintf(stderr, "cocoon-sparse: unknown diff option %s\n", argv[i]); return 2; }
-    }
-    int r = diff_file(argv[2], argv[3], argv[4], sync, wait, threads, narrow);
-    return r ? r : (fflush(stdout) == 0 ? 0 : 1);
-  }
+  if (argc >= 5 && strcmp(argv[1], "diff") == 0) return diff_main(argc, argv);
+  if (argc == 2 && strcmp(argv[1], "serve") == 0) return serve();
   if (argc >= 5 && strcmp(argv[1], "undiff") == 0) {
     int reserve = 0, sumbase = 0, sum = 0, into = 0, onbase = 0, i = 5;
     for (; i < argc && strcmp(argv[i], "--") != 0; i++) {
@@ -973,6 +1107,6 @@ int main(int argc, char **argv) {
   if (argc == 3 && strcmp(argv[1], "alloc") == 0) return alloc_file(argv[2]);
   if (argc == 3 && strcmp(argv[1], "trim") == 0) return trim_file(argv[2]);
   if (argc == 3 && strcmp(argv[1], "map") == 0) return map_file(argv[2]);
-  fprintf(stderr, "usage: cocoon-sparse sum FILE... | copy SRC DST [reserve] [sum] [-- FILE...] | alloc FILE | trim FILE | map FILE | diff BASE MEM OUT [sync] [wait] [narrow] [threads=N] | undiff BASE DIFF TARGET [reserve] [into] [onbase] [sumbase] [sum] [-- FILE...]\n");
+  fprintf(stderr, "usage: cocoon-sparse sum FILE... | copy SRC DST [reserve] [sum] [-- FILE...] | alloc FILE | trim FILE | map FILE | diff BASE MEM OUT [sync] [wait] [narrow] [threads=N] | serve | undiff BASE DIFF TARGET [reserve] [into] [onbase] [sumbase] [sum] [-- FILE...]\n");
   return 2;
 }

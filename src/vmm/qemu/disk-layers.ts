@@ -16,6 +16,7 @@ import { CocoonError, errorMessage } from '../../common/errors.ts';
 import type { BackingDisk } from '../driver.ts';
 import { writeLayerFromTemplate } from './layer-template.ts';
 import { restoreTuning } from './tuning.ts';
+import { qemuExitsSettled } from './exits.ts';
 
 const run = promisify(execFile);
 
@@ -29,6 +30,7 @@ export function relativeBackingName(layer: string, backing: string): string {
 
 /** A qcow2 layer over `backing`: the VM writes there, the backing file never changes. */
 export async function createDiskLayer(backing: string, backingFormat: 'raw' | 'qcow2', layer: string): Promise<void> {
+  await qemuExitsSettled(); // a snapshot's QEMU still exiting holds the backing file's lock (exits.ts)
   const name = relativeBackingName(layer, backing);
   try {
     // The same bytes as qemu-img's, without starting it for every layer (layer-template.ts).
@@ -45,6 +47,7 @@ export async function createDiskLayer(backing: string, backingFormat: 'raw' | 'q
  * directory carries a relative name that resolves only from there: it is rewritten first.
  */
 export async function rebaseDisk(disk: string, onto: BackingDisk, options: { copiedFrom?: string } = {}): Promise<void> {
+  await qemuExitsSettled();
   if (options.copiedFrom && !onto.sameContent) await relinkBacking(disk, { finalDir: path.dirname(disk), formerDir: options.copiedFrom });
   try {
     await run('qemu-img', ['rebase', '-q', ...(onto.sameContent ? ['-u'] : []), '-f', 'qcow2', '-b', relativeBackingName(disk, onto.path), '-F', onto.format, disk]);

@@ -24,15 +24,16 @@ import { type DeviceStateSave, loadDeviceState, prepareDeviceStateSave, saveDevi
 import { type QemuLaunch, hostTscKhz, kernelCmdline, qemuArgs } from './qemu-args.ts';
 import { QmpClient } from './qmp.ts';
 import { assertPortFree, freeLoopbackPort } from '../../net/ports.ts';
-import { DISCARDED_RAM_NAME, cloneRamFile, createEmptyRamFile, createRamFile, digHoles, discardRamFile, releaseUnusedRam, reservesRam } from '../ram-file.ts';
+import { DISCARDED_RAM_NAME, cloneRamFile, createEmptyRamFile, createRamFile, digHoles, discardRamFile, releaseUnusedRam, reservesRam, unlinkRamFileHeld } from '../ram-file.ts';
 import { holdRam, releaseRam } from '../space-ledger.ts';
 import { isMemoryDiff, restoreMemoryDiff } from '../mem-diff.ts';
-import { type SnapshotMemory, startMemoryDiff } from '../snapshot-memory.ts';
+import { type SnapshotMemory, startMemoryDiff, warmMemoryDiffs } from '../snapshot-memory.ts';
 import { findProcesses, killProcesses, processStats, processAlive, processCmdline, processCwd, processStartTime, waitForProcessExit } from '../../host/processes.ts';
 import { type SandboxedProcess, type VmCgroup, type VmIdentity, grantLaunchAccess, launchIdentity, launchLimits, removeVmCgroup, startSandboxed } from '../launch-sandbox.ts';
 import { SerialLog, tailSerialLog } from './serial-log.ts';
 import { PhaseClock, type Phases } from '../phases.ts';
 import { restoreTuning, suspendTuning } from './tuning.ts';
+import { endInBackground, qemuExitsSettled } from './exits.ts';
 import { type PooledQemu, activeQemuPool } from './pool.ts';
 import { type RestoreStart, attachPooled, continueRestored, prefilledWith, writeBackRamLater } from './pooled-restore.ts';
 import { identityBeforeReading, isVerified, rememberVerified } from '../verified-files.ts';
@@ -100,6 +101,7 @@ export function killQemuProcesses(marker: string, keep?: ReadonlySet<number>): P
 
 /** Removes a dead VM's files from its run directory (its RAM, disk layer and sockets), keeping the logs. */
 export async function clearRunFiles(runDir: string): Promise<void> {
+  await qemuExitsSettled();
   const names = ['mem', DISCARDED_RAM_NAME, 'disk.qcow2', LAUNCH_FILE, 'qemu.pid', 'qmp.sock', 'guest.sock', 'serial.sock', 'incoming.sock', 'migrate.sock'];
   await Promise.all(names.map((name) => fs.promises.rm(path.join(runDir, name), { force: true })));
 }
@@ -311,6 +313,7 @@ export class QemuVm implements Vm {
 
   /** Boots a fresh VM from kernel + initramfs + root disk; resolves once cocoon-init said hello. */
   static async boot(options: BootOptions & { bootTimeoutMs?: number }): Promise<QemuVm> {
+    await qemuExitsSettled();
     validateShape(options);
     const ramPath = path.join(options.runDir, 'mem');
     const cmdline = kernelCmdline(options, options.id, options.accel === 'tcg' ? hostTscKhz() : undefined);
@@ -334,6 +337,8 @@ export class QemuVm implements Vm {
    * RNG reseeded before this resolves.
    */
   static async restore(options: RestoreOptions): Promise<QemuVm> {
+    await qemuExitsSettled();
+    if (suspendTuning.diffServer) warmMemoryDiffs(); // for its suspend (snapshot-memory.ts)
     const clock = new PhaseClock();
     const manifest = await readSnapshotManifest(options.snapshotDir);
     assertSnapshotCompatible(options.snapshotDir, manifest);
@@ -498,7 +503,7 @@ export class QemuVm implements Vm {
       const statePath = path.join(partial, 'state');
       const migrateSocket = path.join(qemuDirOf(this.runDir), 'migrate.sock');
       const memoryStarting = options.memoryBase && !endFirst && suspendTuning.diffInCommit
-        ? startMemoryDiff({ vm: this.id, baseDir: options.memoryBase, ramPath: this.ramPath, partial, memoryBytes: this.shape.memoryMiB * 1024 * 1024, durable, narrow: suspendTuning.narrowCompare })
+        ? startMemoryDiff({ vm: this.id, baseDir: options.memoryBase, ramPath: this.ramPath, partial, memoryBytes: this.shape.memoryMiB * 1024 * 1024, durable, narrow: suspendTuning.narrowCompare, server: suspendTuning.diffServer })
         : undefined;
       try {
         progress.stateSave = suspendTuning.diffInCommit ? await prepareDeviceStateSave(this.qmp, migrateSocket, statePath) : undefined;
@@ -607,15 +612,28 @@ export class QemuVm implements Vm {
     } finally {
       for (const handle of handles) await handle.close().catch(() => undefined);
     }
-    await this.kill();
-    clock.mark('process_kill');
     // A RAM file the snapshot did not take (its memory is a diff) goes with the VM.
     const ramLeft = manifest.files.mem.base !== undefined;
-    await Promise.all([
-      fs.promises.rm(path.join(this.runDir, LAUNCH_FILE), { force: true }),
-      ramLeft ? discardRamFile(this.ramPath) : undefined,
-    ]);
-    clock.mark('process_end');
+    // `endAfterAnswer`: the answer does not wait for QEMU's exit (exits.ts: what could race the
+    // ending process waits for it). SIGKILL is sent at once (before kill's first await); the
+    // launch record and the RAM file's name go before the answer, the RAM file's blocks with
+    // the last of QEMU's mapping and a handle closed after its exit (ram-file.ts).
+    const background = options.endAfterAnswer === true;
+    const killed = this.kill();
+    killed.catch(() => undefined); // awaited below
+    const launchRecord = path.join(this.runDir, LAUNCH_FILE);
+    // (Committed: nothing may fail the snapshot now; what cannot be done here is done below.)
+    const ramHeld = background
+      ? (await Promise.all([ramLeft ? unlinkRamFileHeld(this.ramPath).catch(() => undefined) : undefined, fs.promises.rm(launchRecord, { force: true }).catch(() => undefined)]))[0]
+      : undefined;
+    const ending = (async () => {
+      await killed;
+      if (!background) clock.mark('process_kill');
+      await Promise.all([fs.promises.rm(launchRecord, { force: true }), ramHeld ? ramHeld.close() : ramLeft ? discardRamFile(this.ramPath) : undefined]);
+      if (!background) clock.mark('process_end');
+    })();
+    if (background) endInBackground(this.id, ending);
+    else await ending;
     // The RAM file's blocks that were reserved and never written go back to the filesystem, in
     // the background (the content does not change; restores read only written extents), and
     // after this returns: starting the helper takes the event loop a few milliseconds.

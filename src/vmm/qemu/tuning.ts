@@ -32,5 +32,8 @@ export const restoreTuning = { overlap: true, layerTemplate: true, pool: true, p
  *   data are compared (its written extents and the pages dirty or under writeback, not every
  *   cached page SEEK_DATA reports), and where the base holds zeros the base is not read
  *   (cocoon-sparse.c `mark_written`). Off: every page SEEK_DATA finds, base and RAM file read.
+ * - `diffServer`: the diff is a job of one long-lived helper per process (native/diff-server.ts),
+ *   not a helper started for each suspend (its start was most of the `prepare` phase). Off: a
+ *   helper per suspend.
  */
-export const suspendTuning = { diffInCommit: true, narrowCompare: true };
+export const suspendTuning = { diffInCommit: true, narrowCompare: true, diffServer: true };
