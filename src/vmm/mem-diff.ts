@@ -113,7 +113,7 @@ export interface HeldMemoryDiff {
  * against damaged base pages would be restored onto the intact ones. Everything that does not
  * need the paused VM (the base checked, the helper started, the files opened) happens here.
  */
-export async function prepareMemoryDiff(options: { baseDir: string; memFile: string; outFile: string; memoryBytes: number; durable: boolean; narrow?: boolean; server?: boolean }): Promise<HeldMemoryDiff | undefined> {
+export async function prepareMemoryDiff(options: { baseDir: string; memFile: string; outFile: string; memoryBytes: number; durable: boolean; narrow?: boolean; server?: boolean; threads?: number }): Promise<HeldMemoryDiff | undefined> {
   const base = await readSnapshotManifest(options.baseDir);
   const baseMem = base.files.mem;
   if (baseMem.base || !baseMem.checksum || base.shape.memoryMiB * 1024 * 1024 !== options.memoryBytes) return undefined;
@@ -121,7 +121,7 @@ export async function prepareMemoryDiff(options: { baseDir: string; memFile: str
   await fs.promises.rm(options.outFile, { force: true });
   // `narrow`: only the RAM file's pages written since it was reserved are compared, and where
   // the base holds zeros the base is not read (cocoon-sparse.c `mark_written`; issue 12).
-  const args = ['diff', path.join(options.baseDir, baseMem.name), options.memFile, options.outFile, ...(options.durable ? ['sync'] : []), ...(options.narrow ? ['narrow'] : [])];
+  const args = ['diff', path.join(options.baseDir, baseMem.name), options.memFile, options.outFile, ...(options.durable ? ['sync'] : []), ...(options.narrow ? ['narrow'] : []), ...(options.threads && options.threads > 1 ? [`threads=${options.threads}`] : [])];
   // `server`: a job of this process's long-lived helper (diff-server.ts), not a helper started
   // for this diff; should the server fail it, a helper of its own (a real failure fails again).
   let held: Awaited<ReturnType<typeof startHeldHelper>> | undefined;

@@ -36,6 +36,9 @@
  *                                 and cachestat(2) (the pages written since its extents were
  *                                 reserved) instead of SEEK_DATA, and where BASE is a hole only
  *                                 MEM is read (checked for zeros)
+ *   cocoon-sparse sumheld FILE [sync]
+ *                                 FILE opened, "ready", then on a byte on stdin its `sum` line and
+ *                                 its fdatasync (exit 5 if that fails)
  *   cocoon-sparse serve           one helper for many held diffs: requests on stdin, answers on
  *                                 stdout, one line each (see `serve` below)
  *   cocoon-sparse undiff BASE DIFF TARGET [reserve] [into] [onbase] [sumbase] [sum] [-- FILE...]
@@ -937,6 +940,25 @@ static int diff_main(int argc, char **argv) {
 }
 
 /*
+ * `sumheld FILE [sync]`: FILE opened at once, then "ready", then on a byte on stdin its checksum
+ * line (as `sum`) and, with `sync`, its fdatasync; exit status 5 when that fdatasync fails (the
+ * caller must not retry it). A suspend checksums its disk layer so, held like its diff.
+ */
+static int sumheld_main(int argc, char **argv) {
+  if (argc < 3 || argc > 4 || (argc == 4 && strcmp(argv[3], "sync") != 0)) { fprintf(stderr, "cocoon-sparse: sumheld FILE [sync]\n"); return 2; }
+  int fd = open(argv[2], O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return fail("cannot open", argv[2]);
+  char go;
+  int r = 0;
+  if (announce_ready() < 0) r = 1;
+  else if (read(0, &go, 1) != 1) { fprintf(stderr, "cocoon-sparse: sumheld: no go on stdin\n"); r = 1; }
+  else r = sum_fd(fd, argv[2], -1);
+  if (r == 0 && argc == 4 && fdatasync(fd) < 0) { fail("cannot sync", argv[2]); r = 5; }
+  close(fd);
+  return r ? r : (fflush(stdout) == 0 ? 0 : 1);
+}
+
+/*
  * ---- serve: one helper for the suspends of a daemon (issue 12) ----
  *
  * Starting a helper costs a suspend ~10-20 ms on a busy 2-core host (the spawn from a large Node
@@ -944,6 +966,7 @@ static int diff_main(int argc, char **argv) {
  * per line, fields separated by tabs:
  *
  *   ID diff BASE MEM OUT [option...]   fork a job: `diff BASE MEM OUT option... wait` as above
+ *   ID sumheld FILE [sync]             fork a job: `sumheld FILE [sync]` as above
  *   ID go                              the job's vCPUs are stopped: let it compare
  *   ID cancel                          end the job (SIGKILL)
  *
@@ -988,7 +1011,7 @@ static void serve_job(int argc, char **argv, int go) {
   int out = memfd_create("diff-out", MFD_CLOEXEC), err = memfd_create("diff-err", MFD_CLOEXEC);
   if (out < 0 || err < 0 || dup2(out, 1) < 0 || dup2(err, 2) < 0) { serve_reply("fail 1 cannot capture the output"); _exit(1); }
   ready_hook = serve_ready;
-  int r = diff_main(argc, argv);
+  int r = strcmp(argv[1], "diff") == 0 ? diff_main(argc, argv) : sumheld_main(argc, argv);
   fflush(stdout);
   fflush(stderr);
   char text[SERVE_REPLY], reply[SERVE_REPLY + 32];
@@ -1033,21 +1056,23 @@ static int serve(void) {
       else kill(job->pid, SIGKILL);
       continue;
     }
-    if (strcmp(args[1], "diff") != 0 || argc < 5 || argc > SERVE_ARGS - 1) { serve_reply("fail 2 unknown request"); continue; }
+    const int diff = strcmp(args[1], "diff") == 0;
+    if (diff ? argc < 5 || argc > SERVE_ARGS - 1 : strcmp(args[1], "sumheld") != 0 || argc < 3 || argc > 4) { serve_reply("fail 2 unknown request"); continue; }
     for (int i = 0; i < SERVE_JOBS && !job; i++) if (jobs[i].pid == 0) job = &jobs[i];
     if (!job) { serve_reply("fail 1 too many memory diffs at once"); continue; }
     int pipefd[2];
     if (pipe2(pipefd, O_CLOEXEC) < 0) { serve_reply("fail 1 cannot make a pipe"); continue; }
-    /* argv as `cocoon-sparse diff BASE MEM OUT option... wait` */
+    /* argv as `cocoon-sparse diff BASE MEM OUT option... wait` or `cocoon-sparse sumheld FILE [sync]` */
     char *argv[SERVE_ARGS + 2];
     argv[0] = "cocoon-sparse";
     for (int i = 1; i < argc; i++) argv[i] = args[i];
-    argv[argc] = "wait";
-    argv[argc + 1] = NULL;
+    int n = argc;
+    if (diff) argv[n++] = "wait";
+    argv[n] = NULL;
     fflush(stdout);
     pid_t pid = fork();
     if (pid < 0) { close(pipefd[0]); close(pipefd[1]); serve_reply("fail 1 cannot fork"); continue; }
-    if (pid == 0) { close(pipefd[1]); serve_job(argc + 1, argv, pipefd[0]); }
+    if (pid == 0) { close(pipefd[1]); serve_job(n, argv, pipefd[0]); }
     close(pipefd[0]);
     *job = (serve_job_t){serve_id, pid, pipefd[1]};
   }
@@ -1089,6 +1114,7 @@ int main(int argc, char **argv) {
   }
   if (argc >= 5 && strcmp(argv[1], "diff") == 0) return diff_main(argc, argv);
   if (argc == 2 && strcmp(argv[1], "serve") == 0) return serve();
+  if (argc >= 3 && strcmp(argv[1], "sumheld") == 0) return sumheld_main(argc, argv);
   if (argc >= 5 && strcmp(argv[1], "undiff") == 0) {
     int reserve = 0, sumbase = 0, sum = 0, into = 0, onbase = 0, i = 5;
     for (; i < argc && strcmp(argv[i], "--") != 0; i++) {
@@ -1107,6 +1133,6 @@ int main(int argc, char **argv) {
   if (argc == 3 && strcmp(argv[1], "alloc") == 0) return alloc_file(argv[2]);
   if (argc == 3 && strcmp(argv[1], "trim") == 0) return trim_file(argv[2]);
   if (argc == 3 && strcmp(argv[1], "map") == 0) return map_file(argv[2]);
-  fprintf(stderr, "usage: cocoon-sparse sum FILE... | copy SRC DST [reserve] [sum] [-- FILE...] | alloc FILE | trim FILE | map FILE | diff BASE MEM OUT [sync] [wait] [narrow] [threads=N] | serve | undiff BASE DIFF TARGET [reserve] [into] [onbase] [sumbase] [sum] [-- FILE...]\n");
+  fprintf(stderr, "usage: cocoon-sparse sum FILE... | copy SRC DST [reserve] [sum] [-- FILE...] | alloc FILE | trim FILE | map FILE | diff BASE MEM OUT [sync] [wait] [narrow] [threads=N] | sumheld FILE [sync] | serve | undiff BASE DIFF TARGET [reserve] [into] [onbase] [sumbase] [sum] [-- FILE...]\n");
   return 2;
 }
