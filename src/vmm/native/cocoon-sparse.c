@@ -41,12 +41,14 @@
  *                                 its fdatasync (exit 5 if that fails)
  *   cocoon-sparse serve           one helper for many held diffs: requests on stdin, answers on
  *                                 stdout, one line each (see `serve` below)
- *   cocoon-sparse undiff BASE DIFF TARGET [reserve] [into] [sumbase] [sum] [-- FILE...]
+ *   cocoon-sparse undiff BASE DIFF TARGET [reserve] [into] [onbase] [sumbase] [sum] [-- FILE...]
  *                                 a new TARGET with the memory DIFF describes: BASE's data extents
  *                                 copied (as `copy`), DIFF's pages written over them; `reserve` and
  *                                 `into` (TARGET exists and is emptied first) as for copy. `sumbase`: BASE's checksum line (taken while copying);
  *                                 `sum`: then DIFF's (taken before its pages are applied); then the lines of FILEs. Exit 3: DIFF is not a
- *                                 valid diff for BASE (header, sizes, bitmap)
+ *                                 valid diff for BASE (header, sizes, bitmap). `onbase`: TARGET exists and holds BASE's
+ *                                 content already (copied ahead by the caller: vmm/qemu/pool.ts); only DIFF's pages are
+ *                                 written (no `sumbase` then)
  *   cocoon-sparse map FILE        one line per data range of FILE, "<start> <end>" (bytes,
  *                                 page-aligned, end clamped to the size), as `sum` finds them:
  *                                 what an upload of the file must read (src/snapshots/)
@@ -859,7 +861,7 @@ static int invalid_diff(const char *file, const char *why) {
   return DIFF_INVALID;
 }
 
-static int undiff_file(const char *base_file, const char *diff_file_, const char *target, int reserve, int sumbase, int sum, int into) {
+static int undiff_file(const char *base_file, const char *diff_file_, const char *target, int reserve, int sumbase, int sum, int into, int onbase) {
   int fd = open(diff_file_, O_RDONLY | O_CLOEXEC);
   if (fd < 0) return fail("cannot open", diff_file_);
   struct stat ds, bs;
@@ -884,8 +886,10 @@ static int undiff_file(const char *base_file, const char *diff_file_, const char
   if (set != n || (pages % 8 && bitmap[bitmap_bytes - 1] >> (pages % 8))) { r = invalid_diff(diff_file_, "its bitmap does not match its page count"); goto done; }
   /* The base's data first (checksummed as it is copied with `sumbase`), then the diff's sum, taken
    * from the mapping its pages are then written from. */
-  r = copy_file(base_file, target, 0, sumbase, 0, into);
-  if (r) goto done;
+  if (!onbase) {
+    r = copy_file(base_file, target, 0, sumbase, 0, into);
+    if (r) goto done;
+  }
   if (sum && (r = sum_fd(fd, diff_file_, -1)) != 0) { unlink(target); goto done; }
   out = open(target, O_WRONLY | O_CLOEXEC);
   if (out < 0) { r = fail("cannot open", target); unlink(target); goto done; }
@@ -1112,21 +1116,23 @@ int main(int argc, char **argv) {
   if (argc == 2 && strcmp(argv[1], "serve") == 0) return serve();
   if (argc >= 3 && strcmp(argv[1], "sumheld") == 0) return sumheld_main(argc, argv);
   if (argc >= 5 && strcmp(argv[1], "undiff") == 0) {
-    int reserve = 0, sumbase = 0, sum = 0, into = 0, i = 5;
+    int reserve = 0, sumbase = 0, sum = 0, into = 0, onbase = 0, i = 5;
     for (; i < argc && strcmp(argv[i], "--") != 0; i++) {
       if (strcmp(argv[i], "reserve") == 0) reserve = 1;
       else if (strcmp(argv[i], "into") == 0) into = 1;
+      else if (strcmp(argv[i], "onbase") == 0) onbase = 1;
       else if (strcmp(argv[i], "sumbase") == 0) sumbase = 1;
       else if (strcmp(argv[i], "sum") == 0) sum = 1;
       else { fprintf(stderr, "cocoon-sparse: unknown undiff option %s\n", argv[i]); return 2; }
     }
-    int r = undiff_file(argv[2], argv[3], argv[4], reserve, sumbase, sum, into);
+    if (onbase && sumbase) { fprintf(stderr, "cocoon-sparse: undiff onbase copies no base to checksum\n"); return 2; }
+    int r = undiff_file(argv[2], argv[3], argv[4], reserve, sumbase, sum, into, onbase);
     for (i++; r == 0 && i < argc; i++) r = sum_file(argv[i]);
     return r ? r : (fflush(stdout) == 0 ? 0 : 1);
   }
   if (argc == 3 && strcmp(argv[1], "alloc") == 0) return alloc_file(argv[2]);
   if (argc == 3 && strcmp(argv[1], "trim") == 0) return trim_file(argv[2]);
   if (argc == 3 && strcmp(argv[1], "map") == 0) return map_file(argv[2]);
-  fprintf(stderr, "usage: cocoon-sparse sum FILE... | copy SRC DST [reserve] [sum] [-- FILE...] | alloc FILE | trim FILE | map FILE | diff BASE MEM OUT [sync] [wait] [narrow] [threads=N] | sumheld FILE [sync] | serve | undiff BASE DIFF TARGET [reserve] [into] [sumbase] [sum] [-- FILE...]\n");
+  fprintf(stderr, "usage: cocoon-sparse sum FILE... | copy SRC DST [reserve] [sum] [-- FILE...] | alloc FILE | trim FILE | map FILE | diff BASE MEM OUT [sync] [wait] [narrow] [threads=N] | sumheld FILE [sync] | serve | undiff BASE DIFF TARGET [reserve] [into] [onbase] [sumbase] [sum] [-- FILE...]\n");
   return 2;
 }

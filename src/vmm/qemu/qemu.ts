@@ -36,7 +36,7 @@ import { restoreTuning, suspendTuning } from './tuning.ts';
 import { endInBackground, qemuExitsSettled } from './exits.ts';
 import { type HeldSum, startHeldSum } from '../native/diff-server.ts';
 import { type PooledQemu, activeQemuPool } from './pool.ts';
-import { type RestoreStart, attachPooled, continueRestored, writeBackRamLater } from './pooled-restore.ts';
+import { type RestoreStart, attachPooled, continueRestored, prefilledWith, writeBackRamLater } from './pooled-restore.ts';
 import { identityBeforeReading, isVerified, rememberVerified } from '../verified-files.ts';
 import { sealSnapshotFiles, snapshotFailure, takeBackSnapshotFiles } from '../snapshot-safety.ts';
 import { qemuDirOf, qemuSocketsOf } from './paths.ts';
@@ -408,19 +408,29 @@ export class QemuVm implements Vm {
       await continueRestored(vm, how.inline, clock);
     };
     // A QEMU started ahead for this machine (pool.ts): its memory is filled in place, as below.
+    // The image snapshot whose memory the pool copies ahead for the next restores of this machine.
+    const imageMemory = memoryDiff ? options.memoryBase : verify ? options.snapshotDir : undefined;
     const pooled = restoreTuning.pool
-      ? activeQemuPool()?.take({ shape: manifest.shape, cmdline: manifest.cmdline, egress: options.network.egress ?? false, limits: launchLimits(manifest.shape, options.limits) })
+      ? activeQemuPool()?.take(
+          { shape: manifest.shape, cmdline: manifest.cmdline, egress: options.network.egress ?? false, limits: launchLimits(manifest.shape, options.limits) },
+          imageMemory !== undefined ? { snapshotDir: imageMemory } : undefined,
+        )
       : undefined;
     if (pooled) {
       validateShape(manifest.shape);
+      // What its RAM file holds already (pool.ts), used the new way only (pooled-restore.ts).
+      const ahead = restoreTuning.pooledInline ? pooled.prefilled : undefined;
       return QemuVm.launchPooled(pooled, options, disk, {
         clock,
         ...(manifest.guestProtocol !== undefined ? { guestProtocol: manifest.guestProtocol } : {}),
         diskLayer,
         fill: async () => {
-          if (!memoryDiff) return copyMemory(true);
-          await restoreMemoryDiff({ dir: options.snapshotDir, manifest, baseDir: options.memoryBase, target: ramPath, verify: Boolean(verify), alsoVerifyDisk: Boolean(verify), into: true });
-          return verify ? 'ram_from_diff_checksums' : 'ram_from_diff';
+          if (!memoryDiff) {
+            if (ahead && verify && (await prefilledWith(ahead, memFile, manifest))) return 'ram_prefilled';
+            return copyMemory(true);
+          }
+          const onBase = await restoreMemoryDiff({ dir: options.snapshotDir, manifest, baseDir: options.memoryBase, target: ramPath, verify: Boolean(verify), alsoVerifyDisk: Boolean(verify), into: true, ...(ahead ? { onBase: ahead.identity } : {}) });
+          return `${verify ? 'ram_from_diff_checksums' : 'ram_from_diff'}${onBase ? '_on_base' : ''}`;
         },
         start,
       });
@@ -905,7 +915,8 @@ export class QemuVm implements Vm {
       return vm;
     } catch (caught) {
       let error = caught;
-      if (await exitedWithin(pooled.process.exit, vm ? 500 : 0)) {
+      // QMP's socket closing (vm_gone) is seen before the process's exit: wait for it, to say why.
+      if (await exitedWithin(pooled.process.exit, vm || isCocoonError(error, 'vm_gone') ? 500 : 0)) {
         if (pooled.process.child.signalCode) error = qemuKilledError(options.id, pooled.process.child.signalCode, true);
         else if (!isCocoonError(error, 'snapshot_corrupt')) error = qemuStartError(options.runDir, { forwards: [], incoming: true }, vm);
       }
