@@ -49,7 +49,7 @@ const NOW = { ...suspendTuning };
  * Every lever of issue 12's suspend work off (diffInCommit stays: it landed before); and the
  * snapshot waits for QEMU's exit (`endAfterAnswer` off, as the lifecycle's suspend did).
  */
-const BEFORE: typeof suspendTuning = { ...suspendTuning, narrowCompare: false, diffServer: false };
+const BEFORE: typeof suspendTuning = { ...suspendTuning, narrowCompare: false, diffServer: false, compareThreads: 1 };
 
 export async function runSuspendBench(options: { runs?: number; accel?: Accelerator; log?: (line: string) => void } = {}): Promise<Metrics> {
   const runs = options.runs ?? 8;

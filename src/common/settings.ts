@@ -324,7 +324,7 @@ export const SETTINGS = define({
   },
   COCOON_QEMU_POOL: {
     group: 'vmm', default: '`2`', values: '`0` to `16`',
-    meaning: 'QEMU processes started ahead and kept waiting for a restore (src/vmm/qemu/pool.ts): a restore or resume of a machine shape restored before takes one instead of starting QEMU. Refilled in the background, one at a time; `0` turns the pool off.',
+    meaning: 'QEMU processes started ahead and kept waiting for a restore (src/vmm/qemu/pool.ts): a restore or resume of a machine shape restored before takes one instead of starting QEMU. Each holds, copied ahead, the memory of the image last restored on its machine when that memory is at most `COCOON_RAM_RESERVE_MAX_MIB` (disk as a running VM\'s RAM file). Refilled in the background, one at a time; `0` turns the pool off.',
     parse: integer(2, 0, 16),
   },
   COCOON_VM_CGROUPS: {

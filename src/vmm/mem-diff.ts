@@ -29,7 +29,7 @@ import { reservesRam } from './ram-file.ts';
 import { checkDataChecksum, dataChecksumKey, parseChecksumLine, readSnapshotManifest, verifySnapshotData } from './snapshot.ts';
 import { admitRam } from './space-ledger.ts';
 import type { SnapshotManifest } from './types.ts';
-import { identityBeforeReading, isVerified, rememberVerified } from './verified-files.ts';
+import { type FileIdentity, identityBeforeReading, isVerified, rememberVerified } from './verified-files.ts';
 
 export const MEMORY_DIFF_NAME = 'mem.diff';
 
@@ -113,7 +113,7 @@ export interface HeldMemoryDiff {
  * against damaged base pages would be restored onto the intact ones. Everything that does not
  * need the paused VM (the base checked, the helper started, the files opened) happens here.
  */
-export async function prepareMemoryDiff(options: { baseDir: string; memFile: string; outFile: string; memoryBytes: number; durable: boolean; narrow?: boolean; server?: boolean }): Promise<HeldMemoryDiff | undefined> {
+export async function prepareMemoryDiff(options: { baseDir: string; memFile: string; outFile: string; memoryBytes: number; durable: boolean; narrow?: boolean; server?: boolean; threads?: number }): Promise<HeldMemoryDiff | undefined> {
   const base = await readSnapshotManifest(options.baseDir);
   const baseMem = base.files.mem;
   if (baseMem.base || !baseMem.checksum || base.shape.memoryMiB * 1024 * 1024 !== options.memoryBytes) return undefined;
@@ -121,7 +121,7 @@ export async function prepareMemoryDiff(options: { baseDir: string; memFile: str
   await fs.promises.rm(options.outFile, { force: true });
   // `narrow`: only the RAM file's pages written since it was reserved are compared, and where
   // the base holds zeros the base is not read (cocoon-sparse.c `mark_written`; issue 12).
-  const args = ['diff', path.join(options.baseDir, baseMem.name), options.memFile, options.outFile, ...(options.durable ? ['sync'] : []), ...(options.narrow ? ['narrow'] : [])];
+  const args = ['diff', path.join(options.baseDir, baseMem.name), options.memFile, options.outFile, ...(options.durable ? ['sync'] : []), ...(options.narrow ? ['narrow'] : []), ...(options.threads && options.threads > 1 ? [`threads=${options.threads}`] : [])];
   // `server`: a job of this process's long-lived helper (diff-server.ts), not a helper started
   // for this diff; should the server fail it, a helper of its own (a real failure fails again).
   let held: Awaited<ReturnType<typeof startHeldHelper>> | undefined;
@@ -180,7 +180,14 @@ export async function restoreMemoryDiff(options: {
   alsoVerifyDisk?: boolean;
   /** `target` exists already (mapped by a QEMU waiting for its device state: qemu/pool.ts) and is emptied first. */
   into?: boolean;
-}): Promise<void> {
+  /**
+   * `target` (with `into`) holds the base's memory already, copied ahead (qemu/pool.ts) from the
+   * base file when it had this identity (verified-files.ts). Used only while the base is still
+   * that file and remembered as verified in that identity: then only the diff's pages are
+   * written. Otherwise the base is copied as without it.
+   */
+  onBase?: FileIdentity;
+}): Promise<'on_base' | undefined> {
   const { dir, manifest, target } = options;
   const { mem, disk } = manifest.files;
   if (!mem.base) throw new Error(`snapshot ${dir} holds whole memory, not a diff`);
@@ -195,20 +202,26 @@ export async function restoreMemoryDiff(options: {
   // The RAM file is admitted by the space ledger first and reserved only when small (ram-file.ts).
   await admitRam(target, mem.base.sizeBytes, `a VM from ${dir}`);
   const reserve = reservesRam(mem.base.sizeBytes) ? ['reserve'] : [];
+  let onBase = false;
   const run = async (args: string[]): Promise<string> => {
     try {
-      return await runSparseHelper(['undiff', baseFile, diffFile, target, ...reserve, ...(options.into ? ['into'] : []), ...args]);
+      return await runSparseHelper(['undiff', baseFile, diffFile, target, ...reserve, ...(options.into ? ['into'] : []), ...(onBase ? ['onbase'] : []), ...args]);
     } catch (error) {
       await fs.promises.rm(target, { force: true });
       if (isCocoonError(error, 'no_space') || isCocoonError(error, 'helper_missing')) throw error;
       throw corrupt(dir, `its memory cannot be rebuilt from the diff: ${(error as Error).message}`);
     }
   };
+  const baseKey = dataChecksumKey(base.files.mem.checksum)!;
+  // The base copied ahead counts only while the base file is what was copied and (when this
+  // restore verifies) what was verified: the same identity all three times.
+  const copiedAhead = async (): Promise<boolean> =>
+    options.into === true && options.onBase !== undefined && (await identityBeforeReading(baseFile)) === options.onBase && (!options.verify || (await isVerified(baseFile, baseKey)));
+  onBase = await copiedAhead();
   if (!options.verify) {
     await run([]);
-    return;
+    return onBase ? 'on_base' : undefined;
   }
-  const baseKey = dataChecksumKey(base.files.mem.checksum)!;
   const withDisk = options.alsoVerifyDisk === true;
   const check = async (withBase: boolean): Promise<void> => {
     const files = [diffFile, ...(withDisk ? [diskFile] : []), ...(withBase ? [baseFile] : [])];
@@ -231,8 +244,10 @@ export async function restoreMemoryDiff(options: {
   };
   if (await isVerified(baseFile, baseKey)) {
     await check(false);
-    if (await isVerified(baseFile, baseKey)) return;
+    if (await isVerified(baseFile, baseKey) && (!onBase || (await copiedAhead()))) return onBase ? 'on_base' : undefined;
     await fs.promises.rm(target, { force: true });
   }
+  onBase = false;
   await check(true);
+  return undefined;
 }

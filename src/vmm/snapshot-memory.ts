@@ -54,11 +54,13 @@ export async function startMemoryDiff(options: {
   /** The narrower compare; a job of the long-lived helper (mem-diff.ts `prepareMemoryDiff`). */
   narrow?: boolean;
   server?: boolean;
+  /** Threads the compare runs on (default 1). */
+  threads?: number;
 }): Promise<SnapshotMemory | undefined> {
   const outFile = path.join(options.partial, MEMORY_DIFF_NAME);
   let held: HeldMemoryDiff | undefined;
   try {
-    held = await prepareMemoryDiff({ baseDir: options.baseDir, memFile: options.ramPath, outFile, memoryBytes: options.memoryBytes, durable: options.durable, narrow: options.narrow ?? false, server: options.server ?? false });
+    held = await prepareMemoryDiff({ baseDir: options.baseDir, memFile: options.ramPath, outFile, memoryBytes: options.memoryBytes, durable: options.durable, narrow: options.narrow ?? false, server: options.server ?? false, threads: options.threads ?? 1 });
   } catch (error) {
     log.warn({ vm: options.vm, error: errorMessage(error) }, 'cannot keep only the changed memory pages; the snapshot keeps whole memory');
   }

@@ -8,8 +8,8 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { describe, test } from 'node:test';
-import { diffServerPid, startHeldDiff, stopDiffServer } from '../../src/vmm/native/diff-server.ts';
-import { startHeldHelper } from '../../src/vmm/native/helper.ts';
+import { diffServerPid, startHeldDiff, startHeldSum, stopDiffServer } from '../../src/vmm/native/diff-server.ts';
+import { runSparseHelper, startHeldHelper } from '../../src/vmm/native/helper.ts';
 import { memFile, page } from '../support/mem-snapshot.ts';
 import { useTempDir } from '../support/vm.ts';
 
@@ -49,5 +49,18 @@ describe('memory diff server', () => {
     const restarted = await startHeldDiff(['diff', base, mems[2]!, path.join(dir, 'restarted.diff')]);
     assert.match(await restarted.go(), /\n3 2048\n$/);
     assert.notEqual(diffServerPid(), pid, 'a new server');
+  });
+
+  test('a held checksum (a suspend\'s disk layer) sums the file it opened, renamed since, as `sum` does', async (t) => {
+    const dir = useTempDir(t, 'cocoon-diffserver-');
+    t.after(() => stopDiffServer());
+    const file = path.join(dir, 'disk');
+    memFile(file, new Map([[0, page()], [7, page()], [100, page()]]), 1024 * 1024);
+    const held = await startHeldSum(file, true);
+    const moved = path.join(dir, 'moved');
+    fs.renameSync(file, moved);
+    const line = await held.go();
+    assert.equal(line, await runSparseHelper(['sum', moved]));
+    await assert.rejects(startHeldSum(path.join(dir, 'missing'), false), /cannot open/);
   });
 });

@@ -5,7 +5,8 @@
  * process by its run directory and it runs as the uid its run directory names); a failed
  * restore leaves nothing; a full disk pauses its guest as it does any; closing the pool leaves
  * no process. Clones restored into waiting QEMUs get their own randomness and the host's clock,
- * both ways a pooled restore can go (src/vmm/qemu/pooled-restore.ts).
+ * both ways a pooled restore can go (src/vmm/qemu/pooled-restore.ts); memory the pool copied
+ * ahead serves a restore and a resume, and never one whose memory file changed since.
  */
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
@@ -145,6 +146,57 @@ describe('QEMU processes started ahead (the pool)', () => {
     } finally {
       await vm.destroy();
       await resumed?.destroy();
+    }
+  });
+
+  test('memory copied ahead: a restore of the verified image snapshot copies nothing, a resume from a diff against it writes only the diff; a memory file changed since the copy is refused', async () => {
+    // A snapshot of its own (its memory file is damaged at the end), old enough to be remembered once verified.
+    const image = path.join(dir, 'ahead-image');
+    fs.cpSync(snapshotDir, image, { recursive: true });
+    const settled = new Date(Date.now() - 10_000);
+    for (const name of fs.readdirSync(image)) {
+      const from = fs.statSync(path.join(snapshotDir, name));
+      fs.chownSync(path.join(image, name), from.uid, from.gid); // as sealed: a restore changes nothing on it
+      fs.utimesSync(path.join(image, name), settled, settled);
+    }
+    await new Promise((resolve) => setTimeout(resolve, 2_100)); // its ctimes (set now) settle too
+    const made: QemuVm[] = [];
+    try {
+      // A verified restore (remembered) teaches the pool the memory; the next takes a QEMU with it copied ahead.
+      made.push(await restore('ahead-teach', image));
+      await until('the pool to refill', () => pool!.readyCount === 1);
+      const vm = await restore('ahead-1', image);
+      made.push(vm);
+      assert.ok(vm.startPhases?.ram_prefilled_wait !== undefined, `nothing copied (phases: ${JSON.stringify(vm.startPhases)})`);
+      assert.equal(await httpGet(url(vm, '/cgi-bin/count')), '1', 'the snapshot\'s memory: its counter starts as it was');
+      assert.equal(await httpGet(url(vm, '/cgi-bin/write?kept-on-a-copied-base')), 'written');
+      // Suspended as a diff against the image, resumed into a QEMU holding the image's memory.
+      const suspended = path.join(dir, 'ahead-suspended');
+      await vm.snapshot(suspended);
+      made.splice(made.indexOf(vm), 1);
+      await diffSnapshotMemory(suspended, image, { durable: true });
+      await until('the pool to refill', () => pool!.readyCount === 1);
+      const resumed = await restore('ahead-2', suspended, { memoryBase: image });
+      made.push(resumed);
+      assert.ok(Object.keys(resumed.startPhases ?? {}).some((name) => name.endsWith('_on_base_wait')), `only the diff written (phases: ${JSON.stringify(resumed.startPhases)})`);
+      assert.equal(await httpGet(url(resumed, '/cgi-bin/file')), 'kept-on-a-copied-base');
+      assert.equal(await httpGet(url(resumed, '/cgi-bin/count')), '2', 'its memory is the suspended one, not the image\'s');
+      // The image's memory file changed after the pool copied it: that copy is not used, and the change is caught.
+      await until('the pool to refill', () => pool!.readyCount === 1);
+      const mem = path.join(image, 'mem');
+      const fd = fs.openSync(mem, 'r+');
+      try {
+        const byte = Buffer.alloc(1);
+        fs.readSync(fd, byte, 0, 1, 4096 * 100);
+        byte[0] = byte[0]! ^ 0xff;
+        fs.writeSync(fd, byte, 0, 1, 4096 * 100);
+      } finally {
+        fs.closeSync(fd);
+      }
+      await assert.rejects(restore('ahead-3', image), (error: unknown) => isCocoonError(error, 'snapshot_corrupt'));
+      assert.deepEqual(findQemuProcesses(path.join(dir, 'ahead-3')), []);
+    } finally {
+      await Promise.all(made.map((vm) => vm.destroy()));
     }
   });
 

@@ -36,14 +36,19 @@
  *                                 and cachestat(2) (the pages written since its extents were
  *                                 reserved) instead of SEEK_DATA, and where BASE is a hole only
  *                                 MEM is read (checked for zeros)
+ *   cocoon-sparse sumheld FILE [sync]
+ *                                 FILE opened, "ready", then on a byte on stdin its `sum` line and
+ *                                 its fdatasync (exit 5 if that fails)
  *   cocoon-sparse serve           one helper for many held diffs: requests on stdin, answers on
  *                                 stdout, one line each (see `serve` below)
- *   cocoon-sparse undiff BASE DIFF TARGET [reserve] [into] [sumbase] [sum] [-- FILE...]
+ *   cocoon-sparse undiff BASE DIFF TARGET [reserve] [into] [onbase] [sumbase] [sum] [-- FILE...]
  *                                 a new TARGET with the memory DIFF describes: BASE's data extents
  *                                 copied (as `copy`), DIFF's pages written over them; `reserve` and
  *                                 `into` (TARGET exists and is emptied first) as for copy. `sumbase`: BASE's checksum line (taken while copying);
  *                                 `sum`: then DIFF's (taken before its pages are applied); then the lines of FILEs. Exit 3: DIFF is not a
- *                                 valid diff for BASE (header, sizes, bitmap)
+ *                                 valid diff for BASE (header, sizes, bitmap). `onbase`: TARGET exists and holds BASE's
+ *                                 content already (copied ahead by the caller: vmm/qemu/pool.ts); only DIFF's pages are
+ *                                 written (no `sumbase` then)
  *   cocoon-sparse map FILE        one line per data range of FILE, "<start> <end>" (bytes,
  *                                 page-aligned, end clamped to the size), as `sum` finds them:
  *                                 what an upload of the file must read (src/snapshots/)
@@ -856,7 +861,7 @@ static int invalid_diff(const char *file, const char *why) {
   return DIFF_INVALID;
 }
 
-static int undiff_file(const char *base_file, const char *diff_file_, const char *target, int reserve, int sumbase, int sum, int into) {
+static int undiff_file(const char *base_file, const char *diff_file_, const char *target, int reserve, int sumbase, int sum, int into, int onbase) {
   int fd = open(diff_file_, O_RDONLY | O_CLOEXEC);
   if (fd < 0) return fail("cannot open", diff_file_);
   struct stat ds, bs;
@@ -881,8 +886,10 @@ static int undiff_file(const char *base_file, const char *diff_file_, const char
   if (set != n || (pages % 8 && bitmap[bitmap_bytes - 1] >> (pages % 8))) { r = invalid_diff(diff_file_, "its bitmap does not match its page count"); goto done; }
   /* The base's data first (checksummed as it is copied with `sumbase`), then the diff's sum, taken
    * from the mapping its pages are then written from. */
-  r = copy_file(base_file, target, 0, sumbase, 0, into);
-  if (r) goto done;
+  if (!onbase) {
+    r = copy_file(base_file, target, 0, sumbase, 0, into);
+    if (r) goto done;
+  }
   if (sum && (r = sum_fd(fd, diff_file_, -1)) != 0) { unlink(target); goto done; }
   out = open(target, O_WRONLY | O_CLOEXEC);
   if (out < 0) { r = fail("cannot open", target); unlink(target); goto done; }
@@ -933,6 +940,25 @@ static int diff_main(int argc, char **argv) {
 }
 
 /*
+ * `sumheld FILE [sync]`: FILE opened at once, then "ready", then on a byte on stdin its checksum
+ * line (as `sum`) and, with `sync`, its fdatasync; exit status 5 when that fdatasync fails (the
+ * caller must not retry it). A suspend checksums its disk layer so, held like its diff.
+ */
+static int sumheld_main(int argc, char **argv) {
+  if (argc < 3 || argc > 4 || (argc == 4 && strcmp(argv[3], "sync") != 0)) { fprintf(stderr, "cocoon-sparse: sumheld FILE [sync]\n"); return 2; }
+  int fd = open(argv[2], O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return fail("cannot open", argv[2]);
+  char go;
+  int r = 0;
+  if (announce_ready() < 0) r = 1;
+  else if (read(0, &go, 1) != 1) { fprintf(stderr, "cocoon-sparse: sumheld: no go on stdin\n"); r = 1; }
+  else r = sum_fd(fd, argv[2], -1);
+  if (r == 0 && argc == 4 && fdatasync(fd) < 0) { fail("cannot sync", argv[2]); r = 5; }
+  close(fd);
+  return r ? r : (fflush(stdout) == 0 ? 0 : 1);
+}
+
+/*
  * ---- serve: one helper for the suspends of a daemon (issue 12) ----
  *
  * Starting a helper costs a suspend ~10-20 ms on a busy 2-core host (the spawn from a large Node
@@ -940,6 +966,7 @@ static int diff_main(int argc, char **argv) {
  * per line, fields separated by tabs:
  *
  *   ID diff BASE MEM OUT [option...]   fork a job: `diff BASE MEM OUT option... wait` as above
+ *   ID sumheld FILE [sync]             fork a job: `sumheld FILE [sync]` as above
  *   ID go                              the job's vCPUs are stopped: let it compare
  *   ID cancel                          end the job (SIGKILL)
  *
@@ -984,7 +1011,7 @@ static void serve_job(int argc, char **argv, int go) {
   int out = memfd_create("diff-out", MFD_CLOEXEC), err = memfd_create("diff-err", MFD_CLOEXEC);
   if (out < 0 || err < 0 || dup2(out, 1) < 0 || dup2(err, 2) < 0) { serve_reply("fail 1 cannot capture the output"); _exit(1); }
   ready_hook = serve_ready;
-  int r = diff_main(argc, argv);
+  int r = strcmp(argv[1], "diff") == 0 ? diff_main(argc, argv) : sumheld_main(argc, argv);
   fflush(stdout);
   fflush(stderr);
   char text[SERVE_REPLY], reply[SERVE_REPLY + 32];
@@ -1029,21 +1056,23 @@ static int serve(void) {
       else kill(job->pid, SIGKILL);
       continue;
     }
-    if (strcmp(args[1], "diff") != 0 || argc < 5 || argc > SERVE_ARGS - 1) { serve_reply("fail 2 unknown request"); continue; }
+    const int diff = strcmp(args[1], "diff") == 0;
+    if (diff ? argc < 5 || argc > SERVE_ARGS - 1 : strcmp(args[1], "sumheld") != 0 || argc < 3 || argc > 4) { serve_reply("fail 2 unknown request"); continue; }
     for (int i = 0; i < SERVE_JOBS && !job; i++) if (jobs[i].pid == 0) job = &jobs[i];
     if (!job) { serve_reply("fail 1 too many memory diffs at once"); continue; }
     int pipefd[2];
     if (pipe2(pipefd, O_CLOEXEC) < 0) { serve_reply("fail 1 cannot make a pipe"); continue; }
-    /* argv as `cocoon-sparse diff BASE MEM OUT option... wait` */
+    /* argv as `cocoon-sparse diff BASE MEM OUT option... wait` or `cocoon-sparse sumheld FILE [sync]` */
     char *argv[SERVE_ARGS + 2];
     argv[0] = "cocoon-sparse";
     for (int i = 1; i < argc; i++) argv[i] = args[i];
-    argv[argc] = "wait";
-    argv[argc + 1] = NULL;
+    int n = argc;
+    if (diff) argv[n++] = "wait";
+    argv[n] = NULL;
     fflush(stdout);
     pid_t pid = fork();
     if (pid < 0) { close(pipefd[0]); close(pipefd[1]); serve_reply("fail 1 cannot fork"); continue; }
-    if (pid == 0) { close(pipefd[1]); serve_job(argc + 1, argv, pipefd[0]); }
+    if (pid == 0) { close(pipefd[1]); serve_job(n, argv, pipefd[0]); }
     close(pipefd[0]);
     *job = (serve_job_t){serve_id, pid, pipefd[1]};
   }
@@ -1085,22 +1114,25 @@ int main(int argc, char **argv) {
   }
   if (argc >= 5 && strcmp(argv[1], "diff") == 0) return diff_main(argc, argv);
   if (argc == 2 && strcmp(argv[1], "serve") == 0) return serve();
+  if (argc >= 3 && strcmp(argv[1], "sumheld") == 0) return sumheld_main(argc, argv);
   if (argc >= 5 && strcmp(argv[1], "undiff") == 0) {
-    int reserve = 0, sumbase = 0, sum = 0, into = 0, i = 5;
+    int reserve = 0, sumbase = 0, sum = 0, into = 0, onbase = 0, i = 5;
     for (; i < argc && strcmp(argv[i], "--") != 0; i++) {
       if (strcmp(argv[i], "reserve") == 0) reserve = 1;
       else if (strcmp(argv[i], "into") == 0) into = 1;
+      else if (strcmp(argv[i], "onbase") == 0) onbase = 1;
       else if (strcmp(argv[i], "sumbase") == 0) sumbase = 1;
       else if (strcmp(argv[i], "sum") == 0) sum = 1;
       else { fprintf(stderr, "cocoon-sparse: unknown undiff option %s\n", argv[i]); return 2; }
     }
-    int r = undiff_file(argv[2], argv[3], argv[4], reserve, sumbase, sum, into);
+    if (onbase && sumbase) { fprintf(stderr, "cocoon-sparse: undiff onbase copies no base to checksum\n"); return 2; }
+    int r = undiff_file(argv[2], argv[3], argv[4], reserve, sumbase, sum, into, onbase);
     for (i++; r == 0 && i < argc; i++) r = sum_file(argv[i]);
     return r ? r : (fflush(stdout) == 0 ? 0 : 1);
   }
   if (argc == 3 && strcmp(argv[1], "alloc") == 0) return alloc_file(argv[2]);
   if (argc == 3 && strcmp(argv[1], "trim") == 0) return trim_file(argv[2]);
   if (argc == 3 && strcmp(argv[1], "map") == 0) return map_file(argv[2]);
-  fprintf(stderr, "usage: cocoon-sparse sum FILE... | copy SRC DST [reserve] [sum] [-- FILE...] | alloc FILE | trim FILE | map FILE | diff BASE MEM OUT [sync] [wait] [narrow] [threads=N] | serve | undiff BASE DIFF TARGET [reserve] [into] [sumbase] [sum] [-- FILE...]\n");
+  fprintf(stderr, "usage: cocoon-sparse sum FILE... | copy SRC DST [reserve] [sum] [-- FILE...] | alloc FILE | trim FILE | map FILE | diff BASE MEM OUT [sync] [wait] [narrow] [threads=N] | sumheld FILE [sync] | serve | undiff BASE DIFF TARGET [reserve] [into] [onbase] [sumbase] [sum] [-- FILE...]\n");
   return 2;
 }

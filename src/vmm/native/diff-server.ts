@@ -6,7 +6,8 @@
  * and is started again on the next request if it died. It ends with this process (its stdin
  * closes) or `stopDiffServer()`.
  *
- * A job is `cocoon-sparse diff … wait` (cocoon-sparse.c): prepared at once, held until `go`.
+ * A job is `cocoon-sparse diff … wait` or `sumheld` (cocoon-sparse.c): prepared at once, held
+ * until `go`.
  */
 import { type ChildProcessByStdio, spawn } from 'node:child_process';
 import type { Readable, Writable } from 'node:stream';
@@ -37,7 +38,11 @@ class DiffServer {
     const ended = (why: string) => {
       if (this.gone) return;
       this.gone = true;
-      for (const job of this.#jobs.values()) job.failed(new CocoonError('sparse_helper_failed', `the memory diff helper ended (${why})`));
+      for (const job of this.#jobs.values()) {
+        const error = new CocoonError('sparse_helper_failed', `the memory diff helper ended (${why})`);
+        serverGone.add(error);
+        job.failed(error);
+      }
       this.#jobs.clear();
     };
     this.#child.once('error', (error) => ended(error.message));
@@ -140,14 +145,29 @@ function handleOf(stream: Readable | Writable): { ref?: () => void; unref?: () =
 }
 
 function failure(code: number, message: string): CocoonError {
-  const text = message || `cocoon-sparse diff exited with ${code}`;
-  return code === 28
-    ? new CocoonError('no_space', `no space left on the data directory's disk: ${text}`, { status: 507 })
-    : new CocoonError('sparse_helper_failed', text);
+  const text = message || `cocoon-sparse exited with ${code}`;
+  if (code === 28) return new CocoonError('no_space', `no space left on the data directory's disk: ${text}`, { status: 507 });
+  // 5: an fdatasync failed; its cause says so, so that the snapshot is abandoned and the file
+  // never synced again (snapshot-commit.ts `fsyncFailure`).
+  const cause = code === 5 ? Object.assign(new Error(text), { syscall: 'fdatasync', code: 'EIO' }) : undefined;
+  return new CocoonError('sparse_helper_failed', text, cause ? { cause } : {});
 }
+
+/** Failures that say only that the server died (its exit not seen when the request went out). */
+const serverGone = new WeakSet<Error>();
 
 let server: DiffServer | undefined;
 let starting: Promise<DiffServer> | undefined;
+
+/** A request to the server; once more to a new one if the server turns out to have died. */
+async function requestJob(args: string[]): Promise<HeldSum> {
+  try {
+    return await (await running()).request(args);
+  } catch (error) {
+    if (!serverGone.has(error as Error)) throw error;
+    return (await running()).request(args);
+  }
+}
 
 async function running(): Promise<DiffServer> {
   if (server && !server.gone) return server;
@@ -163,8 +183,22 @@ async function running(): Promise<DiffServer> {
  * A held memory diff from the server (as `startHeldHelper(['diff', …, 'wait'])` gives one from a
  * helper of its own): resolves once the job is ready; `go()` resolves with the diff's output.
  */
-export async function startHeldDiff(args: string[]): Promise<{ go: () => Promise<string>; cancel: () => void }> {
-  return (await running()).request(args);
+export async function startHeldDiff(args: string[]): Promise<HeldSum> {
+  return requestJob(args);
+}
+
+/**
+ * A held checksum of `file` (`cocoon-sparse sumheld`): the file is opened at once (it may be
+ * renamed afterwards); `go()` checksums it, fdatasyncs it when `sync`, and resolves with its
+ * checksum line. A suspend's disk layer, without a helper started (and this process forked)
+ * while the VM is paused.
+ */
+export interface HeldSum {
+  go: () => Promise<string>;
+  cancel: () => void;
+}
+export async function startHeldSum(file: string, sync: boolean): Promise<HeldSum> {
+  return requestJob(['sumheld', file, ...(sync ? ['sync'] : [])]);
 }
 
 /** Starts the server now, so that the first suspend does not (errors are left to that suspend). */

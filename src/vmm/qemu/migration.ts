@@ -17,6 +17,19 @@ const CAPABILITIES = [
   { capability: 'events', state: true },
 ];
 
+/**
+ * The QMP connections whose QEMU has the capabilities set already (a device state loaded or
+ * saved through them, or awaited): QEMU keeps them, and only this module sets them, always the
+ * same. A suspend of a restored VM then skips that QMP round trip (issue 12).
+ */
+const capabilitiesSet = new WeakSet<QmpClient>();
+
+async function setCapabilities(qmp: QmpClient): Promise<void> {
+  if (capabilitiesSet.has(qmp)) return;
+  await qmp.execute('migrate-set-capabilities', { capabilities: CAPABILITIES });
+  capabilitiesSet.add(qmp);
+}
+
 function migrationFinished(timeoutMs: number, qmp: QmpClient): Promise<QmpEvent> {
   return qmp.waitForEvent('MIGRATION', timeoutMs, (event) => {
     const status = event.data?.status;
@@ -109,7 +122,7 @@ export async function prepareDeviceStateSave(
     // QEMU may run as another user: connecting takes write permission on the socket. Only
     // QEMU and root can reach it anyway (its directory is QEMU's, 0700).
     await fs.promises.chmod(socketPath, 0o666);
-    await qmp.execute('migrate-set-capabilities', { capabilities: CAPABILITIES });
+    await setCapabilities(qmp);
   } catch (error) {
     await close();
     throw error;
@@ -152,7 +165,7 @@ async function fsyncPath(file: string): Promise<void> {
  * waits, so that a restore's `loadDeviceState({ listening: true })` only sends the state.
  */
 export async function listenForDeviceState(qmp: QmpClient, socketPath: string): Promise<void> {
-  await qmp.execute('migrate-set-capabilities', { capabilities: CAPABILITIES });
+  await setCapabilities(qmp);
   await qmp.execute('migrate-incoming', { uri: `unix:${socketPath}` });
 }
 
@@ -169,7 +182,7 @@ export async function loadDeviceState(
   options: { listening?: boolean; inline?: boolean } = {},
 ): Promise<void> {
   const bytes = options.inline ? fs.readFileSync(file) : undefined;
-  if (!options.listening) await qmp.execute('migrate-set-capabilities', { capabilities: CAPABILITIES });
+  if (!options.listening) await setCapabilities(qmp);
   const finished = migrationFinished(timeoutMs, qmp);
   finished.catch(() => undefined); // if a step below fails first (QEMU gone), its error is the one reported
   if (!options.listening) await qmp.execute('migrate-incoming', { uri: `unix:${socketPath}` });

@@ -12,7 +12,12 @@
  *     no run directory: the driver finds such a process by its working directory
  *     (host/processes.ts `byCwd`), and the run directory records its uid (`recordVmUid`);
  *   - its RAM file's content: filled in place once placed, as a restore does today (QEMU
- *     waiting for its device state does not touch guest RAM);
+ *     waiting for its device state does not touch guest RAM). The pool copies ahead, into each
+ *     process's RAM file, the memory of the image snapshot last restored (or resumed against)
+ *     on its machine (`PoolMemory`, RAM files up to COCOON_RAM_RESERVE_MAX_MIB, admitted by the
+ *     space ledger like a VM's): a restore of that memory while the file is unchanged and
+ *     verified then copies nothing, and a resume from a memory diff against it writes only the
+ *     diff's pages (`prefilled`; qemu.ts decides, mem-diff.ts `onBase`);
  *   - its disk: the block device starts on a placeholder under a throttle filter with no
  *     limits (qemu-args.ts `diskLater`); `attachDisk` adds the layer and swaps the filter's
  *     child (`blockdev-reopen`), before the device state is loaded;
@@ -42,6 +47,11 @@ import { QEMU_SUBDIR } from './paths.ts';
 import { DISK_NODE, DISK_PLACEHOLDER, DISK_THROTTLE_GROUP, qemuArgs } from './qemu-args.ts';
 import { listenForDeviceState } from './migration.ts';
 import { QmpClient } from './qmp.ts';
+import { isMemoryDiff } from '../mem-diff.ts';
+import { cloneRamFile, reservesRam } from '../ram-file.ts';
+import { readSnapshotManifest } from '../snapshot.ts';
+import { assertRoomForRam, holdRam, releaseRam } from '../space-ledger.ts';
+import { type FileIdentity, identityBeforeReading } from '../verified-files.ts';
 
 /** What a pooled QEMU must match to be used for a restore. */
 export interface PoolKey {
@@ -55,6 +65,24 @@ export interface PoolKey {
 function keyString(key: PoolKey): string {
   return JSON.stringify([key.shape, key.cmdline, key.egress, key.limits, setting('COCOON_QEMU_SANDBOX')]);
 }
+
+/**
+ * The memory the pool copies ahead into its processes' RAM files for a machine: an image
+ * snapshot's (its whole memory: `<snapshotDir>/<manifest's mem>`).
+ */
+export interface PoolMemory {
+  snapshotDir: string;
+}
+
+/** What a process's RAM file holds, copied ahead: that file's content when it had `identity` (verified-files.ts). */
+export interface PrefilledRam {
+  file: string;
+  identity: FileIdentity;
+  sizeBytes: number;
+}
+
+/** A process's RAM file is filled ahead only while the data directory has room for this many such files besides. */
+const PREFILL_ROOM_FACTOR = 4;
 
 /** How long after a take the pool starts refilling (see `refillLater`). */
 const REFILL_DELAY_MS = 500;
@@ -81,6 +109,8 @@ export class PooledQemu {
   readonly key: PoolKey;
   readonly process: SandboxedProcess;
   readonly identity: VmIdentity | undefined;
+  /** Its RAM file holds this memory already (copied ahead, admitted by the space ledger); undefined: it is empty. */
+  prefilled: PrefilledRam | undefined;
   readonly qmp: QmpClient;
   readonly guest: GuestChannel;
   readonly serialSocket: net.Socket;
@@ -99,6 +129,7 @@ export class PooledQemu {
     guest: GuestChannel;
     serialSocket: net.Socket;
     portBacklog: number;
+    prefilled?: PrefilledRam | undefined;
   }) {
     this.dir = parts.dir;
     this.portBacklog = parts.portBacklog;
@@ -108,6 +139,7 @@ export class PooledQemu {
     this.qmp = parts.qmp;
     this.guest = parts.guest;
     this.serialSocket = parts.serialSocket;
+    this.prefilled = parts.prefilled;
     void parts.process.exit.then(() => {
       this.#exited = true;
     });
@@ -134,6 +166,11 @@ export class PooledQemu {
     if (this.identity) recordVmUid(runDir, this.identity.uid);
     fs.renameSync(path.join(this.dir, QEMU_SUBDIR), qemuDir);
     fs.renameSync(path.join(this.dir, 'mem'), ramPath);
+    if (this.prefilled) {
+      // The space ledger's promise follows the file (the restore admits it again if it refills it).
+      releaseRam(path.join(this.dir, 'mem'));
+      holdRam(ramPath, this.prefilled.sizeBytes);
+    }
     fs.renameSync(path.join(this.dir, 'qemu.log'), path.join(runDir, 'qemu.log'));
     fs.rmSync(this.dir, { recursive: true, force: true });
     return { ramPath, qemuDir };
@@ -197,6 +234,7 @@ export class PooledQemu {
 
   /** Kills the process and waits for it; removes what is left of its directory. */
   async discard(): Promise<void> {
+    releaseRam(path.join(this.dir, 'mem'));
     this.qmp.close();
     this.guest.close();
     this.serialSocket.destroy();
@@ -219,6 +257,8 @@ export class QemuPool {
   readonly #ready = new Map<string, PooledQemu[]>();
   /** Keys asked for, most recent last, at most `size` of them. */
   readonly #wanted = new Map<string, PoolKey>();
+  /** The memory to copy ahead for a key (the last one a take named). */
+  readonly #memory = new Map<string, PoolMemory>();
   #starting: Promise<void> | undefined;
   #closed = false;
   #failures = 0;
@@ -252,12 +292,14 @@ export class QemuPool {
    * A waiting process for `key`, or undefined (the pool then starts one for the next restore of
    * it). Either way the pool refills in the background.
    */
-  take(key: PoolKey): PooledQemu | undefined {
+  take(key: PoolKey, memory?: PoolMemory): PooledQemu | undefined {
     if (this.#closed || this.size <= 0) return undefined;
     const name = keyString(key);
+    if (memory) this.#memory.set(name, { snapshotDir: path.resolve(memory.snapshotDir) });
     this.#wanted.delete(name);
     this.#wanted.set(name, key);
     while (this.#wanted.size > this.size) this.#wanted.delete(this.#wanted.keys().next().value as string);
+    for (const known of this.#memory.keys()) if (!this.#wanted.has(known)) this.#memory.delete(known);
     const list = this.#ready.get(name) ?? [];
     let entry: PooledQemu | undefined;
     while ((entry = list.shift()) && entry.exited) void entry.discard();
@@ -289,10 +331,13 @@ export class QemuPool {
 
   /**
    * Refills once the restore that took (or missed) has had its time: a QEMU starting takes a
-   * core for ~150 ms, which the restore and its guest's first answer need on a small host.
+   * core for ~150 ms, which the restore and its guest's first answer need on a small host. A
+   * refill already due stays due: pushed back by every take, it never came while wakes came
+   * every half second or so (the microvm bench: a resume then found the pool empty and started
+   * its own QEMU, ~150 ms more).
    */
   #refillLater(): void {
-    clearTimeout(this.#delayTimer);
+    if (this.#delayTimer) return;
     this.#delayTimer = setTimeout(() => {
       this.#delayTimer = undefined;
       this.#refill();
@@ -403,7 +448,9 @@ export class QemuPool {
         serialSocket.destroy();
         throw error;
       }
-      return new PooledQemu({ dir, key, process: started, identity, qmp, guest, serialSocket, portBacklog: shim !== undefined ? SHIM_BACKLOG : 1 });
+      const memory = this.#memory.get(keyString(key));
+      const prefilled = memory ? await prefillRam(memory, ramPath) : undefined;
+      return new PooledQemu({ dir, key, process: started, identity, qmp, guest, serialSocket, portBacklog: shim !== undefined ? SHIM_BACKLOG : 1, prefilled });
     } catch (error) {
       if (started) {
         started.child.ref();
@@ -417,6 +464,32 @@ export class QemuPool {
       await fs.promises.rm(dir, { recursive: true, force: true });
       throw error;
     }
+  }
+}
+
+/**
+ * Copies the memory of `memory`'s snapshot into a waiting process's (empty) RAM file; answers
+ * what it holds then, or undefined (nothing copied: a memory diff, a RAM file too big to keep
+ * ahead, a file changed meanwhile or too fresh to be identified, no space) and the file empty.
+ */
+async function prefillRam(memory: PoolMemory, ramPath: string): Promise<PrefilledRam | undefined> {
+  try {
+    const manifest = await readSnapshotManifest(memory.snapshotDir);
+    const sizeBytes = manifest.files.mem.sizeBytes;
+    if (isMemoryDiff(manifest) || !reservesRam(sizeBytes)) return undefined;
+    const file = path.join(memory.snapshotDir, manifest.files.mem.name);
+    const identity = await identityBeforeReading(file);
+    if (!identity) return undefined;
+    // Never the last of the data directory's room: a copy ahead holds its blocks until taken.
+    await assertRoomForRam(path.dirname(ramPath), PREFILL_ROOM_FACTOR * sizeBytes, 'memory copied ahead for the pool');
+    await cloneRamFile(file, ramPath, { into: true });
+    if ((await identityBeforeReading(file)) !== identity) throw new Error(`${file} changed while it was copied`);
+    return { file, identity, sizeBytes };
+  } catch (error) {
+    releaseRam(ramPath);
+    await fs.promises.truncate(ramPath, 0).catch(() => undefined);
+    log.debug({ error: errorMessage(error) }, 'the pool copied no memory ahead for a process');
+    return undefined;
   }
 }
 

@@ -19,12 +19,15 @@
  * only once the guest answered that its clock is set and its RNG reseeded, as before (and
  * callers route requests to the guest only after that).
  */
+import path from 'node:path';
 import { fsyncFile } from '../../common/fs.ts';
+import { dataChecksumKey } from '../snapshot.ts';
+import { identityBeforeReading, isVerified } from '../verified-files.ts';
 import type { GuestChannel } from '../guest-channel.ts';
 import { grantLaunchAccess } from '../launch-sandbox.ts';
 import type { PhaseClock } from '../phases.ts';
-import type { DiskSpec, PortForward } from '../types.ts';
-import type { PooledQemu } from './pool.ts';
+import type { DiskSpec, PortForward, SnapshotManifest } from '../types.ts';
+import type { PooledQemu, PrefilledRam } from './pool.ts';
 import type { QmpClient } from './qmp.ts';
 
 /**
@@ -108,4 +111,18 @@ export function writeBackRamLater(ramPath: string, later: boolean): void {
     return;
   }
   setTimeout(() => fsyncFile(ramPath).catch(() => undefined), RAM_WRITEBACK_DELAY_MS).unref();
+}
+
+/**
+ * Whether a pooled QEMU's RAM file, copied ahead from `prefilled.file` (pool.ts), holds the
+ * verified memory of this restore: the snapshot's memory file is that same file, unchanged
+ * since (its identity), and it and the snapshot's disk are remembered as verified against the
+ * manifest's checksums in the identities they have now (verified-files.ts). Then the restore
+ * copies nothing; otherwise it copies (and checks) as without the pool's copy.
+ */
+export async function prefilledWith(prefilled: PrefilledRam, memFile: string, manifest: SnapshotManifest): Promise<boolean> {
+  const { mem, disk } = manifest.files;
+  if (mem.sizeBytes !== prefilled.sizeBytes || (await identityBeforeReading(memFile)) !== prefilled.identity) return false;
+  const diskFile = path.join(path.dirname(memFile), disk.name);
+  return (await isVerified(memFile, dataChecksumKey(mem.checksum))) && (await isVerified(diskFile, dataChecksumKey(disk.checksum)));
 }

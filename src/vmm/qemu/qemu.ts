@@ -34,8 +34,9 @@ import { SerialLog, tailSerialLog } from './serial-log.ts';
 import { PhaseClock, type Phases } from '../phases.ts';
 import { restoreTuning, suspendTuning } from './tuning.ts';
 import { endInBackground, qemuExitsSettled } from './exits.ts';
+import { type HeldSum, startHeldSum } from '../native/diff-server.ts';
 import { type PooledQemu, activeQemuPool } from './pool.ts';
-import { type RestoreStart, attachPooled, continueRestored, writeBackRamLater } from './pooled-restore.ts';
+import { type RestoreStart, attachPooled, continueRestored, prefilledWith, writeBackRamLater } from './pooled-restore.ts';
 import { identityBeforeReading, isVerified, rememberVerified } from '../verified-files.ts';
 import { sealSnapshotFiles, snapshotFailure, takeBackSnapshotFiles } from '../snapshot-safety.ts';
 import { qemuDirOf, qemuSocketsOf } from './paths.ts';
@@ -46,6 +47,7 @@ import {
   checkDataChecksum,
   dataChecksumKey,
   kernelBootId,
+  parseChecksumLine,
   readPendingSnapshot,
   readSnapshotManifest,
   verifySnapshot,
@@ -406,19 +408,29 @@ export class QemuVm implements Vm {
       await continueRestored(vm, how.inline, clock);
     };
     // A QEMU started ahead for this machine (pool.ts): its memory is filled in place, as below.
+    // The image snapshot whose memory the pool copies ahead for the next restores of this machine.
+    const imageMemory = memoryDiff ? options.memoryBase : verify ? options.snapshotDir : undefined;
     const pooled = restoreTuning.pool
-      ? activeQemuPool()?.take({ shape: manifest.shape, cmdline: manifest.cmdline, egress: options.network.egress ?? false, limits: launchLimits(manifest.shape, options.limits) })
+      ? activeQemuPool()?.take(
+          { shape: manifest.shape, cmdline: manifest.cmdline, egress: options.network.egress ?? false, limits: launchLimits(manifest.shape, options.limits) },
+          imageMemory !== undefined ? { snapshotDir: imageMemory } : undefined,
+        )
       : undefined;
     if (pooled) {
       validateShape(manifest.shape);
+      // What its RAM file holds already (pool.ts), used the new way only (pooled-restore.ts).
+      const ahead = restoreTuning.pooledInline ? pooled.prefilled : undefined;
       return QemuVm.launchPooled(pooled, options, disk, {
         clock,
         ...(manifest.guestProtocol !== undefined ? { guestProtocol: manifest.guestProtocol } : {}),
         diskLayer,
         fill: async () => {
-          if (!memoryDiff) return copyMemory(true);
-          await restoreMemoryDiff({ dir: options.snapshotDir, manifest, baseDir: options.memoryBase, target: ramPath, verify: Boolean(verify), alsoVerifyDisk: Boolean(verify), into: true });
-          return verify ? 'ram_from_diff_checksums' : 'ram_from_diff';
+          if (!memoryDiff) {
+            if (ahead && verify && (await prefilledWith(ahead, memFile, manifest))) return 'ram_prefilled';
+            return copyMemory(true);
+          }
+          const onBase = await restoreMemoryDiff({ dir: options.snapshotDir, manifest, baseDir: options.memoryBase, target: ramPath, verify: Boolean(verify), alsoVerifyDisk: Boolean(verify), into: true, ...(ahead ? { onBase: ahead.identity } : {}) });
+          return `${verify ? 'ram_from_diff_checksums' : 'ram_from_diff'}${onBase ? '_on_base' : ''}`;
         },
         start,
       });
@@ -472,7 +484,7 @@ export class QemuVm implements Vm {
     }
     const diskName = this.disk.format === 'qcow2' ? 'disk.qcow2' : 'disk.raw';
     const clock = new PhaseClock(options.phases);
-    const progress = { wasRunning: false, stopped: false, moved: [] as Array<{ from: string; to: string }>, killed: false, committed: false, memory: undefined as SnapshotMemory | undefined, stateSave: undefined as DeviceStateSave | undefined };
+    const progress = { wasRunning: false, stopped: false, moved: [] as Array<{ from: string; to: string }>, killed: false, committed: false, memory: undefined as SnapshotMemory | undefined, stateSave: undefined as DeviceStateSave | undefined, diskSum: undefined as HeldSum | undefined };
     let manifest: SnapshotManifest;
     const handles: fs.promises.FileHandle[] = [];
     try {
@@ -493,14 +505,19 @@ export class QemuVm implements Vm {
       const statePath = path.join(partial, 'state');
       const migrateSocket = path.join(qemuDirOf(this.runDir), 'migrate.sock');
       const memoryStarting = options.memoryBase && !endFirst && suspendTuning.diffInCommit
-        ? startMemoryDiff({ vm: this.id, baseDir: options.memoryBase, ramPath: this.ramPath, partial, memoryBytes: this.shape.memoryMiB * 1024 * 1024, durable, narrow: suspendTuning.narrowCompare, server: suspendTuning.diffServer })
+        ? startMemoryDiff({ vm: this.id, baseDir: options.memoryBase, ramPath: this.ramPath, partial, memoryBytes: this.shape.memoryMiB * 1024 * 1024, durable, narrow: suspendTuning.narrowCompare, server: suspendTuning.diffServer, threads: suspendTuning.compareThreads })
         : undefined;
+      // Beside the diff, the disk layer's checksum and fsync as a held job of the same helper
+      // (diff-server.ts): no helper started, no fork of this process, while the VM is paused.
+      const diskSumStarting = memoryStarting && suspendTuning.diffServer ? startHeldSum(this.disk.path, durable).catch(() => undefined) : undefined;
       try {
         progress.stateSave = suspendTuning.diffInCommit ? await prepareDeviceStateSave(this.qmp, migrateSocket, statePath) : undefined;
       } finally {
         progress.memory = await memoryStarting; // never rejects: a diff that cannot start is no diff
+        progress.diskSum = await diskSumStarting;
       }
       const memory = progress.memory;
+      if (!memory) progress.diskSum?.cancel();
       clock.mark('prepare');
       progress.stopped = true;
       await this.qmp.execute('stop', {});
@@ -510,7 +527,10 @@ export class QemuVm implements Vm {
       // more: their checksums and fsyncs start now, on open files, while the device state is
       // saved and the files are renamed. (A compacted snapshot punches zeros out first.)
       let sealed: Promise<[DataChecksum[], unknown]> | undefined;
-      if (!endFirst) {
+      if (!endFirst && memory && progress.diskSum) {
+        sealed = progress.diskSum.go().then((line): [DataChecksum[], unknown] => [[parseChecksumLine(line)], undefined]);
+        sealed.catch(() => undefined); // awaited below unless something fails first
+      } else if (!endFirst) {
         for (const file of memory ? [this.disk.path] : [this.ramPath, this.disk.path]) handles.push(await fs.promises.open(file, 'r'));
         sealed = sealData(handles, durable);
         sealed.catch(() => undefined); // awaited below unless something fails first
@@ -597,6 +617,7 @@ export class QemuVm implements Vm {
       clock.mark('commit');
     } catch (error) {
       progress.memory?.cancel();
+      progress.diskSum?.cancel();
       await progress.stateSave?.cancel();
       throw await this.abandonSnapshot(error, partial, targetDir, progress);
     } finally {
@@ -894,7 +915,8 @@ export class QemuVm implements Vm {
       return vm;
     } catch (caught) {
       let error = caught;
-      if (await exitedWithin(pooled.process.exit, vm ? 500 : 0)) {
+      // QMP's socket closing (vm_gone) is seen before the process's exit: wait for it, to say why.
+      if (await exitedWithin(pooled.process.exit, vm || isCocoonError(error, 'vm_gone') ? 500 : 0)) {
         if (pooled.process.child.signalCode) error = qemuKilledError(options.id, pooled.process.child.signalCode, true);
         else if (!isCocoonError(error, 'snapshot_corrupt')) error = qemuStartError(options.runDir, { forwards: [], incoming: true }, vm);
       }
