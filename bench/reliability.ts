@@ -18,23 +18,7 @@ import { forgetVerifiedFiles } from '../src/vmm/verified-files.ts';
 import type { Accelerator } from '../src/vmm/types.ts';
 import { makeTestRootDisk } from '../test/support/rootfs.ts';
 import { elapsedMs, type Metrics, single, summarize } from './stats.ts';
-
-const APP_PORT = 8080;
-const network = { forwards: [{ guestPort: APP_PORT }] };
-
-async function firstByte(vm: QemuVm): Promise<void> {
-  for (let i = 0; i < 60_000; i++) {
-    try {
-      const response = await fetch(`http://127.0.0.1:${vm.hostPort(APP_PORT)}/`);
-      await response.arrayBuffer();
-      if (response.ok) return;
-    } catch {
-      // not up yet
-    }
-    await new Promise((resolve) => setTimeout(resolve, 2));
-  }
-  throw new Error(`no answer from ${vm.id}`);
-}
+import { firstByte, network } from './vm-http.ts';
 
 export async function runReliabilityBench(options: { runs?: number; accel?: Accelerator; log?: (line: string) => void } = {}): Promise<Metrics> {
   const runs = options.runs ?? 10;

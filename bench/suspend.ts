@@ -23,26 +23,7 @@ import type { Accelerator } from '../src/vmm/types.ts';
 import { makeTestRootDisk } from '../test/support/rootfs.ts';
 import { PhaseSamples } from './phases.ts';
 import { elapsedMs, type Metrics, summarize } from './stats.ts';
-
-const APP_PORT = 8080;
-const network = { forwards: [{ guestPort: APP_PORT }] };
-
-/** Polls the app until it answers 200. */
-async function firstByte(vm: QemuVm, timeoutMs = 120_000): Promise<void> {
-  const url = `http://127.0.0.1:${vm.hostPort(APP_PORT)}/`;
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    try {
-      const response = await fetch(url);
-      await response.arrayBuffer();
-      if (response.ok) return;
-    } catch {
-      // not up yet
-    }
-    if (Date.now() > deadline) throw new Error(`no HTTP answer from ${vm.id} within ${timeoutMs} ms`);
-    await new Promise((resolve) => setTimeout(resolve, 2));
-  }
-}
+import { firstByte, network } from './vm-http.ts';
 
 const NOW = { ...suspendTuning };
 /**

@@ -24,31 +24,13 @@ import type { Phases } from '../src/vmm/phases.ts';
 import { PhaseSamples } from './phases.ts';
 import { elapsedMs, type Metrics, single, summarize } from './stats.ts';
 import { runBigVmBench } from './vm-big.ts';
+import { firstByte, network } from './vm-http.ts';
 
-const APP_PORT = 8080;
 const MiB = 1024 * 1024;
 
 /** Allocated bytes (st_blocks) of the files in a directory. */
 function allocatedIn(dir: string): number {
   return fs.readdirSync(dir).reduce((sum, name) => sum + fs.statSync(path.join(dir, name)).blocks * 512, 0);
-}
-const network = { forwards: [{ guestPort: APP_PORT }] };
-
-/** Polls the app until it answers 200; the first byte of a real HTTP answer is the signal. */
-async function firstByte(vm: QemuVm, timeoutMs = 120_000): Promise<void> {
-  const url = `http://127.0.0.1:${vm.hostPort(APP_PORT)}/`;
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    try {
-      const response = await fetch(url);
-      await response.arrayBuffer();
-      if (response.ok) return;
-    } catch {
-      // not up yet
-    }
-    if (Date.now() > deadline) throw new Error(`no HTTP answer from ${vm.id} within ${timeoutMs} ms`);
-    await new Promise((resolve) => setTimeout(resolve, 2));
-  }
 }
 
 export async function runVmBench(options: { runs?: number; accel?: Accelerator; log?: (line: string) => void; skipBig?: boolean } = {}): Promise<Metrics> {

@@ -104,6 +104,28 @@ export type StartQemu = (
   listenShim?: string,
 ) => SandboxedProcess;
 
+/**
+ * The QMP commands that swap a pooled QEMU's placeholder disk for `disk`, in this order: the
+ * layer added, the throttle node reopened onto it, the placeholder removed. Each step writes its
+ * command when called, so calling them all at once sends them in order in one exchange.
+ */
+function diskSteps(disk: DiskSpec): Array<(qmp: QmpClient) => Promise<unknown>> {
+  const layer = `${DISK_NODE}-layer`;
+  return [
+    (qmp) =>
+      qmp.execute('blockdev-add', {
+        driver: disk.format,
+        'node-name': layer,
+        discard: 'unmap',
+        'detect-zeroes': 'unmap',
+        ...(disk.readOnly ? { 'read-only': true } : {}),
+        file: { driver: 'file', filename: path.resolve(disk.path), discard: 'unmap' },
+      }),
+    (qmp) => qmp.execute('blockdev-reopen', { options: [{ driver: 'throttle', 'node-name': DISK_NODE, 'throttle-group': DISK_THROTTLE_GROUP, file: layer }] }),
+    (qmp) => qmp.execute('blockdev-del', { 'node-name': DISK_PLACEHOLDER }),
+  ];
+}
+
 export class PooledQemu {
   readonly dir: string;
   readonly key: PoolKey;
@@ -178,26 +200,18 @@ export class PooledQemu {
 
   /** Gives the block device its disk (see the file's comment); before the device state is loaded. */
   async attachDisk(disk: DiskSpec): Promise<void> {
-    const layer = `${DISK_NODE}-layer`;
-    await this.qmp.execute('blockdev-add', {
-      driver: disk.format,
-      'node-name': layer,
-      discard: 'unmap',
-      'detect-zeroes': 'unmap',
-      ...(disk.readOnly ? { 'read-only': true } : {}),
-      file: { driver: 'file', filename: path.resolve(disk.path), discard: 'unmap' },
-    });
-    await this.qmp.execute('blockdev-reopen', { options: [{ driver: 'throttle', 'node-name': DISK_NODE, 'throttle-group': DISK_THROTTLE_GROUP, file: layer }] });
-    await this.qmp.execute('blockdev-del', { 'node-name': DISK_PLACEHOLDER });
+    for (const step of diskSteps(disk)) await step(this.qmp);
   }
 
   /** Forwards each guest port to its host port on 127.0.0.1 (`port_in_use` where QEMU cannot bind it). */
   async forward(forwards: Required<PortForward>[]): Promise<void> {
-    for (const { hostPort, guestPort } of forwards) {
-      const output = await this.qmp.execute('human-monitor-command', { 'command-line': `hostfwd_add net0 tcp:127.0.0.1:${hostPort}-:${guestPort}` });
-      if (typeof output === 'string' && output.trim() !== '') {
-        throw new CocoonError('port_in_use', `host port ${hostPort} (for guest port ${guestPort}) cannot be forwarded: ${output.trim().slice(0, 200)}`, { status: 409 });
-      }
+    for (const port of forwards) await this.#forwardOne(port);
+  }
+
+  async #forwardOne({ hostPort, guestPort }: Required<PortForward>): Promise<void> {
+    const output = await this.qmp.execute('human-monitor-command', { 'command-line': `hostfwd_add net0 tcp:127.0.0.1:${hostPort}-:${guestPort}` });
+    if (typeof output === 'string' && output.trim() !== '') {
+      throw new CocoonError('port_in_use', `host port ${hostPort} (for guest port ${guestPort}) cannot be forwarded: ${output.trim().slice(0, 200)}`, { status: 409 });
     }
   }
 
@@ -207,25 +221,9 @@ export class PooledQemu {
    * each. The first command that fails is the error (those after a failed disk step fail too).
    */
   async attachDiskAndForward(disk: DiskSpec, forwards: Required<PortForward>[]): Promise<void> {
-    const layer = `${DISK_NODE}-layer`;
     const answers: Array<Promise<unknown>> = [
-      this.qmp.execute('blockdev-add', {
-        driver: disk.format,
-        'node-name': layer,
-        discard: 'unmap',
-        'detect-zeroes': 'unmap',
-        ...(disk.readOnly ? { 'read-only': true } : {}),
-        file: { driver: 'file', filename: path.resolve(disk.path), discard: 'unmap' },
-      }),
-      this.qmp.execute('blockdev-reopen', { options: [{ driver: 'throttle', 'node-name': DISK_NODE, 'throttle-group': DISK_THROTTLE_GROUP, file: layer }] }),
-      this.qmp.execute('blockdev-del', { 'node-name': DISK_PLACEHOLDER }),
-      ...forwards.map(({ hostPort, guestPort }) =>
-        this.qmp.execute('human-monitor-command', { 'command-line': `hostfwd_add net0 tcp:127.0.0.1:${hostPort}-:${guestPort}` }).then((output) => {
-          if (typeof output === 'string' && output.trim() !== '') {
-            throw new CocoonError('port_in_use', `host port ${hostPort} (for guest port ${guestPort}) cannot be forwarded: ${output.trim().slice(0, 200)}`, { status: 409 });
-          }
-        }),
-      ),
+      ...diskSteps(disk).map((step) => step(this.qmp)),
+      ...forwards.map((port) => this.#forwardOne(port)),
     ];
     const settled = await Promise.allSettled(answers);
     const failed = settled.find((answer) => answer.status === 'rejected');
