@@ -141,6 +141,7 @@ describe('the gateway with 32 clients for 20 s against apps that close every con
           const c = net.connect(vm.hostPort, '127.0.0.1');
           c.on('error', () => {});
           c.once('connect', () => {
+            c.write('GET / HTTP/1.0\r\nHost: guest\r\n\r\n');
             if (++n === 16) {
               clearTimeout(give);
               resolve(n);
@@ -151,8 +152,24 @@ describe('the gateway with 32 clients for 20 s against apps that close every con
       });
       assert.equal(connected, 16, 'all 16 connects completed while QEMU accepted none');
     } finally {
-      for (const c of sockets) c.destroy();
       process.kill(pid, 'SIGCONT');
+      // The queued connections carry requests, and QEMU, continued, works them off before the
+      // gateway's request below. Destroyed unanswered instead, they left that request waiting
+      // 1.5–6 s, and about once in a dozen rounds for good (busybox's 408 after 60 s), the same
+      // before issue 12's gateway work: libslirp forwarding a burst of dead connections to the
+      // guest (docs/gateway.md). Not what this test is about, so it is not asserted here.
+      await Promise.all(
+        sockets.map(
+          (c) =>
+            new Promise<void>((resolve) => {
+              if (c.destroyed) return resolve();
+              c.once('close', () => resolve());
+              c.resume();
+              c.setTimeout(15_000, () => c.destroy());
+            }),
+        ),
+      );
+      for (const c of sockets) c.destroy();
     }
     assert.equal(await s.get(vm.id, vm.token, '/'), 'hello from cocoon');
     assert.equal((await s.api('DELETE', `/microvms/${vm.id}`)).status, 204);
