@@ -8,6 +8,9 @@
  *   gateway.close_{gateway,nginx}_cpu_ms_c1/_c8/_c32
  *                                       CPU (user + system) per busybox request of the gateway's process
  *                                       (the daemon) and of nginx: steadier than req/s on a shared host
+ *   gateway.close_before_vs_nginx_c*, gateway.close_before_cpu_ms_c*, gateway.close_before_timeouts
+ *                                       the same with the gateway's CPU levers off (src/gateway/tuning.ts,
+ *                                       `tuneGateway`), a fourth target interleaved with the others
  *
  * nginx is Debian's, started here as a one-worker reverse proxy to the same forwarded guest port
  * (see wrk.ts); wrk is the load generator for all three targets.
@@ -17,7 +20,7 @@ import { single } from './stats.ts';
 import { cpuMs, runWrk, startNginx, type WrkResult } from './wrk.ts';
 
 export interface WrkTarget {
-  name: 'direct' | 'nginx' | 'gateway';
+  name: 'direct' | 'nginx' | 'gateway' | 'gateway_before';
   url: string;
   headers: string[];
 }
@@ -36,6 +39,11 @@ export interface AppsBenchOptions {
   keepAliveGuestPort: number;
   seconds?: number;
   rounds?: number;
+  /**
+   * Turns the gateway's CPU levers (src/gateway/tuning.ts) on or off in the daemon: given, the
+   * busybox runs get a fourth target, the gateway with them off (`gateway_before`), interleaved.
+   */
+  tuneGateway?: (on: boolean) => Promise<void>;
   log: (line: string) => void;
 }
 
@@ -57,6 +65,7 @@ export async function gatewayVsNginx(o: AppsBenchOptions): Promise<Metrics> {
       { name: 'direct', url: `http://127.0.0.1:${o.closePort}/`, headers: [] },
       { name: 'nginx', url: `http://127.0.0.1:${nginxClose.port}/`, headers: [] },
       gw(o.closeGuestPort),
+      ...(o.tuneGateway ? [{ ...gw(o.closeGuestPort), name: 'gateway_before' as const }] : []),
     ];
     const keep: WrkTarget[] = [
       { name: 'direct', url: `http://127.0.0.1:${o.keepAlivePort}/`, headers: [] },
@@ -64,12 +73,15 @@ export async function gatewayVsNginx(o: AppsBenchOptions): Promise<Metrics> {
       gw(o.keepAliveGuestPort),
     ];
     let closeTimeouts = 0;
+    let closeTimeoutsBefore = 0;
     const cpuUs = new Map<string, number[]>();
     const measure = async (targets: WrkTarget[], c: number, label: string) => {
       const rps = new Map<string, number[]>(targets.map((t) => [t.name, []]));
       for (let round = 0; round < rounds; round++) {
         for (const t of round % 2 === 0 ? targets : [...targets].reverse()) {
-          const pid = t.name === 'gateway' ? o.gatewayPid : t.name === 'nginx' ? (label === 'close' ? nginxClose.pid : nginxKeep.pid) : undefined;
+          const isGateway = t.name === 'gateway' || t.name === 'gateway_before';
+          if (isGateway && o.tuneGateway) await o.tuneGateway(t.name === 'gateway');
+          const pid = isGateway ? o.gatewayPid : t.name === 'nginx' ? (label === 'close' ? nginxClose.pid : nginxKeep.pid) : undefined;
           const cpuBefore = pid === undefined ? 0 : cpuMs(pid);
           const r: WrkResult = await runWrk({ url: t.url, connections: c, seconds, headers: t.headers });
           if (pid !== undefined && r.requests > 0) {
@@ -79,6 +91,7 @@ export async function gatewayVsNginx(o: AppsBenchOptions): Promise<Metrics> {
           rps.get(t.name)!.push(r.rps);
           const bad = r.errors.timeout + r.errors.connect + r.errors.read + r.errors.write + r.non2xx;
           if (t.name === 'gateway' && label === 'close') closeTimeouts += r.errors.timeout;
+          if (t.name === 'gateway_before' && label === 'close') closeTimeoutsBefore += r.errors.timeout;
           o.log(`  ${label} c=${c} ${t.name}: ${r.rps.toFixed(0)} req/s${bad ? ` (timeouts ${r.errors.timeout}, connect ${r.errors.connect}, read ${r.errors.read}, write ${r.errors.write}, non-2xx ${r.non2xx})` : ''}`);
         }
       }
@@ -90,12 +103,19 @@ export async function gatewayVsNginx(o: AppsBenchOptions): Promise<Metrics> {
       metrics[`gateway.close_direct_rps_c${c}`] = single(m.get('direct')!, 'rps');
       metrics[`gateway.close_nginx_rps_c${c}`] = single(m.get('nginx')!, 'rps');
       metrics[`gateway.close_gateway_rps_c${c}`] = single(m.get('gateway')!, 'rps');
-      for (const name of ['gateway', 'nginx']) {
+      if (m.has('gateway_before')) {
+        metrics[`gateway.close_before_vs_nginx_c${c}`] = { ...single(m.get('gateway_before')! / m.get('nginx')!, 'ratio'), n: rounds };
+        metrics[`gateway.close_before_rps_c${c}`] = single(m.get('gateway_before')!, 'rps');
+      }
+      for (const name of ['gateway', 'nginx', 'gateway_before']) {
         const us = cpuUs.get(`close ${c} ${name}`);
-        if (us?.length) metrics[`gateway.close_${name}_cpu_ms_c${c}`] = { ...single(median(us) / 1000, 'ms'), n: us.length };
+        const metric = name === 'gateway_before' ? `gateway.close_before_cpu_ms_c${c}` : `gateway.close_${name}_cpu_ms_c${c}`;
+        if (us?.length) metrics[metric] = { ...single(median(us) / 1000, 'ms'), n: us.length };
       }
     }
     metrics['gateway.close_timeouts'] = single(closeTimeouts, 'count');
+    if (o.tuneGateway) metrics['gateway.close_before_timeouts'] = single(closeTimeoutsBefore, 'count');
+    if (o.tuneGateway) await o.tuneGateway(true);
     const k = await measure(keep, 32, 'keep-alive');
     metrics['gateway.nginx_throughput_ratio_c32'] = { ...single(k.get('gateway')! / k.get('nginx')!, 'ratio'), n: rounds };
     metrics['gateway.wrk_direct_rps_c32'] = single(k.get('direct')!, 'rps');

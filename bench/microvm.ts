@@ -243,6 +243,8 @@ export async function runMicrovmBench(options: MicrovmBenchOptions = {}): Promis
             token: vm.token,
             closeGuestPort: APP_PORT,
             keepAliveGuestPort: TESTAPP_PORT,
+            // The gateway's CPU levers of issue 12 off (src/gateway/tuning.ts), interleaved: before/after in one run.
+            tuneGateway: (on) => tune({ rememberTokens: on, plainConnect: on }),
             log: say,
           }),
         );

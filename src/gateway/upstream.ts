@@ -6,11 +6,13 @@
  * bench/gateway-overhead.ts and the bench suite `gateway` measure them (see docs/gateway.md).
  */
 import http, { type ServerResponse } from 'node:http';
+import net from 'node:net';
 import type { Duplex, Readable } from 'node:stream';
 import { Agent, buildConnector, type Dispatcher } from 'undici';
 import type { CocoonError } from '../common/errors.ts';
 import type { BodyMeter } from './body.ts';
 import { clientResponseHeaders } from './headers.ts';
+import { gatewayTuning } from './tuning.ts';
 
 export interface ForwardRequest {
   readonly host: string;
@@ -262,6 +264,12 @@ export interface ConnectOwner {
    * its flow). Default 'readable'.
    */
   readonly readEvent?: 'readable' | 'data';
+  /**
+   * Open the socket with a bare `net.connect` (plainConnect) instead of undici's connector: for
+   * a connection of its own that carries one exchange (OneShotUpstreamClient), which needs no
+   * TCP keep-alive probes and no Nagle switch (its request head is one write).
+   */
+  readonly plain?: boolean;
 }
 
 export type GuestConnector = buildConnector.connector & {
@@ -275,6 +283,32 @@ export type GuestConnector = buildConnector.connector & {
    */
   forRequest<T>(request: ConnectOwner, dispatch: () => T): T;
 };
+
+type ConnectAnswer = (...a: [null, net.Socket] | [Error, null] | [Error]) => void;
+
+/**
+ * A bare TCP connect for a connection that carries one exchange: what undici's connector does
+ * less its TCP keep-alive and no-delay socket options (a system call each, per request, for a
+ * connection that lives for one answer) and its option objects. Fails with undici's code for a
+ * connect timeout, so that the caller answers 504 the same way.
+ */
+function plainConnect(host: string, port: number, timeoutMs: number, callback: ConnectAnswer): void {
+  const socket = net.connect(port, host);
+  let answered = false;
+  const answer: ConnectAnswer = (...args) => {
+    if (answered) return;
+    answered = true;
+    clearTimeout(timer);
+    callback(...args);
+  };
+  const timer = setTimeout(() => {
+    socket.destroy(Object.assign(new Error(`connect timeout (${host}:${port}, ${timeoutMs} ms)`), { code: 'UND_ERR_CONNECT_TIMEOUT' }));
+  }, timeoutMs);
+  // Kept for the socket's life, as undici's connector keeps its own: an error the client has no
+  // listener for yet (between this answer and node:http's own listener) must not throw.
+  socket.on('error', (error) => answer(error));
+  socket.once('connect', () => answer(null, socket));
+}
 
 /** The error a dropped connect answers undici with (its request is gone already). */
 function abandoned(): Error {
@@ -301,6 +335,7 @@ function abandoned(): Error {
 export function guestConnector(options: GuestConnectorOptions): GuestConnector {
   const { pendingPerUpstream = 2, pendingHoldMs = 500, ...connectOptions } = options;
   const connect = buildConnector(connectOptions);
+  const connectTimeoutMs = connectOptions.timeout ?? 10_000;
   const upstreams = new Map<string, { pending: number; waiting: Map<() => void, number> }>();
   let owner: ConnectOwner | undefined;
   const connector: buildConnector.connector = (opts, callback) => {
@@ -308,6 +343,7 @@ export function guestConnector(options: GuestConnectorOptions): GuestConnector {
     const signal = owner?.signal;
     const bound = owner?.pending ?? pendingPerUpstream;
     const readEvent = owner?.readEvent ?? 'readable';
+    const plain = owner?.plain === true;
     if (signal?.aborted) return answer(abandoned());
     const key = `${opts.hostname}:${opts.port}`;
     let upstream = upstreams.get(key);
@@ -331,7 +367,7 @@ export function guestConnector(options: GuestConnectorOptions): GuestConnector {
         u.pending--;
         next();
       };
-      connect(opts, (...args: [null, import('node:net').Socket] | [Error, null] | [Error]) => {
+      const opened: ConnectAnswer = (...args) => {
         // A failed connect answers (error) alone: no socket argument at all.
         const socket = args[0] === null ? args[1] : null;
         if (!socket) release();
@@ -342,7 +378,9 @@ export function guestConnector(options: GuestConnectorOptions): GuestConnector {
           setTimeout(release, pendingHoldMs).unref();
         }
         answer(...args);
-      });
+      };
+      if (plain) plainConnect(opts.hostname, Number(opts.port), connectTimeoutMs, opened);
+      else connect(opts, opened);
     };
     // Its request went away while it waited: it leaves the queue at once and takes no slot.
     const drop = (): void => {
@@ -561,7 +599,7 @@ export class OneShotUpstreamClient implements UpstreamClient {
   forwardObserved(r: ForwardRequest): Promise<UpstreamClosed> {
     return withRetries(r, () => {
       const gone = new AbortController();
-      const owner: ConnectOwner = { signal: gone.signal, pending: r.pendingConnects, readEvent: 'data' };
+      const owner: ConnectOwner = { signal: gone.signal, pending: r.pendingConnects, readEvent: 'data', plain: gatewayTuning.plainConnect };
       const connector = this.#connector;
       const createConnection = ((_options: unknown, oncreate: (error: Error | null, socket?: Duplex) => void): undefined => {
         connector.forRequest(owner, () =>

@@ -503,6 +503,9 @@ export class LifecycleEngine implements MicroVMDirectory, MicrovmRuntime {
     }
     this.#instances.clear();
     await (await this.#pool)?.close().catch((error: unknown) => this.#log.error({ err: error }, 'closing the pool of VM processes failed'));
+    // The suspends above answered before their QEMUs were gone; a server that exits now
+    // (process.exit after close) would leave them dying behind it.
+    await this.driver.exitsSettled();
   }
 }
 

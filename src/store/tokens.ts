@@ -199,17 +199,41 @@ export async function listTokens(db: Db, microvmId: string): Promise<Token[]> {
   return rows.map(toToken);
 }
 
+/**
+ * Counts the writes of this process that may turn an accepted token into a refused one
+ * (revocations, deletions), each counted once written: a verdict remembered before the count
+ * moved is stale (the gateway's TokenMemory, src/gateway/tokens.ts, forgets it). Tokens are
+ * revoked only through `revokeToken` and deleted only through `deleteExpiredTokens` (their rows
+ * are never updated otherwise; microVM and tenant rows, whose deletion would cascade, are never
+ * deleted).
+ */
+let tokenWrites = 0;
+
+/** The count of token revocations and deletions this process has written (see `tokenWrites`). */
+export function tokenWriteCount(): number {
+  return tokenWrites;
+}
+
 /** Revokes at once; true if the token existed, belonged to the microVM and was active. */
 export async function revokeToken(db: Db, microvmId: string, tokenId: string, now: Date = new Date()): Promise<boolean> {
-  const result = await db.run(
-    'UPDATE tokens SET revoked_at = ? WHERE id = ? AND microvm_id = ? AND revoked_at IS NULL',
-    [iso(now), tokenId, microvmId],
-  );
-  return result.changes === 1;
+  try {
+    const result = await db.run(
+      'UPDATE tokens SET revoked_at = ? WHERE id = ? AND microvm_id = ? AND revoked_at IS NULL',
+      [iso(now), tokenId, microvmId],
+    );
+    return result.changes === 1;
+  } finally {
+    // Counted once written (a verdict read meanwhile saw the row before), and after a failure too.
+    tokenWrites++;
+  }
 }
 
 /** Drops tokens that expired before `before` (housekeeping); returns how many. */
 export async function deleteExpiredTokens(db: Db, before: Date = new Date()): Promise<number> {
-  const result = await db.run('DELETE FROM tokens WHERE expires_at < ?', [iso(before)]);
-  return result.changes;
+  try {
+    const result = await db.run('DELETE FROM tokens WHERE expires_at < ?', [iso(before)]);
+    return result.changes;
+  } finally {
+    tokenWrites++;
+  }
 }

@@ -192,6 +192,12 @@ export interface VmDriver {
    * (QEMU: `COCOON_QEMU_POOL`, src/vmm/qemu/pool.ts). `close` ends every process it holds.
    */
   openPool?(dir: string): Promise<{ close(): Promise<void> } | undefined>;
+  /**
+   * Resolves once every VM process this driver ended without waiting for its exit (a suspend
+   * answers before its process is gone: `SnapshotOptions.endAfterAnswer`) has exited. A host
+   * that stops waits for it: a process that exits first leaves a killed VM still dying.
+   */
+  exitsSettled(): Promise<void>;
   /** A copy-on-write layer at `layer` over `backing`: the VM writes there, the backing file never changes. */
   createDiskLayer(backing: string, backingFormat: DiskSpec['format'], layer: string): Promise<void>;
   /**

@@ -92,3 +92,57 @@ test('verify: every failure reason, and details only for holders of the secret',
   clock += 1;
   assert.deepEqual(await verifier.verify(vm1, good.token), { ok: false, reason: 'expired' });
 });
+
+test('remembered tokens (SQLite): the store is read once per token, a revocation is effective at the next request, every refusal stays', async (t) => {
+  const { db, vm1, vm2, issue } = await setup(t);
+  // The real database, with its reads counted.
+  let reads = 0;
+  const counted = new Proxy(db, {
+    get(target, name, receiver) {
+      if (name === 'get') return (...args: Parameters<typeof db.get>) => (reads++, target.get(...args));
+      const value = Reflect.get(target, name, receiver);
+      return typeof value === 'function' ? value.bind(target) : value;
+    },
+  });
+  let clock = Date.now();
+  const verifier = createTokenVerifier(counted, { now: () => clock });
+  const a = await issue(vm1, { expirationMinutes: 5, now: new Date(clock) });
+  const b = await issue(vm1);
+
+  const first = await verifier.verify(vm1, a.token);
+  assert.equal(first.ok, true);
+  assert.equal(reads, 1);
+  const again = verifier.verify(vm1, a.token);
+  assert.ok(!(again instanceof Promise), 'a remembered token is answered at once');
+  assert.deepEqual(again, first);
+  assert.equal(reads, 1, 'remembered: no database read');
+  assert.deepEqual(verifier.verify(vm2, a.token), { ok: false, reason: 'other_microvm' });
+  assert.equal(reads, 1);
+
+  // Its id with another secret is never taken for it: the store says unknown.
+  assert.deepEqual(await verifier.verify(vm1, a.token.slice(0, SECRET_AT) + otherSecret()), { ok: false, reason: 'unknown' });
+  assert.equal((await verifier.verify(vm1, a.token)).ok, true, 'and the right one is still accepted');
+
+  // A revocation forgets every remembered verdict (the other token is read again); the revoked one is refused at once.
+  assert.equal((await verifier.verify(vm1, b.token)).ok, true);
+  assert.equal(await revokeToken(db, vm1, a.id), true);
+  const readsBefore = reads;
+  assert.deepEqual(await verifier.verify(vm1, a.token), { ok: false, reason: 'revoked' });
+  assert.deepEqual(await verifier.verify(vm1, a.token), { ok: false, reason: 'revoked' }, 'a refusal is never remembered as an acceptance');
+  assert.equal((await verifier.verify(vm1, b.token)).ok, true);
+  assert.equal(reads, readsBefore + 3, 'after a revocation the store is asked again');
+
+  // The expiry is checked on every request, remembered or not.
+  const c = await issue(vm1, { expirationMinutes: 1, now: new Date(clock) });
+  assert.equal((await verifier.verify(vm1, c.token)).ok, true);
+  clock = c.expiresAt.getTime();
+  assert.deepEqual(await verifier.verify(vm1, c.token), { ok: false, reason: 'expired' });
+
+  // remember: false (the default on PostgreSQL, where other hosts revoke): every request reads the store.
+  const unremembering = createTokenVerifier(counted, { now: () => clock, remember: false });
+  const d = await issue(vm1);
+  const readsNow = reads;
+  await unremembering.verify(vm1, d.token);
+  await unremembering.verify(vm1, d.token);
+  assert.equal(reads, readsNow + 2);
+});

@@ -12,7 +12,8 @@
  *                              {"microvmId", "reason", "phases"} (bench/microvm.ts reads them)
  *   COCOON_TEST_RESTORE_TUNING a file: on SIGUSR2 the daemon reads it (JSON, e.g.
  *                              {"pooledInline": false}), sets those switches of the VM driver's
- *                              `restoreTuning` (src/vmm/qemu/tuning.ts) and writes `<file>.applied`
+ *                              `restoreTuning` (src/vmm/qemu/tuning.ts) or of the gateway's
+ *                              `gatewayTuning` (src/gateway/tuning.ts) and writes `<file>.applied`
  *                              (bench/microvm.ts: the old way beside the new in one run)
  *   COCOON_TEST_GATEWAY_CLIENT the gateway's upstream client (`adaptive`, `undici`, `node`;
  *                              GatewayOptions.upstreamClient): the bench's before/after
@@ -144,12 +145,15 @@ async function main(): Promise<void> {
   const tuningFile = process.env.COCOON_TEST_RESTORE_TUNING;
   if (tuningFile) {
     const { restoreTuning } = await import('../../src/vmm/qemu/tuning.ts');
+    const { gatewayTuning } = await import('../../src/gateway/tuning.ts');
     process.on('SIGUSR2', () => {
       const wanted = JSON.parse(fs.readFileSync(tuningFile, 'utf8')) as Record<string, unknown>;
       for (const [name, value] of Object.entries(wanted)) {
-        if (name in restoreTuning && typeof value === 'boolean') (restoreTuning as Record<string, boolean>)[name] = value;
+        if (typeof value !== 'boolean') continue;
+        if (name in restoreTuning) (restoreTuning as Record<string, boolean>)[name] = value;
+        else if (name in gatewayTuning) (gatewayTuning as Record<string, boolean>)[name] = value;
       }
-      fs.writeFileSync(`${tuningFile}.applied`, JSON.stringify(restoreTuning));
+      fs.writeFileSync(`${tuningFile}.applied`, JSON.stringify({ ...restoreTuning, ...gatewayTuning }));
     });
   }
   const stop = async () => {

@@ -3,6 +3,7 @@ import type { VmDriver } from '../driver.ts';
 import { chooseAccelerator } from './accel.ts';
 import { QEMU_ARCH } from './arch.ts';
 import { createDiskLayer, rebaseDisk } from './disk-layers.ts';
+import { qemuExitsSettled } from './exits.ts';
 import { openQemuPool } from './pool.ts';
 import { QemuVm, clearRunFiles, findQemuProcesses, killQemuProcesses, startQemu } from './qemu.ts';
 
@@ -18,6 +19,7 @@ export const qemuDriver: VmDriver = {
   processesUnder: (dir) => findQemuProcesses(dir),
   clearRunFiles,
   openPool: (dir) => openQemuPool(dir, startQemu),
+  exitsSettled: qemuExitsSettled,
   createDiskLayer,
   rebaseDisk,
 };
