@@ -539,7 +539,12 @@ function nodeExchange(
         }
       });
       upRes.on('aborted', () => fail(new UpstreamFailure('the guest closed the connection mid-response', 'error', true)));
-      upRes.pipe(res, { end: false });
+      // What `pipe` does for this one destination, without its bookkeeping per request: pause the
+      // guest while the client is full. A client that goes away is handled by the 'close' above.
+      upRes.on('data', (chunk: Buffer) => {
+        if (!res.write(chunk)) upRes.pause();
+      });
+      res.on('drain', () => upRes.resume());
     });
     if (r.body === null) upReq.end();
     else {
