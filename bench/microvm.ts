@@ -7,6 +7,10 @@
  *                                  a request through the gateway to a SUSPENDED microVM → its answer, and
  *                                  where the time went: the daemon's steps as its engine records them
  *                                  (src/lifecycle/engine.ts `onResumePhases`), the rest `first_byte`
+ *   microvm.resume_first_byte_stepwise_ms, microvm.resume_stepwise_phase_*_ms
+ *                                  the same with a pooled restore step by step (restoreTuning.pooledInline off)
+ *   microvm.resume_first_byte_awaiting_exit_ms, microvm.resume_awaiting_exit_phase_*_ms
+ *                                  the same waiting for the suspended QEMU's exit first (restoreTuning.overlapExits off)
  *   microvm.api_resume_first_byte_ms, microvm.api_resume_phase_*_ms
  *                                  the same for POST /microvms/{id}/resume, then a request through the gateway
  *   gateway.resume_on_request_ms   a request to a SUSPENDED microVM → its answer (the wake included)
@@ -164,21 +168,27 @@ export async function runMicrovmBench(options: MicrovmBenchOptions = {}): Promis
       const phases = new ResumePhasesFile(phasesFile);
       const onRequest = { total: [] as number[], phases: new PhaseSamples() };
       const onRequestStepwise = { total: [] as number[], phases: new PhaseSamples() };
+      const onRequestAwaitingExit = { total: [] as number[], phases: new PhaseSamples() };
       const throughApi = { total: [] as number[], phases: new PhaseSamples() };
       // Interleaved: a wake by a gateway request, the same with the driver's pooled restore
-      // step by step as before (`restoreTuning.pooledInline` off: src/vmm/qemu/pooled-restore.ts;
-      // every other run first), then one by the API, run after run.
+      // step by step as before (`restoreTuning.pooledInline` off: src/vmm/qemu/pooled-restore.ts),
+      // the same waiting for the suspended QEMU's exit first as before (`overlapExits` off:
+      // src/vmm/qemu/tuning.ts), in an order turned by one every run, then one by the API.
+      const ways = [
+        { into: onRequest, switches: { pooledInline: true, overlapExits: true } },
+        { into: onRequestStepwise, switches: { pooledInline: false, overlapExits: true } },
+        { into: onRequestAwaitingExit, switches: { pooledInline: true, overlapExits: false } },
+      ];
       for (let i = 0; i < runs; i++) {
-        for (const inline of i % 2 === 0 ? [true, false] : [false, true]) {
-          await tune({ pooledInline: inline });
+        for (const { into, switches } of [...ways.slice(i % ways.length), ...ways.slice(0, i % ways.length)]) {
+          await tune(switches);
           await suspend(vm);
           const started = performance.now();
           await get(vm, '/');
-          const into = inline ? onRequest : onRequestStepwise;
           into.total.push(elapsedMs(started));
           into.phases.add(await phases.next(vm.id, 'request'), into.total.at(-1));
         }
-        await tune({ pooledInline: true });
+        await tune(ways[0]!.switches);
 
         await suspend(vm);
         const started = performance.now();
@@ -193,10 +203,13 @@ export async function runMicrovmBench(options: MicrovmBenchOptions = {}): Promis
       Object.assign(metrics, onRequest.phases.metrics('microvm.resume_phase'));
       metrics['microvm.resume_first_byte_stepwise_ms'] = summarize(onRequestStepwise.total);
       Object.assign(metrics, onRequestStepwise.phases.metrics('microvm.resume_stepwise_phase'));
+      metrics['microvm.resume_first_byte_awaiting_exit_ms'] = summarize(onRequestAwaitingExit.total);
+      Object.assign(metrics, onRequestAwaitingExit.phases.metrics('microvm.resume_awaiting_exit_phase'));
       metrics['microvm.api_resume_first_byte_ms'] = summarize(throughApi.total);
       Object.assign(metrics, throughApi.phases.metrics('microvm.api_resume_phase'));
       say(`resume on request: p50 ${metrics['microvm.resume_first_byte_ms'].p50} ms (${onRequest.phases.line()})`);
       say(`resume on request, pooled restore step by step: p50 ${metrics['microvm.resume_first_byte_stepwise_ms'].p50} ms (${onRequestStepwise.phases.line()})`);
+      say(`resume on request, waiting for the suspended QEMU's exit: p50 ${metrics['microvm.resume_first_byte_awaiting_exit_ms'].p50} ms (${onRequestAwaitingExit.phases.line()})`);
       say(`resume through the API: p50 ${metrics['microvm.api_resume_first_byte_ms'].p50} ms (${throughApi.phases.line()})`);
     }
 

@@ -42,9 +42,10 @@ export interface SnapshotOptions {
   /**
    * Answer once the snapshot is committed and the VM's process has been told to end, without
    * waiting for its exit (a suspend: ~7 ms less). `exited` turns true a little later
-   * (`waitForExit`); the driver's own calls that could race the ending process (a boot or
-   * restore, a disk layer made or rebased, `clearRunFiles`) wait for it. Default: the process is
-   * gone when the snapshot answers.
+   * (`waitForExit`); the driver's own calls that could race the ending process (a boot, a disk
+   * layer rebased, `clearRunFiles`) wait for it. A restore into the same run directory may start
+   * at once: after the answer the ending touches nothing of it. Default: the process is gone
+   * when the snapshot answers.
    */
   endAfterAnswer?: boolean;
 }

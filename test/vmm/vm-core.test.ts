@@ -7,7 +7,9 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { loadGuestArtifacts } from '../../src/guest/artifacts.ts';
+import { qemuExitsSettled } from '../../src/vmm/qemu/exits.ts';
 import { QemuVm } from '../../src/vmm/qemu/qemu.ts';
+import { holdRam, promisedBytes, releaseRam } from '../../src/vmm/space-ledger.ts';
 import type { SnapshotManifest } from '../../src/vmm/types.ts';
 import { makeTestRootDisk } from '../support/rootfs.ts';
 import { cleanupDir, httpGet, qemuProcessesMentioning, tempDir } from '../support/vm.ts';
@@ -158,6 +160,55 @@ describe('VM core with real QEMU', () => {
     } finally {
       await vm.destroy();
       await resumed?.destroy();
+    }
+  });
+
+  test("a suspend that ends QEMU in the background hands its run directory over at its answer: the exit after it removes nothing of the next VM's", async () => {
+    // A resume restores into the run directory the suspended VM had, without waiting for that
+    // VM's exit (tuning.ts `overlapExits`): the ending process's clean-up must not touch the
+    // names (launch record, RAM file) nor the space ledger's entry the next VM has there.
+    const runDir = path.join(dir, 'handover');
+    const launchRecord = path.join(runDir, 'launch.json');
+    const ram = path.join(runDir, 'mem');
+    const vms: QemuVm[] = [];
+    try {
+      const first = await QemuVm.restore({ id: 'handover', runDir, snapshotDir, network });
+      vms.push(first);
+      assert.equal(await httpGet(url(first, '/cgi-bin/write?handed-over')), 'written');
+      await first.snapshot(path.join(dir, 'handover-1'), { endAfterAnswer: true });
+      // What the next VM has in this run directory, made at once (before the exit is seen,
+      // unless it was very quick): a launch record, and a sparse RAM file promised in the ledger.
+      fs.writeFileSync(launchRecord, '{"next": true}');
+      fs.writeFileSync(ram, '');
+      fs.truncateSync(ram, 64 * 1024 * 1024);
+      holdRam(ram, 64 * 1024 * 1024);
+      try {
+        await first.waitForExit();
+        await qemuExitsSettled();
+        assert.equal(fs.readFileSync(launchRecord, 'utf8'), '{"next": true}', "the exit left the next VM's launch record");
+        assert.ok(fs.existsSync(ram), "the exit left the next VM's RAM file");
+        assert.ok(promisedBytes(runDir) >= 64 * 1024 * 1024, "the exit left the next VM's RAM file promised in the space ledger");
+      } finally {
+        releaseRam(ram);
+        fs.rmSync(launchRecord, { force: true });
+        fs.rmSync(ram, { force: true });
+      }
+
+      // And a real resume into it at once, while the suspended QEMU still exits.
+      const second = await QemuVm.restore({ id: 'handover', runDir, snapshotDir: path.join(dir, 'handover-1'), network });
+      vms.push(second);
+      assert.equal(await httpGet(url(second, '/cgi-bin/file')), 'handed-over');
+      await second.snapshot(path.join(dir, 'handover-2'), { endAfterAnswer: true });
+      const third = await QemuVm.restore({ id: 'handover', runDir, snapshotDir: path.join(dir, 'handover-2'), network });
+      vms.push(third);
+      await second.waitForExit();
+      await qemuExitsSettled();
+      assert.equal(await httpGet(url(third, '/cgi-bin/file')), 'handed-over', 'the resumed guest has its file');
+      assert.equal((JSON.parse(fs.readFileSync(launchRecord, 'utf8')) as { pid: number }).pid, third.pid, "the launch record is the resumed VM's");
+      assert.ok(fs.existsSync(ram), 'its RAM file is there');
+      assert.deepEqual(qemuProcessesMentioning(runDir), [third.pid], 'only the resumed QEMU runs for the run directory');
+    } finally {
+      for (const vm of vms) await vm.kill();
     }
   });
 });

@@ -30,7 +30,10 @@ export function relativeBackingName(layer: string, backing: string): string {
 
 /** A qcow2 layer over `backing`: the VM writes there, the backing file never changes. */
 export async function createDiskLayer(backing: string, backingFormat: 'raw' | 'qcow2', layer: string): Promise<void> {
-  await qemuExitsSettled(); // a snapshot's QEMU still exiting holds the backing file's lock (exits.ts)
+  // A snapshot's QEMU still exiting keeps a lock on the backing file, but no longer the write
+  // lock (its migration inactivated the disk), and `qemu-img create` opens a backing file
+  // sharing it (force-share): with `overlapExits` nothing waits (tuning.ts).
+  if (!restoreTuning.overlapExits) await qemuExitsSettled();
   const name = relativeBackingName(layer, backing);
   try {
     // The same bytes as qemu-img's, without starting it for every layer (layer-template.ts).

@@ -101,6 +101,9 @@ export function killQemuProcesses(marker: string, keep?: ReadonlySet<number>): P
   return killProcesses(QEMU_PROGRAM, marker, keep, byCwd());
 }
 
+/** What a QEMU makes in its directory (`qemu/` of a run directory): its pid file and the sockets it listens on. */
+const STALE_QEMU_NAMES = ['qemu.pid', 'qmp.sock', 'guest.sock', 'serial.sock', 'agent.sock', 'incoming.sock', 'migrate.sock'];
+
 /** Removes a dead VM's files from its run directory (its RAM, disk layer and sockets), keeping the logs. */
 export async function clearRunFiles(runDir: string): Promise<void> {
   await qemuExitsSettled();
@@ -167,6 +170,8 @@ export class QemuVm implements Vm {
   private readonly serial: SerialLog;
   private readonly exitPromise: Promise<void>;
   private gone = false;
+  /** The space ledger's promise of the RAM file has ended (`releaseRamOnce`). */
+  private ramReleased = false;
   /** An fsync of this VM's files failed once: what is on disk may lack pages, so no more snapshots. */
   private storageFailed: string | undefined;
   /** Guest ports being forwarded by `forwardPort` right now (concurrent callers share one). */
@@ -196,7 +201,7 @@ export class QemuVm implements Vm {
     holdRam(this.ramPath, this.shape.memoryMiB * 1024 * 1024);
     this.exitPromise = parts.proc.exit.then(() => {
       this.gone = true;
-      releaseRam(this.ramPath);
+      this.releaseRamOnce();
     });
     this.qmp = parts.qmp;
     this.guest = parts.guest;
@@ -302,6 +307,18 @@ export class QemuVm implements Vm {
     }
   }
 
+  /**
+   * Ends the space ledger's promise of the RAM file, once: at the exit, or earlier at the
+   * answer of a snapshot that ends QEMU in the background. The ledger knows RAM files by name,
+   * and a later VM in the same run directory has one of the same name that this exit must not
+   * let go of.
+   */
+  private releaseRamOnce(): void {
+    if (this.ramReleased) return;
+    this.ramReleased = true;
+    releaseRam(this.ramPath);
+  }
+
   /** Continues the guest if QEMU has it paused (adopted in the middle of a snapshot or fork point). */
   async ensureRunning(): Promise<void> {
     const status = await this.qmp.execute('query-status', {});
@@ -339,9 +356,13 @@ export class QemuVm implements Vm {
    * RNG reseeded before this resolves.
    */
   static async restore(options: RestoreOptions): Promise<QemuVm> {
-    await qemuExitsSettled();
-    if (suspendTuning.diffServer) warmMemoryDiffs(); // for its suspend (snapshot-memory.ts)
     const clock = new PhaseClock();
+    // (A suspend's QEMU still exiting is in no restore's way: tuning.ts `overlapExits`.)
+    if (!restoreTuning.overlapExits) {
+      await qemuExitsSettled();
+      clock.mark('exits_settled');
+    }
+    if (suspendTuning.diffServer) warmMemoryDiffs(); // for its suspend (snapshot-memory.ts)
     const manifest = await readSnapshotManifest(options.snapshotDir);
     assertSnapshotCompatible(options.snapshotDir, manifest);
     await verifySnapshot(options.snapshotDir, manifest);
@@ -628,19 +649,26 @@ export class QemuVm implements Vm {
     // `endAfterAnswer`: the answer does not wait for QEMU's exit (exits.ts: what could race the
     // ending process waits for it). SIGKILL is sent at once (before kill's first await); the
     // launch record and the RAM file's name go before the answer, the RAM file's blocks with
-    // the last of QEMU's mapping and a handle closed after its exit (ram-file.ts).
+    // the last of QEMU's mapping and a handle closed after its exit (ram-file.ts). After the
+    // answer nothing touches a name in the run directory, nor the space ledger's entry of the
+    // RAM file's name: a restore into the same run directory (a resume) may run meanwhile
+    // (tuning.ts `overlapExits`).
     const background = options.endAfterAnswer === true;
     const killed = this.kill();
     killed.catch(() => undefined); // awaited below
     const launchRecord = path.join(this.runDir, LAUNCH_FILE);
     // (Committed: nothing may fail the snapshot now; what cannot be done here is done below.)
-    const ramHeld = background
-      ? (await Promise.all([ramLeft ? unlinkRamFileHeld(this.ramPath).catch(() => undefined) : undefined, fs.promises.rm(launchRecord, { force: true }).catch(() => undefined)]))[0]
-      : undefined;
+    let ramHeld: fs.promises.FileHandle | undefined;
+    if (background) {
+      [ramHeld] = await Promise.all([ramLeft ? unlinkRamFileHeld(this.ramPath).catch(() => undefined) : undefined, fs.promises.rm(launchRecord, { force: true }).catch(() => undefined)]);
+      if (ramLeft && !ramHeld) await discardRamFile(this.ramPath).catch(() => undefined);
+      // The paused, killed QEMU writes its RAM file no more: its promise of room ends.
+      this.releaseRamOnce();
+    }
     const ending = (async () => {
       await killed;
       if (!background) clock.mark('process_kill');
-      await Promise.all([fs.promises.rm(launchRecord, { force: true }), ramHeld ? ramHeld.close() : ramLeft ? discardRamFile(this.ramPath) : undefined]);
+      await (background ? ramHeld?.close() : Promise.all([fs.promises.rm(launchRecord, { force: true }), ramLeft ? discardRamFile(this.ramPath) : undefined]));
       if (!background) clock.mark('process_end');
     })();
     if (background) endInBackground(this.id, ending);
@@ -973,6 +1001,10 @@ export class QemuVm implements Vm {
         }
       }
       await fs.promises.mkdir(qemuDir, { recursive: true, mode: 0o700 });
+      // The names a QEMU before this one left (SIGKILL cleans nothing up), or that one still
+      // exiting holds (tuning.ts `overlapExits`): this QEMU's own must be the only ones, so that
+      // its pid file's lock is its own and the channels connect to it, not to a dying listener.
+      await Promise.all(STALE_QEMU_NAMES.map((name) => fs.promises.rm(path.join(qemuDir, name), { force: true })));
       // The host side of the launch is every driver's (launch-sandbox.ts): the uid and the
       // egress guard before the files are made, the files given to that uid after. (The guard
       // also keeps a QEMU that escaped its guest from the host's services: slirp's restrict is
