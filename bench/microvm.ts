@@ -244,7 +244,7 @@ export async function runMicrovmBench(options: MicrovmBenchOptions = {}): Promis
             closeGuestPort: APP_PORT,
             keepAliveGuestPort: TESTAPP_PORT,
             // The gateway's CPU levers of issue 12 off (src/gateway/tuning.ts), interleaved: before/after in one run.
-            tuneGateway: (on) => tune({ rememberTokens: on, plainConnect: on }),
+            tuneGateway: (on) => tune({ rememberTokens: on, plainConnect: on, directWrite: on }),
             log: say,
           }),
         );

@@ -6,7 +6,7 @@
  * `revoked`, `expired` and `other_microvm` are reported only for a token whose secret matched;
  * a wrong secret is always `unknown`, so a guessed token id reveals nothing.
  */
-import { createHash, timingSafeEqual } from 'node:crypto';
+import { createHash, hash, timingSafeEqual } from 'node:crypto';
 import { isCocoonError } from '../common/errors.ts';
 import { TOKEN_PREFIX } from '../store/secrets.ts';
 import type { Db } from '../store/sql.ts';
@@ -133,8 +133,9 @@ function tokenIdOf(presented: string): string {
   return presented.slice(TOKEN_PREFIX.length, TOKEN_PREFIX.length + 26);
 }
 
+/** One-shot `crypto.hash`: no Hash object per request. */
 function sha256(presented: string): Buffer {
-  return createHash('sha256').update(presented, 'utf8').digest();
+  return hash('sha256', presented, 'buffer');
 }
 
 export function createTokenVerifier(db: Db, options: TokenVerifierOptions = {}): TokenVerifier {

@@ -12,5 +12,8 @@
  * - `plainConnect`: a connection of its own for one exchange (upstream.ts OneShotUpstreamClient,
  *   for an app that closes every connection) is opened with a bare `net.connect`, without undici's
  *   connector and its TCP keep-alive and no-delay socket options. Off: undici's connector.
+ * - `directWrite`: a node:http exchange (one-shot, or the `node` client) writes the guest's body
+ *   to the client from a 'data' listener, pausing the guest while the client is full, instead of
+ *   `pipe` and its listeners and bookkeeping per request. Off: `pipe`.
  */
-export const gatewayTuning = { rememberTokens: true, plainConnect: true };
+export const gatewayTuning = { rememberTokens: true, plainConnect: true, directWrite: true };

@@ -539,7 +539,14 @@ function nodeExchange(
         }
       });
       upRes.on('aborted', () => fail(new UpstreamFailure('the guest closed the connection mid-response', 'error', true)));
-      upRes.pipe(res, { end: false });
+      if (gatewayTuning.directWrite) {
+        // What `pipe` does for this one destination, without its bookkeeping per request: pause
+        // the guest while the client is full. A client that goes away is handled by 'close' above.
+        upRes.on('data', (chunk: Buffer) => {
+          if (!res.write(chunk)) upRes.pause();
+        });
+        res.on('drain', () => upRes.resume());
+      } else upRes.pipe(res, { end: false });
     });
     if (r.body === null) upReq.end();
     else {
