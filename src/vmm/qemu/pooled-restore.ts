@@ -103,14 +103,18 @@ const RAM_WRITEBACK_DELAY_MS = 2000;
  * only has the pages dirtied since (a fresh copy's pages are all dirty). `later`: after
  * RAM_WRITEBACK_DELAY_MS, not while the guest gives its first answers: on a small host the
  * write-back of the copy (tens of MiB, and ext4's conversion of the reserved blocks) takes CPU
- * from them. A file gone by then (the VM suspended or ended) is nothing to write back.
+ * from them. A file gone by then (the VM suspended or ended) is nothing to write back; nor is
+ * one of that name whose VM has ended (`ended`): the RAM file of the next VM in the same run
+ * directory (a resume right after a suspend), whose guest may be giving its first answers.
  */
-export function writeBackRamLater(ramPath: string, later: boolean): void {
+export function writeBackRamLater(ramPath: string, later: boolean, ended: () => boolean = () => false): void {
   if (!later) {
     fsyncFile(ramPath).catch(() => undefined);
     return;
   }
-  setTimeout(() => fsyncFile(ramPath).catch(() => undefined), RAM_WRITEBACK_DELAY_MS).unref();
+  setTimeout(() => {
+    if (!ended()) fsyncFile(ramPath).catch(() => undefined);
+  }, RAM_WRITEBACK_DELAY_MS).unref();
 }
 
 /**

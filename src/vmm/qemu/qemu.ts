@@ -939,7 +939,8 @@ export class QemuVm implements Vm {
         }),
       ]);
       log.info({ vm: options.id, pid: pooled.pid, accel: shape.accel, restore: true, pooled: true }, 'vm started');
-      writeBackRamLater(ramPath, inline);
+      const restored = vm;
+      writeBackRamLater(ramPath, inline, () => restored.exited);
       return vm;
     } catch (caught) {
       let error = caught;
