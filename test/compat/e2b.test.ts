@@ -272,7 +272,10 @@ describe('the e2b SDK drives Cocoon', () => {
     const before = { microvms: await microvmIds(), sandboxes: await sandboxIds() };
     // What the space check weighs (src/vmm/space-ledger.ts): the free space less what the RAM
     // files of live VMs there may still claim. A sparse "RAM file" entered as live, as large as
-    // the free space, leaves no room for any guest's memory, as a disk that full would.
+    // the free space, leaves no room for any guest's memory, as a disk that full would. The free
+    // space is read once the paused sandbox's QEMU is gone: the pause answered before its exit,
+    // and the RAM file's blocks it still held would be free again a moment later.
+    await microvms.engine.driver.exitsSettled();
     const ram = path.join(dataDir, 'no-room.ram');
     const stats = fs.statfsSync(path.dirname(ram));
     fs.writeFileSync(ram, '');
