@@ -108,7 +108,7 @@ describe('cocoon CLI: tenants and API keys', () => {
     const keys = await cocoon([...tenant, 'apikey', 'list', '--json']);
     assert.deepEqual(keys.json.items.map((k: { name: string }) => k.name), ['ci', 'initial']);
     const keyTable = await cocoon([...tenant, 'apikey', 'ls']);
-    assert.match(keyTable.stdout, /ci +cocoon_ak_\w+… .* active/);
+    assert.match(keyTable.stdout, /ci +cocoon_ak_[\w-]+… .* active/);
     const revoked = await cocoon([...tenant, 'apikey', 'revoke', made.json.id]);
     assert.equal(revoked.code, 0, revoked.stderr);
     assert.match(revoked.stdout, /Revoked API key key-/);
