@@ -10,7 +10,7 @@ import { createHash, hash, timingSafeEqual } from 'node:crypto';
 import { isCocoonError } from '../common/errors.ts';
 import { TOKEN_PREFIX } from '../store/secrets.ts';
 import type { Db } from '../store/sql.ts';
-import { checkToken, findTokenBySecret, parseToken, tokenWriteCount } from '../store/tokens.ts';
+import { checkToken, findTokenBySecret, parseToken, TOKEN_LENGTH, tokenWriteCount } from '../store/tokens.ts';
 import { gatewayTuning } from './tuning.ts';
 import type { MaybePromise, TokenVerification, TokenVerifier } from './types.ts';
 
@@ -75,7 +75,6 @@ class OutageCache {
 
 /** Accepted tokens a TokenMemory keeps, at most (the oldest are forgotten first). */
 const MEMORY_ENTRIES = 10_000;
-const TOKEN_LENGTH = TOKEN_PREFIX.length + 26 + 1 + 43;
 
 interface Remembered {
   /** SHA-256 of the whole token string the store accepted. */

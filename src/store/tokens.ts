@@ -21,7 +21,8 @@ import { invalid, iso } from './values.ts';
  * HMAC for a 256-bit random secret (nothing to brute-force) and needs no key management.
  */
 const TOKEN_PATTERN = /^cocoon_tk_([0-9a-hjkmnp-tv-z]{26})_([A-Za-z0-9_-]{43})$/;
-const TOKEN_LENGTH = TOKEN_PREFIX.length + 26 + 1 + 43;
+/** The length of every well-formed token: prefix, 26-character id, `_`, 43-character secret. */
+export const TOKEN_LENGTH = TOKEN_PREFIX.length + 26 + 1 + 43;
 const DUMMY_HASH = Buffer.alloc(32);
 
 /** The token id a presented string names, or undefined when it is not a well-formed token. */

@@ -17,3 +17,6 @@ export function qemuSocketsOf(qemuDir: string): { qmp: string; guest: string; se
     agent: path.join(qemuDir, 'agent.sock'),
   };
 }
+
+/** What a QEMU makes in its directory: its pid file and every socket it listens on (those above, the device state's two). */
+export const QEMU_OWN_NAMES: readonly string[] = ['qemu.pid', 'qmp.sock', 'guest.sock', 'serial.sock', 'agent.sock', 'incoming.sock', 'migrate.sock'];

@@ -39,7 +39,7 @@ import { type PooledQemu, activeQemuPool } from './pool.ts';
 import { type RestoreStart, attachPooled, continueRestored, prefilledWith, writeBackRamLater } from './pooled-restore.ts';
 import { identityBeforeReading, isVerified, rememberVerified } from '../verified-files.ts';
 import { sealSnapshotFiles, snapshotFailure, takeBackSnapshotFiles } from '../snapshot-safety.ts';
-import { qemuDirOf, qemuSocketsOf } from './paths.ts';
+import { QEMU_OWN_NAMES, qemuDirOf, qemuSocketsOf } from './paths.ts';
 import { listenShim, SHIM_BACKLOG } from '../native/listen-shim.ts';
 import {
   type PendingSnapshot,
@@ -100,9 +100,6 @@ export function findQemuProcesses(marker: string): number[] {
 export function killQemuProcesses(marker: string, keep?: ReadonlySet<number>): Promise<number[]> {
   return killProcesses(QEMU_PROGRAM, marker, keep, byCwd());
 }
-
-/** What a QEMU makes in its directory (`qemu/` of a run directory): its pid file and the sockets it listens on. */
-const STALE_QEMU_NAMES = ['qemu.pid', 'qmp.sock', 'guest.sock', 'serial.sock', 'agent.sock', 'incoming.sock', 'migrate.sock'];
 
 /** Removes a dead VM's files from its run directory (its RAM, disk layer and sockets), keeping the logs. */
 export async function clearRunFiles(runDir: string): Promise<void> {
@@ -1005,7 +1002,7 @@ export class QemuVm implements Vm {
       // The names a QEMU before this one left (SIGKILL cleans nothing up), or that one still
       // exiting holds (tuning.ts `overlapExits`): this QEMU's own must be the only ones, so that
       // its pid file's lock is its own and the channels connect to it, not to a dying listener.
-      await Promise.all(STALE_QEMU_NAMES.map((name) => fs.promises.rm(path.join(qemuDir, name), { force: true })));
+      await Promise.all(QEMU_OWN_NAMES.map((name) => fs.promises.rm(path.join(qemuDir, name), { force: true })));
       // The host side of the launch is every driver's (launch-sandbox.ts): the uid and the
       // egress guard before the files are made, the files given to that uid after. (The guard
       // also keeps a QEMU that escaped its guest from the host's services: slirp's restrict is
@@ -1313,7 +1310,7 @@ async function completeSnapshot(partial: string, targetDir: string, pending: Pen
 }
 
 async function removeLaunchFiles(runDir: string, disk: DiskSpec, ramPath: string): Promise<void> {
-  const names = ['qmp.sock', 'guest.sock', 'serial.sock', 'agent.sock', 'incoming.sock', 'migrate.sock', 'qemu.pid', LAUNCH_FILE];
+  const names = [...QEMU_OWN_NAMES, LAUNCH_FILE];
   await Promise.all([
     ...names.map((name) => fs.promises.rm(path.join(runDir, name), { force: true })),
     fs.promises.rm(qemuDirOf(runDir), { recursive: true, force: true }),
