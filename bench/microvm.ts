@@ -48,6 +48,7 @@ import { spawnDaemon, type Daemon } from '../test/support/daemon.ts';
 import { APP_PORT, createTestImage, TESTAPP_PORT } from '../test/support/image.ts';
 import { apiClient, gatewayRequest, type ApiClient } from '../test/support/server.ts';
 import { guestConnector } from '../src/gateway/upstream.ts';
+import { processStats } from '../src/host/processes.ts';
 import { findQemuProcesses } from '../src/vmm/qemu/qemu.ts';
 import { endDaemonRun } from './cleanup.ts';
 import { gatewayVsNginx } from './gateway-apps.ts';
@@ -385,12 +386,10 @@ function diskFreeBytes(dir: string): number {
   return stats.bavail * stats.bsize;
 }
 
-/** Resident memory (MiB) and CPU time (clock ticks) of a process, from /proc; undefined once it is gone. */
-function processUsage(pid: number): { rssMiB: number; ticks: number } | undefined {
+/** Resident memory and CPU time of a process (src/host/processes.ts); undefined once it is gone. */
+function processUsage(pid: number): { rssBytes: number; cpuMs: number } | undefined {
   try {
-    const rss = /VmRSS:\s+(\d+) kB/.exec(fs.readFileSync(`/proc/${pid}/status`, 'utf8'));
-    const fields = fs.readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1]!.split(' ');
-    return { rssMiB: Number(rss?.[1] ?? 0) / 1024, ticks: Number(fields[11]) + Number(fields[12]) };
+    return processStats(pid);
   } catch {
     return undefined;
   }
@@ -401,15 +400,14 @@ async function idleFootprint(dataDir: string, ms: number): Promise<{ rssMiB: num
   const pids = findQemuProcesses(dataDir);
   const before = new Map(pids.map((pid) => [pid, processUsage(pid)]));
   await new Promise((resolve) => setTimeout(resolve, ms));
-  const ticksPerSecond = 100; // USER_HZ on Linux
   let rss = 0;
   let cpu = 0;
   let n = 0;
   for (const pid of pids) {
     const [a, b] = [before.get(pid), processUsage(pid)];
     if (!a || !b) continue;
-    rss += b.rssMiB;
-    cpu += ((b.ticks - a.ticks) / ticksPerSecond / (ms / 1000)) * 100;
+    rss += b.rssBytes / (1024 * 1024);
+    cpu += ((b.cpuMs - a.cpuMs) / ms) * 100;
     n++;
   }
   return n ? { rssMiB: rss / n, cpuPct: cpu / n, n } : undefined;

@@ -7,6 +7,7 @@ import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
+import { processStats } from '../src/host/processes.ts';
 
 export interface WrkResult {
   rps: number;
@@ -56,9 +57,7 @@ export async function runWrk(o: { url: string; connections: number; seconds: num
 /** CPU time (user + system, ms) a process has used so far; 0 when it cannot be read. */
 export function cpuMs(pid: number): number {
   try {
-    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
-    const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-    return ((Number(f[11]) + Number(f[12])) * 1000) / 100; // clock ticks (USER_HZ 100)
+    return processStats(pid).cpuMs;
   } catch {
     return 0;
   }
